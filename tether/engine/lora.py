@@ -1,0 +1,278 @@
+"""Many LoRA adapters on one shared base model, each routed to its own rows or tokens of a batch.
+
+`attach_lora_layers` wraps the base model's target `nn.Linear` modules once, in place, with
+`MultiLoraLinear`. Adapters are then added and removed by id; their weights are plain tensors held
+by the wrappers and are **not** registered as parameters of the base model, so the base model's
+`parameters()` and `state_dict()` stay exactly the base weights and one adapter's optimizer can
+never touch another's tensors.
+
+Which adapter applies to which part of a batch is set per call with `adapter_routing(...)`: one
+adapter for the whole batch (training), or a group of flattened token positions per adapter
+(sampling many adapters in one batch). The routing lives in a context variable, so threads that run
+the same base model at once (a trainer and a sampler) never see each other's routing.
+
+This module knows nothing about losses, optimizers or checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tether.types.errors import UserInputError
+
+ATTENTION_MARKERS = ("attn", "attention")
+MLP_MARKERS = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """How one LoRA adapter is shaped and initialised."""
+
+    rank: int
+    """Rank r of the update B·A. Must be at least 1 (rank 0 means full fine-tuning, not LoRA)."""
+    alpha: float = 32.0
+    """The update is scaled by alpha / rank."""
+    seed: int | None = None
+    """Seed for A's initialisation; the same seed gives the same adapter."""
+    train_attn: bool = True
+    """Adapt the linear layers of attention blocks."""
+    train_mlp: bool = True
+    """Adapt the linear layers of MLP blocks."""
+    train_unembed: bool = True
+    """Adapt the output projection (lm_head)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UserInputError(f"LoRA rank must be >= 1, got {self.rank}", field="rank")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserInputError(f"LoRA alpha must be a positive number, got {self.alpha}", field="alpha")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise UserInputError(
+                "at least one of train_attn, train_mlp, train_unembed must be true", field="train_attn"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class AdapterRouting:
+    """Which adapter applies where in the next forward passes.
+
+    Either `single` (one adapter id, or None for the bare base model, over the whole batch) or
+    `groups`: adapter id -> 1-D LongTensor of positions in the input flattened to (-1, features).
+    Positions in no group get the base model only.
+    """
+
+    single: str | None = None
+    groups: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    @staticmethod
+    def for_rows(adapter_ids: Sequence[str | None], seq_len: int, device: torch.device | str = "cpu") -> AdapterRouting:
+        """One adapter per batch row of a (rows, seq_len, features) input."""
+        rows_by_adapter: dict[str, list[int]] = {}
+        for row, adapter_id in enumerate(adapter_ids):
+            if adapter_id is not None:
+                rows_by_adapter.setdefault(adapter_id, []).append(row)
+        groups = []
+        offsets = torch.arange(seq_len, device=device)
+        for adapter_id, rows in rows_by_adapter.items():
+            starts = torch.tensor(rows, device=device, dtype=torch.long) * seq_len
+            groups.append((adapter_id, (starts[:, None] + offsets[None, :]).reshape(-1)))
+        return AdapterRouting(groups=tuple(groups))
+
+    @staticmethod
+    def for_tokens(adapter_per_token: Sequence[str | None], device: torch.device | str = "cpu") -> AdapterRouting:
+        """One adapter per flattened token position (packed sequences)."""
+        positions: dict[str, list[int]] = {}
+        for pos, adapter_id in enumerate(adapter_per_token):
+            if adapter_id is not None:
+                positions.setdefault(adapter_id, []).append(pos)
+        return AdapterRouting(
+            groups=tuple((a, torch.tensor(p, device=device, dtype=torch.long)) for a, p in positions.items())
+        )
+
+
+_current_routing: contextvars.ContextVar[AdapterRouting | None] = contextvars.ContextVar(
+    "tether_adapter_routing", default=None
+)
+
+
+@contextlib.contextmanager
+def adapter_routing(routing: AdapterRouting | str | None) -> Iterator[None]:
+    """Route forward passes run inside this block (in this thread) to the given adapter(s)."""
+    if routing is None or isinstance(routing, str):
+        routing = AdapterRouting(single=routing)
+    token = _current_routing.set(routing)
+    try:
+        yield
+    finally:
+        _current_routing.reset(token)
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's factors on one linear layer: delta W = scale * B @ A."""
+
+    lora_A: torch.Tensor  # (rank, in_features)
+    lora_B: torch.Tensor  # (out_features, rank)
+    scale: float
+
+
+class MultiLoraLinear(nn.Module):
+    """An `nn.Linear` plus any number of LoRA adapters, applied according to the current routing."""
+
+    def __init__(self, base: nn.Linear, kind: str) -> None:
+        super().__init__()
+        self.base = base
+        self.kind = kind
+        self.adapters: dict[str, LoraWeights] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        routing = _current_routing.get()
+        if routing is None or not self.adapters:
+            return out
+        if routing.groups:
+            return self._forward_groups(x, out, routing.groups)
+        weights = self.adapters.get(routing.single) if routing.single is not None else None
+        if weights is None:
+            return out
+        return out + _lora_delta(x, weights)
+
+    def _forward_groups(
+        self, x: torch.Tensor, out: torch.Tensor, groups: tuple[tuple[str, torch.Tensor], ...]
+    ) -> torch.Tensor:
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_out = out.reshape(-1, out.shape[-1])
+        for adapter_id, positions in groups:
+            weights = self.adapters.get(adapter_id)
+            if weights is None or positions.numel() == 0:
+                continue
+            flat_out = flat_out.index_add(0, positions, _lora_delta(flat_x.index_select(0, positions), weights))
+        return flat_out.reshape(out.shape)
+
+
+def _lora_delta(x: torch.Tensor, weights: LoraWeights) -> torch.Tensor:
+    x = x.to(weights.lora_A.dtype)
+    return ((x @ weights.lora_A.T) @ weights.lora_B.T * weights.scale).to(x.dtype)
+
+
+def _kind_of(name: str, module: nn.Module, output_embeddings: nn.Module | None) -> str | None:
+    if module is output_embeddings:
+        return "unembed"
+    parts = name.lower().split(".")
+    if any(marker in part for part in parts for marker in ATTENTION_MARKERS):
+        return "attn"
+    if any(marker in part for part in parts for marker in MLP_MARKERS):
+        return "mlp"
+    return None
+
+
+def attach_lora_layers(model: nn.Module) -> list[MultiLoraLinear]:
+    """Wrap every adaptable linear layer of `model` in place (idempotent); return the wrappers.
+
+    Attention and MLP layers are found by module path (`...self_attn.q_proj`, `...mlp.up_proj`), the
+    unembedding by `get_output_embeddings()`, which covers the Hugging Face causal LMs built from
+    `nn.Linear`.
+    """
+    existing = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+    if existing:
+        return existing
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    replacements = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            kind = _kind_of(name, module, output_embeddings)
+            if kind is not None:
+                replacements.append((name, module, kind))
+    wrappers = []
+    for name, module, kind in replacements:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiLoraLinear(module, kind)
+        setattr(parent, child_name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, MultiLoraLinear]]:
+    """The wrapped layers of `model`, by module path, in a stable order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoraLinear)]
+
+
+def add_adapter(model: nn.Module, adapter_id: str, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """Create adapter `adapter_id` on every layer its spec trains; return its trainable tensors by name.
+
+    A is initialised like PEFT (Kaiming-uniform with a=sqrt(5)) from `spec.seed`; B is zero, so a new
+    adapter leaves the model's outputs unchanged. Names are `<module path>.lora_A` / `.lora_B`
+    (PEFT's layout without the adapter name), stable across runs.
+    """
+    layers = lora_layers(model) or [(n, m) for n, m in _named(attach_lora_layers(model), model)]
+    if any(adapter_id in layer.adapters for _, layer in layers):
+        raise UserInputError(f"adapter {adapter_id!r} already exists", field="model_id")
+    wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed}
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(spec.seed if spec.seed is not None else 0)
+    params: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        if not wanted[layer.kind]:
+            continue
+        base_weight = layer.base.weight
+        lora_A = torch.empty(spec.rank, layer.in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound for fan_in
+        lora_A.uniform_(-bound, bound, generator=generator)
+        lora_A = lora_A.to(device=base_weight.device, dtype=base_weight.dtype).requires_grad_(True)
+        lora_B = torch.zeros(
+            layer.out_features, spec.rank, device=base_weight.device, dtype=base_weight.dtype, requires_grad=True
+        )
+        layer.adapters[adapter_id] = LoraWeights(lora_A, lora_B, spec.scale)
+        params[f"{name}.lora_A"] = lora_A
+        params[f"{name}.lora_B"] = lora_B
+    return params
+
+
+def remove_adapter(model: nn.Module, adapter_id: str) -> None:
+    """Drop adapter `adapter_id` from every layer (no-op where it is absent)."""
+    for _, layer in lora_layers(model):
+        layer.adapters.pop(adapter_id, None)
+
+
+def adapter_tensors(model: nn.Module, adapter_id: str) -> dict[str, torch.Tensor]:
+    """The adapter's live tensors by the names `add_adapter` returned."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        weights = layer.adapters.get(adapter_id)
+        if weights is not None:
+            out[f"{name}.lora_A"] = weights.lora_A
+            out[f"{name}.lora_B"] = weights.lora_B
+    return out
+
+
+def _named(wrappers: list[MultiLoraLinear], model: nn.Module) -> list[tuple[str, MultiLoraLinear]]:
+    ids = {id(w) for w in wrappers}
+    return [(n, m) for n, m in model.named_modules() if id(m) in ids]
