@@ -1,0 +1,453 @@
+"""The user-facing data types of the tether SDK, shaped like the Tinker SDK's.
+
+Code written against `tinker.types` ports by changing the import: the names, fields, defaults and
+helper methods match where the two overlap. Every constructor that takes one of these types also
+takes the `tinker` package's object of the same name (converted by duck typing, so the `tinker`
+package is never imported here) and plain Python where the Tinker SDK accepts it.
+
+This module knows nothing about HTTP or protobuf (the client converts to the wire), and imports
+torch only inside the methods that convert to or from torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from tether.types.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+TensorDtype = Literal["float32", "int64"]
+LossFnType = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom"
+]
+StopReason = Literal["stop", "length"]
+CheckpointType = Literal["training", "sampler", "external"]
+
+_NUMPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64)}
+
+# The dtype a plain Python list gets under each known loss_fn_inputs key (as in the Tinker SDK).
+LOSS_FN_INPUT_DTYPES: dict[str, TensorDtype] = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+    "sequence_ratio_mask": "float32",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model inputs
+
+
+@dataclass(frozen=True)
+class EncodedTextChunk:
+    """A run of token ids, the only chunk kind tether's engines consume."""
+
+    tokens: list[int]
+    type: Literal["encoded_text"] = "encoded_text"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", [int(t) for t in self.tokens])
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the model reads: the concatenation of its chunks, in order."""
+
+    chunks: list[EncodedTextChunk] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunks", [_coerce_chunk(c) for c in self.chunks])
+
+    @classmethod
+    def from_ints(cls, tokens: Iterable[int]) -> ModelInput:
+        return cls(chunks=[EncodedTextChunk(tokens=list(tokens))])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    @classmethod
+    def coerce(cls, value: Any) -> ModelInput:
+        """Accept a ModelInput, the `tinker` package's ModelInput, or a plain list of token ids."""
+        if isinstance(value, ModelInput):
+            return value
+        if hasattr(value, "chunks"):
+            return cls(chunks=list(value.chunks))
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            return cls.from_ints(value)
+        raise UserInputError(f"expected a ModelInput, got {type(value).__name__}", field="model_input")
+
+    def to_ints(self) -> list[int]:
+        return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+        """A new ModelInput with `chunk` added at the end (inputs are immutable)."""
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[token]))
+
+
+def _coerce_chunk(chunk: Any) -> EncodedTextChunk:
+    if isinstance(chunk, EncodedTextChunk):
+        return chunk
+    kind = getattr(chunk, "type", None) if not isinstance(chunk, Mapping) else chunk.get("type")
+    tokens = getattr(chunk, "tokens", None) if not isinstance(chunk, Mapping) else chunk.get("tokens")
+    if tokens is None or kind not in (None, "encoded_text"):
+        raise UserInputError(
+            f"only encoded_text chunks are supported, got {kind or type(chunk).__name__}",
+            field="model_input",
+        )
+    return EncodedTextChunk(tokens=list(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+class TensorData:
+    """A dense float32 or int64 array with its shape: the unit of `loss_fn_inputs` and outputs.
+
+    Stored as a numpy array; `data` (flat list) and `shape` are views of it, as in the Tinker SDK.
+    """
+
+    __slots__ = ("_array",)
+
+    def __init__(
+        self, data: Any = None, dtype: TensorDtype | None = None, shape: Sequence[int] | None = None
+    ) -> None:
+        if dtype not in _NUMPY_DTYPES:
+            raise UserInputError(f"dtype must be 'float32' or 'int64', got {dtype!r}", field="dtype")
+        array = np.asarray([] if data is None else data, dtype=_NUMPY_DTYPES[dtype])
+        if shape is not None and list(array.shape) != list(shape):
+            if int(np.prod(shape)) != array.size:
+                raise UserInputError(
+                    f"{array.size} values do not fill shape {list(shape)}", field="shape"
+                )
+            array = array.reshape(list(shape))
+        self._array = array
+
+    @property
+    def dtype(self) -> TensorDtype:
+        return "float32" if self._array.dtype == np.float32 else "int64"
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self._array.shape)
+
+    @property
+    def data(self) -> list[Any]:
+        return self._array.reshape(-1).tolist()
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        """Floats become float32 and integers (and bools) int64, the only dtypes on the wire."""
+        array = np.asarray(array)
+        if array.dtype.kind == "f":
+            dtype: TensorDtype = "float32"
+        elif array.dtype.kind in "iub":
+            dtype = "int64"
+        else:
+            raise UserInputError(f"unsupported array dtype {array.dtype}", field="dtype")
+        return cls(array, dtype, list(array.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        return cls.from_numpy(tensor.contiguous().numpy())
+
+    @classmethod
+    def coerce(cls, value: Any, *, key: str = "tensor") -> TensorData:
+        """Accept TensorData, the `tinker` TensorData, numpy, torch, or a plain list under a known key."""
+        if isinstance(value, TensorData):
+            return value
+        if isinstance(value, np.ndarray):
+            return cls.from_numpy(value)
+        if type(value).__module__.startswith("torch"):
+            return cls.from_torch(value)
+        if hasattr(value, "to_numpy") and hasattr(value, "dtype"):
+            return cls(value.to_numpy(), str(value.dtype), None)
+        if isinstance(value, list | tuple):
+            if key not in LOSS_FN_INPUT_DTYPES:
+                raise UserInputError(
+                    "a plain list is only accepted for the keys "
+                    f"{sorted(LOSS_FN_INPUT_DTYPES)}; pass numpy, torch or TensorData",
+                    field=key,
+                )
+            try:
+                return cls(value, LOSS_FN_INPUT_DTYPES[key], None)
+            except (ValueError, TypeError) as exc:
+                raise UserInputError(f"not a rectangular numeric array: {exc}", field=key) from exc
+        raise UserInputError(f"cannot convert {type(value).__name__} to TensorData", field=key)
+
+    def to_numpy(self) -> np.ndarray:
+        return self._array
+
+    def to_torch(self) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self._array.copy())
+
+    def tolist(self) -> list[Any]:
+        return self._array.tolist()
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, TensorData)
+            and self.dtype == other.dtype
+            and self.shape == other.shape
+            and bool(np.array_equal(self._array, other._array))
+        )
+
+    def __repr__(self) -> str:
+        return f"TensorData(dtype={self.dtype!r}, shape={self.shape}, data={self.data[:8]}...)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Datums
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One training example: the model input and the per-token inputs of the loss.
+
+    Position i of `model_input` predicts `loss_fn_inputs["target_tokens"][i]`. Plain lists, numpy
+    arrays, torch tensors and `tinker` TensorData are converted to TensorData on construction.
+    """
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_input", ModelInput.coerce(self.model_input))
+        object.__setattr__(
+            self,
+            "loss_fn_inputs",
+            {str(k): TensorData.coerce(v, key=str(k)) for k, v in dict(self.loss_fn_inputs).items()},
+        )
+
+    @classmethod
+    def coerce(cls, value: Any) -> Datum:
+        """Accept a Datum or the `tinker` package's Datum."""
+        if isinstance(value, Datum):
+            return value
+        if hasattr(value, "model_input") and hasattr(value, "loss_fn_inputs"):
+            return cls(model_input=value.model_input, loss_fn_inputs=dict(value.loss_fn_inputs))
+        raise UserInputError(f"expected a Datum, got {type(value).__name__}", field="data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters (pydantic: they travel as JSON)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """Accept this type, the `tinker` type of the same name, or a dict of its fields."""
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "model_dump"):
+            value = value.model_dump()
+        if isinstance(value, Mapping):
+            known = {k: v for k, v in value.items() if k in cls.model_fields}
+            return cls(**known)
+        raise UserInputError(f"expected {cls.__name__}, got {type(value).__name__}", field=cls.__name__)
+
+
+class AdamParams(_Params):
+    """AdamW with decoupled weight decay; `grad_clip_norm` 0 means no clipping."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class SamplingParams(_Params):
+    """`stop=None` keeps EOS stopping; `stop=[]` disables every stop (runs to `max_tokens`)."""
+
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class LoraConfig(_Params):
+    """Which parts of the model get LoRA adapters, and their rank (0 = full fine-tuning, tether)."""
+
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class ForwardBackwardOutput:
+    """Per-datum outputs (`logprobs`, ...) in request order and metrics keyed `name:reduction`."""
+
+    loss_fn_output_type: str
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class OptimStepResponse(_Response):
+    metrics: dict[str, float] | None = None
+
+
+class SaveWeightsResponse(_Response):
+    path: str
+
+
+class SaveWeightsForSamplerResponse(_Response):
+    path: str
+
+
+class LoadWeightsResponse(_Response):
+    path: str | None = None
+    model_id: str | None = None
+
+
+class ModelData(_Response):
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+class GetInfoResponse(_Response):
+    model_id: str
+    model_data: ModelData
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+
+
+class SupportedModel(_Response):
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+class GetServerCapabilitiesResponse(_Response):
+    supported_models: list[SupportedModel] = []
+
+
+@dataclass(frozen=True)
+class SampledSequence:
+    """One generated continuation: its tokens, their logprobs (if computed) and why it stopped."""
+
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    sequence_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleResponse:
+    """`prompt_logprobs[i]` is log p(prompt[i] | prompt[:i]); None where not computed (index 0)."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class Checkpoint(_Response):
+    checkpoint_id: str
+    checkpoint_type: CheckpointType
+    time: datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+    expires_at: datetime | None = None
+
+
+class Cursor(_Response):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class CheckpointsListResponse(_Response):
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class TrainingRun(_Response):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    corrupted: bool = False
+    lora_rank: int | None = None
+    last_request_time: datetime
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRunsResponse(_Response):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class GetSessionResponse(_Response):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, Any] | None = None
+    display_name: str | None = None
+
+
+class ListSessionsResponse(_Response):
+    sessions: list[str]
+
+
+class GetSamplerResponse(_Response):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+class WeightsInfoResponse(_Response):
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
