@@ -1,0 +1,88 @@
+"""Typed settings of `tether serve`.
+
+The command line (`tether serve --help`) and the environment (`TETHER_<FIELD>`) are generated from
+this one model by `tether.cli_args`, so a setting is documented once, here, under its field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from tether.engine.default_model import DEFAULT_MODEL_NAME
+
+
+def default_data_dir() -> Path:
+    """`$TETHER_DATA_DIR`, else the XDG data home (`~/.local/share/tether`)."""
+    explicit = os.environ.get("TETHER_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "tether"
+
+
+class ServerConfig(BaseModel):
+    """Everything an operator can choose about one `tether serve` process."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 exposes the server).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    models: list[str] = Field(
+        default_factory=lambda: [DEFAULT_MODEL_NAME],
+        description="Base models served: names (aliases, Hugging Face ids) or local directories.",
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from a model name clients use to a local Hugging Face directory.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for the state database and checkpoints ($TETHER_DATA_DIR, else ~/.local/share/tether).",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Accepted API keys (each must start with tml-). Empty: any key starting with tml- is "
+            "accepted and all such keys act as one owner (single-user mode)."
+        ),
+    )
+    max_tokens_per_micro_batch: int = Field(
+        8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
+    )
+    kv_cache_budget_tokens: int = Field(
+        65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
+    )
+    max_pending_samples: int = Field(
+        256,
+        ge=1,
+        description="Sample requests queued per base model before asample answers 429 (back-pressure).",
+    )
+    session_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A session that sends no heartbeat for this long is expired and its models are freed.",
+    )
+    custom_loss_graph_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a kept forward graph waits for its backward before it is freed.",
+    )
+    long_poll_s: float = Field(
+        25.0, gt=0, le=40, description="How long retrieve_future holds a request before answering try_again."
+    )
+    ready_file: Path | None = Field(
+        None, description="Once listening, write the base URL into this file (used by the SDK's local mode)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server and uvicorn."
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_have_prefix(cls, keys: list[str]) -> list[str]:
+        bad = [k for k in keys if not k.startswith("tml-")]
+        if bad:
+            raise ValueError("every API key must start with 'tml-' (the Tinker SDK refuses others)")
+        return keys
