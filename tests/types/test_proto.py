@@ -79,9 +79,16 @@ def test_request_golden_bytes_both_ways():
     # Map entry order is not fixed by protobuf (the SDK's own encoder varies), so compare messages.
     encoded = encode_forward_backward_request(_golden_request_body())
     assert len(encoded) == len(GOLDEN_REQUEST)
-    assert sdk_pb.ForwardBackwardRequest.FromString(encoded) == sdk_pb.ForwardBackwardRequest.FromString(GOLDEN_REQUEST)
+    assert sdk_pb.ForwardBackwardRequest.FromString(encoded) == sdk_pb.ForwardBackwardRequest.FromString(
+        GOLDEN_REQUEST
+    )
     body = decode_forward_backward_request(GOLDEN_REQUEST)
-    assert (body.model_id, body.seq_id, body.loss_fn, body.forward_only) == ("sess-abc:train:0", 1, "cross_entropy", False)
+    assert (body.model_id, body.seq_id, body.loss_fn, body.forward_only) == (
+        "sess-abc:train:0",
+        1,
+        "cross_entropy",
+        False,
+    )
     assert body.loss_fn_config is None
     (datum,) = body.data
     np.testing.assert_array_equal(datum.input_tokens(), [1, 2, 3])
@@ -155,7 +162,10 @@ def _mutated_request(mutate) -> bytes:
     ("mutate", "field"),
     [
         (lambda d: setattr(d.loss_fn_inputs["weights"], "dense", b"\x00" * 8), "loss_fn_inputs.weights"),
-        (lambda d: setattr(d.loss_fn_inputs["weights"], "dtype", sdk_pb.DTYPE_BFLOAT16), "loss_fn_inputs.weights"),
+        (
+            lambda d: setattr(d.loss_fn_inputs["weights"], "dtype", sdk_pb.DTYPE_BFLOAT16),
+            "loss_fn_inputs.weights",
+        ),
         (lambda d: setattr(d.loss_fn_inputs["weights"], "dense", b"\x00" * 7), "loss_fn_inputs.weights"),
         (lambda d: setattr(d.model_input[0].encoded_text, "tokens", b"\x01\x00\x00"), "model_input"),
     ],
@@ -182,7 +192,10 @@ def test_bad_sparse_csr_is_a_user_error():
 
 
 def test_output_golden_bytes_and_sdk_decoding():
-    outputs = [{"logprobs": np.array([-1, -2, -3], np.float32)}, {"logprobs": np.array([-0.5, -0.25], np.float32)}]
+    outputs = [
+        {"logprobs": np.array([-1, -2, -3], np.float32)},
+        {"logprobs": np.array([-0.5, -0.25], np.float32)},
+    ]
     encoded = encode_forward_backward_output(outputs, {"loss:sum": 6.75})
     assert encoded == GOLDEN_OUTPUT
     ours = decode_forward_backward_output(GOLDEN_OUTPUT)
@@ -253,7 +266,12 @@ def test_sample_topk_target_and_alt_tokens_round_trip_through_sdk():
     topk_rows = [None, [(5, -0.1), (6, -2.5)], [(7, -0.3)]]
     body = SampleResponseBody(
         sequences=[
-            WireSampledSequence(tokens=[1, 2], logprobs=None, stop_reason="length", topk_logprobs=topk_from_rows([[(1, -0.5)], [(2, -0.7)]], 2)),
+            WireSampledSequence(
+                tokens=[1, 2],
+                logprobs=None,
+                stop_reason="length",
+                topk_logprobs=topk_from_rows([[(1, -0.5)], [(2, -0.7)]], 2),
+            ),
             WireSampledSequence(tokens=[], logprobs=[], stop_reason="stop"),
         ],
         prompt_logprobs=[None, -1.0, -2.0],
@@ -283,4 +301,6 @@ def test_sample_topk_target_and_alt_tokens_round_trip_through_sdk():
 def test_sample_rejects_mismatched_logprobs():
     with pytest.raises(ValueError):
         encode_sample_response(SampleResponseBody(sequences=[WireSampledSequence([1, 2], [0.0], "stop")]))
-    assert math.isnan(np.frombuffer(encode_sample_response(SampleResponseBody([], prompt_logprobs=[None]))[2:], "<f4")[0])
+    assert math.isnan(
+        np.frombuffer(encode_sample_response(SampleResponseBody([], prompt_logprobs=[None]))[2:], "<f4")[0]
+    )

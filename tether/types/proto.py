@@ -202,7 +202,9 @@ def _maybe_decompress(body: bytes, content_encoding: str | None) -> bytes:
 def _frombuffer(raw: bytes, dtype: np.dtype, *, field_name: str, datum_index: int | None) -> np.ndarray:
     if len(raw) % dtype.itemsize:
         raise UserInputError(
-            f"{len(raw)} bytes is not a whole number of {dtype.name} values", field=field_name, datum_index=datum_index
+            f"{len(raw)} bytes is not a whole number of {dtype.name} values",
+            field=field_name,
+            datum_index=datum_index,
         )
     return np.frombuffer(raw, dtype=dtype).copy()
 
@@ -230,15 +232,28 @@ def _tensor_from_proto(
     """A dense numpy array from a proto Tensor; sparse CSR cells not listed take `sparse_pad`."""
     dtype = dtypes.get(msg.dtype)
     if dtype is None:
-        raise UserInputError(f"unsupported tensor dtype enum {msg.dtype}", field=field_name, datum_index=datum_index)
+        raise UserInputError(
+            f"unsupported tensor dtype enum {msg.dtype}", field=field_name, datum_index=datum_index
+        )
     shape = [int(d) for d in msg.shape]
     if any(d < 0 for d in shape):
-        raise UserInputError(f"negative dimension in shape {shape}", field=field_name, datum_index=datum_index)
+        raise UserInputError(
+            f"negative dimension in shape {shape}", field=field_name, datum_index=datum_index
+        )
     if msg.HasField("sparse_csr"):
-        values = _widen(_frombuffer(msg.sparse_csr.values, dtype, field_name=field_name, datum_index=datum_index), msg.dtype)
-        crow = _frombuffer(msg.sparse_csr.crow_indices, np.dtype("<i8"), field_name=field_name, datum_index=datum_index)
-        col = _frombuffer(msg.sparse_csr.col_indices, np.dtype("<i8"), field_name=field_name, datum_index=datum_index)
-        return _csr_to_dense(values, crow, col, shape, sparse_pad, field_name=field_name, datum_index=datum_index)
+        values = _widen(
+            _frombuffer(msg.sparse_csr.values, dtype, field_name=field_name, datum_index=datum_index),
+            msg.dtype,
+        )
+        crow = _frombuffer(
+            msg.sparse_csr.crow_indices, np.dtype("<i8"), field_name=field_name, datum_index=datum_index
+        )
+        col = _frombuffer(
+            msg.sparse_csr.col_indices, np.dtype("<i8"), field_name=field_name, datum_index=datum_index
+        )
+        return _csr_to_dense(
+            values, crow, col, shape, sparse_pad, field_name=field_name, datum_index=datum_index
+        )
     values = _widen(_frombuffer(msg.dense, dtype, field_name=field_name, datum_index=datum_index), msg.dtype)
     if not shape:
         # A TensorData built from a plain list may carry no shape: it is 1-D (§5.2).
@@ -349,7 +364,9 @@ def _decode_spans(repeated) -> list[WireProvenanceSpan] | None:
     return spans
 
 
-def decode_forward_backward_request(body: bytes, content_encoding: str | None = None) -> ForwardBackwardRequestBody:
+def decode_forward_backward_request(
+    body: bytes, content_encoding: str | None = None
+) -> ForwardBackwardRequestBody:
     """Parse a posted `ForwardBackwardRequest` (zstd-compressed when `content_encoding` says so).
 
     Raises UserInputError (field and datum index) for undecodable bytes or inconsistent tensors.
@@ -376,7 +393,10 @@ def decode_forward_backward_request(body: bytes, content_encoding: str | None = 
             kind = chunk_msg.WhichOneof("chunk")
             if kind == "encoded_text":
                 tokens = _frombuffer(
-                    chunk_msg.encoded_text.tokens, np.dtype("<i4"), field_name="model_input", datum_index=index
+                    chunk_msg.encoded_text.tokens,
+                    np.dtype("<i4"),
+                    field_name="model_input",
+                    datum_index=index,
                 )
                 chunks.append(WireTextChunk(tokens=tokens.astype(np.int64)))
             elif kind == "image":
@@ -464,7 +484,10 @@ def encode_forward_backward_output(
         record = msg.loss_fn_outputs.add(num_datums=end - start)
         for name in names:
             dtype_enum, wire_dtype = _output_dtype(arrays[start][name])
-            parts = [np.ascontiguousarray(d[name].astype(wire_dtype, copy=False)).tobytes() for d in arrays[start:end]]
+            parts = [
+                np.ascontiguousarray(d[name].astype(wire_dtype, copy=False)).tobytes()
+                for d in arrays[start:end]
+            ]
             offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
             batched = record.fields[name]
             batched.data = b"".join(parts)
@@ -565,7 +588,9 @@ def encode_sample_response(body: SampleResponseBody) -> bytes:
         seq_msg = msg.sequences.add()
         if sequence.stop_reason not in ("stop", "length"):
             raise ValueError(f"stop_reason must be 'stop' or 'length', got {sequence.stop_reason!r}")
-        seq_msg.stop_reason = pb.STOP_REASON_LENGTH if sequence.stop_reason == "length" else pb.STOP_REASON_STOP
+        seq_msg.stop_reason = (
+            pb.STOP_REASON_LENGTH if sequence.stop_reason == "length" else pb.STOP_REASON_STOP
+        )
         seq_msg.tokens = np.asarray(sequence.tokens, dtype="<i4").tobytes()
         if sequence.logprobs is not None:
             if len(sequence.logprobs) != len(sequence.tokens):
@@ -578,7 +603,9 @@ def encode_sample_response(body: SampleResponseBody) -> bytes:
     if body.topk_prompt_logprobs is not None:
         _topk_to_proto(body.topk_prompt_logprobs, msg.topk_prompt_logprobs)
     if body.target_prompt_logprobs is not None:
-        msg.target_prompt_logprobs.CopyFrom(_tensor_to_proto(np.asarray(body.target_prompt_logprobs, dtype=np.float32)))
+        msg.target_prompt_logprobs.CopyFrom(
+            _tensor_to_proto(np.asarray(body.target_prompt_logprobs, dtype=np.float32))
+        )
     if body.prompt_alt_tokens is not None:
         tokens, logprobs = body.prompt_alt_tokens
         msg.prompt_alt_tokens.tokens.CopyFrom(_tensor_to_proto(np.asarray(tokens, dtype=np.int64)))
@@ -609,19 +636,26 @@ def decode_sample_response(body: bytes) -> SampleResponseBody:
         )
     prompt_logprobs = None
     if msg.prompt_logprobs:
-        prompt_logprobs = [None if math.isnan(v) else v for v in np.frombuffer(msg.prompt_logprobs, dtype="<f4").tolist()]
+        prompt_logprobs = [
+            None if math.isnan(v) else v for v in np.frombuffer(msg.prompt_logprobs, dtype="<f4").tolist()
+        ]
 
     def tensor(t) -> np.ndarray:
-        return _tensor_from_proto(t, field_name="response", datum_index=None, sparse_pad=0.0, dtypes=_RESULT_DTYPES)
+        return _tensor_from_proto(
+            t, field_name="response", datum_index=None, sparse_pad=0.0, dtypes=_RESULT_DTYPES
+        )
 
     return SampleResponseBody(
         sequences=sequences,
         prompt_logprobs=prompt_logprobs,
-        topk_prompt_logprobs=_topk_from_proto(msg.topk_prompt_logprobs) if msg.HasField("topk_prompt_logprobs") else None,
+        topk_prompt_logprobs=_topk_from_proto(msg.topk_prompt_logprobs)
+        if msg.HasField("topk_prompt_logprobs")
+        else None,
         prompt_cache_hit_tokens=msg.prompt_cache_hit_tokens,
-        target_prompt_logprobs=tensor(msg.target_prompt_logprobs) if msg.HasField("target_prompt_logprobs") else None,
+        target_prompt_logprobs=tensor(msg.target_prompt_logprobs)
+        if msg.HasField("target_prompt_logprobs")
+        else None,
         prompt_alt_tokens=(tensor(msg.prompt_alt_tokens.tokens), tensor(msg.prompt_alt_tokens.logprobs))
         if msg.HasField("prompt_alt_tokens")
         else None,
     )
-

@@ -179,7 +179,9 @@ def _camel(name: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
 
 
-def _add_message(file: descriptor_pb2.FileDescriptorProto, name: str, fields: list[tuple[str, int, str, str]]) -> None:
+def _add_message(
+    file: descriptor_pb2.FileDescriptorProto, name: str, fields: list[tuple[str, int, str, str]]
+) -> None:
     msg = file.message_type.add(name=name)
     real_oneofs: list[str] = [m.split(":", 1)[1] for _, _, _, m in fields if m.startswith("oneof:")]
     real_oneofs = list(dict.fromkeys(real_oneofs))
@@ -188,7 +190,9 @@ def _add_message(file: descriptor_pb2.FileDescriptorProto, name: str, fields: li
     # proto3 `optional` is a synthetic one-member oneof; synthetic oneofs must follow the real ones.
     synthetic_index = len(real_oneofs)
     for field_name, number, type_name, modifier in fields:
-        field = msg.field.add(name=field_name, number=number, json_name=_camel(field_name)[:1].lower() + _camel(field_name)[1:])
+        field = msg.field.add(
+            name=field_name, number=number, json_name=_camel(field_name)[:1].lower() + _camel(field_name)[1:]
+        )
         field.label = _F.LABEL_OPTIONAL
         if modifier == "repeated":
             field.label = _F.LABEL_REPEATED
@@ -219,7 +223,9 @@ def _add_message(file: descriptor_pb2.FileDescriptorProto, name: str, fields: li
 
 def build_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     """The `tinker_public` schema as a FileDescriptorProto (file name `tether/tinker_public.proto`)."""
-    file = descriptor_pb2.FileDescriptorProto(name="tether/tinker_public.proto", package=PACKAGE, syntax="proto3")
+    file = descriptor_pb2.FileDescriptorProto(
+        name="tether/tinker_public.proto", package=PACKAGE, syntax="proto3"
+    )
     for enum_name, values in _ENUM_VALUES.items():
         enum = file.enum_type.add(name=enum_name)
         for value_name, number in values:
