@@ -1,0 +1,316 @@
+"""The sampling engine: continuous batching over one shared base model and any registered weights.
+
+`submit` validates a request on the caller's thread and queues it; a background thread runs
+
+    schedule (admit waiting requests that fit) -> execute (prefill them; decode every running
+    sequence one token, one batch per model) -> update (sample, append, finish, publish)
+
+Sequences join the running batch after their prefill and leave as soon as they finish, so a short
+request never waits for a long one. All samples of a request share its prompt's prefill. Requests
+for different LoRA adapters decode in the same batch; full fine-tuned weights batch with each other
+on their own model. A failing forward pass fails only the requests it carried.
+
+Logprobs are untempered (see `SampledSequence`). This module knows nothing about HTTP or the
+Tinker wire format.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tether.engine.lora import LoraSpec
+from tether.engine.sampling.kv_cache import BatchKVCache
+from tether.engine.sampling.model_runner import decode, prefill
+from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
+from tether.engine.sampling.request import (
+    ModelLimits,
+    SampledSequence,
+    SampleRequest,
+    SampleResult,
+    ValidatedRequest,
+    validate_request,
+)
+from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
+from tether.engine.sampling.stopping import StopCondition
+from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
+from tether.types.errors import ServerError, TetherError
+
+logger = logging.getLogger(__name__)
+
+
+class BaseModelLike(Protocol):
+    """What the engine needs of `tether.engine.model_loading.LoadedBaseModel`."""
+
+    model: nn.Module
+    tokenizer_path: object
+    vocab_size: int
+    max_context_length: int
+    eos_token_ids: list[int]
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request: ValidatedRequest
+    future: Future[SampleResult]
+    weights: RegisteredWeights
+    stop: StopCondition
+    sequences: list[SampledSequence | None] = field(default_factory=list)
+    unfinished: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    owner: _RequestState
+    index: int
+    generator: torch.Generator
+    row: RowSampling
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Running sequences that share one model, decoded together with one KV cache."""
+
+    model: nn.Module
+    cache: BatchKVCache = field(default_factory=BatchKVCache)
+    sequences: list[_Sequence] = field(default_factory=list)
+
+
+class SamplingEngine:
+    """Serves `SampleRequest`s for the base model and registered weights from a background thread."""
+
+    def __init__(
+        self,
+        base: BaseModelLike,
+        *,
+        kv_cache_budget_tokens: int = 65536,
+        max_batch_size: int = 64,
+        max_prefill_tokens_per_step: int = 4096,
+        max_waiting_requests: int = 1024,
+    ) -> None:
+        self._base = base
+        self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
+        self._scheduler: Scheduler[_RequestState] = Scheduler(
+            SchedulerConfig(kv_cache_budget_tokens, max_batch_size, max_prefill_tokens_per_step, max_waiting_requests)
+        )
+        self._weights = WeightsRegistry(base.model)
+        self._groups: dict[int, _Group] = {}
+        self._decode_text: Callable[[Sequence[int]], str] | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tether-sampling-engine", daemon=True)
+        self._thread.start()
+
+    # --- public surface ---------------------------------------------------------------------------
+    def register_lora(self, weights_id: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+        """Serve a LoRA adapter (tensors `<module path>.lora_A/.lora_B`) on the shared base weights."""
+        self._weights.register_lora(weights_id, spec, tensors)
+
+    def register_full(self, weights_id: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Serve full fine-tuned weights on a model of their own."""
+        self._weights.register_full(weights_id, state_dict)
+
+    def unregister(self, weights_id: str) -> None:
+        """Stop accepting requests for `weights_id`; its running requests still finish."""
+        self._weights.unregister(weights_id)
+
+    def submit(self, request: SampleRequest) -> Future[SampleResult]:
+        """Queue `request`. Raises `UserInputError` (bad request), `NotFoundError` (unknown weights_id)
+        or `OverloadedError` (queue full) at once; other failures arrive as the future's exception."""
+        validated = validate_request(request, self._limits)
+        cost = WorkCost(validated.reserved_tokens, validated.num_samples, len(validated.prompt_tokens))
+        self._scheduler.check_fits(cost)
+        stop = StopCondition(validated.stop, self._text_decoder() if validated.stop.strings else None)
+        weights = self._weights.acquire(validated.weights_id)
+        state = _RequestState(validated, Future(), weights, stop)
+        try:
+            with self._cond:
+                if self._closed:
+                    raise ServerError("the sampling engine is closed")
+                self._scheduler.add(state, cost)
+                self._cond.notify()
+        except BaseException:
+            self._weights.release(weights)
+            raise
+        return state.future
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for admission (the service answers 429 when this stays high)."""
+        with self._cond:
+            return self._scheduler.queue_depth
+
+    @property
+    def running_sequences(self) -> int:
+        with self._cond:
+            return self._scheduler.running_sequences
+
+    def close(self) -> None:
+        """Stop the loop; waiting and running requests fail with `ServerError`."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            waiting = self._scheduler.drain()
+        for state in waiting:  # never admitted: nothing reserved
+            self._weights.release(state.weights)
+            self._set_exception(state, ServerError("the sampling engine closed before this request ran"))
+        for group in list(self._groups.values()):
+            self._fail_group(group, ServerError("the sampling engine closed during this request"))
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._scheduler.has_waiting and not self._groups:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                admitted = self._scheduler.schedule()
+            for state in admitted:
+                self._start(state)
+            for group in list(self._groups.values()):
+                self._decode_group(group)
+
+    def _start(self, state: _RequestState) -> None:
+        """Prefill one admitted request and sample the first token of each of its samples."""
+        request = state.request
+        if not state.future.set_running_or_notify_cancel():
+            self._release_slots(state, request.num_samples)
+            self._weights.release(state.weights)
+            return
+        try:
+            out = prefill(
+                state.weights.model,
+                state.weights.adapter_id,
+                request.prompt_tokens,
+                include_prompt_logprobs=request.include_prompt_logprobs,
+                topk_prompt_logprobs=request.topk_prompt_logprobs,
+            )
+        except Exception as exc:  # a failed forward fails this request only
+            logger.exception("prefill failed")
+            self._fail(state, exc)
+            return
+        state.prompt_logprobs = out.prompt_logprobs
+        state.topk_prompt_logprobs = out.topk_prompt_logprobs
+        state.sequences = [None] * request.num_samples
+        state.unfinished = request.num_samples
+        row = RowSampling(request.temperature, request.top_k, request.top_p)
+        fallback = secrets.randbits(63)
+        sequences = [
+            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row) for i in range(request.num_samples)
+        ]
+        logits = out.last_logits[None, :].expand(len(sequences), -1)
+        live = self._advance(sequences, logits)
+        if live:
+            group = self._groups.setdefault(id(state.weights.model), _Group(state.weights.model))
+            group.cache.append_rows(out.cache, repeats=len(live))
+            group.sequences.extend(live)
+
+    def _decode_group(self, group: _Group) -> None:
+        """One decode step for every sequence of `group`; finished ones leave the batch."""
+        try:
+            logits = decode(
+                group.model,
+                group.cache,
+                [s.tokens[-1] for s in group.sequences],
+                [s.owner.weights.adapter_id for s in group.sequences],
+            )
+        except Exception as exc:  # a failed forward fails the requests it carried, nothing else
+            logger.exception("decode step failed")
+            self._fail_group(group, exc)
+            return
+        live = self._advance(group.sequences, logits)
+        if len(live) < len(group.sequences):
+            keep = {id(s) for s in live}
+            group.cache.select_rows([r for r, s in enumerate(group.sequences) if id(s) in keep])
+            group.sequences = live
+        if not group.sequences:
+            self._groups.pop(id(group.model), None)
+
+    def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[_Sequence]:
+        """Sample one token per sequence from `logits`; finish those that stop; return the rest."""
+        tokens = choose_tokens(logits, [s.row for s in sequences], [s.generator for s in sequences])
+        logprobs = untempered_logprobs(logits).gather(1, tokens[:, None]).squeeze(1)
+        live = []
+        for sequence, token, logprob in zip(sequences, tokens.tolist(), logprobs.tolist(), strict=True):
+            sequence.tokens.append(token)
+            sequence.logprobs.append(logprob)
+            if sequence.owner.stop.is_met(sequence.tokens):
+                self._finish(sequence, "stop")
+            elif len(sequence.tokens) >= sequence.owner.request.max_tokens:
+                self._finish(sequence, "length")
+            else:
+                live.append(sequence)
+        return live
+
+    # --- completion -------------------------------------------------------------------------------
+    def _finish(self, sequence: _Sequence, stop_reason: str) -> None:
+        state = sequence.owner
+        state.sequences[sequence.index] = SampledSequence(sequence.tokens, sequence.logprobs, stop_reason)  # type: ignore[arg-type]
+        state.unfinished -= 1
+        self._release_slots(state, 1)
+        if state.unfinished == 0:
+            self._weights.release(state.weights)
+            if not state.future.done():
+                state.future.set_result(
+                    SampleResult(
+                        sequences=list(state.sequences),  # type: ignore[arg-type]
+                        prompt_logprobs=state.prompt_logprobs,
+                        topk_prompt_logprobs=state.topk_prompt_logprobs,
+                    )
+                )
+
+    def _release_slots(self, state: _RequestState, num_sequences: int) -> None:
+        """Give back the batch rows and KV-cache reservation of `num_sequences` of `state`'s samples."""
+        with self._cond:
+            self._scheduler.release(state.request.reserved_tokens_per_sample * num_sequences, num_sequences)
+
+    def _fail(self, state: _RequestState, exc: BaseException) -> None:
+        """Fail an admitted request none of whose sequences is in a running group."""
+        self._release_slots(state, state.request.num_samples)
+        self._weights.release(state.weights)
+        self._set_exception(state, exc)
+
+    def _fail_group(self, group: _Group, exc: BaseException) -> None:
+        """Fail every request with a sequence in `group`, releasing all their sequences."""
+        owners = {id(s.owner): s.owner for s in group.sequences}
+        self._groups.pop(id(group.model), None)
+        for state in owners.values():  # all samples of a request run on one model, so in this group
+            self._release_slots(state, state.unfinished)
+            state.unfinished = 0
+            self._weights.release(state.weights)
+            self._set_exception(state, exc)
+
+    @staticmethod
+    def _set_exception(state: _RequestState, exc: BaseException) -> None:
+        if not isinstance(exc, TetherError):
+            wrapped = ServerError(f"sampling failed: {type(exc).__name__}: {exc}")
+            wrapped.__cause__ = exc
+            exc = wrapped
+        if not state.future.done():
+            state.future.set_exception(exc)
+
+    def _text_decoder(self) -> Callable[[Sequence[int]], str]:
+        """Decode token ids to text for stop strings; the tokenizer is loaded on first need."""
+        if self._decode_text is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self._base.tokenizer_path))
+            self._decode_text = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self._decode_text

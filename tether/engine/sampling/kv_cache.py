@@ -1,0 +1,170 @@
+"""Keys and values of a batch of sequences of different lengths, for batched decoding with HF models.
+
+Rows are left-padded to one common length, so every row's real tokens are the rightmost
+`row_lengths[r]` columns and a decode step writes the new token of every row into the same column.
+Buffers have spare capacity that grows geometrically, so a decode step writes in place instead of
+copying the whole cache. Rows join (`append_rows`, after their prefill) and leave (`select_rows`,
+when they finish) between steps; leaving also trims columns that became padding in every row.
+
+The object is passed to a Hugging Face causal LM as its `cache`: attention layers call
+`update(keys, values, layer_idx)` and get back the keys and values to attend to. The attention mask
+and position ids that go with it come from `attention_mask` and `position_ids`; the model never has
+to ask the cache how long it is.
+
+This module knows nothing about sampling, adapters or requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+GROWTH_MIN_COLUMNS = 32
+
+
+class BatchKVCache:
+    """Per-layer key and value buffers shaped (rows, kv_heads, capacity, head_dim)."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.row_lengths: list[int] = []
+        self.length = 0
+        """Columns in use (the longest row); columns beyond it are spare capacity."""
+        self._pending = 0
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def num_token_slots(self) -> int:
+        """Token positions held per layer, padding and spare capacity included (memory accounting)."""
+        return self.num_rows * self.capacity
+
+    # --- the Hugging Face cache protocol -------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys and values of layer `layer_idx` and return everything to attend to."""
+        new_columns = key_states.shape[2]
+        if layer_idx == len(self.keys):
+            capacity = max(self.length + new_columns, GROWTH_MIN_COLUMNS)
+            self.keys.append(self._empty_like(key_states, capacity))
+            self.values.append(self._empty_like(value_states, capacity))
+        elif self.length + new_columns > self.keys[layer_idx].shape[2]:
+            self._grow(layer_idx, self.length + new_columns)
+        end = self.length + new_columns
+        self.keys[layer_idx][:, :, self.length : end] = key_states
+        self.values[layer_idx][:, :, self.length : end] = value_states
+        self._pending = new_columns
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    # --- driving a step --------------------------------------------------------------------------
+    def attention_mask(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+        """Boolean (rows, 1, num_new, length + num_new) mask: True where a query may attend.
+
+        A query sees its own row's real tokens before it and itself (causal among the new tokens).
+        """
+        total = self.length + num_new
+        columns = torch.arange(total, device=device)
+        lengths = torch.tensor(self.row_lengths, device=device, dtype=torch.long)
+        first_real = (self.length - lengths)[:, None, None]
+        query_column = (self.length + torch.arange(num_new, device=device))[None, :, None]
+        mask = (columns[None, None, :] >= first_real) & (columns[None, None, :] <= query_column)
+        return mask[:, None]
+
+    def position_ids(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+        """(rows, num_new) positions of the new tokens: each row continues from its own length."""
+        lengths = torch.tensor(self.row_lengths, device=device, dtype=torch.long)
+        return lengths[:, None] + torch.arange(num_new, device=device)[None, :]
+
+    def commit(self) -> None:
+        """Account for the tokens written by the forward pass that just ran."""
+        self.length += self._pending
+        self.row_lengths = [n + self._pending for n in self.row_lengths]
+        self._pending = 0
+
+    def discard(self) -> None:
+        """Forget a forward pass that failed half-way (its columns are beyond `length`)."""
+        self._pending = 0
+
+    # --- rows joining and leaving ---------------------------------------------------------------
+    def start_rows(self, num_rows: int) -> None:
+        """Prepare an empty cache for a prefill of `num_rows` rows of equal length."""
+        if self.keys:
+            raise ValueError("start_rows is for an empty cache")
+        self.row_lengths = [0] * num_rows
+
+    def append_rows(self, other: BatchKVCache, repeats: int = 1) -> None:
+        """Add each row of `other` `repeats` times (samples sharing one prefill), padding as needed."""
+        if other.num_rows == 0 or repeats == 0:
+            return
+        if not self.keys:
+            self.row_lengths = []
+        new_length = max(self.length, other.length)
+        rows = self.num_rows + other.num_rows * repeats
+        capacity = max(new_length + GROWTH_MIN_COLUMNS, self.capacity)
+        keys, values = [], []
+        for layer in range(len(other.keys)):
+            merged_k = self._empty_like(other.keys[layer], capacity, rows)
+            merged_v = self._empty_like(other.values[layer], capacity, rows)
+            if self.keys:
+                self._copy_right_aligned(merged_k[: self.num_rows], self.keys[layer], self.length, new_length)
+                self._copy_right_aligned(merged_v[: self.num_rows], self.values[layer], self.length, new_length)
+            source_k = other.keys[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
+            source_v = other.values[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
+            self._copy_right_aligned(merged_k[self.num_rows :], source_k, other.length, new_length)
+            self._copy_right_aligned(merged_v[self.num_rows :], source_v, other.length, new_length)
+            keys.append(merged_k)
+            values.append(merged_v)
+        self.keys, self.values = keys, values
+        self.row_lengths = self.row_lengths + [n for n in other.row_lengths for _ in range(repeats)]
+        self.length = new_length
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order) and drop columns that are padding in all of them."""
+        if not rows:
+            self.keys, self.values, self.row_lengths, self.length = [], [], [], 0
+            return
+        lengths = [self.row_lengths[r] for r in rows]
+        new_length = max(lengths)
+        drop = self.length - new_length
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.keys[0].device)
+        spare = self.capacity - self.length
+        capacity = new_length + max(spare, GROWTH_MIN_COLUMNS)
+        for layer in range(len(self.keys)):
+            for buffers in (self.keys, self.values):
+                kept = buffers[layer].index_select(0, index)[:, :, drop : self.length]
+                fresh = self._empty_like(kept, capacity)
+                fresh[:, :, :new_length] = kept
+                buffers[layer] = fresh
+        self.row_lengths = lengths
+        self.length = new_length
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _grow(self, layer_idx: int, needed: int) -> None:
+        capacity = max(needed, 2 * self.keys[layer_idx].shape[2])
+        for buffers in (self.keys, self.values):
+            old = buffers[layer_idx]
+            fresh = self._empty_like(old, capacity)
+            fresh[:, :, : self.length] = old[:, :, : self.length]
+            buffers[layer_idx] = fresh
+
+    @staticmethod
+    def _empty_like(like: torch.Tensor, capacity: int, rows: int | None = None) -> torch.Tensor:
+        shape = (like.shape[0] if rows is None else rows, like.shape[1], capacity, like.shape[3])
+        # Zeros, not empty: padded columns are masked out, but garbage there could be NaN and
+        # 0 * NaN would leak through the attention product.
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def _copy_right_aligned(target: torch.Tensor, source: torch.Tensor, source_length: int, length: int) -> None:
+        target[:, :, length - source_length : length] = source[:, :, :source_length]

@@ -1,0 +1,109 @@
+"""Forward passes of the sampling engine: prefill one prompt, decode one token for many sequences.
+
+Both drive a Hugging Face causal LM with a `BatchKVCache`, an explicit 4-D boolean attention mask
+and explicit position ids, so rows of different lengths (left-padded) decode together exactly as
+each would alone. Adapters are routed per row with `AdapterRouting.for_rows` inside this thread's
+`adapter_routing`, so a trainer thread may run the same base module at the same time.
+
+Known limit: the explicit mask is applied to every layer, so models with sliding-window layers are
+run with full attention (exact for sequences shorter than their window).
+
+This module knows nothing about requests, stops or scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tether.engine.lora import AdapterRouting, adapter_routing
+from tether.engine.sampling.kv_cache import BatchKVCache
+from tether.engine.sampling.next_token import untempered_logprobs
+
+
+@dataclass
+class PrefillOutput:
+    """The prompt's cache (one row) and what was computed from its logits."""
+
+    cache: BatchKVCache
+    last_logits: torch.Tensor
+    """(vocab,) float32 logits after the last prompt token: the first generated token's distribution."""
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run(
+    model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_to_keep: int
+) -> torch.Tensor:
+    device = input_ids.device
+    num_new = input_ids.shape[1]
+    try:
+        output = model(
+            input_ids=input_ids,
+            attention_mask=cache.attention_mask(num_new, device),
+            position_ids=cache.position_ids(num_new, device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+    except BaseException:
+        cache.discard()
+        raise
+    cache.commit()
+    return output.logits
+
+
+@torch.inference_mode()
+def prefill(
+    model: nn.Module,
+    adapter_id: str | None,
+    prompt_tokens: Sequence[int],
+    *,
+    include_prompt_logprobs: bool = False,
+    topk_prompt_logprobs: int = 0,
+) -> PrefillOutput:
+    """Run the prompt through `model` (with adapter `adapter_id`) into a fresh one-row cache."""
+    device = model_device(model)
+    cache = BatchKVCache()
+    cache.start_rows(1)
+    input_ids = torch.tensor([list(prompt_tokens)], dtype=torch.long, device=device)
+    want_all = include_prompt_logprobs or topk_prompt_logprobs > 0
+    with adapter_routing(adapter_id):
+        logits = _run(model, cache, input_ids, 0 if want_all else 1)[0].float()
+    output = PrefillOutput(cache=cache, last_logits=logits[-1])
+    if want_all and len(prompt_tokens) > 1:
+        logprobs = untempered_logprobs(logits[:-1])
+        if include_prompt_logprobs:
+            picked = logprobs.gather(1, input_ids[0, 1:, None]).squeeze(1)
+            output.prompt_logprobs = [None, *picked.tolist()]
+        if topk_prompt_logprobs > 0:
+            values, ids = logprobs.topk(topk_prompt_logprobs, dim=-1)
+            rows = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+            output.topk_prompt_logprobs = [None, *rows]
+    elif want_all:
+        output.prompt_logprobs = [None] if include_prompt_logprobs else None
+        output.topk_prompt_logprobs = [None] if topk_prompt_logprobs > 0 else None
+    return output
+
+
+@torch.inference_mode()
+def decode(
+    model: nn.Module, cache: BatchKVCache, tokens: Sequence[int], adapter_ids: Sequence[str | None]
+) -> torch.Tensor:
+    """Feed one token per cache row; return (rows, vocab) float32 logits of the next token."""
+    device = model_device(model)
+    input_ids = torch.tensor(list(tokens), dtype=torch.long, device=device)[:, None]
+    if any(a is not None for a in adapter_ids):
+        routing: AdapterRouting | None = AdapterRouting.for_rows(adapter_ids, seq_len=1, device=device)
+    else:
+        routing = None
+    with adapter_routing(routing):
+        logits = _run(model, cache, input_ids, 1)
+    return logits[:, -1].float()
