@@ -1,0 +1,389 @@
+"""The training engine: many training models on one loaded base model, and their math.
+
+A training model is either a LoRA adapter on the shared base model (routed by its model id) or,
+for full fine-tuning, a private copy of the base weights. Each has its own gradients and its own
+optimizer, so one model's step never changes another's weights. Every operation validates its whole
+request first and only then touches state, so a failed call leaves weights, gradients and
+optimizer moments exactly as they were.
+
+Forward passes run in micro-batches within a token budget; each micro-batch's backward runs right
+away, so memory does not grow with the number of datums beyond the outputs themselves.
+
+This module knows nothing about HTTP, wire formats or storage; callers are serialised per engine
+by a lock (the worker orders operations; the lock only keeps concurrent callers safe).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tether.engine.lora import (
+    LoraSpec,
+    MultiLoraLinear,
+    adapter_routing,
+    add_adapter,
+    lora_layers,
+    remove_adapter,
+)
+from tether.engine.losses import get_loss, resolve_loss_config
+from tether.engine.micro_batching import plan_micro_batches, target_logprobs
+from tether.engine.model_loading import LoadedBaseModel
+from tether.engine.optimizer import ModelOptimizer, check_moments
+from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
+from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
+from tether.engine.validation import validate_data
+from tether.types.errors import ConflictError, NotFoundError, UserInputError
+
+__all__ = [
+    "AdamWParams",
+    "EngineDatum",
+    "ForwardResult",
+    "GraphHandle",
+    "SamplerWeights",
+    "TrainingEngine",
+    "TrainingState",
+]
+
+
+@dataclass
+class _TrainingModel:
+    """One training model: the module it runs, its trainable tensors and their optimizer."""
+
+    model_id: str
+    lora: LoraSpec | None
+    module: nn.Module
+    routing: str | None
+    """Adapter id to route to (LoRA), or None to run `module` as is (full fine-tuning copy)."""
+    params: dict[str, torch.Tensor]
+    optimizer: ModelOptimizer
+
+
+@dataclass
+class _KeptGraph:
+    """Per micro-batch: datum indices and their logprobs, still attached to the autograd graph."""
+
+    model_id: str
+    optimizer_steps: int
+    micro_batches: list[tuple[list[int], list[torch.Tensor]]] = field(default_factory=list)
+    logprob_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+class TrainingEngine:
+    """Hosts training models on one base model and runs forward, backward and optimizer steps."""
+
+    def __init__(self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192) -> None:
+        if max_tokens_per_micro_batch < 1:
+            raise UserInputError("must be at least 1", field="max_tokens_per_micro_batch")
+        self.base = base
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self._device = next(base.model.parameters()).device
+        self._models: dict[str, _TrainingModel] = {}
+        self._graphs: dict[str, _KeptGraph] = {}
+        self._graph_ids = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def create_model(self, model_id: str, *, lora: LoraSpec | None) -> None:
+        """Add a training model: a LoRA adapter with `lora`'s spec, or (None) a full fine-tuning copy."""
+        with self._lock:
+            if model_id in self._models:
+                raise ConflictError(f"model {model_id!r} already exists")
+            self._models[model_id] = self._build_model(model_id, lora)
+
+    def delete_model(self, model_id: str) -> None:
+        """Drop the model, its adapter or weight copy, its optimizer and any graphs it kept."""
+        with self._lock:
+            self._get(model_id)
+            self._drop(model_id)
+
+    def has_model(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._models
+
+    def list_models(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        """JSON-able facts about the model (is_lora, lora_rank (0 = full), spec, steps, sizes)."""
+        with self._lock:
+            trained = self._get(model_id)
+            spec = trained.lora
+            return {
+                "model_id": model_id,
+                "base_model": self.base.name,
+                "is_lora": spec is not None,
+                "lora_rank": spec.rank if spec is not None else 0,
+                "lora": lora_spec_metadata(spec),
+                "num_trainable_params": sum(t.numel() for t in trained.params.values()),
+                "optimizer_steps": trained.optimizer.num_steps,
+                "vocab_size": self.base.vocab_size,
+                "max_context_length": self.base.max_context_length,
+            }
+
+    # ---- forward / backward ------------------------------------------------------------------
+
+    def forward(
+        self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> ForwardResult:
+        """Loss and per-datum outputs without recording gradients."""
+        with self._lock:
+            return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=False)
+
+    def forward_backward(
+        self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> ForwardResult:
+        """Like `forward`, and add the loss's gradients to the model's (kept until `optim_step`)."""
+        with self._lock:
+            return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=True)
+
+    def optim_step(self, model_id: str, params: AdamWParams) -> dict[str, float]:
+        """Apply AdamW to the accumulated gradients, then clear them. Metrics: grad norm before clipping, lr."""
+        with self._lock:
+            trained = self._get(model_id)
+            if not isinstance(params, AdamWParams):
+                raise UserInputError("expected AdamWParams", field="adam_params")
+            params.validate()
+            return trained.optimizer.step(params)
+
+    def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
+        """Detached copies of the gradients accumulated since the last step (for inspection and tests)."""
+        with self._lock:
+            trained = self._get(model_id)
+            return {name: t.grad.detach().clone() for name, t in trained.params.items() if t.grad is not None}
+
+    # ---- one-pass custom loss ----------------------------------------------------------------
+
+    def forward_keep_graph(self, model_id: str, data: Sequence[EngineDatum]) -> tuple[GraphHandle, ForwardResult]:
+        """Forward with gradients recorded and the graph kept, for a later `backward_from_logprob_grads`.
+
+        Outputs are per-datum `logprobs` and `loss:sum` of cross entropy with the datums' weights
+        (zero where absent), as a forward-only cross_entropy call would report.
+        """
+        with self._lock:
+            trained = self._get(model_id)
+            checked = self._validate(data, ("target_tokens",))
+            kept = _KeptGraph(model_id=model_id, optimizer_steps=trained.optimizer.num_steps)
+            outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
+            loss_sum = 0.0
+            for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=True):
+                kept.micro_batches.append((indices, logprobs))
+                for index, lp in zip(indices, logprobs, strict=True):
+                    detached = lp.detach()
+                    outputs[index]["logprobs"] = detached
+                    weights = checked[index].loss_fn_inputs.get("weights")
+                    if weights is not None:
+                        loss_sum += float((-detached * weights.to(detached.device)).sum())
+            kept.logprob_shapes = [tuple(o["logprobs"].shape) for o in outputs]
+            graph_id = f"graph-{next(self._graph_ids)}"
+            self._graphs[graph_id] = kept
+            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": loss_sum})
+
+    def backward_from_logprob_grads(self, handle: GraphHandle, grads: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Backpropagate d loss / d logprobs through a kept graph, accumulating gradients like forward_backward.
+
+        The graph is consumed (freed) on success; on a user error it stays until released.
+        Metrics: `loss:sum` of the equivalent cross entropy (weights = -grads), i.e. sum(grads * logprobs).
+        """
+        with self._lock:
+            kept = self._graphs.get(handle.graph_id)
+            if kept is None or kept.model_id != handle.model_id:
+                raise NotFoundError(f"graph {handle.graph_id!r} does not exist (expired, released or used)")
+            trained = self._get(kept.model_id)
+            if trained.optimizer.num_steps != kept.optimizer_steps:
+                raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
+            checked_grads = _check_logprob_grads(grads, kept.logprob_shapes)
+            loss_sum = 0.0
+            del self._graphs[handle.graph_id]
+            for indices, logprobs in kept.micro_batches:
+                grad_tensors = [checked_grads[i].to(lp.device) for i, lp in zip(indices, logprobs, strict=True)]
+                loss_sum += sum(float((g * lp.detach()).sum()) for g, lp in zip(grad_tensors, logprobs, strict=True))
+                torch.autograd.backward(logprobs, grad_tensors)
+            kept.micro_batches.clear()
+            return {"loss:sum": loss_sum}
+
+    def release_graph(self, handle: GraphHandle) -> None:
+        """Free a kept graph without backpropagating (no-op if it is already gone)."""
+        with self._lock:
+            self._graphs.pop(handle.graph_id, None)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def export_state(self, model_id: str, *, include_optimizer: bool) -> TrainingState:
+        """Detached copies of the weights (and optimizer moments) plus metadata to rebuild the model."""
+        with self._lock:
+            trained = self._get(model_id)
+            weights = {name: t.detach().clone() for name, t in trained.params.items()}
+            moments = trained.optimizer.export_moments() if include_optimizer else None
+            metadata = {
+                "format": STATE_FORMAT,
+                "base_model": self.base.name,
+                "is_lora": trained.lora is not None,
+                "lora": lora_spec_metadata(trained.lora),
+                "optimizer_steps": trained.optimizer.num_steps,
+            }
+            return TrainingState(weights=weights, optimizer=moments, metadata=metadata)
+
+    def import_state(self, model_id: str, state: TrainingState, *, include_optimizer: bool) -> None:
+        """Create (or replace) `model_id` from `state`; with `include_optimizer`, restore its moments too.
+
+        The state is checked in full (names, shapes) before an existing model is replaced.
+        """
+        with self._lock:
+            spec = state.lora_spec
+            if include_optimizer and state.optimizer is None:
+                raise UserInputError("the state was saved without optimizer moments", field="state.optimizer")
+            expected = self._expected_shapes(spec)
+            if set(state.weights) != set(expected):
+                missing = sorted(set(expected) - set(state.weights))[:3]
+                extra = sorted(set(state.weights) - set(expected))[:3]
+                raise UserInputError(f"weights do not fit this base model (missing {missing}, unexpected {extra})", field="state.weights")
+            for name, shape in expected.items():
+                if tuple(state.weights[name].shape) != shape:
+                    raise UserInputError(f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}", field="state.weights")
+            if include_optimizer:
+                check_moments(state.optimizer, expected_params := {n: torch.empty(s) for n, s in expected.items()})
+                del expected_params
+            if model_id in self._models:
+                self._drop(model_id)
+            trained = self._build_model(model_id, spec)
+            with torch.no_grad():
+                for name, tensor in trained.params.items():
+                    tensor.copy_(state.weights[name])
+            if include_optimizer:
+                trained.optimizer.import_moments(state.optimizer, int(state.metadata.get("optimizer_steps", 0)))
+            self._models[model_id] = trained
+
+    def sampler_weights(self, model_id: str) -> SamplerWeights:
+        """A frozen, detached copy for sampling: LoRA tensors and spec, or the full state dict."""
+        with self._lock:
+            trained = self._get(model_id)
+            if trained.lora is not None:
+                tensors = {name: t.detach().clone() for name, t in trained.params.items()}
+            else:
+                clones: dict[int, torch.Tensor] = {}
+                tensors = {}
+                for name, t in trained.module.state_dict().items():
+                    if id(t) not in clones:  # tied weights stay one tensor
+                        clones[id(t)] = t.detach().clone()
+                    tensors[name] = clones[id(t)]
+            return SamplerWeights(base_model=self.base.name, lora_spec=trained.lora, tensors=tensors)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _get(self, model_id: str) -> _TrainingModel:
+        trained = self._models.get(model_id)
+        if trained is None:
+            raise NotFoundError(f"training model {model_id!r} does not exist")
+        return trained
+
+    def _drop(self, model_id: str) -> None:
+        trained = self._models.pop(model_id)
+        if trained.lora is not None:
+            remove_adapter(self.base.model, model_id)
+        for graph_id in [g for g, kept in self._graphs.items() if kept.model_id == model_id]:
+            del self._graphs[graph_id]
+
+    def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
+        if lora is not None:
+            params = add_adapter(self.base.model, model_id, lora)
+            return _TrainingModel(model_id, lora, self.base.model, model_id, params, ModelOptimizer(params))
+        module = _full_copy(self.base.model)
+        params = {name: p for name, p in module.named_parameters()}
+        return _TrainingModel(model_id, None, module, None, params, ModelOptimizer(params))
+
+    def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
+        if lora is None:
+            wrapped = [f"{name}.base." for name, _ in lora_layers(self.base.model)]
+            return {_plain_name(n, wrapped): tuple(p.shape) for n, p in self.base.model.named_parameters()}
+        wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, layer in lora_layers(self.base.model):
+            if wanted[layer.kind]:
+                shapes[f"{name}.lora_A"] = (lora.rank, layer.in_features)
+                shapes[f"{name}.lora_B"] = (layer.out_features, lora.rank)
+        return shapes
+
+    def _validate(self, data: Sequence[EngineDatum], required_inputs: Sequence[str]) -> list[EngineDatum]:
+        return validate_data(
+            data,
+            required_inputs=required_inputs,
+            vocab_size=self.base.vocab_size,
+            max_context_length=self.base.max_context_length,
+        )
+
+    def _micro_batch_logprobs(self, trained: _TrainingModel, data: list[EngineDatum], *, grad: bool):
+        """Yield (datum indices, per-datum target logprobs) for each micro-batch in turn."""
+        lengths = [d.input_tokens.shape[0] for d in data]
+        for indices in plan_micro_batches(lengths, self.max_tokens_per_micro_batch):
+            with torch.set_grad_enabled(grad), adapter_routing(trained.routing):
+                logprobs = target_logprobs(trained.module, [data[i] for i in indices], self._device)
+            yield indices, logprobs
+
+    def _run_loss(
+        self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None, *, backward: bool
+    ) -> ForwardResult:
+        trained = self._get(model_id)
+        definition = get_loss(loss_fn)
+        config = resolve_loss_config(loss_fn, loss_fn_config)
+        checked = self._validate(data, definition.required_inputs)
+        outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
+        loss_sum = 0.0
+        for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=backward):
+            with torch.set_grad_enabled(backward):
+                losses = []
+                for index, lp in zip(indices, logprobs, strict=True):
+                    inputs = {k: v.to(lp.device) for k, v in checked[index].loss_fn_inputs.items()}
+                    loss, extra = definition.compute(lp, inputs, config)
+                    losses.append(loss)
+                    outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}
+                total = torch.stack(losses).sum()
+                if backward:
+                    total.backward()
+            loss_sum += float(total.detach())
+        return ForwardResult(outputs=outputs, metrics={"loss:sum": loss_sum})
+
+
+def _full_copy(model: nn.Module) -> nn.Module:
+    """A trainable deep copy of the base model without LoRA wrappers or any adapter's tensors."""
+    wrappers = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+    memo: dict[int, Any] = {id(w.adapters): {} for w in wrappers}  # never copy other models' adapters
+    clone = copy.deepcopy(model, memo)
+    for name, wrapper in [(n, m) for n, m in clone.named_modules() if isinstance(m, MultiLoraLinear)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = clone.get_submodule(parent_name) if parent_name else clone
+        setattr(parent, child, wrapper.base)
+    clone.requires_grad_(True)
+    clone.eval()
+    return clone
+
+
+def _plain_name(name: str, wrapped_prefixes: list[str]) -> str:
+    """A wrapped base model's parameter name as the unwrapped model names it (`x.base.weight` -> `x.weight`)."""
+    for prefix in wrapped_prefixes:
+        if name.startswith(prefix):
+            return prefix[: -len("base.")] + name[len(prefix) :]
+    return name
+
+
+def _check_logprob_grads(grads: Sequence[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    if not isinstance(grads, Sequence) or len(grads) != len(shapes):
+        raise UserInputError(f"expected one gradient per datum ({len(shapes)})", field="logprob_grads")
+    checked = []
+    for index, (grad, shape) in enumerate(zip(grads, shapes, strict=True)):
+        grad = torch.as_tensor(grad).detach().to(torch.float32)
+        if tuple(grad.shape) != shape:
+            raise UserInputError(f"shape {tuple(grad.shape)} must equal the logprobs' shape {shape}", field="logprob_grads", datum_index=index)
+        if not bool(torch.isfinite(grad).all()):
+            raise UserInputError("contains NaN or infinite values", field="logprob_grads", datum_index=index)
+        checked.append(grad)
+    return checked

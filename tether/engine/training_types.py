@@ -1,0 +1,75 @@
+"""The plain data the training engine takes and returns, shared by the engine and its callers.
+
+Tensors here are already torch tensors: converting wire types (TensorData, protobuf) is the
+server's job, and checking values against the model is `tether.engine.validation`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tether.types.errors import UserInputError
+
+
+@dataclass
+class EngineDatum:
+    """One training example: the tokens the model reads and the tensors its loss needs."""
+
+    input_tokens: torch.Tensor
+    """int64 (N,): position i predicts `loss_fn_inputs["target_tokens"][i]`."""
+    loss_fn_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """`target_tokens` (N,) or (N, K) int64; `weights`, `logprobs`, `advantages` float32, same shape."""
+
+
+@dataclass
+class ForwardResult:
+    """Per-datum outputs (in request order) and request-level metrics."""
+
+    outputs: list[dict[str, torch.Tensor]]
+    """Per datum: `logprobs` (shape of target_tokens); `elementwise_loss` for cross_entropy."""
+    metrics: dict[str, float]
+    """Keys are `name:reduction` (the Tinker SDK reduces chunks by the suffix); at least `loss:sum`."""
+
+
+@dataclass(frozen=True)
+class AdamWParams:
+    """Hyperparameters of one optimizer step (Tinker's AdamParams); all may change between steps."""
+
+    learning_rate: float = 1e-4
+    """Step size."""
+    beta1: float = 0.9
+    """Decay of the first-moment estimate."""
+    beta2: float = 0.95
+    """Decay of the second-moment estimate."""
+    eps: float = 1e-12
+    """Added to the denominator's square root."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay: w -= learning_rate * weight_decay * w."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value before the step; 0 means no clipping."""
+
+    def validate(self) -> None:
+        """Raise `UserInputError` naming the first invalid field."""
+        checks = {
+            "learning_rate": self.learning_rate >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "eps": self.eps > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip_norm": self.grad_clip_norm >= 0,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+                raise UserInputError(f"invalid value {value!r}", field=f"adam_params.{name}")
+
+
+@dataclass(frozen=True)
+class GraphHandle:
+    """Names an autograd graph kept by `forward_keep_graph` until its backward or release."""
+
+    graph_id: str
+    model_id: str
