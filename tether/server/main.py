@@ -1,0 +1,168 @@
+"""Build and run the `tether serve` application.
+
+`create_app(config)` assembles the FastAPI app (routes, auth, error mapping, state, background
+reaper); `serve(config)` runs it with uvicorn until interrupted; `ServerThread(config)` runs it in a
+background thread on a free port for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from tether.server.auth import ApiKeyAuth
+from tether.server.catalogue import Catalogue
+from tether.server.config import ServerConfig
+from tether.server.errors import install_error_handlers
+from tether.server.futures import FutureStore
+from tether.server.model_hosts import ModelHosts
+from tether.server.sessions import reaper_loop
+from tether.server.state import ServerState
+
+log = logging.getLogger("tether.server")
+
+DATABASE_FILE = "tether.db"
+
+
+def build_state(config: ServerConfig) -> ServerState:
+    data_dir = Path(config.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    catalogue = Catalogue(data_dir / DATABASE_FILE)
+    catalogue.expire_active_sessions()
+    return ServerState(
+        config=config,
+        auth=ApiKeyAuth(config.api_keys),
+        catalogue=catalogue,
+        futures=FutureStore(),
+        hosts=ModelHosts(config),
+    )
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving the Tinker protocol and tether's extensions for `config`."""
+    from tether.server import routes_rest, routes_sampling, routes_service, routes_tether, routes_training
+
+    state = build_state(config)
+    reaper_interval_s = max(0.2, min(10.0, config.session_timeout_s / 4))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(reaper_loop(state, reaper_interval_s))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="tether", lifespan=lifespan)
+    app.state.tether = state
+    install_error_handlers(app)
+    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
+        app.include_router(module.router)
+    return app
+
+
+def _uvicorn_server(config: ServerConfig) -> uvicorn.Server:
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level if config.log_level != "info" else "warning",
+        timeout_keep_alive=75,
+        access_log=config.log_level == "debug",
+    )
+    return uvicorn.Server(uv_config)
+
+
+def _bound_url(server: uvicorn.Server, host: str) -> str:
+    sockets = [s for srv in server.servers for s in srv.sockets]
+    port = sockets[0].getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{shown}:{port}"
+
+
+def _write_ready_file(path: Path, url: str) -> None:
+    """Atomically, so a reader polling for the file never sees half a URL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(url)
+    os.replace(tmp, path)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run the server in the foreground until interrupted."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = _uvicorn_server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            url = _bound_url(server, config.host)
+            print(f"tether serve: listening on {url}", flush=True)
+            if config.ready_file is not None:
+                _write_ready_file(config.ready_file, url)
+        await task
+
+    asyncio.run(main())
+
+
+class ServerThread:
+    """Run a server in a background thread (tests, benchmarks): `with ServerThread(cfg) as base_url:`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.base_url: str | None = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def app(self) -> FastAPI:
+        assert self._server is not None
+        return self._server.config.app
+
+    def start(self) -> str:
+        self._server = _uvicorn_server(self.config)
+        self._thread = threading.Thread(target=self._server.run, name="tether-server", daemon=True)
+        self._thread.start()
+        deadline = 30.0
+        step = 0.01
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("tether server failed to start")
+            deadline -= step
+            if deadline <= 0:
+                raise TimeoutError("tether server did not start within 30 s")
+            threading.Event().wait(step)
+        self.base_url = _bound_url(self._server, self.config.host)
+        return self.base_url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def running_server(config: ServerConfig) -> Iterator[str]:
+    """Functional twin of `ServerThread`."""
+    with ServerThread(config) as url:
+        yield url

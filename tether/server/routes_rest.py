@@ -1,0 +1,191 @@
+"""REST routes (the SDK's RestClient and the `tinker` CLI): runs, checkpoints, TTLs, sessions.
+
+Everything here reads or edits the catalogue; another key's rows answer 404. A checkpoint id is
+`<segment>/<name>` and arrives as two path segments.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict
+
+from tether.server import checkpoint_files as ckpt
+from tether.server.catalogue import CheckpointRow, TrainingRunRow, as_utc, utcnow
+from tether.server.sessions import delete_checkpoint_files
+from tether.server.state import ServerState, request_owner, server_state
+from tether.types.errors import ConflictError
+
+router = APIRouter(prefix="/api/v1")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TtlRequest(_Body):
+    ttl_seconds: int | None = None
+
+
+class WeightsInfoRequest(_Body):
+    tinker_path: str
+
+
+def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
+    return {
+        "checkpoint_id": row.checkpoint_id,
+        "checkpoint_type": row.checkpoint_type,
+        "time": as_utc(row.created_at).isoformat(),
+        "tinker_path": row.tinker_path,
+        "size_bytes": row.size_bytes,
+        "public": row.public,
+        "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
+        "expires_at": as_utc(row.expires_at).isoformat() if row.expires_at else None,
+    }
+
+
+def _run_json(state: ServerState, row: TrainingRunRow) -> dict[str, Any]:
+    checkpoints, _ = state.catalogue.list_checkpoints(row.owner, run_id=row.run_id)
+    latest = {kind: next((c for c in checkpoints if c.checkpoint_type == kind), None) for kind in ("training", "sampler")}
+    return {
+        "training_run_id": row.run_id,
+        "base_model": row.base_model,
+        "model_owner": row.owner,
+        "is_lora": row.is_lora,
+        "corrupted": False,
+        "lora_rank": row.lora_rank,
+        "last_request_time": as_utc(row.last_request_time).isoformat(),
+        "last_checkpoint": checkpoint_json(latest["training"]) if latest["training"] else None,
+        "last_sampler_checkpoint": checkpoint_json(latest["sampler"]) if latest["sampler"] else None,
+        "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
+    }
+
+
+@router.get("/training_runs")
+async def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+                             state: ServerState = Depends(server_state),
+                             owner: str = Depends(request_owner)) -> dict[str, Any]:
+    rows, total = state.catalogue.list_training_runs(owner, limit, offset)
+    return {"training_runs": [_run_json(state, r) for r in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+@router.get("/training_runs/{run_id}")
+async def get_training_run(run_id: str, state: ServerState = Depends(server_state),
+                           owner: str = Depends(request_owner)) -> dict[str, Any]:
+    return _run_json(state, state.catalogue.get_training_run(run_id, owner))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+async def list_run_checkpoints(run_id: str, state: ServerState = Depends(server_state),
+                               owner: str = Depends(request_owner)) -> dict[str, Any]:
+    state.catalogue.get_training_run(run_id, owner)
+    rows, total = state.catalogue.list_checkpoints(owner, run_id=run_id)
+    return {"checkpoints": [checkpoint_json(r) for r in rows],
+            "cursor": {"offset": 0, "limit": max(total, 1), "total_count": total}}
+
+
+@router.get("/checkpoints")
+async def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                                state: ServerState = Depends(server_state),
+                                owner: str = Depends(request_owner)) -> dict[str, Any]:
+    rows, total = state.catalogue.list_checkpoints(owner, limit=limit, offset=offset)
+    return {"checkpoints": [checkpoint_json(r) for r in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+def _owned_checkpoint(state: ServerState, owner: str, run_id: str, segment: str, name: str) -> CheckpointRow:
+    path = ckpt.parse_checkpoint_id(run_id, f"{segment}/{name}")
+    row = state.catalogue.get_checkpoint(path.run_id, path.checkpoint_id, owner)
+    if row.owner != owner:  # public checkpoints are readable by all, editable only by their owner
+        state.catalogue.get_training_run(run_id, owner)
+    return row
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}")
+async def delete_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
+                            owner: str = Depends(request_owner)) -> dict[str, str]:
+    row = _owned_checkpoint(state, owner, run_id, segment, name)
+    delete_checkpoint_files(row.directory)
+    state.catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
+    return {"status": "deleted"}
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish")
+async def publish_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
+                             owner: str = Depends(request_owner)) -> dict[str, str]:
+    row = _owned_checkpoint(state, owner, run_id, segment, name)
+    if row.public:
+        raise ConflictError(f"{row.tinker_path} is already public")
+    state.catalogue.update_checkpoint(row.run_id, row.checkpoint_id, public=True)
+    return {"status": "published"}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish")
+async def unpublish_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
+                               owner: str = Depends(request_owner)) -> dict[str, str]:
+    row = _owned_checkpoint(state, owner, run_id, segment, name)
+    state.catalogue.update_checkpoint(row.run_id, row.checkpoint_id, public=False)
+    return {"status": "unpublished"}
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{segment}/{name}/ttl")
+async def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: TtlRequest,
+                             state: ServerState = Depends(server_state),
+                             owner: str = Depends(request_owner)) -> dict[str, Any]:
+    row = _owned_checkpoint(state, owner, run_id, segment, name)
+    ttl = ckpt.check_ttl(body.ttl_seconds)
+    expires = utcnow() + timedelta(seconds=ttl) if ttl is not None else None
+    state.catalogue.update_checkpoint(row.run_id, row.checkpoint_id, expires_at=expires)
+    return {"status": "ok", "expires_at": as_utc(expires).isoformat() if expires else None}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/external_weights/{name}/external_weights_urls")
+async def external_weights_urls(run_id: str, name: str, state: ServerState = Depends(server_state),
+                                owner: str = Depends(request_owner)) -> dict[str, Any]:
+    """file:// URLs: the server and its clients share a filesystem in tether's local deployment."""
+    from pathlib import Path
+
+    row = _owned_checkpoint(state, owner, run_id, "external_weights", name)
+    root = Path(row.directory)
+    urls = {str(f.relative_to(root)): f.resolve().as_uri() for f in sorted(root.rglob("*")) if f.is_file()}
+    return {"urls": urls, "expires": as_utc(utcnow() + timedelta(hours=1)).isoformat()}
+
+
+@router.post("/weights_info")
+async def weights_info(body: WeightsInfoRequest, state: ServerState = Depends(server_state),
+                       owner: str = Depends(request_owner)) -> dict[str, Any]:
+    path = ckpt.parse_tinker_path(body.tinker_path, field="tinker_path")
+    state.catalogue.get_checkpoint(path.run_id, path.checkpoint_id, owner)
+    run = state.catalogue.get_training_run(path.run_id, owner)
+    lora = run.lora_config or {}
+    return {
+        "base_model": run.base_model,
+        "is_lora": run.is_lora,
+        "optimizer_config": {"type": "adamw"},
+        "lora_rank": run.lora_rank,
+        "train_unembed": lora.get("train_unembed") if run.is_lora else None,
+        "train_mlp": lora.get("train_mlp") if run.is_lora else None,
+        "train_attn": lora.get("train_attn") if run.is_lora else None,
+    }
+
+
+@router.get("/sessions")
+async def list_sessions(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+                        state: ServerState = Depends(server_state), owner: str = Depends(request_owner)) -> dict:
+    return {"sessions": [s.session_id for s in state.catalogue.list_sessions(owner, limit, offset)]}
+
+
+@router.get("/sessions/{session_id}")
+async def get_session(session_id: str, state: ServerState = Depends(server_state),
+                      owner: str = Depends(request_owner)) -> dict[str, Any]:
+    row = state.catalogue.get_session(session_id, owner)
+    return {
+        "training_run_ids": state.catalogue.runs_of_session(session_id),
+        "sampler_ids": state.catalogue.samplers_of_session(session_id),
+        "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
+        "display_name": row.display_name,
+    }
+

@@ -1,0 +1,109 @@
+"""Service routes of the Tinker protocol: client config, sessions, heartbeats, telemetry, futures."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tether.server.sessions import end_session
+from tether.server.state import ServerState, request_owner, server_state
+
+router = APIRouter(prefix="/api/v1")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateSessionRequest(_Body):
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class SessionHeartbeatRequest(_Body):
+    session_id: str
+
+
+class RetrieveFutureRequest(_Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+@router.post("/client/config")
+async def client_config(_: Request) -> dict[str, Any]:
+    """Flags for the SDK; tether accepts the SDK's defaults (plain JSON, uncompressed fwd/bwd)."""
+    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities")
+async def get_server_capabilities(state: ServerState = Depends(server_state), _: str = Depends(request_owner)) -> dict:
+    return {
+        "supported_models": [
+            {"model_name": name, "trainable": True, "sampleable": True} for name in state.hosts.served_names
+        ]
+    }
+
+
+@router.post("/create_session")
+async def create_session(
+    body: CreateSessionRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, str]:
+    session_id = f"sess-{uuid.uuid4().hex[:16]}"
+    state.catalogue.create_session(
+        session_id,
+        owner,
+        tags=body.tags,
+        user_metadata=body.user_metadata or {},
+        display_name=body.display_name,
+        project_id=body.project_id,
+    )
+    return {"session_id": session_id, "type": "create_session"}
+
+
+@router.post("/session_heartbeat")
+async def session_heartbeat(
+    body: SessionHeartbeatRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> JSONResponse:
+    """410 once the session is finished, expired or unknown: the SDK stops heartbeating then."""
+    if not state.catalogue.heartbeat(body.session_id, owner):
+        return JSONResponse(status_code=410, content={"detail": f"session {body.session_id!r} is not active"})
+    return JSONResponse({"type": "session_heartbeat"})
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(
+    session_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, str]:
+    state.catalogue.get_session(session_id, owner)
+    end_session(state, session_id, status="finished")
+    return {"status": "finished"}
+
+
+@router.post("/telemetry")
+async def telemetry(_: str = Depends(request_owner)) -> dict[str, str]:
+    """Accepted and discarded: tether does not collect client telemetry."""
+    return {"status": "accepted"}
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: RetrieveFutureRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> Response:
+    outcome = await state.futures.wait(body.request_id, owner, state.config.long_poll_s)
+    if outcome.payload is None:
+        return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
+    if isinstance(outcome.payload, bytes):
+        return Response(outcome.payload, media_type="application/x-protobuf")
+    return JSONResponse(outcome.payload)

@@ -1,0 +1,75 @@
+"""Session lifecycle: ending a session frees its models and samplers; a reaper expires silent ones.
+
+A session ends when its client says so (`finish`) or stops heartbeating for `session_timeout_s`.
+Either way its training models are deleted from their engine (on the model's own worker, after the
+operations already queued) and its samplers' weights are unregistered. Checkpoints stay. The same
+background loop deletes checkpoints whose TTL has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+
+from tether.server.state import ServerState
+
+log = logging.getLogger("tether.server")
+
+
+def end_session(state: ServerState, session_id: str, *, status: str) -> None:
+    """Mark the session ended and free everything it holds in memory."""
+    state.catalogue.set_session_status(session_id, status)
+    for model in state.hosts.models_of_session(session_id):
+        free_model(state, model.model_id)
+    for sampler in state.hosts.samplers_of_session(session_id):
+        free_sampler(state, sampler.sampler_id)
+
+
+def free_model(state: ServerState, model_id: str) -> None:
+    model = state.hosts.remove_model(model_id)
+    if model is None:
+        return
+    host = model.host
+
+    def delete() -> None:
+        if host.training.has_model(model_id):
+            host.training.delete_model(model_id)
+
+    host.worker.submit(model_id, None, f"free-{model_id}", delete)
+    host.worker.forget(model_id)
+
+
+def free_sampler(state: ServerState, sampler_id: str) -> None:
+    sampler = state.hosts.remove_sampler(sampler_id)
+    if sampler is None:
+        return
+    state.hosts.sample_dedupe.forget_stream(sampler_id)
+    if sampler.weights_id is not None:
+        sampler.host.sampling.unregister(sampler.weights_id)
+
+
+def delete_checkpoint_files(directory: str) -> None:
+    shutil.rmtree(Path(directory), ignore_errors=True)
+
+
+def expire_once(state: ServerState) -> None:
+    """One pass of the reaper: silent sessions, expired checkpoints, stale futures."""
+    for session_id in state.catalogue.stale_sessions(state.config.session_timeout_s):
+        log.info("session %s stopped heartbeating; freeing its models", session_id)
+        end_session(state, session_id, status="expired")
+    for row in state.catalogue.expired_checkpoints():
+        log.info("checkpoint %s expired; deleting it", row.tinker_path)
+        delete_checkpoint_files(row.directory)
+        state.catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
+    state.futures.sweep()
+
+
+async def reaper_loop(state: ServerState, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(expire_once, state)
+        except Exception:  # noqa: BLE001 - the reaper must survive one bad pass
+            log.exception("reaper pass failed")
