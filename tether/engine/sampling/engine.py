@@ -158,7 +158,7 @@ class SamplingEngine:
             return self._scheduler.running_sequences
 
     def close(self) -> None:
-        """Stop the loop; waiting and running requests fail with `ServerError`."""
+        """Stop the loop; waiting and running requests fail with `ServerError`; adapters leave the base."""
         with self._cond:
             if self._closed:
                 return
@@ -172,6 +172,7 @@ class SamplingEngine:
             self._set_exception(state, ServerError("the sampling engine closed before this request ran"))
         for group in list(self._groups.values()):
             self._fail_group(group, ServerError("the sampling engine closed during this request"))
+        self._weights.clear()
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:

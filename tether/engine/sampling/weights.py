@@ -23,6 +23,8 @@ from tether.engine.lora import LoraSpec, LoraWeights, lora_layers, remove_adapte
 from tether.types.errors import ConflictError, NotFoundError, UserInputError
 
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
+_ADAPTER_NUMBERS = itertools.count()
+"""Process-wide, so two engines sharing one base model never pick the same adapter id."""
 
 
 @dataclass(eq=False)
@@ -46,7 +48,6 @@ class WeightsRegistry:
         self._base = RegisteredWeights(None, base_model)
         self._by_id: dict[str, RegisteredWeights] = {}
         self._lock = threading.Lock()
-        self._counter = itertools.count()
 
     def register_lora(self, weights_id: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
         """Install adapter tensors named `<module path>.lora_A/.lora_B` on the shared base model."""
@@ -55,7 +56,7 @@ class WeightsRegistry:
         if not layers:
             raise UserInputError("the base model has no LoRA layers attached", field="weights_id")
         factors = _group_factors(tensors, layers, spec)
-        adapter_id = f"sampling/{next(self._counter)}"
+        adapter_id = f"sampling/{next(_ADAPTER_NUMBERS)}"
         for name, (lora_A, lora_B) in factors.items():
             layers[name].adapters[adapter_id] = LoraWeights(lora_A, lora_B, spec.scale)
         self._publish(weights_id, RegisteredWeights(weights_id, self._base_model, adapter_id=adapter_id))
@@ -89,6 +90,14 @@ class WeightsRegistry:
         with self._lock:
             entry.users -= 1
             if entry.retired and entry.users == 0:
+                self._drop(entry)
+
+    def clear(self) -> None:
+        """Drop every registration (engine shutdown): adapters leave the shared base model."""
+        with self._lock:
+            entries, self._by_id = list(self._by_id.values()), {}
+            for entry in entries:
+                entry.retired = True
                 self._drop(entry)
 
     def is_registered(self, weights_id: str) -> bool:
