@@ -69,7 +69,9 @@ def test_stop_token_and_stop_string_end_the_sequence_inclusively(engine, base):
     free = engine.submit(greedy(PROMPTS[0], max_tokens=30, stop=[])).result(timeout=60).sequences[0]
     assert free.stop_reason == "length" and len(free.tokens) == 30
     position = next(i for i in range(3, 30) if free.tokens[i] not in free.tokens[:i])
-    by_token = engine.submit(greedy(PROMPTS[0], max_tokens=30, stop=[free.tokens[position]])).result(timeout=60)
+    by_token = engine.submit(greedy(PROMPTS[0], max_tokens=30, stop=[free.tokens[position]])).result(
+        timeout=60
+    )
     assert by_token.sequences[0].tokens == free.tokens[: position + 1]
     assert by_token.sequences[0].stop_reason == "stop"
     assert by_token.sequences[0].logprobs == pytest.approx(free.logprobs[: position + 1], abs=1e-5)
@@ -99,7 +101,9 @@ def test_eos_stops_by_default_and_empty_stop_list_disables_it(base):
     try:
         default = engine.submit(greedy(PROMPTS[3], max_tokens=10)).result(timeout=60).sequences[0]
         disabled = engine.submit(greedy(PROMPTS[3], max_tokens=10, stop=[])).result(timeout=60).sequences[0]
-        other_stop = engine.submit(greedy(PROMPTS[3], max_tokens=10, stop=[263])).result(timeout=60).sequences[0]
+        other_stop = (
+            engine.submit(greedy(PROMPTS[3], max_tokens=10, stop=[263])).result(timeout=60).sequences[0]
+        )
     finally:
         engine.close()
     assert default.tokens == free.tokens[:cut] and default.stop_reason == "stop"
@@ -124,12 +128,16 @@ def test_different_adapters_in_one_batch_each_see_their_own_weights(engine, base
     weights = [None, "lora-1", "lora-2", "full-1"]
     alone = {}
     for weights_id in weights:
-        alone[weights_id] = engine.submit(greedy(PROMPTS[0], max_tokens=16, weights_id=weights_id)).result(timeout=60)
+        alone[weights_id] = engine.submit(greedy(PROMPTS[0], max_tokens=16, weights_id=weights_id)).result(
+            timeout=60
+        )
     together = [engine.submit(greedy(PROMPTS[0], max_tokens=16, weights_id=w)) for w in weights * 2]
     for weights_id, future in zip(weights * 2, together, strict=True):
         result = future.result(timeout=60)
         assert result.sequences[0].tokens == alone[weights_id].sequences[0].tokens
-        assert result.sequences[0].logprobs == pytest.approx(alone[weights_id].sequences[0].logprobs, abs=1e-4)
+        assert result.sequences[0].logprobs == pytest.approx(
+            alone[weights_id].sequences[0].logprobs, abs=1e-4
+        )
     distinct = {tuple(alone[w].sequences[0].tokens) for w in weights}
     assert len(distinct) == len(weights)
 
@@ -149,7 +157,9 @@ def test_unregistered_weights_finish_running_requests_then_are_dropped(engine, b
         engine.submit(greedy(PROMPTS[0], weights_id="snap"))
     assert len(running.result(timeout=60).sequences[0].tokens) == 60
     assert sampler_adapters(base) == before
-    engine.register_lora("snap", LoraSpec(rank=2), random_lora(base, 2, seed=4))  # a newer snapshot, same name
+    engine.register_lora(
+        "snap", LoraSpec(rank=2), random_lora(base, 2, seed=4)
+    )  # a newer snapshot, same name
     engine.unregister("snap")
     with pytest.raises(NotFoundError):
         engine.unregister("snap")

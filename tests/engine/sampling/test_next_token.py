@@ -56,7 +56,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_rows_with_their_own_seed_draw_the_same_whatever_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
-    rows = [RowSampling(1.0), RowSampling(0.0), RowSampling(0.7, top_k=10), RowSampling(1.0, top_p=0.9), RowSampling(1.3)]
+    rows = [
+        RowSampling(1.0),
+        RowSampling(0.0),
+        RowSampling(0.7, top_k=10),
+        RowSampling(1.0, top_p=0.9),
+        RowSampling(1.3),
+    ]
 
     def run(order: list[int]) -> dict[int, list[int]]:
         generators = {i: make_generator(100 + i, 0, 0) for i in order}

@@ -13,7 +13,9 @@ def cost(tokens: int, sequences: int = 1, prefill: int = 1) -> WorkCost:
 
 
 def make(**overrides) -> Scheduler[str]:
-    config = dict(kv_cache_budget_tokens=100, max_batch_size=4, max_prefill_tokens_per_step=50, max_waiting_requests=3)
+    config = dict(
+        kv_cache_budget_tokens=100, max_batch_size=4, max_prefill_tokens_per_step=50, max_waiting_requests=3
+    )
     config.update(overrides)
     return Scheduler(SchedulerConfig(**config))
 

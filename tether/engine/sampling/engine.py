@@ -103,7 +103,9 @@ class SamplingEngine:
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
         self._scheduler: Scheduler[_RequestState] = Scheduler(
-            SchedulerConfig(kv_cache_budget_tokens, max_batch_size, max_prefill_tokens_per_step, max_waiting_requests)
+            SchedulerConfig(
+                kv_cache_budget_tokens, max_batch_size, max_prefill_tokens_per_step, max_waiting_requests
+            )
         )
         self._weights = WeightsRegistry(base.model)
         self._groups: dict[int, _Group] = {}
@@ -214,7 +216,8 @@ class SamplingEngine:
         row = RowSampling(request.temperature, request.top_k, request.top_p)
         fallback = secrets.randbits(63)
         sequences = [
-            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row) for i in range(request.num_samples)
+            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
+            for i in range(request.num_samples)
         ]
         logits = out.last_logits[None, :].expand(len(sequences), -1)
         live = self._advance(sequences, logits)

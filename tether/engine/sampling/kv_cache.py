@@ -48,7 +48,12 @@ class BatchKVCache:
 
     # --- the Hugging Face cache protocol -------------------------------------------------------
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys and values of layer `layer_idx` and return everything to attend to."""
         new_columns = key_states.shape[2]
@@ -118,7 +123,9 @@ class BatchKVCache:
             merged_v = self._empty_like(other.values[layer], capacity, rows)
             if self.keys:
                 self._copy_right_aligned(merged_k[: self.num_rows], self.keys[layer], self.length, new_length)
-                self._copy_right_aligned(merged_v[: self.num_rows], self.values[layer], self.length, new_length)
+                self._copy_right_aligned(
+                    merged_v[: self.num_rows], self.values[layer], self.length, new_length
+                )
             source_k = other.keys[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
             source_v = other.values[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
             self._copy_right_aligned(merged_k[self.num_rows :], source_k, other.length, new_length)
@@ -166,5 +173,7 @@ class BatchKVCache:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     @staticmethod
-    def _copy_right_aligned(target: torch.Tensor, source: torch.Tensor, source_length: int, length: int) -> None:
+    def _copy_right_aligned(
+        target: torch.Tensor, source: torch.Tensor, source_length: int, length: int
+    ) -> None:
         target[:, :, length - source_length : length] = source[:, :, :source_length]

@@ -39,9 +39,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run(
-    model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_to_keep: int
-) -> torch.Tensor:
+def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
     device = input_ids.device
     num_new = input_ids.shape[1]
     try:

@@ -53,10 +53,13 @@ def choose_tokens(
     chosen = logits.index_select(0, index)
     temperatures = torch.tensor([rows[i].temperature for i in random_rows], device=logits.device)
     top_ks = torch.tensor(
-        [rows[i].top_k if 0 < rows[i].top_k < vocab_size else vocab_size for i in random_rows], device=logits.device
+        [rows[i].top_k if 0 < rows[i].top_k < vocab_size else vocab_size for i in random_rows],
+        device=logits.device,
     )
     top_ps = torch.tensor([rows[i].top_p for i in random_rows], device=logits.device)
-    sorted_logits, sorted_ids = torch.sort(chosen / temperatures[:, None], dim=-1, descending=True, stable=True)
+    sorted_logits, sorted_ids = torch.sort(
+        chosen / temperatures[:, None], dim=-1, descending=True, stable=True
+    )
     ranks = torch.arange(vocab_size, device=logits.device)
     keep = ranks[None, :] < top_ks[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)

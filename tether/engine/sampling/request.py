@@ -146,12 +146,18 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
             field="max_tokens",
         )
     temperature = request.temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not math.isfinite(temperature):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+    ):
         raise UserInputError(f"must be a finite number, got {temperature!r}", field="temperature")
     if temperature < 0:
         raise UserInputError(f"must be >= 0, got {temperature}", field="temperature")
     if not _is_int(request.top_k) or (request.top_k < 1 and request.top_k != -1):
-        raise UserInputError(f"must be -1 (no limit) or an integer >= 1, got {request.top_k!r}", field="top_k")
+        raise UserInputError(
+            f"must be -1 (no limit) or an integer >= 1, got {request.top_k!r}", field="top_k"
+        )
     top_p = request.top_p
     if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not (0 < top_p <= 1):
         raise UserInputError(f"must be in (0, 1], got {top_p!r}", field="top_p")
@@ -200,4 +206,6 @@ def normalize_stop(stop: None | str | Sequence[int] | Sequence[str], limits: Mod
         if any(entry == "" for entry in entries):
             raise UserInputError("stop strings must not be empty", field="stop")
         return StopSpec(token_ids=eos, strings=tuple(dict.fromkeys(entries)))
-    raise UserInputError("must be a string, a list of token ids or a list of strings, not a mix", field="stop")
+    raise UserInputError(
+        "must be a string, a list of token ids or a list of strings, not a mix", field="stop"
+    )

@@ -35,7 +35,12 @@ class SchedulerConfig:
     """Requests that may wait for admission; one more is refused as overload."""
 
     def __post_init__(self) -> None:
-        for name in ("kv_cache_budget_tokens", "max_batch_size", "max_prefill_tokens_per_step", "max_waiting_requests"):
+        for name in (
+            "kv_cache_budget_tokens",
+            "max_batch_size",
+            "max_prefill_tokens_per_step",
+            "max_waiting_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"must be >= 1, got {getattr(self, name)}", field=name)
 

@@ -108,13 +108,17 @@ class WeightsRegistry:
         if not isinstance(weights_id, str) or not weights_id:
             raise UserInputError("must be a non-empty string", field="weights_id")
         if self.is_registered(weights_id):
-            raise ConflictError(f"sampler weights {weights_id!r} are already registered; unregister them first")
+            raise ConflictError(
+                f"sampler weights {weights_id!r} are already registered; unregister them first"
+            )
 
     def _publish(self, weights_id: str, entry: RegisteredWeights) -> None:
         with self._lock:
             if weights_id in self._by_id:
                 self._drop(entry)
-                raise ConflictError(f"sampler weights {weights_id!r} are already registered; unregister them first")
+                raise ConflictError(
+                    f"sampler weights {weights_id!r} are already registered; unregister them first"
+                )
             self._by_id[weights_id] = entry
 
     def _drop(self, entry: RegisteredWeights) -> None:
@@ -144,13 +148,15 @@ def _group_factors(
         for kind, tensor in pair.items():
             if tuple(tensor.shape) != expected[kind]:
                 raise UserInputError(
-                    f"{layer_name}.{kind} has shape {tuple(tensor.shape)}, expected {expected[kind]}", field="tensors"
+                    f"{layer_name}.{kind} has shape {tuple(tensor.shape)}, expected {expected[kind]}",
+                    field="tensors",
                 )
             if not torch.isfinite(tensor).all():
                 raise UserInputError(f"{layer_name}.{kind} has non-finite values", field="tensors")
         weight = layer.weight
         factors[layer_name] = tuple(
-            pair[k].detach().to(device=weight.device, dtype=weight.dtype).clone() for k in ("lora_A", "lora_B")
+            pair[k].detach().to(device=weight.device, dtype=weight.dtype).clone()
+            for k in ("lora_A", "lora_B")
         )
     return factors
 
@@ -168,7 +174,8 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
             raise UserInputError(f"{name!r} is not a parameter of this model", field="state_dict")
         if tuple(tensor.shape) != tuple(expected[plain].shape):
             raise UserInputError(
-                f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[plain].shape)}", field="state_dict"
+                f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[plain].shape)}",
+                field="state_dict",
             )
         cleaned[plain] = tensor.detach().to(dtype)
     tied = {"lm_head.weight"} if getattr(base_model.config, "tie_word_embeddings", False) else set()
