@@ -72,6 +72,9 @@ class ServerConfig(BaseModel):
     long_poll_s: float = Field(
         25.0, gt=0, le=40, description="How long retrieve_future holds a request before answering try_again."
     )
+    maintenance_interval_s: float = Field(
+        5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."
+    )
     ready_file: Path | None = Field(
         None, description="Once listening, write the base URL into this file (used by the SDK's local mode)."
     )

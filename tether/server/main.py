@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
@@ -51,11 +51,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     from tether.server import routes_rest, routes_sampling, routes_service, routes_tether, routes_training
 
     state = build_state(config)
-    reaper_interval_s = max(0.2, min(10.0, config.session_timeout_s / 4))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        reaper = asyncio.create_task(reaper_loop(state, reaper_interval_s))
+        reaper = asyncio.create_task(reaper_loop(state, config.maintenance_interval_s))
         try:
             yield
         finally:
@@ -160,9 +159,3 @@ class ServerThread:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-
-@contextlib.contextmanager
-def running_server(config: ServerConfig) -> Iterator[str]:
-    """Functional twin of `ServerThread`."""
-    with ServerThread(config) as url:
-        yield url

@@ -1,0 +1,41 @@
+"""A tether server on a free port for the official-SDK conformance tests (one per module)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tether.server.config import ServerConfig
+from tether.server.main import ServerThread
+
+API_KEY = "tml-compat-tests"
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, default_model_dir) -> str:
+    config = ServerConfig(
+        port=0,
+        data_dir=tmp_path_factory.mktemp("tether-data"),
+        long_poll_s=5,
+        maintenance_interval_s=0.3,
+    )
+    with ServerThread(config) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def service_client(server_url):
+    import tinker
+
+    os.environ["TINKER_TELEMETRY"] = "0"
+    client = tinker.ServiceClient(base_url=server_url, api_key=API_KEY)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def rest_client(server_url):
+    import tinker
+
+    return tinker.RestClient(base_url=server_url, api_key=API_KEY)
