@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from tests.client.conftest import MODEL
 from tether.client import ServiceClient, TrainingClient
 from tether.types.data import AdamParams, Datum, ModelInput, SamplingParams
 from tether.types.errors import NotFoundError, UserInputError
-
-MODEL = "tether/tiny-qwen3"
-
-
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> Iterator[str]:
-    from tether.server.config import ServerConfig
-    from tether.server.main import ServerThread
-
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("server-data"), long_poll_s=5.0, log_level="warning")
-    with ServerThread(config) as url:
-        yield url
-
-
-@pytest.fixture()
-def service(server_url: str) -> Iterator[ServiceClient]:
-    client = ServiceClient(base_url=server_url, api_key="tml-test")
-    yield client
-    client.close()
 
 
 def sft_datum(text: str) -> Datum:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-from tether.client.api_future import ClientFuture
+from tether.client.api_future import APIFuture, ClientFuture, completed_future
 from tether.client.local_server import LocalServer
 from tether.client.rest_client import RestClient
 from tether.client.sampling_client import SamplingClient, create_sampling_client
@@ -149,18 +149,24 @@ class ServiceClient:
 
     # ---- lifetime
 
-    def close(self) -> None:
-        """Finish the server session and stop the embedded server, if any."""
-        self._session.close()
+    def close(
+        self, status: Literal["success", "errored", "interrupted"] = "success", detail: str | None = None
+    ) -> APIFuture[None]:
+        """Finish the server session (with `status`) and stop the embedded server, if any.
+
+        Returns an already completed future, like the Tinker SDK's (which is also awaited there).
+        """
+        self._session.close(status, detail)
         if self._local is not None:
             self._local.stop()
             self._local = None
+        return completed_future(None, "close")
 
     def __enter__(self) -> ServiceClient:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close("success" if exc_type is None else "errored")
 
 
 async def _training_client_for(session: ClientSession, model_id: str) -> TrainingClient:

@@ -118,25 +118,25 @@ class ClientSession:
             except TetherError as exc:
                 log.debug("heartbeat failed: %s", exc)
 
-    async def aclose(self) -> None:
+    async def aclose(self, status: str = "success", detail: str | None = None) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self._session_id is not None:
             try:
                 await self.transport.post_json(
                     f"/api/v1/sessions/{self._session_id}/finish",
-                    {"reason": {"type": "success"}, "detail": None},
+                    {"reason": {"type": status}, "detail": detail},
                     retry=False,
                 )
             except TetherError as exc:
                 log.debug("finishing session %s failed: %s", self._session_id, exc)
         await self.transport.aclose()
 
-    def close(self) -> None:
+    def close(self, status: str = "success", detail: str | None = None) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            event_loop.run_sync(self.aclose(), timeout=10.0)
+            event_loop.run_sync(self.aclose(status, detail), timeout=10.0)
         except (TetherError, concurrent.futures.TimeoutError) as exc:
             log.debug("closing the session failed: %s", exc)
