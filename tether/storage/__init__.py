@@ -1,0 +1,16 @@
+"""Checkpoint storage: formats (training state, Hugging Face weights), atomic writes, checksums and
+stores addressed by `tinker://` path. Knows tensors and JSON metadata, never the engine."""
+
+from tether.storage.formats import LoraLayout, StoredHfWeights, StoredTrainingState
+from tether.storage.manifest import CorruptCheckpointError
+from tether.storage.store import CheckpointInfo, CheckpointStore, LocalCheckpointStore
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStore",
+    "CorruptCheckpointError",
+    "LocalCheckpointStore",
+    "LoraLayout",
+    "StoredHfWeights",
+    "StoredTrainingState",
+]

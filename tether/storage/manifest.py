@@ -1,0 +1,99 @@
+"""The manifest every checkpoint directory carries: what it is, its metadata, and a sha256 per file.
+
+`manifest.json` is written last, after every other file, so its presence means the rest was
+written; the checksums catch anything that changed afterwards (a truncated copy, bit rot, a file
+edited by hand). Loading verifies the files it reads and raises `CorruptCheckpointError` naming
+the file, instead of handing damaged weights to an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tether.types.errors import NotFoundError, ServerError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "CorruptCheckpointError",
+    "write_manifest",
+    "read_manifest",
+    "verify_files",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "tether.checkpoint/1"
+_CHUNK_BYTES = 1 << 20
+
+
+class CorruptCheckpointError(ServerError):
+    """A stored checkpoint's files do not match its manifest (not the caller's fault)."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    directory: Path, *, kind: str, metadata: dict[str, Any], layout: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Checksum every file under `directory` and write `manifest.json`; returns the manifest.
+
+    `metadata` is the caller's (JSON-able, returned verbatim on load); `layout` is the format's own
+    bookkeeping (tensor aliases, LoRA shape), kept apart so the two never collide.
+    """
+    directory = Path(directory)
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        files[path.relative_to(directory).as_posix()] = {
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+        }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "created_at": datetime.now(UTC).isoformat(),
+        "files": files,
+        "metadata": metadata,
+        "layout": layout or {},
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The parsed manifest; NotFoundError if the directory has none, CorruptCheckpointError if unreadable."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise NotFoundError(f"no checkpoint at {directory}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"checkpoint manifest {path} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptCheckpointError(f"checkpoint manifest {path} has an unknown format")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """Check that each named file exists with the size and sha256 the manifest recorded."""
+    for name in names:
+        expected = manifest["files"].get(name)
+        path = Path(directory) / name
+        if expected is None:
+            raise CorruptCheckpointError(f"checkpoint {directory}: {name} is not listed in the manifest")
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint {directory}: {name} is missing")
+        if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+            raise CorruptCheckpointError(
+                f"checkpoint {directory}: {name} does not match its sha256 in the manifest "
+                "(changed or damaged after it was written)"
+            )

@@ -1,0 +1,228 @@
+"""Checkpoint stores: where checkpoints live, addressed by their `tinker://` path.
+
+`CheckpointStore` is the interface the server uses; `LocalCheckpointStore` keeps checkpoints
+under one root directory as `<root>/<quoted training_run_id>/<segment>/<name>/`. Every save is
+atomic (`tether.storage.atomic`) and every load verifies checksums (`tether.storage.manifest`).
+The store knows formats and files, not owners or TTLs: who may see a checkpoint and when it
+expires is the server's catalogue.
+
+Kinds map to formats: `weights/` holds training state; `sampler_weights/` and
+`external_weights/` hold Hugging Face weights (PEFT adapter or full model).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from tether.storage.atomic import atomic_directory, is_hidden_work_dir, recover_directory, remove_directory
+from tether.storage.formats import (
+    HF_WEIGHTS_KIND,
+    TRAINING_STATE_KIND,
+    StoredHfWeights,
+    StoredTrainingState,
+    read_hf_weights,
+    read_training_state,
+    write_hf_weights,
+    write_training_state,
+)
+from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, read_manifest, write_manifest
+from tether.types.errors import NotFoundError, UserInputError
+from tether.types.paths import SEGMENT_BY_KIND, ParsedCheckpointPath, parse_checkpoint_path
+
+__all__ = ["CheckpointInfo", "CheckpointStore", "LocalCheckpointStore"]
+
+CheckpointRef = ParsedCheckpointPath | str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the store knows about one checkpoint without loading its tensors."""
+
+    path: ParsedCheckpointPath
+    format: str
+    """`training_state` or `hf_weights`."""
+    size_bytes: int
+    created_at: datetime
+    metadata: dict[str, Any] = field(default_factory=dict)
+    is_lora: bool | None = None
+    """For HF weights: adapter (True) or full model (False); None for training state."""
+
+    @property
+    def tinker_path(self) -> str:
+        return self.path.tinker_path
+
+
+def _parse(ref: CheckpointRef) -> ParsedCheckpointPath:
+    return ref if isinstance(ref, ParsedCheckpointPath) else parse_checkpoint_path(ref)
+
+
+def _require_kind(path: ParsedCheckpointPath, allowed: tuple[str, ...], what: str) -> None:
+    if path.kind not in allowed:
+        segments = " or ".join(SEGMENT_BY_KIND[k] for k in allowed)
+        raise UserInputError(f"{what} lives under {segments}/, not {path.segment}/", field="path")
+
+
+class CheckpointStore(ABC):
+    """Save, load, list and delete checkpoints by `tinker://` path."""
+
+    @abstractmethod
+    def save_training_state(
+        self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
+    ) -> CheckpointInfo:
+        """Store training state under a `weights/` path. ConflictError if taken and not `overwrite`."""
+
+    @abstractmethod
+    def load_training_state(
+        self, ref: CheckpointRef, *, include_optimizer: bool = False
+    ) -> StoredTrainingState:
+        """Load (and verify) training state; NotFoundError if absent."""
+
+    @abstractmethod
+    def save_hf_weights(
+        self,
+        ref: CheckpointRef,
+        weights: StoredHfWeights,
+        *,
+        overwrite: bool = False,
+        base_model_dir: Path | None = None,
+        tokenizer_dir: Path | None = None,
+    ) -> CheckpointInfo:
+        """Store HF weights under a `sampler_weights/` or `external_weights/` path."""
+
+    @abstractmethod
+    def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
+        """Load (and verify) HF weights; NotFoundError if absent."""
+
+    @abstractmethod
+    def info(self, ref: CheckpointRef) -> CheckpointInfo:
+        """Format, size and metadata; NotFoundError if absent."""
+
+    @abstractmethod
+    def delete(self, ref: CheckpointRef) -> None:
+        """Remove a checkpoint atomically; NotFoundError if absent."""
+
+    @abstractmethod
+    def list(self, training_run_id: str | None = None) -> list[CheckpointInfo]:
+        """Every complete checkpoint (of one run, if given), oldest first."""
+
+    def exists(self, ref: CheckpointRef) -> bool:
+        try:
+            self.info(ref)
+        except NotFoundError:
+            return False
+        return True
+
+    def size_bytes(self, ref: CheckpointRef) -> int:
+        return self.info(ref).size_bytes
+
+
+class LocalCheckpointStore(CheckpointStore):
+    """Checkpoints in a local directory tree; finishes or rolls back interrupted writes on open."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for segment_dir in self.root.glob("*/*"):
+            if segment_dir.is_dir():
+                recover_directory(segment_dir)
+
+    def directory(self, ref: CheckpointRef) -> Path:
+        """The checkpoint's directory (for serving its files); it may not exist."""
+        path = _parse(ref)
+        return self.root / quote(path.training_run_id, safe="") / path.segment / path.name
+
+    def save_training_state(
+        self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
+    ) -> CheckpointInfo:
+        path = _parse(ref)
+        _require_kind(path, ("training",), "training state")
+        with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
+            layout = write_training_state(staging, state)
+            write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=state.metadata, layout=layout)
+        return self.info(path)
+
+    def load_training_state(
+        self, ref: CheckpointRef, *, include_optimizer: bool = False
+    ) -> StoredTrainingState:
+        path = _parse(ref)
+        manifest = self._manifest(path)
+        if manifest["kind"] != TRAINING_STATE_KIND:
+            raise UserInputError(f"{path} holds {manifest['kind']}, not training state", field="path")
+        return read_training_state(self.directory(path), manifest, include_optimizer=include_optimizer)
+
+    def save_hf_weights(
+        self,
+        ref: CheckpointRef,
+        weights: StoredHfWeights,
+        *,
+        overwrite: bool = False,
+        base_model_dir: Path | None = None,
+        tokenizer_dir: Path | None = None,
+    ) -> CheckpointInfo:
+        path = _parse(ref)
+        _require_kind(path, ("sampler", "external"), "Hugging Face weights")
+        with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
+            layout = write_hf_weights(
+                staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
+            )
+            write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
+        return self.info(path)
+
+    def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
+        path = _parse(ref)
+        manifest = self._manifest(path)
+        if manifest["kind"] != HF_WEIGHTS_KIND:
+            raise UserInputError(f"{path} holds {manifest['kind']}, not sampler weights", field="path")
+        return read_hf_weights(self.directory(path), manifest)
+
+    def info(self, ref: CheckpointRef) -> CheckpointInfo:
+        path = _parse(ref)
+        return self._info(path, self._manifest(path))
+
+    def delete(self, ref: CheckpointRef) -> None:
+        path = _parse(ref)
+        if not remove_directory(self.directory(path)):
+            raise NotFoundError(f"checkpoint {path} does not exist")
+
+    def list(self, training_run_id: str | None = None) -> list[CheckpointInfo]:
+        runs = (
+            [self.root / quote(training_run_id, safe="")] if training_run_id else sorted(self.root.iterdir())
+        )
+        found = []
+        for run_dir in runs:
+            for kind, segment in SEGMENT_BY_KIND.items():
+                segment_dir = run_dir / segment
+                if not segment_dir.is_dir():
+                    continue
+                for entry in sorted(segment_dir.iterdir()):
+                    if is_hidden_work_dir(entry.name) or not (entry / MANIFEST_NAME).is_file():
+                        continue
+                    path = ParsedCheckpointPath(unquote(run_dir.name), kind, entry.name)  # type: ignore[arg-type]
+                    try:
+                        found.append(self._info(path, read_manifest(entry)))
+                    except CorruptCheckpointError:
+                        continue
+        return sorted(found, key=lambda info: (info.created_at, info.tinker_path))
+
+    def _manifest(self, path: ParsedCheckpointPath) -> dict[str, Any]:
+        directory = self.directory(path)
+        if not (directory / MANIFEST_NAME).is_file():
+            raise NotFoundError(f"checkpoint {path} does not exist")
+        return read_manifest(directory)
+
+    def _info(self, path: ParsedCheckpointPath, manifest: dict[str, Any]) -> CheckpointInfo:
+        manifest_size = (self.directory(path) / MANIFEST_NAME).stat().st_size
+        layout = manifest.get("layout", {})
+        return CheckpointInfo(
+            path=path,
+            format=manifest["kind"],
+            size_bytes=manifest_size + sum(entry["size"] for entry in manifest["files"].values()),
+            created_at=datetime.fromisoformat(manifest["created_at"]),
+            metadata=manifest.get("metadata", {}),
+            is_lora=layout.get("is_lora") if manifest["kind"] == HF_WEIGHTS_KIND else None,
+        )
