@@ -31,7 +31,7 @@ def service_client(server_url):
     os.environ["TINKER_TELEMETRY"] = "0"
     client = tinker.ServiceClient(base_url=server_url, api_key=API_KEY)
     yield client
-    client.close()
+    client.close("success")
 
 
 @pytest.fixture(scope="module")
