@@ -59,11 +59,13 @@ class LocalServer:
                 if url:
                     return url
             if self._process.poll() is not None:
+                tail = self._tail()
                 self.stop()
-                raise ServerError(f"the local tether server exited with code {self._process.returncode}:\n{self._tail()}")
+                raise ServerError(f"the local tether server exited with code {self._process.returncode}:\n{tail}")
             time.sleep(0.05)
+        tail = self._tail()
         self.stop()
-        raise ServerError(f"the local tether server did not become ready within {timeout_s:.0f} s:\n{self._tail()}")
+        raise ServerError(f"the local tether server did not become ready within {timeout_s:.0f} s:\n{tail}")
 
     def _tail(self) -> str:
         try:
