@@ -1,0 +1,26 @@
+"""Connecting a recipe to a server, through the SDK only (so any Tinker-compatible server works).
+
+`base_url="local"` starts tether's embedded server in a child process. A recipe can also be handed
+an existing service client (the quickstart and tests share one between SFT and GRPO).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.client.service_client import ServiceClient
+
+
+def connect(base_url: str | None, api_key: str | None = None) -> ServiceClient:
+    """A service client for `base_url` (None: $TETHER_BASE_URL / $TINKER_BASE_URL; "local": embedded)."""
+    return ServiceClient(base_url=base_url, api_key=api_key)
+
+
+def new_training_client(service: Any, model_name: str, lora_rank: int, seed: int | None) -> Any:
+    """A fresh trainable model: LoRA of `lora_rank`, or full fine-tuning when it is 0."""
+    return service.create_lora_training_client(base_model=model_name, rank=lora_rank, seed=seed).result()
+
+
+def resume_training_client(service: Any, state_path: str) -> Any:
+    """A trainable model restored from a `save_state` checkpoint, weights and optimizer state."""
+    return service.create_training_client_from_state_with_optimizer(state_path).result()
