@@ -2,6 +2,7 @@
 stores addressed by `tinker://` path. Knows tensors and JSON metadata, never the engine."""
 
 from tether.storage.formats import LoraLayout, StoredHfWeights, StoredTrainingState
+from tether.storage.fsspec_store import FsspecCheckpointStore
 from tether.storage.manifest import CorruptCheckpointError
 from tether.storage.store import CheckpointInfo, CheckpointStore, LocalCheckpointStore
 
@@ -9,6 +10,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
     "CorruptCheckpointError",
+    "FsspecCheckpointStore",
     "LocalCheckpointStore",
     "LoraLayout",
     "StoredHfWeights",

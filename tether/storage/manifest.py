@@ -22,6 +22,7 @@ __all__ = [
     "CorruptCheckpointError",
     "write_manifest",
     "read_manifest",
+    "parse_manifest",
     "verify_files",
 ]
 
@@ -75,11 +76,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise NotFoundError(f"no checkpoint at {directory}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_bytes()
+    except OSError as exc:
         raise CorruptCheckpointError(f"checkpoint manifest {path} is unreadable: {exc}") from exc
+    return parse_manifest(text, where=str(path))
+
+
+def parse_manifest(text: bytes | str, *, where: str) -> dict[str, Any]:
+    """Parse manifest bytes read from `where` (a path or URL, for the error message)."""
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"checkpoint manifest {where} is unreadable: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorruptCheckpointError(f"checkpoint manifest {path} has an unknown format")
+        raise CorruptCheckpointError(f"checkpoint manifest {where} has an unknown format")
     return manifest
 
 

@@ -34,7 +34,7 @@ from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, read_
 from tether.types.errors import NotFoundError, UserInputError
 from tether.types.paths import SEGMENT_BY_KIND, ParsedCheckpointPath, parse_checkpoint_path
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "LocalCheckpointStore"]
+__all__ = ["CheckpointInfo", "CheckpointStore", "LocalCheckpointStore", "info_from_manifest", "require_kind"]
 
 CheckpointRef = ParsedCheckpointPath | str
 
@@ -57,11 +57,11 @@ class CheckpointInfo:
         return self.path.tinker_path
 
 
-def _parse(ref: CheckpointRef) -> ParsedCheckpointPath:
+def parse_ref(ref: CheckpointRef) -> ParsedCheckpointPath:
     return ref if isinstance(ref, ParsedCheckpointPath) else parse_checkpoint_path(ref)
 
 
-def _require_kind(path: ParsedCheckpointPath, allowed: tuple[str, ...], what: str) -> None:
+def require_kind(path: ParsedCheckpointPath, allowed: tuple[str, ...], what: str) -> None:
     if path.kind not in allowed:
         segments = " or ".join(SEGMENT_BY_KIND[k] for k in allowed)
         raise UserInputError(f"{what} lives under {segments}/, not {path.segment}/", field="path")
@@ -133,14 +133,14 @@ class LocalCheckpointStore(CheckpointStore):
 
     def directory(self, ref: CheckpointRef) -> Path:
         """The checkpoint's directory (for serving its files); it may not exist."""
-        path = _parse(ref)
+        path = parse_ref(ref)
         return self.root / quote(path.training_run_id, safe="") / path.segment / path.name
 
     def save_training_state(
         self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
     ) -> CheckpointInfo:
-        path = _parse(ref)
-        _require_kind(path, ("training",), "training state")
+        path = parse_ref(ref)
+        require_kind(path, ("training",), "training state")
         with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
             layout = write_training_state(staging, state)
             write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=state.metadata, layout=layout)
@@ -149,7 +149,7 @@ class LocalCheckpointStore(CheckpointStore):
     def load_training_state(
         self, ref: CheckpointRef, *, include_optimizer: bool = False
     ) -> StoredTrainingState:
-        path = _parse(ref)
+        path = parse_ref(ref)
         manifest = self._manifest(path)
         if manifest["kind"] != TRAINING_STATE_KIND:
             raise UserInputError(f"{path} holds {manifest['kind']}, not training state", field="path")
@@ -164,8 +164,8 @@ class LocalCheckpointStore(CheckpointStore):
         base_model_dir: Path | None = None,
         tokenizer_dir: Path | None = None,
     ) -> CheckpointInfo:
-        path = _parse(ref)
-        _require_kind(path, ("sampler", "external"), "Hugging Face weights")
+        path = parse_ref(ref)
+        require_kind(path, ("sampler", "external"), "Hugging Face weights")
         with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
             layout = write_hf_weights(
                 staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
@@ -174,18 +174,18 @@ class LocalCheckpointStore(CheckpointStore):
         return self.info(path)
 
     def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
-        path = _parse(ref)
+        path = parse_ref(ref)
         manifest = self._manifest(path)
         if manifest["kind"] != HF_WEIGHTS_KIND:
             raise UserInputError(f"{path} holds {manifest['kind']}, not sampler weights", field="path")
         return read_hf_weights(self.directory(path), manifest)
 
     def info(self, ref: CheckpointRef) -> CheckpointInfo:
-        path = _parse(ref)
+        path = parse_ref(ref)
         return self._info(path, self._manifest(path))
 
     def delete(self, ref: CheckpointRef) -> None:
-        path = _parse(ref)
+        path = parse_ref(ref)
         if not remove_directory(self.directory(path)):
             raise NotFoundError(f"checkpoint {path} does not exist")
 
@@ -216,13 +216,19 @@ class LocalCheckpointStore(CheckpointStore):
         return read_manifest(directory)
 
     def _info(self, path: ParsedCheckpointPath, manifest: dict[str, Any]) -> CheckpointInfo:
-        manifest_size = (self.directory(path) / MANIFEST_NAME).stat().st_size
-        layout = manifest.get("layout", {})
-        return CheckpointInfo(
-            path=path,
-            format=manifest["kind"],
-            size_bytes=manifest_size + sum(entry["size"] for entry in manifest["files"].values()),
-            created_at=datetime.fromisoformat(manifest["created_at"]),
-            metadata=manifest.get("metadata", {}),
-            is_lora=layout.get("is_lora") if manifest["kind"] == HF_WEIGHTS_KIND else None,
-        )
+        return info_from_manifest(path, manifest, (self.directory(path) / MANIFEST_NAME).stat().st_size)
+
+
+def info_from_manifest(
+    path: ParsedCheckpointPath, manifest: dict[str, Any], manifest_size: int
+) -> CheckpointInfo:
+    """A CheckpointInfo from a checkpoint's manifest (size = every listed file + the manifest)."""
+    layout = manifest.get("layout", {})
+    return CheckpointInfo(
+        path=path,
+        format=manifest["kind"],
+        size_bytes=manifest_size + sum(entry["size"] for entry in manifest["files"].values()),
+        created_at=datetime.fromisoformat(manifest["created_at"]),
+        metadata=manifest.get("metadata", {}),
+        is_lora=layout.get("is_lora") if manifest["kind"] == HF_WEIGHTS_KIND else None,
+    )
