@@ -304,3 +304,62 @@ def test_sample_rejects_mismatched_logprobs():
     assert math.isnan(
         np.frombuffer(encode_sample_response(SampleResponseBody([], prompt_logprobs=[None]))[2:], "<f4")[0]
     )
+
+
+def test_our_request_encoding_equals_the_sdk_encoding():
+    from tether.types.proto import WireImageChunk
+
+    sdk_datum = tt.Datum(
+        model_input=tt.ModelInput.from_ints([10, 11]).append(
+            tt.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=4)
+        ),
+        loss_fn_inputs={"target_tokens": [1, 2, 3, 4, 5, 6], "advantages": [0.5] * 6},
+    ).with_provenance(
+        model_input=[tt.PromptProvenanceSpan(sequence_id="p", length=6)],
+        loss_fn_inputs=[tt.SampledProvenanceSpan(sequence_id="s", offset=2, length=6)],
+    )
+    ours = ForwardBackwardRequestBody(
+        model_id="s:train:3",
+        seq_id=7,
+        forward_only=True,
+        loss_fn="ppo",
+        loss_fn_config={"clip_low_threshold": 0.7, "kind": "abc"},
+        data=[
+            WireDatum(
+                model_input_chunks=[WireTextChunk(np.array([10, 11])), WireImageChunk(b"\x89PNG", "png", 4)],
+                loss_fn_inputs={"target_tokens": np.arange(1, 7), "advantages": np.full(6, 0.5, np.float32)},
+                model_input_spans=[WireProvenanceSpan("prompt", "p", 0, 6)],
+                loss_fn_input_spans=[WireProvenanceSpan("sampled", "s", 2, 6)],
+            )
+        ],
+    )
+    sdk_bytes = _sdk_request_bytes([sdk_datum], config={"clip_low_threshold": 0.7, "kind": "abc"})
+    assert sdk_pb.ForwardBackwardRequest.FromString(encode_forward_backward_request(ours)) == (
+        sdk_pb.ForwardBackwardRequest.FromString(sdk_bytes)
+    )
+    decoded = decode_forward_backward_request(sdk_bytes)
+    assert decoded.data[0].model_input_chunks[1] == WireImageChunk(b"\x89PNG", "png", 4)
+    with pytest.raises(UserInputError) as err:
+        decoded.data[0].input_tokens(datum_index=0)
+    assert (err.value.field, err.value.datum_index) == ("model_input", 0)
+
+
+def test_large_zstd_stream_without_declared_size():
+    body = _golden_request_body()
+    body.data = body.data * 12_000  # > 1 MiB, several read chunks
+    raw = encode_forward_backward_request(body)
+    compressor = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    compressed = compressor.compress(raw) + compressor.flush()
+    assert len(decode_forward_backward_request(compressed, content_encoding="zstd").data) == 12_000
+
+
+def test_sparse_tensor_claiming_a_huge_dense_shape_is_refused():
+    def mutate(d):
+        t = d.loss_fn_inputs["target_tokens"]
+        t.Clear()
+        t.dtype = sdk_pb.DTYPE_INT64
+        t.shape.extend([1, 1 << 40])
+        t.sparse_csr.crow_indices = np.array([0, 0], "<i8").tobytes()
+
+    with pytest.raises(UserInputError, match="exceeds"):
+        decode_forward_backward_request(_mutated_request(mutate))

@@ -47,6 +47,7 @@ __all__ = [
     "topk_from_rows",
     "topk_to_rows",
     "MAX_DECOMPRESSED_BYTES",
+    "MAX_DENSE_ELEMENTS",
 ]
 
 TOPK_MASK_LOGPROB = -99999.0
@@ -54,6 +55,9 @@ TOPK_MASK_LOGPROB = -99999.0
 
 MAX_DECOMPRESSED_BYTES = 1 << 30
 """A zstd request body may not expand past this (1 GiB), so a tiny body cannot exhaust memory."""
+
+MAX_DENSE_ELEMENTS = 1 << 31
+"""A sparse tensor may not claim a dense shape larger than this (it is densified on decode)."""
 
 # Pad value of cells a sparse CSR tensor does not list, per loss_fn_inputs key (§5.2).
 _SPARSE_PAD_DEFAULT = 0.0
@@ -115,12 +119,17 @@ class WireDatum:
     model_input_spans: list[WireProvenanceSpan] | None = None
     loss_fn_input_spans: list[WireProvenanceSpan] | None = None
 
-    def input_tokens(self) -> np.ndarray:
+    def input_tokens(self, datum_index: int | None = None) -> np.ndarray:
         """All input token ids (int64) when every chunk is text; UserInputError otherwise."""
         parts = []
         for chunk in self.model_input_chunks:
             if not isinstance(chunk, WireTextChunk):
-                raise UserInputError(f"{type(chunk).__name__} chunks are not supported", field="model_input")
+                kind = type(chunk).__name__.removeprefix("Wire").removesuffix("Chunk").lower()
+                raise UserInputError(
+                    f"{kind} chunks are not supported; send token ids",
+                    field="model_input",
+                    datum_index=datum_index,
+                )
             parts.append(np.asarray(chunk.tokens, dtype=np.int64))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -189,14 +198,19 @@ def _maybe_decompress(body: bytes, content_encoding: str | None) -> bytes:
         return body
     if encoding != "zstd":
         raise UserInputError(f"unsupported Content-Encoding {content_encoding!r}", field="content-encoding")
+    chunks: list[bytes] = []
+    total = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(body)
-        out = reader.read(MAX_DECOMPRESSED_BYTES + 1)
+        # Streamed with a running total: the frame's declared size cannot be trusted.
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            while chunk := reader.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_DECOMPRESSED_BYTES:
+                    raise UserInputError("decompressed body exceeds 1 GiB", field="body")
+                chunks.append(chunk)
     except zstandard.ZstdError as exc:
         raise UserInputError(f"invalid zstd body: {exc}", field="body") from exc
-    if len(out) > MAX_DECOMPRESSED_BYTES:
-        raise UserInputError("decompressed body exceeds 1 GiB", field="body")
-    return out
+    return b"".join(chunks)
 
 
 def _frombuffer(raw: bytes, dtype: np.dtype, *, field_name: str, datum_index: int | None) -> np.ndarray:
@@ -291,6 +305,8 @@ def _csr_to_dense(
     if len(shape) != 2:
         raise bad(f"shape must be 2-D, got {shape}")
     rows, cols = shape
+    if rows * cols > MAX_DENSE_ELEMENTS:
+        raise bad(f"dense shape {shape} exceeds {MAX_DENSE_ELEMENTS} elements")
     if crow.size != rows + 1 or (crow.size and crow[0] != 0) or np.any(np.diff(crow) < 0):
         raise bad("crow_indices must be non-decreasing, start at 0 and have rows+1 entries")
     nnz = int(crow[-1]) if crow.size else 0
