@@ -49,10 +49,32 @@ def reference_grads(model, leaves, data, loss_fn, config):
     return logprobs, total, {n: t.grad for n, t in leaves.items() if t.grad is not None}
 
 
+@pytest.fixture(params=["small_base", "small_llama_base"])
+def any_engine(request):
+    """An engine on each test architecture (tied-embedding Qwen3, untied Llama with biases)."""
+    engine = TrainingEngine(request.getfixturevalue(request.param))
+    yield engine
+    for model_id in engine.list_models():
+        engine.delete_model(model_id)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("loss_fn", list(LOSS_CONFIGS))
-def test_logprobs_and_gradients_match_reference(training_engine, loss_fn, lora):
-    engine = training_engine
+def test_logprobs_and_gradients_match_reference(any_engine, loss_fn, lora):
+    check_against_reference(any_engine, loss_fn, lora)
+
+
+@pytest.mark.parametrize(("loss_fn", "lora"), [("ppo", True)])
+def test_default_model_matches_reference(default_base, loss_fn, lora):
+    engine = TrainingEngine(default_base)
+    try:
+        check_against_reference(engine, loss_fn, lora)
+    finally:
+        for model_id in engine.list_models():
+            engine.delete_model(model_id)
+
+
+def check_against_reference(engine: TrainingEngine, loss_fn: str, lora: bool) -> None:
     engine.create_model("m", lora=SPEC if lora else None)
     if lora:
         randomize_lora(engine, "m")
@@ -66,15 +88,15 @@ def test_logprobs_and_gradients_match_reference(training_engine, loss_fn, lora):
     grads = engine.accumulated_gradients("m")
     assert set(grads) == set(ref_grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
     if loss_fn == "cross_entropy":
         for out, datum in zip(result.outputs, data, strict=True):
             torch.testing.assert_close(out["elementwise_loss"], -out["logprobs"] * datum.loss_fn_inputs["weights"])
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_soft_targets_give_nk_logprobs_and_matching_gradients(training_engine, lora):
-    engine = training_engine
+def test_soft_targets_give_nk_logprobs_and_matching_gradients(any_engine, lora):
+    engine = any_engine
     engine.create_model("m", lora=SPEC if lora else None)
     data = make_data([6, 4], vocab=engine.base.vocab_size, soft_k=3)
     result = engine.forward_backward("m", data, "cross_entropy")
@@ -84,7 +106,7 @@ def test_soft_targets_give_nk_logprobs_and_matching_gradients(training_engine, l
         assert out["logprobs"].shape == ref_lp.shape
         torch.testing.assert_close(out["logprobs"], ref_lp, **TOL)
     for name, grad in engine.accumulated_gradients("m").items():
-        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_forward_matches_forward_backward_and_records_no_gradients(training_engine):

@@ -30,6 +30,7 @@ class ModelOptimizer:
             betas=(defaults.beta1, defaults.beta2),
             eps=defaults.eps,
             weight_decay=defaults.weight_decay,
+            foreach=True,  # one kernel per op over all tensors; on CPU torch would loop per tensor
         )
         self.num_steps = 0
 
