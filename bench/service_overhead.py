@@ -1,0 +1,127 @@
+"""What the service costs: one SFT step through the official tinker SDK + `tether serve` versus the same
+step on the training engine in-process.
+
+Both sides train the same LoRA on the same base model and batch; steps alternate (service, engine,
+service, ...) so machine noise hits both alike. Prints the median step time of each and their ratio
+(target: service / engine <= 1.10).
+
+    python bench/service_overhead.py [--steps 6] [--hidden 512] [--layers 6] [--batch 8] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_model(directory: Path, *, hidden: int, layers: int) -> Path:
+    """A randomly initialised Qwen3-architecture model with the default model's byte tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tether.engine.default_model import ensure_default_model
+
+    tokenizer_dir = ensure_default_model()
+    config = Qwen3Config(vocab_size=264, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(directory)
+    for file in tokenizer_dir.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+            shutil.copy(file, directory / file.name)
+    return directory
+
+
+def make_batch(batch: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(batch):
+        ids = [rng.randrange(32, 127) for _ in range(seq_len + 1)]
+        rows.append((ids[:-1], ids[1:]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+    import tinker
+    import torch
+    from tinker import types
+
+    from tether.engine.lora import LoraSpec
+    from tether.engine.model_loading import load_base_model
+    from tether.engine.training_engine import TrainingEngine
+    from tether.engine.training_types import AdamWParams, EngineDatum
+    from tether.server.config import ServerConfig
+    from tether.server.main import ServerThread
+
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    model_dir = build_model(work / "model", hidden=args.hidden, layers=args.layers)
+    name = "bench/qwen3"
+    rows = make_batch(args.batch, args.seq_len)
+    lr = 1e-4
+
+    base = load_base_model(name, aliases={name: str(model_dir)})
+    engine = TrainingEngine(base)
+    engine.create_model("local", lora=LoraSpec(rank=args.rank, seed=0))
+    engine_data = [EngineDatum(torch.tensor(x), {"target_tokens": torch.tensor(y), "weights": torch.ones(len(y))})
+                   for x, y in rows]
+
+    def engine_step() -> float:
+        start = time.perf_counter()
+        engine.forward_backward("local", engine_data, "cross_entropy")
+        engine.optim_step("local", AdamWParams(learning_rate=lr))
+        return time.perf_counter() - start
+
+    config = ServerConfig(port=0, data_dir=work / "data", models=[name], model_aliases={name: str(model_dir)})
+    sdk_data = [types.Datum(model_input=types.ModelInput.from_ints(x),
+                            loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)}) for x, y in rows]
+    with ServerThread(config) as url:
+        service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
+        client = service.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result()
+
+        def service_step() -> float:
+            start = time.perf_counter()
+            fwd = client.forward_backward(sdk_data, "cross_entropy")
+            opt = client.optim_step(types.AdamParams(learning_rate=lr))
+            fwd.result()
+            opt.result()
+            return time.perf_counter() - start
+
+        service_step()  # warm-up: first-use costs (thread pools, connections) are not per-step costs
+        engine_step()
+        service_times, engine_times = [], []
+        for _ in range(args.steps):
+            service_times.append(service_step())
+            engine_times.append(engine_step())
+        service.close("success")
+
+    svc, eng = statistics.median(service_times), statistics.median(engine_times)
+    tokens = args.batch * args.seq_len
+    print(f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; "
+          f"batch {args.batch} x {args.seq_len} tokens ({tokens} tokens/step); {args.steps} steps each, alternating")
+    print(f"{'':24}{'median s/step':>14}{'min':>8}{'max':>8}")
+    print(f"{'engine in-process':24}{eng:14.3f}{min(engine_times):8.3f}{max(engine_times):8.3f}")
+    print(f"{'tinker SDK + server':24}{svc:14.3f}{min(service_times):8.3f}{max(service_times):8.3f}")
+    print(f"ratio service/engine: {svc / eng:.3f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
