@@ -156,7 +156,9 @@ def test_hard_crash_mid_write_is_invisible_and_cleaned_on_reopen(tmp_path):
     assert any(".tmp-" in name for name in os.listdir(segment_dir))  # the crash left its staging dir
     assert [i.tinker_path for i in store.list()] == [TRAIN_PATH]
     assert store.load_training_state(TRAIN_PATH).metadata["steps"] == 0
-    LocalCheckpointStore(tmp_path)  # reopening cleans up
+    LocalCheckpointStore(tmp_path)  # young work dirs may be another process's save in progress: kept
+    assert any(".tmp-" in name for name in os.listdir(segment_dir))
+    LocalCheckpointStore(tmp_path, stale_after_s=0)  # once stale, reopening cleans up
     assert sorted(os.listdir(segment_dir)) == ["step_1"]
 
 
@@ -166,7 +168,7 @@ def test_crash_between_retiring_old_and_renaming_new_restores_old(tmp_path):
     final = store.directory(TRAIN_PATH)
     os.replace(final, final.parent / ".step_1.old-abc")  # the commit died right after this rename
     assert not store.exists(TRAIN_PATH)
-    reopened = LocalCheckpointStore(tmp_path)
+    reopened = LocalCheckpointStore(tmp_path, stale_after_s=0)
     assert reopened.load_training_state(TRAIN_PATH).metadata["steps"] == 0
 
 
@@ -249,3 +251,15 @@ def test_full_hf_weights_load_with_from_pretrained(tmp_path, default_model_dir):
         store.save_hf_weights(
             f"tinker://{RUN}/sampler_weights/nobase", StoredHfWeights("m", {"w": torch.ones(1)})
         )
+
+
+def test_work_dirs_carry_their_creation_time(tmp_path):
+    import time
+
+    from tether.storage import atomic
+
+    old = atomic._work_dir(tmp_path, "ckpt", ".old-")
+    assert old.name.startswith(".ckpt.old-") and atomic.is_hidden_work_dir(old.name)
+    assert 0 <= atomic._age_s(old, time.time()) < 60
+    os.utime(old, (0, 0))  # a renamed directory keeps its old mtime: the name still says it is young
+    assert atomic._age_s(old, time.time()) < 60

@@ -14,18 +14,47 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tether.types.errors import ConflictError
 
-__all__ = ["atomic_directory", "remove_directory", "recover_directory", "fsync_tree", "is_hidden_work_dir"]
+__all__ = [
+    "DEFAULT_STALE_AFTER_S",
+    "atomic_directory",
+    "remove_directory",
+    "recover_directory",
+    "fsync_tree",
+    "is_hidden_work_dir",
+]
 
 _STAGING = ".tmp-"
 _OLD = ".old-"
 _DELETING = ".del-"
 _commit_lock = threading.Lock()
+
+DEFAULT_STALE_AFTER_S = 3600.0
+"""Work directories younger than this may belong to another live process sharing the root."""
+
+
+def _work_dir(parent: Path, name: str, tag: str) -> Path:
+    # The creation time is part of the name: a renamed directory keeps its old mtime, so the name is
+    # the only reliable age of a retired (`.old-`) directory.
+    return Path(tempfile.mkdtemp(prefix=f".{name}{tag}{int(time.time())}-", dir=parent))
+
+
+def _age_s(entry: Path, now: float) -> float:
+    try:
+        created = float(entry.name.rsplit("-", 2)[-2])
+    except (IndexError, ValueError):
+        created = 0.0
+    try:
+        touched = entry.stat().st_mtime
+    except FileNotFoundError:
+        touched = 0.0
+    return now - max(created, touched)
 
 
 def is_hidden_work_dir(name: str) -> bool:
@@ -60,7 +89,7 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise ConflictError(f"{final.name!r} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_STAGING}", dir=final.parent))
+    staging = _work_dir(final.parent, final.name, _STAGING)
     try:
         yield staging
         fsync_tree(staging)
@@ -76,7 +105,7 @@ def _commit(staging: Path, final: Path, *, overwrite: bool) -> None:
         if final.exists():
             if not overwrite:
                 raise ConflictError(f"{final.name!r} already exists")
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}{_OLD}", dir=final.parent))
+            retired = _work_dir(final.parent, final.name, _OLD)
             os.replace(final, retired)  # replaces the empty placeholder directory
         try:
             os.rename(staging, final)
@@ -95,21 +124,26 @@ def remove_directory(path: Path) -> bool:
     with _commit_lock:
         if not path.exists():
             return False
-        doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}{_DELETING}", dir=path.parent))
+        doomed = _work_dir(path.parent, path.name, _DELETING)
         os.replace(path, doomed)
         _fsync_path(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
     return True
 
 
-def recover_directory(parent: Path) -> None:
-    """Clean up after a crash in `parent`: drop staging and deleting dirs, restore orphaned old dirs."""
+def recover_directory(parent: Path, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> None:
+    """Clean up after a crash in `parent`: drop staging and deleting dirs, restore orphaned old dirs.
+
+    Only work directories older than `stale_after_s` are touched, so a store opened by one process
+    never disturbs a save that another process sharing the root is still making.
+    """
     parent = Path(parent)
     if not parent.is_dir():
         return
+    now = time.time()
     with _commit_lock:
         for entry in sorted(parent.iterdir()):
-            if not entry.is_dir() or not is_hidden_work_dir(entry.name):
+            if not entry.is_dir() or not is_hidden_work_dir(entry.name) or _age_s(entry, now) < stale_after_s:
                 continue
             if _OLD in entry.name:
                 original = parent / entry.name[1:].split(_OLD, 1)[0]

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tether.storage.atomic import atomic_directory, is_hidden_work_dir, recover_directory, remove_directory
+from tether.storage.atomic import (
+    DEFAULT_STALE_AFTER_S,
+    atomic_directory,
+    is_hidden_work_dir,
+    recover_directory,
+    remove_directory,
+)
 from tether.storage.formats import (
     HF_WEIGHTS_KIND,
     TRAINING_STATE_KIND,
@@ -124,12 +130,17 @@ class CheckpointStore(ABC):
 class LocalCheckpointStore(CheckpointStore):
     """Checkpoints in a local directory tree; finishes or rolls back interrupted writes on open."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> None:
+        """Open (creating) the store at `root` and recover work left by crashes older than `stale_after_s`."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.recover(stale_after_s=stale_after_s)
+
+    def recover(self, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> None:
+        """Remove interrupted saves and deletes, restore checkpoints whose replacement never landed."""
         for segment_dir in self.root.glob("*/*"):
             if segment_dir.is_dir():
-                recover_directory(segment_dir)
+                recover_directory(segment_dir, stale_after_s=stale_after_s)
 
     def directory(self, ref: CheckpointRef) -> Path:
         """The checkpoint's directory (for serving its files); it may not exist."""
