@@ -120,3 +120,15 @@ def test_download_gives_a_local_hf_directory(store, tmp_path):
     store.save_hf_weights(SAMPLER, StoredHfWeights("base", lora, LoraLayout(1, 1.0)))
     target = store.download(SAMPLER, tmp_path / "out")
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_files_stream_from_the_live_version(store):
+    store.save_training_state(PATH, _state(1))
+    store.save_training_state(PATH, _state(2), overwrite=True)
+    files = store.list_files(PATH)
+    with store.open_file(PATH, "weights.safetensors") as handle:
+        assert len(handle.read()) == files["weights.safetensors"]
+    with pytest.raises(NotFoundError):
+        store.open_file(PATH, "../CURRENT")
+    with pytest.raises(NotImplementedError):
+        store.signed_urls(PATH)  # the memory filesystem cannot sign URLs

@@ -263,3 +263,15 @@ def test_work_dirs_carry_their_creation_time(tmp_path):
     assert 0 <= atomic._age_s(old, time.time()) < 60
     os.utime(old, (0, 0))  # a renamed directory keeps its old mtime: the name still says it is young
     assert atomic._age_s(old, time.time()) < 60
+
+
+def test_files_can_be_listed_and_streamed_but_never_outside_the_manifest(tmp_path):
+    store = LocalCheckpointStore(tmp_path)
+    store.save_training_state(TRAIN_PATH, _state())
+    files = store.list_files(TRAIN_PATH)
+    assert sorted(files) == ["optimizer.safetensors", "weights.safetensors"]
+    with store.open_file(TRAIN_PATH, "weights.safetensors") as handle:
+        assert len(handle.read()) == files["weights.safetensors"]
+    for bad in ["manifest.json", "../../../etc/passwd", "missing.bin"]:
+        with pytest.raises(NotFoundError):
+            store.open_file(TRAIN_PATH, bad)

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
 from tether.storage.formats import (
@@ -154,6 +154,23 @@ class FsspecCheckpointStore(CheckpointStore):
         target.mkdir(parents=True, exist_ok=True)
         self._download(version_dir, manifest, target)
         return target
+
+    def open_file(self, ref: CheckpointRef, relative_path: str) -> BinaryIO:
+        path = parse_ref(ref)
+        version_dir, manifest = self._manifest(path)
+        if relative_path not in manifest["files"]:
+            raise NotFoundError(f"checkpoint {path} has no file {relative_path!r}")
+        return self.fs.open(f"{version_dir}/{relative_path}", "rb")
+
+    def signed_urls(self, ref: CheckpointRef, *, expires_s: int = 3600) -> dict[str, str]:
+        """Pre-signed download URLs per file, where the filesystem supports them (S3, GCS, ...).
+
+        Raises NotImplementedError otherwise; the server then streams through `open_file`.
+        """
+        version_dir, manifest = self._manifest(parse_ref(ref))
+        return {
+            name: self.fs.sign(f"{version_dir}/{name}", expiration=expires_s) for name in manifest["files"]
+        }
 
     def info(self, ref: CheckpointRef) -> CheckpointInfo:
         path = parse_ref(ref)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
 from tether.storage.atomic import (
@@ -57,6 +57,8 @@ class CheckpointInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     is_lora: bool | None = None
     """For HF weights: adapter (True) or full model (False); None for training state."""
+    files: dict[str, int] = field(default_factory=dict)
+    """Relative path → size in bytes of every data file (the manifest itself excluded)."""
 
     @property
     def tinker_path(self) -> str:
@@ -115,6 +117,18 @@ class CheckpointStore(ABC):
     @abstractmethod
     def list(self, training_run_id: str | None = None) -> list[CheckpointInfo]:
         """Every complete checkpoint (of one run, if given), oldest first."""
+
+    @abstractmethod
+    def open_file(self, ref: CheckpointRef, relative_path: str) -> BinaryIO:
+        """Open one of the checkpoint's files for reading (to stream a download).
+
+        Only files listed in the manifest can be opened, so a request path can never escape the
+        checkpoint; anything else is NotFoundError.
+        """
+
+    def list_files(self, ref: CheckpointRef) -> dict[str, int]:
+        """The checkpoint's files (relative path → size in bytes), as recorded in its manifest."""
+        return dict(self.info(ref).files)
 
     def exists(self, ref: CheckpointRef) -> bool:
         try:
@@ -220,6 +234,12 @@ class LocalCheckpointStore(CheckpointStore):
                         continue
         return sorted(found, key=lambda info: (info.created_at, info.tinker_path))
 
+    def open_file(self, ref: CheckpointRef, relative_path: str) -> BinaryIO:
+        path = parse_ref(ref)
+        if relative_path not in self._manifest(path)["files"]:
+            raise NotFoundError(f"checkpoint {path} has no file {relative_path!r}")
+        return open(self.directory(path) / relative_path, "rb")
+
     def _manifest(self, path: ParsedCheckpointPath) -> dict[str, Any]:
         directory = self.directory(path)
         if not (directory / MANIFEST_NAME).is_file():
@@ -242,4 +262,5 @@ def info_from_manifest(
         created_at=datetime.fromisoformat(manifest["created_at"]),
         metadata=manifest.get("metadata", {}),
         is_lora=layout.get("is_lora") if manifest["kind"] == HF_WEIGHTS_KIND else None,
+        files={name: int(entry["size"]) for name, entry in manifest["files"].items()},
     )
