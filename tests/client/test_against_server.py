@@ -102,3 +102,35 @@ def test_full_fine_tuning_with_rank_zero(service: ServiceClient) -> None:
     first = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
     tc.optim_step(AdamParams(learning_rate=1e-3)).result()
     assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] < first
+
+
+def test_rest_client_runs_checkpoints_ttl_sessions_samplers(service: ServiceClient) -> None:
+    tc = service.create_lora_training_client(MODEL, rank=2, seed=1).result()
+    saved = tc.save_weights_for_sampler("rest-ckpt").result()
+    state = tc.save_state("rest-state", ttl_seconds=7200).result()
+    rest = service.create_rest_client()
+
+    by_id = {c.checkpoint_id: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert by_id["sampler_weights/rest-ckpt"].tinker_path == saved.path
+    assert by_id["weights/rest-state"].checkpoint_type == "training"
+    assert by_id["weights/rest-state"].expires_at is not None
+    rest.set_checkpoint_ttl_from_tinker_path(state.path, None).result()
+    by_id = {c.checkpoint_id: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert by_id["weights/rest-state"].expires_at is None
+    user_paths = {c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints}
+    assert {saved.path, state.path} <= user_paths
+
+    runs = rest.list_training_runs(limit=100).result()
+    assert tc.model_id in {r.training_run_id for r in runs.training_runs}
+    assert rest.get_training_run_by_tinker_path(saved.path).result().training_run_id == tc.model_id
+    info = rest.get_weights_info_by_tinker_path(state.path).result()
+    assert info.base_model == MODEL and info.is_lora and info.lora_rank == 2
+
+    session_id = tc.model_id.split(":train:")[0]
+    assert session_id in rest.list_sessions(limit=100).result().sessions
+    assert tc.model_id in rest.get_session(session_id).result().training_run_ids
+    sc = service.create_sampling_client(model_path=saved.path).result()
+    sampler = rest.get_sampler(sc.sampling_session_id).result()
+    assert sampler.base_model == MODEL and sampler.model_path == saved.path
+    with pytest.raises(UserInputError, match="tinker_path"):
+        rest.delete_checkpoint_from_tinker_path("tinker://only/two")

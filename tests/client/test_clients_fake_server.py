@@ -160,3 +160,13 @@ def test_sampling_and_async_await(server: FakeServer, service: ServiceClient) ->
     assert resp.prompt_logprobs == [None, -1.0, -2.0]
     assert sc.compute_logprobs(prompt).result(timeout=30) == [None, -1.0, -2.0]
     assert sc.get_base_model() == "fake"
+
+
+def test_client_future_also_acts_as_the_client(server: FakeServer, service: ServiceClient) -> None:
+    # The Tinker SDK's creation methods return a future usable as the client; ported code does both.
+    tc_future = service.create_lora_training_client("fake")
+    out = tc_future.forward(_datums(np.random.default_rng(5), 1), "cross_entropy").result(timeout=30)
+    assert len(out.loss_fn_outputs) == 1
+    assert tc_future.model_id == tc_future.result().model_id == "sess:train:0"
+    with pytest.raises(UserInputError, match="loss_type_input"):
+        tc_future.forward_backward_custom(_datums(np.random.default_rng(6), 1), _grpo_loss, loss_type_input="embedding")

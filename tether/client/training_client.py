@@ -156,7 +156,7 @@ class TrainingClient:
         return self._run([turn], self._forward_like(turn, "/api/v1/forward_backward", body), name)
 
     def forward_backward_custom(
-        self, data: Sequence[Datum], loss_fn: CustomLossFn
+        self, data: Sequence[Datum], loss_fn: CustomLossFn, *, loss_type_input: str | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
         """Train on a loss computed locally by `loss_fn(data, logprobs_list) -> (loss, metrics)`.
 
@@ -166,6 +166,8 @@ class TrainingClient:
         The result's metrics hold the user's metrics, `loss:sum` (the custom loss) and the
         backward's metrics.
         """
+        if loss_type_input not in (None, "logprobs"):
+            raise UserInputError(f"only 'logprobs' is supported, got {loss_type_input!r}", field="loss_type_input")
         datums = validate_datums(data)
         if not callable(loss_fn):
             raise UserInputError("must be callable", field="loss_fn")
