@@ -9,13 +9,29 @@ server can answer 400 with a useful message without knowing pydantic.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tether.types.errors import UserInputError
 
-__all__ = ["WireModel", "parse_wire", "dump_wire"]
+__all__ = [
+    "WireModel",
+    "parse_wire",
+    "dump_wire",
+    "MIN_TTL_SECONDS",
+    "MAX_TTL_SECONDS",
+    "TtlSeconds",
+    "NonNegativeInt",
+]
+
+MIN_TTL_SECONDS = 3600
+"""A checkpoint TTL is at least one hour (the hosted service's rule, §5.7)."""
+MAX_TTL_SECONDS = 315_576_000
+"""... and at most ten years of 365.25 days."""
+
+TtlSeconds = Annotated[int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class WireModel(BaseModel):

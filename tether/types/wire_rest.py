@@ -6,11 +6,11 @@ which validate strictly; `tether.types.wire` re-exports everything here.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from tether.types.wire_base import WireModel
+from tether.types.wire_base import TtlSeconds, WireModel
 
 __all__ = [
     "Cursor",
@@ -30,9 +30,6 @@ __all__ = [
     "SessionTraceExportResponse",
     "ErrorResponse",
 ]
-
-# Same bounds as wire.MIN_TTL_SECONDS / MAX_TTL_SECONDS (one hour .. ten years).
-_TtlSeconds = Annotated[int, Field(ge=3600, le=315_576_000)]
 
 
 class Cursor(WireModel):
@@ -95,7 +92,7 @@ class CopyWeightsRequest(WireModel):
     session_id: str | None = None
     model_seq_id: int | None = None
     destination_project_id: str | None = None
-    ttl_seconds: _TtlSeconds | None = None
+    ttl_seconds: TtlSeconds | None = None
     weights_access_token: str | None = None
 
 
@@ -117,7 +114,7 @@ class GetSessionResponse(WireModel):
 class SetCheckpointTtlRequest(WireModel):
     """`PUT .../checkpoints/{id}/ttl`; None removes the expiry."""
 
-    ttl_seconds: _TtlSeconds | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class AssignSessionProjectRequest(WireModel):

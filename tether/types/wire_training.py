@@ -1,0 +1,244 @@
+"""JSON bodies of the Tinker protocol's training endpoints (tinker-protocol.md §3.2) and of tether's
+one-pass custom-loss extension (docs/INTERFACES.md). Re-exported by `tether.types.wire`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
+
+from tether.types.wire_base import NonNegativeInt, TtlSeconds, WireModel
+from tether.types.wire_sampling import TensorDataJson
+
+# ------------------------------------------------------------------ training (§3.2)
+
+
+class LoraConfig(WireModel):
+    rank: NonNegativeInt
+    """LoRA rank; tether reads 0 as full fine-tuning."""
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> LoraConfig:
+        if not (self.train_unembed or self.train_mlp or self.train_attn):
+            raise ValueError("at least one of train_mlp, train_attn, train_unembed must be true")
+        return self
+
+
+class OptimizerConfig(WireModel):
+    """`{"type": "adamw"}` or another family with its own extra fields (e.g. dimuon's version)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "adamw"
+
+
+class CreateModelRequest(WireModel):
+    session_id: str
+    model_seq_id: NonNegativeInt
+    base_model: str
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfig | None = None
+    optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    type: Literal["create_model"] = "create_model"
+
+
+class CreateModelResponse(WireModel):
+    model_id: str
+    type: Literal["create_model"] = "create_model"
+
+
+class GetInfoRequest(WireModel):
+    model_id: str
+    type: Literal["get_info"] = "get_info"
+
+
+class ModelData(WireModel):
+    arch: str | None = None
+    model_name: str | None = None
+    """The SDK asserts this is set (get_tokenizer, save_weights_and_get_sampling_client)."""
+    tokenizer_id: str | None = None
+
+
+class GetInfoResponse(WireModel):
+    model_id: str
+    model_data: ModelData
+    type: Literal["get_info"] = "get_info"
+    optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+
+
+class AdamParams(WireModel):
+    """AdamW hyperparameters (decoupled weight decay); grad_clip_norm 0 disables clipping."""
+
+    learning_rate: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    grad_clip_norm: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class OptimStepRequest(WireModel):
+    """On the wire the SDK names the params `adam_params` (AdamW) or `optimizer_params` (others).
+
+    With neither present, AdamW defaults apply.
+    """
+
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParams | None = Field(
+        default=None, validation_alias=AliasChoices("adam_params", "optim_params")
+    )
+    optimizer_params: dict[str, Any] | None = None
+    type: Literal["optim_step"] = "optim_step"
+
+    @model_validator(mode="after")
+    def _default_adam(self) -> OptimStepRequest:
+        if self.adam_params is None and self.optimizer_params is None:
+            self.adam_params = AdamParams()
+        return self
+
+
+class OptimStepResponse(WireModel):
+    metrics: dict[str, float] | None = None
+
+
+class SaveWeightsRequest(WireModel):
+    model_id: str
+    path: str | None = None
+    """The checkpoint name (not a tinker:// path); the server picks one when absent."""
+    seq_id: int | None = None
+    ttl_seconds: TtlSeconds | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+    type: Literal["save_weights"] = "save_weights"
+
+
+class SaveWeightsResponse(WireModel):
+    path: str
+    type: Literal["save_weights"] | None = "save_weights"
+
+
+class SaveWeightsForSamplerRequest(WireModel):
+    """Named form (`path` = a name) or ephemeral form (`sampling_session_seq_id`, no path)."""
+
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: NonNegativeInt | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    seq_id: int | None = None
+    ttl_seconds: TtlSeconds | None = None
+    user_metadata: dict[str, str] | None = None
+    type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SaveWeightsForSamplerRequest:
+        if self.path is None and self.sampling_session_seq_id is None:
+            raise ValueError("needs either path (a checkpoint name) or sampling_session_seq_id")
+        return self
+
+    @property
+    def is_ephemeral(self) -> bool:
+        """True for `save_weights_and_get_sampling_client`: answer with a sampling_session_id."""
+        return self.path is None
+
+
+class SaveWeightsForSamplerResponse(WireModel):
+    """`path` for the named form, `sampling_session_id` for the ephemeral form (SDK asserts each)."""
+
+    path: str | None = None
+    sampling_session_id: str | None = None
+    type: Literal["save_weights_for_sampler"] | None = "save_weights_for_sampler"
+
+
+class SaveWeightsExternalRequest(WireModel):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[str] | None = None
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class SaveWeightsExternalResponse(WireModel):
+    path: str
+    size_bytes: int | None = None
+    type: Literal["save_weights_external"] | None = "save_weights_external"
+
+
+class LoadWeightsRequest(WireModel):
+    """Create-via-load (`session_id` + `model_seq_id`; the model id is derived) or legacy load
+    into an existing model (`model_id` + `seq_id`)."""
+
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: NonNegativeInt | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: str
+    optimizer: bool
+    optimizer_config: OptimizerConfig | None = None
+    weights_access_token: str | None = None
+    type: Literal["load_weights"] = "load_weights"
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> LoadWeightsRequest:
+        creates = self.session_id is not None or self.model_seq_id is not None
+        if creates and self.model_id is not None:
+            raise ValueError("give either session_id + model_seq_id or model_id, not both")
+        if creates and (self.session_id is None or self.model_seq_id is None):
+            raise ValueError("create-via-load needs both session_id and model_seq_id")
+        if not creates and self.model_id is None:
+            raise ValueError("needs session_id + model_seq_id or model_id")
+        return self
+
+    @property
+    def creates_model(self) -> bool:
+        """True for create-via-load: the load is the new model's first operation."""
+        return self.model_id is None
+
+
+class LoadWeightsResponse(WireModel):
+    path: str | None = None
+    model_id: str | None = None
+    type: Literal["load_weights"] | None = "load_weights"
+
+
+class UnloadModelRequest(WireModel):
+    model_id: str
+    type: Literal["unload_model"] = "unload_model"
+
+
+class CreateCustomLossRequest(WireModel):
+    """A traced custom loss (only sent with `custom_loss_server_side`); the graph stays opaque."""
+
+    session_id: str
+    custom_loss_seq_id: int
+    name: str
+    inputs: list[dict[str, Any]]
+    graph: dict[str, Any]
+    type: Literal["create_custom_loss"] = "create_custom_loss"
+
+
+# ------------------------------------------------------------------ tether extensions
+
+
+class BackwardFromLogprobGradsRequest(WireModel):
+    """Second half of the one-pass custom loss: d loss / d logprobs per datum, chained through the
+    graph kept by `POST /api/v1/tether/forward_keep_graph` (whose request id is `graph_id`)."""
+
+    model_id: str
+    seq_id: int
+    graph_id: str
+    logprob_grads: list[TensorDataJson]
+    type: Literal["backward_from_logprob_grads"] = "backward_from_logprob_grads"
+
+
+class BackwardFromLogprobGradsResponse(WireModel):
+    metrics: dict[str, float] = Field(default_factory=dict)
