@@ -13,15 +13,16 @@ API_KEY = "tml-compat-tests"
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory, default_model_dir) -> str:
-    config = ServerConfig(
-        port=0,
-        data_dir=tmp_path_factory.mktemp("tether-data"),
-        long_poll_s=5,
-        maintenance_interval_s=0.3,
-    )
-    with ServerThread(config) as url:
-        yield url
+def server(tmp_path_factory, default_model_dir) -> ServerThread:
+    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("tether-data"), long_poll_s=5)
+    thread = ServerThread(config)
+    with thread:
+        yield thread
+
+
+@pytest.fixture(scope="module")
+def server_url(server) -> str:
+    return server.base_url
 
 
 @pytest.fixture(scope="module")

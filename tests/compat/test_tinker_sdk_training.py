@@ -11,6 +11,8 @@ import torch
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
+from tether.types.paths import parse_checkpoint_path  # noqa: E402
+
 BASE = "tether/tiny-qwen3"
 TEXTS = ["hello tether", "the quick brown fox"]
 
@@ -183,8 +185,11 @@ def test_save_weights_external_writes_hugging_face_adapter(lora_client, rest_cli
     assert "adapter_config.json" in urls.urls and "adapter_model.safetensors" in urls.urls
 
 
-def test_rest_runs_checkpoints_ttl_and_delete(service_client, rest_client):
-    import time
+def test_rest_runs_checkpoints_ttl_and_delete(server, service_client, rest_client):
+    from datetime import timedelta
+
+    from tether.server.catalogue import utcnow
+    from tether.server.sessions import expire_checkpoints
 
     client = service_client.create_lora_training_client(base_model=BASE, rank=4, seed=5, user_metadata={"k": "v"}).result()
     keep = client.save_state("keep").result().path
@@ -205,16 +210,18 @@ def test_rest_runs_checkpoints_ttl_and_delete(service_client, rest_client):
     assert info.base_model == BASE and info.is_lora and info.lora_rank == 4
 
     rest_client.delete_checkpoint_from_tinker_path(doomed).result()
-    rest_client.set_checkpoint_ttl_from_tinker_path(expiring, 1).result()
+    rest_client.set_checkpoint_ttl_from_tinker_path(expiring, 3600).result()
     rest_client.publish_checkpoint_from_tinker_path(keep).result()
     rest_client.unpublish_checkpoint_from_tinker_path(keep).result()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        listed = {c.tinker_path for c in rest_client.list_checkpoints(client.model_id).result().checkpoints}
-        if expiring not in listed:
-            break
-        time.sleep(0.2)
+    listed = {c.tinker_path: c for c in rest_client.list_checkpoints(client.model_id).result().checkpoints}
+    assert set(listed) == {keep, expiring} and listed[expiring].expires_at is not None
+    state = server.app.state.tether
+    expire_checkpoints(state, now=utcnow() + timedelta(minutes=30))  # not yet due
+    assert len(rest_client.list_checkpoints(client.model_id).result().checkpoints) == 2
+    expire_checkpoints(state, now=utcnow() + timedelta(hours=2))
+    listed = {c.tinker_path for c in rest_client.list_checkpoints(client.model_id).result().checkpoints}
     assert listed == {keep}
+    assert not state.checkpoints.directory(run.model_owner, parse_checkpoint_path(expiring)).exists()
     with pytest.raises(tinker.NotFoundError):
         rest_client.get_training_run("sess-nope:train:0").result()
 

@@ -49,7 +49,7 @@ def result(http: httpx.Client, request_id: str, headers=ALICE):
 
 
 def create_model(http: httpx.Client, headers=ALICE) -> str:
-    session = http.post("/api/v1/create_session", json={"tags": []}, headers=headers).json()["session_id"]
+    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=headers).json()["session_id"]
     answer = http.post("/api/v1/create_model", headers=headers, json={
         "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
     assert result(http, answer["request_id"], headers)["model_id"] == answer["model_id"]
@@ -89,7 +89,7 @@ def test_client_config_and_health(http):
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "tml-mallory"}, {"X-API-Key": "alice"}])
 def test_bad_keys_get_401_json(http, headers):
-    response = http.post("/api/v1/create_session", json={"tags": []}, headers=headers)
+    response = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=headers)
     assert response.status_code == 401
     assert response.json()["detail"]
 
@@ -109,8 +109,10 @@ def test_malformed_protobuf_and_json_are_4xx(http, model_id):
     assert response.status_code == 400 and "detail" in response.json()
     response = http.post("/api/v1/optim_step", content=b"{not json", headers={**ALICE, "Content-Type": "application/json"})
     assert response.status_code == 422 and response.json()["category"] == "user"
-    response = http.post("/api/v1/optim_step", json={"model_id": model_id}, headers=ALICE)
-    assert response.status_code == 422 and "seq_id" in response.json()["detail"]
+    response = http.post("/api/v1/optim_step", json={"seq_id": 1}, headers=ALICE)
+    assert response.status_code == 422 and "model_id" in response.json()["detail"]
+    response = http.post("/api/v1/asample", json=[1, 2], headers=ALICE)
+    assert response.status_code == 422
 
 
 def test_unknown_ids_are_404(http):
@@ -126,14 +128,14 @@ def test_unknown_ids_are_404(http):
 
 
 def test_unknown_base_model_and_bad_lora_are_400(http):
-    session = http.post("/api/v1/create_session", json={"tags": []}, headers=ALICE).json()["session_id"]
+    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE).json()["session_id"]
     response = http.post("/api/v1/create_model", headers=ALICE, json={
         "session_id": session, "model_seq_id": 0, "base_model": "no/such-model"})
     assert response.status_code == 400 and "base_model" in response.json()["detail"]
     response = http.post("/api/v1/create_model", headers=ALICE, json={
         "session_id": session, "model_seq_id": 1, "base_model": BASE,
         "lora_config": {"rank": 4, "train_mlp": False, "train_attn": False, "train_unembed": False}})
-    assert response.status_code == 400
+    assert response.status_code == 422 and "train_mlp" in response.json()["detail"]
 
 
 def test_out_of_vocab_and_shape_mismatch_fail_the_future_as_user_errors(http, model_id):
@@ -155,7 +157,7 @@ def test_unsupported_loss_and_optimizer_are_rejected(http, model_id):
     assert response.status_code == 400
     response = http.post("/api/v1/optim_step", headers=ALICE, json={
         "model_id": model_id, "seq_id": 202, "adam_params": {"learning_rate": -1.0}})
-    assert response.status_code == 400 and "learning_rate" in response.json()["detail"]
+    assert response.status_code == 422 and "learning_rate" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../up", "", "x..y"])
@@ -191,7 +193,7 @@ def test_retried_seq_id_is_answered_by_the_first_execution(http):
 
 
 def test_retried_sample_is_answered_by_the_first_execution(http):
-    session = http.post("/api/v1/create_session", json={"tags": []}, headers=ALICE).json()["session_id"]
+    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE).json()["session_id"]
     sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
         "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
     body = {"sampling_session_id": sampler, "seq_id": 5, "num_samples": 2,

@@ -154,9 +154,9 @@ class Catalogue:
             q = select(SessionRow).where(SessionRow.owner == owner).order_by(SessionRow.created_at.desc())
             return list(s.scalars(q.limit(limit).offset(offset)))
 
-    def stale_sessions(self, older_than_s: float) -> list[str]:
+    def stale_sessions(self, older_than_s: float, *, now: datetime | None = None) -> list[str]:
         """Active sessions whose last heartbeat is older than `older_than_s`."""
-        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
         with self._tx() as s:
             q = select(SessionRow.session_id).where(SessionRow.status == "active", SessionRow.last_heartbeat < cutoff)
             return list(s.scalars(q))
@@ -249,8 +249,8 @@ class Catalogue:
                 for key, value in values.items():
                     setattr(row, key, value)
 
-    def expired_checkpoints(self) -> list[CheckpointRow]:
-        now = utcnow()
+    def expired_checkpoints(self, *, now: datetime | None = None) -> list[CheckpointRow]:
+        now = now or utcnow()
         with self._tx() as s:
             q = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now)
             return list(s.scalars(q))

@@ -39,10 +39,16 @@ def _validation_message(errors: list) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _json_error(status: int, message: str, category: str) -> JSONResponse:
+def _json_error(status: int, message: str, category: str, exc: TetherError | None = None) -> JSONResponse:
+    content: dict[str, object] = {"detail": message, "error": message, "category": category}
+    if exc is not None:
+        content["error_type"] = type(exc).__name__
+        for attr in ("field", "datum_index"):
+            if getattr(exc, attr, None) is not None:
+                content[attr] = getattr(exc, attr)
     return JSONResponse(
         status_code=status,
-        content={"detail": message, "error": message, "category": category},
+        content=content,
         headers={"x-should-retry": "false"} if 400 <= status < 500 and status not in (408, 409, 429) else None,
     )
 
@@ -54,7 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _tether_error(_: Request, exc: TetherError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("server error: %s", exc.message)
-        return _json_error(exc.http_status, exc.message, exc.category)
+        return _json_error(exc.http_status, exc.message, exc.category, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from tether.server.auth import ApiKeyAuth
 from tether.server.catalogue import Catalogue
+from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
@@ -41,6 +42,7 @@ def build_state(config: ServerConfig) -> ServerState:
         config=config,
         auth=ApiKeyAuth(config.api_keys),
         catalogue=catalogue,
+        checkpoints=CheckpointFiles(data_dir),
         futures=FutureStore(),
         hosts=ModelHosts(config),
     )

@@ -32,6 +32,19 @@ class ModelHost:
         self._training: Any = None
         self._sampling: Any = None
         self.worker = ModelWorker(name)
+        self._pending_samples = 0
+
+    def reserve_samples(self, count: int, limit: int) -> bool:
+        """Count `count` samples as pending unless that would pass `limit` (back-pressure)."""
+        with self._lock:
+            if self._pending_samples > 0 and self._pending_samples + count > limit:
+                return False
+            self._pending_samples += count
+            return True
+
+    def release_samples(self, count: int) -> None:
+        with self._lock:
+            self._pending_samples -= count
 
     @property
     def base(self) -> LoadedBaseModel:
@@ -108,7 +121,8 @@ class ModelHosts:
         self._hosts: dict[str, ModelHost] = {}
         self._models: dict[str, LiveModel] = {}
         self._samplers: dict[str, LiveSampler] = {}
-        self.sample_dedupe = DedupeRegistry()
+        self.dedupe = DedupeRegistry()
+        """Repeats of `(sampling_session_id, seq_id)` and of model creations, which bypass the workers."""
 
     @property
     def served_names(self) -> list[str]:

@@ -46,23 +46,25 @@ def submit_deduplicated(
     *,
     owner: str,
     stream: str,
-    seq_id: int,
+    seq_id: int | None,
     start: Callable[[], concurrent.futures.Future],
     kind: str,
 ) -> tuple[str, bool]:
     """Start an operation outside any worker (sampling), once per `(stream, seq_id)`.
 
-    Returns (request id, whether it is a repeat). If `start` raises, the claim is released so a
-    corrected retry can run.
+    Returns (request id, whether it is a repeat); without a seq_id nothing is deduplicated. If
+    `start` raises, the claim is released so a corrected retry can run.
     """
     request_id = new_request_id(kind)
-    earlier = registry.claim(stream, seq_id, request_id)
-    if earlier is not None:
-        return earlier, True
+    if seq_id is not None:
+        earlier = registry.claim(stream, seq_id, request_id)
+        if earlier is not None:
+            return earlier, True
     try:
         future = start()
     except BaseException:
-        registry.release(stream, seq_id)
+        if seq_id is not None:
+            registry.release(stream, seq_id)
         raise
     state.futures.add(request_id, owner, future)
     return request_id, False

@@ -10,28 +10,15 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict
 
-from tether.server import checkpoint_files as ckpt
+from tether.server import sessions
 from tether.server.catalogue import CheckpointRow, TrainingRunRow, as_utc, utcnow
-from tether.server.sessions import delete_checkpoint_files
 from tether.server.state import ServerState, request_owner, server_state
-from tether.types.errors import ConflictError
+from tether.types import wire
+from tether.types.errors import ConflictError, NotFoundError
+from tether.types.paths import parse_checkpoint_id, parse_checkpoint_path
 
 router = APIRouter(prefix="/api/v1")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class TtlRequest(_Body):
-    ttl_seconds: int | None = None
-
-
-class WeightsInfoRequest(_Body):
-    tinker_path: str
-
 
 def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
     return {
@@ -97,10 +84,10 @@ async def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: 
 
 
 def _owned_checkpoint(state: ServerState, owner: str, run_id: str, segment: str, name: str) -> CheckpointRow:
-    path = ckpt.parse_checkpoint_id(run_id, f"{segment}/{name}")
-    row = state.catalogue.get_checkpoint(path.run_id, path.checkpoint_id, owner)
+    parse_checkpoint_id(f"{segment}/{name}")
+    row = state.catalogue.get_checkpoint(run_id, f"{segment}/{name}", owner)
     if row.owner != owner:  # public checkpoints are readable by all, editable only by their owner
-        state.catalogue.get_training_run(run_id, owner)
+        raise NotFoundError(f"unknown checkpoint {row.tinker_path}")
     return row
 
 
@@ -108,8 +95,7 @@ def _owned_checkpoint(state: ServerState, owner: str, run_id: str, segment: str,
 async def delete_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
                             owner: str = Depends(request_owner)) -> dict[str, str]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
-    delete_checkpoint_files(row.directory)
-    state.catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
+    sessions.delete_checkpoint(state, row)
     return {"status": "deleted"}
 
 
@@ -132,11 +118,11 @@ async def unpublish_checkpoint(run_id: str, segment: str, name: str, state: Serv
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{segment}/{name}/ttl")
-async def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: TtlRequest,
+async def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: wire.SetCheckpointTtlRequest,
                              state: ServerState = Depends(server_state),
                              owner: str = Depends(request_owner)) -> dict[str, Any]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
-    ttl = ckpt.check_ttl(body.ttl_seconds)
+    ttl = body.ttl_seconds
     expires = utcnow() + timedelta(seconds=ttl) if ttl is not None else None
     state.catalogue.update_checkpoint(row.run_id, row.checkpoint_id, expires_at=expires)
     return {"status": "ok", "expires_at": as_utc(expires).isoformat() if expires else None}
@@ -155,11 +141,11 @@ async def external_weights_urls(run_id: str, name: str, state: ServerState = Dep
 
 
 @router.post("/weights_info")
-async def weights_info(body: WeightsInfoRequest, state: ServerState = Depends(server_state),
+async def weights_info(body: wire.WeightsInfoRequest, state: ServerState = Depends(server_state),
                        owner: str = Depends(request_owner)) -> dict[str, Any]:
-    path = ckpt.parse_tinker_path(body.tinker_path, field="tinker_path")
-    state.catalogue.get_checkpoint(path.run_id, path.checkpoint_id, owner)
-    run = state.catalogue.get_training_run(path.run_id, owner)
+    path = parse_checkpoint_path(body.tinker_path, field="tinker_path")
+    row = state.catalogue.get_checkpoint(path.training_run_id, path.checkpoint_id, owner)
+    run = state.catalogue.get_training_run(path.training_run_id, row.owner)
     lora = run.lora_config or {}
     return {
         "base_model": run.base_model,

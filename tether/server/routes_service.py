@@ -7,33 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from tether.server.sessions import end_session
 from tether.server.state import ServerState, request_owner, server_state
+from tether.types import wire
 
 router = APIRouter(prefix="/api/v1")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class CreateSessionRequest(_Body):
-    tags: list[str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
-    sdk_version: str | None = None
-    project_id: str | None = None
-    display_name: str | None = None
-
-
-class SessionHeartbeatRequest(_Body):
-    session_id: str
-
-
-class RetrieveFutureRequest(_Body):
-    request_id: str
-    allow_metadata_only: bool = False
 
 
 @router.post("/client/config")
@@ -58,7 +37,7 @@ async def get_server_capabilities(state: ServerState = Depends(server_state), _:
 
 @router.post("/create_session")
 async def create_session(
-    body: CreateSessionRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.CreateSessionRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
 ) -> dict[str, str]:
     session_id = f"sess-{uuid.uuid4().hex[:16]}"
     state.catalogue.create_session(
@@ -74,7 +53,7 @@ async def create_session(
 
 @router.post("/session_heartbeat")
 async def session_heartbeat(
-    body: SessionHeartbeatRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.SessionHeartbeatRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
 ) -> JSONResponse:
     """410 once the session is finished, expired or unknown: the SDK stops heartbeating then."""
     if not state.catalogue.heartbeat(body.session_id, owner):
@@ -99,7 +78,7 @@ async def telemetry(_: str = Depends(request_owner)) -> dict[str, str]:
 
 @router.post("/retrieve_future")
 async def retrieve_future(
-    body: RetrieveFutureRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.FutureRetrieveRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
 ) -> Response:
     outcome = await state.futures.wait(body.request_id, owner, state.config.long_poll_s)
     if outcome.payload is None:

@@ -14,31 +14,16 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from tether.server.engine_convert import engine_data, float_metrics, numpy_outputs
 from tether.server.errors import require
 from tether.server.operations import new_request_id, submit_to_worker
 from tether.server.state import ServerState, request_owner, server_state
+from tether.types import wire
 from tether.types.errors import UserInputError
 from tether.types.proto import decode_forward_backward_request, encode_forward_backward_output
 
 router = APIRouter(prefix="/api/v1/tether")
-
-
-class TensorDataBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    data: list[float]
-    dtype: str = "float32"
-    shape: list[int] | None = None
-
-
-class BackwardRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model_id: str
-    seq_id: int
-    graph_id: str
-    logprob_grads: list[TensorDataBody] = Field(min_length=1)
 
 
 @dataclass
@@ -92,7 +77,7 @@ async def forward_keep_graph(request: Request, state: ServerState = Depends(serv
 
 
 @router.post("/backward_from_logprob_grads")
-async def backward_from_logprob_grads(body: BackwardRequest, state: ServerState = Depends(server_state),
+async def backward_from_logprob_grads(body: wire.BackwardFromLogprobGradsRequest, state: ServerState = Depends(server_state),
                                       owner: str = Depends(request_owner)) -> dict[str, str]:
     model = state.hosts.model(body.model_id, owner)
     host = model.host

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-from pathlib import Path
+from datetime import datetime
 
+from tether.server.catalogue import CheckpointRow
 from tether.server.state import ServerState
+from tether.types.paths import parse_checkpoint_path
 
 log = logging.getLogger("tether.server")
 
@@ -45,24 +46,38 @@ def free_sampler(state: ServerState, sampler_id: str) -> None:
     sampler = state.hosts.remove_sampler(sampler_id)
     if sampler is None:
         return
-    state.hosts.sample_dedupe.forget_stream(sampler_id)
+    state.hosts.dedupe.forget_stream(sampler_id)
     if sampler.weights_id is not None:
         sampler.host.sampling.unregister(sampler.weights_id)
 
 
-def delete_checkpoint_files(directory: str) -> None:
-    shutil.rmtree(Path(directory), ignore_errors=True)
+def delete_checkpoint(state: ServerState, row: CheckpointRow) -> None:
+    """Delete a checkpoint's files, then its catalogue row."""
+    state.checkpoints.delete(row.owner, parse_checkpoint_path(row.tinker_path))
+    state.catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
+
+
+def expire_sessions(state: ServerState, now: datetime | None = None) -> None:
+    """End sessions that stopped heartbeating, freeing their models and samplers."""
+    for session_id in state.catalogue.stale_sessions(state.config.session_timeout_s, now=now):
+        log.info("session %s stopped heartbeating; freeing its models", session_id)
+        end_session(state, session_id, status="expired")
+
+
+def expire_checkpoints(state: ServerState, now: datetime | None = None) -> None:
+    """Delete checkpoints whose TTL has passed.
+
+    `now` (naive UTC) lets tests look into the future instead of sleeping through a TTL.
+    """
+    for row in state.catalogue.expired_checkpoints(now=now):
+        log.info("checkpoint %s expired; deleting it", row.tinker_path)
+        delete_checkpoint(state, row)
 
 
 def expire_once(state: ServerState) -> None:
     """One pass of the reaper: silent sessions, expired checkpoints, stale futures."""
-    for session_id in state.catalogue.stale_sessions(state.config.session_timeout_s):
-        log.info("session %s stopped heartbeating; freeing its models", session_id)
-        end_session(state, session_id, status="expired")
-    for row in state.catalogue.expired_checkpoints():
-        log.info("checkpoint %s expired; deleting it", row.tinker_path)
-        delete_checkpoint_files(row.directory)
-        state.catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
+    expire_sessions(state)
+    expire_checkpoints(state)
     state.futures.sweep()
 
 

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from tether.server.auth import ApiKeyAuth
 from tether.server.catalogue import Catalogue
+from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.futures import FutureStore
 from tether.server.model_hosts import ModelHosts
@@ -19,6 +20,7 @@ class ServerState:
     config: ServerConfig
     auth: ApiKeyAuth
     catalogue: Catalogue
+    checkpoints: CheckpointFiles
     futures: FutureStore
     hosts: ModelHosts
     kept_graphs: dict[str, Any] = field(default_factory=dict)
