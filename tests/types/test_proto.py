@@ -363,3 +363,10 @@ def test_sparse_tensor_claiming_a_huge_dense_shape_is_refused():
 
     with pytest.raises(UserInputError, match="exceeds"):
         decode_forward_backward_request(_mutated_request(mutate))
+
+
+def test_output_fields_must_cover_every_datum():
+    msg = sdk_pb.ForwardBackwardOutput.FromString(GOLDEN_OUTPUT)
+    msg.loss_fn_outputs[0].num_datums = 3
+    with pytest.raises(ValueError, match="cover"):
+        decode_forward_backward_output(msg.SerializeToString())

@@ -323,6 +323,9 @@ def decode_forward_backward_output(body: bytes) -> ForwardBackwardOutputBody:
                 for i in range(len(offsets) - 1)
             ]
         count = record.num_datums or (len(next(iter(per_field.values()))) if per_field else 0)
+        short = [name for name, arrays in per_field.items() if len(arrays) != count]
+        if short:
+            raise ValueError(f"outputs {short} do not cover the record's {count} datums")
         for i in range(count):
             outputs.append({name: arrays[i] for name, arrays in per_field.items()})
     return ForwardBackwardOutputBody(
