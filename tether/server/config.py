@@ -57,7 +57,7 @@ class ServerConfig(BaseModel):
     max_pending_samples: int = Field(
         256,
         ge=1,
-        description="Sample requests queued per base model before asample answers 429 (back-pressure).",
+        description="Samples (num_samples summed) pending per base model before asample answers 429 (back-pressure).",
     )
     session_timeout_s: float = Field(
         120.0,
