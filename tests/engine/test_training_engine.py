@@ -162,7 +162,14 @@ def test_import_without_optimizer_starts_fresh_moments_and_rejects_mismatched_st
     bad.weights.pop(next(iter(bad.weights)))
     with pytest.raises(UserInputError, match="weights"):
         engine.import_state("m", bad, include_optimizer=False)
+    full = engine.export_state("m", include_optimizer=True)
+    name = next(iter(full.optimizer))
+    full.optimizer[name] = full.optimizer[name][:1]
+    before = weights_of(engine, "m")
+    with pytest.raises(UserInputError, match="optimizer"):
+        engine.import_state("m", full, include_optimizer=True)
     assert engine.has_model("m")  # a rejected state replaces nothing
+    assert_same_tensors(weights_of(engine, "m"), before)
 
 
 def test_sampler_weights_are_frozen_copies(training_engine):

@@ -68,7 +68,7 @@ class ModelOptimizer:
 
     def import_moments(self, moments: Mapping[str, torch.Tensor], num_steps: int) -> None:
         """Replace all moments with `moments` (as `export_moments` returns them)."""
-        check_moments(moments, self.named_params)
+        check_moments(moments, {name: tuple(t.shape) for name, t in self.named_params.items()})
         self._optimizer.state.clear()
         for name, tensor in self.named_params.items():
             if f"step.{name}" not in moments:
@@ -79,13 +79,13 @@ class ModelOptimizer:
         self.num_steps = num_steps
 
 
-def check_moments(moments: Mapping[str, torch.Tensor], named_params: Mapping[str, torch.Tensor]) -> None:
-    """Raise `UserInputError` unless `moments` fit `named_params` (names, shapes)."""
+def check_moments(moments: Mapping[str, torch.Tensor], param_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise `UserInputError` unless `moments` fit tensors of `param_shapes` (names, shapes)."""
     for key, value in moments.items():
         moment, _, name = key.partition(".")
-        if moment not in MOMENT_KEYS or name not in named_params:
+        if moment not in MOMENT_KEYS or name not in param_shapes:
             raise UserInputError(f"unexpected optimizer tensor {key!r}", field="state.optimizer")
-        expected = () if moment == "step" else tuple(named_params[name].shape)
+        expected = () if moment == "step" else tuple(param_shapes[name])
         if tuple(value.shape) != expected:
             raise UserInputError(
                 f"optimizer tensor {key!r} has shape {tuple(value.shape)}, expected {expected}", field="state.optimizer"

@@ -251,8 +251,7 @@ class TrainingEngine:
                 if tuple(state.weights[name].shape) != shape:
                     raise UserInputError(f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}", field="state.weights")
             if include_optimizer:
-                check_moments(state.optimizer, expected_params := {n: torch.empty(s) for n, s in expected.items()})
-                del expected_params
+                check_moments(state.optimizer, expected)
             if model_id in self._models:
                 self._drop(model_id)
             trained = self._build_model(model_id, spec)
