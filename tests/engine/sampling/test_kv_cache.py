@@ -21,12 +21,12 @@ def test_rows_joining_and_leaving_decode_exactly(base):
     sequences: list[list[int]] = []
     for prompt in prompts[:2]:
         out = prefill(model, None, prompt)
-        group.append_rows(out.cache)
+        group.append_rows([(out.cache, 1)])
         sequences.append(prompt + [int(out.last_logits.argmax())])
     for step in range(40):  # long enough to grow the buffers past their first capacity
         if step == 3:  # a prompt joins twice (two samples sharing its prefill)
             out = prefill(model, None, prompts[2])
-            group.append_rows(out.cache, repeats=2)
+            group.append_rows([(out.cache, 2)])
             first = int(out.last_logits.argmax())
             sequences += [prompts[2] + [first], prompts[2] + [first]]
         if step == 6:  # the long prompt leaves; its padding columns are trimmed away

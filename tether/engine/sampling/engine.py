@@ -178,25 +178,41 @@ class SamplingEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self._scheduler.has_waiting and not self._groups:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                admitted = self._scheduler.schedule()
-            for state in admitted:
-                self._start(state)
+        """schedule -> execute (prefill the admitted, decode the running) -> update, until closed."""
+        while (admitted := self._schedule()) is not None:
+            started = [self._start(state) for state in admitted]
+            self._join([s for s in started if s is not None])
             for group in list(self._groups.values()):
                 self._decode_group(group)
 
-    def _start(self, state: _RequestState) -> None:
-        """Prefill one admitted request and sample the first token of each of its samples."""
+    def _schedule(self) -> list[_RequestState] | None:
+        """Wait for work; admit what fits. None once the engine is closed."""
+        with self._cond:
+            while not self._closed and not self._scheduler.has_waiting and not self._groups:
+                self._cond.wait()
+            return None if self._closed else self._scheduler.schedule()
+
+    def _join(self, started: list[tuple[BatchKVCache, list[_Sequence]]]) -> None:
+        """Add freshly prefilled sequences to their model's running group, one cache merge per group."""
+        by_model: dict[int, list[tuple[BatchKVCache, list[_Sequence]]]] = {}
+        for cache, live in started:
+            by_model.setdefault(id(live[0].owner.weights.model), []).append((cache, live))
+        for key, parts in by_model.items():
+            group = self._groups.setdefault(key, _Group(parts[0][1][0].owner.weights.model))
+            group.cache.append_rows([(cache, len(live)) for cache, live in parts])
+            for _, live in parts:
+                group.sequences.extend(live)
+
+    def _start(self, state: _RequestState) -> tuple[BatchKVCache, list[_Sequence]] | None:
+        """Prefill one admitted request and sample each sample's first token.
+
+        Returns the prompt's one-row cache and the samples still running, or None if none is.
+        """
         request = state.request
         if not state.future.set_running_or_notify_cancel():
             self._release_slots(state, request.num_samples)
             self._weights.release(state.weights)
-            return
+            return None
         try:
             out = prefill(
                 state.weights.model,
@@ -208,7 +224,7 @@ class SamplingEngine:
         except Exception as exc:  # a failed forward fails this request only
             logger.exception("prefill failed")
             self._fail(state, exc)
-            return
+            return None
         state.prompt_logprobs = out.prompt_logprobs
         state.topk_prompt_logprobs = out.topk_prompt_logprobs
         state.sequences = [None] * request.num_samples
@@ -221,10 +237,7 @@ class SamplingEngine:
         ]
         logits = out.last_logits[None, :].expand(len(sequences), -1)
         live = self._advance(sequences, logits)
-        if live:
-            group = self._groups.setdefault(id(state.weights.model), _Group(state.weights.model))
-            group.cache.append_rows(out.cache, repeats=len(live))
-            group.sequences.extend(live)
+        return (out.cache, live) if live else None
 
     def _decode_group(self, group: _Group) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""

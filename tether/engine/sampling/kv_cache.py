@@ -108,32 +108,36 @@ class BatchKVCache:
             raise ValueError("start_rows is for an empty cache")
         self.row_lengths = [0] * num_rows
 
-    def append_rows(self, other: BatchKVCache, repeats: int = 1) -> None:
-        """Add each row of `other` `repeats` times (samples sharing one prefill), padding as needed."""
-        if other.num_rows == 0 or repeats == 0:
+    def append_rows(self, joining: Sequence[tuple[BatchKVCache, int]]) -> None:
+        """Add the rows of each `(cache, repeats)` pair, each row `repeats` times (samples sharing
+        one prefill), padding on the left as needed. One reallocation however many caches join."""
+        joining = [(other, repeats) for other, repeats in joining if other.num_rows and repeats]
+        if not joining:
             return
-        if not self.keys:
-            self.row_lengths = []
-        new_length = max(self.length, other.length)
-        rows = self.num_rows + other.num_rows * repeats
+        new_length = max(self.length, *(other.length for other, _ in joining))
+        rows = self.num_rows + sum(other.num_rows * repeats for other, repeats in joining)
         capacity = max(new_length + GROWTH_MIN_COLUMNS, self.capacity)
+        template = joining[0][0]
         keys, values = [], []
-        for layer in range(len(other.keys)):
-            merged_k = self._empty_like(other.keys[layer], capacity, rows)
-            merged_v = self._empty_like(other.values[layer], capacity, rows)
-            if self.keys:
-                self._copy_right_aligned(merged_k[: self.num_rows], self.keys[layer], self.length, new_length)
-                self._copy_right_aligned(
-                    merged_v[: self.num_rows], self.values[layer], self.length, new_length
-                )
-            source_k = other.keys[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
-            source_v = other.values[layer][:, :, : other.length].repeat_interleave(repeats, dim=0)
-            self._copy_right_aligned(merged_k[self.num_rows :], source_k, other.length, new_length)
-            self._copy_right_aligned(merged_v[self.num_rows :], source_v, other.length, new_length)
-            keys.append(merged_k)
-            values.append(merged_v)
+        for layer in range(len(template.keys)):
+            for merged, mine, attr in ((keys, self.keys, "keys"), (values, self.values, "values")):
+                target = self._empty_like(getattr(template, attr)[layer], capacity, rows)
+                row = 0
+                if mine:
+                    self._copy_right_aligned(target[: self.num_rows], mine[layer], self.length, new_length)
+                    row = self.num_rows
+                for other, repeats in joining:
+                    source = getattr(other, attr)[layer][:, :, : other.length].repeat_interleave(
+                        repeats, dim=0
+                    )
+                    count = source.shape[0]
+                    self._copy_right_aligned(target[row : row + count], source, other.length, new_length)
+                    row += count
+                merged.append(target)
         self.keys, self.values = keys, values
-        self.row_lengths = self.row_lengths + [n for n in other.row_lengths for _ in range(repeats)]
+        self.row_lengths = self.row_lengths + [
+            n for other, repeats in joining for n in other.row_lengths for _ in range(repeats)
+        ]
         self.length = new_length
 
     def select_rows(self, rows: Sequence[int]) -> None:
@@ -168,12 +172,14 @@ class BatchKVCache:
     @staticmethod
     def _empty_like(like: torch.Tensor, capacity: int, rows: int | None = None) -> torch.Tensor:
         shape = (like.shape[0] if rows is None else rows, like.shape[1], capacity, like.shape[3])
-        # Zeros, not empty: padded columns are masked out, but garbage there could be NaN and
-        # 0 * NaN would leak through the attention product.
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+        # Uninitialised: columns at or beyond `length` are never attended to (views stop there), and
+        # every left-padding column below it is zeroed by `_copy_right_aligned`.
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
 
     @staticmethod
     def _copy_right_aligned(
         target: torch.Tensor, source: torch.Tensor, source_length: int, length: int
     ) -> None:
+        # Padding is masked out but must be finite: NaN there would leak through 0 * NaN in attention.
+        target[:, :, : length - source_length] = 0
         target[:, :, length - source_length : length] = source[:, :, :source_length]
