@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from tether.engine.lora import LoraSpec, lora_layers
 from tether.engine.sampling import SampleRequest, SamplingEngine
 from tether.engine.sampling import engine as engine_module
-from tether.types.errors import ConflictError, NotFoundError, OverloadedError, UserInputError
+from tether.engine.sampling.kv_cache import BatchKVCache
+from tether.types.errors import ConflictError, NotFoundError, OverloadedError, ServerError, UserInputError
 
 PROMPTS = [list(b"Hello there"), list(b"a"), list(b"The quick brown fox jumps"), list(b"12345")]
 
@@ -251,3 +252,55 @@ def test_close_fails_waiting_and_running_requests(base):
             assert future.exception(timeout=5) is not None
     with pytest.raises(Exception, match="closed"):
         engine.submit(greedy(PROMPTS[0]))
+
+
+def test_a_failing_forward_fails_only_the_requests_it_carried(engine, base, monkeypatch):
+    state = {k: v.clone() for k, v in base.model.state_dict().items()}
+    engine.register_full("broken", state)
+    entry = engine._weights.acquire("broken")  # white-box: reach the model the engine built
+    engine._weights.release(entry)
+    broken_model = entry.model
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    expected = engine.submit(greedy(PROMPTS[0], max_tokens=30, stop=[])).result(timeout=60)
+    healthy = engine.submit(greedy(PROMPTS[0], max_tokens=30, stop=[]))
+    monkeypatch.setattr(broken_model, "forward", explode)
+    doomed = [engine.submit(greedy(p, weights_id="broken")) for p in PROMPTS]
+    for future in doomed:
+        with pytest.raises(ServerError, match="device lost"):
+            future.result(timeout=60)
+    assert healthy.result(timeout=60).sequences[0].tokens == expected.sequences[0].tokens
+    assert engine.running_sequences == 0
+
+
+def test_the_loop_survives_an_unexpected_error(engine, monkeypatch):
+    real = BatchKVCache.append_rows
+    calls = {"n": 0}
+
+    def fail_once(self, joining):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("bug")
+        return real(self, joining)
+
+    monkeypatch.setattr(BatchKVCache, "append_rows", fail_once)
+    with pytest.raises(ServerError, match="bug"):
+        engine.submit(greedy(PROMPTS[0])).result(timeout=60)
+    assert engine.running_sequences == 0
+    assert len(engine.submit(greedy(PROMPTS[0], stop=[])).result(timeout=60).sequences[0].tokens) == 12
+
+
+def test_a_request_cancelled_while_waiting_never_runs(base):
+    engine = SamplingEngine(base, kv_cache_budget_tokens=100)
+    try:
+        first = engine.submit(SampleRequest(PROMPTS[0], max_tokens=80, stop=[]))
+        waiting = engine.submit(SampleRequest(PROMPTS[1], max_tokens=50, stop=[]))
+        assert waiting.cancel()
+        first.result(timeout=60)
+        after = engine.submit(SampleRequest(PROMPTS[1], max_tokens=50, stop=[]))
+        assert len(after.result(timeout=60).sequences[0].tokens) == 50
+        assert engine.running_sequences == 0 and engine.queue_depth == 0
+    finally:
+        engine.close()

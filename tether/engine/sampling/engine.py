@@ -36,6 +36,7 @@ from tether.engine.sampling.request import (
     SampledSequence,
     SampleRequest,
     SampleResult,
+    StopReason,
     ValidatedRequest,
     validate_request,
 )
@@ -63,10 +64,16 @@ class _RequestState:
     future: Future[SampleResult]
     weights: RegisteredWeights
     stop: StopCondition
-    sequences: list[SampledSequence | None] = field(default_factory=list)
-    unfinished: int = 0
+    sequences: list[SampledSequence | None] = field(init=False)
+    """Finished samples by index."""
+    unfinished: int = field(init=False)
+    """Samples not finished yet; each holds a batch row and its KV reservation once admitted."""
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.sequences = [None] * self.request.num_samples
+        self.unfinished = self.request.num_samples
 
 
 @dataclass(eq=False)
@@ -173,17 +180,26 @@ class SamplingEngine:
             self._weights.release(state.weights)
             self._set_exception(state, ServerError("the sampling engine closed before this request ran"))
         for group in list(self._groups.values()):
-            self._fail_group(group, ServerError("the sampling engine closed during this request"))
+            for state in {id(s.owner): s.owner for s in group.sequences}.values():
+                self._abandon(state, ServerError("the sampling engine closed during this request"))
+        self._groups.clear()
         self._weights.clear()
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         """schedule -> execute (prefill the admitted, decode the running) -> update, until closed."""
         while (admitted := self._schedule()) is not None:
-            started = [self._start(state) for state in admitted]
-            self._join([s for s in started if s is not None])
-            for group in list(self._groups.values()):
-                self._decode_group(group)
+            try:
+                started = [self._start(state) for state in admitted]
+                self._join([s for s in started if s is not None])
+                for group in list(self._groups.values()):
+                    self._decode_group(group)
+            except Exception as exc:  # a bug must not hang every future: fail what is in flight, go on
+                logger.exception("sampling step failed")
+                in_flight = [s.owner for group in self._groups.values() for s in group.sequences]
+                self._groups.clear()
+                for state in {id(s): s for s in [*admitted, *in_flight]}.values():
+                    self._abandon(state, exc)
 
     def _schedule(self) -> list[_RequestState] | None:
         """Wait for work; admit what fits. None once the engine is closed."""
@@ -209,9 +225,8 @@ class SamplingEngine:
         Returns the prompt's one-row cache and the samples still running, or None if none is.
         """
         request = state.request
-        if not state.future.set_running_or_notify_cancel():
-            self._release_slots(state, request.num_samples)
-            self._weights.release(state.weights)
+        if not state.future.set_running_or_notify_cancel():  # cancelled while it waited
+            self._abandon(state, None)
             return None
         try:
             out = prefill(
@@ -221,22 +236,19 @@ class SamplingEngine:
                 include_prompt_logprobs=request.include_prompt_logprobs,
                 topk_prompt_logprobs=request.topk_prompt_logprobs,
             )
-        except Exception as exc:  # a failed forward fails this request only
+            state.prompt_logprobs = out.prompt_logprobs
+            state.topk_prompt_logprobs = out.topk_prompt_logprobs
+            row = RowSampling(request.temperature, request.top_k, request.top_p)
+            fallback = secrets.randbits(63)
+            sequences = [
+                _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
+                for i in range(request.num_samples)
+            ]
+            live = self._advance(sequences, out.last_logits[None, :].expand(len(sequences), -1))
+        except Exception as exc:  # fails this request only
             logger.exception("prefill failed")
-            self._fail(state, exc)
+            self._abandon(state, exc)
             return None
-        state.prompt_logprobs = out.prompt_logprobs
-        state.topk_prompt_logprobs = out.topk_prompt_logprobs
-        state.sequences = [None] * request.num_samples
-        state.unfinished = request.num_samples
-        row = RowSampling(request.temperature, request.top_k, request.top_p)
-        fallback = secrets.randbits(63)
-        sequences = [
-            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
-            for i in range(request.num_samples)
-        ]
-        logits = out.last_logits[None, :].expand(len(sequences), -1)
-        live = self._advance(sequences, logits)
         return (out.cache, live) if live else None
 
     def _decode_group(self, group: _Group) -> None:
@@ -248,15 +260,17 @@ class SamplingEngine:
                 [s.tokens[-1] for s in group.sequences],
                 [s.owner.weights.adapter_id for s in group.sequences],
             )
-        except Exception as exc:  # a failed forward fails the requests it carried, nothing else
+            live = self._advance(group.sequences, logits)
+            if len(live) < len(group.sequences):
+                keep = {id(s) for s in live}
+                group.cache.select_rows([r for r, s in enumerate(group.sequences) if id(s) in keep])
+                group.sequences = live
+        except Exception as exc:  # fails the requests this batch carried, nothing else
             logger.exception("decode step failed")
-            self._fail_group(group, exc)
+            self._groups.pop(id(group.model), None)
+            for state in {id(s.owner): s.owner for s in group.sequences}.values():
+                self._abandon(state, exc)
             return
-        live = self._advance(group.sequences, logits)
-        if len(live) < len(group.sequences):
-            keep = {id(s) for s in live}
-            group.cache.select_rows([r for r, s in enumerate(group.sequences) if id(s) in keep])
-            group.sequences = live
         if not group.sequences:
             self._groups.pop(id(group.model), None)
 
@@ -277,9 +291,11 @@ class SamplingEngine:
         return live
 
     # --- completion -------------------------------------------------------------------------------
-    def _finish(self, sequence: _Sequence, stop_reason: str) -> None:
+    # Invariant: a request holds `unfinished` batch rows and reservations, and its weights while
+    # unfinished > 0; each is given back exactly once, by `_finish` or by `_abandon`.
+    def _finish(self, sequence: _Sequence, stop_reason: StopReason) -> None:
         state = sequence.owner
-        state.sequences[sequence.index] = SampledSequence(sequence.tokens, sequence.logprobs, stop_reason)  # type: ignore[arg-type]
+        state.sequences[sequence.index] = SampledSequence(sequence.tokens, sequence.logprobs, stop_reason)
         state.unfinished -= 1
         self._release_slots(state, 1)
         if state.unfinished == 0:
@@ -287,7 +303,7 @@ class SamplingEngine:
             if not state.future.done():
                 state.future.set_result(
                     SampleResult(
-                        sequences=list(state.sequences),  # type: ignore[arg-type]
+                        sequences=[s for s in state.sequences if s is not None],
                         prompt_logprobs=state.prompt_logprobs,
                         topk_prompt_logprobs=state.topk_prompt_logprobs,
                     )
@@ -298,20 +314,13 @@ class SamplingEngine:
         with self._cond:
             self._scheduler.release(state.request.reserved_tokens_per_sample * num_sequences, num_sequences)
 
-    def _fail(self, state: _RequestState, exc: BaseException) -> None:
-        """Fail an admitted request none of whose sequences is in a running group."""
-        self._release_slots(state, state.request.num_samples)
-        self._weights.release(state.weights)
-        self._set_exception(state, exc)
-
-    def _fail_group(self, group: _Group, exc: BaseException) -> None:
-        """Fail every request with a sequence in `group`, releasing all their sequences."""
-        owners = {id(s.owner): s.owner for s in group.sequences}
-        self._groups.pop(id(group.model), None)
-        for state in owners.values():  # all samples of a request run on one model, so in this group
+    def _abandon(self, state: _RequestState, exc: BaseException | None) -> None:
+        """Stop an admitted request: give back what its unfinished samples hold; fail it with `exc`."""
+        if state.unfinished > 0:
             self._release_slots(state, state.unfinished)
             state.unfinished = 0
             self._weights.release(state.weights)
+        if exc is not None:
             self._set_exception(state, exc)
 
     @staticmethod
