@@ -153,7 +153,7 @@ class BatchKVCache:
         capacity = new_length + max(spare, GROWTH_MIN_COLUMNS)
         for layer in range(len(self.keys)):
             for buffers in (self.keys, self.values):
-                kept = buffers[layer].index_select(0, index)[:, :, drop : self.length]
+                kept = buffers[layer][:, :, drop : self.length].index_select(0, index)
                 fresh = self._empty_like(kept, capacity)
                 fresh[:, :, :new_length] = kept
                 buffers[layer] = fresh
