@@ -29,8 +29,9 @@ from torch import nn
 
 from tether.engine.lora import LoraSpec
 from tether.engine.sampling.kv_cache import BatchKVCache
-from tether.engine.sampling.model_runner import decode, prefill
+from tether.engine.sampling.model_runner import PrefillOutput, decode, prefill
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
+from tether.engine.sampling.prompt_cache import PromptCache
 from tether.engine.sampling.request import (
     ModelLimits,
     SampledSequence,
@@ -70,6 +71,7 @@ class _RequestState:
     """Samples not finished yet; each holds a batch row and its KV reservation once admitted."""
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_cache_hit_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.sequences = [None] * self.request.num_samples
@@ -106,7 +108,10 @@ class SamplingEngine:
         max_batch_size: int = 64,
         max_prefill_tokens_per_step: int = 4096,
         max_waiting_requests: int = 1024,
+        prompt_cache_tokens: int | None = 16384,
     ) -> None:
+        """`prompt_cache_tokens`: prompt tokens of recent prefills kept for reuse by identical
+        prompts (None = no reuse). The other limits are documented on `SchedulerConfig`."""
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
         self._scheduler: Scheduler[_RequestState] = Scheduler(
@@ -116,6 +121,10 @@ class SamplingEngine:
         )
         self._weights = WeightsRegistry(base.model)
         self._groups: dict[int, _Group] = {}
+        self._prompt_cache: PromptCache[PrefillOutput] | None = (
+            PromptCache(prompt_cache_tokens) if prompt_cache_tokens else None
+        )
+        self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None
         self._cond = threading.Condition()
         self._closed = False
@@ -184,12 +193,15 @@ class SamplingEngine:
                 self._abandon(state, ServerError("the sampling engine closed during this request"))
         self._groups.clear()
         self._weights.clear()
+        if self._prompt_cache is not None:
+            self._prompt_cache.clear()
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         """schedule -> execute (prefill the admitted, decode the running) -> update, until closed."""
         while (admitted := self._schedule()) is not None:
             try:
+                self._forget_dropped_weights()
                 started = [self._start(state) for state in admitted]
                 self._join([s for s in started if s is not None])
                 for group in list(self._groups.values()):
@@ -229,15 +241,14 @@ class SamplingEngine:
             self._abandon(state, None)
             return None
         try:
-            out = prefill(
-                state.weights.model,
-                state.weights.adapter_id,
-                request.prompt_tokens,
-                include_prompt_logprobs=request.include_prompt_logprobs,
-                topk_prompt_logprobs=request.topk_prompt_logprobs,
-            )
-            state.prompt_logprobs = out.prompt_logprobs
-            state.topk_prompt_logprobs = out.topk_prompt_logprobs
+            out = self._prefill(state)
+            # Copies: a cached prefill's lists are shared with every request that reuses it.
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = list(out.prompt_logprobs)
+            if out.topk_prompt_logprobs is not None:
+                state.topk_prompt_logprobs = [
+                    None if r is None else list(r) for r in out.topk_prompt_logprobs
+                ]
             row = RowSampling(request.temperature, request.top_k, request.top_p)
             fallback = secrets.randbits(63)
             sequences = [
@@ -250,6 +261,36 @@ class SamplingEngine:
             self._abandon(state, exc)
             return None
         return (out.cache, live) if live else None
+
+    def _prefill(self, state: _RequestState) -> PrefillOutput:
+        """The prompt's prefill: reused from the prompt cache when the same prompt ran recently."""
+        request = state.request
+        key = (
+            state.weights,
+            request.prompt_tokens,
+            request.include_prompt_logprobs,
+            request.topk_prompt_logprobs,
+        )
+        cache = self._prompt_cache
+        if cache is not None and (cached := cache.get(key)) is not None:
+            state.prompt_cache_hit_tokens = len(request.prompt_tokens)
+            return cached
+        out = prefill(
+            state.weights.model,
+            state.weights.adapter_id,
+            request.prompt_tokens,
+            include_prompt_logprobs=request.include_prompt_logprobs,
+            topk_prompt_logprobs=request.topk_prompt_logprobs,
+        )
+        if cache is not None:
+            cache.put(key, out, len(request.prompt_tokens))
+        return out
+
+    def _forget_dropped_weights(self) -> None:
+        """Drop cached prefills of weights that were unregistered and are no longer in use."""
+        if self._prompt_cache is not None and self._weights.drops != self._seen_drops:
+            self._seen_drops = self._weights.drops
+            self._prompt_cache.evict_where(lambda key: key[0].retired and key[0].users == 0)
 
     def _decode_group(self, group: _Group) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""
@@ -306,6 +347,7 @@ class SamplingEngine:
                         sequences=[s for s in state.sequences if s is not None],
                         prompt_logprobs=state.prompt_logprobs,
                         topk_prompt_logprobs=state.topk_prompt_logprobs,
+                        prompt_cache_hit_tokens=state.prompt_cache_hit_tokens,
                     )
                 )
 

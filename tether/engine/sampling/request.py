@@ -70,6 +70,8 @@ class SampleResult:
     """One per prompt token; None at position 0 (nothing precedes it)."""
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     """Per prompt position, (token id, logprob) pairs, most likely first; None at position 0."""
+    prompt_cache_hit_tokens: int = 0
+    """Prompt tokens whose prefill was reused from an earlier identical prompt instead of computed."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ class WeightsRegistry:
         self._base = RegisteredWeights(None, base_model)
         self._by_id: dict[str, RegisteredWeights] = {}
         self._lock = threading.Lock()
+        self.drops = 0
+        """How many registrations were dropped so far (lets caches notice they hold stale weights)."""
 
     def register_lora(self, weights_id: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
         """Install adapter tensors named `<module path>.lora_A/.lora_B` on the shared base model."""
@@ -122,6 +124,7 @@ class WeightsRegistry:
             self._by_id[weights_id] = entry
 
     def _drop(self, entry: RegisteredWeights) -> None:
+        self.drops += 1
         if entry.adapter_id is not None:
             remove_adapter(self._base_model, entry.adapter_id)
 
