@@ -86,3 +86,19 @@ def test_samples_of_one_seed_get_distinct_streams():
     second = make_generator(42, 1, 0)
     assert torch.rand(4, generator=first).tolist() != torch.rand(4, generator=second).tolist()
     assert torch.rand(4, generator=make_generator(-3, 0, 0)).shape == (4,)
+
+
+def test_filtering_that_keeps_everything_samples_the_same_distribution():
+    logits = torch.tensor([1.5, 0.5, 0.0, -0.5, -2.0])
+    n = 4000
+    plain = torch.bincount(draws(logits, RowSampling(1.0), n, seed=1), minlength=5).float() / n
+    no_op = torch.bincount(draws(logits, RowSampling(1.0, top_p=0.9999), n, seed=2), minlength=5).float() / n
+    expected = torch.softmax(logits, -1)
+    assert (plain - expected).abs().max() < 0.03
+    assert (no_op - expected).abs().max() < 0.03
+
+
+def test_zero_probability_tokens_are_never_drawn():
+    logits = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")])
+    assert set(draws(logits, RowSampling(1.0), 300).tolist()) == {0, 2}
+    assert set(draws(logits, RowSampling(1.0, top_p=0.99), 300).tolist()) == {0, 2}

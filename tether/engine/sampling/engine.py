@@ -44,7 +44,7 @@ from tether.engine.sampling.request import (
 from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
 from tether.engine.sampling.stopping import StopCondition
 from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
-from tether.types.errors import ServerError, TetherError
+from tether.types.errors import ConfigurationError, ServerError, TetherError
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,10 @@ class SamplingEngine:
         )
         self._weights = WeightsRegistry(base.model)
         self._groups: dict[int, _Group] = {}
+        if prompt_cache_tokens is not None and prompt_cache_tokens < 1:
+            raise ConfigurationError("must be >= 1, or None to disable reuse", field="prompt_cache_tokens")
         self._prompt_cache: PromptCache[PrefillOutput] | None = (
-            PromptCache(prompt_cache_tokens) if prompt_cache_tokens else None
+            None if prompt_cache_tokens is None else PromptCache(prompt_cache_tokens)
         )
         self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None

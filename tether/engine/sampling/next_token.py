@@ -41,39 +41,53 @@ def choose_tokens(
     """The next token of each row of `logits` (rows, vocab) as an int64 tensor (rows,).
 
     Greedy rows take the argmax and draw nothing; every other row draws exactly one uniform number
-    from its generator (None = the global generator).
+    from its generator (None = the global generator). Rows with top-k or top-p sort their
+    distribution; rows without skip the sort (a full-vocabulary sort per row and step is the
+    costliest part of sampling with large vocabularies).
     """
     logits = logits.float()
-    num_rows, vocab_size = logits.shape
+    vocab_size = logits.shape[1]
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, row in enumerate(rows) if row.temperature > 0]
     if not random_rows:
         return tokens
-    index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
-    chosen = logits.index_select(0, index)
-    temperatures = torch.tensor([rows[i].temperature for i in random_rows], device=logits.device)
+    # Generators live on the CPU so a seed means the same thing on every device.
+    uniforms = {i: torch.rand((), generator=generators[i]) for i in random_rows}
+    filtered = [i for i in random_rows if 0 < rows[i].top_k < vocab_size or rows[i].top_p < 1]
+    plain = [i for i in random_rows if not (0 < rows[i].top_k < vocab_size or rows[i].top_p < 1)]
+    for subset, draw in ((plain, _draw_plain), (filtered, _draw_filtered)):
+        if subset:
+            index = torch.tensor(subset, dtype=torch.long, device=logits.device)
+            temperatures = torch.tensor([rows[i].temperature for i in subset], device=logits.device)
+            scaled = logits.index_select(0, index) / temperatures[:, None]
+            draws = torch.stack([uniforms[i] for i in subset]).to(scaled)
+            tokens[index] = draw(scaled, draws, [rows[i] for i in subset])
+    return tokens
+
+
+def _draw_plain(scaled: torch.Tensor, uniforms: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Inverse-CDF draw over the full softmax, in vocabulary order."""
+    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+    positions = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
+    return positions.clamp(max=scaled.shape[1] - 1).squeeze(1)
+
+
+def _draw_filtered(scaled: torch.Tensor, uniforms: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Inverse-CDF draw over the top-k / top-p subset, in order of decreasing probability."""
+    vocab_size = scaled.shape[1]
     top_ks = torch.tensor(
-        [rows[i].top_k if 0 < rows[i].top_k < vocab_size else vocab_size for i in random_rows],
-        device=logits.device,
+        [r.top_k if 0 < r.top_k < vocab_size else vocab_size for r in rows], device=scaled.device
     )
-    top_ps = torch.tensor([rows[i].top_p for i in random_rows], device=logits.device)
-    sorted_logits, sorted_ids = torch.sort(
-        chosen / temperatures[:, None], dim=-1, descending=True, stable=True
-    )
-    ranks = torch.arange(vocab_size, device=logits.device)
-    keep = ranks[None, :] < top_ks[:, None]
+    top_ps = torch.tensor([r.top_p for r in rows], device=scaled.device)
+    sorted_logits, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    keep = torch.arange(vocab_size, device=scaled.device)[None, :] < top_ks[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     # Nucleus: keep a token while the mass before it is below top_p, so the most likely always stays.
     keep &= (probs.cumsum(dim=-1) - probs) < top_ps[:, None]
-    probs = probs.masked_fill(~keep, 0.0)
-    cdf = probs.cumsum(dim=-1)
-    # Generators live on the CPU so a seed means the same thing on every device.
-    uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in random_rows]).to(cdf)
+    cdf = probs.masked_fill(~keep, 0.0).cumsum(dim=-1)
     positions = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
-    last_kept = keep.sum(dim=-1, keepdim=True) - 1
-    positions = torch.minimum(positions, last_kept)
-    tokens[index] = sorted_ids.gather(1, positions).squeeze(1)
-    return tokens
+    positions = torch.minimum(positions, keep.sum(dim=-1, keepdim=True) - 1)
+    return sorted_ids.gather(1, positions).squeeze(1)
 
 
 def make_generator(seed: int | None, sample_index: int, fallback_seed: int) -> torch.Generator:
