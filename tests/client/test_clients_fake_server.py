@@ -11,7 +11,7 @@ import torch
 from tests.client.fake_server import VOCAB, FakeServer
 from tether.client import ServiceClient
 from tether.types.data import AdamParams, Datum, ModelInput, SamplingParams
-from tether.types.errors import ServerError, UserInputError
+from tether.types.errors import ServerError, TetherError, UserInputError
 
 
 @pytest.fixture()
@@ -170,3 +170,29 @@ def test_client_future_also_acts_as_the_client(server: FakeServer, service: Serv
     assert tc_future.model_id == tc_future.result().model_id == "sess:train:0"
     with pytest.raises(UserInputError, match="loss_type_input"):
         tc_future.forward_backward_custom(_datums(np.random.default_rng(6), 1), _grpo_loss, loss_type_input="embedding")
+
+
+def test_heartbeats_keep_the_session_alive(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from tether.client import session as session_module
+
+    monkeypatch.setattr(session_module, "HEARTBEAT_INTERVAL_S", 0.05)
+    client = ServiceClient(base_url="http://fake", api_key="tml-test", http_transport=server.transport())
+    assert server.requests == []  # nothing is sent before the first call that needs the server
+    client.create_lora_training_client("fake").result(timeout=30)
+    time.sleep(0.5)
+    client.close()
+    assert server.requests.count("/api/v1/session_heartbeat") >= 3
+    assert server.requests[-1] == "/api/v1/sessions/sess/finish"
+    with pytest.raises(TetherError, match="closed"):
+        client.create_lora_training_client("fake")
+
+
+def test_sampling_accepts_tinker_package_inputs(server: FakeServer, service: ServiceClient) -> None:
+    tinker = pytest.importorskip("tinker")
+    sc = service.create_sampling_client(base_model="fake").result()
+    resp = sc.sample(tinker.ModelInput.from_ints([7, 8]), 1, tinker.SamplingParams(max_tokens=2)).result(timeout=30)
+    assert resp.sequences[0].tokens == [8, 0]
+    with pytest.raises(UserInputError, match="num_samples"):
+        sc.sample(ModelInput.from_ints([1]), 0, SamplingParams())

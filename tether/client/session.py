@@ -57,15 +57,15 @@ class ClientSession:
         self, coro: Coroutine[Any, Any, T], description: str, future_cls: type[APIFuture] = APIFuture
     ) -> APIFuture[T]:
         """Schedule `coro` on the SDK loop and hand back its APIFuture (or `future_cls`)."""
-        if self.closed:
-            coro.close()
-            raise TetherError("this client has been closed")
-        return future_cls(event_loop.submit(coro), description)
+        return future_cls(self.spawn(coro), description)
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         return event_loop.run_sync(coro)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self.closed:
+            coro.close()
+            raise TetherError("this client has been closed")
         return event_loop.submit(coro)
 
     # ---- ids
