@@ -119,3 +119,24 @@ def test_forward_matches_forward_backward_and_records_no_gradients(training_engi
     assert forward.metrics["loss:sum"] == pytest.approx(backward.metrics["loss:sum"], rel=1e-6)
     for a, b in zip(forward.outputs, backward.outputs, strict=True):
         torch.testing.assert_close(a["logprobs"], b["logprobs"])
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "dro"])
+def test_mixed_target_shapes_in_one_micro_batch(training_engine, loss_fn):
+    """1-D and (N, K) targets side by side take the per-datum path and still match the reference."""
+    engine = training_engine
+    engine.create_model("m", lora=SPEC)
+    randomize_lora(engine, "m")
+    vocab = engine.base.vocab_size
+    data = make_data([5], vocab=vocab) + make_data([4], vocab=vocab, soft_k=2, seed=1) + make_data([3], vocab=vocab, soft_k=3, seed=2)
+    result = engine.forward_backward("m", data, loss_fn, LOSS_CONFIGS[loss_fn])
+    model, leaves = reference_model(engine, "m", lora=True)
+    ref_lps, ref_total, ref_grads = reference_grads(model, leaves, data, loss_fn, LOSS_CONFIGS[loss_fn])
+    for out, ref_lp in zip(result.outputs, ref_lps, strict=True):
+        torch.testing.assert_close(out["logprobs"], ref_lp, **TOL)
+    assert result.metrics["loss:sum"] == pytest.approx(ref_total, rel=1e-5, abs=1e-5)
+    for name, grad in engine.accumulated_gradients("m").items():
+        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    handle, kept = engine.forward_keep_graph("m", data)
+    assert [o["logprobs"].shape for o in kept.outputs] == [d.loss_fn_inputs["target_tokens"].shape for d in data]
+    engine.release_graph(handle)

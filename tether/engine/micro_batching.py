@@ -13,8 +13,10 @@ floating-point tolerance.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tether.engine.training_types import EngineDatum
@@ -38,29 +40,78 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens_per_micro_batch: int) 
     return batches
 
 
-def target_logprobs(model: nn.Module, datums: Sequence[EngineDatum], device: torch.device) -> list[torch.Tensor]:
-    """log p(target_tokens[i] | input_tokens[:i+1]) per datum, shaped like its target_tokens.
+@dataclass
+class MicroBatchLogprobs:
+    """Target logprobs of one micro-batch's real tokens, flattened datum after datum.
 
-    Runs one padded forward pass; whether a graph is recorded follows the caller's grad mode.
+    `flat` is (T,) when every datum has 1-D targets, else (T, K) with K the widest datum's and
+    zeros beyond each datum's own width. Elementwise losses can run on `flat` in one go when all
+    datums share a target shape (`uniform`), instead of once per datum.
+    """
+
+    flat: torch.Tensor
+    lengths: list[int]
+    target_shapes: list[torch.Size]
+
+    @property
+    def uniform(self) -> bool:
+        return all(shape[1:] == self.target_shapes[0][1:] for shape in self.target_shapes)
+
+    def per_datum(self, values: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`values` (default `flat`), shaped like `flat`, cut into one tensor per datum of its target shape."""
+        values = self.flat if values is None else values
+        pieces = values.split(self.lengths)
+        if values.dim() == 1:
+            return list(pieces)
+        return [piece[:, : _width(shape)].reshape(shape) for piece, shape in zip(pieces, self.target_shapes, strict=True)]
+
+    def stack_per_datum(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `per_datum`: per-datum tensors of target shape laid out like `flat` (zeros elsewhere)."""
+        if self.flat.dim() == 1:
+            return torch.cat([v.reshape(-1) for v in values])
+        out = torch.zeros(self.flat.shape, dtype=values[0].dtype)
+        offset = 0
+        for value, length, shape in zip(values, self.lengths, self.target_shapes, strict=True):
+            out[offset : offset + length, : _width(shape)] = value.reshape(length, -1)
+            offset += length
+        return out
+
+
+def _width(shape: torch.Size) -> int:
+    return 1 if len(shape) == 1 else shape[1]
+
+
+def target_logprobs(model: nn.Module, datums: Sequence[EngineDatum], device: torch.device) -> MicroBatchLogprobs:
+    """log p(target_tokens[i] | input_tokens[:i+1]) for every datum of one micro-batch.
+
+    Runs one padded forward pass; whether a graph is recorded follows the caller's grad mode. Only
+    real (unpadded) positions reach the log-softmax, so padding costs no vocabulary-sized work.
     """
     lengths = [d.input_tokens.shape[0] for d in datums]
     targets = [d.loss_fn_inputs["target_tokens"] for d in datums]
+    shapes = [t.shape for t in targets]
     rows, longest = len(datums), max(lengths)
-    width = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
+    padded = min(lengths) < longest
     input_ids = torch.zeros(rows, longest, dtype=torch.int64)
-    target_ids = torch.zeros(rows, longest, width, dtype=torch.int64)
-    for row, (datum, target) in enumerate(zip(datums, targets, strict=True)):
+    for row, datum in enumerate(datums):
         input_ids[row, : lengths[row]] = datum.input_tokens
-        target_ids[row, : lengths[row], : (1 if target.dim() == 1 else target.shape[1])] = target.reshape(lengths[row], -1)
     kwargs = {}
-    if min(lengths) < longest:
+    if padded:
         mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
         kwargs["attention_mask"] = mask.to(device=device, dtype=torch.int64)
-    logits = model(input_ids=input_ids.to(device), use_cache=False, **kwargs).logits.float()
-    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-    logprobs = logits.gather(-1, target_ids.to(device)) - log_normalizer
-    out = []
-    for row, target in enumerate(targets):
-        picked = logprobs[row, : lengths[row], : (1 if target.dim() == 1 else target.shape[1])]
-        out.append(picked.reshape(target.shape))
-    return out
+    logits = model(input_ids=input_ids.to(device), use_cache=False, **kwargs).logits
+    logits = logits[kwargs["attention_mask"].bool()] if padded else logits.reshape(rows * longest, -1)
+    if all(len(shape) == 1 for shape in shapes):
+        flat_targets = torch.cat(targets).to(device)
+        # the fused kernel the plain training loop uses: logprob = -cross_entropy
+        flat = -F.cross_entropy(logits.float(), flat_targets, reduction="none")
+    else:
+        width = max(_width(shape) for shape in shapes)
+        flat_targets = torch.zeros(sum(lengths), width, dtype=torch.int64)
+        offset = 0
+        for target, length in zip(targets, lengths, strict=True):
+            flat_targets[offset : offset + length, : _width(target.shape)] = target.reshape(length, -1)
+            offset += length
+        logits = logits.float()
+        flat = logits.gather(-1, flat_targets.to(device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return MicroBatchLogprobs(flat=flat, lengths=lengths, target_shapes=shapes)

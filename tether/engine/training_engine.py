@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from tether.engine.lora import (
     remove_adapter,
 )
 from tether.engine.losses import get_loss, resolve_loss_config
-from tether.engine.micro_batching import plan_micro_batches, target_logprobs
+from tether.engine.micro_batching import MicroBatchLogprobs, plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import ModelOptimizer, check_moments
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
@@ -72,7 +72,7 @@ class _KeptGraph:
 
     model_id: str
     optimizer_steps: int
-    micro_batches: list[tuple[list[int], list[torch.Tensor]]] = field(default_factory=list)
+    micro_batches: list[tuple[list[int], MicroBatchLogprobs]] = field(default_factory=list)
     logprob_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
@@ -177,12 +177,11 @@ class TrainingEngine:
             loss_sum = 0.0
             for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=True):
                 kept.micro_batches.append((indices, logprobs))
-                for index, lp in zip(indices, logprobs, strict=True):
-                    detached = lp.detach()
-                    outputs[index]["logprobs"] = detached
+                for index, lp in zip(indices, logprobs.per_datum(logprobs.flat.detach()), strict=True):
+                    outputs[index]["logprobs"] = lp
                     weights = checked[index].loss_fn_inputs.get("weights")
                     if weights is not None:
-                        loss_sum += float((-detached * weights.to(detached.device)).sum())
+                        loss_sum += float((-lp * weights.to(lp.device)).sum())
             kept.logprob_shapes = [tuple(o["logprobs"].shape) for o in outputs]
             graph_id = f"graph-{next(self._graph_ids)}"
             self._graphs[graph_id] = kept
@@ -205,9 +204,9 @@ class TrainingEngine:
             loss_sum = 0.0
             del self._graphs[handle.graph_id]
             for indices, logprobs in kept.micro_batches:
-                grad_tensors = [checked_grads[i].to(lp.device) for i, lp in zip(indices, logprobs, strict=True)]
-                loss_sum += sum(float((g * lp.detach()).sum()) for g, lp in zip(grad_tensors, logprobs, strict=True))
-                torch.autograd.backward(logprobs, grad_tensors)
+                flat_grads = logprobs.stack_per_datum([checked_grads[i] for i in indices]).to(logprobs.flat.device)
+                loss_sum += float((flat_grads * logprobs.flat.detach()).sum())
+                torch.autograd.backward(logprobs.flat, flat_grads)
             kept.micro_batches.clear()
             return {"loss:sum": loss_sum}
 
@@ -320,8 +319,10 @@ class TrainingEngine:
             max_context_length=self.base.max_context_length,
         )
 
-    def _micro_batch_logprobs(self, trained: _TrainingModel, data: list[EngineDatum], *, grad: bool):
-        """Yield (datum indices, per-datum target logprobs) for each micro-batch in turn."""
+    def _micro_batch_logprobs(
+        self, trained: _TrainingModel, data: list[EngineDatum], *, grad: bool
+    ) -> Iterator[tuple[list[int], MicroBatchLogprobs]]:
+        """Yield (datum indices, their target logprobs) for each micro-batch in turn."""
         lengths = [d.input_tokens.shape[0] for d in data]
         for indices in plan_micro_batches(lengths, self.max_tokens_per_micro_batch):
             with torch.set_grad_enabled(grad), adapter_routing(trained.routing):
@@ -337,15 +338,27 @@ class TrainingEngine:
         checked = self._validate(data, definition.required_inputs)
         outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
         loss_sum = 0.0
+        input_keys = [k for k in definition.required_inputs if k != "target_tokens"]
         for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=backward):
             with torch.set_grad_enabled(backward):
-                losses = []
-                for index, lp in zip(indices, logprobs, strict=True):
-                    inputs = {k: v.to(lp.device) for k, v in checked[index].loss_fn_inputs.items()}
-                    loss, extra = definition.compute(lp, inputs, config)
-                    losses.append(loss)
-                    outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}
-                total = torch.stack(losses).sum()
+                if logprobs.uniform:  # one elementwise loss over the whole micro-batch
+                    device = logprobs.flat.device
+                    inputs = {k: torch.cat([checked[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys}
+                    total, extra = definition.compute(logprobs.flat, inputs, config)
+                    per_datum = {
+                        key: logprobs.per_datum(value.detach())
+                        for key, value in {"logprobs": logprobs.flat, **extra}.items()
+                    }
+                    for position, index in enumerate(indices):
+                        outputs[index] = {key: values[position] for key, values in per_datum.items()}
+                else:  # datums of different target widths: one loss each
+                    losses = []
+                    for index, lp in zip(indices, logprobs.per_datum(), strict=True):
+                        inputs = {k: checked[index].loss_fn_inputs[k].to(lp.device) for k in input_keys}
+                        loss, extra = definition.compute(lp, inputs, config)
+                        losses.append(loss)
+                        outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}
+                    total = torch.stack(losses).sum()
                 if backward:
                     total.backward()
             loss_sum += float(total.detach())
