@@ -196,3 +196,10 @@ def test_sampling_accepts_tinker_package_inputs(server: FakeServer, service: Ser
     assert resp.sequences[0].tokens == [8, 0]
     with pytest.raises(UserInputError, match="num_samples"):
         sc.sample(ModelInput.from_ints([1]), 0, SamplingParams())
+
+
+def test_loss_fn_config_is_checked_before_sending(server: FakeServer, service: ServiceClient) -> None:
+    tc = service.create_lora_training_client("fake").result()
+    with pytest.raises(UserInputError, match="loss_fn_config"):
+        tc.forward(_datums(np.random.default_rng(7), 1), "ppo", {"clip_low_threshold": [0.8]})
+    assert server.numbered == []

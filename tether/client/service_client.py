@@ -97,18 +97,30 @@ class ServiceClient:
         return ClientFuture(session.spawn(run()), "create_lora_training_client")
 
     def create_training_client_from_state(
-        self, path: str, base_model: str | None = None
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: dict[str, str] | None = None,
+        weights_access_token: str | None = None,
     ) -> ClientFuture[TrainingClient]:
         """A new trainable model with the weights (not the optimizer state) of checkpoint `path`."""
-        return self._from_state(path, base_model, optimizer=False)
+        extra = {"user_metadata": user_metadata, "weights_access_token": weights_access_token}
+        return self._from_state(path, base_model, optimizer=False, extra=extra)
 
     def create_training_client_from_state_with_optimizer(
-        self, path: str, base_model: str | None = None
+        self,
+        path: str,
+        base_model: str | None = None,
+        user_metadata: dict[str, str] | None = None,
+        weights_access_token: str | None = None,
     ) -> ClientFuture[TrainingClient]:
         """A new trainable model resuming checkpoint `path`: weights and optimizer state."""
-        return self._from_state(path, base_model, optimizer=True)
+        extra = {"user_metadata": user_metadata, "weights_access_token": weights_access_token}
+        return self._from_state(path, base_model, optimizer=True, extra=extra)
 
-    def _from_state(self, path: str, base_model: str | None, *, optimizer: bool) -> ClientFuture[TrainingClient]:
+    def _from_state(
+        self, path: str, base_model: str | None, *, optimizer: bool, extra: dict[str, Any]
+    ) -> ClientFuture[TrainingClient]:
         if not isinstance(path, str) or not path.startswith("tinker://"):
             raise UserInputError(f"must be a tinker:// checkpoint path, got {path!r}", field="path")
         session = self._session
@@ -125,6 +137,7 @@ class ServiceClient:
             }
             if base_model is not None:
                 body["base_model"] = base_model
+            body.update({k: v for k, v in extra.items() if v is not None})
             submitted = await session.transport.request("POST", "/api/v1/load_weights", json=body)
             result = await session.transport.retrieve_future(submitted.json()["request_id"], expect_proto=False)
             model_id = (result or {}).get("model_id") or f"{session_id}:train:{model_seq_id}"

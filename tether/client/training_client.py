@@ -150,6 +150,11 @@ class TrainingClient:
         datums = validate_datums(data)
         if not isinstance(loss_fn, str):
             raise UserInputError(f"must be a loss name, got {type(loss_fn).__name__}", field="loss_fn")
+        if loss_fn_config is not None and not (
+            isinstance(loss_fn_config, dict)
+            and all(isinstance(k, str) and isinstance(v, int | float | str) for k, v in loss_fn_config.items())
+        ):
+            raise UserInputError("must map names to numbers or strings", field="loss_fn_config")
         (turn,) = self._take_turns(1)
         body = self._forward_request(datums, loss_fn, loss_fn_config, forward_only, turn.seq_id)
         name = "forward" if forward_only else "forward_backward"
