@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def test_training_sampling_and_checkpoints(service: ServiceClient) -> None:
     resp = sc.sample(ModelInput.from_ints(prompt_tokens), 2, SamplingParams(max_tokens=5, seed=1, stop=[])).result()
     assert len(resp.sequences) == 2 and all(len(s.tokens) == 5 and len(s.logprobs) == 5 for s in resp.sequences)
     assert all(s.stop_reason == "length" for s in resp.sequences)
+
+    # A pickled copy (e.g. for a rollout worker process) samples the same weights.
+    copy = pickle.loads(pickle.dumps(sc))
+    np.testing.assert_allclose(copy.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()[1:], prompt_lps[1:], atol=1e-6)
 
     sc2 = service.create_sampling_client(model_path=sampler.path).result()
     assert sc2.get_base_model() == MODEL

@@ -8,11 +8,13 @@ ordering, so every `sample` is posted and awaited concurrently.
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 from typing import Any
 
 from tether.client.api_future import APIFuture
 from tether.client.session import ClientSession
+from tether.client.transport import Transport
 from tether.client.wire_convert import model_input_json, sample_response_from_wire
 from tether.types.data import GetSamplerResponse, ModelInput, SampleResponse, SamplingParams
 from tether.types.errors import UserInputError
@@ -22,12 +24,19 @@ from tether.types.proto import decode_sample_response
 class SamplingClient:
     """Samples from the weights of one sampling session."""
 
-    def __init__(self, session: ClientSession, sampling_session_id: str, base_model: str | None) -> None:
+    def __init__(
+        self, session: ClientSession, sampling_session_id: str, base_model: str | None, *, first_seq_id: int = 0
+    ) -> None:
         self._session = session
         self.sampling_session_id = sampling_session_id
         self._base_model = base_model
-        self._seq = itertools.count()
+        self._seq = itertools.count(first_seq_id)
         self._seq_lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as connection details, so rollout workers in other processes can sample too."""
+        transport = self._session.transport
+        return _restore, (transport.base_url, transport.api_key, self.sampling_session_id, self._base_model)
 
     def _next_seq_id(self) -> int:
         with self._seq_lock:
@@ -106,6 +115,17 @@ class SamplingClient:
         from tether.client.tokenizer import load_tokenizer
 
         return load_tokenizer(self.get_base_model())
+
+
+def _restore(base_url: str, api_key: str, sampling_session_id: str, base_model: str | None) -> SamplingClient:
+    """An unpickled SamplingClient: its own connection, and seq ids in a fresh random block.
+
+    The server deduplicates samples by (sampling session, seq_id), so a copy must never reuse the
+    original's numbers; each copy numbers from a random multiple of 1e9 (as the Tinker SDK's clones).
+    """
+    session = ClientSession(Transport(base_url, api_key))
+    first = random.randint(1, 1_000_000_000) * 1_000_000_000
+    return SamplingClient(session, sampling_session_id, base_model, first_seq_id=first)
 
 
 async def _get_sampler(session: ClientSession, sampler_id: str) -> GetSamplerResponse:
