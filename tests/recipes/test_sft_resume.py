@@ -103,7 +103,7 @@ def test_interrupted_run_resumes_with_exactly_the_next_batch(tmp_path, tokenizer
     expected = straight.clients[0].history
     assert len(expected) == 14  # 23 // 3 = 7 batches per epoch, 2 epochs
 
-    crashing = FakeService(tokenizer, crash_on_save="000006")
+    crashing = FakeService(tokenizer, crash_on_save="sft-000006")
     with pytest.raises(_Crash):
         sft.train_sft(_config(tmp_path / "resumed"), crashing, CONVERSATIONS)
     assert len(crashing.clients[0].history) == 6  # steps 0..5 ran; the last good checkpoint holds 0..3
@@ -131,6 +131,6 @@ def test_finished_run_rerun_does_nothing_and_a_changed_plan_is_refused(tmp_path,
 def test_max_steps_stops_early_and_saves_the_last_state(tmp_path, tokenizer):
     service = FakeService(tokenizer)
     result = sft.train_sft(_config(tmp_path, max_steps=3, save_every=None), service, CONVERSATIONS)
-    assert result.steps_run == 3 and result.final_state_path == "tinker://run/weights/000003"
+    assert result.steps_run == 3 and result.final_state_path == "tinker://run/weights/sft-000003"
     rows = [json.loads(line) for line in (tmp_path / "checkpoints.jsonl").read_text().splitlines()]
     assert [r["next_step"] for r in rows] == [3]

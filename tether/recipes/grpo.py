@@ -226,9 +226,10 @@ def train_grpo(
         # Log before saving: a crash in between leaves a row that resume truncates, never a gap.
         run_log.log_metrics(step, metrics)
         if next_step == config.num_steps or (config.save_every and next_step % config.save_every == 0):
-            final_state_path = training_client.save_state(f"{next_step:06d}").result().path
+            name = f"grpo-{next_step:06d}"
+            final_state_path = training_client.save_state(name).result().path
             run_log.record_checkpoint(
-                CheckpointRecord(name=f"{next_step:06d}", next_step=next_step, state_path=final_state_path)
+                CheckpointRecord(name=name, next_step=next_step, state_path=final_state_path)
             )
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}")

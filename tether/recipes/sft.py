@@ -223,7 +223,7 @@ def train_sft(
 
 
 def _save(training_client: Any, run_log: RunLog, next_step: int, plan: BatchPlan) -> str:
-    name = f"{next_step:06d}"
+    name = f"sft-{next_step:06d}"
     state_path = training_client.save_state(name).result().path
     run_log.record_checkpoint(
         CheckpointRecord(
