@@ -56,3 +56,17 @@ def test_failed_forward_leaves_the_cache_as_it_was(base):
     except IndexError:
         pass
     assert (cache.length, cache.row_lengths) == before
+
+
+def test_growth_never_exceeds_what_the_rows_can_still_need(base):
+    def grown(max_new: int, cap: bool) -> BatchKVCache:
+        cache = BatchKVCache()
+        cache.append_rows([(prefill(base.model, None, list(range(40))).cache, 1)])  # 40 columns + headroom
+        cache.max_columns = cache.length + max_new if cap else None
+        for _ in range(max_new):
+            decode(base.model, cache, [1], [None])
+        return cache
+
+    assert grown(35, cap=False).capacity == 2 * 72  # outgrew the 72-column buffer: doubled
+    capped = grown(35, cap=True)
+    assert capped.length == 75 and capped.capacity == 75  # grew only to what the row can still need

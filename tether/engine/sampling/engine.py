@@ -296,6 +296,10 @@ class SamplingEngine:
 
     def _decode_group(self, group: _Group) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""
+        # A sequence feeds at most max_tokens - generated more tokens (its pending one included).
+        group.cache.max_columns = group.cache.length + max(
+            s.owner.request.max_tokens - len(s.tokens) for s in group.sequences
+        )
         try:
             logits = decode(
                 group.model,

@@ -32,6 +32,9 @@ class BatchKVCache:
         self.row_lengths: list[int] = []
         self.length = 0
         """Columns in use (the longest row); columns beyond it are spare capacity."""
+        self.max_columns: int | None = None
+        """Most columns the current rows can still need, if the owner knows (their remaining token
+        budgets): growth and compaction never allocate beyond it, so spare capacity stays small."""
         self._pending = 0
 
     @property
@@ -150,7 +153,7 @@ class BatchKVCache:
         drop = self.length - new_length
         index = torch.tensor(list(rows), dtype=torch.long, device=self.keys[0].device)
         spare = self.capacity - self.length
-        capacity = new_length + max(spare, GROWTH_MIN_COLUMNS)
+        capacity = self._capped(new_length + max(spare, GROWTH_MIN_COLUMNS), new_length)
         for layer in range(len(self.keys)):
             for buffers in (self.keys, self.values):
                 kept = buffers[layer][:, :, drop : self.length].index_select(0, index)
@@ -162,12 +165,15 @@ class BatchKVCache:
 
     # --- helpers --------------------------------------------------------------------------------
     def _grow(self, layer_idx: int, needed: int) -> None:
-        capacity = max(needed, 2 * self.keys[layer_idx].shape[2])
+        capacity = self._capped(max(needed, 2 * self.keys[layer_idx].shape[2]), needed)
         for buffers in (self.keys, self.values):
             old = buffers[layer_idx]
             fresh = self._empty_like(old, capacity)
             fresh[:, :, : self.length] = old[:, :, : self.length]
             buffers[layer_idx] = fresh
+
+    def _capped(self, capacity: int, needed: int) -> int:
+        return capacity if self.max_columns is None else max(needed, min(capacity, self.max_columns))
 
     @staticmethod
     def _empty_like(like: torch.Tensor, capacity: int, rows: int | None = None) -> torch.Tensor:
