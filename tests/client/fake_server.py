@@ -112,9 +112,10 @@ class FakeServer:
             body = json.loads(request.content)
             self.numbered.append((path, body["seq_id"]))
             lr = body["adam_params"]["learning_rate"]
-            with torch.no_grad():
-                self.W -= lr * self.W.grad
-                self.W.grad = None
+            if self.W.grad is not None:
+                with torch.no_grad():
+                    self.W -= lr * self.W.grad
+                    self.W.grad = None
             return self._future("json", {"metrics": {"learning_rate:mean": lr}})
         if path == "/api/v1/create_sampling_session":
             return httpx.Response(200, json={"sampling_session_id": "sess:sample:0"})

@@ -203,3 +203,28 @@ def test_loss_fn_config_is_checked_before_sending(server: FakeServer, service: S
     with pytest.raises(UserInputError, match="loss_fn_config"):
         tc.forward(_datums(np.random.default_rng(7), 1), "ppo", {"clip_low_threshold": [0.8]})
     assert server.numbered == []
+
+
+def test_calls_pipelined_behind_a_custom_loss_keep_their_order(server: FakeServer, service: ServiceClient) -> None:
+    tc = service.create_lora_training_client("fake").result()
+    data = _datums(np.random.default_rng(8))
+    futures = [tc.forward_backward_custom(data, _grpo_loss), tc.optim_step(), tc.forward_backward(data, "cross_entropy")]
+    for f in futures:
+        f.result(timeout=30)
+    assert [(p.rsplit("/", 1)[-1], seq) for p, seq in server.numbered] == [
+        ("forward_keep_graph", 1),
+        ("backward_from_logprob_grads", 2),
+        ("optim_step", 3),
+        ("forward_backward", 4),
+    ]
+
+
+def test_failed_custom_forward_releases_the_queue(server: FakeServer, service: ServiceClient) -> None:
+    tc = service.create_lora_training_client("fake").result()
+    server.fail_future["/api/v1/tether/forward_keep_graph"] = "server"
+    failed = tc.forward_backward_custom(_datums(np.random.default_rng(9)), _grpo_loss)
+    after = tc.optim_step()
+    with pytest.raises(ServerError, match="refused"):
+        failed.result(timeout=30)
+    assert after.result(timeout=30).metrics == {"learning_rate:mean": 1e-4}
+    assert [(p.rsplit("/", 1)[-1], seq) for p, seq in server.numbered] == [("optim_step", 3)]
