@@ -262,3 +262,24 @@ def test_lifecycle_errors(training_engine):
     ):
         with pytest.raises(NotFoundError):
             call()
+
+
+def test_bf16_base_model_trains_fp32_adapters(small_base):
+    """A bf16 base keeps fp32 LoRA weights and moments; its logprobs stay close to the fp32 model's."""
+    from tether.engine.model_loading import load_base_model
+
+    bf16_base = load_base_model(str(small_base.path), dtype="bfloat16")
+    data = make_data([6, 4], vocab=small_base.vocab_size)
+    logprobs = {}
+    for name, base in (("fp32", small_base), ("bf16", bf16_base)):
+        engine = TrainingEngine(base)
+        engine.create_model("m", lora=SPEC)
+        logprobs[name] = engine.forward_backward("m", data, "cross_entropy").outputs
+        engine.optim_step("m", ADAM)
+        state = engine.export_state("m", include_optimizer=True)
+        assert all(t.dtype == torch.float32 for t in state.weights.values())
+        assert all(t.dtype == torch.float32 for t in state.optimizer.values())
+        assert any(t.abs().sum() > 0 for n, t in state.weights.items() if n.endswith("lora_B"))
+        engine.delete_model("m")
+    for a, b in zip(logprobs["fp32"], logprobs["bf16"], strict=True):
+        torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=0.05, rtol=0.05)

@@ -178,8 +178,9 @@ class MultiLoraLinear(nn.Module):
 
 
 def _lora_delta(x: torch.Tensor, weights: LoraWeights) -> torch.Tensor:
-    x = x.to(weights.lora_A.dtype)
-    return ((x @ weights.lora_A.T) @ weights.lora_B.T * weights.scale).to(x.dtype)
+    """The adapter's contribution, computed in the adapter's dtype and returned in the input's."""
+    x_lora = x.to(weights.lora_A.dtype)
+    return ((x_lora @ weights.lora_A.T) @ weights.lora_B.T * weights.scale).to(x.dtype)
 
 
 def _kind_of(name: str, module: nn.Module, output_embeddings: nn.Module | None) -> str | None:
@@ -225,12 +226,16 @@ def lora_layers(model: nn.Module) -> list[tuple[str, MultiLoraLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoraLinear)]
 
 
-def add_adapter(model: nn.Module, adapter_id: str, spec: LoraSpec) -> dict[str, torch.Tensor]:
+def add_adapter(
+    model: nn.Module, adapter_id: str, spec: LoraSpec, *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Create adapter `adapter_id` on every layer its spec trains; return its trainable tensors by name.
 
     A is initialised like PEFT (Kaiming-uniform with a=sqrt(5)) from `spec.seed`; B is zero, so a new
     adapter leaves the model's outputs unchanged. Names are `<module path>.lora_A` / `.lora_B`
-    (PEFT's layout without the adapter name), stable across runs.
+    (PEFT's layout without the adapter name), stable across runs. `dtype` defaults to the base
+    weights' dtype; training passes float32 so a bf16 base model still gets fp32 adapter weights and
+    optimizer moments (the delta is computed in the adapter's dtype, see `_lora_delta`).
     """
     layers = lora_layers(model) or [(n, m) for n, m in _named(attach_lora_layers(model), model)]
     if any(adapter_id in layer.adapters for _, layer in layers):
@@ -246,9 +251,10 @@ def add_adapter(model: nn.Module, adapter_id: str, spec: LoraSpec) -> dict[str, 
         lora_A = torch.empty(spec.rank, layer.in_features, dtype=torch.float32)
         bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound for fan_in
         lora_A.uniform_(-bound, bound, generator=generator)
-        lora_A = lora_A.to(device=base_weight.device, dtype=base_weight.dtype).requires_grad_(True)
+        adapter_dtype = dtype or base_weight.dtype
+        lora_A = lora_A.to(device=base_weight.device, dtype=adapter_dtype).requires_grad_(True)
         lora_B = torch.zeros(
-            layer.out_features, spec.rank, device=base_weight.device, dtype=base_weight.dtype, requires_grad=True
+            layer.out_features, spec.rank, device=base_weight.device, dtype=adapter_dtype, requires_grad=True
         )
         layer.adapters[adapter_id] = LoraWeights(lora_A, lora_B, spec.scale)
         params[f"{name}.lora_A"] = lora_A

@@ -40,7 +40,7 @@ from tether.engine.optimizer import ModelOptimizer, check_moments
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
 from tether.engine.validation import validate_data
-from tether.types.errors import ConflictError, NotFoundError, UserInputError
+from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
 __all__ = [
     "AdamWParams",
@@ -81,7 +81,7 @@ class TrainingEngine:
 
     def __init__(self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192) -> None:
         if max_tokens_per_micro_batch < 1:
-            raise UserInputError("must be at least 1", field="max_tokens_per_micro_batch")
+            raise ConfigurationError("must be at least 1", field="max_tokens_per_micro_batch")
         self.base = base
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self._device = next(base.model.parameters()).device
@@ -293,7 +293,7 @@ class TrainingEngine:
 
     def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
         if lora is not None:
-            params = add_adapter(self.base.model, model_id, lora)
+            params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
             return _TrainingModel(model_id, lora, self.base.model, model_id, params, ModelOptimizer(params))
         module = _full_copy(self.base.model)
         params = {name: p for name, p in module.named_parameters()}
