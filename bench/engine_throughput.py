@@ -30,7 +30,7 @@ ADAM = AdamWParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-12)
 
 
 class PlainLoraLinear(nn.Module):
-    """The textbook LoRA layer: base(x) + scale * (x A^T) B^T."""
+    """The textbook LoRA layer: base(x) + scale * (x A^T) B^T, with fp32 factors on any base dtype."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class PlainLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
+        return self.base(x) + ((x.float() @ self.lora_A.T) @ self.lora_B.T * self.scale).to(x.dtype)
 
 
 def plain_lora(model: nn.Module, rank: int, scale: float) -> list[nn.Parameter]:
@@ -61,8 +61,8 @@ def plain_lora(model: nn.Module, rank: int, scale: float) -> list[nn.Parameter]:
 class PlainLoop:
     """Hand-written training step on a plain HF model."""
 
-    def __init__(self, path, mode: str, rank: int, alpha: float, device: str) -> None:
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    def __init__(self, path, mode: str, rank: int, alpha: float, device: str, dtype: str) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         params = plain_lora(self.model, rank, alpha / rank) if mode == "lora" else list(self.model.parameters())
         self.model.to(device)
         self.optimizer = torch.optim.AdamW(
@@ -81,7 +81,7 @@ class PlainLoop:
         return float(loss.detach())
 
 
-def run(mode: str, base, batch: int, seq_len: int, steps: int, rank: int, device: str) -> float:
+def run(mode: str, base, batch: int, seq_len: int, steps: int, rank: int, device: str, dtype: str) -> float:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, base.vocab_size, (batch, seq_len), generator=gen)
     targets = torch.randint(0, base.vocab_size, (batch, seq_len), generator=gen)
@@ -92,7 +92,7 @@ def run(mode: str, base, batch: int, seq_len: int, steps: int, rank: int, device
     engine = TrainingEngine(base, max_tokens_per_micro_batch=batch * seq_len)
     alpha = 32.0
     engine.create_model("bench", lora=LoraSpec(rank=rank, alpha=alpha, seed=0) if mode == "lora" else None)
-    plain = PlainLoop(base.path, mode, rank, alpha, device)
+    plain = PlainLoop(base.path, mode, rank, alpha, device, dtype)
 
     def engine_step() -> None:
         engine.forward_backward("bench", data, "cross_entropy")
@@ -116,7 +116,7 @@ def run(mode: str, base, batch: int, seq_len: int, steps: int, rank: int, device
     plain_tps = num_tokens / statistics.median(plain_times)
     ratio = engine_tps / plain_tps
     print(
-        f"{mode:>4} on {device}: engine {engine_tps:9.0f} tok/s   plain PyTorch {plain_tps:9.0f} tok/s   "
+        f"{mode:>4} on {device} ({dtype}): engine {engine_tps:9.0f} tok/s   plain PyTorch {plain_tps:9.0f} tok/s   "
         f"ratio {ratio:.3f}   ({steps} steps of {batch}x{seq_len} tokens, median)"
     )
     return ratio
@@ -135,12 +135,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per datum")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights' dtype")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = load_base_model(args.model, device=args.device)
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
     for mode in ("lora", "full") if args.mode == "both" else (args.mode,):
-        run(mode, base, args.batch, args.seq_len, args.steps, args.rank, args.device)
+        run(mode, base, args.batch, args.seq_len, args.steps, args.rank, args.device, args.dtype)
 
 
 if __name__ == "__main__":
