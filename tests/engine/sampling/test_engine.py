@@ -205,6 +205,7 @@ BAD_REQUESTS = [
     (dict(num_samples=0), "num_samples"),
     (dict(stop=[1, "x"]), "stop"),
     (dict(topk_prompt_logprobs=-1), "topk_prompt_logprobs"),
+    (dict(topk_sample_logprobs=-2), "topk_sample_logprobs"),
 ]
 
 

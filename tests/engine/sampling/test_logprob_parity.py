@@ -164,3 +164,20 @@ def test_sampled_logprobs_match_the_training_engines_forward(engine, base, lora)
     )
     assert torch.allclose(torch.tensor(sequence.logprobs), trained.float(), atol=TOLERANCE)
     trainer.delete_model("policy")
+
+
+def test_topk_sample_logprobs_match_plain_forward_and_only_when_asked(engine, base):
+    wanted = engine.submit(
+        SampleRequest(PROMPT, max_tokens=6, temperature=1.0, seed=4, stop=[], topk_sample_logprobs=3)
+    )
+    plain = engine.submit(SampleRequest(PROMPT, max_tokens=6, temperature=1.0, seed=4, stop=[]))
+    sequence = wanted.result(timeout=60).sequences[0]
+    assert plain.result(timeout=60).sequences[0].topk_logprobs is None
+    ids = torch.tensor([PROMPT + sequence.tokens])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(plain_model(base)(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    values, token_ids = logprobs[len(PROMPT) - 1 :].topk(3, dim=-1)
+    assert len(sequence.topk_logprobs) == len(sequence.tokens)
+    for position, row in enumerate(sequence.topk_logprobs):
+        assert [t for t, _ in row] == token_ids[position].tolist()
+        assert torch.allclose(torch.tensor([v for _, v in row]), values[position], atol=TOLERANCE)

@@ -86,6 +86,7 @@ class _Sequence:
     row: RowSampling
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -324,11 +325,19 @@ class SamplingEngine:
     def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[_Sequence]:
         """Sample one token per sequence from `logits`; finish those that stop; return the rest."""
         tokens = choose_tokens(logits, [s.row for s in sequences], [s.generator for s in sequences])
-        logprobs = untempered_logprobs(logits).gather(1, tokens[:, None]).squeeze(1)
+        all_logprobs = untempered_logprobs(logits)
+        logprobs = all_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        k = max(s.owner.request.topk_sample_logprobs for s in sequences)
+        top_values, top_ids = all_logprobs.topk(k, dim=-1) if k else (None, None)
         live = []
-        for sequence, token, logprob in zip(sequences, tokens.tolist(), logprobs.tolist(), strict=True):
+        for row, (sequence, token, logprob) in enumerate(
+            zip(sequences, tokens.tolist(), logprobs.tolist(), strict=True)
+        ):
             sequence.tokens.append(token)
             sequence.logprobs.append(logprob)
+            if (wanted := sequence.owner.request.topk_sample_logprobs) and top_ids is not None:
+                pairs = zip(top_ids[row, :wanted].tolist(), top_values[row, :wanted].tolist(), strict=True)
+                sequence.topk_logprobs.append(list(pairs))
             if sequence.owner.stop.is_met(sequence.tokens):
                 self._finish(sequence, "stop")
             elif len(sequence.tokens) >= sequence.owner.request.max_tokens:
@@ -342,7 +351,12 @@ class SamplingEngine:
     # unfinished > 0; each is given back exactly once, by `_finish` or by `_abandon`.
     def _finish(self, sequence: _Sequence, stop_reason: StopReason) -> None:
         state = sequence.owner
-        state.sequences[sequence.index] = SampledSequence(sequence.tokens, sequence.logprobs, stop_reason)
+        state.sequences[sequence.index] = SampledSequence(
+            sequence.tokens,
+            sequence.logprobs,
+            stop_reason,
+            sequence.topk_logprobs if state.request.topk_sample_logprobs else None,
+        )
         state.unfinished -= 1
         self._release_slots(state, 1)
         if state.unfinished == 0:

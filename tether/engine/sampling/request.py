@@ -45,6 +45,8 @@ class SampleRequest:
     """Also return the logprob of every prompt token given the tokens before it (None at position 0)."""
     topk_prompt_logprobs: int = 0
     """Also return the k most likely tokens and their logprobs at every prompt position; 0 = off."""
+    topk_sample_logprobs: int = 0
+    """Also return the k most likely tokens and their logprobs at every generated position; 0 = off."""
 
 
 @dataclass
@@ -59,6 +61,9 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: StopReason
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
+    """With `topk_sample_logprobs` = k: per generated token, the k most likely (token id, untempered
+    logprob) pairs of the distribution it was drawn from, most likely first."""
 
 
 @dataclass
@@ -106,6 +111,7 @@ class ValidatedRequest:
     weights_id: str | None
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
+    topk_sample_logprobs: int
     reserved_tokens_per_sample: int = field(default=0)
     """KV-cache tokens one sample may occupy at most: prompt plus max_tokens."""
 
@@ -165,6 +171,10 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
         raise UserInputError(f"must be in (0, 1], got {top_p!r}", field="top_p")
     if request.seed is not None and not _is_int(request.seed):
         raise UserInputError(f"must be an integer, got {request.seed!r}", field="seed")
+    if not _is_int(request.topk_sample_logprobs) or request.topk_sample_logprobs < 0:
+        raise UserInputError(
+            f"must be an integer >= 0, got {request.topk_sample_logprobs!r}", field="topk_sample_logprobs"
+        )
     if not _is_int(request.topk_prompt_logprobs) or request.topk_prompt_logprobs < 0:
         raise UserInputError(
             f"must be an integer >= 0, got {request.topk_prompt_logprobs!r}", field="topk_prompt_logprobs"
@@ -181,6 +191,7 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
         weights_id=request.weights_id,
         include_prompt_logprobs=bool(request.include_prompt_logprobs),
         topk_prompt_logprobs=min(request.topk_prompt_logprobs, limits.vocab_size),
+        topk_sample_logprobs=min(request.topk_sample_logprobs, limits.vocab_size),
         reserved_tokens_per_sample=len(prompt) + max_tokens,
     )
 
