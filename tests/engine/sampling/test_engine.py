@@ -305,3 +305,21 @@ def test_a_request_cancelled_while_waiting_never_runs(base):
         assert engine.running_sequences == 0 and engine.queue_depth == 0
     finally:
         engine.close()
+
+
+def test_request_spellings_the_service_passes_through(engine, base):
+    short_context = SamplingEngine(dataclasses.replace(base, max_context_length=len(PROMPTS[0]) + 5))
+    try:  # max_tokens None = up to the context length
+        result = short_context.submit(SampleRequest(PROMPTS[0], stop=[])).result(timeout=60)
+        assert len(result.sequences[0].tokens) == 5 and result.sequences[0].stop_reason == "length"
+    finally:
+        short_context.close()
+    big_seed = SampleRequest(PROMPTS[0], max_tokens=5, seed=2**64 - 1, num_samples=2)
+    assert (
+        engine.submit(big_seed).result(timeout=60).sequences
+        == engine.submit(big_seed).result(timeout=60).sequences
+    )
+    negative_seed = engine.submit(SampleRequest(PROMPTS[0], max_tokens=5, seed=-(2**63))).result(timeout=60)
+    assert len(negative_seed.sequences[0].tokens) == 5
+    greedy_pair = engine.submit(greedy(PROMPTS[0], num_samples=3, max_tokens=6)).result(timeout=60)
+    assert len({tuple(s.tokens) for s in greedy_pair.sequences}) == 1
