@@ -112,7 +112,8 @@ class SamplingEngine:
         prompt_cache_tokens: int | None = 16384,
     ) -> None:
         """`prompt_cache_tokens`: prompt tokens of recent prefills kept for reuse by identical
-        prompts (None = no reuse). The other limits are documented on `SchedulerConfig`."""
+        prompts (None = no reuse); their KV memory comes on top of `kv_cache_budget_tokens`. The
+        other limits are documented on `SchedulerConfig`."""
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
         self._scheduler: Scheduler[_RequestState] = Scheduler(

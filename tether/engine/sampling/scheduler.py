@@ -1,7 +1,9 @@
 """Which waiting requests join the running batch at the next step: FIFO under a KV-cache budget.
 
 A request reserves, for each of its samples, the KV-cache tokens it may occupy at most (prompt plus
-max_tokens), so admitted work can always run to completion and nothing is ever preempted. A request
+max_tokens), so admitted work can always run to completion and nothing is ever preempted. The
+budget counts tokens, not buffer slots: the batch's left-padded KV buffer holds rows x longest-row
+slots, so padding between rows of very different lengths comes on top. A request
 waits while the reservation would exceed the budget, the batch is full, or this step's prefill
 allowance is spent; requests are admitted strictly in arrival order, so a large request is never
 starved by a stream of small ones. Past `max_waiting_requests` waiting requests, `add` raises
