@@ -45,7 +45,7 @@ def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_
     try:
         output = model(
             input_ids=input_ids,
-            attention_mask=cache.attention_mask(num_new, device),
+            attention_mask=_mask_for(model, cache.attention_mask(num_new, device)),
             position_ids=cache.position_ids(num_new, device),
             cache=cache,
             use_cache=True,
@@ -56,6 +56,20 @@ def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_
         raise
     cache.commit()
     return output.logits
+
+
+def _mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask in the form the model's attention takes: boolean for SDPA, additive otherwise.
+
+    Hugging Face passes a prepared 4-D mask through untouched, and its eager attention adds it to
+    the scores, so there a boolean mask would silently attend everywhere.
+    """
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 @torch.inference_mode()
