@@ -51,17 +51,26 @@ def test_rl_datum_trains_only_sampled_tokens():
     assert info.value.field == "sampled_logprobs"
 
 
-def test_addition_task_is_deterministic_and_keeps_heldout_problems_out_of_training():
-    task = AdditionTask(num_digits=2, seed=3, num_heldout=50)
-    heldout = {p.messages[0]["content"] for p in task.heldout_problems()}
-    assert len(heldout) == 50
+def test_addition_task_is_deterministic_and_keeps_heldout_multisets_out_of_training():
+    task = AdditionTask(num_operands=3, num_digits=1, seed=3, num_heldout=50)
+    heldout = task.heldout_problems()
+    heldout_keys = {tuple(sorted(map(int, p.messages[0]["content"].split("+")))) for p in heldout}
+    assert len(heldout) == len(heldout_keys) == 50
     train = [task.train_problem(i) for i in range(2000)]
-    assert not heldout & {p.messages[0]["content"] for p in train}
-    assert [p.answer for p in train[:20]] == [
-        AdditionTask(2, seed=3, num_heldout=50).train_problem(i).answer for i in range(20)
-    ]
-    a, b = map(int, train[0].messages[0]["content"].split("+"))
-    assert train[0].answer == str(a + b)
+    train_keys = {tuple(sorted(map(int, p.messages[0]["content"].split("+")))) for p in train}
+    assert not heldout_keys & train_keys, "no reordering of a held-out problem is trained on"
+    again = AdditionTask(num_operands=3, num_digits=1, seed=3, num_heldout=50)
+    assert [p.messages for p in train[:20]] == [again.train_problem(i).messages for i in range(20)]
+    operands = list(map(int, train[0].messages[0]["content"].split("+")))
+    assert len(operands) == 3 and train[0].answer == str(sum(operands))
+    two_digit = AdditionTask(num_operands=2, num_digits=2).train_problem(0)
+    assert two_digit.answer == str(sum(map(int, two_digit.messages[0]["content"].split("+"))))
+
+
+def test_addition_task_refuses_to_hold_out_most_problems():
+    with pytest.raises(UserInputError) as info:
+        AdditionTask(num_operands=2, num_digits=1, num_heldout=40)  # only 55 distinct problems
+    assert info.value.field == "num_heldout"
 
 
 def test_exact_answer_reward_needs_a_clean_end_and_the_exact_number():

@@ -6,14 +6,33 @@ an existing service client (the quickstart and tests share one between SFT and G
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from tether.client.service_client import ServiceClient
+from tether.types.errors import UserInputError
+
+SdkName = Literal["tether", "tinker"]
 
 
-def connect(base_url: str | None, api_key: str | None = None) -> ServiceClient:
-    """A service client for `base_url` (None: $TETHER_BASE_URL / $TINKER_BASE_URL; "local": embedded)."""
-    return ServiceClient(base_url=base_url, api_key=api_key)
+def connect(base_url: str | None, api_key: str | None = None, *, sdk: SdkName = "tether") -> Any:
+    """A service client for `base_url` (None: $TETHER_BASE_URL / $TINKER_BASE_URL; "local": embedded).
+
+    `sdk="tinker"` drives the run with the official tinker SDK instead, against any
+    Tinker-compatible server (for tether's embedded server use tether's SDK).
+    """
+    if sdk == "tether":
+        return ServiceClient(base_url=base_url, api_key=api_key)
+    if base_url == "local":
+        raise UserInputError(
+            "the embedded server ('local') is started by tether's SDK; use sdk='tether'", field="sdk"
+        )
+    try:
+        import tinker
+    except ImportError:
+        raise UserInputError(
+            "sdk='tinker' needs the tinker package (pip install tinker)", field="sdk"
+        ) from None
+    return tinker.ServiceClient(base_url=base_url, api_key=api_key)
 
 
 def new_training_client(service: Any, model_name: str, lora_rank: int, seed: int | None) -> Any:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tether.recipes.addition import Problem, exact_answer_reward
+from tether.recipes.compat import SdkTypes
 from tether.renderers.base import Renderer
 from tether.types.data import SamplingParams
 
@@ -16,9 +17,13 @@ def heldout_accuracy(
     """Fraction of `problems` answered exactly with greedy decoding (all requests in flight at once)."""
     if not problems:
         return float("nan")
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences())
+    sdk = SdkTypes(sampling_client)
+    params = sdk.sampling_params(
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences())
+    )
     futures = [
-        sampling_client.sample(renderer.build_generation_prompt(p.messages), 1, params) for p in problems
+        sampling_client.sample(sdk.model_input(renderer.build_generation_prompt(p.messages)), 1, params)
+        for p in problems
     ]
     correct = 0.0
     for problem, future in zip(problems, futures, strict=True):

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.recipes.addition import AdditionTask, exact_answer_reward
-from tether.recipes.clients import connect, new_training_client, resume_training_client
+from tether.recipes.clients import SdkName, connect, new_training_client, resume_training_client
+from tether.recipes.compat import SdkTypes
 from tether.recipes.evaluation import heldout_accuracy
 from tether.recipes.problems import DatasetProblems, ProblemSource
 from tether.recipes.progress import progress_bar
@@ -28,7 +29,7 @@ from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import group_advantages, kl_sample_train
 from tether.recipes.run_log import CheckpointRecord, RunLog
 from tether.renderers import Renderer, renderer_for_model
-from tether.types.data import AdamParams, Datum, SamplingParams
+from tether.types.data import Datum, SamplingParams
 from tether.types.errors import UserInputError
 
 log = logging.getLogger("tether.recipes.grpo")
@@ -42,7 +43,10 @@ class Config(BaseModel):
     env: Literal["addition"] = Field(
         "addition", description="Built-in prompt environment, used when no dataset_path is given."
     )
-    num_digits: int = Field(2, ge=1, le=9, description="Digits per operand for the addition environment.")
+    num_operands: int = Field(
+        4, ge=2, le=9, description="Numbers added per problem in the addition environment."
+    )
+    num_digits: int = Field(1, ge=1, le=6, description="Digits per number in the addition environment.")
     dataset_path: Path | None = Field(
         None,
         description='JSONL of prompts, one {"messages": [...], "answer": "..."} per line (exact-answer reward).',
@@ -60,6 +64,9 @@ class Config(BaseModel):
         description='Server URL; "local" starts an embedded tether server; unset: $TETHER_BASE_URL, then $TINKER_BASE_URL.',
     )
     api_key: str | None = Field(None, description="API key; unset: $TETHER_API_KEY, then $TINKER_API_KEY.")
+    sdk: SdkName = Field(
+        "tether", description="Client library: tether's SDK, or the official tinker SDK (pip install tinker)."
+    )
     model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
     load_checkpoint_path: str | None = Field(
         None,
@@ -113,7 +120,12 @@ class GRPOResult:
 def problem_source(config: Config) -> ProblemSource:
     if config.dataset_path is not None:
         return DatasetProblems.from_jsonl(config.dataset_path, test_size=config.test_size, seed=config.seed)
-    return AdditionTask(num_digits=config.num_digits, seed=config.seed, num_heldout=config.test_size)
+    return AdditionTask(
+        num_operands=config.num_operands,
+        num_digits=config.num_digits,
+        seed=config.seed,
+        num_heldout=config.test_size,
+    )
 
 
 def _loss_fn_config(config: Config) -> dict[str, float] | None:
@@ -135,15 +147,18 @@ def _rollouts(
 ) -> tuple[list[_Rollout], dict[str, float]]:
     problems = [source.train_problem(step * config.batch_size + i) for i in range(config.batch_size)]
     prompts = [renderer.build_generation_prompt(p.messages) for p in problems]
+    sdk = SdkTypes(sampling_client)
     futures = [
         sampling_client.sample(
-            prompt,
+            sdk.model_input(prompt),
             config.group_size,
-            SamplingParams(
-                max_tokens=config.max_tokens,
-                temperature=config.temperature,
-                stop=renderer.get_stop_sequences(),
-                seed=(config.seed * 1_000_003 + step * 1_009 + index) % (2**31),
+            sdk.sampling_params(
+                SamplingParams(
+                    max_tokens=config.max_tokens,
+                    temperature=config.temperature,
+                    stop=renderer.get_stop_sequences(),
+                    seed=(config.seed * 1_000_003 + step * 1_009 + index) % (2**31),
+                )
             ),
         )
         for index, prompt in enumerate(prompts)
@@ -255,10 +270,11 @@ def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) 
     measured = trained or rollouts
     if not measured:
         return {}
-    data = [r.datum for r in measured]
+    sdk = SdkTypes(training_client)
+    data = sdk.data([r.datum for r in measured])
     if trained:
         output_future = training_client.forward_backward(data, config.loss_fn, _loss_fn_config(config))
-        optim_future = training_client.optim_step(AdamParams(learning_rate=config.learning_rate))
+        optim_future = training_client.optim_step(sdk.adam_params(config.learning_rate))
         output = output_future.result()
         optim_future.result()
     else:
@@ -278,7 +294,7 @@ def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) 
 def main(config: Config) -> GRPOResult:
     """`tether grpo`: connect and train on the configured environment or dataset."""
     source = problem_source(config)
-    service = connect(config.base_url, config.api_key)
+    service = connect(config.base_url, config.api_key, sdk=config.sdk)
     try:
         return train_grpo(config, service, source)
     finally:

@@ -1,8 +1,7 @@
 """`tether quickstart`: watch tether teach the embedded default model a task, end to end, on a CPU.
 
 It starts a local tether server with the tiny default model (random weights: it cannot add), then
-through the SDK only: measures held-out accuracy on N-digit addition written as chat ("12+34" ->
-"46"), fine-tunes on generated examples (SFT), measures again, trains with GRPO on an exact-answer
+through the SDK only: measures held-out accuracy on addition written as chat ("3+7+1+9" -> "20"), fine-tunes on generated examples (SFT), measures again, trains with GRPO on an exact-answer
 reward while sampling through the server, and measures a third time. It writes metrics.jsonl and
 quickstart.png (loss, reward, accuracy) to `log_dir`. The accuracies are measured, never assumed.
 """
@@ -39,13 +38,14 @@ class Config(BaseModel):
         "local", description='Server URL; "local" starts an embedded tether server for the run.'
     )
     api_key: str | None = Field(None, description="API key for a remote server; unset: $TETHER_API_KEY.")
-    num_digits: int = Field(2, ge=1, le=4, description="Digits per operand of the addition problems.")
+    num_operands: int = Field(4, ge=2, le=9, description="Numbers added per problem.")
+    num_digits: int = Field(1, ge=1, le=3, description="Digits per number.")
     heldout_problems: int = Field(100, ge=10, description="Held-out problems for the accuracy measurements.")
     lora_rank: int = Field(
         0, ge=0, description="0: full fine-tuning (the default model starts from random weights)."
     )
-    sft_steps: int = Field(300, ge=1, description="SFT optimizer steps.")
-    sft_batch_size: int = Field(64, ge=1, description="Conversations per SFT step.")
+    sft_steps: int = Field(400, ge=1, description="SFT optimizer steps.")
+    sft_batch_size: int = Field(16, ge=1, description="Conversations per SFT step.")
     sft_learning_rate: float = Field(
         3e-3, gt=0, description="Peak SFT learning rate (cosine decay after warmup)."
     )
@@ -53,7 +53,10 @@ class Config(BaseModel):
     grpo_steps: int = Field(30, ge=1, description="GRPO optimizer steps.")
     grpo_batch_size: int = Field(16, ge=1, description="Prompts per GRPO step.")
     group_size: int = Field(8, ge=2, description="Samples per prompt in GRPO.")
-    grpo_learning_rate: float = Field(3e-4, gt=0, description="GRPO learning rate.")
+    grpo_learning_rate: float = Field(1e-4, gt=0, description="GRPO learning rate.")
+    grpo_eval_every: int | None = Field(
+        10, ge=1, description="Held-out accuracy every this many GRPO steps (unset: never)."
+    )
     seed: int = Field(0, description="Seed of the problems, the data order and sampling.")
     progress: bool = Field(True, description="Show progress bars.")
 
@@ -79,8 +82,12 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    task = AdditionTask(num_digits=config.num_digits, seed=config.seed, num_heldout=config.heldout_problems)
-    max_tokens = config.num_digits + 3
+    task = AdditionTask(
+        config.num_operands, config.num_digits, seed=config.seed, num_heldout=config.heldout_problems
+    )
+    max_tokens = (
+        len(str(config.num_operands * (10**config.num_digits - 1))) + 2
+    )  # the sum, <|im_end|>, one spare
     training_client = new_training_client(service, MODEL_NAME, config.lora_rank, config.seed)
     renderer = renderer_for_model(MODEL_NAME, training_client.get_tokenizer())
     accuracies: dict[str, float] = {}
@@ -117,6 +124,7 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
     grpo_config = grpo.Config(
         log_dir=config.log_dir / "grpo",
         model_name=MODEL_NAME,
+        num_operands=config.num_operands,
         num_digits=config.num_digits,
         lora_rank=config.lora_rank,
         learning_rate=config.grpo_learning_rate,
@@ -124,7 +132,7 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
         group_size=config.group_size,
         num_steps=config.grpo_steps,
         max_tokens=max_tokens,
-        eval_every=None,
+        eval_every=config.grpo_eval_every,
         save_every=None,
         resume=False,
         seed=config.seed + 1,
@@ -133,7 +141,7 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
     grpo.train_grpo(
         grpo_config,
         service,
-        AdditionTask(num_digits=config.num_digits, seed=config.seed, num_heldout=config.heldout_problems),
+        task,
         training_client=training_client,
         on_step_end=lambda step, m: record({"phase": "grpo", "step": step, **m}),
     )

@@ -20,13 +20,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.recipes.batching import BatchPlan
-from tether.recipes.clients import connect, new_training_client, resume_training_client
+from tether.recipes.clients import SdkName, connect, new_training_client, resume_training_client
+from tether.recipes.compat import SdkTypes
 from tether.recipes.conversations import conversation_datum, load_conversations
 from tether.recipes.progress import progress_bar
 from tether.recipes.run_log import CheckpointRecord, RunLog
 from tether.recipes.schedules import LrSchedule, lr_multiplier
 from tether.renderers import Message, Renderer, TrainOnWhat, renderer_for_model
-from tether.types.data import AdamParams, Datum
+from tether.types.data import Datum
 from tether.types.errors import UserInputError
 
 log = logging.getLogger("tether.recipes.sft")
@@ -56,6 +57,9 @@ class Config(BaseModel):
         description='Server URL; "local" starts an embedded tether server; unset: $TETHER_BASE_URL, then $TINKER_BASE_URL.',
     )
     api_key: str | None = Field(None, description="API key; unset: $TETHER_API_KEY, then $TINKER_API_KEY.")
+    sdk: SdkName = Field(
+        "tether", description="Client library: tether's SDK, or the official tinker SDK (pip install tinker)."
+    )
     model_name: str = Field(
         "tether/tiny-qwen3", description="Base model to fine-tune, as the server names it."
     )
@@ -185,6 +189,7 @@ def train_sft(
     elif training_client is None:
         training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
 
+    sdk = SdkTypes(training_client)
     tokenizer = training_client.get_tokenizer()
     renderer = renderer_for_model(config.model_name, tokenizer, config.renderer_name)
     train_datums = _datums(renderer, train_conversations, config, "mean")
@@ -195,14 +200,14 @@ def train_sft(
     for step in range(start_step, total_steps):
         metrics: dict[str, Any] = {"epoch": plan.epoch_of(step)}
         if eval_datums and config.eval_every and step % config.eval_every == 0:
-            outputs = training_client.forward(eval_datums, "cross_entropy").result().loss_fn_outputs
+            outputs = training_client.forward(sdk.data(eval_datums), "cross_entropy").result().loss_fn_outputs
             metrics["test/nll"], _ = weighted_nll(eval_datums, outputs)
         learning_rate = config.learning_rate * lr_multiplier(
             config.lr_schedule, step, total_steps, config.warmup_steps
         )
         batch = [train_datums[i] for i in plan.indices(step)]
-        backward = training_client.forward_backward(batch, "cross_entropy")
-        optim = training_client.optim_step(AdamParams(learning_rate=learning_rate))
+        backward = training_client.forward_backward(sdk.data(batch), "cross_entropy")
+        optim = training_client.optim_step(sdk.adam_params(learning_rate))
         output = backward.result()
         optim_metrics = optim.result().metrics or {}
         metrics["train_mean_nll"], metrics["num_loss_tokens"] = weighted_nll(batch, output.loss_fn_outputs)
@@ -238,7 +243,7 @@ def main(config: Config) -> SFTResult:
     if config.dataset_path is None:
         raise UserInputError("is required", field="dataset_path")
     train, held_out = _split(config, load_conversations(config.dataset_path))
-    service = connect(config.base_url, config.api_key)
+    service = connect(config.base_url, config.api_key, sdk=config.sdk)
     try:
         return train_sft(config, service, train, held_out)
     finally:
