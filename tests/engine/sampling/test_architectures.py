@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from tether.engine.model_loading import load_base_model
 from tether.engine.sampling import SampleRequest, SamplingEngine
@@ -35,11 +42,36 @@ ARCHITECTURES = {
             bos_token_id=3,
         )
     ),
+    "qwen3-sliding": lambda: Qwen3ForCausalLM(  # every other layer sees only the last 4 tokens
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            initializer_range=0.3,
+            eos_token_id=3,
+            use_sliding_window=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+    ),
 }
 
 
 @pytest.mark.parametrize(
-    "architecture, attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")], ids=str
+    "architecture, attention",
+    [
+        ("llama", "sdpa"),
+        ("llama", "eager"),
+        ("gpt2", "sdpa"),
+        ("qwen3-sliding", "sdpa"),
+        ("qwen3-sliding", "eager"),
+    ],
+    ids=str,
 )
 def test_greedy_equals_generate(architecture, attention, tmp_path):
     torch.manual_seed(0)

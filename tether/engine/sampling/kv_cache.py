@@ -76,17 +76,22 @@ class BatchKVCache:
         return self.length
 
     # --- driving a step --------------------------------------------------------------------------
-    def attention_mask(self, num_new: int, device: torch.device | str) -> torch.Tensor:
+    def attention_mask(
+        self, num_new: int, device: torch.device | str, sliding_window: int | None = None
+    ) -> torch.Tensor:
         """Boolean (rows, 1, num_new, length + num_new) mask: True where a query may attend.
 
-        A query sees its own row's real tokens before it and itself (causal among the new tokens).
+        A query sees its own row's real tokens before it and itself (causal among the new tokens);
+        with `sliding_window` w, only the last w of them (Hugging Face's `kv > q - w`).
         """
         total = self.length + num_new
-        columns = torch.arange(total, device=device)
+        columns = torch.arange(total, device=device)[None, None, :]
         lengths = torch.tensor(self.row_lengths, device=device, dtype=torch.long)
         first_real = (self.length - lengths)[:, None, None]
         query_column = (self.length + torch.arange(num_new, device=device))[None, :, None]
-        mask = (columns[None, None, :] >= first_real) & (columns[None, None, :] <= query_column)
+        mask = (columns >= first_real) & (columns <= query_column)
+        if sliding_window is not None:
+            mask &= columns > query_column - sliding_window  # a row's columns are its positions, shifted
         return mask[:, None]
 
     def position_ids(self, num_new: int, device: torch.device | str) -> torch.Tensor:

@@ -5,8 +5,7 @@ and explicit position ids, so rows of different lengths (left-padded) decode tog
 each would alone. Adapters are routed per row with `AdapterRouting.for_rows` inside this thread's
 `adapter_routing`, so a trainer thread may run the same base module at the same time.
 
-Known limit: the explicit mask is applied to every layer, so models with sliding-window layers are
-run with full attention (exact for sequences shorter than their window).
+Models with sliding-window layers get one mask per layer type, as `generate` passes them.
 
 This module knows nothing about requests, stops or scheduling.
 """
@@ -45,7 +44,7 @@ def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_
     try:
         output = model(
             input_ids=input_ids,
-            attention_mask=_mask_for(model, cache.attention_mask(num_new, device)),
+            attention_mask=_masks_for(model, cache, num_new, device),
             position_ids=cache.position_ids(num_new, device),
             cache=cache,
             use_cache=True,
@@ -56,6 +55,22 @@ def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_
         raise
     cache.commit()
     return output.logits
+
+
+def _masks_for(
+    model: nn.Module, cache: BatchKVCache, num_new: int, device: torch.device
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask argument: one 4-D mask, or one per layer type for sliding-window models.
+
+    Models with sliding-window layers take a mapping from layer type to mask (the form `generate`
+    prepares); the cache keeps every token, and the sliding mask hides those outside the window.
+    """
+    full = _mask_for(model, cache.attention_mask(num_new, device))
+    config = model.config
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return full
+    window = cache.attention_mask(num_new, device, sliding_window=config.sliding_window)
+    return {"full_attention": full, "sliding_attention": _mask_for(model, window)}
 
 
 def _mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
