@@ -150,7 +150,9 @@ class SamplingEngine:
 
     def submit(self, request: SampleRequest) -> Future[SampleResult]:
         """Queue `request`. Raises `UserInputError` (bad request), `NotFoundError` (unknown weights_id)
-        or `OverloadedError` (queue full) at once; other failures arrive as the future's exception."""
+        or `OverloadedError` (queue full) at once; other failures arrive as the future's exception.
+
+        The future completes on the engine's thread, so its done-callbacks should be quick."""
         validated = validate_request(request, self._limits)
         cost = WorkCost(validated.reserved_tokens, validated.num_samples, len(validated.prompt_tokens))
         self._scheduler.check_fits(cost)
