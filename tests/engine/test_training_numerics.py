@@ -140,3 +140,19 @@ def test_mixed_target_shapes_in_one_micro_batch(training_engine, loss_fn):
     handle, kept = engine.forward_keep_graph("m", data)
     assert [o["logprobs"].shape for o in kept.outputs] == [d.loss_fn_inputs["target_tokens"].shape for d in data]
     engine.release_graph(handle)
+
+
+@pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
+def test_clip_thresholds_default_to_0_8_and_1_2(training_engine, loss_fn):
+    engine = training_engine
+    engine.create_model("m", lora=SPEC)
+    randomize_lora(engine, "m")
+    data = make_data([6, 5], vocab=engine.base.vocab_size)
+    model, leaves = reference_model(engine, "m", lora=True)
+    _, ref_default, _ = reference_grads(model, leaves, data, loss_fn, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
+    _, ref_tight, _ = reference_grads(model, leaves, data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01})
+    assert ref_default != pytest.approx(ref_tight, abs=1e-4)  # the data does reach the clipping range
+    default = engine.forward("m", data, loss_fn).metrics["loss:sum"]
+    tight = engine.forward("m", data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01}).metrics["loss:sum"]
+    assert default == pytest.approx(ref_default, rel=1e-5, abs=1e-5)
+    assert tight == pytest.approx(ref_tight, rel=1e-5, abs=1e-5)
