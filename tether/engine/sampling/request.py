@@ -9,6 +9,7 @@ This module knows nothing about models or tensors.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -121,7 +122,8 @@ class ValidatedRequest:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Python and NumPy integers; not bools (a True token id is a caller mistake)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRequest:
@@ -180,7 +182,7 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
             f"must be an integer >= 0, got {request.topk_prompt_logprobs!r}", field="topk_prompt_logprobs"
         )
     return ValidatedRequest(
-        prompt_tokens=tuple(prompt),
+        prompt_tokens=tuple(int(t) for t in prompt),
         num_samples=request.num_samples,
         max_tokens=max_tokens,
         temperature=float(temperature),
@@ -214,7 +216,7 @@ def normalize_stop(stop: None | str | Sequence[int] | Sequence[str], limits: Mod
         for entry in entries:
             if not 0 <= entry < limits.vocab_size:
                 raise UserInputError(f"stop token {entry} is outside the vocabulary", field="stop")
-        return StopSpec(token_ids=eos | frozenset(entries))
+        return StopSpec(token_ids=eos | frozenset(int(e) for e in entries))
     if all(isinstance(entry, str) for entry in entries):
         if any(entry == "" for entry in entries):
             raise UserInputError("stop strings must not be empty", field="stop")

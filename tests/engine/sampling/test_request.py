@@ -1,0 +1,22 @@
+"""Request checks done at submit, without a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tether.engine.sampling.request import ModelLimits, SampleRequest, validate_request
+from tether.types.errors import UserInputError
+
+LIMITS = ModelLimits(vocab_size=264, max_context_length=64, eos_token_ids=(256,))
+
+
+def test_numpy_token_ids_are_accepted_as_plain_ints():
+    validated = validate_request(
+        SampleRequest(np.array([1, 2, 3]), max_tokens=2, stop=list(np.array([7]))), LIMITS
+    )
+    assert validated.prompt_tokens == (1, 2, 3) and all(type(t) is int for t in validated.prompt_tokens)
+    assert validated.stop.token_ids == {7, 256}
+    with pytest.raises(UserInputError) as err:
+        validate_request(SampleRequest([1, True], max_tokens=2), LIMITS)
+    assert err.value.field == "prompt"
