@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tether.engine.default_model import DEFAULT_MODEL_NAME
 from tether.engine.lora import MultiLoraLinear, lora_layers
 from tether.engine.model_loading import load_base_model, resolve_model_path
-from tether.types.errors import ConfigurationError, NotFoundError
+from tether.types.errors import ConfigurationError, NotFoundError, UserInputError
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,14 @@ def test_unknown_models_and_bad_settings_raise_typed_errors(tmp_path):
         resolve_model_path("m", {"m": str(tmp_path / "missing")})
     with pytest.raises(ConfigurationError):
         load_base_model(DEFAULT_MODEL_NAME, dtype="float8")
+
+
+def test_directory_that_is_not_a_loadable_causal_lm(tmp_path):
+    from transformers import T5Config
+
+    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path / "no-weights")
+    T5Config(vocab_size=8, d_model=8, num_layers=1, num_heads=1).save_pretrained(tmp_path / "t5")
+    for directory in ("no-weights", "t5"):
+        with pytest.raises(UserInputError) as error:
+            load_base_model(str(tmp_path / directory))
+        assert error.value.field == "base_model"

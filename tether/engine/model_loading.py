@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tether.engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from tether.engine.lora import attach_lora_layers
-from tether.types.errors import ConfigurationError, NotFoundError
+from tether.types.errors import ConfigurationError, NotFoundError, UserInputError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -100,7 +100,10 @@ def load_base_model(
     if dtype not in DTYPES:
         raise ConfigurationError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", field="dtype")
     path = resolve_model_path(name, aliases)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as exc:  # no weights, not a causal LM, unknown architecture
+        raise UserInputError(f"cannot load {name!r} as a causal LM: {exc}", field="base_model") from exc
     model.to(device)
     model.eval()
     model.requires_grad_(False)
