@@ -72,11 +72,11 @@ def run_generate_sequential(
 ) -> tuple[float, list[list[int]]]:
     model = base.model
     pad = model.generation_config.pad_token_id
-    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
+    model.generate(torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
     start = time.perf_counter()
     outputs = []
     for r in requests:
-        ids = torch.tensor([r.prompt])
+        ids = torch.tensor([r.prompt], device=model.device)
         out = model.generate(
             ids, max_new_tokens=r.max_tokens, min_new_tokens=r.max_tokens, do_sample=False, pad_token_id=pad
         )
@@ -98,8 +98,8 @@ def run_generate_padded(base: LoadedBaseModel, requests: list[BenchRequest]) -> 
     longest_output = max(r.max_tokens for r in requests)
     start = time.perf_counter()
     out = model.generate(
-        ids,
-        attention_mask=mask,
+        ids.to(model.device),
+        attention_mask=mask.to(model.device),
         max_new_tokens=longest_output,
         min_new_tokens=longest_output,
         do_sample=False,
@@ -123,11 +123,13 @@ def main() -> None:
         default=1,
         help="torch intra-op threads for both sides (1 resists a busy machine)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both sides)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    base = load_base_model(args.model)
+    base = load_base_model(args.model, device=args.device, dtype=args.dtype)
     requests = make_requests(args.num_requests, base.vocab_size, args.seed)
     num_tokens = sum(r.max_tokens for r in requests)
     print(
