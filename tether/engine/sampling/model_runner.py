@@ -12,6 +12,7 @@ This module knows nothing about requests, stops or scheduling.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from torch import nn
 from tether.engine.lora import AdapterRouting, adapter_routing
 from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.engine.sampling.next_token import untempered_logprobs
+from tether.types.errors import ServerError
 
 
 @dataclass
@@ -38,6 +40,14 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword the model's forward takes its cache under: `cache` in recent transformers,
+    `past_key_values` before (an unknown keyword would be swallowed by `**kwargs` and the model would
+    silently build a cache of its own)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
     device = input_ids.device
     num_new = input_ids.shape[1]
@@ -46,13 +56,19 @@ def _run(model: nn.Module, cache: BatchKVCache, input_ids: torch.Tensor, logits_
             input_ids=input_ids,
             attention_mask=_masks_for(model, cache, num_new, device),
             position_ids=cache.position_ids(num_new, device),
-            cache=cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{_cache_argument(model): cache},
         )
     except BaseException:
         cache.discard()
         raise
+    if not cache.keys:
+        cache.discard()
+        raise ServerError(
+            f"{type(model).__name__} did not write into the KV cache it was given; "
+            "this transformers version or model is not supported by the sampling engine"
+        )
     cache.commit()
     return output.logits
 
