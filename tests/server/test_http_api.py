@@ -224,3 +224,23 @@ def test_silent_session_expires(tmp_path, default_model_dir):
         assert client.post("/api/v1/get_info", json={"model_id": model}, headers=ALICE).status_code == 404
         session = model.split(":")[0]
         assert client.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 410
+
+
+def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
+    config = ServerConfig(port=0, data_dir=tmp_path, max_pending_samples=1, long_poll_s=5)
+    with ServerThread(config) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        session = client.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
+                              headers=ALICE).json()["session_id"]
+        sampler = client.post("/api/v1/create_sampling_session", headers=ALICE, json={
+            "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
+        body = {"sampling_session_id": sampler, "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+                "sampling_params": {"max_tokens": 8, "temperature": 1.0, "stop": []}}
+        answers = [client.post("/api/v1/asample", json={**body, "seq_id": i}, headers=ALICE) for i in range(6)]
+        statuses = [a.status_code for a in answers]
+        assert statuses[0] == 200 and 429 in statuses, statuses
+        assert all(a.json()["detail"] for a in answers if a.status_code == 429)
+        accepted = [a.json()["request_id"] for a in answers if a.status_code == 200]
+        assert all(len(result(client, rid)) > 0 for rid in accepted)
+        retry = client.post("/api/v1/asample", json={**body, "seq_id": statuses.index(429)}, headers=ALICE)
+        assert retry.status_code == 200  # a refused seq_id can be resubmitted once there is room

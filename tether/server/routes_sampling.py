@@ -119,7 +119,7 @@ async def asample(body: wire.SampleRequest, state: ServerState = Depends(server_
         include_prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     host = sampler.host
-    engine = host.sampling
+    engine = await asyncio.to_thread(lambda: host.sampling)  # the first use builds the engine: off the event loop
 
     def start() -> concurrent.futures.Future:
         if not host.reserve_samples(body.num_samples, state.config.max_pending_samples):
