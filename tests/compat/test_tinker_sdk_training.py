@@ -142,11 +142,20 @@ def test_resumed_client_continues_exactly(service_client, rest_client):
     assert fresh_optimizer != pytest.approx(never_stopped, rel=1e-6)  # moments were reset
 
 
-def test_full_fine_tuning_client_trains(service_client):
+def test_full_fine_tuning_client_trains_saves_and_samples(service_client):
     client = service_client.create_lora_training_client(base_model=BASE, rank=0).result()
     assert not client.get_info().is_lora
     losses = [_step(client) for _ in range(2)]
     assert losses[1] < losses[0]
+    prompt = types.ModelInput.from_ints(list(b"hello"))
+    live = client.save_weights_and_get_sampling_client().result().compute_logprobs(prompt).result()
+    state_path = client.save_state("full").result().path
+    sampler_path = client.save_weights_for_sampler("full-sampler").result().path
+    for path in (state_path, sampler_path):
+        sampler = service_client.create_sampling_client(model_path=path).result()
+        assert sampler.compute_logprobs(prompt).result() == pytest.approx(live, abs=1e-5)
+    resumed = service_client.create_training_client_from_state_with_optimizer(state_path).result()
+    assert not resumed.get_info().is_lora
 
 
 def test_named_sampler_checkpoint_samples_like_the_ephemeral_one(service_client, lora_client):
@@ -173,6 +182,14 @@ def test_base_model_sampling_client(service_client):
     out = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=4, temperature=0.0)).result()
     assert len(out.sequences) == 3
     assert out.sequences[0].tokens == out.sequences[1].tokens  # greedy
+    topk = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, temperature=0.0), topk_sample_logprobs=3,
+                          topk_prompt_logprobs=2, include_prompt_logprobs=True).result()
+    sequence = topk.sequences[0]
+    assert len(sequence.topk_logprobs) == len(sequence.tokens)
+    first = sequence.topk_logprobs[0]
+    assert len(first) == 3 and first[0][0] == sequence.tokens[0]  # greedy picks the most likely token
+    assert first[0][1] == pytest.approx(sequence.logprobs[0], abs=1e-5)
+    assert topk.topk_prompt_logprobs[0] is None and len(topk.topk_prompt_logprobs[1]) == 2
     with_prompt = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True).result()
     assert with_prompt.prompt_logprobs[0] is None and len(with_prompt.prompt_logprobs) == 3
     assert with_prompt.prompt_logprobs[1:] == pytest.approx(sampler.compute_logprobs(prompt).result()[1:], abs=1e-5)

@@ -82,10 +82,7 @@ class CheckpointFiles:
 
         if path.kind == "training":
             state = self.load_training_state(owner, path, include_optimizer=False)
-            spec = state.lora_spec
-            if spec is None:
-                raise UserInputError("sample a full fine-tuned model from its sampler_weights/ checkpoint",
-                                     field="model_path")
+            spec = state.lora_spec  # full fine-tuning (None): the weights carry plain Hugging Face names
             return SamplerWeights(base_model=str(state.metadata.get("base_model", "")), lora_spec=spec,
                                   tensors=state.weights)
         stored = self.store(owner).load_hf_weights(path)

@@ -74,7 +74,6 @@ def _prompt_tokens(prompt: wire.ModelInputJson) -> list[int]:
 
 
 def _check_unsupported(body: wire.SampleRequest, prompt_len: int) -> None:
-    require(body.topk_sample_logprobs == 0, "top-k sample logprobs are not supported", field="topk_sample_logprobs")
     require(body.prompt_alt_tokens_k == 0, "prompt alternative tokens are not supported", field="prompt_alt_tokens_k")
     require(body.target_prompt_logprobs is None, "target prompt logprobs are not supported",
             field="target_prompt_logprobs")
@@ -92,13 +91,16 @@ def _response_bytes(result: Any, body: wire.SampleRequest, prompt_len: int) -> b
     topk = None
     if result.topk_prompt_logprobs is not None and body.topk_prompt_logprobs > 0:
         topk = topk_from_rows(result.topk_prompt_logprobs, body.topk_prompt_logprobs)
+    k = body.topk_sample_logprobs
     sequences = [
         WireSampledSequence(tokens=np.asarray(s.tokens, dtype=np.int64), logprobs=list(s.logprobs),
-                            stop_reason=s.stop_reason)
+                            stop_reason=s.stop_reason,
+                            topk_logprobs=topk_from_rows(s.topk_logprobs, k) if k > 0 and s.topk_logprobs else None)
         for s in result.sequences
     ]
-    return encode_sample_response(SampleResponseBody(sequences=sequences, prompt_logprobs=prompt_logprobs,
-                                                     topk_prompt_logprobs=topk))
+    return encode_sample_response(SampleResponseBody(
+        sequences=sequences, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk,
+        prompt_cache_hit_tokens=int(getattr(result, "prompt_cache_hit_tokens", 0))))
 
 
 @router.post("/asample")
@@ -117,6 +119,7 @@ async def asample(body: wire.SampleRequest, state: ServerState = Depends(server_
         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
         stop=params.stop, weights_id=sampler.weights_id,
         include_prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
+        topk_sample_logprobs=body.topk_sample_logprobs,
     )
     host = sampler.host
     engine = await asyncio.to_thread(lambda: host.sampling)  # the first use builds the engine: off the event loop
