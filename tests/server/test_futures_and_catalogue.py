@@ -46,6 +46,22 @@ def test_other_owner_and_unknown_ids_are_not_found():
     assert asyncio.run(store.wait("r1", "alice", 1)).payload == {"ok": True}  # re-fetch after a lost answer
 
 
+def test_sweep_drops_delivered_results_after_the_refetch_window():
+    import time
+
+    from tether.server.futures import REFETCH_WINDOW_S
+
+    store = FutureStore()
+    for rid in ("delivered", "waiting"):
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result({"id": rid})
+        store.add(rid, "alice", done)
+    asyncio.run(store.wait("delivered", "alice", 1))
+    assert store.sweep(time.monotonic() + 1) == 0
+    assert store.sweep(time.monotonic() + REFETCH_WINDOW_S + 1) == 1
+    assert not store.has("delivered") and store.has("waiting")
+
+
 def test_catalogue_survives_reopening_and_isolates_owners(tmp_path):
     db = tmp_path / "tether.db"
     catalogue = Catalogue(db)

@@ -244,3 +244,35 @@ def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
         assert all(len(result(client, rid)) > 0 for rid in accepted)
         retry = client.post("/api/v1/asample", json={**body, "seq_id": statuses.index(429)}, headers=ALICE)
         assert retry.status_code == 200  # a refused seq_id can be resubmitted once there is room
+
+
+def test_sampling_does_not_wait_behind_training(http, model_id):
+    import threading
+
+    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
+                        headers=ALICE).json()["session_id"]
+    sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
+        "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
+    body = {"sampling_session_id": sampler, "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+            "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+    result(http, http.post("/api/v1/asample", json={**body, "seq_id": 0}, headers=ALICE).json()["request_id"])
+
+    tokens = tuple(range(32, 32 + 900))
+    busy = [post_fwd(http, fwd_body(model_id, 500 + i, tokens, tokens[1:] + (32,), forward_only=True)).json()
+            for i in range(3)]
+    sample = http.post("/api/v1/asample", json={**body, "seq_id": 1}, headers=ALICE).json()
+    finished: dict[str, float] = {}
+
+    def wait(name: str, request_id: str) -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as own:
+            result(own, request_id)
+        finished[name] = time.monotonic()
+
+    threads = [threading.Thread(target=wait, args=("sample", sample["request_id"]))]
+    threads += [threading.Thread(target=wait, args=(f"train{i}", b["request_id"])) for i, b in enumerate(busy)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert finished["sample"] < finished["train2"]

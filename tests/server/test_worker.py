@@ -48,12 +48,17 @@ def test_missing_seq_id_does_not_stall_forever(worker):
 
 def test_duplicate_seq_id_is_answered_by_first_execution(worker):
     calls: list = []
+    gate = threading.Event()
+    worker.submit("m", None, "create", lambda: gate.wait(5))
     first = worker.submit("m", 1, "first", lambda: calls.append(1) or "result")
     again = worker.submit("m", 1, "second", lambda: calls.append(2) or "other")
     assert again.duplicate and again.op_id == "first"
     assert again.future is first.future
+    gate.set()
     assert first.future.result(5) == "result"
     time.sleep(0.05)
+    late = worker.submit("m", 1, "third", lambda: calls.append(3) or "late")
+    assert late.duplicate and late.op_id == "first" and late.future is None
     assert calls == [1]
 
 

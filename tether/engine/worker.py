@@ -76,7 +76,7 @@ class Submission:
 
     op_id: str
     future: concurrent.futures.Future | None
-    """None only for a duplicate whose first execution was already released."""
+    """None for a duplicate whose first execution has already finished (its op id answers it)."""
     duplicate: bool
 
 
@@ -123,11 +123,6 @@ class ModelWorker:
             if state is not None and not state.pending:
                 del self._streams[stream]
         self.dedupe.forget_stream(stream)
-
-    def release_future(self, op_id: str) -> None:
-        """Stop remembering an operation's future (its result was delivered and aged out)."""
-        with self._cond:
-            self._futures.pop(op_id, None)
 
     def queued(self) -> int:
         """Operations waiting to run (for load reporting)."""
@@ -188,3 +183,5 @@ class ModelWorker:
                 item.future.set_exception(exc)
             else:
                 item.future.set_result(result)
+            with self._cond:  # the caller holds the future now; a later duplicate only needs the op id
+                self._futures.pop(item.op_id, None)

@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tether.server.errors import error_body
@@ -43,10 +42,9 @@ class FutureOutcome:
 class FutureStore:
     """request_id -> the concurrent future that will produce its payload; thread-safe."""
 
-    def __init__(self, on_forget: Callable[[str], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
-        self._on_forget = on_forget
 
     def add(self, request_id: str, owner: str, future: concurrent.futures.Future) -> None:
         with self._lock:
@@ -80,6 +78,10 @@ class FutureStore:
             return FutureOutcome(error_body(exc), failed=True)
         return FutureOutcome(entry.future.result())
 
+    def cancel(self, request_id: str, owner: str) -> bool:
+        """Cancel the operation if it has not started; True if it will not run."""
+        return self._entry(request_id, owner).future.cancel()
+
     def sweep(self, now: float | None = None) -> int:
         """Drop results delivered long ago or never fetched; returns how many were dropped."""
         now = time.monotonic() if now is None else now
@@ -92,7 +94,4 @@ class FutureStore:
             ]
             for rid in stale:
                 del self._entries[rid]
-        if self._on_forget:
-            for rid in stale:
-                self._on_forget(rid)
         return len(stale)

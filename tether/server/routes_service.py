@@ -86,3 +86,10 @@ async def retrieve_future(
     if isinstance(outcome.payload, bytes):
         return Response(outcome.payload, media_type="application/x-protobuf")
     return JSONResponse(outcome.payload)
+
+
+@router.post("/cancel_future")
+async def cancel_future(body: wire.CancelFutureRequest, state: ServerState = Depends(server_state),
+                        owner: str = Depends(request_owner)) -> dict[str, bool]:
+    """Cancel an operation that has not started yet (a running one finishes; its result is kept)."""
+    return {"cancelled": state.futures.cancel(body.request_id, owner)}
