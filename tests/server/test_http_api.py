@@ -276,3 +276,16 @@ def test_sampling_does_not_wait_behind_training(http, model_id):
     for thread in threads:
         thread.join(120)
     assert finished["sample"] < finished["train2"]
+
+
+def test_bad_loss_config_is_400(http, model_id):
+    body = fwd_body(model_id, 600, loss_fn="ppo")
+    from tether.types.proto import decode_forward_backward_request
+
+    decoded = decode_forward_backward_request(body)
+    decoded.loss_fn_config = {"clip_low_threshold": 2.0, "clip_high_threshold": 1.0}
+    response = post_fwd(http, encode_forward_backward_request(decoded))
+    assert response.status_code == 400 and "clip_low_threshold" in response.json()["detail"]
+    decoded.loss_fn_config = {"no_such_option": 1.0}
+    response = post_fwd(http, encode_forward_backward_request(decoded))
+    assert response.status_code == 400 and response.json()["field"] == "loss_fn_config.no_such_option"

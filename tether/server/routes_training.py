@@ -33,8 +33,6 @@ from tether.types.proto import decode_forward_backward_request, encode_forward_b
 log = logging.getLogger("tether.server")
 router = APIRouter(prefix="/api/v1")
 
-SUPPORTED_LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
-
 
 def _optimizer_config(config: wire.OptimizerConfig | None) -> dict[str, Any]:
     if config is not None and config.type != "adamw":
@@ -132,8 +130,9 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
                            owner: str = Depends(request_owner)) -> dict[str, str]:
     decoded = decode_forward_backward_request(await request.body(), request.headers.get("content-encoding"))
     model = state.hosts.model(decoded.model_id, owner)
-    require(decoded.loss_fn in SUPPORTED_LOSSES,
-            f"loss_fn {decoded.loss_fn!r} is not supported (supported: {', '.join(SUPPORTED_LOSSES)})", field="loss_fn")
+    from tether.engine.losses import resolve_loss_config
+
+    resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 before queueing
     require(len(decoded.data) > 0, "at least one datum is required", field="data")
     for index, datum in enumerate(decoded.data):
         try:
