@@ -34,7 +34,7 @@ def test_sft_trains_evaluates_checkpoints_and_resumes_through_the_server(tmp_pat
         save_every=3,
         progress=False,
     )
-    train, held_out = sft._split(config, sft.load_conversations(data))
+    train, held_out = sft.split_conversations(config, sft.load_conversations(data))
     first = sft.train_sft(config.model_copy(update={"max_steps": 4}), local_service, train, held_out)
     assert first.steps_run == 4
     resumed = sft.train_sft(config, local_service, train, held_out)

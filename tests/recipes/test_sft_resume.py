@@ -15,6 +15,7 @@ import pytest
 
 from tether.recipes import sft
 from tether.types.data import ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse, TensorData
+from tether.types.errors import UserInputError
 
 CONVERSATIONS = [
     [{"role": "user", "content": f"{i}+{i}"}, {"role": "assistant", "content": str(2 * i)}] for i in range(23)
@@ -123,7 +124,7 @@ def test_finished_run_rerun_does_nothing_and_a_changed_plan_is_refused(tmp_path,
     sft.train_sft(_config(tmp_path), service, CONVERSATIONS)
     again = sft.train_sft(_config(tmp_path), service, CONVERSATIONS)
     assert again.steps_run == 0
-    with pytest.raises(sft.UserInputError) as info:
+    with pytest.raises(UserInputError) as info:
         sft.train_sft(_config(tmp_path, batch_size=4), service, CONVERSATIONS)
     assert info.value.field == "resume"
 

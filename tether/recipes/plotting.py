@@ -20,8 +20,22 @@ def plot_quickstart(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, (ax_loss, ax_reward, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot([r["step"] for r in sft_rows], [r["train_mean_nll"] for r in sft_rows])
     ax_loss.set(title="SFT loss (NLL per answer token)", xlabel="SFT step", ylabel="NLL")
-    ax_reward.plot([r["step"] for r in rl_rows], [r["reward/mean"] for r in rl_rows], color="tab:green")
-    ax_reward.set(title="GRPO reward (exact answer)", xlabel="GRPO step", ylabel="mean reward", ylim=(0, 1))
+    ax_reward.plot(
+        [r["step"] for r in rl_rows],
+        [r["reward/mean"] for r in rl_rows],
+        color="tab:green",
+        label="sampled reward",
+    )
+    rl_acc = [r for r in rl_rows if r.get("test/accuracy") is not None]
+    if rl_acc:
+        ax_reward.plot(
+            [r["step"] for r in rl_acc], [r["test/accuracy"] for r in rl_acc], "o--", color="tab:blue",
+            label="held-out accuracy (greedy)",
+        )  # fmt: skip
+        ax_reward.legend(loc="lower right")
+    ax_reward.set(
+        title="GRPO (exact-answer reward)", xlabel="GRPO step", ylabel="fraction correct", ylim=(0, 1)
+    )
     labels = [r["stage"] for r in acc_rows]
     values = [r["accuracy"] for r in acc_rows]
     bars = ax_acc.bar(labels, values, color=["tab:gray", "tab:blue", "tab:green"][: len(values)])

@@ -143,9 +143,10 @@ def _plan_fingerprint(plan: BatchPlan) -> dict[str, int]:
     }
 
 
-def _split(
+def split_conversations(
     config: Config, conversations: list[list[Message]]
 ) -> tuple[list[list[Message]], list[list[Message]]]:
+    """(train, held-out): the eval file if one is configured, else `test_size` rows drawn with `seed`."""
     if config.eval_dataset_path is not None:
         return conversations, load_conversations(config.eval_dataset_path, field="eval_dataset_path")
     if config.test_size >= len(conversations):
@@ -242,7 +243,7 @@ def main(config: Config) -> SFTResult:
     """`tether sft`: load the JSONL data, connect, train."""
     if config.dataset_path is None:
         raise UserInputError("is required", field="dataset_path")
-    train, held_out = _split(config, load_conversations(config.dataset_path))
+    train, held_out = split_conversations(config, load_conversations(config.dataset_path))
     service = connect(config.base_url, config.api_key, sdk=config.sdk)
     try:
         return train_sft(config, service, train, held_out)
