@@ -218,10 +218,14 @@ def test_finished_session_gets_410_and_frees_models(http):
 
 def test_silent_session_expires(tmp_path, default_model_dir):
     config = ServerConfig(port=0, data_dir=tmp_path, session_timeout_s=0.5, maintenance_interval_s=0.2, long_poll_s=5)
-    with ServerThread(config) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    server = ServerThread(config)
+    with server as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
         model = create_model(client)
+        training = server.app.state.tether.hosts.host(BASE).training
+        assert training.has_model(model)
         time.sleep(1.5)
         assert client.post("/api/v1/get_info", json={"model_id": model}, headers=ALICE).status_code == 404
+        assert not training.has_model(model)  # the adapter is freed, not only hidden
         session = model.split(":")[0]
         assert client.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 410
 
