@@ -141,6 +141,11 @@ def test_resumed_client_continues_exactly(service_client, rest_client):
     fresh_optimizer = weights_only.forward(BATCH, "cross_entropy").result().metrics["loss:sum"]
     assert fresh_optimizer != pytest.approx(never_stopped, rel=1e-6)  # moments were reset
 
+    client.load_state_with_optimizer(path).result()  # the deprecated in-place load rewinds the same client
+    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss_at_save, rel=1e-5)
+    _step(client)
+    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(never_stopped, rel=1e-4)
+
 
 def test_full_fine_tuning_client_trains_saves_and_samples(service_client):
     client = service_client.create_lora_training_client(base_model=BASE, rank=0).result()
