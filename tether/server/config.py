@@ -72,6 +72,14 @@ class ServerConfig(BaseModel):
     long_poll_s: float = Field(
         25.0, gt=0, le=40, description="How long retrieve_future holds a request before answering try_again."
     )
+    fwdbwd_max_chunk_len: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Datums per forward_backward request the Tinker SDK sends (it splits larger calls into chunks "
+            "sent in parallel); unset keeps the SDK's default (1024)."
+        ),
+    )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."
     )

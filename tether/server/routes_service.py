@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from tether.server.sessions import end_session
@@ -16,9 +16,12 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/client/config")
-async def client_config(_: Request) -> dict[str, Any]:
-    """Flags for the SDK; tether accepts the SDK's defaults (plain JSON, uncompressed fwd/bwd)."""
-    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False}
+async def client_config(state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    """Flags for the SDK: plain API-key auth, uncompressed fwd/bwd bodies, optional chunk size."""
+    flags: dict[str, Any] = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False}
+    if state.config.fwdbwd_max_chunk_len is not None:
+        flags["fwdbwd_max_chunk_len"] = state.config.fwdbwd_max_chunk_len
+    return flags
 
 
 @router.get("/healthz")
