@@ -83,3 +83,19 @@ def test_catalogue_survives_reopening_and_isolates_owners(tmp_path):
     assert reopened.stale_sessions(60, now=utcnow() + timedelta(seconds=61)) == ["s1"]
     reopened.expire_active_sessions()
     assert not reopened.heartbeat("s1", "alice")
+
+
+def test_cancelled_operation_reads_as_a_failed_future():
+    store = FutureStore()
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    store.add("r1", "alice", pending)
+
+    async def scenario():
+        waiter = asyncio.ensure_future(store.wait("r1", "alice", 5))
+        await asyncio.sleep(0.02)
+        assert store.cancel("r1", "alice")
+        return await waiter
+
+    outcome = asyncio.run(scenario())
+    assert outcome.failed and "cancelled" in outcome.payload["error"]
+    assert asyncio.run(store.wait("r1", "alice", 1)).failed

@@ -69,10 +69,15 @@ class FutureStore:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(entry.future)), timeout_s)
             except TimeoutError:
                 return FutureOutcome(None)
+            except asyncio.CancelledError:
+                if not entry.future.cancelled():  # this poll itself was cancelled (client went away)
+                    raise
             except Exception:  # noqa: BLE001 - the failure is read from the future below
                 pass
         with self._lock:
             entry.delivered_at = entry.delivered_at or time.monotonic()
+        if entry.future.cancelled():
+            return FutureOutcome({"error": f"request {request_id} was cancelled", "category": "user"}, failed=True)
         exc = entry.future.exception()
         if exc is not None:
             return FutureOutcome(error_body(exc), failed=True)

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from tether.engine.model_loading import LoadedBaseModel
 
 
+def creation_stream(model_id: str) -> str:
+    """The dedupe stream of a model's creating request (create_model or create-via-load)."""
+    return f"{model_id}#create"
+
+
 class ModelHost:
     """One base model: loaded weights, training engine, sampling engine, ordered worker."""
 

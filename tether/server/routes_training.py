@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.engine_convert import engine_data, float_metrics, numpy_outputs
 from tether.server.errors import require
-from tether.server.model_hosts import LiveModel, LiveSampler
+from tether.server.model_hosts import LiveModel, LiveSampler, creation_stream
 from tether.server.operations import new_request_id, submit_to_worker
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
@@ -59,7 +59,7 @@ def _future(request_id: str, model_id: str) -> dict[str, str]:
 
 def _create_once(state: ServerState, model: LiveModel, owner: str, run: Any, kind: str) -> str:
     """Queue a model's creating operation once per model id (a retry gets the first request id)."""
-    stream = f"{model.model_id}#create"
+    stream = creation_stream(model.model_id)
     registry = state.hosts.dedupe
     request_id = new_request_id(kind)
     earlier = registry.claim(stream, 0, request_id)

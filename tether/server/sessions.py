@@ -13,6 +13,7 @@ import logging
 from datetime import datetime
 
 from tether.server.catalogue import CheckpointRow
+from tether.server.model_hosts import creation_stream
 from tether.server.state import ServerState
 from tether.types.paths import parse_checkpoint_path
 
@@ -40,6 +41,7 @@ def free_model(state: ServerState, model_id: str) -> None:
 
     host.worker.submit(model_id, None, f"free-{model_id}", delete)
     host.worker.forget(model_id)
+    state.hosts.dedupe.forget_stream(creation_stream(model_id))
 
 
 def free_sampler(state: ServerState, sampler_id: str) -> None:
