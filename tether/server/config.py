@@ -90,6 +90,13 @@ class ServerConfig(BaseModel):
         "info", description="Log level of the server and uvicorn."
     )
 
+    @field_validator("models")
+    @classmethod
+    def _serves_something(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError("serve at least one model")
+        return models
+
     @field_validator("api_keys")
     @classmethod
     def _keys_have_prefix(cls, keys: list[str]) -> list[str]:

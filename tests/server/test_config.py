@@ -1,0 +1,31 @@
+"""ServerConfig: defaults, environment, and settings refused with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tether.server.config import ServerConfig
+
+
+def test_defaults_serve_the_embedded_model_on_localhost(monkeypatch):
+    monkeypatch.delenv("TETHER_DATA_DIR", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    config = ServerConfig()
+    assert (config.host, config.port, config.models) == ("127.0.0.1", 8000, ["tether/tiny-qwen3"])
+    assert config.data_dir == Path.home() / ".local" / "share" / "tether"
+    assert all(field.description for field in ServerConfig.model_fields.values())
+
+
+def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TETHER_DATA_DIR", str(tmp_path))
+    assert ServerConfig().data_dir == tmp_path
+
+
+@pytest.mark.parametrize("bad", [{"api_keys": ["secret"]}, {"models": []}, {"port": 70000}, {"long_poll_s": 60}])
+def test_invalid_settings_name_the_field(bad):
+    with pytest.raises(ValidationError) as info:
+        ServerConfig(**bad)
+    assert next(iter(bad)) in str(info.value)
