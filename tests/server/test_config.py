@@ -29,3 +29,13 @@ def test_invalid_settings_name_the_field(bad):
     with pytest.raises(ValidationError) as info:
         ServerConfig(**bad)
     assert next(iter(bad)) in str(info.value)
+
+
+def test_server_modules_import_without_torch():
+    """`tether serve --help` and server start-up must not pay for torch; engines load it on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, tether.server.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -14,19 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tether.storage import (
-    CheckpointInfo,
-    LocalCheckpointStore,
-    LoraLayout,
-    StoredHfWeights,
-    StoredTrainingState,
-)
 from tether.types.errors import NotFoundError, UserInputError
 from tether.types.paths import ParsedCheckpointPath
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # storage and the engine need torch: imported on first use, so the server starts fast
     from tether.engine.model_loading import LoadedBaseModel
     from tether.engine.training_state import SamplerWeights, TrainingState
+    from tether.storage import CheckpointInfo, LocalCheckpointStore
 
 _LORA_SPEC_KEY = "tether_lora_spec"
 
@@ -40,6 +34,8 @@ class CheckpointFiles:
         self._stores: dict[str, LocalCheckpointStore] = {}
 
     def store(self, owner: str) -> LocalCheckpointStore:
+        from tether.storage import LocalCheckpointStore
+
         with self._lock:
             store = self._stores.get(owner)
             if store is None:
@@ -51,6 +47,8 @@ class CheckpointFiles:
 
     def save_training_state(self, owner: str, path: ParsedCheckpointPath, state: TrainingState, *,
                             overwrite: bool) -> CheckpointInfo:
+        from tether.storage import StoredTrainingState
+
         stored = StoredTrainingState(weights=state.weights, optimizer=state.optimizer, metadata=state.metadata)
         return self.store(owner).save_training_state(path, stored, overwrite=overwrite)
 
@@ -65,6 +63,8 @@ class CheckpointFiles:
     def save_hf_weights(self, owner: str, path: ParsedCheckpointPath, weights: SamplerWeights,
                         base: LoadedBaseModel, *, overwrite: bool = True) -> CheckpointInfo:
         """Sampler or external weights in Hugging Face layout (the LoRA spec is kept in the metadata)."""
+        from tether.storage import LoraLayout, StoredHfWeights
+
         spec = weights.lora_spec
         stored = StoredHfWeights(
             base_model=weights.base_model,
