@@ -274,3 +274,18 @@ def test_user_error_fails_the_future_and_leaves_the_model_usable(lora_client):
 
 def test_torch_is_available_for_custom_losses():
     assert torch.tensor([1.0]).sum() == 1.0
+
+
+def test_copy_weights_makes_a_loadable_copy_in_a_new_run(service_client, rest_client, lora_client):
+    original = lora_client.save_state("to-copy").result().path
+    copy = rest_client.copy_weights(original, "proj-archive").result()
+    assert copy != original and copy.endswith("/weights/to-copy")
+    copied_run = copy.split("/")[2]
+    assert rest_client.get_training_run(copied_run).result().lora_rank == 4
+    assert [c.tinker_path for c in rest_client.list_checkpoints(copied_run).result().checkpoints] == [copy]
+    a = service_client.create_training_client_from_state(original).result()
+    b = service_client.create_training_client_from_state(copy).result()
+    assert a.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+        b.forward(BATCH, "cross_entropy").result().metrics["loss:sum"], rel=1e-6)
+    rest_client.delete_checkpoint_from_tinker_path(original).result()
+    assert rest_client.get_weights_info_by_tinker_path(copy).result().lora_rank == 4  # the copy is independent

@@ -149,6 +149,12 @@ class Catalogue:
             if row is not None:
                 row.status = status
 
+    def set_session_project(self, session_id: str, project_id: str) -> None:
+        with self._tx() as s:
+            row = s.get(SessionRow, session_id)
+            if row is not None:
+                row.project_id = project_id
+
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[SessionRow]:
         with self._tx() as s:
             q = select(SessionRow).where(SessionRow.owner == owner).order_by(SessionRow.created_at.desc())

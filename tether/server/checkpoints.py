@@ -93,6 +93,21 @@ class CheckpointFiles:
                                                                                  alpha=stored.lora.alpha)
         return SamplerWeights(base_model=stored.base_model, lora_spec=spec, tensors=stored.tensors)
 
+    def copy(self, source_owner: str, source: ParsedCheckpointPath, owner: str,
+             destination: ParsedCheckpointPath) -> CheckpointInfo:
+        """Copy a complete checkpoint (its manifest verifies the copy like the original)."""
+        import shutil
+
+        from tether.storage.atomic import atomic_directory
+
+        source_dir = self.directory(source_owner, source)
+        if not source_dir.is_dir():
+            raise NotFoundError(f"checkpoint files of {source} are missing")
+        store = self.store(owner)
+        with atomic_directory(store.directory(destination)) as staging:
+            shutil.copytree(source_dir, staging, dirs_exist_ok=True)
+        return store.info(destination)
+
     def delete(self, owner: str, path: ParsedCheckpointPath) -> None:
         """Remove a checkpoint's files (already gone is fine: deletion is idempotent)."""
         try:

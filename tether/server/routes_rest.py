@@ -9,14 +9,19 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from tether.server import sessions
 from tether.server.catalogue import CheckpointRow, TrainingRunRow, as_utc, utcnow
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
 from tether.types.errors import ConflictError, NotFoundError
-from tether.types.paths import parse_checkpoint_id, parse_checkpoint_path
+from tether.types.paths import (
+    ParsedCheckpointPath,
+    format_model_id,
+    parse_checkpoint_id,
+    parse_checkpoint_path,
+)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -175,3 +180,56 @@ async def get_session(session_id: str, state: ServerState = Depends(server_state
         "display_name": row.display_name,
     }
 
+
+
+@router.post("/copy_weights")
+async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: ServerState = Depends(server_state),
+                       owner: str = Depends(request_owner)) -> dict[str, str]:
+    """Copy a checkpoint into a new training run of a new session (retries with the same
+    X-Idempotency-Key get the first copy)."""
+    import asyncio
+    import uuid
+
+    source = parse_checkpoint_path(body.source_path, field="source_path")
+    row = state.catalogue.get_checkpoint(source.training_run_id, source.checkpoint_id, owner)
+    source_run = state.catalogue.get_training_run(source.training_run_id, row.owner)
+    key = request.headers.get("x-idempotency-key")
+    if key:
+        earlier = state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, "pending")
+        if earlier is not None and earlier != "pending":
+            return {"tinker_path": earlier}
+    session_id = body.session_id or f"sess-{uuid.uuid4().hex[:16]}"
+    if body.session_id is None:
+        state.catalogue.create_session(session_id, owner, tags=["copy"], user_metadata={}, display_name=None,
+                                       project_id=body.destination_project_id)
+        state.catalogue.set_session_status(session_id, "finished")
+    else:
+        state.catalogue.get_session(session_id, owner)
+    run_id = format_model_id(session_id, body.model_seq_id or 0)
+    destination = ParsedCheckpointPath(run_id, source.kind, source.name)
+    try:
+        info = await asyncio.to_thread(state.checkpoints.copy, row.owner, source, owner, destination)
+    except BaseException:
+        if key:
+            state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
+        raise
+    state.catalogue.add_training_run(run_id, session_id, owner, base_model=source_run.base_model,
+                                     is_lora=source_run.is_lora, lora_rank=source_run.lora_rank,
+                                     lora_config=dict(source_run.lora_config or {}), user_metadata={})
+    state.catalogue.add_checkpoint(run_id, destination.checkpoint_id, owner, checkpoint_type=destination.kind,
+                                   directory=str(state.checkpoints.directory(owner, destination)),
+                                   size_bytes=info.size_bytes, ttl_seconds=body.ttl_seconds,
+                                   user_metadata=dict(row.user_metadata or {}))
+    if key:
+        state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
+        state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, destination.tinker_path)
+    return {"tinker_path": destination.tinker_path}
+
+
+@router.put("/sessions/{session_id}/project")
+async def assign_session_project(session_id: str, body: wire.AssignSessionProjectRequest,
+                                 state: ServerState = Depends(server_state),
+                                 owner: str = Depends(request_owner)) -> dict[str, str]:
+    state.catalogue.get_session(session_id, owner)
+    state.catalogue.set_session_project(session_id, body.project_id)
+    return {"status": "ok"}
