@@ -293,3 +293,17 @@ def test_bad_loss_config_is_400(http, model_id):
     decoded.loss_fn_config = {"no_such_option": 1.0}
     response = post_fwd(http, encode_forward_backward_request(decoded))
     assert response.status_code == 400 and response.json()["field"] == "loss_fn_config.no_such_option"
+
+
+def test_join_sampling_session_and_trace_export(http):
+    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
+                        headers=ALICE).json()["session_id"]
+    sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
+        "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
+    counters = [http.post("/api/v1/join_sampling_session", json={"sampling_session_id": sampler},
+                          headers=ALICE).json()["client_counter"] for _ in range(2)]
+    assert counters == [1, 2]
+    assert http.post("/api/v1/join_sampling_session", json={"sampling_session_id": sampler},
+                     headers=BOB).status_code == 404
+    trace = http.get(f"/api/v1/sessions/{session}/trace_export", headers=ALICE).json()
+    assert trace["status"] == "failed" and trace["error"]

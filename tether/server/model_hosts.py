@@ -115,6 +115,11 @@ class LiveSampler:
     base_model: str
     model_path: str | None
     weights_id: str | None
+    clients_joined: int = 0
+
+    def next_client_counter(self) -> int:
+        self.clients_joined += 1
+        return self.clients_joined
 
 
 class ModelHosts:

@@ -233,3 +233,11 @@ async def assign_session_project(session_id: str, body: wire.AssignSessionProjec
     state.catalogue.get_session(session_id, owner)
     state.catalogue.set_session_project(session_id, body.project_id)
     return {"status": "ok"}
+
+
+@router.get("/sessions/{session_id}/trace_export")
+async def export_session_trace(session_id: str, state: ServerState = Depends(server_state),
+                               owner: str = Depends(request_owner)) -> dict[str, str]:
+    """tether records no request traces; answering `failed` ends the SDK's polling at once."""
+    state.catalogue.get_session(session_id, owner)
+    return {"status": "failed", "error": "tether does not record session traces"}

@@ -53,6 +53,14 @@ async def create_sampling_session(body: wire.CreateSamplingSessionRequest, state
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
 
+@router.post("/join_sampling_session")
+async def join_sampling_session(body: wire.JoinSamplingSessionRequest, state: ServerState = Depends(server_state),
+                                owner: str = Depends(request_owner)) -> dict[str, Any]:
+    """A new client counter for an unpickled SamplingClient, so its seq_ids never collide."""
+    sampler = state.hosts.sampler(body.sampling_session_id, owner)
+    return {"client_counter": sampler.next_client_counter(), "type": "join_sampling_session"}
+
+
 @router.get("/samplers/{sampler_id}")
 async def get_sampler(sampler_id: str, state: ServerState = Depends(server_state),
                       owner: str = Depends(request_owner)) -> dict[str, Any]:
