@@ -307,3 +307,22 @@ def test_join_sampling_session_and_trace_export(http):
                      headers=BOB).status_code == 404
     trace = http.get(f"/api/v1/sessions/{session}/trace_export", headers=ALICE).json()
     assert trace["status"] == "failed" and trace["error"]
+
+
+POST_ROUTES = [
+    "create_session", "session_heartbeat", "create_model", "get_info", "forward_backward", "optim_step",
+    "save_weights", "save_weights_for_sampler", "save_weights_external", "load_weights", "create_sampling_session",
+    "asample", "retrieve_future", "cancel_future", "weights_info", "copy_weights", "join_sampling_session",
+    "tether/forward_keep_graph", "tether/backward_from_logprob_grads",
+]
+GARBAGE = [b"", b"null", b"[]", b"{", b'{"model_id": 5, "seq_id": "x"}', b"\x00\xff" * 40,
+           b'{"model_id": "a/b/../c", "path": "../../etc", "session_id": "../x", "seq_id": -1}']
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_garbage_never_gets_a_5xx(http, route):
+    for body in GARBAGE:
+        for content_type in ("application/json", "application/x-protobuf"):
+            response = http.post(f"/api/v1/{route}", content=body, headers={**ALICE, "Content-Type": content_type})
+            assert 400 <= response.status_code < 500, (route, body, response.status_code, response.text)
+            assert response.json()["detail"]
