@@ -34,6 +34,16 @@ DTYPES: dict[str, torch.dtype] = {
 """Weight dtypes an operator may ask for, by name."""
 
 
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """Turn "auto" into a concrete choice: CUDA when there is one, bfloat16 weights on a GPU and
+    float32 on a CPU (where bfloat16 matmuls are slow and training in it is lossy)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return device, dtype
+
+
 @dataclass
 class LoadedBaseModel:
     """A frozen base model plus the facts about it that the engines and the server need."""
@@ -95,8 +105,10 @@ def load_base_model(
     """Resolve `name`, load it with `transformers`, freeze it and attach LoRA wrappers.
 
     `max_context_length` lets an operator cap the context below the model's
-    `max_position_embeddings` (e.g. to bound memory); it can never raise it.
+    `max_position_embeddings` (e.g. to bound memory); it can never raise it. `device` and `dtype`
+    may be "auto" (see `resolve_device_and_dtype`).
     """
+    device, dtype = resolve_device_and_dtype(device, dtype)
     if dtype not in DTYPES:
         raise ConfigurationError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", field="dtype")
     path = resolve_model_path(name, aliases)

@@ -48,6 +48,12 @@ class ServerConfig(BaseModel):
             "accepted and all such keys act as one owner (single-user mode)."
         ),
     )
+    device: str = Field(
+        "auto", description='Device for the models: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description='Weight dtype of the base models; "auto": bfloat16 on a GPU, float32 on a CPU.'
+    )
     max_tokens_per_micro_batch: int = Field(
         8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
     )

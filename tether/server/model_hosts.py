@@ -57,7 +57,12 @@ class ModelHost:
             if self._base is None:
                 from tether.engine.model_loading import load_base_model
 
-                self._base = load_base_model(self.name, aliases=self._config.model_aliases)
+                self._base = load_base_model(
+                    self.name,
+                    aliases=self._config.model_aliases,
+                    device=self._config.device,
+                    dtype=self._config.dtype,
+                )
             return self._base
 
     @property
