@@ -5,31 +5,90 @@ helper methods match where the two overlap. Every constructor that takes one of 
 takes the `tinker` package's object of the same name (converted by duck typing, so the `tinker`
 package is never imported here) and plain Python where the Tinker SDK accepts it.
 
-This module knows nothing about HTTP or protobuf (the client converts to the wire), and imports
-torch only inside the methods that convert to or from torch tensors.
+The JSON results (catalogue entries, `GetInfoResponse`, `OptimStepResponse`, ...) are the
+protocol's wire models from `tether.types.wire_*`, re-exported: one definition serves the server,
+the SDK and user code. The inputs and parameters are defined here, because they convert from
+numpy, torch and `tinker` objects and are frozen. This module knows nothing about HTTP or
+protobuf (the client converts to the wire), and imports torch only inside the methods that
+convert to or from torch tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from tether.types.errors import UserInputError
+from tether.types.wire_base import WireModel
+from tether.types.wire_rest import (
+    Checkpoint,
+    CheckpointsListResponse,
+    Cursor,
+    GetSessionResponse,
+    ListSessionsResponse,
+    TrainingRun,
+    TrainingRunsResponse,
+    WeightsInfoResponse,
+)
+from tether.types.wire_sampling import GetSamplerResponse
+from tether.types.wire_session import GetServerCapabilitiesResponse, SupportedModel
+from tether.types.wire_training import (
+    GetInfoResponse,
+    LoadWeightsResponse,
+    ModelData,
+    OptimStepResponse,
+    SaveWeightsResponse,
+)
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = [
+    "TensorDtype",
+    "LossFnType",
+    "StopReason",
+    # inputs
+    "EncodedTextChunk",
+    "ModelInput",
+    "TensorData",
+    "Datum",
+    # parameters
+    "AdamParams",
+    "SamplingParams",
+    "LoraConfig",
+    # results
+    "ForwardBackwardOutput",
+    "OptimStepResponse",
+    "SaveWeightsResponse",
+    "SaveWeightsForSamplerResponse",
+    "LoadWeightsResponse",
+    "ModelData",
+    "GetInfoResponse",
+    "SupportedModel",
+    "GetServerCapabilitiesResponse",
+    "SampledSequence",
+    "SampleResponse",
+    # catalogue (RestClient)
+    "Checkpoint",
+    "Cursor",
+    "CheckpointsListResponse",
+    "TrainingRun",
+    "TrainingRunsResponse",
+    "GetSessionResponse",
+    "ListSessionsResponse",
+    "GetSamplerResponse",
+    "WeightsInfoResponse",
+]
 
 TensorDtype = Literal["float32", "int64"]
 LossFnType = Literal[
     "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom"
 ]
 StopReason = Literal["stop", "length"]
-CheckpointType = Literal["training", "sampler", "external"]
 
 _NUMPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64)}
 
@@ -322,50 +381,12 @@ class ForwardBackwardOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+class SaveWeightsForSamplerResponse(WireModel):
+    """The named save's answer: `path` is required here, unlike the wire model of the same name,
+    which also carries the ephemeral form's `sampling_session_id` (the SDK answers that form with
+    a SamplingClient instead)."""
 
-
-class OptimStepResponse(_Response):
-    metrics: dict[str, float] | None = None
-
-
-class SaveWeightsResponse(_Response):
     path: str
-
-
-class SaveWeightsForSamplerResponse(_Response):
-    path: str
-
-
-class LoadWeightsResponse(_Response):
-    path: str | None = None
-    model_id: str | None = None
-
-
-class ModelData(_Response):
-    arch: str | None = None
-    model_name: str | None = None
-    tokenizer_id: str | None = None
-
-
-class GetInfoResponse(_Response):
-    model_id: str
-    model_data: ModelData
-    is_lora: bool | None = None
-    lora_rank: int | None = None
-    model_name: str | None = None
-
-
-class SupportedModel(_Response):
-    model_name: str | None = None
-    max_context_length: int | None = None
-    trainable: bool | None = None
-    sampleable: bool | None = None
-
-
-class GetServerCapabilitiesResponse(_Response):
-    supported_models: list[SupportedModel] = []
 
 
 @dataclass(frozen=True)
@@ -385,69 +406,3 @@ class SampleResponse:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
-
-
-class Checkpoint(_Response):
-    checkpoint_id: str
-    checkpoint_type: CheckpointType
-    time: datetime
-    tinker_path: str
-    size_bytes: int | None = None
-    public: bool = False
-    user_metadata: dict[str, str] | None = None
-    expires_at: datetime | None = None
-
-
-class Cursor(_Response):
-    offset: int
-    limit: int
-    total_count: int
-
-
-class CheckpointsListResponse(_Response):
-    checkpoints: list[Checkpoint]
-    cursor: Cursor | None = None
-
-
-class TrainingRun(_Response):
-    training_run_id: str
-    base_model: str
-    model_owner: str
-    is_lora: bool
-    corrupted: bool = False
-    lora_rank: int | None = None
-    last_request_time: datetime
-    last_checkpoint: Checkpoint | None = None
-    last_sampler_checkpoint: Checkpoint | None = None
-    user_metadata: dict[str, str] | None = None
-
-
-class TrainingRunsResponse(_Response):
-    training_runs: list[TrainingRun]
-    cursor: Cursor
-
-
-class GetSessionResponse(_Response):
-    training_run_ids: list[str]
-    sampler_ids: list[str]
-    user_metadata: dict[str, Any] | None = None
-    display_name: str | None = None
-
-
-class ListSessionsResponse(_Response):
-    sessions: list[str]
-
-
-class GetSamplerResponse(_Response):
-    sampler_id: str
-    base_model: str
-    model_path: str | None = None
-
-
-class WeightsInfoResponse(_Response):
-    base_model: str
-    is_lora: bool
-    lora_rank: int | None = None
-    train_unembed: bool | None = None
-    train_mlp: bool | None = None
-    train_attn: bool | None = None
