@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -94,6 +94,9 @@ class SamplerRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+_Row = TypeVar("_Row", SessionRow, TrainingRunRow, SamplerRow)
+
+
 class Catalogue:
     """Typed access to the state database; safe to call from any thread."""
 
@@ -117,6 +120,29 @@ class Catalogue:
         with self._write_lock, Session(self._engine, expire_on_commit=False) as session, session.begin():
             yield session
 
+    def _get_owned(self, row_type: type[_Row], key: str, owner: str, what: str) -> _Row:
+        """The row under `key`, or NotFoundError when it is missing or another owner's."""
+        with self._tx() as s:
+            row = s.get(row_type, key)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"unknown {what} {key!r}")
+        return row
+
+    def _update(self, row_type: type[Base], key: Any, **values: Any) -> None:
+        """Set `values` on the row under `key`; nothing when there is none."""
+        with self._tx() as s:
+            row = s.get(row_type, key)
+            if row is not None:
+                for name, value in values.items():
+                    setattr(row, name, value)
+
+    def _page(self, query: Any, created_at: Any, limit: int, offset: int) -> tuple[list[Any], int]:
+        """One page of `query`'s rows, newest first, and the total count."""
+        with self._tx() as s:
+            total = len(list(s.scalars(query)))
+            rows = list(s.scalars(query.order_by(created_at.desc()).limit(limit).offset(offset)))
+        return rows, total
+
     # sessions
     def create_session(self, session_id: str, owner: str, *, tags: list[str], user_metadata: dict,
                        display_name: str | None, project_id: str | None) -> SessionRow:
@@ -128,11 +154,7 @@ class Catalogue:
         return row
 
     def get_session(self, session_id: str, owner: str) -> SessionRow:
-        with self._tx() as s:
-            row = s.get(SessionRow, session_id)
-        if row is None or row.owner != owner:
-            raise NotFoundError(f"unknown session {session_id!r}")
-        return row
+        return self._get_owned(SessionRow, session_id, owner, "session")
 
     def heartbeat(self, session_id: str, owner: str) -> bool:
         """Record a heartbeat; False if the session is unknown, not the owner's, or no longer active."""
@@ -144,16 +166,10 @@ class Catalogue:
             return True
 
     def set_session_status(self, session_id: str, status: str) -> None:
-        with self._tx() as s:
-            row = s.get(SessionRow, session_id)
-            if row is not None:
-                row.status = status
+        self._update(SessionRow, session_id, status=status)
 
     def set_session_project(self, session_id: str, project_id: str) -> None:
-        with self._tx() as s:
-            row = s.get(SessionRow, session_id)
-            if row is not None:
-                row.project_id = project_id
+        self._update(SessionRow, session_id, project_id=project_id)
 
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[SessionRow]:
         with self._tx() as s:
@@ -185,24 +201,14 @@ class Catalogue:
         return row
 
     def get_training_run(self, run_id: str, owner: str) -> TrainingRunRow:
-        with self._tx() as s:
-            row = s.get(TrainingRunRow, run_id)
-        if row is None or row.owner != owner:
-            raise NotFoundError(f"unknown training run {run_id!r}")
-        return row
+        return self._get_owned(TrainingRunRow, run_id, owner, "training run")
 
     def touch_training_run(self, run_id: str) -> None:
-        with self._tx() as s:
-            row = s.get(TrainingRunRow, run_id)
-            if row is not None:
-                row.last_request_time = utcnow()
+        self._update(TrainingRunRow, run_id, last_request_time=utcnow())
 
     def list_training_runs(self, owner: str, limit: int, offset: int) -> tuple[list[TrainingRunRow], int]:
-        with self._tx() as s:
-            base = select(TrainingRunRow).where(TrainingRunRow.owner == owner)
-            total = len(list(s.scalars(base)))
-            rows = list(s.scalars(base.order_by(TrainingRunRow.created_at.desc()).limit(limit).offset(offset)))
-        return rows, total
+        query = select(TrainingRunRow).where(TrainingRunRow.owner == owner)
+        return self._page(query, TrainingRunRow.created_at, limit, offset)
 
     def runs_of_session(self, session_id: str) -> list[str]:
         with self._tx() as s:
@@ -234,13 +240,10 @@ class Catalogue:
 
     def list_checkpoints(self, owner: str, run_id: str | None = None, limit: int = 1000,
                          offset: int = 0) -> tuple[list[CheckpointRow], int]:
-        with self._tx() as s:
-            q = select(CheckpointRow).where(CheckpointRow.owner == owner)
-            if run_id is not None:
-                q = q.where(CheckpointRow.run_id == run_id)
-            total = len(list(s.scalars(q)))
-            rows = list(s.scalars(q.order_by(CheckpointRow.created_at.desc()).limit(limit).offset(offset)))
-        return rows, total
+        query = select(CheckpointRow).where(CheckpointRow.owner == owner)
+        if run_id is not None:
+            query = query.where(CheckpointRow.run_id == run_id)
+        return self._page(query, CheckpointRow.created_at, limit, offset)
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
         with self._tx() as s:
@@ -249,11 +252,7 @@ class Catalogue:
                 s.delete(row)
 
     def update_checkpoint(self, run_id: str, checkpoint_id: str, **values: Any) -> None:
-        with self._tx() as s:
-            row = s.get(CheckpointRow, (run_id, checkpoint_id))
-            if row is not None:
-                for key, value in values.items():
-                    setattr(row, key, value)
+        self._update(CheckpointRow, (run_id, checkpoint_id), **values)
 
     def expired_checkpoints(self, *, now: datetime | None = None) -> list[CheckpointRow]:
         now = now or utcnow()
@@ -271,11 +270,7 @@ class Catalogue:
         return row
 
     def get_sampler(self, sampler_id: str, owner: str) -> SamplerRow:
-        with self._tx() as s:
-            row = s.get(SamplerRow, sampler_id)
-        if row is None or row.owner != owner:
-            raise NotFoundError(f"unknown sampler {sampler_id!r}")
-        return row
+        return self._get_owned(SamplerRow, sampler_id, owner, "sampler")
 
     def samplers_of_session(self, session_id: str) -> list[str]:
         with self._tx() as s:
