@@ -30,7 +30,7 @@ from tether.recipes.rl_math import group_advantages, kl_sample_train
 from tether.recipes.run_log import CheckpointRecord, RunLog
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, SamplingParams
-from tether.types.errors import UserInputError
+from tether.types.errors import ServerError
 
 log = logging.getLogger("tether.recipes.grpo")
 
@@ -168,16 +168,16 @@ def _rollouts(
     groups = {"all_good": 0, "all_bad": 0, "mixed": 0}
     for problem, prompt, future in zip(problems, prompts, futures, strict=True):
         sequences = [s for s in future.result().sequences if s.tokens]
-        rewards = [exact_answer_reward(*renderer.parse_response(s.tokens), problem.answer) for s in sequences]
         if not sequences:
             continue
+        rewards = [exact_answer_reward(*renderer.parse_response(s.tokens), problem.answer) for s in sequences]
         all_rewards += rewards
         advantages = group_advantages(rewards)
         constant = max(rewards) == min(rewards)
         groups["mixed" if not constant else ("all_good" if rewards[0] > 0 else "all_bad")] += 1
         for sequence, advantage in zip(sequences, advantages, strict=True):
             if sequence.logprobs is None:
-                raise UserInputError("the sampler returned no logprobs for sampled tokens", field="logprobs")
+                raise ServerError("the sampler returned no logprobs for the sampled tokens")
             rollouts.append(
                 _Rollout(
                     datum=rl_datum(prompt, sequence.tokens, sequence.logprobs, advantage),

@@ -44,16 +44,26 @@ class Config(BaseModel):
     lora_rank: int = Field(
         0, ge=0, description="0: full fine-tuning (the default model starts from random weights)."
     )
-    sft_steps: int = Field(400, ge=1, description="SFT optimizer steps.")
+    sft_steps: int = Field(450, ge=1, description="SFT optimizer steps run.")
+    sft_schedule_steps: int = Field(
+        600,
+        ge=1,
+        description="Length of the cosine learning-rate schedule. SFT stops after sft_steps, before the rate"
+        " reaches 0, so the model is still learning when RL takes over.",
+    )
     sft_batch_size: int = Field(16, ge=1, description="Conversations per SFT step.")
     sft_learning_rate: float = Field(
         3e-3, gt=0, description="Peak SFT learning rate (cosine decay after warmup)."
     )
     sft_warmup_steps: int = Field(20, ge=0, description="SFT warmup steps.")
-    grpo_steps: int = Field(30, ge=1, description="GRPO optimizer steps.")
+    grpo_steps: int = Field(40, ge=1, description="GRPO optimizer steps.")
     grpo_batch_size: int = Field(16, ge=1, description="Prompts per GRPO step.")
     group_size: int = Field(8, ge=2, description="Samples per prompt in GRPO.")
-    grpo_learning_rate: float = Field(1e-4, gt=0, description="GRPO learning rate.")
+    grpo_learning_rate: float = Field(
+        2e-5,
+        gt=0,
+        description="GRPO learning rate (full fine-tuning with Adam moves every weight each step: keep it small).",
+    )
     grpo_eval_every: int | None = Field(
         10, ge=1, description="Held-out accuracy every this many GRPO steps (unset: never)."
     )
@@ -108,11 +118,13 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
         batch_size=config.sft_batch_size,
         eval_every=None,
         save_every=None,
+        max_steps=config.sft_steps,
         resume=False,
         seed=config.seed,
         progress=config.progress,
     )
-    conversations = [task.sft_conversation(i) for i in range(config.sft_steps * config.sft_batch_size)]
+    schedule_steps = max(config.sft_steps, config.sft_schedule_steps)
+    conversations = [task.sft_conversation(i) for i in range(schedule_steps * config.sft_batch_size)]
     sft.train_sft(
         sft_config,
         service,

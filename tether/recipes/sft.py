@@ -78,7 +78,9 @@ class Config(BaseModel):
     batch_size: int = Field(32, ge=1, description="Conversations per optimizer step.")
     num_epochs: int = Field(1, ge=1, description="Passes over the training conversations.")
     max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many steps in total (unset: all epochs)."
+        None,
+        ge=1,
+        description="Stop after this many steps in total; the learning-rate schedule still spans all epochs (unset: run them all).",
     )
     max_length: int | None = Field(
         2048, ge=2, description="Tokens kept per conversation (the start is kept)."
@@ -173,6 +175,7 @@ def train_sft(
     run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
     run_log.write_config(config)
     plan = BatchPlan(len(train_conversations), config.batch_size, config.num_epochs, config.seed)
+    # max_steps ends the run early without stretching or shrinking the schedule (as in the cookbook).
     total_steps = min(plan.total_steps, config.max_steps or plan.total_steps)
 
     start_step = 0
@@ -204,7 +207,7 @@ def train_sft(
             outputs = training_client.forward(sdk.data(eval_datums), "cross_entropy").result().loss_fn_outputs
             metrics["test/nll"], _ = weighted_nll(eval_datums, outputs)
         learning_rate = config.learning_rate * lr_multiplier(
-            config.lr_schedule, step, total_steps, config.warmup_steps
+            config.lr_schedule, step, plan.total_steps, config.warmup_steps
         )
         batch = [train_datums[i] for i in plan.indices(step)]
         backward = training_client.forward_backward(sdk.data(batch), "cross_entropy")
