@@ -37,6 +37,7 @@ class FakeTrainingClient:
         self.store, self.tokenizer, self.crash_on_save = store, tokenizer, crash_on_save
         self.history = list(history)
         self.pending = None
+        self.learning_rates: list[float] = []
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -59,6 +60,7 @@ class FakeTrainingClient:
         return _done(self._outputs(data))
 
     def optim_step(self, params):
+        self.learning_rates.append(params.learning_rate)
         self.history.append(self.pending)
         self.pending = None
         return _done(OptimStepResponse(metrics={}))
@@ -135,3 +137,11 @@ def test_max_steps_stops_early_and_saves_the_last_state(tmp_path, tokenizer):
     assert result.steps_run == 3 and result.final_state_path == "tinker://run/weights/sft-000003"
     rows = [json.loads(line) for line in (tmp_path / "checkpoints.jsonl").read_text().splitlines()]
     assert [r["next_step"] for r in rows] == [3]
+
+
+def test_max_steps_cuts_the_run_but_not_the_learning_rate_schedule(tmp_path, tokenizer):
+    service = FakeService(tokenizer)
+    config = _config(tmp_path, max_steps=4, lr_schedule="linear", learning_rate=1.0, save_every=None)
+    sft.train_sft(config, service, CONVERSATIONS)
+    total = (len(CONVERSATIONS) // 3) * 2  # the whole plan: 14 steps
+    assert service.clients[0].learning_rates == pytest.approx([1 - s / total for s in range(4)])
