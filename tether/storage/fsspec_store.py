@@ -21,30 +21,22 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote
 
-from tether.storage.formats import (
-    HF_WEIGHTS_KIND,
-    TRAINING_STATE_KIND,
-    StoredHfWeights,
-    StoredTrainingState,
-    read_hf_weights,
-    read_training_state,
-    write_hf_weights,
-    write_training_state,
-)
-from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, parse_manifest, write_manifest
+from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, parse_manifest
 from tether.storage.store import (
     CheckpointInfo,
     CheckpointRef,
     CheckpointStore,
     info_from_manifest,
     parse_ref,
-    require_kind,
+    require_format,
 )
-from tether.types.errors import ConflictError, NotFoundError, UserInputError
+from tether.types.errors import ConflictError, NotFoundError
 from tether.types.paths import SEGMENT_BY_KIND, ParsedCheckpointPath
 
 __all__ = ["FsspecCheckpointStore"]
@@ -69,39 +61,9 @@ class FsspecCheckpointStore(CheckpointStore):
 
     # ---- save ---------------------------------------------------------------------------------
 
-    def save_training_state(
-        self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
+    def _save(
+        self, path: ParsedCheckpointPath, write: Callable[[Path], None], *, overwrite: bool
     ) -> CheckpointInfo:
-        path = parse_ref(ref)
-        require_kind(path, ("training",), "training state")
-
-        def write(staging: Path) -> None:
-            layout = write_training_state(staging, state)
-            write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=state.metadata, layout=layout)
-
-        return self._save(path, write, overwrite=overwrite)
-
-    def save_hf_weights(
-        self,
-        ref: CheckpointRef,
-        weights: StoredHfWeights,
-        *,
-        overwrite: bool = False,
-        base_model_dir: Path | None = None,
-        tokenizer_dir: Path | None = None,
-    ) -> CheckpointInfo:
-        path = parse_ref(ref)
-        require_kind(path, ("sampler", "external"), "Hugging Face weights")
-
-        def write(staging: Path) -> None:
-            layout = write_hf_weights(
-                staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
-            )
-            write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
-
-        return self._save(path, write, overwrite=overwrite)
-
-    def _save(self, path: ParsedCheckpointPath, write, *, overwrite: bool) -> CheckpointInfo:
         prefix = self.directory(path)
         previous = self._current_version(prefix)
         if previous is not None and not overwrite:
@@ -127,25 +89,15 @@ class FsspecCheckpointStore(CheckpointStore):
 
     # ---- load / inspect -----------------------------------------------------------------------
 
-    def load_training_state(
-        self, ref: CheckpointRef, *, include_optimizer: bool = False
-    ) -> StoredTrainingState:
-        path = parse_ref(ref)
+    @contextmanager
+    def _checkout(
+        self, path: ParsedCheckpointPath, kind: str, what: str
+    ) -> Iterator[tuple[Path, dict[str, Any]]]:
         version_dir, manifest = self._manifest(path)
-        if manifest["kind"] != TRAINING_STATE_KIND:
-            raise UserInputError(f"{path} holds {manifest['kind']}, not training state", field="path")
+        require_format(path, manifest, kind, what)
         with tempfile.TemporaryDirectory(prefix="tether-ckpt-") as tmp:
             self._download(version_dir, manifest, Path(tmp))
-            return read_training_state(Path(tmp), manifest, include_optimizer=include_optimizer)
-
-    def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
-        path = parse_ref(ref)
-        version_dir, manifest = self._manifest(path)
-        if manifest["kind"] != HF_WEIGHTS_KIND:
-            raise UserInputError(f"{path} holds {manifest['kind']}, not sampler weights", field="path")
-        with tempfile.TemporaryDirectory(prefix="tether-ckpt-") as tmp:
-            self._download(version_dir, manifest, Path(tmp))
-            return read_hf_weights(Path(tmp), manifest)
+            yield Path(tmp), manifest
 
     def download(self, ref: CheckpointRef, target: Path) -> Path:
         """Copy a checkpoint's files (HF layout included) into local directory `target`."""

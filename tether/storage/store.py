@@ -13,6 +13,8 @@ Kinds map to formats: `weights/` holds training state; `sampler_weights/` and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +42,14 @@ from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, read_
 from tether.types.errors import NotFoundError, UserInputError
 from tether.types.paths import SEGMENT_BY_KIND, ParsedCheckpointPath, parse_checkpoint_path
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "LocalCheckpointStore", "info_from_manifest", "require_kind"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStore",
+    "LocalCheckpointStore",
+    "info_from_manifest",
+    "require_format",
+    "require_kind",
+]
 
 CheckpointRef = ParsedCheckpointPath | str
 
@@ -76,21 +85,33 @@ def require_kind(path: ParsedCheckpointPath, allowed: tuple[str, ...], what: str
 
 
 class CheckpointStore(ABC):
-    """Save, load, list and delete checkpoints by `tinker://` path."""
+    """Save, load, list and delete checkpoints by `tinker://` path.
 
-    @abstractmethod
+    The formats are written and read here, once, in a local directory; a store only says how that
+    directory is published atomically (`_save`) and how a checkpoint's files are made local to be
+    read (`_checkout`).
+    """
+
     def save_training_state(
         self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
     ) -> CheckpointInfo:
         """Store training state under a `weights/` path. ConflictError if taken and not `overwrite`."""
+        path = parse_ref(ref)
+        require_kind(path, ("training",), "training state")
 
-    @abstractmethod
+        def write(staging: Path) -> None:
+            layout = write_training_state(staging, state)
+            write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=state.metadata, layout=layout)
+
+        return self._save(path, write, overwrite=overwrite)
+
     def load_training_state(
         self, ref: CheckpointRef, *, include_optimizer: bool = False
     ) -> StoredTrainingState:
         """Load (and verify) training state; NotFoundError if absent."""
+        with self._checkout(parse_ref(ref), TRAINING_STATE_KIND, "training state") as (directory, manifest):
+            return read_training_state(directory, manifest, include_optimizer=include_optimizer)
 
-    @abstractmethod
     def save_hf_weights(
         self,
         ref: CheckpointRef,
@@ -101,10 +122,39 @@ class CheckpointStore(ABC):
         tokenizer_dir: Path | None = None,
     ) -> CheckpointInfo:
         """Store HF weights under a `sampler_weights/` or `external_weights/` path."""
+        path = parse_ref(ref)
+        require_kind(path, ("sampler", "external"), "Hugging Face weights")
 
-    @abstractmethod
+        def write(staging: Path) -> None:
+            layout = write_hf_weights(
+                staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
+            )
+            write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
+
+        return self._save(path, write, overwrite=overwrite)
+
     def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
         """Load (and verify) HF weights; NotFoundError if absent."""
+        with self._checkout(parse_ref(ref), HF_WEIGHTS_KIND, "sampler weights") as (directory, manifest):
+            return read_hf_weights(directory, manifest)
+
+    @abstractmethod
+    def _save(
+        self, path: ParsedCheckpointPath, write: Callable[[Path], None], *, overwrite: bool
+    ) -> CheckpointInfo:
+        """Let `write` fill an empty local staging directory, then publish it atomically as `path`.
+
+        ConflictError if `path` is taken and not `overwrite`; nothing is published if `write` raises.
+        """
+
+    @abstractmethod
+    def _checkout(
+        self, path: ParsedCheckpointPath, kind: str, what: str
+    ) -> AbstractContextManager[tuple[Path, dict[str, Any]]]:
+        """The checkpoint's files in a local directory, and its manifest, for reading.
+
+        NotFoundError if absent; UserInputError (naming `what` was wanted) if it holds another kind.
+        """
 
     @abstractmethod
     def info(self, ref: CheckpointRef) -> CheckpointInfo:
@@ -161,49 +211,20 @@ class LocalCheckpointStore(CheckpointStore):
         path = parse_ref(ref)
         return self.root / quote(path.training_run_id, safe="") / path.segment / path.name
 
-    def save_training_state(
-        self, ref: CheckpointRef, state: StoredTrainingState, *, overwrite: bool = False
+    def _save(
+        self, path: ParsedCheckpointPath, write: Callable[[Path], None], *, overwrite: bool
     ) -> CheckpointInfo:
-        path = parse_ref(ref)
-        require_kind(path, ("training",), "training state")
         with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
-            layout = write_training_state(staging, state)
-            write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=state.metadata, layout=layout)
+            write(staging)
         return self.info(path)
 
-    def load_training_state(
-        self, ref: CheckpointRef, *, include_optimizer: bool = False
-    ) -> StoredTrainingState:
-        path = parse_ref(ref)
+    @contextmanager
+    def _checkout(
+        self, path: ParsedCheckpointPath, kind: str, what: str
+    ) -> Iterator[tuple[Path, dict[str, Any]]]:
         manifest = self._manifest(path)
-        if manifest["kind"] != TRAINING_STATE_KIND:
-            raise UserInputError(f"{path} holds {manifest['kind']}, not training state", field="path")
-        return read_training_state(self.directory(path), manifest, include_optimizer=include_optimizer)
-
-    def save_hf_weights(
-        self,
-        ref: CheckpointRef,
-        weights: StoredHfWeights,
-        *,
-        overwrite: bool = False,
-        base_model_dir: Path | None = None,
-        tokenizer_dir: Path | None = None,
-    ) -> CheckpointInfo:
-        path = parse_ref(ref)
-        require_kind(path, ("sampler", "external"), "Hugging Face weights")
-        with atomic_directory(self.directory(path), overwrite=overwrite) as staging:
-            layout = write_hf_weights(
-                staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
-            )
-            write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
-        return self.info(path)
-
-    def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
-        path = parse_ref(ref)
-        manifest = self._manifest(path)
-        if manifest["kind"] != HF_WEIGHTS_KIND:
-            raise UserInputError(f"{path} holds {manifest['kind']}, not sampler weights", field="path")
-        return read_hf_weights(self.directory(path), manifest)
+        require_format(path, manifest, kind, what)
+        yield self.directory(path), manifest
 
     def info(self, ref: CheckpointRef) -> CheckpointInfo:
         path = parse_ref(ref)
@@ -248,6 +269,12 @@ class LocalCheckpointStore(CheckpointStore):
 
     def _info(self, path: ParsedCheckpointPath, manifest: dict[str, Any]) -> CheckpointInfo:
         return info_from_manifest(path, manifest, (self.directory(path) / MANIFEST_NAME).stat().st_size)
+
+
+def require_format(path: ParsedCheckpointPath, manifest: dict[str, Any], kind: str, what: str) -> None:
+    """UserInputError unless the checkpoint's manifest says it holds `kind` (described as `what`)."""
+    if manifest["kind"] != kind:
+        raise UserInputError(f"{path} holds {manifest['kind']}, not {what}", field="path")
 
 
 def info_from_manifest(
