@@ -21,14 +21,19 @@ from tether.types.data import (
     WeightsInfoResponse,
 )
 from tether.types.errors import UserInputError
+from tether.types.paths import KIND_BY_SEGMENT, SCHEME
 
 
 def parse_tinker_path(path: str) -> tuple[str, str]:
-    """`tinker://<run_id>/<kind>/<name>` -> (run_id, "<kind>/<name>")."""
-    if not isinstance(path, str) or not path.startswith("tinker://"):
-        raise UserInputError(f"must start with tinker://, got {path!r}", field="tinker_path")
-    parts = path[len("tinker://") :].split("/")
-    if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights", "external_weights") or not all(parts):
+    """`tinker://<run_id>/<kind>/<name>` -> (run_id, "<kind>/<name>").
+
+    Checks only the shape, not `tether.types.paths`' strict name rules: another Tinker-compatible
+    server may name its runs and checkpoints differently, and it validates them itself.
+    """
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise UserInputError(f"must start with {SCHEME}, got {path!r}", field="tinker_path")
+    parts = path[len(SCHEME) :].split("/")
+    if len(parts) != 3 or parts[1] not in KIND_BY_SEGMENT or not all(parts):
         raise UserInputError(f"must be tinker://<run_id>/<kind>/<name>, got {path!r}", field="tinker_path")
     return parts[0], f"{parts[1]}/{parts[2]}"
 
