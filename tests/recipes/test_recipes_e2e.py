@@ -75,7 +75,7 @@ def test_grpo_improves_reward_on_a_toy_task_with_a_fixed_seed(tmp_path, local_se
 
 def test_quickstart_writes_metrics_and_plot(tmp_path, local_service):
     config = quickstart.Config(
-        log_dir=tmp_path / "qs", heldout_problems=10, sft_steps=3, sft_batch_size=4, sft_warmup_steps=1,
+        log_dir=tmp_path / "qs", heldout_problems=10, sft_steps=3, sft_schedule_steps=4, sft_batch_size=4, sft_warmup_steps=1,
         grpo_steps=2, grpo_batch_size=2, group_size=2, progress=False,
     )  # fmt: skip
     accuracies = quickstart.run_quickstart(config, local_service)
