@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from tether.recipes import grpo, quickstart, sft
 from tether.recipes.addition import Problem
 from tether.recipes.problems import DatasetProblems
@@ -84,3 +86,29 @@ def test_quickstart_writes_metrics_and_plot(tmp_path, local_service):
     rows = _read(tmp_path / "qs" / "metrics.jsonl")
     assert {r["phase"] for r in rows} == {"eval", "sft", "grpo"}
     assert (tmp_path / "qs" / "quickstart.png").stat().st_size > 10_000
+
+
+def test_recipes_drive_the_official_tinker_sdk(tmp_path, local_service, monkeypatch):
+    """The same loops run with `tinker.ServiceClient` against tether's server (sdk="tinker")."""
+    tinker = pytest.importorskip("tinker")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    service = tinker.ServiceClient(base_url=local_service.base_url, api_key="tml-local")
+    conversations = [
+        [{"role": "user", "content": f"{i}+{i}"}, {"role": "assistant", "content": str(2 * i)}]
+        for i in range(24)
+    ]
+    config = sft.Config(
+        log_dir=tmp_path / "sft", lora_rank=8, learning_rate=1e-2, lr_schedule="constant", batch_size=8,
+        eval_every=2, save_every=None, progress=False, sdk="tinker",
+    )  # fmt: skip
+    result = sft.train_sft(config, service, conversations[:16], conversations[16:])
+    assert [r["step"] for r in result.metrics] == [0, 1]
+    assert result.metrics[1]["train_mean_nll"] < result.metrics[0]["train_mean_nll"]
+    rl_config = grpo.Config(
+        log_dir=tmp_path / "grpo", lora_rank=8, batch_size=2, group_size=4, num_steps=1, max_tokens=4,
+        eval_every=1, test_size=10, save_every=None, progress=False, sdk="tinker",
+    )  # fmt: skip
+    rl = grpo.train_grpo(
+        rl_config, service, grpo.problem_source(rl_config), training_client=result.training_client
+    )
+    assert rl.final_accuracy is not None and abs(rl.metrics[0]["kl_sample_train_v1"]) < 1e-3
