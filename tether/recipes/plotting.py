@@ -32,7 +32,7 @@ def plot_quickstart(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             [r["step"] for r in rl_acc], [r["test/accuracy"] for r in rl_acc], "o--", color="tab:blue",
             label="held-out accuracy (greedy)",
         )  # fmt: skip
-        ax_reward.legend(loc="lower right")
+        ax_reward.legend(loc="upper left")
     ax_reward.set(
         title="GRPO (exact-answer reward)", xlabel="GRPO step", ylabel="fraction correct", ylim=(0, 1)
     )
