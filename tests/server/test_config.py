@@ -39,3 +39,17 @@ def test_server_modules_import_without_torch():
     code = "import sys, tether.server.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_torch_threads_apply_when_the_base_model_loads(tmp_path, default_model_dir):
+    import torch
+
+    from tether.server.model_hosts import ModelHost
+
+    before = torch.get_num_threads()
+    try:
+        host = ModelHost("tether/tiny-qwen3", ServerConfig(data_dir=tmp_path, torch_threads=1, device="cpu"))
+        assert host.base.vocab_size == 264
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

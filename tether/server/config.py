@@ -54,6 +54,12 @@ class ServerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description='Weight dtype of the base models; "auto": bfloat16 on a GPU, float32 on a CPU.'
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch may use for one operation (unset: torch's default, one per core). "
+        "On a CPU shared with other work, fewer threads keep them from waiting on each other.",
+    )
     max_tokens_per_micro_batch: int = Field(
         8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
     )

@@ -57,6 +57,11 @@ class ModelHost:
             if self._base is None:
                 from tether.engine.model_loading import load_base_model
 
+                if self._config.torch_threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self._config.torch_threads)
+
                 self._base = load_base_model(
                     self.name,
                     aliases=self._config.model_aliases,
