@@ -9,6 +9,7 @@ field's default (the command line still wins).
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import types
@@ -62,6 +63,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
             parser.add_argument(flag, nargs="*", metavar="KEY=VALUE", **kwargs)
         elif typing.get_origin(annotation) is typing.Literal:
             parser.add_argument(flag, choices=list(typing.get_args(annotation)), **kwargs)
+        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            parser.add_argument(flag, choices=[member.value for member in annotation], **kwargs)
         else:
             parser.add_argument(flag, type=_scalar_type(annotation), **kwargs)
 

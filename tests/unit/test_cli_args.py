@@ -1,4 +1,5 @@
 import argparse
+import enum
 from typing import Literal
 
 import pytest
@@ -8,6 +9,11 @@ from tether.cli_args import add_config_arguments, build_config
 from tether.types.errors import ConfigurationError
 
 
+class Color(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
 class DemoConfig(BaseModel):
     port: int = Field(8000, description="TCP port.")
     models: list[str] = Field(default_factory=lambda: ["a"], description="Models to serve.")
@@ -15,6 +21,7 @@ class DemoConfig(BaseModel):
     verbose: bool = Field(False, description="Say more.")
     mode: Literal["lora", "full"] = Field("lora", description="Training mode.")
     ratio: float | None = Field(None, description="Optional ratio.")
+    color: Color = Field(Color.RED, description="An enum.")
 
 
 def parse(argv, environ=None):
@@ -28,6 +35,9 @@ def test_defaults_env_and_flags_in_order_of_precedence():
     cfg = parse(["--models", "x", "y", "--aliases", "Q=/m", "--verbose", "--mode", "full", "--ratio", "0.5"])
     assert cfg.models == ["x", "y"] and cfg.aliases == {"Q": "/m"} and cfg.verbose and cfg.mode == "full"
     assert cfg.ratio == 0.5
+    assert parse(["--color", "blue"]).color is Color.BLUE
+    with pytest.raises(SystemExit):
+        parse(["--color", "green"])
     assert parse([], {"DEMO_PORT": "9000", "DEMO_MODELS": "p,q"}).port == 9000
     assert parse(["--port", "1"], {"DEMO_PORT": "9000"}).port == 1
 
