@@ -6,6 +6,7 @@ an existing service client (the quickstart and tests share one between SFT and G
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from tether.client.service_client import ServiceClient
@@ -14,14 +15,24 @@ from tether.types.errors import UserInputError
 SdkName = Literal["tether", "tinker"]
 
 
-def connect(base_url: str | None, api_key: str | None = None, *, sdk: SdkName = "tether") -> Any:
+def connect(
+    base_url: str | None,
+    api_key: str | None = None,
+    *,
+    sdk: SdkName = "tether",
+    local_data_dir: Path | None = None,
+) -> Any:
     """A service client for `base_url` (None: $TETHER_BASE_URL / $TINKER_BASE_URL; "local": embedded).
+
+    The embedded server keeps its checkpoints in `local_data_dir` (a temporary directory if None):
+    a recipe that can resume passes a directory inside its log_dir, so that the checkpoints a
+    resumed run reads outlive the process that wrote them.
 
     `sdk="tinker"` drives the run with the official tinker SDK instead, against any
     Tinker-compatible server (for tether's embedded server use tether's SDK).
     """
     if sdk == "tether":
-        return ServiceClient(base_url=base_url, api_key=api_key)
+        return ServiceClient(base_url=base_url, api_key=api_key, local_data_dir=local_data_dir)
     if base_url == "local":
         raise UserInputError(
             "the embedded server ('local') is started by tether's SDK; use sdk='tether'", field="sdk"

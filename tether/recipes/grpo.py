@@ -294,7 +294,9 @@ def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) 
 def main(config: Config) -> GRPOResult:
     """`tether grpo`: connect and train on the configured environment or dataset."""
     source = problem_source(config)
-    service = connect(config.base_url, config.api_key, sdk=config.sdk)
+    service = connect(
+        config.base_url, config.api_key, sdk=config.sdk, local_data_dir=config.log_dir / "local-server"
+    )
     try:
         return train_grpo(config, service, source)
     finally:

@@ -247,7 +247,9 @@ def main(config: Config) -> SFTResult:
     if config.dataset_path is None:
         raise UserInputError("is required", field="dataset_path")
     train, held_out = split_conversations(config, load_conversations(config.dataset_path))
-    service = connect(config.base_url, config.api_key, sdk=config.sdk)
+    service = connect(
+        config.base_url, config.api_key, sdk=config.sdk, local_data_dir=config.log_dir / "local-server"
+    )
     try:
         return train_sft(config, service, train, held_out)
     finally:
