@@ -70,3 +70,17 @@ def test_retrieve_future_refuses_json_where_protobuf_is_expected() -> None:
 
     with pytest.raises(ServerError, match="protobuf"):
         event_loop.run_sync(_transport(handler).retrieve_future("r", expect_proto=True))
+
+
+def test_api_key_defaults_only_for_a_server_on_this_machine(monkeypatch):
+    from tether.client.service_client import ServiceClient
+    from tether.types.errors import UserInputError
+
+    monkeypatch.delenv("TETHER_API_KEY", raising=False)
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    for url in ("http://127.0.0.1:8000", "http://localhost:9", "http://[::1]:8000"):
+        client = ServiceClient(base_url=url)
+        assert client._session.transport.api_key == "tml-local"
+        client.close()
+    with pytest.raises(UserInputError, match="api_key"):
+        ServiceClient(base_url="http://gpu-box.example:8000")

@@ -27,6 +27,11 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 LOCAL_API_KEY = "tml-local"
 
 
+def _is_loopback(base_url: str) -> bool:
+    host = httpx.URL(base_url).host
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class ServiceClient:
     """Connects to a tether (or any Tinker-compatible) server and makes the other clients."""
 
@@ -42,7 +47,8 @@ class ServiceClient:
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """`base_url` defaults to $TETHER_BASE_URL, then $TINKER_BASE_URL, then localhost:8000;
-        `api_key` to $TETHER_API_KEY, then $TINKER_API_KEY. `"local"` starts an embedded server
+        `api_key` to $TETHER_API_KEY, then $TINKER_API_KEY, then (for a server on this machine only)
+        the local key `tml-local`. `"local"` starts an embedded server
         (data in `local_data_dir`, a temporary directory by default)."""
         base_url = base_url or os.environ.get("TETHER_BASE_URL") or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL
         self._local: LocalServer | None = None
@@ -51,6 +57,8 @@ class ServiceClient:
             base_url = self._local.base_url
             api_key = api_key or LOCAL_API_KEY
         api_key = api_key or os.environ.get("TETHER_API_KEY") or os.environ.get("TINKER_API_KEY")
+        if not api_key and _is_loopback(base_url):
+            api_key = LOCAL_API_KEY  # a server on this machine without configured keys takes any tml- key
         if not api_key:
             raise UserInputError("no API key: pass api_key= or set TETHER_API_KEY", field="api_key")
         self.base_url = base_url
