@@ -1,6 +1,6 @@
 """Recipes that resume keep the embedded server's checkpoints beside their logs."""
 
-from tether.recipes import clients, grpo, sft
+from tether.recipes import clients, grpo, run_settings, sft
 
 
 def test_local_runs_keep_server_data_in_the_log_dir(monkeypatch, tmp_path):
@@ -27,7 +27,7 @@ def test_sft_and_grpo_pass_a_directory_inside_log_dir(monkeypatch, tmp_path):
         (sft, sft.Config(dataset_path=data, log_dir=tmp_path / "sft", base_url="local")),
         (grpo, grpo.Config(log_dir=tmp_path / "grpo", base_url="local")),
     ):
-        monkeypatch.setattr(module, "connect", fake_connect)
+        monkeypatch.setattr(run_settings, "connect", fake_connect)
         try:
             module.main(config)
         except Connected:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tether.recipes.addition import AdditionTask, exact_answer_reward
-from tether.recipes.clients import SdkName, connect, new_training_client, resume_training_client
+from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.evaluation import heldout_accuracy
 from tether.recipes.problems import DatasetProblems, ProblemSource
@@ -28,6 +28,7 @@ from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import group_advantages, kl_sample_train
 from tether.recipes.run_log import CheckpointRecord, RunLog
+from tether.recipes.run_settings import RunSettings, connect_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, SamplingParams
 from tether.types.errors import ServerError
@@ -35,10 +36,8 @@ from tether.types.errors import ServerError
 log = logging.getLogger("tether.recipes.grpo")
 
 
-class Config(BaseModel):
+class Config(RunSettings):
     """Settings of a GRPO run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     env: Literal["addition"] = Field(
         "addition", description="Built-in prompt environment, used when no dataset_path is given."
@@ -58,14 +57,6 @@ class Config(BaseModel):
     )
     log_dir: Path = Field(
         Path("runs/grpo"), description="Where metrics.jsonl, config.json and checkpoints.jsonl go."
-    )
-    base_url: str | None = Field(
-        None,
-        description='Server URL; "local" starts an embedded tether server; unset: $TETHER_BASE_URL, then $TINKER_BASE_URL.',
-    )
-    api_key: str | None = Field(None, description="API key; unset: $TETHER_API_KEY, then $TINKER_API_KEY.")
-    sdk: SdkName = Field(
-        "tether", description="Client library: tether's SDK, or the official tinker SDK (pip install tinker)."
     )
     model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
     load_checkpoint_path: str | None = Field(
@@ -98,13 +89,7 @@ class Config(BaseModel):
     save_every: int | None = Field(
         20, ge=1, description="Checkpoint every this many steps (unset: only at the end)."
     )
-    resume: bool = Field(True, description="Continue from the last checkpoint in log_dir if there is one.")
     seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
-    progress: bool = Field(True, description="Show a progress bar.")
-    wandb_project: str | None = Field(
-        None, description="Also log to this Weights & Biases project (needs wandb installed)."
-    )
-    wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
 
 @dataclass
@@ -294,9 +279,7 @@ def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) 
 def main(config: Config) -> GRPOResult:
     """`tether grpo`: connect and train on the configured environment or dataset."""
     source = problem_source(config)
-    service = connect(
-        config.base_url, config.api_key, sdk=config.sdk, local_data_dir=config.log_dir / "local-server"
-    )
+    service = connect_run(config)
     try:
         return train_grpo(config, service, source)
     finally:

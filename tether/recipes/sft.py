@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tether.recipes.batching import BatchPlan
-from tether.recipes.clients import SdkName, connect, new_training_client, resume_training_client
+from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.conversations import conversation_datum, load_conversations
 from tether.recipes.progress import progress_bar
 from tether.recipes.run_log import CheckpointRecord, RunLog
+from tether.recipes.run_settings import RunSettings, connect_run
 from tether.recipes.schedules import LrSchedule, lr_multiplier
 from tether.renderers import Message, Renderer, TrainOnWhat, renderer_for_model
 from tether.types.data import Datum
@@ -33,10 +34,8 @@ from tether.types.errors import UserInputError
 log = logging.getLogger("tether.recipes.sft")
 
 
-class Config(BaseModel):
+class Config(RunSettings):
     """Settings of an SFT run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset_path: Path | None = Field(
         None,
@@ -51,14 +50,6 @@ class Config(BaseModel):
     )
     log_dir: Path = Field(
         Path("runs/sft"), description="Where metrics.jsonl, config.json and checkpoints.jsonl go."
-    )
-    base_url: str | None = Field(
-        None,
-        description='Server URL; "local" starts an embedded tether server; unset: $TETHER_BASE_URL, then $TINKER_BASE_URL.',
-    )
-    api_key: str | None = Field(None, description="API key; unset: $TETHER_API_KEY, then $TINKER_API_KEY.")
-    sdk: SdkName = Field(
-        "tether", description="Client library: tether's SDK, or the official tinker SDK (pip install tinker)."
     )
     model_name: str = Field(
         "tether/tiny-qwen3", description="Base model to fine-tune, as the server names it."
@@ -91,13 +82,7 @@ class Config(BaseModel):
         ge=1,
         description="Checkpoint (weights + optimizer) every this many steps (unset: only at the end).",
     )
-    resume: bool = Field(True, description="Continue from the last checkpoint in log_dir if there is one.")
     seed: int = Field(0, description="Seed of the data order and of new LoRA weights.")
-    progress: bool = Field(True, description="Show a progress bar.")
-    wandb_project: str | None = Field(
-        None, description="Also log to this Weights & Biases project (needs wandb installed)."
-    )
-    wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
 
 @dataclass
@@ -247,9 +232,7 @@ def main(config: Config) -> SFTResult:
     if config.dataset_path is None:
         raise UserInputError("is required", field="dataset_path")
     train, held_out = split_conversations(config, load_conversations(config.dataset_path))
-    service = connect(
-        config.base_url, config.api_key, sdk=config.sdk, local_data_dir=config.log_dir / "local-server"
-    )
+    service = connect_run(config)
     try:
         return train_sft(config, service, train, held_out)
     finally:
