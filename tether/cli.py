@@ -38,6 +38,13 @@ COMMANDS = (
         env_prefix="TETHER_",
     ),
     Command(
+        "trainer",
+        "Run one base model's trainer process: it executes the ops a `tether serve` sends over a socket.",
+        "tether.trainer.config:TrainerConfig",
+        "tether.trainer.process:main",
+        env_prefix="TETHER_",
+    ),
+    Command(
         "quickstart",
         "Teach the embedded default model a task end to end on this machine: SFT, then GRPO.",
         "tether.recipes.quickstart:Config",

@@ -44,12 +44,13 @@ def test_server_modules_import_without_torch():
 def test_torch_threads_apply_when_the_base_model_loads(tmp_path, default_model_dir):
     import torch
 
-    from tether.server.model_hosts import ModelHost
+    from tether.trainer.executor import OpExecutor
 
     before = torch.get_num_threads()
     try:
-        host = ModelHost("tether/tiny-qwen3", ServerConfig(data_dir=tmp_path, torch_threads=1, device="cpu"))
-        assert host.base.vocab_size == 264
+        config = ServerConfig(data_dir=tmp_path, torch_threads=1, device="cpu")
+        executor = OpExecutor("tether/tiny-qwen3", config.engine_settings())
+        assert executor.base.vocab_size == 264
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -221,7 +221,7 @@ def test_silent_session_expires(tmp_path, default_model_dir):
     server = ServerThread(config)
     with server as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
         model = create_model(client)
-        training = server.app.state.tether.hosts.host(BASE).training
+        training = server.app.state.tether.trainers.get(BASE).executor.training
         assert training.has_model(model)
         time.sleep(1.5)
         assert client.post("/api/v1/get_info", json={"model_id": model}, headers=ALICE).status_code == 404

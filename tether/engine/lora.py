@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tether.types.errors import UserInputError
+from tether.types.wire import LoraConfig
 
 ATTENTION_MARKERS = ("attn", "attention")
 MLP_MARKERS = ("mlp", "feed_forward", "ffn")
@@ -61,6 +62,18 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @classmethod
+    def from_config(cls, config: LoraConfig) -> LoraSpec | None:
+        """The adapter for the wire's `LoraConfig` (the one definition of the concept); None for rank 0
+        (full fine-tuning). Raises `UserInputError` naming the `lora_config` field."""
+        if config.rank == 0:
+            return None
+        try:
+            return cls(rank=config.rank, seed=config.seed, train_attn=config.train_attn, train_mlp=config.train_mlp,
+                       train_unembed=config.train_unembed)
+        except UserInputError as exc:
+            raise UserInputError(exc.message, field="lora_config") from None
 
 
 @dataclass(frozen=True)

@@ -10,26 +10,28 @@ This module knows nothing about models or batching.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from tether.types.errors import UserInputError
+from tether.types.losses import LOSS_SPECS, LossSpec, get_loss_spec, resolve_loss_config
+
+__all__ = ["LOSSES", "LossDefinition", "get_loss", "resolve_loss_config"]
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class LossDefinition:
-    """What a loss needs and how it is computed."""
+    """A built-in loss: its table entry (`tether.types.losses`) and its computation."""
 
-    required_inputs: tuple[str, ...]
-    """Keys of `loss_fn_inputs` that must be present (besides the model input)."""
-    config_defaults: Mapping[str, float | None]
-    """Accepted `loss_fn_config` keys and their defaults; None means the key is required."""
+    spec: LossSpec
     compute: Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], LossOutput]
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return self.spec.required_inputs
 
 
 def cross_entropy_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> LossOutput:
@@ -71,45 +73,19 @@ def dro_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config
     return -(target_lp * advantages - penalty).sum(), {}
 
 
-_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
-_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-
-LOSSES: dict[str, LossDefinition] = {
-    "cross_entropy": LossDefinition(("target_tokens", "weights"), {}, cross_entropy_loss),
-    "importance_sampling": LossDefinition(_RL_INPUTS, {}, importance_sampling_loss),
-    "ppo": LossDefinition(_RL_INPUTS, _CLIP_DEFAULTS, ppo_loss),
-    "cispo": LossDefinition(_RL_INPUTS, _CLIP_DEFAULTS, cispo_loss),
-    "dro": LossDefinition(_RL_INPUTS, {"beta": None}, dro_loss),
+_COMPUTE = {
+    "cross_entropy": cross_entropy_loss,
+    "importance_sampling": importance_sampling_loss,
+    "ppo": ppo_loss,
+    "cispo": cispo_loss,
+    "dro": dro_loss,
 }
+
+LOSSES: dict[str, LossDefinition] = {name: LossDefinition(spec, _COMPUTE[name]) for name, spec in LOSS_SPECS.items()}
 """The built-in losses by the name clients send as `loss_fn`."""
 
 
 def get_loss(loss_fn: str) -> LossDefinition:
     """The loss named `loss_fn`, or `UserInputError` naming the field."""
-    definition = LOSSES.get(loss_fn) if isinstance(loss_fn, str) else None
-    if definition is None:
-        raise UserInputError(f"unknown loss {loss_fn!r}; supported: {sorted(LOSSES)}", field="loss_fn")
-    return definition
-
-
-def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, object] | None) -> dict[str, float]:
-    """Fill defaults into `loss_fn_config` and check it: known keys, finite numbers, low <= high."""
-    definition = get_loss(loss_fn)
-    given = dict(loss_fn_config or {})
-    for key in given:
-        if key not in definition.config_defaults:
-            raise UserInputError(
-                f"not accepted by loss {loss_fn!r} (accepted: {sorted(definition.config_defaults)})",
-                field=f"loss_fn_config.{key}",
-            )
-    resolved: dict[str, float] = {}
-    for key, default in definition.config_defaults.items():
-        value = given.get(key, default)
-        if value is None:
-            raise UserInputError(f"required by loss {loss_fn!r}", field=f"loss_fn_config.{key}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserInputError(f"must be a finite number, got {value!r}", field=f"loss_fn_config.{key}")
-        resolved[key] = float(value)
-    if "clip_low_threshold" in resolved and resolved["clip_low_threshold"] > resolved["clip_high_threshold"]:
-        raise UserInputError("must not exceed clip_high_threshold", field="loss_fn_config.clip_low_threshold")
-    return resolved
+    get_loss_spec(loss_fn)
+    return LOSSES[loss_fn]

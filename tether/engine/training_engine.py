@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,8 @@ class _KeptGraph:
 
     model_id: str
     optimizer_steps: int
+    deadline: float | None = None
+    """`time.monotonic()` after which `reap_expired_graphs` frees it; None keeps it until used or released."""
     micro_batches: list[tuple[list[int], MicroBatchLogprobs]] = field(default_factory=list)
     logprob_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -163,14 +166,20 @@ class TrainingEngine:
 
     # ---- one-pass custom loss ----------------------------------------------------------------
 
-    def forward_keep_graph(self, model_id: str, data: Sequence[EngineDatum]) -> tuple[GraphHandle, ForwardResult]:
+    def forward_keep_graph(
+        self, model_id: str, data: Sequence[EngineDatum], *, graph_id: str | None = None, ttl_s: float | None = None
+    ) -> tuple[GraphHandle, ForwardResult]:
         """Forward with gradients recorded and the graph kept, for a later `backward_from_logprob_grads`.
 
         Outputs are per-datum `logprobs` and `loss:sum` of cross entropy with the datums' weights
-        (zero where absent), as a forward-only cross_entropy call would report.
+        (zero where absent), as a forward-only cross_entropy call would report. The graph is named
+        `graph_id` (generated if None); with `ttl_s`, `reap_expired_graphs` frees it after that many
+        seconds. Raises `ConflictError` if `graph_id` is already kept.
         """
         with self._lock:
             trained = self._get(model_id)
+            if graph_id is not None and graph_id in self._graphs:
+                raise ConflictError(f"graph {graph_id!r} is already kept")
             checked = self._validate(data, ("target_tokens",))
             kept = _KeptGraph(model_id=model_id, optimizer_steps=trained.optimizer.num_steps)
             outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
@@ -183,7 +192,8 @@ class TrainingEngine:
                     if weights is not None:
                         loss_sum += float((-lp * weights.to(lp.device)).sum())
             kept.logprob_shapes = [tuple(o["logprobs"].shape) for o in outputs]
-            graph_id = f"graph-{next(self._graph_ids)}"
+            graph_id = graph_id or f"graph-{next(self._graph_ids)}"
+            kept.deadline = time.monotonic() + ttl_s if ttl_s is not None else None  # from when the graph exists
             self._graphs[graph_id] = kept
             return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": loss_sum})
 
@@ -214,6 +224,24 @@ class TrainingEngine:
         """Free a kept graph without backpropagating (no-op if it is already gone)."""
         with self._lock:
             self._graphs.pop(handle.graph_id, None)
+
+    def reap_expired_graphs(self, now: float | None = None) -> int:
+        """Free every kept graph whose deadline has passed; returns how many were freed.
+
+        The trainer calls this between operations, so no thread or timer is kept per graph.
+        """
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            expired = [g for g, kept in self._graphs.items() if kept.deadline is not None and kept.deadline <= now]
+            for graph_id in expired:
+                del self._graphs[graph_id]
+            return len(expired)
+
+    def next_graph_deadline(self) -> float | None:
+        """The earliest `time.monotonic()` deadline of a kept graph, or None."""
+        with self._lock:
+            deadlines = [kept.deadline for kept in self._graphs.values() if kept.deadline is not None]
+            return min(deadlines) if deadlines else None
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tether.types.errors import UserInputError
+from tether.types.wire import AdamParams
 
 
 @dataclass
@@ -50,6 +51,11 @@ class AdamWParams:
     """Decoupled weight decay: w -= learning_rate * weight_decay * w."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value before the step; 0 means no clipping."""
+
+    @classmethod
+    def from_adam_params(cls, params: AdamParams) -> AdamWParams:
+        """The engine's step settings from the wire's `AdamParams` (the one definition of the concept)."""
+        return cls(**params.model_dump())
 
     def validate(self) -> None:
         """Raise `UserInputError` naming the first invalid field."""

@@ -6,25 +6,18 @@ this one model by `tether.cli_args`, so a setting is documented once, here, unde
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from tether.engine.default_model import DEFAULT_MODEL_NAME
+from tether.trainer.config import EngineSettings, default_data_dir
+
+__all__ = ["ServerConfig", "default_data_dir"]
 
 
-def default_data_dir() -> Path:
-    """`$TETHER_DATA_DIR`, else the XDG data home (`~/.local/share/tether`)."""
-    explicit = os.environ.get("TETHER_DATA_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "tether"
-
-
-class ServerConfig(BaseModel):
+class ServerConfig(EngineSettings):
     """Everything an operator can choose about one `tether serve` process."""
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 exposes the server).")
@@ -33,38 +26,12 @@ class ServerConfig(BaseModel):
         default_factory=lambda: [DEFAULT_MODEL_NAME],
         description="Base models served: names (aliases, Hugging Face ids) or local directories.",
     )
-    model_aliases: dict[str, str] = Field(
-        default_factory=dict,
-        description="Map from a model name clients use to a local Hugging Face directory.",
-    )
-    data_dir: Path = Field(
-        default_factory=default_data_dir,
-        description="Directory for the state database and checkpoints ($TETHER_DATA_DIR, else ~/.local/share/tether).",
-    )
     api_keys: list[str] = Field(
         default_factory=list,
         description=(
             "Accepted API keys (each must start with tml-). Empty: any key starting with tml- is "
             "accepted and all such keys act as one owner (single-user mode)."
         ),
-    )
-    device: str = Field(
-        "auto", description='Device for the models: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description='Weight dtype of the base models; "auto": bfloat16 on a GPU, float32 on a CPU.'
-    )
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="CPU threads torch may use for one operation (unset: torch's default, one per core). "
-        "On a CPU shared with other work, fewer threads keep them from waiting on each other.",
-    )
-    max_tokens_per_micro_batch: int = Field(
-        8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
-    )
-    kv_cache_budget_tokens: int = Field(
-        65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )
     max_pending_samples: int = Field(
         256,
@@ -97,6 +64,11 @@ class ServerConfig(BaseModel):
     )
     ready_file: Path | None = Field(
         None, description="Once listening, write the base URL into this file (used by the SDK's local mode)."
+    )
+    trainer_process: bool = Field(
+        False,
+        description="Run each base model's trainer in its own `tether trainer` process (ops cross a local "
+        "socket) instead of in this process.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server and uvicorn."

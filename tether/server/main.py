@@ -24,9 +24,9 @@ from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
-from tether.server.model_hosts import ModelHosts
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
+from tether.server.trainers import TrainerPool
 
 log = logging.getLogger("tether.server")
 
@@ -44,7 +44,7 @@ def build_state(config: ServerConfig) -> ServerState:
         catalogue=catalogue,
         checkpoints=CheckpointFiles(data_dir),
         futures=FutureStore(),
-        hosts=ModelHosts(config),
+        trainers=TrainerPool(config),
     )
 
 

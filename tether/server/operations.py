@@ -1,8 +1,11 @@
-"""Submitting queued operations: one request id, one future, deduplicated by `(stream, seq_id)`.
+"""Submitting trainer ops: one request id, one future, deduplicated by `(stream, seq_id)`.
 
-Every asynchronous Tinker route ends here. The operation is queued on its model's worker before the
-route answers (the SDK relies on that ordering), and a repeated `(model_id, seq_id)` is answered
-with the request id of the first submission, so a retried request never runs twice.
+Every asynchronous route ends in `submit_op`: the op is queued on its base model's trainer before
+the route answers (the SDK relies on that ordering), and a repeated `(stream, seq_id)` is answered
+with the request id of the first submission, so a retried request never runs twice. When the op's
+result arrives, the route's `finish` turns it into the response payload (JSON dict or protobuf
+bytes) and records what it must in the catalogue, on the server's result thread: never on the
+trainer's thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -12,66 +15,97 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from tether.engine.worker import DedupeRegistry, ModelWorker
 from tether.server.state import ServerState
+from tether.trainer.interface import Trainer
+from tether.types.ops import Op
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
 
 
-def submit_to_worker(
+def creation_stream(model_id: str) -> str:
+    """The dedupe stream of a model's creating request (create_model or create-via-load)."""
+    return f"{model_id}#create"
+
+
+class _Payload(concurrent.futures.Future):
+    """The future a client polls: `finish(result of source)`. Cancelling it cancels the op if not started."""
+
+    def __init__(self, source: concurrent.futures.Future) -> None:
+        super().__init__()
+        self._source = source
+
+    def cancel(self) -> bool:
+        if not self._source.cancel():
+            return False
+        return super().cancel()
+
+
+def chain(state: ServerState, source: concurrent.futures.Future, finish: Callable[[Any], Any] | None,
+          on_error: Callable[[BaseException], None] | None = None) -> concurrent.futures.Future:
+    """A future of `finish(source's result)`, computed on the server's result thread.
+
+    If the op fails, `on_error(exception)` runs there first (to undo what the route recorded)."""
+    payload = _Payload(source)
+
+    def complete(done: concurrent.futures.Future) -> None:
+        if done.cancelled() or payload.done():
+            return
+        exc = done.exception()
+        if exc is not None:
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except BaseException:  # noqa: BLE001 - the op's own failure is what the client sees
+                    pass
+            payload.set_exception(exc)
+            return
+        try:
+            payload.set_result(finish(done.result()) if finish is not None else done.result())
+        except BaseException as err:  # noqa: BLE001 - reported through the future
+            payload.set_exception(err)
+
+    def on_done(done: concurrent.futures.Future) -> None:
+        try:
+            state.results.submit(complete, done)
+        except RuntimeError:  # shutting down: answer on this thread
+            complete(done)
+
+    source.add_done_callback(on_done)
+    return payload
+
+
+def submit_op(
     state: ServerState,
-    worker: ModelWorker,
+    trainer: Trainer,
+    op: Op,
     *,
     owner: str,
-    stream: str,
-    seq_id: int | None,
-    run: Callable[[], Any],
     kind: str,
+    stream: str | None = None,
+    seq_id: int | None = None,
+    dedupe_stream: str | None = None,
+    finish: Callable[[Any], Any] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
     request_id: str | None = None,
 ) -> str:
-    """Queue `run` on `worker` in `stream`'s order; returns the request id that answers it."""
-    request_id = request_id or new_request_id(kind)
-    submission = worker.submit(stream, seq_id, request_id, run)
-    if not submission.duplicate:
-        assert submission.future is not None
-        state.futures.add(request_id, owner, submission.future)
-    return submission.op_id
+    """Queue `op` on `trainer` (in `stream`'s order) and return the request id that answers it.
 
-
-def submit_deduplicated(
-    state: ServerState,
-    registry: DedupeRegistry,
-    *,
-    owner: str,
-    stream: str,
-    seq_id: int | None,
-    start: Callable[[], concurrent.futures.Future],
-    kind: str,
-) -> tuple[str, bool]:
-    """Start an operation outside any worker (sampling), once per `(stream, seq_id)`.
-
-    Returns (request id, whether it is a repeat); without a seq_id nothing is deduplicated. If
-    `start` raises, the claim is released so a corrected retry can run.
+    With a `seq_id`, a repeat of `(dedupe_stream or stream, seq_id)` returns the first request's id
+    and queues nothing. `on_error` runs if the op fails (also when the trainer refuses it outright).
     """
-    request_id = new_request_id(kind)
-    if seq_id is not None:
-        earlier = registry.claim(stream, seq_id, request_id)
+    request_id = request_id or new_request_id(kind)
+    key = dedupe_stream or stream
+    if seq_id is not None and key is not None:
+        earlier = state.dedupe.claim(key, seq_id, request_id)
         if earlier is not None:
-            return earlier, True
+            return earlier
     try:
-        future = start()
+        source = trainer.submit(op, stream=stream, seq_id=seq_id)
     except BaseException:
-        if seq_id is not None:
-            registry.release(stream, seq_id)
+        if seq_id is not None and key is not None:
+            state.dedupe.release(key, seq_id)
         raise
-    state.futures.add(request_id, owner, future)
-    return request_id, False
-
-
-def completed(value: Any) -> concurrent.futures.Future:
-    """A future that already holds `value` (for operations answered without queueing)."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
+    state.futures.add(request_id, owner, chain(state, source, finish, on_error))
+    return request_id

@@ -195,7 +195,7 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
     source_run = state.catalogue.get_training_run(source.training_run_id, row.owner)
     key = request.headers.get("x-idempotency-key")
     if key:
-        earlier = state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, "pending")
+        earlier = state.dedupe.claim(f"copy:{owner}:{key}", 0, "pending")
         if earlier is not None and earlier != "pending":
             return {"tinker_path": earlier}
     session_id = body.session_id or f"sess-{uuid.uuid4().hex[:16]}"
@@ -211,7 +211,7 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
         info = await asyncio.to_thread(state.checkpoints.copy, row.owner, source, owner, destination)
     except BaseException:
         if key:
-            state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
+            state.dedupe.release(f"copy:{owner}:{key}", 0)
         raise
     state.catalogue.add_training_run(run_id, session_id, owner, base_model=source_run.base_model,
                                      is_lora=source_run.is_lora, lora_rank=source_run.lora_rank,
@@ -221,8 +221,8 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
                                    size_bytes=info.size_bytes, ttl_seconds=body.ttl_seconds,
                                    user_metadata=dict(row.user_metadata or {}))
     if key:
-        state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
-        state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, destination.tinker_path)
+        state.dedupe.release(f"copy:{owner}:{key}", 0)
+        state.dedupe.claim(f"copy:{owner}:{key}", 0, destination.tinker_path)
     return {"tinker_path": destination.tinker_path}
 
 

@@ -1,7 +1,7 @@
 """Sampling routes of the Tinker protocol: sampling sessions, samplers and `asample`.
 
-Sampling goes straight to the host's sampling engine (its own batching threads), never through a
-training worker, so a sample never waits behind another model's training. A request repeated with
+A `Sample` op goes to the base model's trainer unordered: straight to its sampling engine (its own
+batching thread), never through the training worker, so a sample never waits behind training. A request repeated with
 the same `(sampling_session_id, seq_id)` is answered by the first one. When too many samples are
 pending on a base model, `asample` answers 429, which the SDK treats as "slow down and resubmit".
 """
@@ -9,20 +9,20 @@ pending on a base model, `asample` answers 429, which the SDK treats as "slow do
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends
 
 from tether.server.errors import require
-from tether.server.operations import submit_deduplicated
-from tether.server.routes_training import register_sampler
+from tether.server.operations import submit_op
+from tether.server.routes_training import add_live_sampler, trainer_for
 from tether.server.state import ServerState, request_owner, server_state
-from tether.types import wire
+from tether.types import ops, wire
 from tether.types.errors import OverloadedError, UserInputError
 from tether.types.paths import format_sampling_session_id, parse_checkpoint_path
 from tether.types.proto import SampleResponseBody, WireSampledSequence, encode_sample_response, topk_from_rows
+from tether.types.sample_request import ModelLimits, SampleRequest, validate_request
 
 router = APIRouter(prefix="/api/v1")
 
@@ -32,7 +32,7 @@ async def create_sampling_session(body: wire.CreateSamplingSessionRequest, state
                                   owner: str = Depends(request_owner)) -> dict[str, str]:
     state.catalogue.get_session(body.session_id, owner)
     sampler_id = format_sampling_session_id(body.session_id, body.sampling_session_seq_id)
-    if state.hosts.has_sampler(sampler_id):
+    if state.live.has_sampler(sampler_id):
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
     if body.model_path is not None:
         path = parse_checkpoint_path(body.model_path, field="model_path")
@@ -40,16 +40,17 @@ async def create_sampling_session(body: wire.CreateSamplingSessionRequest, state
                 field="model_path")
         row = state.catalogue.get_checkpoint(path.training_run_id, path.checkpoint_id, owner)
         base_model = state.catalogue.get_training_run(path.training_run_id, row.owner).base_model
-        host = state.hosts.host(base_model, field_name="model_path")
-        weights = await asyncio.to_thread(state.checkpoints.load_sampler_weights, row.owner, path)
+        trainer = await trainer_for(state, base_model, field_name="model_path")
+        await asyncio.wrap_future(trainer.submit(ops.CreateSampler(sampler_id=sampler_id, owner=row.owner,
+                                                                   path=path.tinker_path)))
         model_path: str | None = path.tinker_path
     else:
         require(body.base_model is not None, "give model_path or base_model", field="base_model")
         base_model = body.base_model
-        host = state.hosts.host(base_model)
-        weights, model_path = None, None
-    await asyncio.to_thread(register_sampler, state, sampler_id=sampler_id, owner=owner, session_id=body.session_id,
-                            host=host, base_model=base_model, model_path=model_path, weights=weights)
+        await trainer_for(state, base_model)
+        model_path = None
+    await asyncio.to_thread(add_live_sampler, state, sampler_id=sampler_id, owner=owner, session_id=body.session_id,
+                            base_model=base_model, model_path=model_path, has_weights=model_path is not None)
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
 
@@ -57,7 +58,7 @@ async def create_sampling_session(body: wire.CreateSamplingSessionRequest, state
 async def join_sampling_session(body: wire.JoinSamplingSessionRequest, state: ServerState = Depends(server_state),
                                 owner: str = Depends(request_owner)) -> dict[str, Any]:
     """A new client counter for an unpickled SamplingClient, so its seq_ids never collide."""
-    sampler = state.hosts.sampler(body.sampling_session_id, owner)
+    sampler = state.live.sampler(body.sampling_session_id, owner)
     return {"client_counter": sampler.next_client_counter(), "type": "join_sampling_session"}
 
 
@@ -114,50 +115,44 @@ def _response_bytes(result: Any, body: wire.SampleRequest, prompt_len: int) -> b
 @router.post("/asample")
 async def asample(body: wire.SampleRequest, state: ServerState = Depends(server_state),
                   owner: str = Depends(request_owner)) -> dict[str, Any]:
-    from tether.engine.sampling import SampleRequest
-
     require(body.sampling_session_id is not None, "sampling_session_id is required (create a sampling session first)",
             field="sampling_session_id")
-    sampler = state.hosts.sampler(body.sampling_session_id, owner)
+    assert body.sampling_session_id is not None
+    sampler = state.live.sampler(body.sampling_session_id, owner)
     tokens = _prompt_tokens(body.prompt)
     _check_unsupported(body, len(tokens))
+    op = ops.Sample(sampler_id=sampler.sampler_id if sampler.has_weights else None, prompt_tokens=tokens,
+                    num_samples=body.num_samples, sampling_params=body.sampling_params,
+                    include_prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
+                    topk_sample_logprobs=body.topk_sample_logprobs)
+    trainer = await trainer_for(state, sampler.base_model)
+    info = state.trainers.cached_base_info(sampler.base_model) or await asyncio.to_thread(
+        state.trainers.base_info, sampler.base_model)
     params = body.sampling_params
-    request = SampleRequest(
+    validate_request(SampleRequest(  # 400 now, rather than a failed future later
         prompt_tokens=tokens, num_samples=body.num_samples, max_tokens=params.max_tokens,
-        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-        stop=params.stop, weights_id=sampler.weights_id,
-        include_prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
-        topk_sample_logprobs=body.topk_sample_logprobs,
-    )
-    host = sampler.host
-    engine = await asyncio.to_thread(lambda: host.sampling)  # the first use builds the engine: off the event loop
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop=params.stop,
+        topk_prompt_logprobs=body.topk_prompt_logprobs, topk_sample_logprobs=body.topk_sample_logprobs),
+        ModelLimits(info.vocab_size, info.max_context_length, tuple(info.eos_token_ids)))
+    if body.seq_id is not None:
+        earlier = state.dedupe.lookup(sampler.sampler_id, body.seq_id)
+        if earlier is not None:
+            return {"request_id": earlier, "sample_sequence_ids": [f"{earlier}:{i}" for i in range(body.num_samples)]}
+    if not state.live.reserve_samples(sampler.base_model, body.num_samples, state.config.max_pending_samples):
+        raise OverloadedError("too many samples pending on this model; retry shortly")
 
-    def start() -> concurrent.futures.Future:
-        if not host.reserve_samples(body.num_samples, state.config.max_pending_samples):
-            raise OverloadedError("too many samples pending on this model; retry shortly")
-        try:
-            engine_future = engine.submit(request)
-        except BaseException:
-            host.release_samples(body.num_samples)
-            raise
-        payload: concurrent.futures.Future = concurrent.futures.Future()
+    def release(_: object = None) -> None:
+        state.live.release_samples(sampler.base_model, body.num_samples)
 
-        def finish(done: concurrent.futures.Future) -> None:
-            host.release_samples(body.num_samples)
-            exc = done.exception()
-            if exc is not None:
-                payload.set_exception(exc)
-                return
-            try:
-                payload.set_result(_response_bytes(done.result(), body, len(tokens)))
-            except BaseException as err:  # noqa: BLE001 - reported through the future
-                payload.set_exception(err)
+    def finish(result: ops.SampleOutput) -> bytes:
+        release()
+        return _response_bytes(result, body, len(tokens))
 
-        engine_future.add_done_callback(finish)
-        return payload
-
-    request_id, _ = submit_deduplicated(state, state.hosts.dedupe, owner=owner,
-                                        stream=body.sampling_session_id, seq_id=body.seq_id, start=start,
-                                        kind="sample")
+    try:
+        request_id = submit_op(state, trainer, op, owner=owner, kind="sample", dedupe_stream=sampler.sampler_id,
+                               seq_id=body.seq_id, finish=finish, on_error=release)
+    except BaseException:
+        release()
+        raise
     return {"request_id": request_id,
             "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}

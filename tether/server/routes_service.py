@@ -33,7 +33,7 @@ async def healthz() -> dict[str, str]:
 async def get_server_capabilities(state: ServerState = Depends(server_state), _: str = Depends(request_owner)) -> dict:
     return {
         "supported_models": [
-            {"model_name": name, "trainable": True, "sampleable": True} for name in state.hosts.served_names
+            {"model_name": name, "trainable": True, "sampleable": True} for name in state.trainers.served_names
         ]
     }
 

@@ -1,26 +1,27 @@
 """Training routes of the Tinker protocol: create, info, forward(_backward), optimizer, save, load.
 
-Each asynchronous route validates what it can cheaply, then queues one operation on the model's
-worker (in `seq_id` order) and answers `{"request_id", "model_id"}`. The operation calls the
-training engine and returns the final payload: protobuf bytes for forward/forward_backward, JSON
-otherwise. Errors inside it become failed futures; the engine guarantees a failed call changes
-nothing, so the model stays usable.
+Each asynchronous route validates the request, builds one op (`tether.types.ops`) and submits it
+to the base model's trainer in the model's `seq_id` order, answering `{"request_id", "model_id"}`.
+Its `finish` turns the op's result into the final payload (protobuf bytes for forward and
+forward_backward, JSON otherwise) and writes the catalogue rows, when the result arrives.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
-from tether.server.engine_convert import engine_data, float_metrics, numpy_outputs
 from tether.server.errors import require
-from tether.server.model_hosts import LiveModel, LiveSampler, creation_stream
-from tether.server.operations import new_request_id, submit_to_worker
+from tether.server.live import LiveModel
+from tether.server.operations import chain, creation_stream, new_request_id, submit_op
 from tether.server.state import ServerState, request_owner, server_state
-from tether.types import wire
+from tether.trainer.interface import Trainer
+from tether.types import ops, wire
 from tether.types.errors import UserInputError
+from tether.types.losses import resolve_loss_config
 from tether.types.paths import (
     ParsedCheckpointPath,
     format_model_id,
@@ -28,10 +29,35 @@ from tether.types.paths import (
     parse_checkpoint_path,
     validate_checkpoint_name,
 )
-from tether.types.proto import decode_forward_backward_request, encode_forward_backward_output
+from tether.types.proto import WireDatum, decode_forward_backward_request, encode_forward_backward_output
 
-log = logging.getLogger("tether.server")
 router = APIRouter(prefix="/api/v1")
+
+T = TypeVar("T")
+
+LARGE_BODY_BYTES = 256 * 1024
+"""Bodies above this are decoded off the event loop (smaller ones cost less than the thread hop)."""
+
+
+async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    return await asyncio.to_thread(work) if size > LARGE_BODY_BYTES else work()
+
+
+async def trainer_for(state: ServerState, base_model: str, *, field_name: str = "base_model") -> Trainer:
+    """The base model's trainer; starting one (seconds) happens off the event loop."""
+    state.trainers.check_served(base_model, field_name=field_name)
+    return state.trainers.started(base_model) or await asyncio.to_thread(state.trainers.get, base_model)
+
+
+def training_data(data: list[WireDatum]) -> list[ops.TrainingDatum]:
+    """The op's datums: chunks flattened to tokens; a non-text chunk is a user error naming the datum."""
+    require(len(data) > 0, "at least one datum is required", field="data")
+    return [ops.TrainingDatum(input_tokens=datum.input_tokens(index), loss_fn_inputs=datum.loss_fn_inputs)
+            for index, datum in enumerate(data)]
+
+
+def encode_forward_output(result: ops.ForwardOutput) -> bytes:
+    return encode_forward_backward_output(result.outputs, result.metrics)
 
 
 def _optimizer_config(config: wire.OptimizerConfig | None) -> dict[str, Any]:
@@ -40,84 +66,73 @@ def _optimizer_config(config: wire.OptimizerConfig | None) -> dict[str, Any]:
     return {"type": "adamw"}
 
 
-def _lora_spec(config: wire.LoraConfig | None) -> Any:
-    """A `LoraSpec`, or None for full fine-tuning (no lora_config, or rank 0)."""
-    from tether.engine.lora import LoraSpec
-
-    if config is None or config.rank == 0:
-        return None
-    try:
-        return LoraSpec(rank=config.rank, seed=config.seed, train_attn=config.train_attn, train_mlp=config.train_mlp,
-                        train_unembed=config.train_unembed)
-    except (ValueError, UserInputError) as exc:
-        raise UserInputError(str(exc), field="lora_config") from None
-
-
 def _future(request_id: str, model_id: str) -> dict[str, str]:
     return {"request_id": request_id, "model_id": model_id}
 
 
-def _create_once(state: ServerState, model: LiveModel, owner: str, run: Any, kind: str) -> str:
-    """Queue a model's creating operation once per model id (a retry gets the first request id)."""
+def _create_once(state: ServerState, trainer: Trainer, model: LiveModel, owner: str, op: ops.Op,
+                 finish: Callable[[Any], Any], kind: str) -> str:
+    """Submit a model's creating op once per model id (a retry gets the first request id).
+
+    It runs after anything already queued for that model id (nothing, unless an earlier model of
+    the same id is still being freed)."""
     stream = creation_stream(model.model_id)
-    registry = state.hosts.dedupe
     request_id = new_request_id(kind)
-    earlier = registry.claim(stream, 0, request_id)
+    earlier = state.dedupe.claim(stream, 0, request_id)
     if earlier is not None:
         return earlier
+    if state.live.has_model(model.model_id):
+        state.dedupe.release(stream, 0)
+        raise UserInputError(f"model {model.model_id!r} already exists", field="model_seq_id")
+    state.live.add_model(model)
     try:
-        if state.hosts.has_model(model.model_id):
-            raise UserInputError(f"model {model.model_id!r} already exists", field="model_seq_id")
-        state.hosts.add_model(model)
-
-        def create() -> Any:
-            try:
-                return run()
-            except BaseException:
-                state.hosts.remove_model(model.model_id)
-                raise
-
-        return submit_to_worker(state, model.host.worker, owner=owner, stream=model.model_id, seq_id=None,
-                                run=create, kind=kind, request_id=request_id)
+        source = trainer.submit(op, stream=model.model_id)
     except BaseException:
-        registry.release(stream, 0)
+        state.live.remove_model(model.model_id)
+        state.dedupe.release(stream, 0)
         raise
+    state.futures.add(request_id, owner,
+                      chain(state, source, finish, on_error=lambda _: _forget_created(state, model.model_id)))
+    return request_id
+
+
+def _forget_created(state: ServerState, model_id: str) -> None:
+    state.live.remove_model(model_id)
+    state.dedupe.forget_stream(creation_stream(model_id))
 
 
 @router.post("/create_model")
 async def create_model(body: wire.CreateModelRequest, state: ServerState = Depends(server_state),
                        owner: str = Depends(request_owner)) -> dict[str, str]:
     state.catalogue.get_session(body.session_id, owner)
-    host = state.hosts.host(body.base_model)
-    spec = _lora_spec(body.lora_config)
+    lora = body.lora_config if body.lora_config is not None and body.lora_config.rank > 0 else None
     model_id = format_model_id(body.session_id, body.model_seq_id)
-    lora_config = body.lora_config.model_dump(exclude_none=True) if spec is not None else {}
-    model = LiveModel(model_id=model_id, owner=owner, session_id=body.session_id, host=host,
-                      base_model=body.base_model, is_lora=spec is not None,
-                      lora_rank=spec.rank if spec is not None else 0, lora_config=lora_config,
-                      optimizer_config=_optimizer_config(body.optimizer_config))
+    lora_config = lora.model_dump(exclude_none=True) if lora is not None else {}
+    model = LiveModel(model_id=model_id, owner=owner, session_id=body.session_id, base_model=body.base_model,
+                      is_lora=lora is not None, lora_rank=lora.rank if lora is not None else 0,
+                      lora_config=lora_config, optimizer_config=_optimizer_config(body.optimizer_config))
+    trainer = await trainer_for(state, body.base_model)
 
-    def run() -> dict[str, str]:
-        host.training.create_model(model_id, lora=spec)
+    def finish(_: ops.Done) -> dict[str, str]:
         state.catalogue.add_training_run(model_id, body.session_id, owner, base_model=body.base_model,
                                          is_lora=model.is_lora, lora_rank=model.lora_rank or None,
                                          lora_config=lora_config, user_metadata=body.user_metadata or {})
         return {"model_id": model_id, "type": "create_model"}
 
-    return _future(_create_once(state, model, owner, run, "create"), model_id)
+    op = ops.CreateModel(model_id=model_id, lora_config=lora)
+    return _future(_create_once(state, trainer, model, owner, op, finish, "create"), model_id)
 
 
 @router.post("/get_info")
 async def get_info(body: wire.GetInfoRequest, state: ServerState = Depends(server_state),
                    owner: str = Depends(request_owner)) -> dict[str, Any]:
-    """`tokenizer_id` is the local tokenizer directory, so `get_tokenizer()` works offline."""
-    model = state.hosts.model(body.model_id, owner)
-    base = model.host.base
+    """`tokenizer_id` is the trainer's tokenizer directory, so `get_tokenizer()` works offline."""
+    model = state.live.model(body.model_id, owner)
+    info = await asyncio.to_thread(state.trainers.base_info, model.base_model)
     return {
         "type": "get_info",
         "model_id": model.model_id,
-        "model_data": {"arch": getattr(base.model.config, "model_type", None), "model_name": model.base_model,
-                       "tokenizer_id": str(base.tokenizer_path)},
+        "model_data": {"arch": info.arch, "model_name": model.base_model, "tokenizer_id": info.tokenizer_id},
         "is_lora": model.is_lora,
         "lora_rank": model.lora_rank if model.is_lora else None,
         "model_name": model.base_model,
@@ -128,50 +143,40 @@ async def get_info(body: wire.GetInfoRequest, state: ServerState = Depends(serve
 @router.post("/forward_backward")
 async def forward_backward(request: Request, state: ServerState = Depends(server_state),
                            owner: str = Depends(request_owner)) -> dict[str, str]:
-    decoded = decode_forward_backward_request(await request.body(), request.headers.get("content-encoding"))
-    model = state.hosts.model(decoded.model_id, owner)
-    from tether.engine.losses import resolve_loss_config
+    """Also serves `forward` (the SDK sends `forward_only`)."""
+    body = await request.body()
+    encoding = request.headers.get("content-encoding")
 
-    resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 before queueing
-    require(len(decoded.data) > 0, "at least one datum is required", field="data")
-    for index, datum in enumerate(decoded.data):
-        try:
-            datum.input_tokens()
-        except UserInputError as exc:
-            raise UserInputError(exc.message, datum_index=index) from None
-    host = model.host
+    def build() -> tuple[Any, ops.Op]:
+        decoded = decode_forward_backward_request(body, encoding)
+        resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 now
+        op_type = ops.Forward if decoded.forward_only else ops.ForwardBackward
+        return decoded, op_type(model_id=decoded.model_id, data=training_data(decoded.data), loss_fn=decoded.loss_fn,
+                                loss_fn_config=decoded.loss_fn_config)
 
-    def run() -> bytes:
-        engine = host.training
-        call = engine.forward if decoded.forward_only else engine.forward_backward
-        result = call(model.model_id, engine_data(decoded.data), decoded.loss_fn, decoded.loss_fn_config)
-        return encode_forward_backward_output(numpy_outputs(result.outputs), float_metrics(result.metrics))
-
-    request_id = submit_to_worker(state, host.worker, owner=owner, stream=model.model_id, seq_id=decoded.seq_id,
-                                  run=run, kind="fwd" if decoded.forward_only else "fwdbwd")
+    decoded, op = await off_loop_if_large(len(body), build)
+    model = state.live.model(decoded.model_id, owner)
+    trainer = await trainer_for(state, model.base_model)
+    request_id = submit_op(state, trainer, op, owner=owner, kind="fwd" if decoded.forward_only else "fwdbwd",
+                           stream=model.model_id, seq_id=decoded.seq_id, finish=encode_forward_output)
     return _future(request_id, model.model_id)
 
 
 @router.post("/optim_step")
 async def optim_step(body: wire.OptimStepRequest, state: ServerState = Depends(server_state),
                      owner: str = Depends(request_owner)) -> dict[str, str]:
-    from tether.engine.training_types import AdamWParams
-
-    model = state.hosts.model(body.model_id, owner)
+    model = state.live.model(body.model_id, owner)
     if body.adam_params is None:
         kind = (body.optimizer_params or {}).get("type", "unknown")
         raise UserInputError(f"optimizer {kind!r} is not supported (only adam)", field="optimizer_params")
-    params = AdamWParams(**body.adam_params.model_dump())
-    params.validate()
-    host = model.host
+    trainer = await trainer_for(state, model.base_model)
 
-    def run() -> dict[str, Any]:
-        metrics = host.training.optim_step(model.model_id, params)
+    def finish(result: ops.MetricsOutput) -> dict[str, Any]:
         state.catalogue.touch_training_run(model.model_id)
-        return {"metrics": float_metrics(metrics), "type": "optim_step"}
+        return {"metrics": result.metrics, "type": "optim_step"}
 
-    request_id = submit_to_worker(state, host.worker, owner=owner, stream=model.model_id, seq_id=body.seq_id,
-                                  run=run, kind="optim")
+    request_id = submit_op(state, trainer, ops.OptimStep(model_id=model.model_id, adam_params=body.adam_params),
+                           owner=owner, kind="optim", stream=model.model_id, seq_id=body.seq_id, finish=finish)
     return _future(request_id, model.model_id)
 
 
@@ -179,78 +184,67 @@ def _checkpoint(model: LiveModel, kind: str, name: str | None) -> ParsedCheckpoi
     return ParsedCheckpointPath(model.model_id, kind, validate_checkpoint_name(name or ""))  # type: ignore[arg-type]
 
 
+def _record_checkpoint(state: ServerState, model: LiveModel, owner: str, path: ParsedCheckpointPath,
+                       written: ops.CheckpointWritten, ttl_seconds: int | None, user_metadata: dict | None) -> None:
+    state.catalogue.add_checkpoint(model.model_id, path.checkpoint_id, owner, checkpoint_type=path.kind,
+                                   directory=written.directory, size_bytes=written.size_bytes,
+                                   ttl_seconds=ttl_seconds, user_metadata=user_metadata or {})
+
+
 @router.post("/save_weights")
 async def save_weights(body: wire.SaveWeightsRequest, state: ServerState = Depends(server_state),
                        owner: str = Depends(request_owner)) -> dict[str, str]:
-    model = state.hosts.model(body.model_id, owner)
+    """The SDK's `save_state`: training state with optimizer moments, under `weights/<name>`."""
+    model = state.live.model(body.model_id, owner)
     path = _checkpoint(model, "training", body.path)
-    host = model.host
+    trainer = await trainer_for(state, model.base_model)
 
-    def run() -> dict[str, str]:
-        training_state = host.training.export_state(model.model_id, include_optimizer=True)
-        info = state.checkpoints.save_training_state(owner, path, training_state, overwrite=body.overwrite)
-        state.catalogue.add_checkpoint(model.model_id, path.checkpoint_id, owner, checkpoint_type="training",
-                                       directory=str(state.checkpoints.directory(owner, path)),
-                                       size_bytes=info.size_bytes, ttl_seconds=body.ttl_seconds,
-                                       user_metadata=body.user_metadata or {})
+    def finish(written: ops.CheckpointWritten) -> dict[str, str]:
+        _record_checkpoint(state, model, owner, path, written, body.ttl_seconds, body.user_metadata)
         return {"path": path.tinker_path, "type": "save_weights"}
 
-    request_id = submit_to_worker(state, host.worker, owner=owner, stream=model.model_id, seq_id=body.seq_id,
-                                  run=run, kind="save")
+    op = ops.SaveState(model_id=model.model_id, owner=owner, path=path.tinker_path, overwrite=body.overwrite)
+    request_id = submit_op(state, trainer, op, owner=owner, kind="save", stream=model.model_id, seq_id=body.seq_id,
+                           finish=finish)
     return _future(request_id, model.model_id)
 
 
-def register_sampler(state: ServerState, *, sampler_id: str, owner: str, session_id: str, host: Any,
-                     base_model: str, model_path: str | None, weights: Any) -> None:
-    """Make a sampling session live: register its weights (if any) with the host's sampling engine."""
-    weights_id = None
-    if weights is not None:
-        weights_id = sampler_id
-        if weights.lora_spec is not None:
-            host.sampling.register_lora(weights_id, weights.lora_spec, weights.tensors)
-        else:
-            host.sampling.register_full(weights_id, weights.tensors)
-    state.hosts.add_sampler(LiveSampler(sampler_id=sampler_id, owner=owner, session_id=session_id, host=host,
-                                        base_model=base_model, model_path=model_path, weights_id=weights_id))
+def add_live_sampler(state: ServerState, *, sampler_id: str, owner: str, session_id: str, base_model: str,
+                     model_path: str | None, has_weights: bool) -> None:
+    """Make a sampling session live once its weights (if any) are registered with the trainer."""
+    from tether.server.live import LiveSampler
+
+    state.live.add_sampler(LiveSampler(sampler_id=sampler_id, owner=owner, session_id=session_id,
+                                       base_model=base_model, model_path=model_path, has_weights=has_weights))
     state.catalogue.add_sampler(sampler_id, session_id, owner, base_model=base_model, model_path=model_path)
-
-
-def _save_hf(state: ServerState, model: LiveModel, owner: str, path: ParsedCheckpointPath,
-             ttl_seconds: int | None, user_metadata: dict | None) -> int:
-    host = model.host
-    weights = host.training.sampler_weights(model.model_id)
-    info = state.checkpoints.save_hf_weights(owner, path, weights, host.base)
-    state.catalogue.add_checkpoint(model.model_id, path.checkpoint_id, owner, checkpoint_type=path.kind,
-                                   directory=str(state.checkpoints.directory(owner, path)),
-                                   size_bytes=info.size_bytes, ttl_seconds=ttl_seconds,
-                                   user_metadata=user_metadata or {})
-    return info.size_bytes
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(body: wire.SaveWeightsForSamplerRequest, state: ServerState = Depends(server_state),
                                    owner: str = Depends(request_owner)) -> dict[str, str]:
     """Named: write sampler weights under `sampler_weights/<name>`. Ephemeral: start a sampling session."""
-    model = state.hosts.model(body.model_id, owner)
-    host = model.host
+    model = state.live.model(body.model_id, owner)
+    trainer = await trainer_for(state, model.base_model)
+    finish: Callable[[Any], Any]
     if not body.is_ephemeral:
         path = _checkpoint(model, "sampler", body.path)
+        op = ops.SaveSamplerWeights(model_id=model.model_id, kind="sampler", owner=owner, path=path.tinker_path)
 
-        def run() -> dict[str, Any]:
-            _save_hf(state, model, owner, path, body.ttl_seconds, body.user_metadata)
+        def finish(written: ops.CheckpointWritten) -> dict[str, Any]:
+            _record_checkpoint(state, model, owner, path, written, body.ttl_seconds, body.user_metadata)
             return {"path": path.tinker_path, "type": "save_weights_for_sampler"}
     else:
         sampler_id = format_sampling_session_id(model.session_id, body.sampling_session_seq_id)
+        op = ops.SaveSamplerWeights(model_id=model.model_id, kind="ephemeral", owner=owner, sampler_id=sampler_id)
 
-        def run() -> dict[str, Any]:
-            if not state.hosts.has_sampler(sampler_id):
-                register_sampler(state, sampler_id=sampler_id, owner=owner, session_id=model.session_id, host=host,
-                                 base_model=model.base_model, model_path=None,
-                                 weights=host.training.sampler_weights(model.model_id))
+        def finish(_: ops.Done) -> dict[str, Any]:
+            if not state.live.has_sampler(sampler_id):
+                add_live_sampler(state, sampler_id=sampler_id, owner=owner, session_id=model.session_id,
+                                 base_model=model.base_model, model_path=None, has_weights=True)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-    request_id = submit_to_worker(state, host.worker, owner=owner, stream=model.model_id, seq_id=body.seq_id,
-                                  run=run, kind="save-sampler")
+    request_id = submit_op(state, trainer, op, owner=owner, kind="save-sampler", stream=model.model_id,
+                           seq_id=body.seq_id, finish=finish)
     return _future(request_id, model.model_id)
 
 
@@ -258,15 +252,17 @@ async def save_weights_for_sampler(body: wire.SaveWeightsForSamplerRequest, stat
 async def save_weights_external(body: wire.SaveWeightsExternalRequest, state: ServerState = Depends(server_state),
                                 owner: str = Depends(request_owner)) -> dict[str, str]:
     """Hugging Face format (a PEFT adapter for LoRA), for use outside tether."""
-    model = state.hosts.model(body.model_id, owner)
+    model = state.live.model(body.model_id, owner)
     path = _checkpoint(model, "external", body.path)
+    trainer = await trainer_for(state, model.base_model)
 
-    def run() -> dict[str, Any]:
-        size = _save_hf(state, model, owner, path, body.ttl_seconds, None)
-        return {"path": path.tinker_path, "size_bytes": size, "type": "save_weights_external"}
+    def finish(written: ops.CheckpointWritten) -> dict[str, Any]:
+        _record_checkpoint(state, model, owner, path, written, body.ttl_seconds, None)
+        return {"path": path.tinker_path, "size_bytes": written.size_bytes, "type": "save_weights_external"}
 
-    request_id = submit_to_worker(state, model.host.worker, owner=owner, stream=model.model_id, seq_id=body.seq_id,
-                                  run=run, kind="save-external")
+    op = ops.SaveSamplerWeights(model_id=model.model_id, kind="external", owner=owner, path=path.tinker_path)
+    request_id = submit_op(state, trainer, op, owner=owner, kind="save-external", stream=model.model_id,
+                           seq_id=body.seq_id, finish=finish)
     return _future(request_id, model.model_id)
 
 
@@ -279,39 +275,36 @@ async def load_weights(body: wire.LoadWeightsRequest, state: ServerState = Depen
             field="path")
     row = state.catalogue.get_checkpoint(path.training_run_id, path.checkpoint_id, owner)
     run_row = state.catalogue.get_training_run(path.training_run_id, row.owner)
-    include_optimizer = body.optimizer
-
-    def read_state() -> Any:
-        return state.checkpoints.load_training_state(row.owner, path, include_optimizer=include_optimizer)
 
     if not body.creates_model:
-        model = state.hosts.model(body.model_id, owner)
+        model = state.live.model(body.model_id, owner)
         require(run_row.base_model == model.base_model,
                 f"checkpoint is for base model {run_row.base_model!r}, not {model.base_model!r}", field="path")
-
-        def reload() -> dict[str, Any]:
-            model.host.training.import_state(model.model_id, read_state(), include_optimizer=include_optimizer)
-            return {"path": path.tinker_path, "model_id": model.model_id, "type": "load_weights"}
-
-        request_id = submit_to_worker(state, model.host.worker, owner=owner, stream=model.model_id,
-                                      seq_id=body.seq_id, run=reload, kind="load")
+        trainer = await trainer_for(state, model.base_model)
+        op = ops.LoadState(model_id=model.model_id, owner=row.owner, path=path.tinker_path,
+                           include_optimizer=body.optimizer, create_model=False)
+        request_id = submit_op(state, trainer, op, owner=owner, kind="load", stream=model.model_id,
+                               seq_id=body.seq_id,
+                               finish=lambda _: {"path": path.tinker_path, "model_id": model.model_id,
+                                                 "type": "load_weights"})
         return _future(request_id, model.model_id)
 
     state.catalogue.get_session(body.session_id, owner)
     base_model = body.base_model or run_row.base_model
     require(base_model == run_row.base_model,
             f"checkpoint is for base model {run_row.base_model!r}, not {base_model!r}", field="base_model")
-    host = state.hosts.host(base_model)
     model_id = format_model_id(body.session_id, body.model_seq_id)
-    model = LiveModel(model_id=model_id, owner=owner, session_id=body.session_id, host=host, base_model=base_model,
-                      is_lora=run_row.is_lora, lora_rank=run_row.lora_rank or 0,
-                      lora_config=dict(run_row.lora_config or {}))
+    new_model = LiveModel(model_id=model_id, owner=owner, session_id=body.session_id, base_model=base_model,
+                          is_lora=run_row.is_lora, lora_rank=run_row.lora_rank or 0,
+                          lora_config=dict(run_row.lora_config or {}))
+    trainer = await trainer_for(state, base_model)
 
-    def create_from_state() -> dict[str, Any]:
-        host.training.import_state(model_id, read_state(), include_optimizer=include_optimizer)
+    def finish(_: ops.Done) -> dict[str, Any]:
         state.catalogue.add_training_run(model_id, body.session_id, owner, base_model=base_model,
-                                         is_lora=model.is_lora, lora_rank=model.lora_rank or None,
-                                         lora_config=model.lora_config, user_metadata=body.user_metadata or {})
+                                         is_lora=new_model.is_lora, lora_rank=new_model.lora_rank or None,
+                                         lora_config=new_model.lora_config, user_metadata=body.user_metadata or {})
         return {"path": path.tinker_path, "model_id": model_id, "type": "load_weights"}
 
-    return _future(_create_once(state, model, owner, create_from_state, "load"), model_id)
+    op = ops.LoadState(model_id=model_id, owner=row.owner, path=path.tinker_path, include_optimizer=body.optimizer,
+                       create_model=True)
+    return _future(_create_once(state, trainer, new_model, owner, op, finish, "load"), model_id)

@@ -1,8 +1,8 @@
 """Session lifecycle: ending a session frees its models and samplers; a reaper expires silent ones.
 
 A session ends when its client says so (`finish`) or stops heartbeating for `session_timeout_s`.
-Either way its training models are deleted from their engine (on the model's own worker, after the
-operations already queued) and its samplers' weights are unregistered. Checkpoints stay. The same
+Either way its training models are deleted from their trainer (after the operations already
+queued for them) and its samplers' weights are unregistered. Checkpoints stay. The same
 background loop deletes checkpoints whose TTL has passed.
 """
 
@@ -13,8 +13,9 @@ import logging
 from datetime import datetime
 
 from tether.server.catalogue import CheckpointRow
-from tether.server.model_hosts import creation_stream
+from tether.server.operations import creation_stream
 from tether.server.state import ServerState
+from tether.types import ops
 from tether.types.paths import parse_checkpoint_path
 
 log = logging.getLogger("tether.server")
@@ -23,34 +24,33 @@ log = logging.getLogger("tether.server")
 def end_session(state: ServerState, session_id: str, *, status: str) -> None:
     """Mark the session ended and free everything it holds in memory."""
     state.catalogue.set_session_status(session_id, status)
-    for model in state.hosts.models_of_session(session_id):
+    for model in state.live.models_of_session(session_id):
         free_model(state, model.model_id)
-    for sampler in state.hosts.samplers_of_session(session_id):
+    for sampler in state.live.samplers_of_session(session_id):
         free_sampler(state, sampler.sampler_id)
 
 
 def free_model(state: ServerState, model_id: str) -> None:
-    model = state.hosts.remove_model(model_id)
+    """Delete the model from its trainer after the ops already queued for it."""
+    model = state.live.remove_model(model_id)
     if model is None:
         return
-    host = model.host
-
-    def delete() -> None:
-        if host.training.has_model(model_id):
-            host.training.delete_model(model_id)
-
-    host.worker.submit(model_id, None, f"free-{model_id}", delete)
-    host.worker.forget(model_id)
-    state.hosts.dedupe.forget_stream(creation_stream(model_id))
+    state.dedupe.forget_stream(model_id)
+    state.dedupe.forget_stream(creation_stream(model_id))
+    trainer = state.trainers.started(model.base_model)
+    if trainer is not None:
+        trainer.submit(ops.DeleteModel(model_id=model_id), stream=model_id)
 
 
 def free_sampler(state: ServerState, sampler_id: str) -> None:
-    sampler = state.hosts.remove_sampler(sampler_id)
+    """Unregister the sampler's weights from its trainer."""
+    sampler = state.live.remove_sampler(sampler_id)
     if sampler is None:
         return
-    state.hosts.dedupe.forget_stream(sampler_id)
-    if sampler.weights_id is not None:
-        sampler.host.sampling.unregister(sampler.weights_id)
+    state.dedupe.forget_stream(sampler_id)
+    trainer = state.trainers.started(sampler.base_model)
+    if sampler.has_weights and trainer is not None:
+        trainer.submit(ops.DeleteSampler(sampler_id=sampler_id))
 
 
 def delete_checkpoint(state: ServerState, row: CheckpointRow) -> None:

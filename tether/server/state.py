@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
@@ -11,8 +11,10 @@ from tether.server.auth import ApiKeyAuth
 from tether.server.catalogue import Catalogue
 from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
+from tether.server.dedupe import DedupeRegistry
 from tether.server.futures import FutureStore
-from tether.server.model_hosts import ModelHosts
+from tether.server.live import LiveObjects
+from tether.server.trainers import TrainerPool
 
 
 @dataclass
@@ -22,12 +24,17 @@ class ServerState:
     catalogue: Catalogue
     checkpoints: CheckpointFiles
     futures: FutureStore
-    hosts: ModelHosts
-    kept_graphs: dict[str, Any] = field(default_factory=dict)
-    """Forward graphs kept for the one-pass custom loss, by the request id of their forward."""
+    trainers: TrainerPool
+    live: LiveObjects = field(default_factory=LiveObjects)
+    dedupe: DedupeRegistry = field(default_factory=DedupeRegistry)
+    """Repeats of `(model_id | sampling_session_id | creation stream, seq_id)`."""
+    results: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-results"))
+    """Turns op results into payloads and catalogue rows, off the trainer's thread and the event loop."""
 
     def close(self) -> None:
-        self.hosts.close()
+        self.trainers.close()
+        self.results.shutdown(wait=True)
         self.catalogue.close()
 
 

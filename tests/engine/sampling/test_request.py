@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tether.engine.sampling.request import ModelLimits, SampleRequest, validate_request
 from tether.types.errors import UserInputError
+from tether.types.sample_request import ModelLimits, SampleRequest, validate_request
 
 LIMITS = ModelLimits(vocab_size=264, max_context_length=64, eos_token_ids=(256,))
 

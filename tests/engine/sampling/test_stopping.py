@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tether.engine.sampling.request import ModelLimits, normalize_stop
 from tether.engine.sampling.stopping import StopCondition
 from tether.types.errors import UserInputError
+from tether.types.sample_request import ModelLimits, normalize_stop
 
 LIMITS = ModelLimits(vocab_size=264, max_context_length=64, eos_token_ids=(256,))
 

@@ -4,7 +4,7 @@ Public surface: `SamplingEngine` and its request/result types. See `engine.py` f
 """
 
 from tether.engine.sampling.engine import SamplingEngine
-from tether.engine.sampling.request import SampledSequence, SampleRequest, SampleResult
 from tether.engine.sampling.scheduler import SchedulerConfig
+from tether.types.sample_request import SampledSequence, SampleRequest, SampleResult
 
 __all__ = ["SampleRequest", "SampleResult", "SampledSequence", "SamplingEngine", "SchedulerConfig"]

@@ -32,7 +32,11 @@ from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.engine.sampling.model_runner import PrefillOutput, decode, prefill
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
 from tether.engine.sampling.prompt_cache import PromptCache
-from tether.engine.sampling.request import (
+from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
+from tether.engine.sampling.stopping import StopCondition
+from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
+from tether.types.errors import ConfigurationError, ServerError, TetherError
+from tether.types.sample_request import (
     ModelLimits,
     SampledSequence,
     SampleRequest,
@@ -41,10 +45,6 @@ from tether.engine.sampling.request import (
     ValidatedRequest,
     validate_request,
 )
-from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
-from tether.engine.sampling.stopping import StopCondition
-from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
-from tether.types.errors import ConfigurationError, ServerError, TetherError
 
 logger = logging.getLogger(__name__)
 

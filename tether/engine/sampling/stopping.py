@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tether.engine.sampling.request import StopSpec
+from tether.types.sample_request import StopSpec
 
 Decode = Callable[[Sequence[int]], str]
 

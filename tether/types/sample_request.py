@@ -3,7 +3,8 @@
 Every check here runs on the caller's thread before a request reaches the running batch, so a bad
 request is refused with a `UserInputError` naming the field and never disturbs the other requests.
 
-This module knows nothing about models or tensors.
+This module knows nothing about models or tensors, so the server checks a request against the
+model's limits (`ModelLimits`) before it reaches a trainer, and the sampling engine checks it again.
 """
 
 from __future__ import annotations

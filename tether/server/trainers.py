@@ -1,0 +1,92 @@
+"""The trainers of the served base models: one each, in this process or in a `tether trainer` process.
+
+`ServerConfig.trainer_process` chooses the implementation; both carry the same ops
+(`tether.trainer.interface`). A trainer is started on first use (loading a base model takes
+seconds), and what it reports about its base model (`DescribeBase`) is cached.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tether.server.config import ServerConfig
+from tether.trainer.config import TrainerConfig
+from tether.trainer.interface import Trainer
+from tether.types import ops
+from tether.types.errors import UserInputError
+
+
+class TrainerPool:
+    """`get(base_model)` -> its trainer; thread-safe."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._starting: dict[str, threading.Lock] = {}
+        self._trainers: dict[str, Trainer] = {}
+        self._info: dict[str, ops.BaseModelInfo] = {}
+
+    @property
+    def served_names(self) -> list[str]:
+        return list(self._config.models)
+
+    def check_served(self, name: str, *, field_name: str = "base_model") -> str:
+        """`name` if this server serves it, else `UserInputError` naming `field_name`."""
+        if name not in self._config.models:
+            raise UserInputError(f"model {name!r} is not served here (served: {self._config.models})", field=field_name)
+        return name
+
+    def started(self, name: str) -> Trainer | None:
+        """The trainer of `name` if it is running (never starts one)."""
+        with self._lock:
+            return self._trainers.get(name)
+
+    def get(self, name: str, *, field_name: str = "base_model") -> Trainer:
+        """The trainer serving `name`, started on first use (blocking: call off the event loop)."""
+        self.check_served(name, field_name=field_name)
+        with self._lock:
+            trainer = self._trainers.get(name)
+            if trainer is not None:
+                return trainer
+            starting = self._starting.setdefault(name, threading.Lock())
+        with starting:
+            with self._lock:
+                trainer = self._trainers.get(name)
+            if trainer is None:
+                trainer = self._start(name)
+                with self._lock:
+                    self._trainers[name] = trainer
+            return trainer
+
+    def _start(self, name: str) -> Trainer:
+        settings = self._config.engine_settings()
+        if self._config.trainer_process:
+            from tether.trainer.remote import RemoteTrainer
+
+            return RemoteTrainer.spawn(TrainerConfig(base_model=name, log_level=self._config.log_level,
+                                                     **settings.model_dump()))
+        from tether.trainer.local import InProcessTrainer  # needs torch: only when a model is first used
+
+        return InProcessTrainer(name, settings)
+
+    def cached_base_info(self, name: str) -> ops.BaseModelInfo | None:
+        with self._lock:
+            return self._info.get(name)
+
+    def base_info(self, name: str) -> ops.BaseModelInfo:
+        """What the trainer of `name` reports about its base model (blocking; cached)."""
+        with self._lock:
+            info = self._info.get(name)
+        if info is None:
+            info = self.get(name).submit(ops.DescribeBase()).result()
+            with self._lock:
+                self._info[name] = info
+        return info
+
+    def loaded(self) -> list[Trainer]:
+        with self._lock:
+            return list(self._trainers.values())
+
+    def close(self) -> None:
+        for trainer in self.loaded():
+            trainer.close()

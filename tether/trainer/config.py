@@ -1,0 +1,69 @@
+"""Typed settings of a trainer: the engine settings `tether serve` shares, and `tether trainer`'s own.
+
+`tether serve` and `tether trainer` both take `EngineSettings`' fields (the CLI is generated from
+these models by `tether.cli_args`), so each setting is documented once, here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+def default_data_dir() -> Path:
+    """`$TETHER_DATA_DIR`, else the XDG data home (`~/.local/share/tether`)."""
+    explicit = os.environ.get("TETHER_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "tether"
+
+
+class EngineSettings(BaseModel):
+    """How a base model is loaded and run, and where its checkpoints live."""
+
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from a model name clients use to a local Hugging Face directory.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for the state database and checkpoints ($TETHER_DATA_DIR, else ~/.local/share/tether).",
+    )
+    device: str = Field(
+        "auto", description='Device for the models: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description='Weight dtype of the base models; "auto": bfloat16 on a GPU, float32 on a CPU.'
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch may use for one operation (unset: torch's default, one per core). "
+        "On a CPU shared with other work, fewer threads keep them from waiting on each other.",
+    )
+    max_tokens_per_micro_batch: int = Field(
+        8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
+    )
+    kv_cache_budget_tokens: int = Field(
+        65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
+    )
+
+    def engine_settings(self) -> EngineSettings:
+        """Just the engine settings (for handing to a trainer)."""
+        return EngineSettings(**{name: getattr(self, name) for name in EngineSettings.model_fields})
+
+
+class TrainerConfig(EngineSettings):
+    """Everything an operator can choose about one `tether trainer` process (one base model)."""
+
+    base_model: str = Field(description="The base model this trainer loads: a name, alias, hub id or local directory.")
+    host: str = Field("127.0.0.1", description="Interface the op socket listens on.")
+    port: int = Field(0, ge=0, le=65535, description="TCP port of the op socket; 0 picks a free port.")
+    ready_file: Path | None = Field(
+        None, description="Once listening, write `host:port` into this file (the server waits for it)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

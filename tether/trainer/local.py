@@ -1,0 +1,73 @@
+"""`InProcessTrainer`: one base model's `OpExecutor` behind an ordered worker, in this process.
+
+Ops with a stream (a model id) go through the `ModelWorker`, one at a time in `seq_id` order;
+`Sample` goes straight to the sampling engine (which batches concurrent requests), and the other
+unordered ops (sampler registration, `DescribeBase`) run on a small pool, so sampling never waits
+behind training.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+from tether.engine.worker import ModelWorker
+from tether.trainer.config import EngineSettings
+from tether.trainer.executor import OpExecutor
+from tether.types import ops
+
+
+class InProcessTrainer:
+    """The `Trainer` interface (`tether.trainer.interface`) in this process."""
+
+    def __init__(self, base_model: str, settings: EngineSettings) -> None:
+        self.base_model = base_model
+        self.executor = OpExecutor(base_model, settings)
+        self.worker = ModelWorker(base_model, self.executor.execute, housekeeping=self.executor.housekeeping)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
+
+    def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
+        if stream is not None:
+            future = self.worker.submit(stream, seq_id, op)
+            if isinstance(op, ops.DeleteModel):  # the model is gone: so is its ordering state
+                future.add_done_callback(lambda _: self.worker.forget(stream))
+            return future
+        if isinstance(op, ops.Sample):
+            if not self.executor.sampling_ready:  # the first sample builds the engine: not on the caller's thread
+                return _flatten(self._pool.submit(self.executor.sample, op))
+            try:
+                return self.executor.sample(op)
+            except BaseException as exc:  # noqa: BLE001 - a refused request fails its own future
+                failed: concurrent.futures.Future = concurrent.futures.Future()
+                failed.set_exception(exc)
+                return failed
+        return self._pool.submit(self.executor.execute, op)
+
+    def queued(self) -> int:
+        return self.worker.queued()
+
+    def close(self) -> None:
+        self.worker.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.executor.close()
+
+
+def _flatten(outer: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future of the result of the future that `outer` resolves to."""
+    answer: concurrent.futures.Future = concurrent.futures.Future()
+
+    def inner_done(inner: concurrent.futures.Future) -> None:
+        exc = inner.exception()
+        if exc is not None:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(inner.result())
+
+    def outer_done(done: concurrent.futures.Future) -> None:
+        exc = done.exception()
+        if exc is not None:
+            answer.set_exception(exc)
+        else:
+            done.result().add_done_callback(inner_done)
+
+    outer.add_done_callback(outer_done)
+    return answer

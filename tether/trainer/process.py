@@ -1,0 +1,119 @@
+"""The `tether trainer` process: one base model's `InProcessTrainer` behind an op socket.
+
+It listens on `host:port` (loopback by default), writes `host:port` to the ready file once
+listening, and serves each connection with frames of `tether.types.op_codec`: a reader thread
+decodes ops and submits them in arrival order; a sender thread writes results as they complete.
+A frame whose body is not a valid op fails that one op (`OpFailure`), never the process.
+
+`python -m tether.trainer.process CONFIG.json` is how `tether serve --trainer-process` starts it
+(exiting when the server's connection closes); `tether trainer --base-model ...` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from tether.trainer.config import TrainerConfig
+from tether.trainer.local import InProcessTrainer
+from tether.trainer.remote import recv_exact
+from tether.types import ops
+from tether.types.op_codec import HEADER_SIZE, OpDecodeError, decode_op, encode_result, read_header
+
+log = logging.getLogger("tether.trainer")
+
+
+def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
+    """Serve one connection until it closes."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send_loop() -> None:
+        while True:
+            envelope = outbox.get()
+            if envelope is None:
+                return
+            try:
+                frame = encode_result(envelope)
+            except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded fails its op
+                frame = encode_result(ops.ResultEnvelope(op_id=envelope.op_id,
+                                                         result=ops.OpFailure.from_exception(exc)))
+            try:
+                conn.sendall(frame)
+            except OSError:
+                return
+
+    sender = threading.Thread(target=send_loop, name="tether-trainer-send", daemon=True)
+    sender.start()
+
+    def answer(op_id: int, future_or_failure: object) -> None:
+        if isinstance(future_or_failure, ops.OpFailure):
+            outbox.put(ops.ResultEnvelope(op_id=op_id, result=future_or_failure))
+            return
+        future = future_or_failure
+        exc = future.exception()  # type: ignore[attr-defined]
+        result = ops.OpFailure.from_exception(exc) if exc is not None else future.result()  # type: ignore[attr-defined]
+        outbox.put(ops.ResultEnvelope(op_id=op_id, result=result))
+
+    try:
+        while True:
+            header = recv_exact(conn, HEADER_SIZE)
+            if header is None:
+                break
+            length, op_id = read_header(header)
+            body = recv_exact(conn, length)
+            if body is None:
+                break
+            try:
+                envelope = decode_op(op_id, body)
+                future = trainer.submit(envelope.op, stream=envelope.stream, seq_id=envelope.seq_id)
+            except OpDecodeError as exc:
+                answer(op_id, ops.OpFailure(error_type="ServerError", message=str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a refused op fails alone
+                answer(op_id, ops.OpFailure.from_exception(exc))
+                continue
+            future.add_done_callback(lambda done, op_id=op_id: answer(op_id, done))
+    except (OSError, ValueError) as exc:
+        log.warning("op connection broke: %s", exc)
+    finally:
+        outbox.put(None)
+        conn.close()
+
+
+def serve_trainer(config: TrainerConfig, *, exit_on_disconnect: bool = False) -> None:
+    """Run the trainer until interrupted (or, with `exit_on_disconnect`, until its first client leaves)."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = InProcessTrainer(config.base_model, config.engine_settings())
+    listener = socket.create_server((config.host, config.port))
+    host, port = listener.getsockname()[:2]
+    print(f"tether trainer: {config.base_model} listening on {host}:{port}", flush=True)
+    if config.ready_file is not None:
+        ready = Path(config.ready_file)
+        tmp = ready.with_name(ready.name + ".tmp")
+        tmp.write_text(f"{host}:{port}")
+        os.replace(tmp, ready)
+    try:
+        while True:
+            conn, _ = listener.accept()
+            if exit_on_disconnect:
+                serve_connection(conn, trainer)
+                return
+            threading.Thread(target=serve_connection, args=(conn, trainer), daemon=True).start()
+    finally:
+        listener.close()
+        trainer.close()
+
+
+def main(config: TrainerConfig) -> None:
+    """`tether trainer`: serve ops for one base model."""
+    serve_trainer(config)
+
+
+if __name__ == "__main__":
+    serve_trainer(TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text()), exit_on_disconnect=True)
