@@ -74,3 +74,22 @@ def test_database_is_in_wal_mode(tmp_path):
     Catalogue(db).close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_catalogues_opening_one_new_file_at_once_migrate_it_once(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    db, start = tmp_path / "tether.db", threading.Barrier(4)
+
+    def open_and_write(i: int) -> int:
+        start.wait()
+        catalogue = Catalogue(db)
+        catalogue.create_session(f"s{i}", "alice", tags=[], user_metadata={}, display_name=None, project_id=None)
+        catalogue.close()
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(open_and_write, range(4))) == [0, 1, 2, 3]
+    assert _revision(db) == [(_head(),)]
+    assert len(Catalogue(db).list_sessions("alice", 10, 0)) == 4

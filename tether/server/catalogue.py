@@ -13,6 +13,7 @@ processes) may share one file. It knows nothing of HTTP, models or checkpoint fi
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from tether.types.errors import NotFoundError
+
+log = logging.getLogger("tether.server")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 LEGACY_REVISION = "0001_initial"
@@ -162,17 +165,25 @@ def _open_engine(db_path: Path) -> Engine:
 def _migrate(writer: Engine) -> None:
     """Upgrade the database to the newest revision, in one write transaction (so concurrent openers
     of one file take turns). A database written before migrations existed is stamped first."""
+    if logging.getLogger("alembic").level == logging.NOTSET:  # its INFO chatter, unless asked for
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
     with writer.begin() as conn:
         config.attributes["connection"] = conn
         tables = inspect(conn)
         if not tables.has_table("alembic_version") and tables.has_table(SessionRow.__tablename__):
             command.stamp(config, LEGACY_REVISION)
-        command.upgrade(config, "head")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current != head:
+            log.info("catalogue %s: upgrading its schema from %s to %s", writer.url.database, current, head)
+            command.upgrade(config, "head")
 
 
 class Catalogue:

@@ -13,6 +13,7 @@ from tether.server.catalogue import Base
 connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("tether's migrations run through tether.server.catalogue.Catalogue, on its connection")
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+# SQLite DDL is transactional, and the catalogue's BEGIN IMMEDIATE covers the whole upgrade
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True)
 with context.begin_transaction():
     context.run_migrations()
