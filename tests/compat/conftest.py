@@ -1,4 +1,8 @@
-"""A tether server on a free port for the official-SDK conformance tests (one per module)."""
+"""A tether server on a free port for the official-SDK conformance tests (one per module and trainer mode).
+
+Every conformance test runs twice: against the in-process trainer and against a `tether trainer`
+process behind the op socket (`ServerConfig.trainer_process`).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,18 @@ from tether.server.main import ServerThread
 API_KEY = "tml-compat-tests"
 
 
+TRAINER_MODES = ["in-process", "trainer-process"]
+
+
+@pytest.fixture(scope="module", params=TRAINER_MODES)
+def trainer_mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, default_model_dir) -> ServerThread:
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("tether-data"), long_poll_s=5)
+def server(tmp_path_factory, default_model_dir, trainer_mode) -> ServerThread:
+    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("tether-data"), long_poll_s=5,
+                          trainer_process=trainer_mode == "trainer-process")
     thread = ServerThread(config)
     with thread:
         yield thread

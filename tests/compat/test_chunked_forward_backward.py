@@ -30,8 +30,9 @@ def _ids(text: str) -> list[int]:
     return list(text.encode())
 
 
-def test_parallel_chunks_equal_one_unchunked_request(tmp_path, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path, long_poll_s=5, fwdbwd_max_chunk_len=1)
+def test_parallel_chunks_equal_one_unchunked_request(tmp_path, default_model_dir, trainer_mode):
+    config = ServerConfig(port=0, data_dir=tmp_path, long_poll_s=5, fwdbwd_max_chunk_len=1,
+                          trainer_process=trainer_mode == "trainer-process")
     with ServerThread(config) as url:
         service = tinker.ServiceClient(base_url=url, api_key=KEY)
         chunked = service.create_lora_training_client(base_model=BASE, rank=2, seed=9).result()

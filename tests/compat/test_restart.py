@@ -24,8 +24,8 @@ def _step(client) -> float:
     return fwd.result().metrics["loss:sum"]
 
 
-def test_checkpoints_survive_a_restart_and_training_continues(tmp_path, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path, long_poll_s=5)
+def test_checkpoints_survive_a_restart_and_training_continues(tmp_path, default_model_dir, trainer_mode):
+    config = ServerConfig(port=0, data_dir=tmp_path, long_poll_s=5, trainer_process=trainer_mode == "trainer-process")
     with ServerThread(config) as url:
         service = tinker.ServiceClient(base_url=url, api_key=KEY)
         client = service.create_lora_training_client(base_model=BASE, rank=4, seed=0).result()

@@ -24,11 +24,6 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
 
 
-def creation_stream(model_id: str) -> str:
-    """The dedupe stream of a model's creating request (create_model or create-via-load)."""
-    return f"{model_id}#create"
-
-
 class _Payload(concurrent.futures.Future):
     """The future a client polls: `finish(result of source)`. Cancelling it cancels the op if not started."""
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.errors import require
 from tether.server.live import LiveModel
-from tether.server.operations import chain, creation_stream, new_request_id, submit_op
+from tether.server.operations import chain, new_request_id, submit_op
 from tether.server.state import ServerState, request_owner, server_state
 from tether.trainer.interface import Trainer
 from tether.types import ops, wire
@@ -72,33 +72,29 @@ def _future(request_id: str, model_id: str) -> dict[str, str]:
 
 def _create_once(state: ServerState, trainer: Trainer, model: LiveModel, owner: str, op: ops.Op,
                  finish: Callable[[Any], Any], kind: str) -> str:
-    """Submit a model's creating op once per model id (a retry gets the first request id).
+    """Submit a model's creating op once per model id: a retry, even a concurrent one, gets the first
+    request id (a durable catalogue key, unique per `(owner, model_id)`). A failed creation releases it.
 
-    It runs after anything already queued for that model id (nothing, unless an earlier model of
+    The op runs after anything already queued for that model id (nothing, unless an earlier model of
     the same id is still being freed)."""
-    stream = creation_stream(model.model_id)
+    scope = f"create_model:{owner}"
     request_id = new_request_id(kind)
-    earlier = state.dedupe.claim(stream, 0, request_id)
+    earlier = state.catalogue.claim_idempotency_key(scope, model.model_id, request_id)
     if earlier is not None:
         return earlier
-    if state.live.has_model(model.model_id):
-        state.dedupe.release(stream, 0)
-        raise UserInputError(f"model {model.model_id!r} already exists", field="model_seq_id")
+
+    def forget(_: object = None) -> None:
+        state.live.remove_model(model.model_id)
+        state.catalogue.release_idempotency_key(scope, model.model_id)
+
     state.live.add_model(model)
     try:
         source = trainer.submit(op, stream=model.model_id)
     except BaseException:
-        state.live.remove_model(model.model_id)
-        state.dedupe.release(stream, 0)
+        forget()
         raise
-    state.futures.add(request_id, owner,
-                      chain(state, source, finish, on_error=lambda _: _forget_created(state, model.model_id)))
+    state.futures.add(request_id, owner, chain(state, source, finish, on_error=forget))
     return request_id
-
-
-def _forget_created(state: ServerState, model_id: str) -> None:
-    state.live.remove_model(model_id)
-    state.dedupe.forget_stream(creation_stream(model_id))
 
 
 @router.post("/create_model")

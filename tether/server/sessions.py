@@ -13,7 +13,6 @@ import logging
 from datetime import datetime
 
 from tether.server.catalogue import CheckpointRow
-from tether.server.operations import creation_stream
 from tether.server.state import ServerState
 from tether.types import ops
 from tether.types.paths import parse_checkpoint_path
@@ -36,7 +35,6 @@ def free_model(state: ServerState, model_id: str) -> None:
     if model is None:
         return
     state.dedupe.forget_stream(model_id)
-    state.dedupe.forget_stream(creation_stream(model_id))
     trainer = state.trainers.started(model.base_model)
     if trainer is not None:
         trainer.submit(ops.DeleteModel(model_id=model_id), stream=model_id)
