@@ -16,6 +16,16 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _server_series(service, training_client) -> dict:
+    """The run's metric series as the server recorded them (what the console draws)."""
+    import httpx
+
+    answer = httpx.get(f"{service.base_url}/api/v1/tether/runs/{training_client.model_id}/metrics",
+                       headers={"X-API-Key": "tml-local"}, timeout=30)
+    answer.raise_for_status()
+    return answer.json()["series"]
+
+
 def test_sft_trains_evaluates_checkpoints_and_resumes_through_the_server(tmp_path, local_service):
     data = tmp_path / "data.jsonl"
     rows = [
@@ -47,6 +57,9 @@ def test_sft_trains_evaluates_checkpoints_and_resumes_through_the_server(tmp_pat
     assert rows[-1]["train_mean_nll"] < rows[0]["train_mean_nll"]
     nll = [r["test/nll"] for r in rows if "test/nll" in r]
     assert len(nll) == 3 and nll[-1] < nll[0]
+    logged = _server_series(local_service, resumed.training_client)["client/train_mean_nll"]
+    assert [s for s, _ in logged] == [r["step"] for r in rows[4:]]
+    assert [v for _, v in logged] == pytest.approx([r["train_mean_nll"] for r in rows[4:]])
 
 
 def test_grpo_improves_reward_on_a_toy_task_with_a_fixed_seed(tmp_path, local_service):
@@ -73,6 +86,9 @@ def test_grpo_improves_reward_on_a_toy_task_with_a_fixed_seed(tmp_path, local_se
     for row in result.metrics:
         assert abs(row["kl_sample_train_v1"]) < 1e-3, "sampler and trainer agree on the same weights"
     assert [r["next_step"] for r in _read(tmp_path / "grpo" / "checkpoints.jsonl")] == [4, 8]
+    series = _server_series(local_service, result.training_client)
+    assert [s for s, _ in series["client/reward/mean"]] == list(range(8))
+    assert [s for s, _ in series["client/kl_sample_train_v1"]] == list(range(8))
 
 
 def test_quickstart_writes_metrics_and_plot(tmp_path, local_service):

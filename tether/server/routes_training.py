@@ -9,6 +9,7 @@ forward_backward, JSON otherwise) and writes the catalogue rows, when the result
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -153,8 +154,16 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
     decoded, op = await off_loop_if_large(len(body), build)
     model = state.live.model(decoded.model_id, owner)
     trainer = await trainer_for(state, model.base_model)
+    submitted = time.perf_counter()
+
+    def finish(result: ops.ForwardOutput) -> bytes:
+        if not decoded.forward_only:  # the console's server-side curves
+            state.run_metrics.observe_forward_backward(model.model_id, op.data, result.metrics,
+                                                       seconds=time.perf_counter() - submitted)
+        return encode_forward_output(result)
+
     request_id = submit_op(state, trainer, op, owner=owner, kind="fwd" if decoded.forward_only else "fwdbwd",
-                           stream=model.model_id, seq_id=decoded.seq_id, finish=encode_forward_output)
+                           stream=model.model_id, seq_id=decoded.seq_id, finish=finish)
     return _future(request_id, model.model_id)
 
 
@@ -168,6 +177,7 @@ async def optim_step(body: wire.OptimStepRequest, state: ServerState = Depends(s
     trainer = await trainer_for(state, model.base_model)
 
     def finish(result: ops.MetricsOutput) -> dict[str, Any]:
+        state.run_metrics.observe_optim_step(model.model_id, result.metrics)
         state.catalogue.touch_training_run(model.model_id)
         return {"metrics": result.metrics, "type": "optim_step"}
 

@@ -14,6 +14,7 @@ from tether.server.config import ServerConfig
 from tether.server.dedupe import DedupeRegistry
 from tether.server.futures import FutureStore
 from tether.server.live import LiveObjects
+from tether.server.run_metrics import RunMetrics
 from tether.server.trainers import TrainerPool
 
 
@@ -25,6 +26,8 @@ class ServerState:
     checkpoints: CheckpointFiles
     futures: FutureStore
     trainers: TrainerPool
+    run_metrics: RunMetrics
+    """Per-run metric series (console curves): what the server observes and what clients log."""
     live: LiveObjects = field(default_factory=LiveObjects)
     dedupe: DedupeRegistry = field(default_factory=DedupeRegistry)
     """Repeats of `(model_id | sampling_session_id | creation stream, seq_id)`."""
@@ -35,6 +38,7 @@ class ServerState:
     def close(self) -> None:
         self.trainers.close()
         self.results.shutdown(wait=True)
+        self.run_metrics.close()
         self.catalogue.close()
 
 
