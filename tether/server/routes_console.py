@@ -102,7 +102,7 @@ def _run_summary(state: ServerState, row: TrainingRunRow, steps: int) -> dict[st
         "last_activity": _iso(row.last_request_time),
         "steps": steps,
         "checkpoints": checkpoints,
-        "live": state.hosts.has_model(row.run_id),
+        "live": state.live.has_model(row.run_id),
         "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
     }
 
@@ -138,7 +138,7 @@ def _session_json(state: ServerState, owner: str, row: SessionRow) -> dict[str, 
     for sampler_id in state.catalogue.samplers_of_session(row.session_id):
         sampler = state.catalogue.get_sampler(sampler_id, owner)
         samplers.append({"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path,
-                         "created": _iso(sampler.created_at), "live": state.hosts.has_sampler(sampler_id)})
+                         "created": _iso(sampler.created_at), "live": state.live.has_sampler(sampler_id)})
     return {
         "session_id": row.session_id,
         "status": row.status,
