@@ -22,8 +22,9 @@ from tether.types.ops import OpEnvelope, OpResult, ResultEnvelope
 _ARRAY_EXT = 1
 _HEADER = struct.Struct(">IQ")
 HEADER_SIZE = _HEADER.size
-MAX_FRAME_BYTES = 1 << 34
-"""Frames above 16 GiB are refused (a damaged length prefix must not size an allocation)."""
+MAX_FRAME_BYTES = 1 << 31
+"""Frames above 2 GiB are refused (a damaged length prefix must not size an allocation); the SDK
+sends bodies of a few MB, and sampler weights never cross as frames (they are files)."""
 _ALLOWED_DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
 
 
