@@ -1,5 +1,5 @@
-"""Every request the SDK sends goes through `Transport.call` with a typed body, and bodies that
-carry tensors are encoded and decoded off the SDK's event loop."""
+"""Every request the SDK sends goes through `Transport.call` with a typed body, and large tensor
+bodies and answers are encoded and decoded off the SDK's event loop."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_every_request_goes_through_the_one_call_with_a_typed_body(
     assert [seq for _, seq in server.numbered] == list(range(1, len(server.numbered) + 1))
 
 
-def test_tensor_bodies_are_encoded_and_decoded_off_the_sdk_loop(
+def test_large_tensor_bodies_are_encoded_and_decoded_off_the_sdk_loop(
     server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def ident() -> int:
@@ -149,9 +149,12 @@ def test_tensor_bodies_are_encoded_and_decoded_off_the_sdk_loop(
         large = _datums(np.random.default_rng(1), n=4, length=50_000)  # 200k tokens: a ~2.4 MB body
         out = tc.forward_backward(large, "cross_entropy").result(timeout=60)
         assert len(out.loss_fn_outputs) == 4 and server.W.grad is not None
-        tc.forward_backward_custom(_datums(np.random.default_rng(2)), _loss).result(timeout=30)
+        kept = tc.forward_backward_custom(_datums(np.random.default_rng(2), n=2, length=50_000), _loss)
+        assert len(kept.result(timeout=60).loss_fn_outputs) == 2
         sc = client.create_sampling_client(base_model="fake").result(timeout=30)
-        sc.sample(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=2)).result(timeout=30)
+        long_prompt = ModelInput.from_ints([1] * 100_000)  # its prompt logprobs: a ~400 KB answer
+        scored = sc.sample(long_prompt, 1, SamplingParams(max_tokens=2), include_prompt_logprobs=True)
+        assert len(scored.result(timeout=60).prompt_logprobs) == 100_000
     finally:
         client.close()
     assert set(threads) == {"encode_forward_backward_request", "decode_forward_backward_output", "decode_sample_response"}

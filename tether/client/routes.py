@@ -46,8 +46,9 @@ class Route(Generic[T]):
     """The route answers `{"request_id"}` and the result comes from `retrieve_future`."""
     proto_result: bool = False
     """The future's result is protobuf bytes (else JSON)."""
-    carries_tensors: bool = False
-    """The body or the result holds tensors, so encoding and decoding run off the SDK loop."""
+    body_nbytes: Callable[[Any], int] | None = None
+    """About how many bytes of tensors the body carries (None: always small); a large body is
+    encoded off the SDK loop, as a large protobuf answer is decoded (`Transport.call`)."""
 
     def at(self, **ids: str) -> Route[T]:
         """This route with the `{name}` fields of its path filled (ids go in unescaped, §3.5)."""
@@ -57,11 +58,6 @@ class Route(Generic[T]):
     def proto_request(self) -> bool:
         return self.request is ForwardBackwardRequestBody
 
-    @property
-    def off_loop(self) -> bool:
-        """Encode and decode on a worker thread: protobuf bodies and anything carrying tensors."""
-        return self.carries_tensors or self.proto_request or self.proto_result
-
 
 def _model(model: type[M]) -> Decoder[M]:
     def decode(answer: Any, submitted: w.UntypedAPIFuture | None) -> M:
@@ -69,6 +65,18 @@ def _model(model: type[M]) -> Decoder[M]:
         return model.model_validate({} if answer is None else answer)
 
     return decode
+
+
+def _forward_nbytes(body: ForwardBackwardRequestBody) -> int:
+    total = 0
+    for datum in body.data:
+        total += sum(len(c.tokens) * 4 for c in datum.model_input_chunks if isinstance(c, proto.WireTextChunk))
+        total += sum(array.nbytes for array in datum.loss_fn_inputs.values())
+    return total
+
+
+def _grads_nbytes(body: w.BackwardFromLogprobGradsRequest) -> int:
+    return sum(len(grad.data) for grad in body.logprob_grads) * 4
 
 
 def _forward_output(answer: bytes, submitted: w.UntypedAPIFuture | None) -> ForwardBackwardOutput:
@@ -112,10 +120,22 @@ CREATE_MODEL = Route(
 LOAD_WEIGHTS = Route("POST", f"{_V1}/load_weights", w.LoadWeightsRequest, _model(w.LoadWeightsResponse), future=True)
 GET_INFO = Route("POST", f"{_V1}/get_info", w.GetInfoRequest, _model(w.GetInfoResponse))
 FORWARD_BACKWARD = Route(
-    "POST", f"{_V1}/forward_backward", ForwardBackwardRequestBody, _forward_output, future=True, proto_result=True
+    "POST",
+    f"{_V1}/forward_backward",
+    ForwardBackwardRequestBody,
+    _forward_output,
+    future=True,
+    proto_result=True,
+    body_nbytes=_forward_nbytes,
 )
 FORWARD_KEEP_GRAPH = Route(
-    "POST", f"{_V1}/tether/forward_keep_graph", ForwardBackwardRequestBody, _kept_graph, future=True, proto_result=True
+    "POST",
+    f"{_V1}/tether/forward_keep_graph",
+    ForwardBackwardRequestBody,
+    _kept_graph,
+    future=True,
+    proto_result=True,
+    body_nbytes=_forward_nbytes,
 )
 BACKWARD_FROM_LOGPROB_GRADS = Route(
     "POST",
@@ -123,7 +143,7 @@ BACKWARD_FROM_LOGPROB_GRADS = Route(
     w.BackwardFromLogprobGradsRequest,
     _model(w.BackwardFromLogprobGradsResponse),
     future=True,
-    carries_tensors=True,
+    body_nbytes=_grads_nbytes,
 )
 OPTIM_STEP = Route("POST", f"{_V1}/optim_step", w.OptimStepRequest, _model(w.OptimStepResponse), future=True)
 SAVE_WEIGHTS = Route("POST", f"{_V1}/save_weights", w.SaveWeightsRequest, _model(w.SaveWeightsResponse), future=True)
@@ -146,9 +166,7 @@ SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
 CREATE_SAMPLING_SESSION = Route(
     "POST", f"{_V1}/create_sampling_session", w.CreateSamplingSessionRequest, _model(w.CreateSamplingSessionResponse)
 )
-SAMPLE = Route(
-    "POST", f"{_V1}/asample", w.SampleRequest, _sample_response, future=True, proto_result=True, carries_tensors=True
-)
+SAMPLE = Route("POST", f"{_V1}/asample", w.SampleRequest, _sample_response, future=True, proto_result=True)
 GET_SAMPLER = Route("GET", f"{_V1}/samplers/{{sampler_id}}", None, _model(w.GetSamplerResponse))
 
 # ---- futures (§4): only Transport.call posts here, while it waits for a `future` route's result
