@@ -4,6 +4,7 @@ Its "model" is one torch parameter `W` (vocab x vocab): logprob of target t afte
 log_softmax(W[x])[t]. That is enough to check gradients end to end: forward_backward accumulates
 into `W.grad`, and the tether extension routes keep the forward graph and chain client gradients.
 It records every numbered request `(route, seq_id)` in arrival order, and can be told to fail.
+`observer`, when set, sees every request before it is answered (the SDK's own task is running it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -41,6 +43,7 @@ class FakeServer:
         self.fail_next: dict[str, int] = {}  # path -> number of 503s to answer first
         self.fail_future: dict[str, str] = {}  # path -> category of a failed future
         self.api_keys: list[str] = []
+        self.observer: Callable[[httpx.Request], None] | None = None
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -61,6 +64,8 @@ class FakeServer:
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        if self.observer is not None:
+            self.observer(request)
         with self.lock:
             self.requests.append(path)
             self.api_keys.append(request.headers.get("X-API-Key", ""))
@@ -117,6 +122,23 @@ class FakeServer:
                     self.W -= lr * self.W.grad
                     self.W.grad = None
             return self._future("json", {"metrics": {"learning_rate:mean": lr}})
+        if path == "/api/v1/save_weights":
+            body = json.loads(request.content)
+            self.numbered.append((path, body["seq_id"]))
+            return self._future("json", {"path": f"tinker://{body['model_id']}/weights/{body['path']}"})
+        if path == "/api/v1/save_weights_for_sampler":
+            body = json.loads(request.content)
+            self.numbered.append((path, body["seq_id"]))
+            if "path" in body:
+                return self._future("json", {"path": f"tinker://{body['model_id']}/sampler_weights/{body['path']}"})
+            return self._future("json", {"sampling_session_id": "sess:sample:0"})
+        if path == "/api/v1/load_weights":
+            body = json.loads(request.content)
+            return self._future("json", {"model_id": f"sess:train:{body['model_seq_id']}", "path": body["path"]})
+        if path == "/api/v1/weights_info":
+            return httpx.Response(200, json={"base_model": "fake", "is_lora": True, "lora_rank": 4})
+        if path.startswith("/api/v1/training_runs/") and "/checkpoints/" in path:
+            return httpx.Response(200)  # ttl, publish, unpublish, delete: answers are ignored
         if path == "/api/v1/create_sampling_session":
             return httpx.Response(200, json={"sampling_session_id": "sess:sample:0"})
         if path == "/api/v1/samplers/sess:sample:0":

@@ -228,3 +228,16 @@ def test_failed_custom_forward_releases_the_queue(server: FakeServer, service: S
         failed.result(timeout=30)
     assert after.result(timeout=30).metrics == {"learning_rate:mean": 1e-4}
     assert [(p.rsplit("/", 1)[-1], seq) for p, seq in server.numbered] == [("optim_step", 3)]
+
+
+def test_invalid_request_values_are_refused_before_sending(server: FakeServer, service: ServiceClient) -> None:
+    tc = service.create_lora_training_client("fake").result()
+    with pytest.raises(UserInputError) as info:
+        tc.save_state("s", ttl_seconds=60)  # the protocol's minimum is an hour
+    assert info.value.field == "ttl_seconds"
+    with pytest.raises(UserInputError) as info:
+        tc.optim_step({"learning_rate": -1.0})
+    assert info.value.field == "learning_rate"
+    assert server.numbered == []
+    tc.save_state("s", ttl_seconds=7200).result(timeout=30)
+    assert server.numbered == [("/api/v1/save_weights", 1)]  # no seq_id was burnt by the refused calls

@@ -418,3 +418,41 @@ def test_backward_from_logprob_grads_extension():
     assert dump_wire(wire.BackwardFromLogprobGradsResponse(metrics={"loss:sum": 1.0})) == {
         "metrics": {"loss:sum": 1.0}
     }
+
+
+def test_user_params_are_the_wire_models_strict_in_code_and_lenient_on_the_wire():
+    import tether
+    from tether.types import data
+
+    # One definition each: the SDK's user type is the wire model the server reads.
+    for name in ("AdamParams", "SamplingParams", "LoraConfig"):
+        assert getattr(tether, name) is getattr(data, name) is getattr(wire, name)
+        assert issubclass(getattr(wire, name), wire.ParamsModel)
+    # Built in code: a typo or a bad value is a UserInputError naming the field.
+    with pytest.raises(UserInputError) as info:
+        wire.AdamParams(lr=1e-3)
+    assert info.value.field == "lr"
+    with pytest.raises(UserInputError) as info:
+        wire.SamplingParams(top_p=0)
+    assert info.value.field == "top_p"
+    with pytest.raises(UserInputError, match="at least one"):
+        wire.LoraConfig(rank=4, train_mlp=False, train_attn=False, train_unembed=False)
+    # Parsed from a body, alone or nested: unknown fields are ignored, bad values still name the field.
+    assert parse_wire(wire.AdamParams, {"learning_rate": 0.5, "new_field": 1}).learning_rate == 0.5
+    step = parse_wire(wire.OptimStepRequest, {"model_id": "m", "adam_params": {"beta1": 0.5, "new_field": 1}})
+    assert step.adam_params == wire.AdamParams(beta1=0.5)
+    with pytest.raises(UserInputError) as info:
+        parse_wire(wire.OptimStepRequest, {"model_id": "m", "adam_params": {"beta1": 1.5}})
+    assert info.value.field == "adam_params.beta1"
+    # Frozen, and converted from the tinker package's objects or dicts.
+    with pytest.raises(Exception, match="frozen"):
+        wire.AdamParams().learning_rate = 1.0  # type: ignore[misc]
+    assert wire.AdamParams.coerce(tt.AdamParams(learning_rate=3e-3)) == wire.AdamParams(learning_rate=3e-3)
+    assert wire.LoraConfig.coerce({"rank": 2, "unknown": 1}) == wire.LoraConfig(rank=2)
+
+
+def test_make_wire_names_the_bad_field():
+    with pytest.raises(UserInputError) as info:
+        wire.make_wire(wire.SaveWeightsRequest, model_id="m", path="x", ttl_seconds=5)
+    assert info.value.field == "ttl_seconds"
+    assert wire.make_wire(wire.SaveWeightsRequest, model_id="m", path="x").path == "x"

@@ -14,16 +14,18 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tether.client.wire_convert import tensor_json
-from tether.types.data import Datum, ForwardBackwardOutput, TensorData
+from tether.types.data import Datum, ForwardBackwardOutput
 from tether.types.errors import UserInputError
+from tether.types.wire import TensorDataJson
 
 if TYPE_CHECKING:
     import torch
+
+    from tether.client.routes import KeptGraph
 
 CustomLossFn = Callable[[list[Datum], list["torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]]
 
@@ -68,26 +70,39 @@ def compute_logprob_grads(
 async def run_one_pass_custom_loss(
     data: Sequence[Datum],
     loss_fn: CustomLossFn,
-    forward: Callable[[], Awaitable[tuple[str, ForwardBackwardOutput]]],
-    backward: Callable[[str, list[dict[str, Any]]], Awaitable[dict[str, float]]],
+    forward: Callable[[], Awaitable[KeptGraph]],
+    backward: Callable[[str, list[TensorDataJson]], Awaitable[dict[str, float]]],
 ) -> ForwardBackwardOutput:
     """Forward (graph kept) -> local loss and gradients -> backward from those gradients.
 
+    The loss, its gradients and their wire form are computed on a worker thread, off the SDK loop.
     If the loss function fails, zero gradients are still sent so the server frees the graph at once
     and the model's later operations run (zeros leave the accumulated gradients unchanged).
     """
-    graph_id, output = await forward()
+    kept = await forward()
+    output = kept.output
     logprobs = [out["logprobs"].to_numpy() for out in output.loss_fn_outputs]
     try:
-        loss, user_metrics, grads = await asyncio.to_thread(compute_logprob_grads, data, logprobs, loss_fn)
+        loss, user_metrics, grads = await asyncio.to_thread(_loss_and_wire_grads, data, logprobs, loss_fn)
     except BaseException:
-        zeros = [tensor_json(TensorData.from_numpy(np.zeros_like(lp, dtype=np.float32))) for lp in logprobs]
-        await backward(graph_id, zeros)
+        zeros = await asyncio.to_thread(_wire_grads, [np.zeros_like(lp, dtype=np.float32) for lp in logprobs])
+        await backward(kept.graph_id, zeros)
         raise
-    backward_metrics = await backward(graph_id, [tensor_json(TensorData.from_numpy(g)) for g in grads])
+    backward_metrics = await backward(kept.graph_id, grads)
     metrics = {k: v for k, v in backward_metrics.items() if k != "loss:sum"}
     metrics.update(user_metrics)
     metrics["loss:sum"] = loss
     return ForwardBackwardOutput(
         loss_fn_output_type=output.loss_fn_output_type, loss_fn_outputs=output.loss_fn_outputs, metrics=metrics
     )
+
+
+def _loss_and_wire_grads(
+    data: Sequence[Datum], logprobs: Sequence[np.ndarray], loss_fn: CustomLossFn
+) -> tuple[float, dict[str, float], list[TensorDataJson]]:
+    loss, metrics, grads = compute_logprob_grads(data, logprobs, loss_fn)
+    return loss, metrics, _wire_grads(grads)
+
+
+def _wire_grads(grads: Sequence[np.ndarray]) -> list[TensorDataJson]:
+    return [TensorDataJson.from_numpy(np.asarray(g, dtype=np.float32)) for g in grads]

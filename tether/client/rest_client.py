@@ -6,9 +6,11 @@ Thin typed wrappers over the REST routes of tinker-protocol.md §3.5. Checkpoint
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+from tether.client import routes
 from tether.client.api_future import APIFuture
+from tether.client.routes import Route
 from tether.client.session import ClientSession
 from tether.types.data import (
     CheckpointsListResponse,
@@ -22,6 +24,9 @@ from tether.types.data import (
 )
 from tether.types.errors import UserInputError
 from tether.types.paths import KIND_BY_SEGMENT, SCHEME
+from tether.types.wire import SetCheckpointTtlRequest, WeightsInfoRequest, WireModel, make_wire
+
+T = TypeVar("T")
 
 
 def parse_tinker_path(path: str) -> tuple[str, str]:
@@ -44,30 +49,17 @@ class RestClient:
     def __init__(self, session: ClientSession) -> None:
         self._session = session
 
-    def _get(self, path: str, params: dict[str, Any] | None, parse: Any, name: str) -> APIFuture[Any]:
-        async def run() -> Any:
-            return parse(await self._session.transport.get_json(path, params))
-
-        return self._session.run(run(), name)
-
-    def _send(self, method: str, path: str, body: Any, name: str) -> APIFuture[None]:
-        async def run() -> None:
-            await self._session.transport.request(method, path, json=body)
-
-        return self._session.run(run(), name)
+    def _call(
+        self, route: Route[T], name: str, body: WireModel | None = None, params: dict[str, Any] | None = None
+    ) -> APIFuture[T]:
+        return self._session.run(self._session.transport.call(route, body, params=params), name)
 
     def get_server_capabilities(self) -> APIFuture[GetServerCapabilitiesResponse]:
-        return self._get(
-            "/api/v1/get_server_capabilities", None, GetServerCapabilitiesResponse.model_validate, "capabilities"
-        )
+        return self._call(routes.GET_SERVER_CAPABILITIES, "capabilities")
 
     def get_training_run(self, training_run_id: str, access_scope: str = "owned") -> APIFuture[TrainingRun]:
-        return self._get(
-            f"/api/v1/training_runs/{training_run_id}",
-            {"access_scope": access_scope},
-            TrainingRun.model_validate,
-            "get_training_run",
-        )
+        route = routes.GET_TRAINING_RUN.at(training_run_id=training_run_id)
+        return self._call(route, "get_training_run", params={"access_scope": access_scope})
 
     def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[TrainingRun]:
         run_id, _ = parse_tinker_path(tinker_path)
@@ -77,57 +69,47 @@ class RestClient:
         self, limit: int = 20, offset: int = 0, access_scope: str = "owned"
     ) -> APIFuture[TrainingRunsResponse]:
         params = {"limit": limit, "offset": offset, "access_scope": access_scope}
-        return self._get("/api/v1/training_runs", params, TrainingRunsResponse.model_validate, "list_training_runs")
+        return self._call(routes.LIST_TRAINING_RUNS, "list_training_runs", params=params)
 
     def list_checkpoints(self, training_run_id: str) -> APIFuture[CheckpointsListResponse]:
-        return self._get(
-            f"/api/v1/training_runs/{training_run_id}/checkpoints",
-            None,
-            CheckpointsListResponse.model_validate,
-            "list_checkpoints",
-        )
+        return self._call(routes.LIST_CHECKPOINTS.at(training_run_id=training_run_id), "list_checkpoints")
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[CheckpointsListResponse]:
         params = {"limit": limit, "offset": offset}
-        return self._get("/api/v1/checkpoints", params, CheckpointsListResponse.model_validate, "list_user_checkpoints")
+        return self._call(routes.LIST_USER_CHECKPOINTS, "list_user_checkpoints", params=params)
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
         parse_tinker_path(tinker_path)
-
-        async def run() -> WeightsInfoResponse:
-            body = {"tinker_path": tinker_path}
-            return WeightsInfoResponse.model_validate(await self._session.transport.post_json("/api/v1/weights_info", body))
-
-        return self._session.run(run(), "get_weights_info")
+        return self._call(routes.WEIGHTS_INFO, "get_weights_info", WeightsInfoRequest(tinker_path=tinker_path))
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
-        return self._send(
-            "DELETE", f"/api/v1/training_runs/{training_run_id}/checkpoints/{checkpoint_id}", None, "delete_checkpoint"
-        )
+        route = routes.DELETE_CHECKPOINT.at(training_run_id=training_run_id, checkpoint_id=checkpoint_id)
+        return self._call(route, "delete_checkpoint")
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         return self.delete_checkpoint(*parse_tinker_path(tinker_path))
 
     def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+        """Expire the checkpoint `ttl_seconds` from now (None: never); at least an hour, else UserInputError."""
         run_id, checkpoint_id = parse_tinker_path(tinker_path)
-        path = f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/ttl"
-        return self._send("PUT", path, {"ttl_seconds": ttl_seconds}, "set_checkpoint_ttl")
+        body = make_wire(SetCheckpointTtlRequest, ttl_seconds=ttl_seconds)
+        route = routes.SET_CHECKPOINT_TTL.at(training_run_id=run_id, checkpoint_id=checkpoint_id)
+        return self._call(route, "set_checkpoint_ttl", body)
 
     def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         run_id, checkpoint_id = parse_tinker_path(tinker_path)
-        return self._send("POST", f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/publish", None, "publish")
+        return self._call(routes.PUBLISH_CHECKPOINT.at(training_run_id=run_id, checkpoint_id=checkpoint_id), "publish")
 
     def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         run_id, checkpoint_id = parse_tinker_path(tinker_path)
-        path = f"/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/publish"
-        return self._send("DELETE", path, None, "unpublish")
+        route = routes.UNPUBLISH_CHECKPOINT.at(training_run_id=run_id, checkpoint_id=checkpoint_id)
+        return self._call(route, "unpublish")
 
     def list_sessions(self, limit: int = 20, offset: int = 0) -> APIFuture[ListSessionsResponse]:
-        params = {"limit": limit, "offset": offset}
-        return self._get("/api/v1/sessions", params, ListSessionsResponse.model_validate, "list_sessions")
+        return self._call(routes.LIST_SESSIONS, "list_sessions", params={"limit": limit, "offset": offset})
 
     def get_session(self, session_id: str) -> APIFuture[GetSessionResponse]:
-        return self._get(f"/api/v1/sessions/{session_id}", None, GetSessionResponse.model_validate, "get_session")
+        return self._call(routes.GET_SESSION.at(session_id=session_id), "get_session")
 
     def get_sampler(self, sampler_id: str) -> APIFuture[GetSamplerResponse]:
-        return self._get(f"/api/v1/samplers/{sampler_id}", None, GetSamplerResponse.model_validate, "get_sampler")
+        return self._call(routes.GET_SAMPLER.at(sampler_id=sampler_id), "get_sampler")

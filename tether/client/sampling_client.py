@@ -12,13 +12,14 @@ import random
 import threading
 from typing import Any
 
+from tether.client import routes
 from tether.client.api_future import APIFuture
 from tether.client.session import ClientSession
 from tether.client.transport import Transport
-from tether.client.wire_convert import model_input_json, sample_response_from_wire
+from tether.client.wire_convert import model_input_wire
 from tether.types.data import GetSamplerResponse, ModelInput, SampleResponse, SamplingParams
 from tether.types.errors import UserInputError
-from tether.types.proto import decode_sample_response
+from tether.types.wire import CreateSamplingSessionRequest, SampleRequest, make_wire
 
 
 class SamplingClient:
@@ -59,48 +60,36 @@ class SamplingClient:
             raise UserInputError(f"must be a positive int, got {num_samples!r}", field="num_samples")
         if topk_prompt_logprobs < 0:
             raise UserInputError("must be >= 0", field="topk_prompt_logprobs")
-        body = {
-            "num_samples": num_samples,
-            "prompt": model_input_json(prompt),
-            "sampling_params": params.model_dump(exclude_none=True),
-            "sampling_session_id": self.sampling_session_id,
-            "seq_id": self._next_seq_id(),
-            "prompt_logprobs": include_prompt_logprobs or topk_prompt_logprobs > 0,
-            "topk_prompt_logprobs": topk_prompt_logprobs,
-            "topk_sample_logprobs": 0,
-            "prompt_alt_tokens_k": 0,
-            "record_stability_info": False,
-            "type": "sample",
-        }
-        return self._session.run(self._sample(body), "sample")
-
-    async def _sample(self, body: dict[str, Any]) -> SampleResponse:
-        transport = self._session.transport
-        submitted = await transport.post_json("/api/v1/asample", body)
-        raw = await transport.retrieve_future(submitted["request_id"], expect_proto=True)
-        return sample_response_from_wire(decode_sample_response(raw), submitted.get("sample_sequence_ids"))
+        body = make_wire(
+            SampleRequest,
+            num_samples=num_samples,
+            prompt=model_input_wire(prompt),
+            sampling_params=params,
+            sampling_session_id=self.sampling_session_id,
+            seq_id=self._next_seq_id(),
+            prompt_logprobs=include_prompt_logprobs or topk_prompt_logprobs > 0,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            record_stability_info=False,
+        )
+        return self._session.run(self._session.transport.call(routes.SAMPLE, body), "sample")
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
         """log p(prompt[i] | prompt[:i]) for every position; None at position 0."""
         prompt = ModelInput.coerce(prompt)
         if prompt.length == 0:
             raise UserInputError("is empty", field="prompt")
-        body = {
-            "num_samples": 1,
-            "prompt": model_input_json(prompt),
-            "sampling_params": {"max_tokens": 1, "temperature": 1.0, "top_k": -1, "top_p": 1.0},
-            "sampling_session_id": self.sampling_session_id,
-            "seq_id": self._next_seq_id(),
-            "prompt_logprobs": True,
-            "topk_prompt_logprobs": 0,
-            "topk_sample_logprobs": 0,
-            "prompt_alt_tokens_k": 0,
-            "record_stability_info": False,
-            "type": "sample",
-        }
+        body = SampleRequest(
+            num_samples=1,
+            prompt=model_input_wire(prompt),
+            sampling_params=SamplingParams(max_tokens=1),
+            sampling_session_id=self.sampling_session_id,
+            seq_id=self._next_seq_id(),
+            prompt_logprobs=True,
+            record_stability_info=False,
+        )
 
         async def run() -> list[float | None]:
-            response = await self._sample(body)
+            response = await self._session.transport.call(routes.SAMPLE, body)
             return list(response.prompt_logprobs or [])
 
         return self._session.run(run(), "compute_logprobs")
@@ -129,7 +118,7 @@ def _restore(base_url: str, api_key: str, sampling_session_id: str, base_model: 
 
 
 async def _get_sampler(session: ClientSession, sampler_id: str) -> GetSamplerResponse:
-    return GetSamplerResponse.model_validate(await session.transport.get_json(f"/api/v1/samplers/{sampler_id}"))
+    return await session.transport.call(routes.GET_SAMPLER.at(sampler_id=sampler_id))
 
 
 async def create_sampling_client(
@@ -140,17 +129,14 @@ async def create_sampling_client(
         raise UserInputError("give exactly one of model_path and base_model", field="model_path")
     if model_path is not None and not model_path.startswith("tinker://"):
         raise UserInputError(f"must start with tinker://, got {model_path!r}", field="model_path")
-    body: dict[str, Any] = {
-        "session_id": await session.session_id(),
-        "sampling_session_seq_id": session.next_sampling_session_seq_id(),
-        "type": "create_sampling_session",
-    }
-    if model_path is not None:
-        body["model_path"] = model_path
-    if base_model is not None:
-        body["base_model"] = base_model
-    answer = await session.transport.post_json("/api/v1/create_sampling_session", body)
-    sampler_id = str(answer["sampling_session_id"])
+    body = make_wire(
+        CreateSamplingSessionRequest,
+        session_id=await session.session_id(),
+        sampling_session_seq_id=session.next_sampling_session_seq_id(),
+        model_path=model_path,
+        base_model=base_model,
+    )
+    sampler_id = (await session.transport.call(routes.CREATE_SAMPLING_SESSION, body)).sampling_session_id
     if base_model is None:
         base_model = (await _get_sampler(session, sampler_id)).base_model
     return SamplingClient(session, sampler_id, base_model)

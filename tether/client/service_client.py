@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import httpx
 
+from tether.client import routes
 from tether.client.api_future import APIFuture, ClientFuture, completed_future
 from tether.client.local_server import LocalServer
 from tether.client.rest_client import RestClient
@@ -20,8 +21,9 @@ from tether.client.sampling_client import SamplingClient, create_sampling_client
 from tether.client.session import ClientSession
 from tether.client.training_client import TrainingClient
 from tether.client.transport import Transport
-from tether.types.data import GetInfoResponse, GetServerCapabilitiesResponse, LoraConfig
+from tether.types.data import GetServerCapabilitiesResponse, LoraConfig
 from tether.types.errors import UserInputError
+from tether.types.wire import CreateModelRequest, GetInfoRequest, LoadWeightsRequest, make_wire
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 LOCAL_API_KEY = "tml-local"
@@ -88,19 +90,16 @@ class ServiceClient:
         session = self._session
 
         async def run() -> TrainingClient:
-            body: dict[str, Any] = {
-                "session_id": await session.session_id(),
-                "model_seq_id": session.next_model_seq_id(),
-                "base_model": base_model,
-                "lora_config": lora.model_dump(exclude_none=True),
-                "optimizer_config": {"type": "adamw"},
-                "type": "create_model",
-            }
-            if user_metadata is not None:
-                body["user_metadata"] = user_metadata
-            submitted = await session.transport.request("POST", "/api/v1/create_model", json=body)
-            result = await session.transport.retrieve_future(submitted.json()["request_id"], expect_proto=False)
-            return await _training_client_for(session, str(result["model_id"]))
+            body = make_wire(
+                CreateModelRequest,
+                session_id=await session.session_id(),
+                model_seq_id=session.next_model_seq_id(),
+                base_model=base_model,
+                user_metadata=user_metadata,
+                lora_config=lora,
+            )
+            created = await session.transport.call(routes.CREATE_MODEL, body)
+            return await _training_client_for(session, created.model_id)
 
         return ClientFuture(session.spawn(run()), "create_lora_training_client")
 
@@ -112,8 +111,7 @@ class ServiceClient:
         weights_access_token: str | None = None,
     ) -> ClientFuture[TrainingClient]:
         """A new trainable model with the weights (not the optimizer state) of checkpoint `path`."""
-        extra = {"user_metadata": user_metadata, "weights_access_token": weights_access_token}
-        return self._from_state(path, base_model, optimizer=False, extra=extra)
+        return self._from_state(path, base_model, user_metadata, weights_access_token, optimizer=False)
 
     def create_training_client_from_state_with_optimizer(
         self,
@@ -123,11 +121,16 @@ class ServiceClient:
         weights_access_token: str | None = None,
     ) -> ClientFuture[TrainingClient]:
         """A new trainable model resuming checkpoint `path`: weights and optimizer state."""
-        extra = {"user_metadata": user_metadata, "weights_access_token": weights_access_token}
-        return self._from_state(path, base_model, optimizer=True, extra=extra)
+        return self._from_state(path, base_model, user_metadata, weights_access_token, optimizer=True)
 
     def _from_state(
-        self, path: str, base_model: str | None, *, optimizer: bool, extra: dict[str, Any]
+        self,
+        path: str,
+        base_model: str | None,
+        user_metadata: dict[str, str] | None,
+        weights_access_token: str | None,
+        *,
+        optimizer: bool,
     ) -> ClientFuture[TrainingClient]:
         if not isinstance(path, str) or not path.startswith("tinker://"):
             raise UserInputError(f"must be a tinker:// checkpoint path, got {path!r}", field="path")
@@ -136,20 +139,19 @@ class ServiceClient:
         async def run() -> TrainingClient:
             session_id = await session.session_id()
             model_seq_id = session.next_model_seq_id()
-            body: dict[str, Any] = {
-                "session_id": session_id,
-                "model_seq_id": model_seq_id,
-                "path": path,
-                "optimizer": optimizer,
-                "type": "load_weights",
-            }
-            if base_model is not None:
-                body["base_model"] = base_model
-            body.update({k: v for k, v in extra.items() if v is not None})
-            submitted = await session.transport.request("POST", "/api/v1/load_weights", json=body)
-            result = await session.transport.retrieve_future(submitted.json()["request_id"], expect_proto=False)
-            model_id = (result or {}).get("model_id") or f"{session_id}:train:{model_seq_id}"
-            return await _training_client_for(session, str(model_id))
+            body = make_wire(
+                LoadWeightsRequest,
+                session_id=session_id,
+                model_seq_id=model_seq_id,
+                base_model=base_model,
+                user_metadata=user_metadata,
+                path=path,
+                optimizer=optimizer,
+                weights_access_token=weights_access_token,
+            )
+            loaded = await session.transport.call(routes.LOAD_WEIGHTS, body)
+            # The model id a create-via-load derives, for a server that does not echo it.
+            return await _training_client_for(session, loaded.model_id or f"{session_id}:train:{model_seq_id}")
 
         return ClientFuture(session.spawn(run()), "create_training_client_from_state")
 
@@ -191,5 +193,5 @@ class ServiceClient:
 
 
 async def _training_client_for(session: ClientSession, model_id: str) -> TrainingClient:
-    answer = await session.transport.post_json("/api/v1/get_info", {"model_id": model_id, "type": "get_info"})
-    return TrainingClient(session, model_id, GetInfoResponse.model_validate(answer))
+    info = await session.transport.call(routes.GET_INFO, GetInfoRequest(model_id=model_id))
+    return TrainingClient(session, model_id, info)

@@ -16,10 +16,17 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from tether.client import event_loop
+from tether.client import event_loop, routes
 from tether.client.api_future import APIFuture
 from tether.client.transport import SDK_VERSION, Transport
 from tether.types.errors import NotFoundError, TetherError
+from tether.types.wire import (
+    CreateSessionRequest,
+    FinishReason,
+    SessionFinishRequest,
+    SessionHeartbeatRequest,
+    make_wire,
+)
 
 log = logging.getLogger("tether.client")
 
@@ -88,30 +95,24 @@ class ClientSession:
             self._session_lock = asyncio.Lock()
         async with self._session_lock:
             if self._session_id is None:
-                body: dict[str, Any] = {
-                    "tags": [],
-                    "user_metadata": self._user_metadata,
-                    "sdk_version": SDK_VERSION,
-                    "type": "create_session",
-                }
-                if self._project_id is not None:
-                    body["project_id"] = self._project_id
-                if self._display_name is not None:
-                    body["display_name"] = self._display_name
-                answer = await self.transport.post_json("/api/v1/create_session", body)
-                self._session_id = str(answer["session_id"])
+                body = make_wire(
+                    CreateSessionRequest,
+                    tags=[],
+                    user_metadata=self._user_metadata,
+                    sdk_version=SDK_VERSION,
+                    project_id=self._project_id,
+                    display_name=self._display_name,
+                )
+                self._session_id = (await self.transport.call(routes.CREATE_SESSION, body)).session_id
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         return self._session_id
 
     async def _heartbeat_loop(self) -> None:
+        body = SessionHeartbeatRequest(session_id=str(self._session_id))
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
-                await self.transport.post_json(
-                    "/api/v1/session_heartbeat",
-                    {"session_id": self._session_id, "type": "session_heartbeat"},
-                    retry=False,
-                )
+                await self.transport.call(routes.SESSION_HEARTBEAT, body, retry=False)
             except NotFoundError:
                 log.warning("session %s is gone on the server; heartbeat stopped", self._session_id)
                 return
@@ -123,11 +124,8 @@ class ClientSession:
             self._heartbeat.cancel()
         if self._session_id is not None:
             try:
-                await self.transport.post_json(
-                    f"/api/v1/sessions/{self._session_id}/finish",
-                    {"reason": {"type": status}, "detail": detail},
-                    retry=False,
-                )
+                body = make_wire(SessionFinishRequest, reason=make_wire(FinishReason, type=status), detail=detail)
+                await self.transport.call(routes.SESSION_FINISH.at(session_id=self._session_id), body, retry=False)
             except TetherError as exc:
                 log.debug("finishing session %s failed: %s", self._session_id, exc)
         await self.transport.aclose()

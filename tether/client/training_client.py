@@ -13,13 +13,15 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from tether.client import routes
 from tether.client.api_future import APIFuture, ClientFuture, completed_future
 from tether.client.custom_loss import CustomLossFn, run_one_pass_custom_loss
+from tether.client.routes import Route
 from tether.client.session import ClientSession
-from tether.client.wire_convert import forward_output_from_wire, to_wire_datum, validate_datums
+from tether.client.wire_convert import to_wire_datum, validate_datums
 from tether.types.data import (
     AdamParams,
     Datum,
@@ -30,10 +32,16 @@ from tether.types.data import (
     SaveWeightsResponse,
 )
 from tether.types.errors import ServerError, UserInputError
-from tether.types.proto import (
-    ForwardBackwardRequestBody,
-    decode_forward_backward_output,
-    encode_forward_backward_request,
+from tether.types.proto import ForwardBackwardRequestBody
+from tether.types.wire import (
+    BackwardFromLogprobGradsRequest,
+    LogMetricsRequest,
+    OptimStepRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    TensorDataJson,
+    WireModel,
+    make_wire,
 )
 
 if TYPE_CHECKING:
@@ -41,11 +49,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-PROTOBUF_HEADERS = {"Content-Type": "application/x-protobuf"}
-
 
 class _Turn:
-    """One reserved `seq_id` and its place in the submission order."""
+    """One reserved `seq_id` and its place in the submission order (a `transport.Turn`)."""
 
     def __init__(self, seq_id: int, previous: concurrent.futures.Future, mine: concurrent.futures.Future) -> None:
         self.seq_id = seq_id
@@ -57,9 +63,15 @@ class _Turn:
         await asyncio.wrap_future(self._previous)
 
     def done(self) -> None:
-        """Let the next request be posted (called whether or not this one's post succeeded)."""
-        if not self._mine.done():
+        """Let the next request be posted once the earlier ones have been (whether or not this
+        one's post succeeded): a request that fails early never lets a later one overtake."""
+        self._previous.add_done_callback(self._release)
+
+    def _release(self, _previous: concurrent.futures.Future) -> None:
+        try:
             self._mine.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass  # released already
 
 
 class TrainingClient:
@@ -103,20 +115,13 @@ class TrainingClient:
                 turn.done()
             raise
 
-    async def _submit_in_turn(self, turn: _Turn, path: str, **kwargs: Any) -> dict[str, Any]:
-        await turn.wait()
-        try:
-            response = await self._session.transport.request("POST", path, **kwargs)
-        finally:
-            turn.done()
-        return response.json()
-
-    async def _forward_like(self, turn: _Turn, path: str, body: ForwardBackwardRequestBody) -> ForwardBackwardOutput:
-        submitted = await self._submit_in_turn(
-            turn, path, content=encode_forward_backward_request(body), headers=PROTOBUF_HEADERS
-        )
-        raw = await self._session.transport.retrieve_future(submitted["request_id"], expect_proto=True)
-        return forward_output_from_wire(decode_forward_backward_output(raw))
+    def _in_order(
+        self, route: Route[T], body: WireModel, description: str, future_cls: type[APIFuture] = APIFuture
+    ) -> APIFuture[T]:
+        """Number `body` (already validated, so a bad call burns no seq_id) and send it in turn."""
+        (turn,) = self._take_turns(1)
+        numbered = body.model_copy(update={"seq_id": turn.seq_id})
+        return self._run([turn], self._session.transport.call(route, numbered, turn=turn), description, future_cls)
 
     def _forward_request(
         self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, Any] | None, forward_only: bool, seq_id: int
@@ -157,8 +162,8 @@ class TrainingClient:
             raise UserInputError("must map names to numbers or strings", field="loss_fn_config")
         (turn,) = self._take_turns(1)
         body = self._forward_request(datums, loss_fn, loss_fn_config, forward_only, turn.seq_id)
-        name = "forward" if forward_only else "forward_backward"
-        return self._run([turn], self._forward_like(turn, "/api/v1/forward_backward", body), name)
+        call = self._session.transport.call(routes.FORWARD_BACKWARD, body, turn=turn)
+        return self._run([turn], call, "forward" if forward_only else "forward_backward")
 
     def forward_backward_custom(
         self, data: Sequence[Datum], loss_fn: CustomLossFn, *, loss_type_input: str | None = None
@@ -179,32 +184,17 @@ class TrainingClient:
         forward_datums = [_forward_datum(d, i) for i, d in enumerate(datums)]
         forward_turn, backward_turn = self._take_turns(2)
         forward_body = self._forward_request(forward_datums, "cross_entropy", None, True, forward_turn.seq_id)
+        transport = self._session.transport
 
-        async def forward() -> tuple[str, ForwardBackwardOutput]:
-            submitted = await self._submit_in_turn(
-                forward_turn,
-                "/api/v1/tether/forward_keep_graph",
-                content=encode_forward_backward_request(forward_body),
-                headers=PROTOBUF_HEADERS,
-            )
-            raw = await self._session.transport.retrieve_future(submitted["request_id"], expect_proto=True)
-            return submitted["request_id"], forward_output_from_wire(decode_forward_backward_output(raw))
+        async def forward() -> routes.KeptGraph:
+            return await transport.call(routes.FORWARD_KEEP_GRAPH, forward_body, turn=forward_turn)
 
-        async def backward(graph_id: str, grads: list[dict[str, Any]]) -> dict[str, float]:
-            body = {
-                "model_id": self.model_id,
-                "seq_id": backward_turn.seq_id,
-                "graph_id": graph_id,
-                "logprob_grads": grads,
-                "type": "backward_from_logprob_grads",
-            }
-            submitted = await self._submit_in_turn(
-                backward_turn, "/api/v1/tether/backward_from_logprob_grads", json=body
+        async def backward(graph_id: str, grads: list[TensorDataJson]) -> dict[str, float]:
+            body = BackwardFromLogprobGradsRequest(
+                model_id=self.model_id, seq_id=backward_turn.seq_id, graph_id=graph_id, logprob_grads=grads
             )
-            result = await self._session.transport.retrieve_future(submitted["request_id"], expect_proto=False)
-            if not isinstance(result, dict):
-                raise ServerError("backward_from_logprob_grads returned a non-JSON result")
-            return {k: float(v) for k, v in (result.get("metrics") or {}).items()}
+            answer = await transport.call(routes.BACKWARD_FROM_LOGPROB_GRADS, body, turn=backward_turn)
+            return answer.metrics
 
         coro = run_one_pass_custom_loss(datums, loss_fn, forward, backward)
         return self._run([forward_turn, backward_turn], coro, "forward_backward_custom")
@@ -214,87 +204,66 @@ class TrainingClient:
     ) -> APIFuture[OptimStepResponse]:
         """Apply the accumulated gradients with AdamW and zero them."""
         params = AdamParams.coerce(adam_params if adam_params is not None else (optim_params or AdamParams()))
-        (turn,) = self._take_turns(1)
-        body = {"model_id": self.model_id, "seq_id": turn.seq_id, "adam_params": params.model_dump(), "type": "optim_step"}
-        return self._run(
-            [turn], self._json_op(turn, "/api/v1/optim_step", body, OptimStepResponse.model_validate), "optim_step"
-        )
-
-    async def _json_op(self, turn: _Turn, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
-        submitted = await self._submit_in_turn(turn, path, json=body)
-        result = await self._session.transport.retrieve_future(submitted["request_id"], expect_proto=False)
-        return parse(result)
+        body = OptimStepRequest(model_id=self.model_id, adam_params=params)
+        return self._in_order(routes.OPTIM_STEP, body, "optim_step")
 
     # ---- checkpoints
 
     def save_state(
         self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: dict[str, str] | None = None
     ) -> APIFuture[SaveWeightsResponse]:
-        """Save weights and optimizer state as `tinker://<model_id>/weights/<name>` (resumable)."""
-        (turn,) = self._take_turns(1)
-        body = _without_none(
-            {
-                "model_id": self.model_id,
-                "path": name,
-                "seq_id": turn.seq_id,
-                "ttl_seconds": ttl_seconds,
-                "overwrite": overwrite,
-                "user_metadata": user_metadata,
-                "type": "save_weights",
-            }
+        """Save weights and optimizer state as `tinker://<model_id>/weights/<name>` (resumable).
+
+        Raises UserInputError at once for an invalid value (e.g. a TTL under an hour).
+        """
+        body = make_wire(
+            SaveWeightsRequest,
+            model_id=self.model_id,
+            path=name,
+            ttl_seconds=ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
         )
-        return self._run(
-            [turn], self._json_op(turn, "/api/v1/save_weights", body, SaveWeightsResponse.model_validate), "save_state"
-        )
+        return self._in_order(routes.SAVE_WEIGHTS, body, "save_state")
 
     def save_weights_for_sampler(
         self, name: str, ttl_seconds: int | None = None, user_metadata: dict[str, str] | None = None
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
-        """Save sampling weights as `tinker://<model_id>/sampler_weights/<name>`."""
-        (turn,) = self._take_turns(1)
-        body = _without_none(
-            {
-                "model_id": self.model_id,
-                "path": name,
-                "kind": "snapshot",
-                "seq_id": turn.seq_id,
-                "ttl_seconds": ttl_seconds,
-                "user_metadata": user_metadata,
-                "type": "save_weights_for_sampler",
-            }
+        """Save sampling weights as `tinker://<model_id>/sampler_weights/<name>`.
+
+        Raises UserInputError at once for an invalid value (e.g. a TTL under an hour).
+        """
+        body = make_wire(
+            SaveWeightsForSamplerRequest,
+            model_id=self.model_id,
+            path=name,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata,
         )
-        parse = SaveWeightsForSamplerResponse.model_validate
-        return self._run(
-            [turn], self._json_op(turn, "/api/v1/save_weights_for_sampler", body, parse), "save_weights_for_sampler"
-        )
+        return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER, body, "save_weights_for_sampler")
 
     def save_weights_and_get_sampling_client(
         self, name: str | None = None, retry_config: Any = None, kind: Literal["snapshot", "inflight"] = "snapshot"
     ) -> APIFuture[SamplingClient]:
         """Snapshot the current weights into a new sampling session and return its client."""
-        from tether.client.sampling_client import SamplingClient
-
-        (turn,) = self._take_turns(1)
-        sampling_seq = self._session.next_sampling_session_seq_id()
-        body = {
-            "model_id": self.model_id,
-            "sampling_session_seq_id": sampling_seq,
-            "kind": kind,
-            "seq_id": turn.seq_id,
-            "type": "save_weights_for_sampler",
-        }
-
-        def parse(result: Any) -> SamplingClient:
-            if not isinstance(result, dict) or not result.get("sampling_session_id"):
-                raise ServerError("save_weights_for_sampler returned no sampling_session_id")
-            return SamplingClient(self._session, str(result["sampling_session_id"]), self._base_model_name())
-
-        return self._run(
-            [turn],
-            self._json_op(turn, "/api/v1/save_weights_for_sampler", body, parse),
-            "save_weights_and_get_sampling_client",
-            ClientFuture,
+        body = make_wire(
+            SaveWeightsForSamplerRequest,
+            model_id=self.model_id,
+            sampling_session_seq_id=self._session.next_sampling_session_seq_id(),
+            kind=kind,
         )
+        (turn,) = self._take_turns(1)
+        numbered = body.model_copy(update={"seq_id": turn.seq_id})
+
+        async def run() -> SamplingClient:
+            from tether.client.sampling_client import SamplingClient
+
+            answer = await self._session.transport.call(routes.SAVE_WEIGHTS_FOR_SAMPLING_SESSION, numbered, turn=turn)
+            if not answer.sampling_session_id:
+                raise ServerError("save_weights_for_sampler returned no sampling_session_id")
+            return SamplingClient(self._session, answer.sampling_session_id, self._base_model_name())
+
+        return self._run([turn], run(), "save_weights_and_get_sampling_client", ClientFuture)
 
     def create_sampling_client(self, model_path: str, retry_config: Any = None) -> APIFuture[SamplingClient]:
         from tether.client.sampling_client import create_sampling_client
@@ -312,11 +281,11 @@ class TrainingClient:
         A non-number or a bad step raises UserInputError at once. A tether extension: a server
         without it answers 404 (NotFoundError from the future).
         """
-        body = {"metrics": _finite_metrics(metrics), "step": _metrics_step(step)}
-        path = f"/api/v1/tether/runs/{self.model_id}/metrics"
+        body = make_wire(LogMetricsRequest, metrics=_finite_metrics(metrics), step=_metrics_step(step))
+        route = routes.LOG_METRICS.at(run_id=self.model_id)
 
         async def post() -> None:
-            await self._session.transport.post_json(path, body)
+            await self._session.transport.call(route, body)
 
         return self._session.run(post(), "log_metrics")
 
@@ -360,10 +329,6 @@ def _forward_datum(datum: Datum, index: int) -> Datum:
     else:
         weights_np = weights.to_numpy()
     return Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets, "weights": weights_np})
-
-
-def _without_none(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if v is not None}
 
 
 def _finite_metrics(metrics: Any) -> dict[str, float]:

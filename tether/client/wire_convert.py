@@ -1,6 +1,7 @@
 """Conversions between the SDK's user types (`tether.types.data`) and the wire bodies.
 
-Protobuf bodies go through the shared codecs of `tether.types.proto`; JSON bodies are built here.
+Protobuf bodies go through the shared codecs of `tether.types.proto`, JSON bodies are the wire
+models of `tether.types.wire`; this module converts the SDK's user types to and from both.
 Client-side validation also lives here, because it runs exactly when a datum is put on the wire:
 lengths that disagree and wrong dtypes are caught before a request is sent, with an error naming
 the datum index and the field.
@@ -29,6 +30,7 @@ from tether.types.proto import (
     WireTextChunk,
     topk_to_rows,
 )
+from tether.types.wire import EncodedTextChunkJson, ModelInputJson
 
 # loss_fn_inputs whose dtype is fixed by the protocol (tinker-protocol.md §5.4).
 _EXPECTED_DTYPES = {
@@ -106,9 +108,6 @@ def sample_response_from_wire(body: SampleResponseBody, sequence_ids: Sequence[s
     return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk)
 
 
-def model_input_json(model_input: ModelInput) -> dict[str, Any]:
-    return {"chunks": [{"tokens": list(c.tokens), "type": "encoded_text"} for c in model_input.chunks]}
-
-
-def tensor_json(tensor: TensorData) -> dict[str, Any]:
-    return {"data": tensor.data, "dtype": tensor.dtype, "shape": tensor.shape}
+def model_input_wire(model_input: ModelInput) -> ModelInputJson:
+    """The JSON wire form of a prompt (sample requests)."""
+    return ModelInputJson(chunks=[EncodedTextChunkJson(tokens=list(c.tokens)) for c in model_input.chunks])

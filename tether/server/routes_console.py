@@ -22,11 +22,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 from tether.server.catalogue import SessionRow, TrainingRunRow, as_utc
 from tether.server.routes_rest import checkpoint_json
 from tether.server.state import ServerState, request_owner, server_state
+from tether.types import wire
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 DEFAULT_PAGE_POINTS = 1000
@@ -56,16 +56,8 @@ async def console_slash() -> RedirectResponse:
 # ---- run metrics
 
 
-class LogMetricsRequest(BaseModel):
-    """Body of `POST /api/v1/tether/runs/{run_id}/metrics`."""
-
-    metrics: dict[str, StrictFloat | StrictInt]
-    step: int | None = Field(None, ge=0)
-    """The client's step; None: the run's current optimizer step as the server counts them."""
-
-
 @router.post("/api/v1/tether/runs/{run_id}/metrics")
-def log_metrics(run_id: str, body: LogMetricsRequest, state: ServerState = Depends(server_state),
+def log_metrics(run_id: str, body: wire.LogMetricsRequest, state: ServerState = Depends(server_state),
                       owner: str = Depends(request_owner)) -> dict[str, str]:
     state.catalogue.get_training_run(run_id, owner)
     state.run_metrics.record(run_id, body.step, body.metrics, source="client")

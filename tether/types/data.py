@@ -5,10 +5,11 @@ helper methods match where the two overlap. Every constructor that takes one of 
 takes the `tinker` package's object of the same name (converted by duck typing, so the `tinker`
 package is never imported here) and plain Python where the Tinker SDK accepts it.
 
-The JSON results (catalogue entries, `GetInfoResponse`, `OptimStepResponse`, ...) are the
-protocol's wire models from `tether.types.wire_*`, re-exported: one definition serves the server,
-the SDK and user code. The inputs and parameters are defined here, because they convert from
-numpy, torch and `tinker` objects and are frozen. This module knows nothing about HTTP or
+The parameters (`AdamParams`, `SamplingParams`, `LoraConfig`) and the JSON results (catalogue
+entries, `GetInfoResponse`, `OptimStepResponse`, ...) are the protocol's wire models from
+`tether.types.wire_*`, re-exported: one definition serves the server, the SDK and user code. The
+inputs are defined here, because they convert from numpy, torch and `tinker` objects and are
+frozen. This module knows nothing about HTTP or
 protobuf (the client converts to the wire), and imports torch only inside the methods that
 convert to or from torch tensors.
 """
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from tether.types.errors import UserInputError
 from tether.types.wire_base import WireModel
@@ -34,11 +34,13 @@ from tether.types.wire_rest import (
     TrainingRunsResponse,
     WeightsInfoResponse,
 )
-from tether.types.wire_sampling import GetSamplerResponse
+from tether.types.wire_sampling import GetSamplerResponse, SamplingParams
 from tether.types.wire_session import GetServerCapabilitiesResponse, SupportedModel
 from tether.types.wire_training import (
+    AdamParams,
     GetInfoResponse,
     LoadWeightsResponse,
+    LoraConfig,
     ModelData,
     OptimStepResponse,
     SaveWeightsResponse,
@@ -314,58 +316,6 @@ class Datum:
         if hasattr(value, "model_input") and hasattr(value, "loss_fn_inputs"):
             return cls(model_input=value.model_input, loss_fn_inputs=dict(value.loss_fn_inputs))
         raise UserInputError(f"expected a Datum, got {type(value).__name__}", field="data")
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters (pydantic: they travel as JSON)
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def coerce(cls, value: Any) -> Any:
-        """Accept this type, the `tinker` type of the same name, or a dict of its fields."""
-        if isinstance(value, cls):
-            return value
-        if hasattr(value, "model_dump"):
-            value = value.model_dump()
-        if isinstance(value, Mapping):
-            known = {k: v for k, v in value.items() if k in cls.model_fields}
-            return cls(**known)
-        raise UserInputError(f"expected {cls.__name__}, got {type(value).__name__}", field=cls.__name__)
-
-
-class AdamParams(_Params):
-    """AdamW with decoupled weight decay; `grad_clip_norm` 0 means no clipping."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-
-class SamplingParams(_Params):
-    """`stop=None` keeps EOS stopping; `stop=[]` disables every stop (runs to `max_tokens`)."""
-
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | list[int] | None = None
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-
-
-class LoraConfig(_Params):
-    """Which parts of the model get LoRA adapters, and their rank (0 = full fine-tuning, tether)."""
-
-    rank: int = 32
-    seed: int | None = None
-    train_unembed: bool = True
-    train_mlp: bool = True
-    train_attn: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from __future__ import annotations
 from tether.types.wire_base import (
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
+    ParamsModel,
     WireModel,
     dump_wire,
+    make_wire,
     parse_wire,
 )
 from tether.types.wire_rest import (
@@ -113,6 +115,8 @@ __all__ = [
     "WireModel",
     "parse_wire",
     "dump_wire",
+    "make_wire",
+    "ParamsModel",
     "MIN_TTL_SECONDS",
     "MAX_TTL_SECONDS",
     # service / session

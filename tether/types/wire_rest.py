@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictFloat, StrictInt
 
 from tether.types.wire_base import TtlSeconds, WireModel
 
@@ -109,6 +109,14 @@ class GetSessionResponse(WireModel):
     sampler_ids: list[str]
     user_metadata: dict[str, str] | None = None
     display_name: str | None = None
+
+
+class LogMetricsRequest(WireModel):
+    """Body of `POST /api/v1/tether/runs/{run_id}/metrics` (tether's `TrainingClient.log_metrics`)."""
+
+    metrics: dict[str, StrictFloat | StrictInt]
+    step: int | None = Field(None, ge=0)
+    """The client's step; None: the run's current optimizer step as the server counts them."""
 
 
 class SetCheckpointTtlRequest(WireModel):

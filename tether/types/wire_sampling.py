@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from tether.types.errors import UserInputError
-from tether.types.wire_base import NonNegativeInt, WireModel
+from tether.types.wire_base import NonNegativeInt, ParamsModel, WireModel
 
 # ------------------------------------------------------------------ sampling (§3.3, §5)
 
@@ -117,8 +117,11 @@ class TensorDataJson(WireModel):
         return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
 
 
-class SamplingParams(WireModel):
-    """`stop`: None keeps EOS stopping; [] disables every stop (even EOS); strings or token ids."""
+class SamplingParams(ParamsModel):
+    """`stop`: None keeps EOS stopping; [] disables every stop (even EOS); strings or token ids.
+
+    The one definition: the SDK's user type, the sample body's field, and what the server reads.
+    """
 
     max_tokens: NonNegativeInt | None = None
     seed: int | None = None

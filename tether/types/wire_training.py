@@ -7,15 +7,17 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from tether.types.wire_base import NonNegativeInt, TtlSeconds, WireModel
+from tether.types.wire_base import NonNegativeInt, ParamsModel, TtlSeconds, WireModel
 from tether.types.wire_sampling import TensorDataJson
 
 # ------------------------------------------------------------------ training (§3.2)
 
 
-class LoraConfig(WireModel):
+class LoraConfig(ParamsModel):
+    """Which parts of the model get LoRA adapters, and their rank (the SDK's and the wire's type)."""
+
     rank: NonNegativeInt
-    """LoRA rank; tether reads 0 as full fine-tuning."""
+    """LoRA rank; tether reads 0 as full fine-tuning. Required, as in the Tinker SDK."""
     seed: int | None = None
     train_unembed: bool = True
     train_mlp: bool = True
@@ -72,8 +74,11 @@ class GetInfoResponse(WireModel):
     model_name: str | None = None
 
 
-class AdamParams(WireModel):
-    """AdamW hyperparameters (decoupled weight decay); grad_clip_norm 0 disables clipping."""
+class AdamParams(ParamsModel):
+    """AdamW hyperparameters (decoupled weight decay); grad_clip_norm 0 disables clipping.
+
+    The one definition: the SDK's user type, the optim_step body's field, and what the server reads.
+    """
 
     learning_rate: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
     beta1: float = Field(default=0.9, ge=0, lt=1)
