@@ -48,7 +48,15 @@ log = logging.getLogger("tether.recipes.dpo")
 
 REFERENCE_FILE = "reference.json"
 REFERENCE_CACHE_FILE = "reference_logprobs.jsonl"
-METRIC_KEYS = ("dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "num_pairs", "num_tokens")
+METRIC_KEYS = (
+    "dpo_loss",
+    "accuracy",
+    "margin",
+    "chosen_reward",
+    "rejected_reward",
+    "num_pairs",
+    "num_tokens",
+)
 
 
 class Config(RunSettings):
@@ -64,7 +72,8 @@ class Config(RunSettings):
     )
     test_size: int = Field(0, ge=0, description="Pairs held out for evaluation when no eval file is given.")
     log_dir: Path = Field(
-        Path("runs/dpo"), description="Where metrics.jsonl, config.json, checkpoints.jsonl and the reference go."
+        Path("runs/dpo"),
+        description="Where metrics.jsonl, config.json, checkpoints.jsonl and the reference go.",
     )
     model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
     load_checkpoint_path: str | None = Field(
@@ -98,7 +107,9 @@ class Config(RunSettings):
         10, ge=1, description="Held-out DPO metrics every this many steps (unset: never)."
     )
     save_every: int | None = Field(
-        20, ge=1, description="Checkpoint (weights + optimizer) every this many steps (unset: only at the end)."
+        20,
+        ge=1,
+        description="Checkpoint (weights + optimizer) every this many steps (unset: only at the end).",
     )
     seed: int = Field(0, description="Seed of the data order, the held-out split and new LoRA weights.")
 
@@ -155,7 +166,8 @@ def dpo_loss_fn(
     def loss_fn(data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if len(data) != 2 * len(reference) or len(logprobs) != len(data):
             raise UserInputError(
-                f"got {len(data)} datums for {len(reference)} pairs (want chosen, rejected per pair)", field="data"
+                f"got {len(data)} datums for {len(reference)} pairs (want chosen, rejected per pair)",
+                field="data",
             )
         weights = [d.loss_fn_inputs["weights"].to_torch().to(torch.float32) for d in data]
         sums = torch.stack([(w * lp).sum() for w, lp in zip(weights, logprobs, strict=True)])
@@ -261,7 +273,9 @@ def split_pairs(
     if config.eval_dataset_path is not None:
         return pairs, load_preference_pairs(config.eval_dataset_path, field="eval_dataset_path")
     if config.test_size >= len(pairs):
-        raise UserInputError(f"is {config.test_size} but the dataset has {len(pairs)} pairs", field="test_size")
+        raise UserInputError(
+            f"is {config.test_size} but the dataset has {len(pairs)} pairs", field="test_size"
+        )
     order = list(range(len(pairs)))
     random.Random(f"split:{config.seed}").shuffle(order)
     held = set(order[: config.test_size])
@@ -286,7 +300,11 @@ def _evaluate(
     training_client: Any, pairs: Sequence[tuple[Datum, Datum]], reference: ReferenceScores, beta: float
 ) -> dict[str, float]:
     data = _interleaved(pairs)
-    outputs = training_client.forward(SdkTypes(training_client).data(data), "cross_entropy").result().loss_fn_outputs
+    outputs = (
+        training_client.forward(SdkTypes(training_client).data(data), "cross_entropy")
+        .result()
+        .loss_fn_outputs
+    )
     sums = [sequence_logprob(d, o["logprobs"].tolist()) for d, o in zip(data, outputs, strict=True)]
     ref = torch.tensor(reference.scores(pairs), dtype=torch.float64).reshape(-1, 2)
     policy = torch.tensor(sums, dtype=torch.float64)
@@ -326,7 +344,12 @@ def train_dpo(
         training_client = resume_training_client(service, checkpoint.state_path)
         start_step = checkpoint.next_step
         run_log.truncate_metrics(start_step)
-        log.info("resuming from %s at step %d (reference %s)", checkpoint.state_path, start_step, reference.sampler_path)
+        log.info(
+            "resuming from %s at step %d (reference %s)",
+            checkpoint.state_path,
+            start_step,
+            reference.sampler_path,
+        )
     else:
         if training_client is None and config.load_checkpoint_path:
             training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
@@ -378,7 +401,12 @@ def train_dpo(
     bar.close()
     run_log.close()
     return DPOResult(
-        training_client, renderer, total_steps - start_step, final_state_path, reference.sampler_path, run_log.metrics()
+        training_client,
+        renderer,
+        total_steps - start_step,
+        final_state_path,
+        reference.sampler_path,
+        run_log.metrics(),
     )
 
 

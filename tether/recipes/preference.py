@@ -102,9 +102,7 @@ def load_preference_pairs(path: str | Path, *, field: str = "dataset_path") -> l
     return pairs
 
 
-def pair_datums(
-    renderer: Renderer, pair: PreferencePair, max_length: int | None
-) -> tuple[Datum, Datum]:
+def pair_datums(renderer: Renderer, pair: PreferencePair, max_length: int | None) -> tuple[Datum, Datum]:
     """(chosen, rejected) next-token datums with weight 1 on the answer's tokens (reduction "none").
 
     The weighted sum of a datum's target logprobs is then log p(answer | prompt). Raises if
