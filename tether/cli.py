@@ -61,6 +61,12 @@ COMMANDS = (
         "tether.recipes.dpo:Config",
         "tether.recipes.dpo:main",
     ),
+    Command(
+        "distill",
+        "On-policy distillation: the student samples, a served teacher scores, reverse KL is the advantage.",
+        "tether.recipes.distill:Config",
+        "tether.recipes.distill:main",
+    ),
 )
 
 
