@@ -62,6 +62,12 @@ COMMANDS = (
         "tether.recipes.dpo:main",
     ),
     Command(
+        "rl",
+        "Asynchronous off-policy RL: sampling on the latest weights overlaps training, staleness bounded.",
+        "tether.recipes.rl:Config",
+        "tether.recipes.rl:main",
+    ),
+    Command(
         "distill",
         "On-policy distillation: the student samples, a served teacher scores, reverse KL is the advantage.",
         "tether.recipes.distill:Config",
