@@ -155,3 +155,18 @@ def test_async_rl_keeps_staleness_within_two_steps_and_a_resume_loses_no_group(t
         assert 0 <= r["async/staleness_min"] <= r["async/staleness_mean"] <= r["async/staleness_max"] <= 2
         assert all(r["step"] - v <= 2 for _, v in r["async/groups"])
     assert max(r["async/staleness_max"] for r in rows) == 2
+
+
+def test_a_resume_with_a_lower_bound_drops_the_saved_groups_it_no_longer_allows():
+    queue = AsyncRollouts(FakeSampler(), batch_size=2, max_steps_off_policy=2, policy="wait")
+    queue.publish(object(), 0)
+    _train(queue, range(3))
+    state = queue.snapshot()
+    queue.close()
+    resumed = AsyncRollouts(FakeSampler(seed=3), batch_size=2, max_steps_off_policy=0, policy="wait", state=state)
+    resumed.publish(object(), 3)
+    taken = _train(resumed, range(3, 6))
+    resumed.close()
+    assert all(step == g.version for step, groups, _ in taken for g in groups), "on-policy from now on"
+    stale = [row for row in state["groups"] if row["version"] < 3]
+    assert sum(d for _, _, d in taken) >= len(stale) > 0

@@ -200,3 +200,19 @@ def test_dpo_raises_preference_accuracy_and_resumes_anchored_at_the_initial_weig
     assert evals[-1]["test/accuracy"] == 1.0 and evals[-1]["test/margin"] > 1.0
     assert metrics[-1]["dpo_loss"] < 0.5 * metrics[0]["dpo_loss"]
     assert metrics[-1]["chosen_reward"] > 0 > metrics[-1]["rejected_reward"]
+
+
+def test_dpo_drives_the_official_tinker_sdk(tmp_path, local_service, monkeypatch):
+    """The same loop with `tinker.ServiceClient`: its two-pass custom loss, sampler saves and compute_logprobs."""
+    tinker = pytest.importorskip("tinker")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    service = tinker.ServiceClient(base_url=local_service.base_url, api_key="tml-local")
+    pairs = [PreferencePair([_user(f"pick {i}")], _assistant("yes"), _assistant("no")) for i in range(6)]
+    config = dpo.Config(
+        log_dir=tmp_path / "run", lora_rank=8, learning_rate=1e-3, lr_schedule="constant", beta=0.5, batch_size=2,
+        eval_every=2, save_every=None, progress=False, sdk="tinker",
+    )  # fmt: skip
+    result = dpo.train_dpo(config, service, pairs[:4], pairs[4:])
+    assert [r["step"] for r in result.metrics] == [0, 1]
+    assert result.metrics[0]["test/accuracy"] == 0.0 and result.metrics[1]["accuracy"] == 1.0
+    assert result.reference_path.startswith("tinker://") and result.final_state_path is not None

@@ -9,7 +9,8 @@ of optimizer steps in them); trained at step `s`, its staleness is `s - version`
   groups started and not yet taken) / B), is at most `version + K`: sampling runs up to K steps ahead of the trainer and then waits for
   newer weights (K = 0 is synchronous on-policy RL).
 - `policy="wait"`: the trainer takes groups in the order they were started, waiting for a slow one,
-  so no group is ever trained more than K steps off-policy.
+  so no group is ever trained more than K steps off-policy (a restored group that is, because a
+  resumed run lowered K, is dropped).
 - `policy="drop"`: the trainer takes groups in the order they finish, so a slow group never holds
   training up; one that finishes after its staleness passed K is dropped (and counted).
 
@@ -120,8 +121,7 @@ class AsyncRollouts:
             while len(groups) < self.batch_size:
                 group = self._wait_for_next()
                 if step - group.version > self.max_steps_off_policy:
-                    if self.policy == "wait":  # cannot happen: starts are gated; refuse to train on it
-                        raise RuntimeError(f"group {group.index} is {step - group.version} steps off-policy")
+                    # Under "wait" only a restored group can be this stale (the bound was lowered).
                     dropped += 1
                 else:
                     groups.append(group)
