@@ -27,7 +27,9 @@ from tether.server.config import ServerConfig
 from tether.server.main import ServerThread
 
 
-def one_run(service: ServiceClient, args: argparse.Namespace, off_policy: int, log_dir: Path) -> tuple[float, dict]:
+def one_run(
+    service: ServiceClient, args: argparse.Namespace, off_policy: int, log_dir: Path
+) -> tuple[float, dict]:
     """Steps per minute over steps 1..N of one run, and its last metrics row."""
     config = rl.Config(
         log_dir=log_dir,
@@ -48,7 +50,12 @@ def one_run(service: ServiceClient, args: argparse.Namespace, off_policy: int, l
         seed=0,
     )
     marks: list[float] = []
-    result = rl.train_rl(config, service, grpo.problem_source(config), on_step_end=lambda step, m: marks.append(time.perf_counter()))
+    result = rl.train_rl(
+        config,
+        service,
+        grpo.problem_source(config),
+        on_step_end=lambda step, m: marks.append(time.perf_counter()),
+    )
     return args.steps / (marks[-1] - marks[0]) * 60.0, result.metrics[-1]
 
 
