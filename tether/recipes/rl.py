@@ -222,8 +222,9 @@ def train_rl(
     final_accuracy: float | None = None
     bar = progress_bar(total=config.num_steps, initial=start_step, desc="RL", enabled=config.progress)
     try:
-        sampling_client = training_client.save_weights_and_get_sampling_client().result()
-        queue.publish(sampling_client, start_step)
+        if start_step < config.num_steps:  # (a finished run samples nothing)
+            sampling_client = training_client.save_weights_and_get_sampling_client().result()
+            queue.publish(sampling_client, start_step)
         for step in range(start_step, config.num_steps):
             metrics: dict[str, Any] = {}
             if config.eval_every and heldout and step % config.eval_every == 0:
