@@ -1,4 +1,4 @@
-"""The `tether` command: `serve`, `quickstart`, `sft`, `grpo`.
+"""The `tether` command: `serve`, `quickstart`, `sft`, `grpo`, `dpo`, `rl`, `distill`.
 
 Each subcommand is a typed config model plus a function that runs it; the options are generated
 from the model (`tether.cli_args`), so the CLI and the Python API can never disagree.
@@ -61,6 +61,24 @@ COMMANDS = (
         "Group-relative policy optimisation with a reward function.",
         "tether.recipes.grpo:Config",
         "tether.recipes.grpo:main",
+    ),
+    Command(
+        "dpo",
+        "Direct preference optimisation on JSONL preference pairs, anchored at the initial weights.",
+        "tether.recipes.dpo:Config",
+        "tether.recipes.dpo:main",
+    ),
+    Command(
+        "rl",
+        "Asynchronous off-policy RL: sampling on the latest weights overlaps training, staleness bounded.",
+        "tether.recipes.rl:Config",
+        "tether.recipes.rl:main",
+    ),
+    Command(
+        "distill",
+        "On-policy distillation: the student samples, a served teacher scores, reverse KL is the advantage.",
+        "tether.recipes.distill:Config",
+        "tether.recipes.distill:main",
     ),
 )
 
