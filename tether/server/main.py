@@ -59,6 +59,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         reaper = asyncio.create_task(reaper_loop(state, config.maintenance_interval_s))
+        # Warm start: load the base models (and torch) now, not on the first client's request.
+        threading.Thread(target=state.trainers.warm_up, name="tether-warm-up", daemon=True).start()
         try:
             yield
         finally:
@@ -116,7 +118,11 @@ def serve(config: ServerConfig) -> None:
             await asyncio.sleep(0.02)
         if server.started:
             url = _bound_url(server, config.host)
-            print(f"tether serve: listening on {url}", flush=True)
+            print(f"tether serve: listening on {url}; loading {', '.join(config.models)}", flush=True)
+            state: ServerState = server.config.app.state.tether  # type: ignore[union-attr]
+            while not state.trainers.warm.is_set() and not task.done():  # ready = a model can serve
+                await asyncio.sleep(0.05)
+            print(f"tether serve: ready ({state.trainers.readiness()})", flush=True)
             if config.ready_file is not None:
                 _write_ready_file(config.ready_file, url)
         await task

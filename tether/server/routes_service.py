@@ -25,8 +25,12 @@ async def client_config(state: ServerState = Depends(server_state)) -> dict[str,
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(state: ServerState = Depends(server_state)) -> Response:
+    """200 once every served base model is loaded and can serve; 503 (with each model's state) before."""
+    models = state.trainers.readiness()
+    if all(value == "ready" for value in models.values()):
+        return JSONResponse({"status": "ok", "models": models})
+    return JSONResponse({"status": "loading", "models": models}, status_code=503)
 
 
 @router.get("/get_server_capabilities")
