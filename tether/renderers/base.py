@@ -265,6 +265,7 @@ class Renderer:
     name: str = "renderer"
     roles: frozenset[str] | None = frozenset({"system", "user", "assistant"})
     supports_tool_calls: bool = False
+    supports_reasoning: bool = False
     disables_thinking: bool = False
 
     def __init__(self, tokenizer: Any) -> None:
@@ -305,6 +306,12 @@ class Renderer:
                     f"the {self.name!r} renderer has no format for role {message['role']!r};"
                     f" supported roles: {', '.join(sorted(self.roles))}",
                     field=f"messages[{index}].role",
+                )
+            if "reasoning_content" in message and not self.supports_reasoning:
+                raise UserInputError(
+                    f"the {self.name!r} renderer has no reasoning format; put the reasoning in the"
+                    " content or use a renderer that has one (qwen3, chat_template)",
+                    field=f"messages[{index}].reasoning_content",
                 )
             if message.get("tool_calls") and not self.supports_tool_calls:
                 raise UserInputError(

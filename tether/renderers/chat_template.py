@@ -51,6 +51,7 @@ class ChatTemplateRenderer(Renderer):
     name = "chat_template"
     roles = None
     supports_tool_calls = True
+    supports_reasoning = True
 
     def __init__(self, tokenizer: Any, **template_kwargs: Any) -> None:
         super().__init__(tokenizer)

@@ -77,6 +77,7 @@ class Qwen3Renderer(Renderer):
     name = "qwen3"
     roles = frozenset({"system", "user", "assistant", "tool"})
     supports_tool_calls = True
+    supports_reasoning = True
     disables_thinking = False
 
     def __init__(self, tokenizer: Any) -> None:
