@@ -18,6 +18,7 @@ from tether.server.engine_convert import engine_data, float_metrics, numpy_outpu
 from tether.server.errors import require
 from tether.server.model_hosts import LiveModel, LiveSampler, creation_stream
 from tether.server.operations import new_request_id, submit_to_worker
+from tether.server.routes_tokenizer import client_tokenizer_id
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
 from tether.types.errors import UserInputError
@@ -110,14 +111,14 @@ async def create_model(body: wire.CreateModelRequest, state: ServerState = Depen
 @router.post("/get_info")
 async def get_info(body: wire.GetInfoRequest, state: ServerState = Depends(server_state),
                    owner: str = Depends(request_owner)) -> dict[str, Any]:
-    """`tokenizer_id` is the local tokenizer directory, so `get_tokenizer()` works offline."""
+    """`tokenizer_id`: the hub id where the model has one, else the local tokenizer directory."""
     model = state.hosts.model(body.model_id, owner)
     base = model.host.base
     return {
         "type": "get_info",
         "model_id": model.model_id,
         "model_data": {"arch": getattr(base.model.config, "model_type", None), "model_name": model.base_model,
-                       "tokenizer_id": str(base.tokenizer_path)},
+                       "tokenizer_id": client_tokenizer_id(state.config, model.base_model, base.tokenizer_path)},
         "is_lora": model.is_lora,
         "lora_rank": model.lora_rank if model.is_lora else None,
         "model_name": model.base_model,
