@@ -97,8 +97,44 @@ def test_supervised_tokens_and_weights_equal_the_cookbook(request, renderer_name
                 get_renderer(renderer_name, tokenizer).build_supervised_example(messages, mode)
             assert type(exc).__name__ in ("RendererError", "AssertionError"), exc
             continue
+        if prefill_is_trained_by_the_cookbook(renderer_name, messages, mode):
+            expected = (expected[0], without_prefill_weights(renderer_name, tokenizer, messages, expected[1]))
         tokens, weights = get_renderer(renderer_name, tokenizer).build_supervised_example(messages, mode)
         assert (tokens.to_ints(), weights) == expected, (fixture, tokenizer.decode(expected[0]))
+
+
+def prefill_is_trained_by_the_cookbook(renderer_name: str, messages: list[dict], mode: TrainOnWhat) -> bool:
+    """The cookbook trains the prefilled empty think block of a final assistant turn, except with the
+    LAST_ASSISTANT_* modes; tether never trains what the generation prompt supplies (but ALL_TOKENS)."""
+    return (
+        renderer_name == "qwen3_disable_thinking"
+        and mode in (TrainOnWhat.ALL_ASSISTANT_MESSAGES, TrainOnWhat.ALL_MESSAGES, TrainOnWhat.CUSTOMIZED)
+        and messages[-1]["role"] == "assistant"
+        and any(m["role"] == "user" for m in messages)
+        and messages[-2]["role"] != "assistant"
+        and not reasoning_and_answer(messages[-1])[0]  # a reasoning turn does not follow the prompt at all
+    )
+
+
+def without_prefill_weights(renderer_name, tokenizer, messages, weights: list[float]) -> list[float]:
+    prompt = cookbook_prompt(renderer_name, tokenizer, messages[:-1])
+    block = len(tokenizer.encode("<think>\n\n</think>\n\n", add_special_tokens=False))
+    return weights[: len(prompt) - block] + [0.0] * block + weights[len(prompt) :]
+
+
+def test_the_prefilled_think_block_is_never_trained(qwen_tokenizer):
+    """Thinking off: the prompt ends with `<think>\n\n</think>\n\n`; training the model to write what it
+    is always given only dilutes the answer's loss, so no mode but ALL_TOKENS trains it."""
+    renderer = get_renderer("qwen3_disable_thinking", qwen_tokenizer)
+    messages = CONVERSATIONS["one_turn"]
+    prompt = renderer.build_generation_prompt(messages[:-1]).to_ints()
+    for mode in ("last_assistant_message", "all_assistant_messages", "all_messages"):
+        tokens, weights = renderer.build_supervised_example(messages, mode)
+        assert tokens.to_ints()[: len(prompt)] == prompt
+        assert qwen_tokenizer.decode([t for t, w in zip(tokens.to_ints(), weights, strict=True) if w][-3:]) == "46<|im_end|>"
+        assert not any(weights[len(prompt) - 6 : len(prompt)])
+    _, cookbook_weights = cookbook_example("qwen3_disable_thinking", qwen_tokenizer, messages, "all_assistant_messages")
+    assert all(cookbook_weights[len(prompt) - 6 : len(prompt)])  # what the cookbook does
 
 
 @pytest.mark.parametrize(("renderer_name", "name"), PROMPTED)

@@ -360,7 +360,9 @@ class Renderer:
         mode = _check_mode(checked, train_on_what)
         tokens: list[int] = list(self.bos_tokens())
         weights: list[float] = [0.0] * len(tokens)
+        final_start = 0
         for index, rendered in enumerate(self.render_conversation(checked)):
+            final_start = len(tokens)
             output = rendered.output
             if index == len(checked) - 1 and checked[index]["role"] == "assistant":
                 output = output + rendered.stop_overlap
@@ -368,15 +370,26 @@ class Renderer:
             output_weight = 1.0 if _output_trained(index, checked, mode) else 0.0
             tokens += rendered.header + output
             weights += [header_weight] * len(rendered.header) + [output_weight] * len(output)
-        weights = self._untrain_generation_prompt(checked, mode, tokens, weights)
+        weights = self._untrain_generation_prompt(checked, mode, tokens, weights, final_start)
         return ModelInput.from_ints(tokens) if tokens else ModelInput(chunks=[]), weights
 
     def _untrain_generation_prompt(
-        self, messages: list[Message], mode: TrainOnWhat, tokens: list[int], weights: list[float]
+        self, messages: list[Message], mode: TrainOnWhat, tokens: list[int], weights: list[float], final_start: int
     ) -> list[float]:
+        """Zero the weights of what the generation prompt supplies (a prefilled think block).
+
+        The cookbook does this only for the LAST_ASSISTANT_* modes; tether also does it for the final
+        assistant message under the other modes except ALL_TOKENS, where the cookbook would teach the
+        model to write tokens it is always given.
+        """
         boundary = _prompt_boundary(messages, mode)
         if boundary is None:
-            return weights
+            if mode is TrainOnWhat.ALL_TOKENS or not messages or messages[-1]["role"] != "assistant":
+                return weights
+            prompt = self.build_generation_prompt(messages[:-1]).to_ints()
+            if tokens[: len(prompt)] != prompt:
+                return weights
+            return weights[:final_start] + [0.0] * max(0, len(prompt) - final_start) + weights[len(prompt) :]
         prompt = self.build_generation_prompt(messages[:boundary]).to_ints()
         if tokens[: len(prompt)] == prompt:
             return [0.0] * len(prompt) + weights[len(prompt) :]
