@@ -124,3 +124,24 @@ def test_renderer_for_model_never_rejects_a_model(qwen_tokenizer, plain_tokenize
         renderer_for_model("x", qwen_tokenizer, renderer_name="qwen3_disable_thinking").name
         == "qwen3_disable_thinking"
     )
+
+
+def test_qwen3_parses_tool_calls_back_into_messages(qwen_tokenizer):
+    renderer = get_renderer("qwen3", qwen_tokenizer)
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    answer = {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
+    }
+    assert renderer.parse_response(_sampled_tokens(renderer, answer)) == (answer, ParseTermination.STOP_SEQUENCE)
+
+
+def test_tool_calls_with_bad_arguments_name_the_field(qwen_tokenizer):
+    convo = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]},
+    ]
+    with pytest.raises(UserInputError) as info:
+        get_renderer("qwen3", qwen_tokenizer).build_supervised_example(convo)
+    assert info.value.field == "messages[1].tool_calls[0].function.arguments"

@@ -1,19 +1,22 @@
 """A renderer backed by the tokenizer's own Jinja chat template, for models no hand-written format knows.
 
 The generation prompt is the template's output itself, so it matches `apply_chat_template` token
-for token. Supervised examples are cut from the template's renderings of growing prefixes of the
-conversation, compared as token sequences: message i is what the tokens of messages[:i+1] add to
-the tokens of messages[:i]. Nothing is found by searching for a message's text, so a message whose
-text also occurs in the role header (a one-letter reply "u" in "<|im_start|>user") cannot move a
-boundary.
+for token, and so do supervised examples: they are the tokens of the template's rendering of the
+whole conversation (up to the final end-of-turn token). Message boundaries are found by tokens,
+never by searching for a message's text: the conversation is rendered again with one message's
+content replaced by two different probes, and the tokens all three renderings share at the start
+and at the end are not that message's content. So a message whose text also occurs in a role
+header (a one-letter reply "u" in "<|im_start|>user") cannot move a boundary, and templates that
+write a message differently once others follow it (Qwen3 drops reasoning from history) split
+correctly.
 
-Within a message, the untrained header is, for an assistant message, what the template's
-generation prompt adds (so training starts exactly where sampling does); for other messages it is
-the tokens the message shares with the same message rendered with two different probe contents.
-Tokens after the end-of-turn token (usually a newline) move to the next header, so a trained turn
-ends exactly where sampling stops. Refused with a `UserInputError`: templates whose renderings are
-not prefixes of one another (some rewrite history), messages the template renders as nothing
-(roles it does not know), and generation prompts for a role other than assistant.
+A message's output runs from its content (for an assistant message: from the end of what the
+template's generation prompt adds, so training starts exactly where sampling does) to the first
+end-of-turn token after its content; the tokens from there to the next message's content (the
+newline after the end-of-turn token, the next role header) are the next message's header.
+Refused with a `UserInputError`: messages whose content the template does not write (roles it
+does not know), templates that do not write messages in order, and generation prompts for a role
+other than assistant.
 """
 
 from __future__ import annotations
