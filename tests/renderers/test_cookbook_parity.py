@@ -192,3 +192,17 @@ def test_special_tokens_in_content_are_literal_text(qwen_bpe_tokenizer):
     im_end = qwen_bpe_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokens.to_ints().count(im_end) == 2
     assert tokens.to_ints() == cookbook_example("qwen3", qwen_bpe_tokenizer, messages, "last_assistant_message")[0]
+
+
+@pytest.mark.parametrize("system_prompt", ["", "You are terse."])
+def test_tool_declarations_equal_the_cookbook(qwen_bpe_tokenizer, system_prompt):
+    tools = [
+        {"name": "get_weather", "description": "Weather of a city",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+        {"name": "now", "description": "The time", "parameters": {"type": "object", "properties": {}}},
+    ]  # fmt: skip
+    ours = get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools, system_prompt)
+    theirs = cookbook.get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools, system_prompt)
+    assert ours == [dict(m) for m in theirs]
+    with pytest.raises(UserInputError):
+        get_renderer("role_colon", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools)

@@ -288,6 +288,10 @@ class Renderer:
         """What follows the rendered `messages` to ask the model for a `role` message."""
         raise NotImplementedError
 
+    def create_conversation_prefix_with_tools(self, tools: list[dict[str, Any]], system_prompt: str = "") -> list[Message]:
+        """Messages declaring `tools` to the model, to prepend to a conversation (formats with tool calls)."""
+        raise UserInputError(f"the {self.name!r} renderer has no tool-calling format", field="tools")
+
     def get_stop_sequences(self) -> list[int] | list[str]:
         """Token ids (chat formats) or strings (role_colon) that end a sampled message."""
         raise NotImplementedError

@@ -131,6 +131,25 @@ class Qwen3Renderer(Renderer):
             output=self._encode_content(text) + [self.im_end_id],
         )
 
+    def create_conversation_prefix_with_tools(self, tools: list[dict[str, Any]], system_prompt: str = "") -> list[Message]:
+        """The system message declaring `tools` (OpenAI function specs: name, description,
+        parameters) in Qwen3's format, after `system_prompt` if given; prepend it to a conversation."""
+        if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+            raise UserInputError("must be a list of {'name', 'description', 'parameters'} dicts", field="tools")
+        content = system_prompt
+        if tools:
+            specs = "\n".join(json.dumps({"type": "function", "function": t}, separators=(", ", ": ")) for t in tools)
+            declaration = (
+                "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n"
+                f"<tools>\n{specs}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within"
+                " <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+            )
+            content = f"{system_prompt}\n\n{declaration}" if system_prompt else declaration
+        return [{"role": "system", "content": content}]
+
     def generation_suffix(self, role: str, messages: list[Message]) -> list[int]:
         text = self._header_text(len(messages), role)
         if self.disables_thinking:
