@@ -58,6 +58,15 @@ CONVERSATIONS = {
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [call("get_weather", city="Paris")]},
     ],
+    "reasoning_then_tool_call": [
+        {"role": "user", "content": "Weather in Rome?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "I need the weather tool.",
+            "tool_calls": [call("get_weather", city="Rome")],
+        },
+    ],
     "ends_with_user": [
         SYSTEM,
         {"role": "user", "content": "1+1"},

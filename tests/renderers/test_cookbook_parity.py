@@ -28,8 +28,8 @@ TOKENIZERS = {
     "qwen3": ["qwen_tokenizer", "qwen_bpe_tokenizer"],
     "qwen3_disable_thinking": ["qwen_tokenizer", "qwen_bpe_tokenizer"],
 }
-TOOLS = {"tool_call", "tool_calls_with_text_and_reasoning", "final_tool_call"}
-REASONING = {"reasoning_now", "reasoning_in_history", "tool_calls_with_text_and_reasoning"}
+TOOLS = {"tool_call", "tool_calls_with_text_and_reasoning", "final_tool_call", "reasoning_then_tool_call"}
+REASONING = {"reasoning_now", "reasoning_in_history", "tool_calls_with_text_and_reasoning", "reasoning_then_tool_call"}
 
 
 def divergence(renderer_name: str, name: str) -> str | None:

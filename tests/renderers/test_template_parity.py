@@ -126,3 +126,22 @@ def test_template_renderer_equals_the_template_and_qwen3(request, tokenizer_fixt
     assert tokenizer.decode(expected[len(tokens.to_ints()) :]) == "\n"
     for mode in ("last_assistant_message", "last_assistant_turn", "all_assistant_messages"):
         assert generic.build_supervised_example(convo, mode) == qwen3.build_supervised_example(convo, mode), mode
+
+
+def test_where_the_cookbooks_qwen3_differs_from_the_qwen3_template(qwen_tokenizer):
+    """qwen3 follows tinker-cookbook 0.6.1; these are the known differences from the Qwen3 template
+    (pinned here so a change on either side is noticed)."""
+    qwen3 = get_renderer("qwen3", qwen_tokenizer)
+
+    def ours(convo):
+        return qwen_tokenizer.decode(qwen3.build_supervised_example(convo)[0].to_ints())
+
+    def template(convo):
+        return qwen_tokenizer.apply_chat_template(convo, tokenize=False).removesuffix("\n")
+
+    convo = SUITE["reasoning_then_tool_call"]  # one more newline before the call
+    assert ours(convo) == template(convo).replace("</think>\n\n<tool_call>", "</think>\n\n\n<tool_call>")
+    convo = SUITE["tool_calls_with_text_and_reasoning"]  # one user block per tool result
+    assert ours(convo) == template(convo).replace(
+        "</tool_response>\n<tool_response>", "</tool_response><|im_end|>\n<|im_start|>user\n<tool_response>"
+    )
