@@ -302,10 +302,11 @@ class TrainingClient:
         return name
 
     def get_tokenizer(self) -> Any:
-        """The model's tokenizer; a local `tokenizer_id` directory loads offline."""
+        """The model's tokenizer: a local directory, else the server's files (cached), else the hub id."""
         from tether.client.tokenizer import load_tokenizer
 
-        return load_tokenizer(self._info.model_data.tokenizer_id or self._base_model_name())
+        base_model = self._base_model_name()
+        return load_tokenizer(self._info.model_data.tokenizer_id or base_model, session=self._session, base_model=base_model)
 
     def get_info_future(self) -> APIFuture[GetInfoResponse]:
         return completed_future(self._info, "get_info")

@@ -52,7 +52,14 @@ def build_state(config: ServerConfig) -> ServerState:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app serving the Tinker protocol and tether's extensions for `config`."""
-    from tether.server import routes_rest, routes_sampling, routes_service, routes_tether, routes_training
+    from tether.server import (
+        routes_rest,
+        routes_sampling,
+        routes_service,
+        routes_tether,
+        routes_tokenizer,
+        routes_training,
+    )
 
     state = build_state(config)
 
@@ -70,7 +77,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="tether", lifespan=lifespan)
     app.state.tether = state
     install_error_handlers(app)
-    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
+    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether, routes_tokenizer):
         app.include_router(module.router)
     from tether.server import routes_console
 
