@@ -36,14 +36,14 @@ def remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _count_downloads(monkeypatch: pytest.MonkeyPatch, service: ServiceClient) -> list[str]:
     transport = service._session.transport
     seen: list[str] = []
-    original = transport.request
+    original = transport._send
 
-    async def counting(method, path, **kwargs):
+    async def counting(method, path, *args, **kwargs):
         if "/files/" in path:
             seen.append(path)
-        return await original(method, path, **kwargs)
+        return await original(method, path, *args, **kwargs)
 
-    monkeypatch.setattr(transport, "request", counting)
+    monkeypatch.setattr(transport, "_send", counting)
     return seen
 
 

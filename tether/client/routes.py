@@ -46,6 +46,8 @@ class Route(Generic[T]):
     """The route answers `{"request_id"}` and the result comes from `retrieve_future`."""
     proto_result: bool = False
     """The future's result is protobuf bytes (else JSON)."""
+    raw_result: bool = False
+    """The answer is a file: `decode` gets its bytes."""
     body_nbytes: Callable[[Any], int] | None = None
     """About how many bytes of tensors the body carries (None: always small); a large body is
     encoded off the SDK loop, as a large protobuf answer is decoded (`Transport.call`)."""
@@ -176,6 +178,10 @@ RETRIEVE_FUTURE = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveReques
 _RUN = f"{_V1}/training_runs/{{training_run_id}}"
 _CHECKPOINT = f"{_RUN}/checkpoints/{{checkpoint_id}}"
 GET_TRAINING_RUN = Route("GET", _RUN, None, _model(w.TrainingRun))
+TOKENIZER_FILES = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", None,
+                        _model(w.TokenizerFilesResponse))
+TOKENIZER_FILE = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}", None,
+                       lambda answer, _: answer, raw_result=True)
 LOG_METRICS = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
 LIST_TRAINING_RUNS = Route("GET", f"{_V1}/training_runs", None, _model(w.TrainingRunsResponse))
 LIST_CHECKPOINTS = Route("GET", f"{_RUN}/checkpoints", None, _model(w.CheckpointsListResponse))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tether.client import routes
 from tether.types.errors import ServerError, TetherError
 
 _LOADED: dict[tuple[str, str, str], Any] = {}
@@ -79,16 +80,16 @@ def fetch_tokenizer_files(session: Any, base_model: str) -> Path | None:
     `ServerError` when a downloaded file does not match its listed sha256.
     """
     transport = session.transport
-    route = f"/api/v1/tether/tokenizer/{quote(base_model, safe='/')}/files"
+    model_path = quote(base_model, safe="/")
     try:
-        listing = session.run_sync(transport.get_json(route))
+        listing = session.run_sync(transport.call(routes.TOKENIZER_FILES.at(base_model=model_path)))
     except TetherError:
         return None
-    files = listing.get("files") or []
-    names = [str(f.get("name", "")) for f in files]
+    files = listing.files
+    names = [f.name for f in files]
     if not files or any(not n or n != Path(n).name or n.startswith(".") for n in names):
         return None
-    key = hashlib.sha256(f"{transport.base_url}\n{base_model}\n{listing['digest']}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{transport.base_url}\n{base_model}\n{listing.digest}".encode()).hexdigest()[:32]
     target = cache_root() / key
     if (target / ".complete").exists():
         return target
@@ -96,11 +97,12 @@ def fetch_tokenizer_files(session: Any, base_model: str) -> Path | None:
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         for entry, name in zip(files, names, strict=True):
-            response = session.run_sync(transport.request("GET", f"{route}/{quote(name)}"))
-            if hashlib.sha256(response.content).hexdigest() != entry.get("sha256"):
+            content = session.run_sync(
+                transport.call(routes.TOKENIZER_FILE.at(base_model=model_path, name=quote(name))))
+            if hashlib.sha256(content).hexdigest() != entry.sha256:
                 raise ServerError(f"tokenizer file {name!r} of {base_model!r} does not match its listed sha256")
-            (staging / name).write_bytes(response.content)
-        (staging / ".complete").write_text(listing["digest"])
+            (staging / name).write_bytes(content)
+        (staging / ".complete").write_text(listing.digest)
         try:
             os.rename(staging, target)
         except OSError:

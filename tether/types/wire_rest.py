@@ -111,6 +111,21 @@ class GetSessionResponse(WireModel):
     display_name: str | None = None
 
 
+class TokenizerFile(WireModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class TokenizerFilesResponse(WireModel):
+    """`GET /api/v1/tether/tokenizer/{base_model}/files`: the tokenizer files a remote client fetches."""
+
+    base_model: str
+    files: list[TokenizerFile]
+    digest: str
+    """sha256 over the files' names and digests: the cache key of this tokenizer."""
+
+
 class LogMetricsRequest(WireModel):
     """Body of `POST /api/v1/tether/runs/{run_id}/metrics` (tether's `TrainingClient.log_metrics`)."""
 
