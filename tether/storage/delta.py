@@ -8,30 +8,35 @@ whole; unchanged tensors cost almost nothing. Both sides are fingerprinted (sha2
 dtypes, shapes and bytes), so a delta applied to the wrong base fails loudly instead of producing
 garbage weights.
 
-On disk a delta is a directory holding `delta.safetensors.zst` and a manifest (kind
-`weights_delta`), written atomically like every checkpoint (`save_delta` / `load_delta`).
+On disk a delta is a directory holding `delta.safetensors` (zstd-compressed byte planes of the
+XOR, see `write_delta`) and a manifest (kind `weights_delta`), written atomically like every
+checkpoint (`save_delta` / `load_delta`). Sampler checkpoint chains (base, delta, merged base)
+built on this live in `tether.storage.sampler_chain`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zstandard
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tether.storage.atomic import atomic_directory
-from tether.storage.manifest import read_manifest, verify_files, write_manifest
+from tether.storage.manifest import CorruptCheckpointError, read_manifest, verify_files, write_manifest
 from tether.types.errors import ConflictError
 
 __all__ = [
     "WEIGHTS_DELTA_KIND",
     "WeightsDelta",
     "DeltaBaseMismatchError",
+    "DELTA_FILE",
     "fingerprint",
     "compute_delta",
     "apply_delta",
@@ -42,9 +47,8 @@ __all__ = [
 ]
 
 WEIGHTS_DELTA_KIND = "weights_delta"
-DELTA_FILE = "delta.safetensors.zst"
-_XOR = "xor/"
-_WHOLE = "whole/"
+DELTA_FILE = "delta.safetensors"
+DELTA_ENCODING = "xor_byteplanes_zstd/1"
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ZSTD_LEVEL = 3
 
@@ -136,32 +140,92 @@ def apply_delta(base: dict[str, torch.Tensor], delta: WeightsDelta) -> dict[str,
     return result
 
 
+def _planes(tensors: list[torch.Tensor], width: int) -> list[bytes]:
+    """Byte plane k of every tensor (its k-th byte of each element), concatenated in order."""
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
+    by_element = flat.view(-1, width).numpy()
+    return [by_element[:, k].tobytes() for k in range(width)]
+
+
+def _unplanes(planes: list[bytes], width: int) -> torch.Tensor:
+    """Inverse of `_planes`: the interleaved bytes, as a flat uint8 tensor."""
+    columns = [np.frombuffer(plane, dtype=np.uint8) for plane in planes]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(columns, axis=1))).reshape(-1)
+
+
 def write_delta(directory: Path, delta: WeightsDelta) -> dict[str, Any]:
-    """Write the delta's file into `directory`; returns the manifest `layout` to record."""
-    tensors = {f"{_XOR}{name}": t for name, t in delta.xor.items()}
-    tensors.update({f"{_WHOLE}{name}": t for name, t in delta.whole.items()})
-    raw = save_safetensors(tensors, metadata={"format": "pt"}) if tensors else b""
-    (Path(directory) / DELTA_FILE).write_bytes(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw))
+    """Write the delta's file into `directory`; returns the manifest `layout` to record.
+
+    Encoding `xor_byteplanes_zstd/1`: XOR tensors are grouped by element width; within a group
+    the XOR bytes are split into byte planes (all first bytes, all second bytes, ...) and each
+    plane is zstd-compressed on its own. An optimizer step leaves the sign, exponent and high
+    mantissa bytes of the XOR almost all zero, so those planes shrink to nearly nothing, while
+    plain zstd over interleaved bytes sees a 2- or 4-byte period it compresses poorly. Whole
+    tensors go into one zstd-compressed safetensors blob.
+    """
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    blobs: dict[str, torch.Tensor] = {}
+    order: list[list[Any]] = []
+    by_width: dict[int, list[str]] = {}
+    for name in sorted(delta.xor):
+        by_width.setdefault(delta.xor[name].element_size(), []).append(name)
+    uncompressed = 0
+    for width, names in sorted(by_width.items()):
+        tensors = [delta.xor[name].contiguous() for name in names]
+        order.extend([name, width, list(t.shape)] for name, t in zip(names, tensors, strict=True))
+        for k, plane in enumerate(_planes(tensors, width)):
+            uncompressed += len(plane)
+            blobs[f"planes/{width}/{k}"] = torch.frombuffer(bytearray(compressor.compress(plane)), dtype=torch.uint8)
+    whole = save_safetensors({n: t.contiguous() for n, t in delta.whole.items()}) if delta.whole else b""
+    if whole:
+        blobs["whole"] = torch.frombuffer(bytearray(compressor.compress(whole)), dtype=torch.uint8)
+    container = save_safetensors(blobs, metadata={"format": "pt"}) if blobs else b""
+    (Path(directory) / DELTA_FILE).write_bytes(container)
     return {
+        "encoding": DELTA_ENCODING,
+        "xor_tensors": order,
+        "whole_bytes": len(whole),
         "removed": delta.removed,
         "base_fingerprint": delta.base_fingerprint,
         "target_fingerprint": delta.target_fingerprint,
-        "uncompressed_bytes": len(raw),
+        "uncompressed_bytes": uncompressed + len(whole),
     }
 
 
 def read_delta(directory: Path, manifest: dict[str, Any]) -> WeightsDelta:
-    """Verify and read a delta written by `write_delta`."""
+    """Verify and read a delta written by `write_delta` (CorruptCheckpointError if damaged)."""
     verify_files(directory, manifest, [DELTA_FILE])
     layout = manifest.get("layout", {})
-    raw = zstandard.ZstdDecompressor().decompress(
-        (Path(directory) / DELTA_FILE).read_bytes(),
-        max_output_size=int(layout.get("uncompressed_bytes", 0)) or 1,
-    )
-    tensors = load_safetensors(raw) if raw else {}
+    if layout.get("encoding") != DELTA_ENCODING:
+        raise CorruptCheckpointError(f"delta at {directory} has unknown encoding {layout.get('encoding')!r}")
+    data = (Path(directory) / DELTA_FILE).read_bytes()
+    blobs = load_safetensors(data) if data else {}
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        xor: dict[str, torch.Tensor] = {}
+        by_width: dict[int, list[tuple[str, list[int]]]] = {}
+        for name, width, shape in layout["xor_tensors"]:
+            by_width.setdefault(int(width), []).append((name, shape))
+        for width, entries in by_width.items():
+            planes = [decompressor.decompress(blobs[f"planes/{width}/{k}"].numpy().tobytes()) for k in range(width)]
+            flat = _unplanes(planes, width)
+            offset = 0
+            for name, shape in entries:
+                count = math.prod(shape) * width
+                xor[name] = flat[offset : offset + count].clone().view(_INT_OF_WIDTH[width]).reshape(shape)
+                offset += count
+            if offset != flat.numel():
+                raise ValueError("byte planes longer than the tensors they encode")
+        whole = {}
+        if "whole" in blobs:
+            whole = load_safetensors(
+                decompressor.decompress(blobs["whole"].numpy().tobytes(), max_output_size=int(layout["whole_bytes"]))
+            )
+    except (KeyError, ValueError, RuntimeError, zstandard.ZstdError) as exc:
+        raise CorruptCheckpointError(f"delta at {directory} cannot be decoded: {exc}") from exc
     return WeightsDelta(
-        xor={k[len(_XOR) :]: v for k, v in tensors.items() if k.startswith(_XOR)},
-        whole={k[len(_WHOLE) :]: v for k, v in tensors.items() if k.startswith(_WHOLE)},
+        xor=xor,
+        whole=whole,
         removed=list(layout.get("removed", [])),
         base_fingerprint=layout["base_fingerprint"],
         target_fingerprint=layout["target_fingerprint"],
