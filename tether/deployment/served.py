@@ -40,7 +40,7 @@ from tether.engine.sampling import SampleRequest, SampleResult
 from tether.storage.delta import DeltaBaseMismatchError, fingerprint
 from tether.storage.formats import LoraLayout
 from tether.storage.sampler_chain import ChainLink, read_sampler_checkpoint_dir
-from tether.types.errors import ConflictError, TetherError, UserInputError
+from tether.types.errors import ConflictError, NotFoundError, TetherError, UserInputError
 
 log = logging.getLogger("tether.deployment")
 
@@ -162,11 +162,14 @@ class ServedWeights:
                       transition: Transition | None = None) -> threading.Thread:
         """Begin loading the checkpoint directory `path` in the background.
 
-        ConflictError if a hot-load is already running; UserInputError for a bad transition.
+        NotFoundError if `path` is not a directory; ConflictError if a hot-load is already running;
+        UserInputError for a bad transition.
         Failures of the load itself land in `loading_state()` (stage "error", with the cause).
         """
         if transition is not None and transition not in TRANSITIONS:
             raise UserInputError(f"transition must be SYNC or ASYNC, got {transition!r}", field="transition")
+        if not Path(path).is_dir():
+            raise NotFoundError(f"no checkpoint directory at {path}")
         if not self._load_lock.acquire(blocking=False):
             raise ConflictError("a hot-load is already in progress; wait for it to finish")
         with self._cond:
