@@ -1,23 +1,54 @@
-"""The durable catalogue: sessions, training runs, checkpoints and samplers, in SQLite via SQLAlchemy.
+"""The durable catalogue: sessions, training runs, checkpoints, samplers and idempotency keys, in SQLite.
 
 Everything a restarted server must still know lives here (checkpoint files live in the data
 directory; this only indexes them). Every row has an owner; lookups take the owner and treat another
 owner's rows as missing, so isolation cannot be forgotten at a call site.
+
+The schema is versioned by alembic (`tether/server/migrations/`): opening a catalogue upgrades its
+database to the newest revision, including a database written before migrations existed. SQLite runs
+in WAL mode; reads are plain (deferred) transactions that never wait for writers, writes are
+`BEGIN IMMEDIATE` transactions serialized by SQLite itself, so several `Catalogue` objects (or
+processes) may share one file. It knows nothing of HTTP, models or checkpoint files.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, create_engine, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from tether.types.errors import NotFoundError
+
+log = logging.getLogger("tether.server")
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+LEGACY_REVISION = "0001_initial"
+"""The schema of databases written before alembic (they have tables but no `alembic_version`)."""
+BUSY_TIMEOUT_MS = 10_000
+"""How long a write waits for another connection's write transaction before failing."""
 
 
 def utcnow() -> datetime:
@@ -94,54 +125,120 @@ class SamplerRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class IdempotencyKeyRow(Base):
+    """One durable answer per (scope, key): e.g. scope "copy:<owner>", key an X-Idempotency-Key."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),)
+    __mapper_args__ = {"primary_key": ["scope", "key"]}
+    scope: Mapped[str] = mapped_column(String)
+    key: Mapped[str] = mapped_column(String)
+    value: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 _Row = TypeVar("_Row", SessionRow, TrainingRunRow, SamplerRow)
 
 
+def _open_engine(db_path: Path) -> Engine:
+    """An engine whose transactions begin explicitly: `BEGIN` for reads, `BEGIN IMMEDIATE` for writes.
+
+    pysqlite's own transaction handling is switched off (it would begin lazily and commit before DDL),
+    as the SQLAlchemy SQLite dialect documents; a connection's `tether_begin` execution option names
+    the BEGIN it emits.
+    """
+    engine = create_engine(f"sqlite:///{db_path}", connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")  # readers never block on the writer, nor it on them
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("tether_begin", "BEGIN"))
+
+    return engine
+
+
+def _migrate(writer: Engine) -> None:
+    """Upgrade the database to the newest revision, in one write transaction (so concurrent openers
+    of one file take turns). A database written before migrations existed is stamped first."""
+    if logging.getLogger("alembic").level == logging.NOTSET:  # its INFO chatter, unless asked for
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    from alembic import command
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with writer.begin() as conn:
+        config.attributes["connection"] = conn
+        tables = inspect(conn)
+        if not tables.has_table("alembic_version") and tables.has_table(SessionRow.__tablename__):
+            command.stamp(config, LEGACY_REVISION)
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current != head:
+            log.info("catalogue %s: upgrading its schema from %s to %s", writer.url.database, current, head)
+            command.upgrade(config, "head")
+
+
 class Catalogue:
-    """Typed access to the state database; safe to call from any thread."""
+    """Typed access to the state database; safe to call from any thread, and beside other `Catalogue`s
+    (or processes) on the same file.
+
+    Raises `sqlalchemy.exc.OperationalError` when the database is locked longer than
+    `BUSY_TIMEOUT_MS` or cannot be opened.
+    """
 
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_engine(f"sqlite:///{db_path}", connect_args={"check_same_thread": False})
-
-        @event.listens_for(self._engine, "connect")
-        def _pragmas(conn, _record) -> None:  # WAL: readers never block the writer
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-
-        Base.metadata.create_all(self._engine)
+        self._engine = _open_engine(db_path)
+        self._writer = self._engine.execution_options(tether_begin="BEGIN IMMEDIATE")
+        _migrate(self._writer)
         self._write_lock = threading.Lock()
+        """Orders this object's writers among themselves (SQLite would too, by busy-waiting)."""
 
     def close(self) -> None:
         self._engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._write_lock, Session(self._engine, expire_on_commit=False) as session, session.begin():
+    def _read(self) -> Iterator[Session]:
+        """A read transaction: a consistent snapshot that waits for no writer."""
+        with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction (`BEGIN IMMEDIATE`): it holds SQLite's write lock from its first statement."""
+        with self._write_lock, Session(self._writer, expire_on_commit=False) as session, session.begin():
             yield session
 
     def _get_owned(self, row_type: type[_Row], key: str, owner: str, what: str) -> _Row:
         """The row under `key`, or NotFoundError when it is missing or another owner's."""
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(row_type, key)
         if row is None or row.owner != owner:
             raise NotFoundError(f"unknown {what} {key!r}")
         return row
 
-    def _update(self, row_type: type[Base], key: Any, **values: Any) -> None:
-        """Set `values` on the row under `key`; nothing when there is none."""
-        with self._tx() as s:
-            row = s.get(row_type, key)
-            if row is not None:
-                for name, value in values.items():
-                    setattr(row, name, value)
+    def _update(self, row_type: type[Base], key: Any, **values: Any) -> int:
+        """Set `values` on the row under primary key `key` (a tuple for composite keys); the rows changed."""
+        columns = inspect(row_type).primary_key
+        keys = key if isinstance(key, tuple) else (key,)
+        with self._write() as s:
+            where = [column == value for column, value in zip(columns, keys, strict=True)]
+            return s.execute(update(row_type).where(*where).values(**values)).rowcount
 
-    def _page(self, query: Any, created_at: Any, limit: int, offset: int) -> tuple[list[Any], int]:
-        """One page of `query`'s rows, newest first, and the total count."""
-        with self._tx() as s:
-            total = len(list(s.scalars(query)))
-            rows = list(s.scalars(query.order_by(created_at.desc()).limit(limit).offset(offset)))
-        return rows, total
+    def _page(self, query: Any, order_by: Sequence[Any], limit: int, offset: int) -> tuple[list[Any], int]:
+        """One page of `query`'s rows in `order_by` order, and the total count (SQL COUNT, one snapshot)."""
+        with self._read() as s:
+            total = s.scalar(select(func.count()).select_from(query.subquery()))
+            rows = list(s.scalars(query.order_by(*order_by).limit(limit).offset(offset)))
+        return rows, int(total or 0)
 
     # sessions
     def create_session(self, session_id: str, owner: str, *, tags: list[str], user_metadata: dict,
@@ -149,7 +246,7 @@ class Catalogue:
         now = utcnow()
         row = SessionRow(session_id=session_id, owner=owner, created_at=now, last_heartbeat=now, status="active",
                          tags=tags, user_metadata=user_metadata, display_name=display_name, project_id=project_id)
-        with self._tx() as s:
+        with self._write() as s:
             s.add(row)
         return row
 
@@ -158,12 +255,11 @@ class Catalogue:
 
     def heartbeat(self, session_id: str, owner: str) -> bool:
         """Record a heartbeat; False if the session is unknown, not the owner's, or no longer active."""
-        with self._tx() as s:
-            row = s.get(SessionRow, session_id)
-            if row is None or row.owner != owner or row.status != "active":
-                return False
-            row.last_heartbeat = utcnow()
-            return True
+        with self._write() as s:
+            q = (update(SessionRow)
+                 .where(SessionRow.session_id == session_id, SessionRow.owner == owner, SessionRow.status == "active")
+                 .values(last_heartbeat=utcnow()))
+            return s.execute(q).rowcount == 1
 
     def set_session_status(self, session_id: str, status: str) -> None:
         self._update(SessionRow, session_id, status=status)
@@ -172,22 +268,22 @@ class Catalogue:
         self._update(SessionRow, session_id, project_id=project_id)
 
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[SessionRow]:
-        with self._tx() as s:
-            q = select(SessionRow).where(SessionRow.owner == owner).order_by(SessionRow.created_at.desc())
+        with self._read() as s:
+            q = (select(SessionRow).where(SessionRow.owner == owner)
+                 .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()))
             return list(s.scalars(q.limit(limit).offset(offset)))
 
     def stale_sessions(self, older_than_s: float, *, now: datetime | None = None) -> list[str]:
         """Active sessions whose last heartbeat is older than `older_than_s`."""
         cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
-        with self._tx() as s:
+        with self._read() as s:
             q = select(SessionRow.session_id).where(SessionRow.status == "active", SessionRow.last_heartbeat < cutoff)
             return list(s.scalars(q))
 
     def expire_active_sessions(self) -> None:
         """At startup: sessions of a previous process have no live models any more."""
-        with self._tx() as s:
-            for row in s.scalars(select(SessionRow).where(SessionRow.status == "active")):
-                row.status = "expired"
+        with self._write() as s:
+            s.execute(update(SessionRow).where(SessionRow.status == "active").values(status="expired"))
 
     # training runs
     def add_training_run(self, run_id: str, session_id: str, owner: str, *, base_model: str, is_lora: bool,
@@ -196,7 +292,7 @@ class Catalogue:
         row = TrainingRunRow(run_id=run_id, session_id=session_id, owner=owner, base_model=base_model,
                              is_lora=is_lora, lora_rank=lora_rank, lora_config=lora_config,
                              user_metadata=user_metadata, created_at=now, last_request_time=now)
-        with self._tx() as s:
+        with self._write() as s:
             s.merge(row)
         return row
 
@@ -207,11 +303,12 @@ class Catalogue:
         self._update(TrainingRunRow, run_id, last_request_time=utcnow())
 
     def list_training_runs(self, owner: str, limit: int, offset: int) -> tuple[list[TrainingRunRow], int]:
+        """One page of the owner's runs, newest first, and how many they have in all."""
         query = select(TrainingRunRow).where(TrainingRunRow.owner == owner)
-        return self._page(query, TrainingRunRow.created_at, limit, offset)
+        return self._page(query, (TrainingRunRow.created_at.desc(), TrainingRunRow.run_id.desc()), limit, offset)
 
     def runs_of_session(self, session_id: str) -> list[str]:
-        with self._tx() as s:
+        with self._read() as s:
             return list(s.scalars(select(TrainingRunRow.run_id).where(TrainingRunRow.session_id == session_id)))
 
     # checkpoints
@@ -223,13 +320,13 @@ class Catalogue:
         row = CheckpointRow(run_id=run_id, checkpoint_id=checkpoint_id, owner=owner, checkpoint_type=checkpoint_type,
                             directory=directory, created_at=now, expires_at=expires, size_bytes=size_bytes,
                             public=False, user_metadata=user_metadata)
-        with self._tx() as s:
+        with self._write() as s:
             s.merge(row)
         return row
 
     def find_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRow | None:
         """Owner-blind lookup (for conflict checks before writing)."""
-        with self._tx() as s:
+        with self._read() as s:
             return s.get(CheckpointRow, (run_id, checkpoint_id))
 
     def get_checkpoint(self, run_id: str, checkpoint_id: str, owner: str) -> CheckpointRow:
@@ -240,23 +337,43 @@ class Catalogue:
 
     def list_checkpoints(self, owner: str, run_id: str | None = None, limit: int = 1000,
                          offset: int = 0) -> tuple[list[CheckpointRow], int]:
+        """One page of the owner's checkpoints (of one run, or all), newest first, and the total count."""
         query = select(CheckpointRow).where(CheckpointRow.owner == owner)
         if run_id is not None:
             query = query.where(CheckpointRow.run_id == run_id)
-        return self._page(query, CheckpointRow.created_at, limit, offset)
+        order = (CheckpointRow.created_at.desc(), CheckpointRow.run_id.desc(), CheckpointRow.checkpoint_id.desc())
+        return self._page(query, order, limit, offset)
+
+    def latest_checkpoints(self, owner: str, run_ids: Sequence[str]) -> dict[tuple[str, str], CheckpointRow]:
+        """The newest checkpoint of each (run id, checkpoint type) among the owner's `run_ids`, in one query.
+
+        Keys are `(run_id, checkpoint_type)`; a run without checkpoints of a type has no key for it.
+        """
+        if not run_ids:
+            return {}
+        rank = func.row_number().over(
+            partition_by=(CheckpointRow.run_id, CheckpointRow.checkpoint_type),
+            order_by=(CheckpointRow.created_at.desc(), CheckpointRow.checkpoint_id.desc()),
+        ).label("rank")
+        ranked = (select(CheckpointRow, rank)
+                  .where(CheckpointRow.owner == owner, CheckpointRow.run_id.in_(list(run_ids)))
+                  .subquery())
+        newest = aliased(CheckpointRow, ranked)
+        with self._read() as s:
+            rows = s.scalars(select(newest).where(ranked.c.rank == 1))
+            return {(row.run_id, row.checkpoint_type): row for row in rows}
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
-        with self._tx() as s:
-            row = s.get(CheckpointRow, (run_id, checkpoint_id))
-            if row is not None:
-                s.delete(row)
+        with self._write() as s:
+            s.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id,
+                                                  CheckpointRow.checkpoint_id == checkpoint_id))
 
     def update_checkpoint(self, run_id: str, checkpoint_id: str, **values: Any) -> None:
         self._update(CheckpointRow, (run_id, checkpoint_id), **values)
 
     def expired_checkpoints(self, *, now: datetime | None = None) -> list[CheckpointRow]:
         now = now or utcnow()
-        with self._tx() as s:
+        with self._read() as s:
             q = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now)
             return list(s.scalars(q))
 
@@ -265,7 +382,7 @@ class Catalogue:
                     model_path: str | None) -> SamplerRow:
         row = SamplerRow(sampler_id=sampler_id, session_id=session_id, owner=owner, base_model=base_model,
                          model_path=model_path, created_at=utcnow())
-        with self._tx() as s:
+        with self._write() as s:
             s.merge(row)
         return row
 
@@ -273,8 +390,51 @@ class Catalogue:
         return self._get_owned(SamplerRow, sampler_id, owner, "sampler")
 
     def samplers_of_session(self, session_id: str) -> list[str]:
-        with self._tx() as s:
+        with self._read() as s:
             return list(s.scalars(select(SamplerRow.sampler_id).where(SamplerRow.session_id == session_id)))
+
+    # idempotency keys
+    def claim_idempotency_key(self, scope: str, key: str, value: str) -> str | None:
+        """Insert (scope, key) -> value atomically. None if this call claimed it; else the value stored earlier.
+
+        Atomic across threads, `Catalogue` objects and processes sharing the file: the UNIQUE
+        constraint on (scope, key) decides (INSERT ... ON CONFLICT DO NOTHING), not a Python lock.
+        """
+        insert = (sqlite_insert(IdempotencyKeyRow)
+                  .values(scope=scope, key=key, value=value, created_at=utcnow())
+                  .on_conflict_do_nothing(index_elements=["scope", "key"]))
+        with self._write() as s:
+            if s.execute(insert).rowcount == 1:
+                return None
+            return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
+                                                                  IdempotencyKeyRow.key == key))
+
+    def idempotency_value(self, scope: str, key: str) -> str | None:
+        """The value stored under (scope, key), or None when the key is not claimed (a read; no lock)."""
+        with self._read() as s:
+            return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
+                                                                  IdempotencyKeyRow.key == key))
+
+    def set_idempotency_value(self, scope: str, key: str, value: str) -> None:
+        """Replace the value of a claimed key (e.g. "pending" by the finished answer); nothing if unclaimed."""
+        self._update(IdempotencyKeyRow, (scope, key), value=value)
+
+    def replace_idempotency_value(self, scope: str, key: str, expected: str, value: str) -> bool:
+        """Compare-and-set: store `value` only if the key still holds `expected`; True if it did.
+
+        Lets exactly one of several callers take over a claim left behind (e.g. by a crashed process).
+        """
+        with self._write() as s:
+            q = (update(IdempotencyKeyRow)
+                 .where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key,
+                        IdempotencyKeyRow.value == expected)
+                 .values(value=value))
+            return s.execute(q).rowcount == 1
+
+    def release_idempotency_key(self, scope: str, key: str) -> None:
+        """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""
+        with self._write() as s:
+            s.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key))
 
 
 def as_utc(value: datetime | None) -> datetime | None:

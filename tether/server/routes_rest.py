@@ -6,6 +6,8 @@ Everything here reads or edits the catalogue; another key's rows answer 404. A c
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -38,9 +40,9 @@ def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
     }
 
 
-def _run_json(state: ServerState, row: TrainingRunRow) -> dict[str, Any]:
-    checkpoints, _ = state.catalogue.list_checkpoints(row.owner, run_id=row.run_id)
-    latest = {kind: next((c for c in checkpoints if c.checkpoint_type == kind), None) for kind in ("training", "sampler")}
+def _run_json(row: TrainingRunRow, latest: dict[tuple[str, str], CheckpointRow]) -> dict[str, Any]:
+    """A run as the SDK's TrainingRun; `latest` is `Catalogue.latest_checkpoints` of (at least) this run."""
+    training, sampler = latest.get((row.run_id, "training")), latest.get((row.run_id, "sampler"))
     return {
         "training_run_id": row.run_id,
         "base_model": row.base_model,
@@ -49,8 +51,8 @@ def _run_json(state: ServerState, row: TrainingRunRow) -> dict[str, Any]:
         "corrupted": False,
         "lora_rank": row.lora_rank,
         "last_request_time": as_utc(row.last_request_time).isoformat(),
-        "last_checkpoint": checkpoint_json(latest["training"]) if latest["training"] else None,
-        "last_sampler_checkpoint": checkpoint_json(latest["sampler"]) if latest["sampler"] else None,
+        "last_checkpoint": checkpoint_json(training) if training else None,
+        "last_sampler_checkpoint": checkpoint_json(sampler) if sampler else None,
         "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
     }
 
@@ -60,14 +62,16 @@ async def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int 
                              state: ServerState = Depends(server_state),
                              owner: str = Depends(request_owner)) -> dict[str, Any]:
     rows, total = state.catalogue.list_training_runs(owner, limit, offset)
-    return {"training_runs": [_run_json(state, r) for r in rows],
+    latest = state.catalogue.latest_checkpoints(owner, [r.run_id for r in rows])
+    return {"training_runs": [_run_json(r, latest) for r in rows],
             "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
 
 @router.get("/training_runs/{run_id}")
 async def get_training_run(run_id: str, state: ServerState = Depends(server_state),
                            owner: str = Depends(request_owner)) -> dict[str, Any]:
-    return _run_json(state, state.catalogue.get_training_run(run_id, owner))
+    row = state.catalogue.get_training_run(run_id, owner)
+    return _run_json(row, state.catalogue.latest_checkpoints(owner, [run_id]))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
@@ -182,22 +186,63 @@ async def get_session(session_id: str, state: ServerState = Depends(server_state
 
 
 
+COPY_PENDING = f"pending:{uuid.uuid4().hex}"
+"""The durable value of a copy in progress in this process (a claim naming another process is orphaned:
+one server process serves a data directory, so the process that made it is gone)."""
+COPY_WAIT_S = 30.0
+"""How long a retry waits for a concurrent copy with its key before answering 409 (the SDK retries)."""
+_COPY_POLL_S = 0.05
+
+
+async def _claim_copy(state: ServerState, scope: str, key: str) -> str | None:
+    """Claim the copy under `key` for this request (None), or the tinker path of the copy another request
+    with the same key made, waiting while it is in progress; ConflictError if it is still running after
+    COPY_WAIT_S."""
+    deadline = asyncio.get_running_loop().time() + COPY_WAIT_S
+    while True:
+        earlier = state.catalogue.claim_idempotency_key(scope, key, COPY_PENDING)
+        if earlier is None:
+            return None
+        while earlier == COPY_PENDING:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConflictError(f"a copy with X-Idempotency-Key {key!r} is still in progress; retry later")
+            await asyncio.sleep(_COPY_POLL_S)
+            earlier = state.catalogue.idempotency_value(scope, key)
+        if earlier is None:
+            continue  # the other attempt failed and released the key: claim it again
+        if not earlier.startswith("pending:"):
+            return earlier
+        if state.catalogue.replace_idempotency_value(scope, key, earlier, COPY_PENDING):
+            return None  # took over a claim orphaned by an earlier server process
+
+
 @router.post("/copy_weights")
 async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: ServerState = Depends(server_state),
                        owner: str = Depends(request_owner)) -> dict[str, str]:
-    """Copy a checkpoint into a new training run of a new session (retries with the same
-    X-Idempotency-Key get the first copy)."""
-    import asyncio
-    import uuid
-
+    """Copy a checkpoint into a new training run of a new session. Retries with the same
+    X-Idempotency-Key, concurrent or later (even after a restart), get the first copy's tinker path:
+    the key is claimed durably in the catalogue (scope `copy:<owner>`) before anything is copied."""
     source = parse_checkpoint_path(body.source_path, field="source_path")
     row = state.catalogue.get_checkpoint(source.training_run_id, source.checkpoint_id, owner)
     source_run = state.catalogue.get_training_run(source.training_run_id, row.owner)
-    key = request.headers.get("x-idempotency-key")
+    scope, key = f"copy:{owner}", request.headers.get("x-idempotency-key")
     if key:
-        earlier = state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, "pending")
-        if earlier is not None and earlier != "pending":
+        earlier = await _claim_copy(state, scope, key)
+        if earlier is not None:
             return {"tinker_path": earlier}
+    try:
+        destination = await _copy(state, body, owner, source, row, source_run)
+    except BaseException:
+        if key:
+            state.catalogue.release_idempotency_key(scope, key)
+        raise
+    if key:
+        state.catalogue.set_idempotency_value(scope, key, destination.tinker_path)
+    return {"tinker_path": destination.tinker_path}
+
+
+async def _copy(state: ServerState, body: wire.CopyWeightsRequest, owner: str, source: ParsedCheckpointPath,
+                row: CheckpointRow, source_run: TrainingRunRow) -> ParsedCheckpointPath:
     session_id = body.session_id or f"sess-{uuid.uuid4().hex[:16]}"
     if body.session_id is None:
         state.catalogue.create_session(session_id, owner, tags=["copy"], user_metadata={}, display_name=None,
@@ -207,12 +252,7 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
         state.catalogue.get_session(session_id, owner)
     run_id = format_model_id(session_id, body.model_seq_id or 0)
     destination = ParsedCheckpointPath(run_id, source.kind, source.name)
-    try:
-        info = await asyncio.to_thread(state.checkpoints.copy, row.owner, source, owner, destination)
-    except BaseException:
-        if key:
-            state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
-        raise
+    info = await asyncio.to_thread(state.checkpoints.copy, row.owner, source, owner, destination)
     state.catalogue.add_training_run(run_id, session_id, owner, base_model=source_run.base_model,
                                      is_lora=source_run.is_lora, lora_rank=source_run.lora_rank,
                                      lora_config=dict(source_run.lora_config or {}), user_metadata={})
@@ -220,10 +260,7 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
                                    directory=str(state.checkpoints.directory(owner, destination)),
                                    size_bytes=info.size_bytes, ttl_seconds=body.ttl_seconds,
                                    user_metadata=dict(row.user_metadata or {}))
-    if key:
-        state.hosts.dedupe.release(f"copy:{owner}:{key}", 0)
-        state.hosts.dedupe.claim(f"copy:{owner}:{key}", 0, destination.tinker_path)
-    return {"tinker_path": destination.tinker_path}
+    return destination
 
 
 @router.put("/sessions/{session_id}/project")
