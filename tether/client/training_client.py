@@ -302,6 +302,24 @@ class TrainingClient:
         coro = create_sampling_client(self._session, model_path=model_path, base_model=None)
         return self._session.run(coro, "create_sampling_client", ClientFuture)
 
+    # ---- metrics
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> APIFuture[None]:
+        """Add `metrics` at `step` to the server's record of this run (the console draws them).
+
+        `metrics` maps names to real numbers (NaN and infinities are left out); `step` is a
+        non-negative int, or None for the run's current optimizer step as the server counts them.
+        A non-number or a bad step raises UserInputError at once. A tether extension: a server
+        without it answers 404 (NotFoundError from the future).
+        """
+        body = {"metrics": _finite_metrics(metrics), "step": _metrics_step(step)}
+        path = f"/api/v1/tether/runs/{self.model_id}/metrics"
+
+        async def post() -> None:
+            await self._session.transport.post_json(path, body)
+
+        return self._session.run(post(), "log_metrics")
+
     # ---- information
 
     def get_info(self) -> GetInfoResponse:
@@ -346,3 +364,30 @@ def _forward_datum(datum: Datum, index: int) -> Datum:
 
 def _without_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
+
+
+def _finite_metrics(metrics: Any) -> dict[str, float]:
+    import math
+    import numbers
+
+    if not isinstance(metrics, dict):
+        raise UserInputError(f"must map names to numbers, got {type(metrics).__name__}", field="metrics")
+    clean = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise UserInputError(f"metric names must be non-empty strings, got {name!r}", field="metrics")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise UserInputError(f"must be a number, got {type(value).__name__}", field=f"metrics.{name}")
+        if math.isfinite(value):
+            clean[name] = float(value)
+    return clean
+
+
+def _metrics_step(step: Any) -> int | None:
+    import numbers
+
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise UserInputError(f"must be a non-negative integer, got {step!r}", field="step")
+    return int(step)

@@ -224,7 +224,7 @@ def train_grpo(
         if on_step_end is not None:
             on_step_end(step, metrics)
         # Log before saving: a crash in between leaves a row that resume truncates, never a gap.
-        run_log.log_metrics(step, metrics)
+        run_log.log_metrics(step, metrics, training_client=training_client)
         if next_step == config.num_steps or (config.save_every and next_step % config.save_every == 0):
             name = f"grpo-{next_step:06d}"
             final_state_path = training_client.save_state(name).result().path

@@ -73,6 +73,8 @@ class RunLog:
         self.metrics_path = self.log_dir / METRICS_FILE
         self.checkpoints_path = self.log_dir / CHECKPOINTS_FILE
         self._wandb = _start_wandb(wandb_project, wandb_name, self.log_dir)
+        self._to_server = True
+        self._server_log: Any = None
 
     def write_config(self, config: Any) -> None:
         dumped = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
@@ -80,11 +82,25 @@ class RunLog:
         if self._wandb is not None:
             self._wandb.config.update(dumped, allow_val_change=True)
 
-    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+    def log_metrics(self, step: int, metrics: dict[str, Any], *, training_client: Any = None) -> None:
+        """Append a metrics row; with `training_client`, also send its numbers to the server's record of
+        the run (tether's SDK `log_metrics`, drawn by the console; other SDKs lack it and are skipped)."""
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         _append_jsonl(self.metrics_path, row)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+        if training_client is not None and hasattr(training_client, "log_metrics") and self._to_server:
+            self._send_to_server(training_client, step, row)
+
+    def _send_to_server(self, training_client: Any, step: int, row: dict[str, Any]) -> None:
+        """Not waited for (training goes on); a server that refuses them stops the sending, with a warning."""
+        failure = self._server_log.exception() if self._server_log is not None and self._server_log.done() else None
+        if failure is not None:
+            log.warning("the server refused logged metrics (%s); logging to %s only", failure, self.log_dir)
+            self._to_server = False
+            return
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+        self._server_log = training_client.log_metrics(numbers, step)
 
     def metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path)
@@ -118,6 +134,14 @@ class RunLog:
         tmp.replace(self.metrics_path)
 
     def close(self) -> None:
+        if self._server_log is not None:  # the last step's metrics reach the server before the run ends
+            try:
+                failure = self._server_log.exception(timeout=30)
+            except Exception as exc:  # noqa: BLE001 - a timeout: the run itself is done
+                failure = exc
+            if failure is not None and self._to_server:
+                log.warning("the server refused logged metrics (%s)", failure)
+            self._server_log = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

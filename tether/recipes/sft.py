@@ -205,7 +205,7 @@ def train_sft(
         if on_step_end is not None:
             on_step_end(step, metrics)
         # Log before saving: a crash in between leaves a row that resume truncates, never a gap.
-        run_log.log_metrics(step, metrics)
+        run_log.log_metrics(step, metrics, training_client=training_client)
         next_step = step + 1
         if next_step == total_steps or (config.save_every and next_step % config.save_every == 0):
             final_state_path = _save(training_client, run_log, next_step, plan)

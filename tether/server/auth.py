@@ -24,7 +24,7 @@ def owner_of_key(key: str) -> str:
 
 
 class ApiKeyAuth:
-    """Checks `X-API-Key` against the configured keys and names the owner."""
+    """Checks the request's key (`X-API-Key` or a bearer token) against the configured keys and names the owner."""
 
     def __init__(self, api_keys: list[str]) -> None:
         self._keys = list(api_keys)
@@ -42,5 +42,13 @@ class ApiKeyAuth:
         raise AuthenticationError("invalid API key")
 
     def __call__(self, request: Request) -> str:
-        """FastAPI dependency: the owner of the request, or 401."""
-        return self.owner(request.headers.get(API_KEY_HEADER))
+        """FastAPI dependency: the owner of the request, or 401.
+
+        The key comes in `X-API-Key` (the SDKs) or as `Authorization: Bearer <key>` (the console,
+        Prometheus scrapers).
+        """
+        key = request.headers.get(API_KEY_HEADER)
+        if not key:
+            scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+            key = bearer.strip() if scheme.lower() == "bearer" else None
+        return self.owner(key)

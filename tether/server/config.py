@@ -92,6 +92,12 @@ class ServerConfig(BaseModel):
             "sent in parallel); unset keeps the SDK's default (1024)."
         ),
     )
+    metrics_points_per_series: int = Field(
+        2000,
+        ge=16,
+        description="Points kept per metric series of a run (console curves, /metrics JSON); beyond it, "
+        "neighbouring steps are averaged into one point and the series' resolution halves.",
+    )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."
     )

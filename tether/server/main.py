@@ -25,6 +25,7 @@ from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
 from tether.server.model_hosts import ModelHosts
+from tether.server.run_metrics import RunMetrics
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
 
@@ -45,6 +46,7 @@ def build_state(config: ServerConfig) -> ServerState:
         checkpoints=CheckpointFiles(data_dir),
         futures=FutureStore(),
         hosts=ModelHosts(config),
+        run_metrics=RunMetrics(catalogue, max_points_per_series=config.metrics_points_per_series),
     )
 
 
@@ -68,6 +70,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
         app.include_router(module.router)
+    from tether.server import routes_console
+
+    routes_console.install(app)  # console pages, run metrics JSON, Prometheus /metrics
     return app
 
 

@@ -10,6 +10,7 @@ nothing, so the model stays usable.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -144,7 +145,11 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
     def run() -> bytes:
         engine = host.training
         call = engine.forward if decoded.forward_only else engine.forward_backward
+        started = time.perf_counter()  # console hook
         result = call(model.model_id, engine_data(decoded.data), decoded.loss_fn, decoded.loss_fn_config)
+        if not decoded.forward_only:  # console hook
+            state.run_metrics.observe_forward_backward(model.model_id, decoded.data, result.metrics,
+                                                       seconds=time.perf_counter() - started)  # console hook
         return encode_forward_backward_output(numpy_outputs(result.outputs), float_metrics(result.metrics))
 
     request_id = submit_to_worker(state, host.worker, owner=owner, stream=model.model_id, seq_id=decoded.seq_id,
@@ -167,6 +172,7 @@ async def optim_step(body: wire.OptimStepRequest, state: ServerState = Depends(s
 
     def run() -> dict[str, Any]:
         metrics = host.training.optim_step(model.model_id, params)
+        state.run_metrics.observe_optim_step(model.model_id, metrics)  # console hook
         state.catalogue.touch_training_run(model.model_id)
         return {"metrics": float_metrics(metrics), "type": "optim_step"}
 

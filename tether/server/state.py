@@ -13,6 +13,7 @@ from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.futures import FutureStore
 from tether.server.model_hosts import ModelHosts
+from tether.server.run_metrics import RunMetrics
 
 
 @dataclass
@@ -23,11 +24,14 @@ class ServerState:
     checkpoints: CheckpointFiles
     futures: FutureStore
     hosts: ModelHosts
+    run_metrics: RunMetrics
+    """Per-run metric series (console curves): what the server observes and what clients log."""
     kept_graphs: dict[str, Any] = field(default_factory=dict)
     """Forward graphs kept for the one-pass custom loss, by the request id of their forward."""
 
     def close(self) -> None:
         self.hosts.close()
+        self.run_metrics.close()
         self.catalogue.close()
 
 
