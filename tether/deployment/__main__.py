@@ -10,6 +10,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tether.deployment", description=__doc__)
     parser.add_argument("--base-model", required=True, help="model name or local HF directory")
+    parser.add_argument("--model-path", default=None, help="local HF directory of --base-model (else resolved)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--state-dir", type=Path, default=None,
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from tether.deployment import build_deployment
 
     app, served = build_deployment(args.base_model, state_dir=args.state_dir, transition=args.transition,
-                                   model_names=args.model_name)
+                                   model_names=args.model_name, model_path=args.model_path)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
