@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from tether.client.deployments import DeploymentConfig, DeploymentManager, DeploymentSampler, WeightSyncer
+from tether.client.deployments import DeploymentConfig, DeploymentManager, WeightSyncer
 from tether.engine.model_loading import load_base_model
 from tether.engine.training_engine import TrainingEngine
 from tether.engine.training_types import AdamWParams, EngineDatum

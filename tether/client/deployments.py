@@ -24,7 +24,14 @@ from typing import Any
 
 import httpx
 
-from tether.types.errors import ConflictError, NotFoundError, OverloadedError, ServerError, TetherError, UserInputError
+from tether.types.errors import (
+    ConflictError,
+    NotFoundError,
+    OverloadedError,
+    ServerError,
+    TetherError,
+    UserInputError,
+)
 
 __all__ = [
     "DeploymentConfig",
