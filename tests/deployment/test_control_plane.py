@@ -7,11 +7,16 @@ are written into the owner's store the way the trainer's save_weights_for_sample
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
+from typing import Any
 
 import openai
 import pytest
 import torch
 
+from tether.cli import main
 from tether.client.deployments import DeploymentConfig, DeploymentManager, WeightSyncer
 from tether.engine.model_loading import load_base_model
 from tether.engine.training_engine import TrainingEngine
@@ -145,5 +150,19 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     after, identity = prompt_logprobs(manager, "dep-1")
     assert identity == path and torch.equal(after, before)
 
-    manager.delete("dep-1")
+    # the CLI
+    def cli(*argv: str) -> tuple[int, Any]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["deployments", "--base-url", thread.base_url, "--api-key", KEY, *argv])
+        return code, json.loads(out.getvalue()) if out.getvalue() else None
+
+    assert cli("create", "dep-1", "--base-model", str(model_dir))[1]["state"] == "READY"
+    assert [d["deployment_id"] for d in cli("list")[1]] == ["dep-1"]
+    first = f"tinker://{RUN}/sampler_weights/step-0"
+    code, shown = cli("hotload", "dep-1", first)
+    assert code == 0 and shown["current_snapshot_identity"] == first
+    assert cli("get", "dep-1")[1]["current_snapshot_identity"] == first
+    assert cli("get", "nobody")[0] == 1
+    assert cli("delete", "dep-1") == (0, {"deployment_id": "dep-1", "state": "DELETED"})
     assert manager.get("dep-1") is None and manager.list() == []
