@@ -5,8 +5,9 @@ and 20 steps at learning rates 1e-5 and 1e-4; after each, the sampler weights ar
 weights before training:
 
 * plain:  each tensor's bytes XOR the base's, `zstd` level 3 per tensor (the arc_v2 idea);
-* tether: `tether.storage.delta.write_delta` (XOR split in byte planes, each plane zstd level 3),
-          the file a `delta` sampler checkpoint stores.
+* tether: `tether.storage.delta.write_delta` (bit difference to the base, zigzag-mapped, elements
+          ordered by the base's exponent, split in byte planes, each plane zstd level 3), the file
+          a `delta` sampler checkpoint stores.
 
 Both are exact. Printed: full bytes ÷ delta bytes for each, and tether ÷ plain (target ≥ 1.5).
 
@@ -78,7 +79,7 @@ def main() -> None:
             delta = compute_delta(start, now)
             plain = sum(len(compressor.compress(x.numpy().tobytes())) for x in delta.xor.values())
             with tempfile.TemporaryDirectory() as tmp:
-                write_delta(Path(tmp), delta)
+                write_delta(Path(tmp), delta, start)
                 ours = (Path(tmp) / DELTA_FILE).stat().st_size
             ratios.append(plain / ours)
             print(f"{lr:7.0e} {target_steps:5d} {full / 1e6:8.2f} {full / plain:8.2f} {full / ours:9.2f} "

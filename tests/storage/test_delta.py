@@ -42,8 +42,8 @@ def test_round_trip_is_bit_exact_and_smaller_than_the_weights(tmp_path):
     target = _step(base)
     delta = compute_delta(base, target, metadata={"version": 2})
     assert delta.removed == ["dropped"] and sorted(delta.whole) == ["new_head"]
-    save_delta(tmp_path / "d", delta)
-    loaded = load_delta(tmp_path / "d")
+    save_delta(tmp_path / "d", delta, base)
+    loaded = load_delta(tmp_path / "d", base)
     assert loaded.metadata == {"version": 2}
     rebuilt = apply_delta(base, loaded)
     assert rebuilt.keys() == target.keys()
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact_and_smaller_than_the_weights(tmp_path):
 
 def test_unchanged_weights_cost_almost_nothing(tmp_path):
     base = _weights()
-    save_delta(tmp_path / "same", compute_delta(base, dict(base)))
+    save_delta(tmp_path / "same", compute_delta(base, dict(base)), base)
     assert (tmp_path / "same" / "delta.safetensors").stat().st_size < 2_000
 
 

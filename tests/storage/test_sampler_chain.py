@@ -182,7 +182,7 @@ def test_byte_planes_beat_plain_xor_zstd(tmp_path):
     w0 = {k: v for k, v in _full().items() if k != "lm_head.weight"}
     w1 = _adam_step(w0, 0, lr=1e-5)
     delta = compute_delta(w0, w1)
-    write_delta(tmp_path, delta)
+    write_delta(tmp_path, delta, w0)
     ours = (tmp_path / DELTA_FILE).stat().st_size
     plain = sum(len(zstandard.ZstdCompressor(level=3).compress(x.numpy().tobytes())) for x in delta.xor.values())
-    assert ours < plain / 1.1  # fp32: the low mantissa bytes of the XOR are noise either way
+    assert ours < plain / 1.5

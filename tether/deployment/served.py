@@ -212,7 +212,7 @@ class ServedWeights:
             raise UserInputError(f"checkpoint {link.identity} is for base model {link.base_model!r}; this "
                                  f"deployment serves {self.base_model!r}", field="path")
         held = self._base
-        if checkpoint.delta is not None:
+        if checkpoint.is_delta:
             if held is None or held.link.weights_fingerprint != link.base_fingerprint:
                 have = held.link.identity if held is not None else "no base"
                 raise UserInputError(f"delta {link.identity} applies to base {link.base_identity}, but this "
@@ -240,7 +240,7 @@ class ServedWeights:
         except BaseException:
             self.backend.unload(version)
             raise
-        if checkpoint.delta is None:
+        if not checkpoint.is_delta:
             self._base = _HeldBase(link, tensors, lora, str(directory))
         self._persist(served)
         self.hotloads += 1

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file
 
 from tether.storage.delta import (
+    DELTA_FILE,
     WEIGHTS_DELTA_KIND,
-    WeightsDelta,
     apply_delta,
     compute_delta,
     fingerprint,
@@ -50,7 +50,7 @@ from tether.storage.formats import (
     read_hf_weights,
     write_hf_weights,
 )
-from tether.storage.manifest import CorruptCheckpointError, read_manifest, write_manifest
+from tether.storage.manifest import CorruptCheckpointError, read_manifest, verify_files, write_manifest
 from tether.storage.store import CheckpointInfo, CheckpointRef, CheckpointStore, parse_ref, require_kind
 from tether.types.errors import NotFoundError, UserInputError
 
@@ -132,16 +132,24 @@ class SamplerCheckpoint:
     link: ChainLink
     weights: StoredHfWeights | None = None
     """Base or merged base: the weights themselves."""
-    delta: WeightsDelta | None = None
-    """Delta: apply to the base's tensors with `rebuild`."""
+    delta_dir: Path | None = None
+    """Delta: its directory (files verified); decoded against the base by `rebuild`."""
+    manifest: dict[str, Any] | None = None
     lora: Any = None
     """For a LoRA delta: the adapter layout (rank, alpha) recorded with it."""
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def is_delta(self) -> bool:
+        return self.delta_dir is not None
 
     def rebuild(self, base_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The delta's target tensors (bit exact); DeltaBaseMismatchError if `base_tensors` is not its base."""
-        if self.delta is None:
+        if self.delta_dir is None or self.manifest is None:
             raise ValueError("only a delta is rebuilt from a base")
-        return apply_delta(dict(base_tensors), self.delta)
+        base = dict(base_tensors)
+        delta = read_delta(self.delta_dir, self.manifest, base)
+        return apply_delta(base, delta, check_base=False)
 
 
 # ------------------------------------------------------------------ merge
@@ -327,12 +335,13 @@ def save_sampler_checkpoint_ext(
         raise UserInputError("a delta must hold the same kind of weights as its base (LoRA adapter vs full)",
                              field="checkpoint_type")
     base = _base_tensors(store, head)
-    delta = compute_delta(base, tensors)
+    # the base's fingerprint was checked when it was read (or cached at its save)
+    delta = compute_delta(base, tensors, base_fingerprint=head.base_fingerprint, target_fingerprint=weights_fp)
     link = ChainLink("delta", identity, head.base_identity, head.index + 1, weights_fp, head.base_fingerprint,
                      weights.is_lora, weights.base_model)
 
     def write_delta_dir(staging: Path) -> None:
-        layout = write_delta(staging, delta)
+        layout = write_delta(staging, delta, base, check_base=False)
         layout[_CHAIN] = asdict(link)
         layout["base_model"] = weights.base_model
         if weights.lora is not None:
@@ -364,7 +373,9 @@ def read_sampler_checkpoint_dir(directory: Path) -> SamplerCheckpoint:
         return SamplerCheckpoint(link=link, weights=read_hf_weights(directory, manifest))
     if manifest["kind"] == SAMPLER_DELTA_KIND:
         lora = LoraLayout(**layout["lora"]) if isinstance(layout.get("lora"), dict) else None
-        return SamplerCheckpoint(link=link, delta=read_delta(directory, manifest), lora=lora)
+        verify_files(directory, manifest, [DELTA_FILE])
+        return SamplerCheckpoint(link=link, delta_dir=directory, manifest=manifest, lora=lora,
+                                 metadata=manifest.get("metadata", {}))
     raise UserInputError(f"{directory} holds {manifest['kind']}, not sampler weights", field="path")
 
 
@@ -377,7 +388,7 @@ def load_sampler_checkpoint(store: CheckpointStore, ref: CheckpointRef) -> Store
         return checkpoint.weights
     tensors = checkpoint.rebuild(_base_tensors(store, checkpoint.link))
     return StoredHfWeights(base_model=checkpoint.link.base_model, tensors=tensors, lora=checkpoint.lora,
-                           metadata=checkpoint.delta.metadata if checkpoint.delta else {})
+                           metadata=checkpoint.metadata or {})
 
 
 def _kind_of(store: CheckpointStore, path: Any) -> str:
