@@ -98,13 +98,15 @@ def test_bad_hotloads_fail_and_keep_serving(deployment, chain, other_chain, tmp_
     client, served, _ = deployment
     assert client.post("/hot_load", json={"path": str(tmp_path / "nope")}).status_code == 404
     assert client.post("/hot_load", json={"path": ""}).status_code == 422
-    state = hotload(client, chain[1])  # a delta before its base
-    assert state["loading_state"]["stage"] == "error" and "base" in state["loading_state"]["error"]
+    state = hotload(client, chain[1])  # a delta before its parent
+    assert state["loading_state"]["stage"] == "error" and "applies to" in state["loading_state"]["error"]
     assert state["current_snapshot_identity"] == BASE_IDENTITY
-    good = hotload(client, chain[0])["current_snapshot_identity"]
+    hotload(client, chain[0])
+    assert hotload(client, chain[2])["loading_state"]["stage"] == "error"  # skips its parent step-1
+    good = hotload(client, chain[1])["current_snapshot_identity"]
     reference = sample(client)
     state = hotload(client, other_chain[1])  # a delta of another chain's base
-    assert state["loading_state"]["stage"] == "error" and "applies to base" in state["loading_state"]["error"]
+    assert state["loading_state"]["stage"] == "error" and "applies to" in state["loading_state"]["error"]
     assert state["current_snapshot_identity"] == good
     import shutil
 
@@ -141,11 +143,13 @@ def _run_in_flight(client, count):
 def test_async_in_flight_requests_finish_on_the_old_weights(deployment, chain):
     client, served, backend = deployment
     hotload(client, chain[0])
+    hotload(client, chain[1])
     old = sample(client, 12)
     hotload(client, chain[2])
     new = sample(client, 12)
     assert not same(old, new)
     hotload(client, chain[0])
+    hotload(client, chain[1])
     backend.gate.clear()
     results, threads = _run_in_flight(client, 4)
     while served._inflight < 4:
@@ -166,6 +170,7 @@ def test_async_in_flight_requests_finish_on_the_old_weights(deployment, chain):
 def test_sync_requests_pause_and_resume_on_the_new_weights(deployment, chain):
     client, served, backend = deployment
     hotload(client, chain[0])
+    hotload(client, chain[1])
     old = sample(client, 12)
     backend.gate.clear()
     results, threads = _run_in_flight(client, 2)
@@ -192,14 +197,14 @@ def test_sync_requests_pause_and_resume_on_the_new_weights(deployment, chain):
 def test_restart_resumes_the_last_good_weights(base, model_dir, chain, tmp_path):
     state_dir = tmp_path / "state"
     first = ServedWeights(EngineBackend(base), base_model=str(model_dir), state_dir=state_dir)
-    first.hotload(str(chain[0]))
-    first.hotload(str(chain[2]))
+    for path in chain:
+        first.hotload(str(path))
     want = first.submit(_greedy())[0].result(timeout=60).sequences[0].tokens
     with pytest.raises(Exception, match="sha256"):  # a hot-load that dies half way changes nothing on disk
         broken = tmp_path / "broken"
         import shutil
 
-        shutil.copytree(chain[1], broken)
+        shutil.copytree(chain[2], broken)
         (broken / "delta.safetensors").write_bytes(b"garbage")
         first.hotload(str(broken))
     first.backend.close()

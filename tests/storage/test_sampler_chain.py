@@ -73,6 +73,7 @@ def test_auto_chain_is_base_then_deltas_rebuilt_bit_exact(tmp_path, base_dir):
     assert [s.checkpoint_type for s in saved] == ["base", "delta", "delta", "delta"]
     assert [s.link.index for s in saved] == [0, 1, 2, 3]
     assert {s.link.base_identity for s in saved} == {_path("s0")}
+    assert [s.link.parent_identity for s in saved] == ["", _path("s0"), _path("s1"), _path("s2")]
     assert saved[1].stored_bytes < saved[0].stored_bytes
     delta_dir = store.directory(_path("s1"))
     assert (delta_dir / "config.json").is_file()  # same HF layout as a full snapshot, minus the weights
@@ -83,14 +84,14 @@ def test_chain_bookkeeping_survives_a_restart(tmp_path, base_dir):
     weights = _full()
     chain.save_sampler_checkpoint_ext(store, _path("a"), _hf(weights), base_model_dir=base_dir)
     chain.save_sampler_checkpoint_ext(store, _path("b"), _hf(_adam_step(weights, 0)), base_model_dir=base_dir)
-    chain._base_cache.clear()  # a new process: nothing in memory
+    chain._cache.clear()  # a new process: nothing in memory
     reopened = LocalCheckpointStore(tmp_path / "store")
     head = chain.chain_head(reopened, RUN)
     assert head is not None and head.identity == _path("b") and head.index == 1
     later = _adam_step(_adam_step(weights, 0), 1)
     saved = chain.save_sampler_checkpoint_ext(reopened, _path("c"), _hf(later), base_model_dir=base_dir)
     assert saved.checkpoint_type == "delta" and saved.link.index == 2
-    chain._base_cache.clear()
+    chain._cache.clear()
     assert _bits_equal(chain.load_sampler_checkpoint(reopened, _path("c")).tensors, later)
     # another run has its own chain
     other = chain.save_sampler_checkpoint_ext(reopened, _path("x", run="sess-2:train:0"), _hf(weights),

@@ -1,8 +1,8 @@
 """Which weights a deployment serves, and hot-loading new ones without a restart.
 
 A hot-load reads a chain checkpoint directory (`tether.storage.sampler_chain`): a base or merged
-base is loaded as is; a delta is applied to the base the deployment holds, and refused if that is
-not its base. Every file is checked against its manifest's sha256 and the rebuilt weights against
+base is loaded as is; a delta is applied to the weights the deployment serves, and refused unless
+those are its parent (the chain's previous checkpoint). Every file is checked against its manifest's sha256 and the rebuilt weights against
 the recorded fingerprint before anything changes, so a wrong, truncated or corrupted checkpoint
 fails with its cause in the status while the previous weights keep serving.
 
@@ -15,7 +15,7 @@ Transitions:
   weights. No request ever sees two versions.
 
 Either way a request is served entirely by one version, and each answer names it. After every
-successful hot-load the served checkpoints (base, and delta if any) are recorded in
+successful hot-load the chain of checkpoints that rebuilds the served weights is recorded in
 `<state_dir>/served.json` (atomic replace), so a deployment that crashes mid-hot-load restarts on
 its last good weights.
 """
@@ -60,7 +60,8 @@ class ServedVersion:
     """The backend's name for it (None = the bare base model)."""
     checkpoint_type: str = "none"
     path: str = ""
-    base_path: str = ""
+    chain: list[str] = field(default_factory=list)
+    """Checkpoint directories applied in order to get these weights: the base, then each delta."""
     weights_fingerprint: str = ""
     base_identity: str = ""
     loaded_at: float = field(default_factory=time.time)
@@ -80,11 +81,13 @@ class LoadingState:
 
 
 @dataclass
-class _HeldBase:
+class _Held:
+    """The full tensors of the version served (a delta applies to them)."""
+
     link: ChainLink
     tensors: dict[str, torch.Tensor]
     lora: LoraLayout | None
-    path: str
+    chain: list[str]
 
 
 class ServedWeights:
@@ -102,7 +105,7 @@ class ServedWeights:
         self._paused = False
         self._inflight = 0
         self._current = ServedVersion(identity=BASE_IDENTITY, version=None)
-        self._base: _HeldBase | None = None
+        self._held: _Held | None = None
         self._loading = LoadingState()
         self._load_lock = threading.Lock()
         self._numbers = itertools.count(1)
@@ -211,15 +214,16 @@ class ServedWeights:
         if link.base_model and link.base_model != self.base_model:
             raise UserInputError(f"checkpoint {link.identity} is for base model {link.base_model!r}; this "
                                  f"deployment serves {self.base_model!r}", field="path")
-        held = self._base
+        held = self._held
         if checkpoint.is_delta:
-            if held is None or held.link.weights_fingerprint != link.base_fingerprint:
-                have = held.link.identity if held is not None else "no base"
-                raise UserInputError(f"delta {link.identity} applies to base {link.base_identity}, but this "
-                                     f"deployment holds {have}; hot-load that base first", field="path")
+            if held is None or held.link.weights_fingerprint != link.parent_fingerprint:
+                have = held.link.identity if held is not None else "the bare base model"
+                raise UserInputError(f"delta {link.identity} applies to {link.parent_identity}, but this "
+                                     f"deployment serves {have}; hot-load that checkpoint (or a base) first",
+                                     field="path")
             tensors = checkpoint.rebuild(held.tensors)
             lora = checkpoint.lora
-            base_path = held.path
+            chain = [*held.chain, str(directory)]
         else:
             assert checkpoint.weights is not None
             tensors = checkpoint.weights.tensors
@@ -227,12 +231,12 @@ class ServedWeights:
             if fingerprint(tensors) != link.weights_fingerprint:
                 raise UserInputError(f"checkpoint {link.identity} does not hold the weights its chain record "
                                      "names", field="path")
-            base_path = str(directory)
+            chain = [str(directory)]
         version = f"v{next(self._numbers)}"
         self.backend.load(version, tensors, lora)
         served = ServedVersion(
             identity=identity or link.identity, version=version, checkpoint_type=link.checkpoint_type,
-            path=str(directory), base_path=base_path, weights_fingerprint=link.weights_fingerprint,
+            path=str(directory), chain=chain, weights_fingerprint=link.weights_fingerprint,
             base_identity=link.base_identity,
         )
         try:
@@ -240,8 +244,7 @@ class ServedWeights:
         except BaseException:
             self.backend.unload(version)
             raise
-        if not checkpoint.is_delta:
-            self._base = _HeldBase(link, tensors, lora, str(directory))
+        self._held = _Held(link, tensors, lora, chain)
         self._persist(served)
         self.hotloads += 1
 
@@ -265,8 +268,7 @@ class ServedWeights:
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        record = {"identity": served.identity, "path": served.path, "base_path": served.base_path,
-                  "checkpoint_type": served.checkpoint_type}
+        record = {"identity": served.identity, "chain": served.chain, "checkpoint_type": served.checkpoint_type}
         tmp = self.state_dir / f".{_STATE_FILE}.tmp"
         tmp.write_text(json.dumps(record))
         with open(tmp, "rb") as handle:
@@ -274,14 +276,15 @@ class ServedWeights:
         os.replace(tmp, self.state_dir / _STATE_FILE)
 
     def restore(self) -> bool:
-        """Load the last good weights recorded in the state dir (base first, then its delta).
+        """Load the last good weights recorded in the state dir (the base, then each delta in order).
 
         Returns False when nothing was recorded. Raises if the recorded checkpoints cannot be loaded.
         """
         if self.state_dir is None or not (self.state_dir / _STATE_FILE).is_file():
             return False
         record = json.loads((self.state_dir / _STATE_FILE).read_text())
-        if record["base_path"] != record["path"]:
-            self.hotload(record["base_path"], transition="ASYNC")
-        self.hotload(record["path"], identity=record["identity"], transition="ASYNC")
+        *parents, last = record["chain"]
+        for path in parents:
+            self.hotload(path, transition="ASYNC")
+        self.hotload(last, identity=record["identity"], transition="ASYNC")
         return True

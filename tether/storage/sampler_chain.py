@@ -6,16 +6,19 @@ A chain lives in one training run's `sampler_weights/` directory:
   adapter for LoRA, `model.safetensors` for full fine-tuning. Loadable anywhere.
 * **merged_base** — a LoRA folded into the base model's full weights (`W + alpha/r · B @ A`),
   exported as a full Hugging Face model, so servers without LoRA support load it.
-* **delta** — the exact XOR of the new weights against the chain's base, zstd-compressed in byte
-  planes (`tether.storage.delta`), plus the base's config and tokenizer files. Its manifest names
-  the base checkpoint and the sha256 fingerprints of the base and of the result, so a delta applied
-  to anything but its base fails loudly and the rebuilt weights are verified bit for bit.
+* **delta** — the exact bit difference of the new weights against the chain's previous checkpoint
+  (its parent: the base or the last delta), compressed by `tether.storage.delta`, plus the base
+  model's config and tokenizer files. Its manifest names the parent and the sha256 fingerprints
+  of the parent's weights and of the result, so a delta applied to anything but its parent fails
+  loudly and the rebuilt weights are verified bit for bit.
 
 Every checkpoint of a chain records its place in its own manifest (`layout["chain"]`: type,
 identity, base identity, index, fingerprints). The head of a run's chain is found by reading those
 manifests, so the bookkeeping survives a restart without any catalogue. Deltas are taken against
-the chain's base, not the previous delta: any delta of the chain rebuilds from the base alone, and
-a delta's size tells when a fresh base pays off.
+the previous checkpoint because one optimizer step changes weights far less than many do (about
+10x smaller than the full weights for one step, ~1.5x after 20; see bench/delta_size.py); the
+price is that a delta rebuilds only from its parent, so a deployment applies the chain in order
+and a fresh base now and then bounds the chain (WeightSyncer's `rebase_every`).
 
 This module knows storage formats and tensors, never the engine or a server.
 """
@@ -95,6 +98,10 @@ class ChainLink:
     is_lora: bool
     """The weights are LoRA adapter tensors (base or delta of an adapter)."""
     base_model: str = ""
+    parent_identity: str = ""
+    """A delta: the checkpoint it applies to (the chain's previous one); "" for a base."""
+    parent_fingerprint: str = ""
+    """A delta: the weights fingerprint of its parent."""
 
     @staticmethod
     def from_layout(layout: Mapping[str, Any], where: str) -> ChainLink:
@@ -133,7 +140,7 @@ class SamplerCheckpoint:
     weights: StoredHfWeights | None = None
     """Base or merged base: the weights themselves."""
     delta_dir: Path | None = None
-    """Delta: its directory (files verified); decoded against the base by `rebuild`."""
+    """Delta: its directory (files verified); decoded against its parent by `rebuild`."""
     manifest: dict[str, Any] | None = None
     lora: Any = None
     """For a LoRA delta: the adapter layout (rank, alpha) recorded with it."""
@@ -144,7 +151,8 @@ class SamplerCheckpoint:
         return self.delta_dir is not None
 
     def rebuild(self, base_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The delta's target tensors (bit exact); DeltaBaseMismatchError if `base_tensors` is not its base."""
+        """The delta's target tensors (bit exact) from its parent's tensors; DeltaBaseMismatchError if
+        `base_tensors` are not its parent's."""
         if self.delta_dir is None or self.manifest is None:
             raise ValueError("only a delta is rebuilt from a base")
         base = dict(base_tensors)
@@ -225,30 +233,47 @@ def chain_head(store: CheckpointStore, training_run_id: str) -> ChainLink | None
     return head
 
 
-_base_cache_lock = threading.Lock()
-_base_cache: dict[str, dict[str, torch.Tensor]] = {}
-"""Tensors of the last base read for a delta, by fingerprint (one entry)."""
+_cache_lock = threading.Lock()
+_cache: dict[str, dict[str, torch.Tensor]] = {}
+"""Full tensors of the last chain checkpoints saved or rebuilt, by weights fingerprint (two kept)."""
+_CACHE_SIZE = 2
 
 
-def _base_tensors(store: CheckpointStore, link: ChainLink) -> dict[str, torch.Tensor]:
-    with _base_cache_lock:
-        cached = _base_cache.get(link.base_fingerprint)
+def _remember(weights_fingerprint: str, tensors: dict[str, torch.Tensor]) -> None:
+    with _cache_lock:
+        _cache.pop(weights_fingerprint, None)
+        _cache[weights_fingerprint] = tensors
+        while len(_cache) > _CACHE_SIZE:
+            _cache.pop(next(iter(_cache)))
+
+
+def _chain_link(store: CheckpointStore, identity: str) -> tuple[ChainLink, str]:
+    path = parse_ref(identity)
+    info = store.info(path)
+    with store._checkout(path, info.format, "a sampler checkpoint") as (_, manifest):
+        return ChainLink.from_layout(manifest.get("layout", {}), identity), info.format
+
+
+def _weights_of(store: CheckpointStore, link: ChainLink) -> dict[str, torch.Tensor]:
+    """The full tensors a chain checkpoint holds: read (a base) or rebuilt from its parents (a delta)."""
+    with _cache_lock:
+        cached = _cache.get(link.weights_fingerprint)
     if cached is not None:
         return cached
-    path = parse_ref(link.base_identity)
-    with store._checkout(path, HF_WEIGHTS_KIND, "a base sampler checkpoint") as (directory, manifest):
-        tensors = read_hf_weights(directory, manifest).tensors
-    if fingerprint(tensors) != link.base_fingerprint:
-        raise CorruptCheckpointError(f"base checkpoint {link.base_identity} does not hold the weights "
-                                     "its chain recorded")
-    _remember_base(link.base_fingerprint, tensors)
+    path = parse_ref(link.identity)
+    if link.checkpoint_type == "delta":
+        parent, _ = _chain_link(store, link.parent_identity)
+        parent_tensors = _weights_of(store, parent)
+        with store._checkout(path, SAMPLER_DELTA_KIND, "a delta sampler checkpoint") as (directory, _):
+            tensors = read_sampler_checkpoint_dir(directory).rebuild(parent_tensors)
+    else:
+        with store._checkout(path, HF_WEIGHTS_KIND, "a base sampler checkpoint") as (directory, manifest):
+            tensors = read_hf_weights(directory, manifest).tensors
+        if fingerprint(tensors) != link.weights_fingerprint:
+            raise CorruptCheckpointError(f"base checkpoint {link.identity} does not hold the weights "
+                                         "its chain recorded")
+    _remember(link.weights_fingerprint, tensors)
     return tensors
-
-
-def _remember_base(weights_fingerprint: str, tensors: dict[str, torch.Tensor]) -> None:
-    with _base_cache_lock:
-        _base_cache.clear()
-        _base_cache[weights_fingerprint] = tensors
 
 
 # ------------------------------------------------------------------ save
@@ -282,8 +307,8 @@ def save_sampler_checkpoint_ext(
 ) -> SavedSamplerCheckpoint:
     """Write sampler weights as a chain checkpoint under a `sampler_weights/` path.
 
-    `checkpoint_type`: "base" (full weights, starts a new chain), "delta" (exact XOR against the
-    base of the run's newest chain), "merged_base" (LoRA folded into the full base weights, a new
+    `checkpoint_type`: "base" (full weights, starts a new chain), "delta" (exact difference to the
+    run's newest chain checkpoint, its parent), "merged_base" (LoRA folded into the full base weights, a new
     chain), or None = automatic: "delta" when the run already has a chain, else "base".
     A delta of a chain whose base is a merged base is taken on merged weights (LoRA folded in).
 
@@ -325,7 +350,7 @@ def save_sampler_checkpoint_ext(
             write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
 
         info = store._save(path, write, overwrite=overwrite)
-        _remember_base(weights_fp, tensors)
+        _remember(weights_fp, tensors)
         return SavedSamplerCheckpoint(info=info, link=link, full_bytes=full_bytes)
 
     if head is None:
@@ -334,14 +359,15 @@ def save_sampler_checkpoint_ext(
     if head.is_lora != weights.is_lora:
         raise UserInputError("a delta must hold the same kind of weights as its base (LoRA adapter vs full)",
                              field="checkpoint_type")
-    base = _base_tensors(store, head)
-    # the base's fingerprint was checked when it was read (or cached at its save)
-    delta = compute_delta(base, tensors, base_fingerprint=head.base_fingerprint, target_fingerprint=weights_fp)
+    parent = _weights_of(store, head)
+    # the parent's fingerprint was checked when it was read or rebuilt (or cached at its save)
+    delta = compute_delta(parent, tensors, base_fingerprint=head.weights_fingerprint, target_fingerprint=weights_fp)
     link = ChainLink("delta", identity, head.base_identity, head.index + 1, weights_fp, head.base_fingerprint,
-                     weights.is_lora, weights.base_model)
+                     weights.is_lora, weights.base_model, parent_identity=head.identity,
+                     parent_fingerprint=head.weights_fingerprint)
 
     def write_delta_dir(staging: Path) -> None:
-        layout = write_delta(staging, delta, base, check_base=False)
+        layout = write_delta(staging, delta, parent, check_base=False)
         layout[_CHAIN] = asdict(link)
         layout["base_model"] = weights.base_model
         if weights.lora is not None:
@@ -351,6 +377,7 @@ def save_sampler_checkpoint_ext(
         write_manifest(staging, kind=SAMPLER_DELTA_KIND, metadata=weights.metadata, layout=layout)
 
     info = store._save(path, write_delta_dir, overwrite=overwrite)
+    _remember(weights_fp, tensors)
     return SavedSamplerCheckpoint(info=info, link=link, full_bytes=full_bytes)
 
 
@@ -386,7 +413,7 @@ def load_sampler_checkpoint(store: CheckpointStore, ref: CheckpointRef) -> Store
         checkpoint = read_sampler_checkpoint_dir(directory)
     if checkpoint.weights is not None:
         return checkpoint.weights
-    tensors = checkpoint.rebuild(_base_tensors(store, checkpoint.link))
+    tensors = _weights_of(store, checkpoint.link)
     return StoredHfWeights(base_model=checkpoint.link.base_model, tensors=tensors, lora=checkpoint.lora,
                            metadata=checkpoint.metadata or {})
 
