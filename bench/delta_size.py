@@ -10,6 +10,8 @@ weights before training:
           a `delta` sampler checkpoint stores.
 
 Both are exact. Printed: full bytes ÷ delta bytes for each, and tether ÷ plain (target ≥ 1.5).
+A chain (`tether.storage.sampler_chain`) takes each delta against the previous save, so the last
+column gives tether's full ÷ delta averaged over the one-step deltas of the same run so far.
 
     PYTHONPATH=. python bench/delta_size.py [--steps 1 5 20] [--lrs 1e-5 1e-4] [--batch 8] [--length 64]
 """
@@ -40,6 +42,12 @@ def unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def delta_bytes(delta, base) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_delta(Path(tmp), delta, base)
+        return (Path(tmp) / DELTA_FILE).stat().st_size
+
+
 def batch(step: int, size: int, length: int, vocab: int) -> list[EngineDatum]:
     rng = np.random.default_rng(step)
     text = "the quick brown fox jumps over the lazy dog; tether saves weights for sampling. " * 20
@@ -62,28 +70,31 @@ def main() -> None:
     engine = TrainingEngine(base)
     compressor = zstandard.ZstdCompressor(level=3)
     print(f"model {DEFAULT_MODEL_NAME} fp32, full fine-tuning, AdamW, batch {args.batch}×{args.length} tokens")
-    print(f"{'lr':>7} {'steps':>5} {'full MB':>8} {'plain ×':>8} {'tether ×':>9} {'tether/plain':>13}")
+    print(f"{'lr':>7} {'steps':>5} {'full MB':>8} {'plain ×':>8} {'tether ×':>9} {'tether/plain':>13} "
+          f"{'chained ×':>10}")
     ratios = []
     for lr in args.lrs:
         model_id = f"bench-{lr}"
         engine.create_model(model_id, lora=None)
         start = unique(engine.sampler_weights(model_id).tensors)
+        previous, chained = start, []
         done = 0
         for target_steps in sorted(args.steps):
             while done < target_steps:
                 engine.forward_backward(model_id, batch(done, args.batch, args.length, base.vocab_size), "cross_entropy")
                 engine.optim_step(model_id, AdamWParams(learning_rate=lr))
                 done += 1
+                current = unique(engine.sampler_weights(model_id).tensors)
+                chained.append(delta_bytes(compute_delta(previous, current), previous))
+                previous = current
             now = unique(engine.sampler_weights(model_id).tensors)
             full = sum(t.numel() * t.element_size() for t in now.values())
             delta = compute_delta(start, now)
             plain = sum(len(compressor.compress(x.numpy().tobytes())) for x in delta.xor.values())
-            with tempfile.TemporaryDirectory() as tmp:
-                write_delta(Path(tmp), delta, start)
-                ours = (Path(tmp) / DELTA_FILE).stat().st_size
+            ours = delta_bytes(delta, start)
             ratios.append(plain / ours)
             print(f"{lr:7.0e} {target_steps:5d} {full / 1e6:8.2f} {full / plain:8.2f} {full / ours:9.2f} "
-                  f"{plain / ours:13.2f}")
+                  f"{plain / ours:13.2f} {full / (sum(chained) / len(chained)):10.2f}")
         engine.delete_model(model_id)
     print(f"tether/plain: min {min(ratios):.2f}, max {max(ratios):.2f} (target >= 1.5)")
 
