@@ -17,6 +17,7 @@ process and imports nothing of `tether.deployment`.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -164,7 +165,11 @@ async def proxy(deployment_id: str, rest: str, request: Request, owner: str = De
     body = await request.body()
     headers = {"content-type": request.headers.get("content-type", "application/json")}
     target = f"{url}/v1/{rest}"
-    if request.method == "POST" and b'"stream":true' in body.replace(b" ", b""):
+    try:
+        streaming = request.method == "POST" and json.loads(body or b"{}").get("stream") is True
+    except (ValueError, AttributeError):
+        streaming = False  # the deployment answers the malformed body with its own 4xx
+    if streaming:
         client = httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S)
         upstream = await client.send(client.build_request("POST", target, content=body, headers=headers),
                                      stream=True)
