@@ -72,6 +72,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             reaper.cancel()
+            from tether.server import routes_deployments  # deployments hook (deployments branch)
+
+            await asyncio.to_thread(routes_deployments.close, app)
             await asyncio.to_thread(state.close)
 
     app = FastAPI(title="tether", lifespan=lifespan)
@@ -82,6 +85,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     from tether.server import routes_console
 
     routes_console.install(app)  # console pages, run metrics JSON, Prometheus /metrics
+    from tether.server import routes_deployments
+
+    routes_deployments.install(app)  # deployments: control plane + hot-load/inference proxy
     return app
 
 

@@ -1,6 +1,7 @@
 """Checkpoint storage: formats (training state, Hugging Face weights), atomic writes, checksums and
 stores addressed by `tinker://` path; exact compressed weight deltas for weight sync live in
-`tether.storage.delta`. Knows tensors and JSON metadata, never the engine."""
+`tether.storage.delta`, and base / delta / merged-base sampler checkpoint chains in
+`tether.storage.sampler_chain`. Knows tensors and JSON metadata, never the engine."""
 
 from tether.storage.formats import LoraLayout, StoredHfWeights, StoredTrainingState
 from tether.storage.fsspec_store import FsspecCheckpointStore
