@@ -335,6 +335,8 @@ class WeightSyncer:
         """Save (no hot-load); returns (tinker path, checkpoint type written)."""
         kind = self._next_type(checkpoint_type)
         result = self.policy_client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
+        if hasattr(result, "result"):  # tether's TrainingClient answers a future
+            result = result.result()
         get = result.get if isinstance(result, dict) else lambda k, d=None: getattr(result, k, d)
         path, written = get("path"), get("checkpoint_type", kind) or kind
         if written == "delta":

@@ -156,6 +156,9 @@ SAVE_WEIGHTS_FOR_SAMPLER = Route(
     _model(data.SaveWeightsForSamplerResponse),  # the named form: `path` is required
     future=True,
 )
+SAVE_WEIGHTS_FOR_SAMPLER_EXT = Route("POST", f"{_V1}/tether/save_weights_for_sampler_ext",
+                                     w.SaveWeightsForSamplerExtRequest, _model(w.SaveWeightsForSamplerExtResponse),
+                                     future=True)
 SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
     "POST",
     f"{_V1}/save_weights_for_sampler",

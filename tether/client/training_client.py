@@ -37,6 +37,8 @@ from tether.types.wire import (
     BackwardFromLogprobGradsRequest,
     LogMetricsRequest,
     OptimStepRequest,
+    SaveWeightsForSamplerExtRequest,
+    SaveWeightsForSamplerExtResponse,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     TensorDataJson,
@@ -241,6 +243,19 @@ class TrainingClient:
             user_metadata=user_metadata,
         )
         return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER, body, "save_weights_for_sampler")
+
+    def save_weights_for_sampler_ext(
+        self, name: str, checkpoint_type: Literal["base", "delta", "merged_base"] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> APIFuture[SaveWeightsForSamplerExtResponse]:
+        """Save sampling weights into the run's checkpoint chain, for deployments to hot-load
+        (fireworks-training-api.md §4.2): `"base"` (full weights), `"delta"` (an exact diff against the
+        run's previous chain checkpoint, about ten times smaller), `"merged_base"` (a LoRA folded into
+        full weights), or None (a base first, deltas after). A tether extension.
+        """
+        body = make_wire(SaveWeightsForSamplerExtRequest, model_id=self.model_id, path=name,
+                         checkpoint_type=checkpoint_type, ttl_seconds=ttl_seconds)
+        return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER_EXT, body, "save_weights_for_sampler_ext")
 
     def save_weights_and_get_sampling_client(
         self, name: str | None = None, retry_config: Any = None, kind: Literal["snapshot", "inflight"] = "snapshot"

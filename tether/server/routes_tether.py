@@ -19,6 +19,7 @@ from tether.server.operations import new_request_id, submit_op
 from tether.server.routes_training import encode_forward_output, off_loop_if_large, trainer_for, training_data
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import ops, wire
+from tether.types.paths import ParsedCheckpointPath, validate_checkpoint_name
 from tether.types.proto import decode_forward_backward_request
 
 router = APIRouter(prefix="/api/v1/tether")
@@ -69,4 +70,29 @@ async def backward_from_logprob_grads(body: wire.BackwardFromLogprobGradsRequest
     op = ops.BackwardFromLogprobGrads(model_id=model.model_id, graph_id=body.graph_id, logprob_grads=grads)
     request_id = submit_op(state, trainer, op, owner=owner, kind="backward", stream=model.model_id,
                            seq_id=body.seq_id, finish=lambda result: {"metrics": result.metrics})
+    return {"request_id": request_id, "model_id": model.model_id}
+
+
+@router.post("/save_weights_for_sampler_ext")
+async def save_weights_for_sampler_ext(body: wire.SaveWeightsForSamplerExtRequest,
+                                       state: ServerState = Depends(server_state),
+                                       owner: str = Depends(request_owner)) -> dict[str, str]:
+    """A sampler checkpoint in the run's chain (base, delta or merged base) that deployments hot-load."""
+    model = state.live.model(body.model_id, owner)
+    path = ParsedCheckpointPath(model.model_id, "sampler", validate_checkpoint_name(body.path))
+    trainer = await trainer_for(state, model.base_model)
+
+    def finish(written: ops.CheckpointWritten) -> dict[str, object]:
+        state.catalogue.add_checkpoint(model.model_id, path.checkpoint_id, owner, checkpoint_type="sampler",
+                                       directory=written.directory, size_bytes=written.size_bytes,
+                                       ttl_seconds=body.ttl_seconds,
+                                       user_metadata={"chain_checkpoint_type": written.checkpoint_type or ""})
+        return wire.SaveWeightsForSamplerExtResponse(
+            path=written.path, checkpoint_type=written.checkpoint_type, stored_bytes=written.size_bytes,  # type: ignore[arg-type]
+            full_bytes=written.full_bytes or written.size_bytes).model_dump()
+
+    op = ops.SaveWeightsForSamplerExt(model_id=model.model_id, owner=owner, path=path.tinker_path,
+                                      checkpoint_type=body.checkpoint_type)
+    request_id = submit_op(state, trainer, op, owner=owner, kind="save-ext", stream=model.model_id,
+                           seq_id=body.seq_id, finish=finish)
     return {"request_id": request_id, "model_id": model.model_id}

@@ -129,6 +129,30 @@ class SaveWeightsResponse(WireModel):
     type: Literal["save_weights"] | None = "save_weights"
 
 
+class SaveWeightsForSamplerExtRequest(WireModel):
+    """tether's `save_weights_for_sampler_ext`: a sampler checkpoint in a chain of base and delta
+    checkpoints (fireworks-training-api.md §4.2, §6). `checkpoint_type` None: the run's first chain
+    save is a base, later ones deltas against the previous checkpoint."""
+
+    model_id: str
+    path: str
+    """The checkpoint's name (`sampler_weights/<path>`)."""
+    checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
+    seq_id: int | None = None
+    ttl_seconds: TtlSeconds | None = None
+    type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
+
+
+class SaveWeightsForSamplerExtResponse(WireModel):
+    path: str
+    checkpoint_type: Literal["base", "delta", "merged_base"]
+    stored_bytes: int
+    """Bytes written (a delta is much smaller than its weights)."""
+    full_bytes: int
+    """Bytes of the weights uncompressed."""
+    type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
+
+
 class SaveWeightsForSamplerRequest(WireModel):
     """Named form (`path` = a name) or ephemeral form (`sampling_session_seq_id`, no path)."""
 
