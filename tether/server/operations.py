@@ -17,7 +17,10 @@ from tether.server.state import ServerState
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+    """`<prefix>-<server instance id>-<random>`: a poll after a restart is told the server restarted."""
+    from tether.server.futures import current_instance_id  # (hardening hook: instance id in request ids)
+
+    return f"{prefix}-{current_instance_id()}-{uuid.uuid4().hex[:20]}"
 
 
 def submit_to_worker(

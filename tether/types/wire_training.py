@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from tether.types.wire_base import NonNegativeInt, TtlSeconds, WireModel
+from tether.types.wire_base import (
+    Int64,
+    NonNegativeInt,
+    Seed,
+    StrUserMetadata,
+    TtlSeconds,
+    UserMetadata,
+    WireModel,
+)
 from tether.types.wire_sampling import TensorDataJson
 
 # ------------------------------------------------------------------ training (§3.2)
@@ -16,7 +24,7 @@ from tether.types.wire_sampling import TensorDataJson
 class LoraConfig(WireModel):
     rank: NonNegativeInt
     """LoRA rank; tether reads 0 as full fine-tuning."""
-    seed: int | None = None
+    seed: Seed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -39,7 +47,7 @@ class CreateModelRequest(WireModel):
     session_id: str
     model_seq_id: NonNegativeInt
     base_model: str
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: UserMetadata | None = None
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
     type: Literal["create_model"] = "create_model"
@@ -68,7 +76,7 @@ class GetInfoResponse(WireModel):
     type: Literal["get_info"] = "get_info"
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
     is_lora: bool | None = None
-    lora_rank: int | None = None
+    lora_rank: NonNegativeInt | None = None
     model_name: str | None = None
 
 
@@ -90,7 +98,7 @@ class OptimStepRequest(WireModel):
     """
 
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     adam_params: AdamParams | None = Field(
         default=None, validation_alias=AliasChoices("adam_params", "optim_params")
     )
@@ -112,10 +120,10 @@ class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None
     """The checkpoint name (not a tinker:// path); the server picks one when absent."""
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrUserMetadata | None = None
     type: Literal["save_weights"] = "save_weights"
 
 
@@ -131,9 +139,9 @@ class SaveWeightsForSamplerRequest(WireModel):
     path: str | None = None
     sampling_session_seq_id: NonNegativeInt | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrUserMetadata | None = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
     @model_validator(mode="after")
@@ -159,7 +167,7 @@ class SaveWeightsForSamplerResponse(WireModel):
 class SaveWeightsExternalRequest(WireModel):
     model_id: str
     path: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
     age_encryption_recipients: list[str] | None = None
     type: Literal["save_weights_external"] = "save_weights_external"
@@ -167,7 +175,7 @@ class SaveWeightsExternalRequest(WireModel):
 
 class SaveWeightsExternalResponse(WireModel):
     path: str
-    size_bytes: int | None = None
+    size_bytes: NonNegativeInt | None = None
     type: Literal["save_weights_external"] | None = "save_weights_external"
 
 
@@ -176,11 +184,11 @@ class LoadWeightsRequest(WireModel):
     into an existing model (`model_id` + `seq_id`)."""
 
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
     model_seq_id: NonNegativeInt | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: UserMetadata | None = None
     path: str
     optimizer: bool
     optimizer_config: OptimizerConfig | None = None
@@ -219,7 +227,7 @@ class CreateCustomLossRequest(WireModel):
     """A traced custom loss (only sent with `custom_loss_server_side`); the graph stays opaque."""
 
     session_id: str
-    custom_loss_seq_id: int
+    custom_loss_seq_id: Int64
     name: str
     inputs: list[dict[str, Any]]
     graph: dict[str, Any]
@@ -234,7 +242,7 @@ class BackwardFromLogprobGradsRequest(WireModel):
     graph kept by `POST /api/v1/tether/forward_keep_graph` (whose request id is `graph_id`)."""
 
     model_id: str
-    seq_id: int
+    seq_id: Int64
     graph_id: str
     logprob_grads: list[TensorDataJson]
     type: Literal["backward_from_logprob_grads"] = "backward_from_logprob_grads"
