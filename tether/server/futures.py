@@ -50,6 +50,10 @@ def set_current_instance_id(instance_id: str) -> contextvars.Token:
     return _current_instance.set(instance_id)
 
 
+def reset_current_instance_id(token: contextvars.Token) -> None:
+    _current_instance.reset(token)
+
+
 def instance_of_request_id(request_id: str) -> str | None:
     """The server instance a request id names (`<kind>-<instance>-<random>`); None for other ids."""
     match = _INSTANCE_IN_REQUEST_ID.search(request_id)

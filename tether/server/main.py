@@ -24,7 +24,9 @@ from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
+from tether.server.guard import RequestGuard
 from tether.server.model_hosts import ModelHosts
+from tether.server.responses import FiniteJSONResponse
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
 
@@ -63,8 +65,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             reaper.cancel()
             await asyncio.to_thread(state.close)
 
-    app = FastAPI(title="tether", lifespan=lifespan)
+    app = FastAPI(title="tether", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.tether = state
+    app.add_middleware(RequestGuard, state=state)
     install_error_handlers(app)
     for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
         app.include_router(module.router)
