@@ -26,6 +26,7 @@ from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
 from tether.server.guard import RequestGuard
 from tether.server.model_hosts import ModelHosts
+from tether.server.reconcile import reconcile_storage
 from tether.server.responses import FiniteJSONResponse
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
@@ -55,6 +56,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     from tether.server import routes_rest, routes_sampling, routes_service, routes_tether, routes_training
 
     state = build_state(config)
+    data_dir_lock = reconcile_storage(Path(config.data_dir).expanduser(), state.catalogue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +66,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             reaper.cancel()
             await asyncio.to_thread(state.close)
+            data_dir_lock.release()
 
     app = FastAPI(title="tether", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.tether = state
