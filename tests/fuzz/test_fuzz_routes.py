@@ -1,7 +1,7 @@
 """Property-based fuzzing of every route of `/openapi.json` and of the protobuf bodies.
 
-schemathesis generates requests from the live server's own OpenAPI schema (valid and invalid
-bodies, paths and queries); ids in the generated bodies are sometimes replaced by live ones, so
+schemathesis generates requests from the live server's own OpenAPI schema (valid ones, and
+invalid ones: out-of-range integers, wrong types, missing fields; in bodies, paths and queries); ids in the generated bodies are sometimes replaced by live ones, so
 the fuzz reaches the model's operations, not only "unknown id" answers. The properties: no
 answer is a server error (5xx, or a failed future of category `server`), and afterwards the model
 still trains and samples. The example counts are bounded (`FUZZ_EXAMPLES` per route, derandomized)
@@ -119,8 +119,14 @@ def _fuzz_operation(operation, live) -> None:
     url, http = live["url"], live["http"]
     what = f"{operation.method.upper()} {operation.path}"
 
+    strategies = [operation.as_strategy(schemathesis.GenerationMode.POSITIVE)]
+    try:  # invalid requests too: out-of-range integers, wrong types, missing fields
+        strategies.append(operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+    except Exception:  # noqa: BLE001 - nothing to negate (no parameters and no body)
+        pass
+
     @FUZZ_SETTINGS
-    @given(case=operation.as_strategy(), pick=st.integers(0, 1))
+    @given(case=st.one_of(*strategies), pick=st.integers(0, 1))
     def fuzz(case, pick):
         kwargs = case.as_transport_kwargs(base_url=url, headers=KEY)
         body = case.body if isinstance(case.body, (dict, list)) else None
