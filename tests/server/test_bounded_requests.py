@@ -202,3 +202,16 @@ def test_a_request_from_before_a_restart_fails_fast_in_the_official_sdk(tmp_path
                             time.time(), "CreateModel")
         with pytest.raises(tinker.RequestFailedError, match="restarted"):  # a failed request, not retried
             future.result(timeout=60)
+
+
+def test_sparse_densification_follows_the_configured_decoded_limit(http, model_id):
+    from tether.types import proto_schema as pb
+
+    msg = pb.ForwardBackwardRequest.FromString(_fwd(model_id))
+    sparse = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1000, 1000])  # 1e6 elements: 4 MB > 2 MiB configured
+    sparse.sparse_csr.crow_indices = np.zeros(1001, "<i8").tobytes()
+    msg.data[0].loss_fn_inputs["weights"].CopyFrom(sparse)
+    answer = http.post("/api/v1/forward_backward", content=msg.SerializeToString(),
+                       headers={**KEY, "Content-Type": "application/x-protobuf"})
+    assert answer.status_code == 400 and answer.json()["field"] == "loss_fn_inputs.weights"
+    assert "densify" in answer.json()["detail"]

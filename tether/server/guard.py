@@ -18,10 +18,14 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import Request
+
+from tether.server.config import ServerConfig
 from tether.server.errors import error_response
 from tether.server.futures import reset_current_instance_id, set_current_instance_id
 from tether.server.state import ServerState
 from tether.types.errors import PayloadTooLargeError, TetherError, UserInputError
+from tether.types.proto import ForwardBackwardRequestBody, decode_forward_backward_request
 from tether.types.proto_tensors import decompress_body
 
 Scope = MutableMapping[str, Any]
@@ -134,3 +138,20 @@ def _replay(body: bytes | None, original: Receive) -> Receive:
         return await original()
 
     return receive
+
+
+async def decode_forward_backward_body(request: Request, config: ServerConfig) -> ForwardBackwardRequestBody:
+    """The posted `ForwardBackwardRequest`, parsed on a worker thread (not the event loop), its
+    sparse tensors densifying to at most `max_decoded_body_bytes` (4 bytes an element) in all.
+
+    The guard has already bounded and decompressed the body. Raises UserInputError like
+    `decode_forward_backward_request`.
+    """
+    body = await request.body()
+    return await asyncio.to_thread(
+        decode_forward_backward_request,
+        body,
+        request.headers.get("content-encoding"),
+        max_decompressed_bytes=config.max_decoded_body_bytes,
+        max_dense_elements=config.max_decoded_body_bytes // 4,
+    )

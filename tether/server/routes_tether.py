@@ -17,11 +17,12 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.engine_convert import engine_data, float_metrics, numpy_outputs
 from tether.server.errors import require
+from tether.server.guard import decode_forward_backward_body  # hardening
 from tether.server.operations import new_request_id, submit_to_worker
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
 from tether.types.errors import UserInputError
-from tether.types.proto import decode_forward_backward_request, encode_forward_backward_output
+from tether.types.proto import encode_forward_backward_output
 
 router = APIRouter(prefix="/api/v1/tether")
 
@@ -53,7 +54,7 @@ def _release(state: ServerState, graph_id: str) -> None:
 @router.post("/forward_keep_graph")
 async def forward_keep_graph(request: Request, state: ServerState = Depends(server_state),
                              owner: str = Depends(request_owner)) -> dict[str, str]:
-    decoded = decode_forward_backward_request(await request.body(), request.headers.get("content-encoding"))
+    decoded = await decode_forward_backward_body(request, state.config)  # hardening: off the loop, bounded
     model = state.hosts.model(decoded.model_id, owner)
     require(decoded.loss_fn == "cross_entropy", "forward_keep_graph uses loss_fn='cross_entropy'", field="loss_fn")
     require(len(decoded.data) > 0, "at least one datum is required", field="data")

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.engine_convert import engine_data, float_metrics, numpy_outputs
 from tether.server.errors import require
+from tether.server.guard import decode_forward_backward_body  # hardening
 from tether.server.model_hosts import LiveModel, LiveSampler, creation_stream
 from tether.server.operations import new_request_id, submit_to_worker
 from tether.server.state import ServerState, request_owner, server_state
@@ -28,7 +29,7 @@ from tether.types.paths import (
     parse_checkpoint_path,
     validate_checkpoint_name,
 )
-from tether.types.proto import decode_forward_backward_request, encode_forward_backward_output
+from tether.types.proto import encode_forward_backward_output
 
 log = logging.getLogger("tether.server")
 router = APIRouter(prefix="/api/v1")
@@ -128,7 +129,7 @@ async def get_info(body: wire.GetInfoRequest, state: ServerState = Depends(serve
 @router.post("/forward_backward")
 async def forward_backward(request: Request, state: ServerState = Depends(server_state),
                            owner: str = Depends(request_owner)) -> dict[str, str]:
-    decoded = decode_forward_backward_request(await request.body(), request.headers.get("content-encoding"))
+    decoded = await decode_forward_backward_body(request, state.config)  # hardening: off the loop, bounded
     model = state.hosts.model(decoded.model_id, owner)
     from tether.engine.losses import resolve_loss_config
 
