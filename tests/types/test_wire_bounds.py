@@ -136,14 +136,14 @@ def test_sparse_proto_tensors_share_one_budget_per_request():
     from tether.types import proto_schema as pb
 
     msg = pb.ForwardBackwardRequest.FromString(raw)
-    for datum in msg.data:  # each claims 1000 x 1000 cells: 1e6 each, 3e6 together
+    for datum in msg.data:  # each claims 1000 x 1000 float32 cells: 4 MB each, 12 MB together
         sparse = Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1000, 1000])
         sparse.sparse_csr.crow_indices = np.zeros(1001, "<i8").tobytes()
         datum.loss_fn_inputs["weights"].CopyFrom(sparse)
     crafted = msg.SerializeToString()
-    assert len(decode_forward_backward_request(crafted, max_dense_elements=3_000_000).data) == 3
+    assert len(decode_forward_backward_request(crafted, max_dense_bytes=12_000_000).data) == 3
     with pytest.raises(UserInputError) as caught:
-        decode_forward_backward_request(crafted, max_dense_elements=2_500_000)
+        decode_forward_backward_request(crafted, max_dense_bytes=10_000_000)
     assert caught.value.datum_index == 2 and caught.value.field == "loss_fn_inputs.weights"
 
 

@@ -102,7 +102,7 @@ class ServerConfig(BaseModel):
         256 * 1024 * 1024,
         ge=1024 * 1024,
         description="Largest size a request may expand to once decoded: a zstd body's decompressed bytes, "
-        "and 4 bytes per element the sparse tensors of one forward_backward densify to.",
+        "and the bytes the sparse tensors of one forward_backward densify to.",
     )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."

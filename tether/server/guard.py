@@ -142,7 +142,7 @@ def _replay(body: bytes | None, original: Receive) -> Receive:
 
 async def decode_forward_backward_body(request: Request, config: ServerConfig) -> ForwardBackwardRequestBody:
     """The posted `ForwardBackwardRequest`, parsed on a worker thread (not the event loop), its
-    sparse tensors densifying to at most `max_decoded_body_bytes` (4 bytes an element) in all.
+    sparse tensors densifying to at most `max_decoded_body_bytes` in all.
 
     The guard has already bounded and decompressed the body. Raises UserInputError like
     `decode_forward_backward_request`.
@@ -153,5 +153,5 @@ async def decode_forward_backward_body(request: Request, config: ServerConfig) -
         body,
         request.headers.get("content-encoding"),
         max_decompressed_bytes=config.max_decoded_body_bytes,
-        max_dense_elements=config.max_decoded_body_bytes // 4,
+        max_dense_bytes=config.max_decoded_body_bytes,
     )

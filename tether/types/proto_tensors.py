@@ -14,10 +14,11 @@ import zstandard
 
 from tether.types import proto_schema as pb
 from tether.types.errors import UserInputError
-from tether.types.wire_base import MAX_DENSE_ELEMENTS
+from tether.types.wire_base import MAX_DENSE_BYTES, MAX_DENSE_ELEMENTS
 
 __all__ = [
     "MAX_DECOMPRESSED_BYTES",
+    "MAX_DENSE_BYTES",
     "MAX_DENSE_ELEMENTS",
     "DenseBudget",
     "REQUEST_DTYPES",
@@ -35,20 +36,21 @@ its configured `max_decoded_body_bytes`."""
 
 
 class DenseBudget:
-    """How many more elements the sparse tensors of one request may densify to."""
+    """How many more bytes the sparse tensors of one request may densify to."""
 
-    def __init__(self, max_elements: int = MAX_DENSE_ELEMENTS) -> None:
-        self.max_elements = max_elements
-        self.left = max_elements
+    def __init__(self, max_bytes: int = MAX_DENSE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.left = max_bytes
 
-    def take(self, elements: int, *, field_name: str, datum_index: int | None) -> None:
-        if elements > self.left:
+    def take(self, nbytes: int, *, field_name: str, datum_index: int | None) -> None:
+        if nbytes > self.left:
             raise UserInputError(
-                f"sparse tensors of this request would densify to more than {self.max_elements} elements (exceeds the limit)",
+                f"sparse tensors of this request would densify to more than {self.max_bytes} bytes "
+                "(exceeds the limit)",
                 field=field_name,
                 datum_index=datum_index,
             )
-        self.left -= elements
+        self.left -= nbytes
 
 
 REQUEST_DTYPES = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_INT64: np.dtype(np.int64)}
@@ -192,7 +194,8 @@ def _csr_to_dense(
     if len(shape) != 2:
         raise bad(f"shape must be 2-D, got {shape}")
     rows, cols = shape
-    budget.take(rows * cols, field_name=field_name, datum_index=datum_index)  # Python ints: no overflow
+    # Python ints: no overflow, and nothing is allocated before the check.
+    budget.take(rows * cols * values.dtype.itemsize, field_name=field_name, datum_index=datum_index)
     if crow.size != rows + 1 or (crow.size and crow[0] != 0) or np.any(np.diff(crow) < 0):
         raise bad("crow_indices must be non-decreasing, start at 0 and have rows+1 entries")
     nnz = int(crow[-1]) if crow.size else 0

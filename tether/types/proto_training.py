@@ -16,7 +16,7 @@ from tether.types import proto_schema as pb
 from tether.types.errors import UserInputError
 from tether.types.proto_tensors import (
     MAX_DECOMPRESSED_BYTES,
-    MAX_DENSE_ELEMENTS,
+    MAX_DENSE_BYTES,
     REQUEST_DTYPES,
     RESULT_DTYPES,
     DenseBudget,
@@ -177,16 +177,16 @@ def decode_forward_backward_request(
     content_encoding: str | None = None,
     *,
     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
-    max_dense_elements: int = MAX_DENSE_ELEMENTS,
+    max_dense_bytes: int = MAX_DENSE_BYTES,
 ) -> ForwardBackwardRequestBody:
     """Parse a posted `ForwardBackwardRequest` (zstd-compressed when `content_encoding` says so).
 
     A compressed body may expand to at most `max_decompressed_bytes`, and the request's sparse
-    tensors may densify to at most `max_dense_elements` in all; both are checked before allocating.
+    tensors may densify to at most `max_dense_bytes` in all; both are checked before allocating.
     Raises UserInputError (field and datum index) for undecodable bytes or inconsistent tensors.
     """
     raw = decompress_body(body, content_encoding, max_bytes=max_decompressed_bytes)
-    budget = DenseBudget(max_dense_elements)
+    budget = DenseBudget(max_dense_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(raw)

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_INT64",
     "MAX_SEED",
     "MAX_USER_METADATA_BYTES",
+    "MAX_DENSE_BYTES",
     "MAX_DENSE_ELEMENTS",
     "MAX_TAGS",
     "UserMetadata",
@@ -42,9 +43,12 @@ MAX_TTL_SECONDS = 315_576_000
 
 MAX_INT64 = 2**63 - 1
 MAX_SEED = 2**64 - 1
-MAX_DENSE_ELEMENTS = 1 << 26
-"""Sparse tensors of one request may densify to at most this many elements in all (256 MiB of
-float32): a few bytes of CSR cannot claim gigabytes. Dense tensors are bounded by the body size."""
+MAX_DENSE_BYTES = 256 << 20
+"""Sparse tensors of one request may densify to at most this many bytes in all (unless the server
+passes its own bound): a few bytes of CSR cannot claim gigabytes. Dense tensors are bounded by the
+body size."""
+MAX_DENSE_ELEMENTS = MAX_DENSE_BYTES // 4
+"""The same bound in float32 elements."""
 MAX_USER_METADATA_BYTES = 16 * 1024
 """`user_metadata` is stored with the session, run or checkpoint: at most this much JSON."""
 MAX_TAGS = 64

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from tether.types.errors import UserInputError
-from tether.types.wire_base import MAX_DENSE_ELEMENTS, MAX_INT64, Int64, NonNegativeInt, Seed, WireModel
+from tether.types.wire_base import MAX_DENSE_BYTES, MAX_INT64, Int64, NonNegativeInt, Seed, WireModel
 
 # ------------------------------------------------------------------ sampling (§3.3, §5)
 
@@ -89,9 +89,9 @@ class TensorDataJson(WireModel):
                 )
             return values.reshape(self.shape)
         shape = self.shape or []
-        if len(shape) == 2 and shape[0] * shape[1] > MAX_DENSE_ELEMENTS:  # Python ints: no overflow
+        if len(shape) == 2 and shape[0] * shape[1] * np.dtype(dtype).itemsize > MAX_DENSE_BYTES:  # no overflow
             raise UserInputError(
-                f"sparse tensor of shape {shape} would densify to more than {MAX_DENSE_ELEMENTS} elements",
+                f"sparse tensor of shape {shape} would densify to more than {MAX_DENSE_BYTES} bytes",
                 field=field,
                 datum_index=datum_index,
             )
