@@ -88,8 +88,8 @@ class StopSpec:
     strings: tuple[str, ...] = ()
 
 
-MAX_TOPK_ENTRIES = 1 << 22
-"""Default bound on top-k logprob pairs per request (4M: ~50 MB as arrays, ~0.5 GB as Python tuples)."""
+MAX_TOPK_ENTRIES = 1 << 20
+"""Default bound on top-k logprob pairs per request (1M: ~12 MB as arrays, ~120 MB as Python tuples)."""
 
 
 @dataclass(frozen=True)
