@@ -24,6 +24,9 @@ from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
+from tether.server.guard import RequestGuard
+from tether.server.reconcile import reconcile_storage
+from tether.server.responses import FiniteJSONResponse
 from tether.server.run_metrics import RunMetrics
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
@@ -62,6 +65,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
 
     state = build_state(config)
+    data_dir_lock = reconcile_storage(Path(config.data_dir).expanduser(), state.catalogue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,9 +80,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
             await asyncio.to_thread(routes_deployments.close, app)
             await asyncio.to_thread(state.close)
+            data_dir_lock.release()
 
-    app = FastAPI(title="tether", lifespan=lifespan)
+    app = FastAPI(title="tether", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.tether = state
+    app.add_middleware(RequestGuard, state=state)
     install_error_handlers(app)
     for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether, routes_tokenizer):
         app.include_router(module.router)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from tether.server.responses import FiniteJSONResponse
 from tether.server.sessions import end_session
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
@@ -92,7 +93,7 @@ async def retrieve_future(
         return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
     if isinstance(outcome.payload, bytes):
         return Response(outcome.payload, media_type="application/x-protobuf")
-    return JSONResponse(outcome.payload)
+    return FiniteJSONResponse(outcome.payload)
 
 
 @router.post("/cancel_future")

@@ -16,11 +16,16 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.errors import require
 from tether.server.operations import new_request_id, submit_op
-from tether.server.routes_training import encode_forward_output, off_loop_if_large, trainer_for, training_data
+from tether.server.routes_training import (
+    decode_bounded,
+    encode_forward_output,
+    off_loop_if_large,
+    trainer_for,
+    training_data,
+)
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import ops, wire
 from tether.types.paths import ParsedCheckpointPath, validate_checkpoint_name
-from tether.types.proto import decode_forward_backward_request
 
 router = APIRouter(prefix="/api/v1/tether")
 
@@ -30,7 +35,7 @@ async def forward_keep_graph(request: Request, state: ServerState = Depends(serv
                              owner: str = Depends(request_owner)) -> dict[str, str]:
     body = await request.body()
     encoding = request.headers.get("content-encoding")
-    decoded = await off_loop_if_large(len(body), lambda: decode_forward_backward_request(body, encoding))
+    decoded = await off_loop_if_large(len(body), lambda: decode_bounded(body, encoding, state))
     model = state.live.model(decoded.model_id, owner)
     require(decoded.loss_fn == "cross_entropy", "forward_keep_graph uses loss_fn='cross_entropy'", field="loss_fn")
     data = await off_loop_if_large(len(body), lambda: training_data(decoded.data))

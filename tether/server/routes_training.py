@@ -52,6 +52,13 @@ async def trainer_for(state: ServerState, base_model: str, *, field_name: str = 
     return state.trainers.started(base_model) or await asyncio.to_thread(state.trainers.get, base_model)
 
 
+def decode_bounded(body: bytes, encoding: str | None, state: ServerState) -> Any:
+    """The `ForwardBackwardRequest` body, decompressing and densifying to at most
+    `max_decoded_body_bytes` (the request guard has bounded the body as sent)."""
+    limit = state.config.max_decoded_body_bytes
+    return decode_forward_backward_request(body, encoding, max_decompressed_bytes=limit, max_dense_bytes=limit)
+
+
 def training_data(data: list[WireDatum]) -> list[ops.TrainingDatum]:
     """The op's datums: chunks flattened to tokens; a non-text chunk is a user error naming the datum."""
     require(len(data) > 0, "at least one datum is required", field="data")
@@ -148,7 +155,7 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
     encoding = request.headers.get("content-encoding")
 
     def build() -> tuple[Any, ops.Op]:
-        decoded = decode_forward_backward_request(body, encoding)
+        decoded = decode_bounded(body, encoding, state)
         resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 now
         op_type = ops.Forward if decoded.forward_only else ops.ForwardBackward
         return decoded, op_type(model_id=decoded.model_id, data=training_data(decoded.data), loss_fn=decoded.loss_fn,
