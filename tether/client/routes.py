@@ -4,7 +4,7 @@ A client method picks a `Route`, builds its body (a `tether.types.wire` model, o
 `ForwardBackwardRequestBody`) and hands both to `Transport.call`, which returns the route's typed
 result. So every request the SDK makes is typed on the way out and on the way back, and the table
 below is the whole of the protocol the SDK speaks (tinker-protocol.md §3; tether's extensions in
-docs/INTERFACES.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
+docs/ARCHITECTURE.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
 about sessions and seq ids (the clients).
 """
 

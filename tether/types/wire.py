@@ -1,5 +1,5 @@
 """Pydantic models of the Tinker protocol's JSON bodies (tinker-protocol.md §3, §4) and tether's
-JSON extensions (docs/INTERFACES.md).
+JSON extensions (docs/ARCHITECTURE.md).
 
 Requests and responses share one vocabulary so the server validates what the SDK sends and the
 SDK validates what the server answers. Required fields follow the official SDK 0.38 exactly

@@ -1,5 +1,5 @@
 """JSON bodies of the Tinker protocol's training endpoints (tinker-protocol.md §3.2) and of tether's
-one-pass custom-loss extension (docs/INTERFACES.md). Re-exported by `tether.types.wire`."""
+one-pass custom-loss extension (docs/ARCHITECTURE.md). Re-exported by `tether.types.wire`."""
 
 from __future__ import annotations
 
