@@ -225,6 +225,17 @@ async def save_weights(body: wire.SaveWeightsRequest, state: ServerState = Depen
     return _future(request_id, model.model_id)
 
 
+def free_sampler(state: ServerState, sampler_id: str) -> None:
+    """Unregister a sampler's weights from its trainer (no-op if it is gone)."""
+    sampler = state.live.remove_sampler(sampler_id)
+    if sampler is None:
+        return
+    state.dedupe.forget_stream(sampler_id)
+    trainer = state.trainers.started(sampler.base_model)
+    if sampler.has_weights and trainer is not None:
+        trainer.submit(ops.DeleteSampler(sampler_id=sampler_id))
+
+
 def add_live_sampler(state: ServerState, *, sampler_id: str, owner: str, session_id: str, base_model: str,
                      model_path: str | None, has_weights: bool) -> None:
     """Make a sampling session live once its weights (if any) are registered with the trainer."""
@@ -257,6 +268,8 @@ async def save_weights_for_sampler(body: wire.SaveWeightsForSamplerRequest, stat
             if not state.live.has_sampler(sampler_id):
                 add_live_sampler(state, sampler_id=sampler_id, owner=owner, session_id=model.session_id,
                                  base_model=model.base_model, model_path=None, has_weights=True)
+            for old in state.live.add_ephemeral(model.model_id, sampler_id, state.config.max_samplers_per_model):
+                free_sampler(state, old)  # superseded: its frozen copy of the weights is released
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     request_id = submit_op(state, trainer, op, owner=owner, kind="save-sampler", stream=model.model_id,
