@@ -20,13 +20,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL_NAME = "tether/tiny-qwen3"
 """The name clients use for the embedded default model."""
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
-MODEL_CONFIG = {
+MODEL_CONFIG: dict[str, Any] = {
     "vocab_size": 264,  # 256 bytes + 5 special tokens, padded to a multiple of 8
     "hidden_size": 256,
     "intermediate_size": 768,
