@@ -58,7 +58,9 @@ class ChatTemplateRenderer(Renderer):
         stops: list[int] = []
         end_text = ""
         for candidate in [after, getattr(self.tokenizer, "eos_token", None)]:
-            token_id = special_token_id(self.tokenizer, candidate) if candidate else None
+            if not candidate:
+                continue
+            token_id = special_token_id(self.tokenizer, candidate)
             if token_id is not None and token_id not in stops:
                 stops.append(token_id)
                 end_text = end_text or candidate
