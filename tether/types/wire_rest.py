@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, StrictFloat, StrictInt
 
-from tether.types.wire_base import TtlSeconds, WireModel
+from tether.types.wire_base import Int64, TtlSeconds, WireModel
 
 __all__ = [
     "Cursor",
@@ -90,7 +90,7 @@ class WeightsInfoResponse(WireModel):
 class CopyWeightsRequest(WireModel):
     source_path: str
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     destination_project_id: str | None = None
     ttl_seconds: TtlSeconds | None = None
     weights_access_token: str | None = None
@@ -109,6 +109,21 @@ class GetSessionResponse(WireModel):
     sampler_ids: list[str]
     user_metadata: dict[str, str] | None = None
     display_name: str | None = None
+
+
+class TokenizerFile(WireModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class TokenizerFilesResponse(WireModel):
+    """`GET /api/v1/tether/tokenizer/{base_model}/files`: the tokenizer files a remote client fetches."""
+
+    base_model: str
+    files: list[TokenizerFile]
+    digest: str
+    """sha256 over the files' names and digests: the cache key of this tokenizer."""
 
 
 class LogMetricsRequest(WireModel):
