@@ -67,7 +67,7 @@ def reconcile_storage(data_dir: Path, catalogue: Catalogue) -> DataDirLock:
         log.warning("another tether server holds %s; only old interrupted writes are recovered", data_dir)
     root = data_dir / CHECKPOINTS_DIR
     on_disk = _checkpoint_dirs(root, stale_after_s)
-    with catalogue._tx() as session:  # (one read of every row: the catalogue has no owner-blind list)
+    with catalogue._read() as session:  # (one read of every row: the catalogue has no owner-blind list)
         rows = list(session.scalars(select(CheckpointRow)))
     listed = set()
     for row in rows:

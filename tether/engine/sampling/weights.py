@@ -192,6 +192,7 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
                       if p is embed and n != "lm_head.weight"), None)
     untie = bool(tied and head is not None and embed_key in cleaned and not torch.equal(head, cleaned[embed_key]))
     if untie:  # a merged LoRA on lm_head: the output projection is no longer the input embedding
+        assert head is not None  # `untie` requires it
         model.get_output_embeddings().weight = nn.Parameter(head.clone(), requires_grad=False)
     model.load_state_dict(cleaned, strict=False)
     if tied and not untie:
