@@ -115,7 +115,7 @@ def test_bad_hotloads_fail_and_keep_serving(deployment, chain, other_chain, tmp_
     data = damaged / "delta.safetensors"
     data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2])  # truncated
     state = hotload(client, damaged)
-    assert state["loading_state"]["stage"] == "error" and "sha256" in state["loading_state"]["error"]
+    assert state["loading_state"]["stage"] == "error" and any(w in state["loading_state"]["error"] for w in ("sha256", "truncated"))
     assert same(sample(client), reference)  # still the last good weights
 
 
@@ -200,7 +200,7 @@ def test_restart_resumes_the_last_good_weights(base, model_dir, chain, tmp_path)
     for path in chain:
         first.hotload(str(path))
     want = first.submit(_greedy())[0].result(timeout=60).sequences[0].tokens
-    with pytest.raises(Exception, match="sha256"):  # a hot-load that dies half way changes nothing on disk
+    with pytest.raises(Exception, match="sha256|truncated"):  # a hot-load that dies half way changes nothing on disk
         broken = tmp_path / "broken"
         import shutil
 

@@ -7,6 +7,7 @@ earlier run of the server answered at once as lost to a restart (the official SD
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import socket
 import time
@@ -170,11 +171,10 @@ def test_non_finite_metrics_reach_the_official_sdk(server):
     from tinker import types
 
     from tether.server.auth import owner_of_key
-    from tether.server.operations import completed
-
-    server.app.state.tether.futures.add("optim-nan-1", owner_of_key("tml-alice"), completed({
-        "metrics": {"loss:sum": math.nan, "grad_norm:mean": math.inf, "x:mean": -math.inf, "ok:mean": 1.5},
-        "type": "optim_step"}))
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result({"metrics": {"loss:sum": math.nan, "grad_norm:mean": math.inf, "x:mean": -math.inf,
+                                 "ok:mean": 1.5}, "type": "optim_step"})
+    server.app.state.tether.futures.add("optim-nan-1", owner_of_key("tml-alice"), done)
     metrics = _sdk_future(server.base_url, "optim-nan-1", types.OptimStepResponse).result(timeout=60).metrics
     assert math.isnan(metrics["loss:sum"]) and metrics["grad_norm:mean"] == math.inf
     assert metrics["x:mean"] == -math.inf and metrics["ok:mean"] == 1.5

@@ -104,14 +104,14 @@ class DeploymentRegistry:
     # ---- rows
 
     def _row(self, deployment_id: str, owner: str) -> DeploymentRow:
-        with self.catalogue._read() as s:
+        with self.catalogue.reading() as s:
             row = s.get(DeploymentRow, deployment_id)
         if row is None or row.owner != owner:
             raise NotFoundError(f"deployment {deployment_id!r} does not exist")
         return row
 
     def _update(self, deployment_id: str, **values: Any) -> None:
-        with self.catalogue._write() as s:
+        with self.catalogue.writing() as s:
             row = s.get(DeploymentRow, deployment_id)
             if row is not None:
                 for key, value in values.items():
@@ -126,12 +126,12 @@ class DeploymentRegistry:
 
     def list(self, owner: str) -> list[DeploymentRow]:
         self.ensure_started()
-        with self.catalogue._read() as s:
+        with self.catalogue.reading() as s:
             ids = list(s.scalars(select(DeploymentRow.deployment_id).where(DeploymentRow.owner == owner)
                                  .order_by(DeploymentRow.created_at)))
         for deployment_id in ids:
             self._refresh(deployment_id)
-        with self.catalogue._read() as s:
+        with self.catalogue.reading() as s:
             return list(s.scalars(select(DeploymentRow).where(DeploymentRow.owner == owner)
                                   .order_by(DeploymentRow.created_at)))
 
@@ -150,7 +150,7 @@ class DeploymentRegistry:
             raise UserInputError(f"this server does not serve base model {base_model!r}; it serves "
                                  f"{sorted(self.model_paths)}", field="base_model")
         now = utcnow()
-        with self.catalogue._write() as s:
+        with self.catalogue.writing() as s:
             if s.get(DeploymentRow, deployment_id) is not None:
                 raise ConflictError(f"deployment {deployment_id!r} already exists")
             s.add(DeploymentRow(deployment_id=deployment_id, owner=owner, base_model=base_model, state="CREATING",
@@ -162,7 +162,7 @@ class DeploymentRegistry:
         """Stop the process and forget the deployment (its state directory is removed)."""
         self._row(deployment_id, owner)
         self._stop(deployment_id)
-        with self.catalogue._write() as s:
+        with self.catalogue.writing() as s:
             s.execute(delete(DeploymentRow).where(DeploymentRow.deployment_id == deployment_id))
         shutil.rmtree(self._state_dir(owner, deployment_id), ignore_errors=True)
 
@@ -172,7 +172,7 @@ class DeploymentRegistry:
             if self._started:
                 return
             self._started = True
-        with self.catalogue._read() as s:
+        with self.catalogue.reading() as s:
             rows = list(s.scalars(select(DeploymentRow)))
         for row in rows:
             _stop_leftover(row.pid)

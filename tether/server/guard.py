@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 
+from tether.server.auth import api_key_from_headers
 from tether.server.config import ServerConfig
 from tether.server.errors import error_response
 from tether.server.futures import reset_current_instance_id, set_current_instance_id
@@ -68,7 +69,7 @@ class RequestGuard:
         path: str = scope.get("path", "")
         if not path.startswith("/api/") or path.rstrip("/") in PUBLIC_API_PATHS:
             return
-        key = _header(scope, b"x-api-key")
+        key = api_key_from_headers(_header(scope, b"x-api-key"), _header(scope, b"authorization"))
         self.state.auth.owner(key)  # raises AuthenticationError (401)
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:

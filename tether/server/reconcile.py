@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-from sqlalchemy import select
-
 from tether.server.catalogue import Catalogue, CheckpointRow
 from tether.storage.atomic import DEFAULT_STALE_AFTER_S, is_hidden_work_dir, recover_directory
 from tether.storage.manifest import MANIFEST_NAME
@@ -67,8 +65,7 @@ def reconcile_storage(data_dir: Path, catalogue: Catalogue) -> DataDirLock:
         log.warning("another tether server holds %s; only old interrupted writes are recovered", data_dir)
     root = data_dir / CHECKPOINTS_DIR
     on_disk = _checkpoint_dirs(root, stale_after_s)
-    with catalogue._read() as session:  # (one read of every row: the catalogue has no owner-blind list)
-        rows = list(session.scalars(select(CheckpointRow)))
+    rows = catalogue.all_checkpoints()
     listed = set()
     for row in rows:
         directory = _directory(root, row)

@@ -6,11 +6,11 @@ which validate strictly; `tether.types.wire` re-exports everything here.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, StrictFloat, StrictInt
 
-from tether.types.wire_base import Int64, TtlSeconds, WireModel
+from tether.types.wire_base import MAX_INT64, Int64, NonNegativeInt, TtlSeconds, WireModel
 
 __all__ = [
     "Cursor",
@@ -129,8 +129,8 @@ class TokenizerFilesResponse(WireModel):
 class LogMetricsRequest(WireModel):
     """Body of `POST /api/v1/tether/runs/{run_id}/metrics` (tether's `TrainingClient.log_metrics`)."""
 
-    metrics: dict[str, StrictFloat | StrictInt]
-    step: int | None = Field(None, ge=0)
+    metrics: dict[str, StrictFloat | Annotated[StrictInt, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]]
+    step: NonNegativeInt | None = None
     """The client's step; None: the run's current optimizer step as the server counts them."""
 
 

@@ -147,7 +147,7 @@ class SaveWeightsForSamplerExtRequest(WireModel):
     path: str
     """The checkpoint's name (`sampler_weights/<path>`)."""
     checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
     type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
 
