@@ -28,7 +28,7 @@ from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import group_advantages, kl_sample_train
 from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import RunSettings, connect_run
+from tether.recipes.run_settings import SampledRunSettings, connect_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, SamplingParams
 from tether.types.errors import ServerError
@@ -36,16 +36,9 @@ from tether.types.errors import ServerError
 log = logging.getLogger("tether.recipes.grpo")
 
 
-class Config(RunSettings):
+class Config(SampledRunSettings):
     """Settings of a GRPO run."""
 
-    env: Literal["addition"] = Field(
-        "addition", description="Built-in prompt environment, used when no dataset_path is given."
-    )
-    num_operands: int = Field(
-        4, ge=2, le=9, description="Numbers added per problem in the addition environment."
-    )
-    num_digits: int = Field(1, ge=1, le=6, description="Digits per number in the addition environment.")
     dataset_path: Path | None = Field(
         None,
         description='JSONL of prompts, one {"messages": [...], "answer": "..."} per line (exact-answer reward).',
@@ -58,27 +51,18 @@ class Config(RunSettings):
     log_dir: Path = Field(
         Path("runs/grpo"), description="Where metrics.jsonl, config.json and checkpoints.jsonl go."
     )
-    model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
     load_checkpoint_path: str | None = Field(
         None,
         description="Start from the weights of this tinker:// state checkpoint (e.g. the end of an SFT run).",
     )
-    renderer_name: str | None = Field(
-        None, description="Chat format; unset: chosen from the model name and tokenizer."
-    )
-    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 trains all weights (full fine-tuning).")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
     loss_fn: Literal["importance_sampling", "ppo"] = Field(
         "importance_sampling", description="Policy-gradient loss."
     )
     ppo_clip_low: float = Field(0.8, gt=0, description="PPO: lower clip of the probability ratio.")
     ppo_clip_high: float = Field(1.2, gt=0, description="PPO: upper clip of the probability ratio.")
-    batch_size: int = Field(16, ge=1, description="Prompts per step.")
     group_size: int = Field(
         8, ge=2, description="Samples per prompt; advantages are relative to the group mean."
     )
-    num_steps: int = Field(20, ge=1, description="Optimizer steps in total.")
-    max_tokens: int = Field(16, ge=1, description="Most tokens sampled per answer.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for the rollouts.")
     remove_constant_reward_groups: bool = Field(
         True, description="Skip groups whose samples all got the same reward."
@@ -86,10 +70,6 @@ class Config(RunSettings):
     eval_every: int | None = Field(
         10, ge=1, description="Held-out greedy accuracy every this many steps and at the end (unset: never)."
     )
-    save_every: int | None = Field(
-        20, ge=1, description="Checkpoint every this many steps (unset: only at the end)."
-    )
-    seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
 
 
 @dataclass
