@@ -27,15 +27,14 @@ from typing import Any
 from pydantic import Field
 
 from tether.recipes.addition import AdditionTask, Problem
-from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.conversations import load_conversations
 from tether.recipes.problems import DatasetProblems, ProblemSource
 from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import kl_sample_train
-from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import SampledRunSettings, connect_run
+from tether.recipes.run_log import CheckpointRecord
+from tether.recipes.run_settings import SampledRunSettings, connect_run, open_sampled_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, ModelInput, SamplingParams
 from tether.types.errors import ServerError, TetherError, UserInputError
@@ -213,19 +212,8 @@ def train_distill(
 ) -> DistillResult:
     """Run (or resume) on-policy distillation with an existing service client."""
     teacher = connect_teacher(config, service)
-    run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
-    run_log.write_config(config)
-    start_step = 0
-    checkpoint = run_log.last_checkpoint() if config.resume else None
-    if checkpoint is not None:
-        training_client = resume_training_client(service, checkpoint.state_path)
-        start_step = checkpoint.next_step
-        run_log.truncate_metrics(start_step)
-        log.info("resuming from %s at step %d", checkpoint.state_path, start_step)
-    elif training_client is None and config.load_checkpoint_path:
-        training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
-    elif training_client is None:
-        training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
+    run = open_sampled_run(config, service, training_client)
+    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

@@ -20,15 +20,14 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tether.recipes.addition import AdditionTask, exact_answer_reward
-from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.evaluation import heldout_accuracy
 from tether.recipes.problems import DatasetProblems, ProblemSource
 from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import group_advantages, kl_sample_train
-from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import SampledRunSettings, connect_run
+from tether.recipes.run_log import CheckpointRecord
+from tether.recipes.run_settings import SampledRunSettings, connect_run, open_sampled_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, SamplingParams
 from tether.types.errors import ServerError
@@ -169,19 +168,8 @@ def train_grpo(
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> GRPOResult:
     """Run (or resume) GRPO with an existing service client; `training_client` continues a model in hand."""
-    run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
-    run_log.write_config(config)
-    start_step = 0
-    checkpoint = run_log.last_checkpoint() if config.resume else None
-    if checkpoint is not None:
-        training_client = resume_training_client(service, checkpoint.state_path)
-        start_step = checkpoint.next_step
-        run_log.truncate_metrics(start_step)
-        log.info("resuming from %s at step %d", checkpoint.state_path, start_step)
-    elif training_client is None and config.load_checkpoint_path:
-        training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
-    elif training_client is None:
-        training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
+    run = open_sampled_run(config, service, training_client)
+    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()
