@@ -173,7 +173,7 @@ class TrainingEngine:
         runs) and the rest still run. The valid LoRA requests share micro-batches (the token budget
         applies to all their datums together) with each row routed to its own adapter, and one
         backward per micro-batch of their summed losses: adapters are disjoint tensors, so each gets
-        exactly its own loss's gradient. Each result (outputs, `loss:sum`) equals what `forward` /
+        exactly its own loss's gradient. Forward-only requests share a pass of their own, without a graph. Each result (outputs, `loss:sum`) equals what `forward` /
         `forward_backward` would return for that request alone, up to float reassociation (the
         batch is padded to its longest datum, tests hold it to 1e-6 in fp32). Full fine-tuning models
         have their own weights and run one after another. An error raised while the fused pass runs
@@ -195,12 +195,15 @@ class TrainingEngine:
                         results[index] = exc
                 else:
                     fused.append((index, prepared))
-            if fused:
+            for backward in (True, False):  # forward-only rows run without a graph, so they never get .grad
+                group = [(index, p) for index, p in fused if p.backward == backward]
+                if not group:
+                    continue
                 try:
-                    outcomes: list[ForwardResult | Exception] = list(self._run_prepared([p for _, p in fused]))
+                    outcomes: list[ForwardResult | Exception] = list(self._run_prepared([p for _, p in group]))
                 except Exception as exc:  # noqa: BLE001 - the pass failed: so did each of its requests
-                    outcomes = [exc] * len(fused)
-                for (index, _), outcome in zip(fused, outcomes, strict=True):
+                    outcomes = [exc] * len(group)
+                for (index, _), outcome in zip(group, outcomes, strict=True):
                     results[index] = outcome
             return results  # type: ignore[return-value]
 
@@ -435,7 +438,8 @@ class TrainingEngine:
             return self._run_prepared([self._prepare(request)])[0]
 
     def _run_prepared(self, parts: list[_Prepared]) -> list[ForwardResult]:
-        """One pass over every part's datums; parts > 1 must all be LoRA adapters of the base model."""
+        """One pass over every part's datums; parts > 1 must all be LoRA adapters of the base model and
+        all backward or all forward-only (a forward-only adapter in a graph would get zero gradients)."""
         datums = [(k, i) for k, part in enumerate(parts) for i in range(len(part.data))]
         lengths = [parts[k].data[i].input_tokens.shape[0] for k, i in datums]
         outputs: list[list[dict[str, torch.Tensor]]] = [[{} for _ in part.data] for part in parts]
