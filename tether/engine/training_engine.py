@@ -40,7 +40,6 @@ from tether.engine.micro_batching import (
     MicroBatchLogprobs,
     grouped_target_logprobs,
     plan_micro_batches,
-    real_positions,
     target_logprobs,
 )
 from tether.engine.model_loading import LoadedBaseModel
@@ -471,18 +470,18 @@ class TrainingEngine:
         return [ForwardResult(outputs=o, metrics={"loss:sum": float(next(host))}) for o in results]
 
     def _routing(self, parts: list[_Prepared], groups: list[tuple[int, list[int]]], rows: list[EngineDatum]) -> AdapterRouting | str | None:
-        """One adapter for a single part (or the full copy's None); else each group's real token positions."""
+        """One adapter for a single part (or the full copy's None); else each part's block of rows.
+
+        Whole rows, padding included, as the single-adapter path does: padded positions never reach
+        a real token (right padding, attention mask) and are dropped before the loss.
+        """
         if len(parts) == 1:
             return parts[0].trained.routing
-        lengths = [d.input_tokens.shape[0] for d in rows]
-        positions = real_positions(lengths, max(lengths)).to(self._device)
-        routed = []
-        offset = 0
+        spans, row = [], 0
         for k, indices in groups:
-            count = sum(parts[k].data[i].input_tokens.shape[0] for i in indices)
-            routed.append((parts[k].trained.routing, positions[offset : offset + count]))
-            offset += count
-        return AdapterRouting(groups=tuple(routed))
+            spans.append((parts[k].trained.routing, row, row + len(indices)))
+            row += len(indices)
+        return AdapterRouting.for_row_spans(spans, max(d.input_tokens.shape[0] for d in rows))
 
 
 def _full_copy(model: nn.Module) -> nn.Module:
