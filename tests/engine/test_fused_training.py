@@ -159,3 +159,31 @@ def test_full_fine_tuning_runs_on_its_own_weights(training_engine):
     _assert_same(got[1], want["full-sep"], engine, "full-fus", "full-sep")
     _assert_same(got[2], want[lora_sep[1]], engine, lora_fus[1], lora_sep[1])
     assert engine.is_lora("full-fus") is False and engine.is_lora(lora_fus[0]) is True and engine.is_lora("x") is None
+
+
+def test_loss_sums_stay_on_the_device_until_the_result(training_engine, monkeypatch):
+    """One host read and one transfer per request, however many micro-batches and tenants it has."""
+    import tether.engine.training_engine as module
+
+    engine = training_engine
+    engine.max_tokens_per_micro_batch = 16  # several micro-batches per request
+    ids = _tenants(engine, 3, "t")
+    reads = {"float": 0, "item": 0, "transfers": 0}
+    real_float, real_item, real_to_host = torch.Tensor.__float__, torch.Tensor.item, module._to_host
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            reads[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counted("float", real_float))
+    monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
+    monkeypatch.setattr(module, "_to_host", counted("transfers", real_to_host))
+    data = make_data([7, 5, 9, 3, 6, 8], vocab=engine.base.vocab_size)
+    engine.forward_backward(ids[0], data, "ppo")
+    assert reads == {"float": 1, "item": 0, "transfers": 1}
+    reads.update(float=0, transfers=0)
+    engine.forward_backward_fused([LossRequest(m, data, "cross_entropy") for m in ids])
+    assert reads == {"float": 3, "item": 0, "transfers": 1}  # one loss:sum per tenant, read from one transfer
