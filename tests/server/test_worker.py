@@ -187,3 +187,24 @@ def test_a_batch_that_raises_fails_each_of_its_ops():
         assert w.submit("a", 2, lambda: "next").result(5) == "next"
     finally:
         w.close()
+
+
+def test_a_lone_fusible_op_waits_briefly_for_active_peers():
+    batches: list = []
+    w = ModelWorker("fuse", lambda op: (batches.append([op.name]), op.name)[1], fusible=lambda op: op.key,
+                    execute_batch=lambda ops: (batches.append([op.name for op in ops]), [op.name for op in ops])[1],
+                    fuse_wait_s=2.0)
+    try:
+        w.submit("a", 1, _Op("a1"))
+        w.submit("b", 1, _Op("b1")).result(5)  # a and b ran fusible ops: they are peers now (1 or 2 batches)
+        batches.clear()
+        first = w.submit("a", 2, _Op("a2"))
+        time.sleep(0.2)
+        assert not first.done()  # held for b
+        second = w.submit("b", 2, _Op("b2"))
+        assert (first.result(5), second.result(5)) == ("a2", "b2")
+        assert [sorted(b) for b in batches] == [["a2", "b2"]]
+        alone = w.submit("c", 1, _Op("c1", key="other"))  # no peer ran key "other": no wait
+        assert alone.result(1) == "c1"
+    finally:
+        w.close()

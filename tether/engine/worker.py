@@ -18,8 +18,11 @@ operations, `housekeeping` runs (the trainer frees expired custom-loss graphs th
 Fusing: with `fusible` and `execute_batch`, when the next runnable operation has a fusion key
 (`fusible(op)` is not None), the head of every other stream that is runnable too and has the same
 key joins it, and `execute_batch` runs them together (one result or exception per op). Each stream
-contributes at most its own next operation, so every stream's order holds. The worker never waits
-for more operations to fuse: those that queue up while a batch runs form the next one.
+contributes at most its own next operation, so every stream's order holds. Operations that queue up
+while a batch runs form the next one. With `fuse_wait_s` > 0, a fusible operation that would run
+alone while other streams ran an operation of the same key in the last `_PEER_ACTIVE_S` seconds
+(peers, likely to send their next one any moment) is held back up to `fuse_wait_s` from its arrival
+so they can join; other runnable operations run meanwhile.
 
 This module knows nothing about HTTP, tensors, checkpoints, or what an operation is: `execute`
 does. Repeated submissions are the server's concern (`tether.server.dedupe`).
@@ -37,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _HOUSEKEEPING_INTERVAL_S = 1.0
+_PEER_ACTIVE_S = 10.0
+"""A stream that ran a fusible operation this recently counts as a peer worth waiting for."""
 
 
 @dataclass(order=True)
@@ -55,6 +60,9 @@ class _Stream:
     next_seq_id: int = 1
     """Tinker clients number a model's operations 1, 2, 3, ... (a create-via-load is seq 0)."""
     pending: list[_Pending] = field(default_factory=list)
+    fused_key: Any = None
+    """The fusion key of the last fusible operation this stream ran, and when (`time.monotonic()`)."""
+    fused_at: float = float("-inf")
 
 
 class ModelWorker:
@@ -70,6 +78,7 @@ class ModelWorker:
         fusible: Callable[[Any], Any] | None = None,
         execute_batch: Callable[[list[Any]], list[Any]] | None = None,
         max_fused: int = 64,
+        fuse_wait_s: float = 0.0,
     ) -> None:
         """`fusible(op)`: a hashable fusion key or None (runs alone); called on this worker's thread
         with the queue locked, so it must be quick and must not block. `execute_batch(ops)` returns
@@ -80,6 +89,7 @@ class ModelWorker:
         self._fusible = fusible
         self._execute_batch = execute_batch
         self.max_fused = max_fused
+        self.fuse_wait_s = fuse_wait_s
         self.gap_timeout_s = gap_timeout_s
         self._execute = execute
         self._housekeeping = housekeeping
@@ -151,22 +161,39 @@ class ModelWorker:
         if not runnable:
             return [], wait
         runnable.sort()
-        chosen = [runnable[0][1]]
-        key = self._fuse_key(self._streams[chosen[0]].pending[0].op)
-        if key is not None:
-            for _, name in runnable[1:]:
-                if len(chosen) >= self.max_fused:
-                    break
-                if self._fuse_key(self._streams[name].pending[0].op) == key:
-                    chosen.append(name)
-        items = []
-        for name in chosen:
-            state = self._streams[name]
-            item = heapq.heappop(state.pending)
-            if item.numbered:
-                state.next_seq_id = max(state.next_seq_id, int(item.order) + 1)
-            items.append(item)
-        return items, 0.0
+        keys = {name: self._fuse_key(self._streams[name].pending[0].op) for _, name in runnable}
+        for _, name in runnable:
+            key = keys[name]
+            chosen = [name]
+            if key is not None:
+                chosen += [other for _, other in runnable if other != name and keys[other] == key][: self.max_fused - 1]
+                held = self._hold_for_peers(name, key, now) if len(chosen) == 1 else 0.0
+                if held > 0:
+                    wait = min(wait, held)
+                    continue
+            items = []
+            for chosen_name in chosen:
+                state = self._streams[chosen_name]
+                item = heapq.heappop(state.pending)
+                if item.numbered:
+                    state.next_seq_id = max(state.next_seq_id, int(item.order) + 1)
+                if key is not None:
+                    state.fused_key, state.fused_at = key, now
+                items.append(item)
+            return items, 0.0
+        return [], wait
+
+    def _hold_for_peers(self, name: str, key: Any, now: float) -> float:
+        """Seconds to hold `name`'s lone fusible head back for recently active peers (0: run it now)."""
+        if self.fuse_wait_s <= 0:
+            return 0.0
+        left = self.fuse_wait_s - (now - self._streams[name].pending[0].arrived_at)
+        if left <= 0:
+            return 0.0
+        for other, state in self._streams.items():
+            if other != name and state.fused_key == key and now - state.fused_at < _PEER_ACTIVE_S:
+                return left
+        return 0.0
 
     def _fuse_key(self, op: Any) -> Any:
         if self._fusible is None:

@@ -27,7 +27,8 @@ class InProcessTrainer:
         fuse = settings.fuse_lora_ops
         self.worker = ModelWorker(base_model, self.executor.execute, housekeeping=self.executor.housekeeping,
                                   fusible=self.executor.fusible if fuse else None,
-                                  execute_batch=self.executor.execute_batch if fuse else None)
+                                  execute_batch=self.executor.execute_batch if fuse else None,
+                                  fuse_wait_s=settings.fuse_wait_ms / 1000)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
 
     def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
