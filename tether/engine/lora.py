@@ -193,18 +193,26 @@ class MultiLoraLinear(nn.Module):
         flat_out = out.reshape(-1, out.shape[-1])
         active = [(self.adapters[a], p) for a, p in groups if a in self.adapters]
         if all(isinstance(p, slice) for _, p in active):
-            pieces, cursor = [], 0
+            # split (not slicing or gathers): its backward is one concatenation, where each slice's or
+            # gather's backward would build a zero tensor of the whole input per adapter
+            segments: list[tuple[int, LoraWeights | None]] = []
+            cursor = 0
             for weights, span in sorted(active, key=lambda group: group[1].start):
                 if span.stop <= span.start:
                     continue
                 if span.start > cursor:
-                    pieces.append(flat_out[cursor : span.start])
-                pieces.append(flat_out[span] + _lora_delta(flat_x[span], weights))
+                    segments.append((span.start - cursor, None))
+                segments.append((span.stop - span.start, weights))
                 cursor = span.stop
-            if not pieces:
+            if not any(weights is not None for _, weights in segments):
                 return out
             if cursor < flat_out.shape[0]:
-                pieces.append(flat_out[cursor:])
+                segments.append((flat_out.shape[0] - cursor, None))
+            sizes = [size for size, _ in segments]
+            pieces = [
+                piece if weights is None else piece + _lora_delta(x_piece, weights)
+                for piece, x_piece, (_, weights) in zip(flat_out.split(sizes), flat_x.split(sizes), segments, strict=True)
+            ]
             return torch.cat(pieces).reshape(out.shape)
         positions, deltas = [], []
         for weights, group in active:
