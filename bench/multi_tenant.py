@@ -53,7 +53,7 @@ class Tenants:
 
     def __init__(self, args: argparse.Namespace, data_dir: Path, fuse: bool) -> None:
         settings = EngineSettings(data_dir=data_dir, device=args.device, dtype=args.dtype,
-                                  torch_threads=args.threads, fuse_lora_ops=fuse)
+                                  torch_threads=args.threads, fuse_lora_ops=fuse, fuse_wait_ms=args.fuse_wait_ms)
         self.args = args
         self.trainer = InProcessTrainer(args.model, settings)
         self.batch_sizes: collections.Counter = collections.Counter()
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per tenant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--fuse-wait-ms", type=float, default=EngineSettings.model_fields["fuse_wait_ms"].default,
+                        help="how long a lone forward_backward waits for peers (EngineSettings.fuse_wait_ms)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
     fused_tps = tokens / statistics.median(times["fused"])
     plain_tps = tokens / statistics.median(times["plain"])
     print(f"model {args.model}, {args.tenants} LoRA tenants (rank {args.rank}), each {args.steps} steps/round of "
-          f"{args.rows}x{args.seq_len} tokens + optim_step, {args.rounds} rounds, device {args.device}")
+          f"{args.rows}x{args.seq_len} tokens + optim_step, {args.rounds} rounds, device {args.device}, fuse wait {args.fuse_wait_ms} ms")
     print(f"{'':28}{'fused':>12}{'one at a time':>16}")
     print(f"{'median round (s)':28}{statistics.median(times['fused']):>12.3f}{statistics.median(times['plain']):>16.3f}")
     print(f"{'aggregate tokens/s':28}{fused_tps:>12.0f}{plain_tps:>16.0f}")
