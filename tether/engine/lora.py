@@ -192,12 +192,13 @@ class MultiLoraLinear(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
         active = [(self.adapters[a], p) for a, p in groups if a in self.adapters]
-        if all(isinstance(p, slice) for _, p in active):
+        spans = [(weights, p) for weights, p in active if isinstance(p, slice)]
+        if len(spans) == len(active):
             # split (not slicing or gathers): its backward is one concatenation, where each slice's or
             # gather's backward would build a zero tensor of the whole input per adapter
             segments: list[tuple[int, LoraWeights | None]] = []
             cursor = 0
-            for weights, span in sorted(active, key=lambda group: group[1].start):
+            for weights, span in sorted(spans, key=lambda group: group[1].start):
                 if span.stop <= span.start:
                     continue
                 if span.start > cursor:

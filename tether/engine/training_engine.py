@@ -457,8 +457,8 @@ class TrainingEngine:
                         total = _loss(parts[k], indices, group_logprobs, outputs[k])
                     if parts[k].backward:
                         backward_totals.append(total)
-                    detached = total.detach()
-                    totals[k] = detached if totals[k] is None else totals[k] + detached
+                    detached, so_far = total.detach(), totals[k]
+                    totals[k] = detached if so_far is None else so_far + detached
                 if backward_totals:
                     (backward_totals[0] if len(backward_totals) == 1 else torch.stack(backward_totals).sum()).backward()
         # one device-to-host transfer (and sync) for the whole request: outputs and loss sums together
@@ -477,9 +477,12 @@ class TrainingEngine:
         """
         if len(parts) == 1:
             return parts[0].trained.routing
-        spans, row = [], 0
+        spans: list[tuple[str, int, int]] = []
+        row = 0
         for k, indices in groups:
-            spans.append((parts[k].trained.routing, row, row + len(indices)))
+            adapter = parts[k].trained.routing
+            assert adapter is not None, "only LoRA models are fused"
+            spans.append((adapter, row, row + len(indices)))
             row += len(indices)
         return AdapterRouting.for_row_spans(spans, max(d.input_tokens.shape[0] for d in rows))
 
