@@ -43,8 +43,15 @@ def _batch(tenant: int, step: int, rows: int, seq_len: int, vocab: int) -> list[
     data = []
     for _ in range(rows):
         tokens = rng.integers(0, vocab, size=seq_len + 1)
-        data.append(ops.TrainingDatum(input_tokens=tokens[:-1].astype(np.int64), loss_fn_inputs={
-            "target_tokens": tokens[1:].astype(np.int64), "weights": np.ones(seq_len, np.float32)}))
+        data.append(
+            ops.TrainingDatum(
+                input_tokens=tokens[:-1].astype(np.int64),
+                loss_fn_inputs={
+                    "target_tokens": tokens[1:].astype(np.int64),
+                    "weights": np.ones(seq_len, np.float32),
+                },
+            )
+        )
     return data
 
 
@@ -52,20 +59,30 @@ class Tenants:
     """One trainer, its tenants' models and each tenant's next `seq_id`."""
 
     def __init__(self, args: argparse.Namespace, data_dir: Path, fuse: bool) -> None:
-        settings = EngineSettings(data_dir=data_dir, device=args.device, dtype=args.dtype,
-                                  torch_threads=args.threads, fuse_lora_ops=fuse, fuse_wait_ms=args.fuse_wait_ms)
+        settings = EngineSettings(
+            data_dir=data_dir,
+            device=args.device,
+            dtype=args.dtype,
+            torch_threads=args.threads,
+            fuse_lora_ops=fuse,
+            fuse_wait_ms=args.fuse_wait_ms,
+        )
         self.args = args
         self.trainer = InProcessTrainer(args.model, settings)
         self.batch_sizes: collections.Counter = collections.Counter()
         if fuse:
             inner = self.trainer.worker._execute_batch
-            self.trainer.worker._execute_batch = lambda batch: (self.batch_sizes.update([len(batch)]), inner(batch))[1]
+            self.trainer.worker._execute_batch = lambda batch: (
+                self.batch_sizes.update([len(batch)]),
+                inner(batch),
+            )[1]
         self.vocab = self.trainer.submit(ops.DescribeBase()).result(600).vocab_size
         self.seq = {}
         for t in range(args.tenants):
             model = f"tenant-{t}"
-            self.trainer.submit(ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=args.rank, seed=t)),
-                                stream=model).result(600)
+            self.trainer.submit(
+                ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=args.rank, seed=t)), stream=model
+            ).result(600)
             self.seq[model] = 1
 
     def run_tenant(self, tenant: int, steps: int, first_step: int) -> None:
@@ -74,9 +91,14 @@ class Tenants:
             data = _batch(tenant, step, self.args.rows, self.args.seq_len, self.vocab)
             seq = self.seq[model]
             self.seq[model] = seq + 2
-            fb = self.trainer.submit(ops.ForwardBackward(model_id=model, data=data, loss_fn="cross_entropy"),
-                                     stream=model, seq_id=seq)
-            step_done = self.trainer.submit(ops.OptimStep(model_id=model, adam_params=ADAM), stream=model, seq_id=seq + 1)
+            fb = self.trainer.submit(
+                ops.ForwardBackward(model_id=model, data=data, loss_fn="cross_entropy"),
+                stream=model,
+                seq_id=seq,
+            )
+            step_done = self.trainer.submit(
+                ops.OptimStep(model_id=model, adam_params=ADAM), stream=model, seq_id=seq + 1
+            )
             fb.result(600)
             step_done.result(600)
 
@@ -84,8 +106,10 @@ class Tenants:
         """Seconds for every tenant to take `args.steps` steps."""
         start = time.perf_counter()
         if concurrent:
-            threads = [threading.Thread(target=self.run_tenant, args=(t, self.args.steps, first_step))
-                       for t in range(self.args.tenants)]
+            threads = [
+                threading.Thread(target=self.run_tenant, args=(t, self.args.steps, first_step))
+                for t in range(self.args.tenants)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -106,8 +130,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per tenant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--fuse-wait-ms", type=float, default=EngineSettings.model_fields["fuse_wait_ms"].default,
-                        help="how long a lone forward_backward waits for peers (EngineSettings.fuse_wait_ms)")
+    parser.add_argument(
+        "--fuse-wait-ms",
+        type=float,
+        default=EngineSettings.model_fields["fuse_wait_ms"].default,
+        help="how long a lone forward_backward waits for peers (EngineSettings.fuse_wait_ms)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -130,10 +158,14 @@ def main() -> None:
     tokens = args.tenants * args.steps * args.rows * args.seq_len
     fused_tps = tokens / statistics.median(times["fused"])
     plain_tps = tokens / statistics.median(times["plain"])
-    print(f"model {args.model}, {args.tenants} LoRA tenants (rank {args.rank}), each {args.steps} steps/round of "
-          f"{args.rows}x{args.seq_len} tokens + optim_step, {args.rounds} rounds, device {args.device}, fuse wait {args.fuse_wait_ms} ms")
+    print(
+        f"model {args.model}, {args.tenants} LoRA tenants (rank {args.rank}), each {args.steps} steps/round of "
+        f"{args.rows}x{args.seq_len} tokens + optim_step, {args.rounds} rounds, device {args.device}, fuse wait {args.fuse_wait_ms} ms"
+    )
     print(f"{'':28}{'fused':>12}{'one at a time':>16}")
-    print(f"{'median round (s)':28}{statistics.median(times['fused']):>12.3f}{statistics.median(times['plain']):>16.3f}")
+    print(
+        f"{'median round (s)':28}{statistics.median(times['fused']):>12.3f}{statistics.median(times['plain']):>16.3f}"
+    )
     print(f"{'aggregate tokens/s':28}{fused_tps:>12.0f}{plain_tps:>16.0f}")
     print(f"fused batch sizes (ops per pass: count): {dict(sorted(fused.batch_sizes.items()))}")
     print(f"ratio fused / one at a time: {fused_tps / plain_tps:.2f}")

@@ -83,7 +83,9 @@ def test_fused_equals_separate(training_engine, count, budget):
     separate = []
     for tenant, model_id in enumerate(separate_ids):
         request = _request(model_id, tenant, vocab)
-        separate.append(engine.forward_backward(model_id, request.data, request.loss_fn, request.loss_fn_config))
+        separate.append(
+            engine.forward_backward(model_id, request.data, request.loss_fn, request.loss_fn_config)
+        )
     fused = engine.forward_backward_fused([_request(m, t, vocab) for t, m in enumerate(fused_ids)])
     for tenant in range(count):
         assert not isinstance(fused[tenant], Exception)
@@ -121,7 +123,9 @@ def test_a_bad_tenant_fails_alone(training_engine):
         separate[tenant] = engine.forward_backward(separate_ids[tenant], r.data, r.loss_fn, r.loss_fn_config)
     out_of_vocab = _request(fused_ids[1], 1, vocab)
     out_of_vocab.data[0].input_tokens[0] = vocab + 5
-    missing_input = LossRequest(fused_ids[3], [EngineDatum(torch.arange(4), {"target_tokens": torch.arange(4)})], "ppo")
+    missing_input = LossRequest(
+        fused_ids[3], [EngineDatum(torch.arange(4), {"target_tokens": torch.arange(4)})], "ppo"
+    )
     requests = [
         _request(fused_ids[0], 0, vocab),
         out_of_vocab,
@@ -149,16 +153,25 @@ def test_full_fine_tuning_runs_on_its_own_weights(training_engine):
     engine.create_model("full-fus", lora=None)
     lora_sep = _tenants(engine, 2, "sep")
     lora_fus = _tenants(engine, 2, "fus")
-    want = {m: engine.forward_backward(m, r.data, r.loss_fn, r.loss_fn_config)
-            for m, r in [(lora_sep[0], _request(lora_sep[0], 0, vocab)), ("full-sep", _request("full-sep", 1, vocab)),
-                         (lora_sep[1], _request(lora_sep[1], 2, vocab))]}
+    want = {
+        m: engine.forward_backward(m, r.data, r.loss_fn, r.loss_fn_config)
+        for m, r in [
+            (lora_sep[0], _request(lora_sep[0], 0, vocab)),
+            ("full-sep", _request("full-sep", 1, vocab)),
+            (lora_sep[1], _request(lora_sep[1], 2, vocab)),
+        ]
+    }
     got = engine.forward_backward_fused(
         [_request(lora_fus[0], 0, vocab), _request("full-fus", 1, vocab), _request(lora_fus[1], 2, vocab)]
     )
     _assert_same(got[0], want[lora_sep[0]], engine, lora_fus[0], lora_sep[0])
     _assert_same(got[1], want["full-sep"], engine, "full-fus", "full-sep")
     _assert_same(got[2], want[lora_sep[1]], engine, lora_fus[1], lora_sep[1])
-    assert engine.is_lora("full-fus") is False and engine.is_lora(lora_fus[0]) is True and engine.is_lora("x") is None
+    assert (
+        engine.is_lora("full-fus") is False
+        and engine.is_lora(lora_fus[0]) is True
+        and engine.is_lora("x") is None
+    )
 
 
 def test_loss_sums_stay_on_the_device_until_the_result(training_engine, monkeypatch):

@@ -19,8 +19,10 @@ LOSSES = ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 
 
 def _trainer(path: Path, fuse: bool) -> InProcessTrainer:
-    return InProcessTrainer(BASE, EngineSettings(data_dir=path, device="cpu", dtype="float32", torch_threads=1,
-                                                 fuse_lora_ops=fuse))
+    return InProcessTrainer(
+        BASE,
+        EngineSettings(data_dir=path, device="cpu", dtype="float32", torch_threads=1, fuse_lora_ops=fuse),
+    )
 
 
 def _data(tenant: int, step: int) -> list[ops.TrainingDatum]:
@@ -28,9 +30,17 @@ def _data(tenant: int, step: int) -> list[ops.TrainingDatum]:
     out = []
     for n in (5 + tenant, 3 + 2 * step):
         tokens = rng.integers(0, 250, size=n + 1)
-        out.append(ops.TrainingDatum(input_tokens=tokens[:-1].astype(np.int64), loss_fn_inputs={
-            "target_tokens": tokens[1:].astype(np.int64), "weights": rng.random(n).astype(np.float32),
-            "logprobs": np.full(n, -5.0, np.float32), "advantages": rng.standard_normal(n).astype(np.float32)}))
+        out.append(
+            ops.TrainingDatum(
+                input_tokens=tokens[:-1].astype(np.int64),
+                loss_fn_inputs={
+                    "target_tokens": tokens[1:].astype(np.int64),
+                    "weights": rng.random(n).astype(np.float32),
+                    "logprobs": np.full(n, -5.0, np.float32),
+                    "advantages": rng.standard_normal(n).astype(np.float32),
+                },
+            )
+        )
     return out
 
 
@@ -38,11 +48,21 @@ def _fb(tenant: int, step: int, model: str | None = None) -> ops.ForwardBackward
     loss = LOSSES[tenant % len(LOSSES)]
     data = _data(tenant, step)
     if loss == "cross_entropy":
-        data = [ops.TrainingDatum(input_tokens=d.input_tokens, loss_fn_inputs={
-            k: d.loss_fn_inputs[k] for k in ("target_tokens", "weights")}) for d in data]
+        data = [
+            ops.TrainingDatum(
+                input_tokens=d.input_tokens,
+                loss_fn_inputs={k: d.loss_fn_inputs[k] for k in ("target_tokens", "weights")},
+            )
+            for d in data
+        ]
     else:
-        data = [ops.TrainingDatum(input_tokens=d.input_tokens, loss_fn_inputs={
-            k: d.loss_fn_inputs[k] for k in ("target_tokens", "logprobs", "advantages")}) for d in data]
+        data = [
+            ops.TrainingDatum(
+                input_tokens=d.input_tokens,
+                loss_fn_inputs={k: d.loss_fn_inputs[k] for k in ("target_tokens", "logprobs", "advantages")},
+            )
+            for d in data
+        ]
     return ops.ForwardBackward(model_id=model or f"t{tenant}", data=data, loss_fn=loss)
 
 
@@ -53,8 +73,13 @@ def _run(trainer: InProcessTrainer, tenants: int, steps: int, bad: int | None = 
         inner = trainer.worker._execute_batch
         trainer.worker._execute_batch = lambda b: (batches.append(len(b)), inner(b))[1]
     for t in range(tenants):
-        trainer.submit(ops.CreateModel(model_id=f"t{t}", lora_config=LoraConfig(rank=1 + t % 4, seed=t,
-                       train_mlp=t % 2 == 0, train_attn=t % 3 != 1)), stream=f"t{t}").result(60)
+        trainer.submit(
+            ops.CreateModel(
+                model_id=f"t{t}",
+                lora_config=LoraConfig(rank=1 + t % 4, seed=t, train_mlp=t % 2 == 0, train_attn=t % 3 != 1),
+            ),
+            stream=f"t{t}",
+        ).result(60)
     trainer.submit(ops.CreateModel(model_id="full"), stream="full").result(60)
     futures: dict[str, list] = {}
     engine = trainer.executor.training
@@ -65,10 +90,19 @@ def _run(trainer: InProcessTrainer, tenants: int, steps: int, bad: int | None = 
                 op = _fb(t, step)
                 if bad == t and step == 0:
                     op.data[0].input_tokens[0] = 10**6  # out of vocabulary
-                futures.setdefault(f"t{t}", []).append(trainer.submit(op, stream=f"t{t}", seq_id=1 + 2 * step))
-                futures[f"t{t}"].append(trainer.submit(ops.OptimStep(model_id=f"t{t}", adam_params=AdamParams(
-                    learning_rate=1e-2)), stream=f"t{t}", seq_id=2 + 2 * step))
-            futures.setdefault("full", []).append(trainer.submit(_fb(0, step, "full"), stream="full", seq_id=1 + step))
+                futures.setdefault(f"t{t}", []).append(
+                    trainer.submit(op, stream=f"t{t}", seq_id=1 + 2 * step)
+                )
+                futures[f"t{t}"].append(
+                    trainer.submit(
+                        ops.OptimStep(model_id=f"t{t}", adam_params=AdamParams(learning_rate=1e-2)),
+                        stream=f"t{t}",
+                        seq_id=2 + 2 * step,
+                    )
+                )
+            futures.setdefault("full", []).append(
+                trainer.submit(_fb(0, step, "full"), stream="full", seq_id=1 + step)
+            )
     results = {}
     for stream, fs in futures.items():
         results[stream] = []
@@ -111,10 +145,15 @@ def test_only_lora_forward_ops_are_fusible(tmp_path):
         trainer.submit(ops.CreateModel(model_id="a", lora_config=LoraConfig(rank=2)), stream="a").result(60)
         trainer.submit(ops.CreateModel(model_id="full"), stream="full").result(60)
         assert ex.fusible(_fb(0, 0, "a")) == "lora_forward"
-        assert ex.fusible(ops.Forward(model_id="a", data=_fb(0, 0).data, loss_fn="cross_entropy")) == "lora_forward"
+        assert (
+            ex.fusible(ops.Forward(model_id="a", data=_fb(0, 0).data, loss_fn="cross_entropy"))
+            == "lora_forward"
+        )
         assert ex.fusible(_fb(0, 0, "full")) is None
         assert ex.fusible(_fb(0, 0, "missing")) is None
         assert ex.fusible(ops.OptimStep(model_id="a", adam_params=AdamParams())) is None
-        assert ex.fusible(ops.ForwardKeepGraph(model_id="a", data=_fb(0, 0).data, graph_id="g", ttl_s=5)) is None
+        assert (
+            ex.fusible(ops.ForwardKeepGraph(model_id="a", data=_fb(0, 0).data, graph_id="g", ttl_s=5)) is None
+        )
     finally:
         trainer.close()
