@@ -17,3 +17,4 @@ PY
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_training_gpu.py 2>&1 | tail -3
 timeout 120 python3 bench/engine_throughput.py --model /tmp/q150m --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 --steps 10 2>&1 | grep -v "Loading weights\|Writing model"
 timeout 120 python3 bench/sampling_throughput.py --model /tmp/q150m --device cuda --dtype bfloat16 --baseline both 2>&1 | grep -v "Loading weights\|Writing model"
+timeout 150 python3 bench/multi_tenant.py --model /tmp/q150m --device cuda --dtype bfloat16 --rounds 3 2>&1 | grep -v "Loading weights\|Writing model"

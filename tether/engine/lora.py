@@ -84,12 +84,18 @@ class AdapterRouting:
     """Which adapter applies where in the next forward passes.
 
     Either `single` (one adapter id, or None for the bare base model, over the whole batch) or
-    `groups`: adapter id -> 1-D LongTensor of positions in the input flattened to (-1, features).
-    Positions in no group get the base model only.
+    `groups`: adapter id -> positions in the input flattened to (-1, features), as a 1-D LongTensor
+    or, for a contiguous range, a `slice` (no gather or scatter then: the output is put together
+    with one concatenation). Groups never overlap; positions in no group get the base model only.
     """
 
     single: str | None = None
-    groups: tuple[tuple[str, torch.Tensor], ...] = ()
+    groups: tuple[tuple[str, torch.Tensor | slice], ...] = ()
+
+    @staticmethod
+    def for_row_spans(spans: Sequence[tuple[str, int, int]], seq_len: int) -> AdapterRouting:
+        """(adapter id, first row, end row) per contiguous block of rows of a (rows, seq_len, features) input."""
+        return AdapterRouting(groups=tuple((a, slice(start * seq_len, end * seq_len)) for a, start, end in spans))
 
     @staticmethod
     def for_rows(adapter_ids: Sequence[str | None], seq_len: int, device: torch.device | str = "cpu") -> AdapterRouting:
@@ -181,16 +187,44 @@ class MultiLoraLinear(nn.Module):
         return out + _lora_delta(x, weights)
 
     def _forward_groups(
-        self, x: torch.Tensor, out: torch.Tensor, groups: tuple[tuple[str, torch.Tensor], ...]
+        self, x: torch.Tensor, out: torch.Tensor, groups: tuple[tuple[str, torch.Tensor | slice], ...]
     ) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
-        for adapter_id, positions in groups:
-            weights = self.adapters.get(adapter_id)
-            if weights is None or positions.numel() == 0:
+        active = [(self.adapters[a], p) for a, p in groups if a in self.adapters]
+        spans = [(weights, p) for weights, p in active if isinstance(p, slice)]
+        if len(spans) == len(active):
+            # split (not slicing or gathers): its backward is one concatenation, where each slice's or
+            # gather's backward would build a zero tensor of the whole input per adapter
+            segments: list[tuple[int, LoraWeights | None]] = []
+            cursor = 0
+            for weights, span in sorted(spans, key=lambda group: group[1].start):
+                if span.stop <= span.start:
+                    continue
+                if span.start > cursor:
+                    segments.append((span.start - cursor, None))
+                segments.append((span.stop - span.start, weights))
+                cursor = span.stop
+            if not any(weights is not None for _, weights in segments):
+                return out
+            if cursor < flat_out.shape[0]:
+                segments.append((flat_out.shape[0] - cursor, None))
+            sizes = [size for size, _ in segments]
+            pieces = [
+                piece if weights is None else piece + _lora_delta(x_piece, weights)
+                for piece, x_piece, (_, weights) in zip(flat_out.split(sizes), flat_x.split(sizes), segments, strict=True)
+            ]
+            return torch.cat(pieces).reshape(out.shape)
+        positions, deltas = [], []
+        for weights, group in active:
+            index = group if isinstance(group, torch.Tensor) else torch.arange(group.start, group.stop, device=x.device)
+            if index.numel() == 0:
                 continue
-            flat_out = flat_out.index_add(0, positions, _lora_delta(flat_x.index_select(0, positions), weights))
-        return flat_out.reshape(out.shape)
+            positions.append(index)
+            deltas.append(_lora_delta(flat_x.index_select(0, index), weights))
+        if not positions:
+            return out
+        return flat_out.index_add(0, torch.cat(positions), torch.cat(deltas)).reshape(out.shape)
 
 
 def _lora_delta(x: torch.Tensor, weights: LoraWeights) -> torch.Tensor:

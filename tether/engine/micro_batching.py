@@ -81,15 +81,33 @@ def _width(shape: torch.Size) -> int:
     return 1 if len(shape) == 1 else shape[1]
 
 
+def real_positions(lengths: Sequence[int], longest: int) -> torch.Tensor:
+    """int64 (sum(lengths),): the flattened (rows * longest) positions of every row's real tokens, row after row."""
+    return torch.cat([row * longest + torch.arange(length) for row, length in enumerate(lengths)])
+
+
 def target_logprobs(model: nn.Module, datums: Sequence[EngineDatum], device: torch.device) -> MicroBatchLogprobs:
     """log p(target_tokens[i] | input_tokens[:i+1]) for every datum of one micro-batch.
 
     Runs one padded forward pass; whether a graph is recorded follows the caller's grad mode. Only
     real (unpadded) positions reach the log-softmax, so padding costs no vocabulary-sized work.
     """
+    return grouped_target_logprobs(model, datums, device, [len(datums)])[0]
+
+
+def grouped_target_logprobs(
+    model: nn.Module, datums: Sequence[EngineDatum], device: torch.device, group_rows: Sequence[int]
+) -> list[MicroBatchLogprobs]:
+    """`target_logprobs` of one padded forward pass over `datums`, cut into consecutive groups of rows.
+
+    `group_rows[g]` rows form group g (they must add up to `len(datums)`); each group's logprobs are
+    computed from its own rows' logits exactly as if the group were the whole micro-batch (1-D
+    targets use the fused cross-entropy kernel, (N, K) targets a gather), so one tenant's target
+    shapes never change another's numerics. Real positions are selected by index (no host sync)
+    before the logits are upcast, so padded positions are never upcast or log-softmaxed. The caller
+    sets the adapter routing: row r's real tokens sit at `real_positions(...)` of the flattened input.
+    """
     lengths = [d.input_tokens.shape[0] for d in datums]
-    targets = [d.loss_fn_inputs["target_tokens"] for d in datums]
-    shapes = [t.shape for t in targets]
     rows, longest = len(datums), max(lengths)
     padded = min(lengths) < longest
     input_ids = torch.zeros(rows, longest, dtype=torch.int64)
@@ -100,7 +118,23 @@ def target_logprobs(model: nn.Module, datums: Sequence[EngineDatum], device: tor
         mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
         kwargs["attention_mask"] = mask.to(device=device, dtype=torch.int64)
     logits = model(input_ids=input_ids.to(device), use_cache=False, **kwargs).logits
-    logits = logits[kwargs["attention_mask"].bool()] if padded else logits.reshape(rows * longest, -1)
+    logits = logits.reshape(rows * longest, -1)
+    if padded:
+        logits = logits.index_select(0, real_positions(lengths, longest).to(device))
+    out = []
+    row = token = 0
+    for count in group_rows:
+        group_lengths = lengths[row : row + count]
+        group_tokens = sum(group_lengths)
+        group_logits = logits if count == rows else logits[token : token + group_tokens]
+        targets = [d.loss_fn_inputs["target_tokens"] for d in datums[row : row + count]]
+        out.append(_logprobs(group_logits, targets, group_lengths, device))
+        row, token = row + count, token + group_tokens
+    return out
+
+
+def _logprobs(logits: torch.Tensor, targets: list[torch.Tensor], lengths: list[int], device: torch.device) -> MicroBatchLogprobs:
+    shapes = [t.shape for t in targets]
     if all(len(shape) == 1 for shape in shapes):
         flat_targets = torch.cat(targets).to(device)
         # the fused kernel the plain training loop uses: logprob = -cross_entropy

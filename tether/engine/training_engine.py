@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tether.engine.lora import (
+    AdapterRouting,
     LoraSpec,
     MultiLoraLinear,
     adapter_routing,
@@ -34,12 +35,17 @@ from tether.engine.lora import (
     lora_layers,
     remove_adapter,
 )
-from tether.engine.losses import get_loss, resolve_loss_config
-from tether.engine.micro_batching import MicroBatchLogprobs, plan_micro_batches, target_logprobs
+from tether.engine.losses import LossDefinition, get_loss, resolve_loss_config
+from tether.engine.micro_batching import (
+    MicroBatchLogprobs,
+    grouped_target_logprobs,
+    plan_micro_batches,
+    target_logprobs,
+)
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import ModelOptimizer, check_moments
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
-from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
+from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.engine.validation import validate_data
 from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
@@ -48,6 +54,7 @@ __all__ = [
     "EngineDatum",
     "ForwardResult",
     "GraphHandle",
+    "LossRequest",
     "SamplerWeights",
     "TrainingEngine",
     "TrainingState",
@@ -65,6 +72,17 @@ class _TrainingModel:
     """Adapter id to route to (LoRA), or None to run `module` as is (full fine-tuning copy)."""
     params: dict[str, torch.Tensor]
     optimizer: ModelOptimizer
+
+
+@dataclass
+class _Prepared:
+    """One request checked and ready to run: its model, loss, resolved config and normalised datums."""
+
+    trained: _TrainingModel
+    definition: LossDefinition
+    config: dict
+    data: list[EngineDatum]
+    backward: bool
 
 
 @dataclass
@@ -139,15 +157,62 @@ class TrainingEngine:
         self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None = None
     ) -> ForwardResult:
         """Loss and per-datum outputs without recording gradients."""
-        with self._lock:
-            return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=False)
+        return self._run_one(LossRequest(model_id, data, loss_fn, loss_fn_config, backward=False))
 
     def forward_backward(
         self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None = None
     ) -> ForwardResult:
         """Like `forward`, and add the loss's gradients to the model's (kept until `optim_step`)."""
+        return self._run_one(LossRequest(model_id, data, loss_fn, loss_fn_config, backward=True))
+
+    def forward_backward_fused(self, requests: Sequence[LossRequest]) -> list[ForwardResult | Exception]:
+        """Run several LoRA models' forward(_backward)s as one batched pass; one result or error per request.
+
+        Each request is validated on its own first; an invalid one gets its exception (nothing of it
+        runs) and the rest still run. The valid LoRA requests share micro-batches (the token budget
+        applies to all their datums together) with each row routed to its own adapter, and one
+        backward per micro-batch of their summed losses: adapters are disjoint tensors, so each gets
+        exactly its own loss's gradient. Forward-only requests share a pass of their own, without a graph. Each result (outputs, `loss:sum`) equals what `forward` /
+        `forward_backward` would return for that request alone, up to float reassociation (the
+        batch is padded to its longest datum, tests hold it to 1e-6 in fp32). Full fine-tuning models
+        have their own weights and run one after another. An error raised while the fused pass runs
+        (not a validation error) fails every request of that pass.
+        """
         with self._lock:
-            return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=True)
+            results: list[ForwardResult | Exception | None] = [None] * len(requests)
+            fused: list[tuple[int, _Prepared]] = []
+            for index, request in enumerate(requests):
+                try:
+                    prepared = self._prepare(request)
+                except Exception as exc:  # noqa: BLE001 - one request's bad input fails that request only
+                    results[index] = exc
+                    continue
+                if prepared.trained.lora is None:
+                    try:
+                        results[index] = self._run_prepared([prepared])[0]
+                    except Exception as exc:  # noqa: BLE001 - reported per request
+                        results[index] = exc
+                else:
+                    fused.append((index, prepared))
+            for backward in (True, False):  # forward-only rows run without a graph, so they never get .grad
+                group = [(index, p) for index, p in fused if p.backward == backward]
+                if not group:
+                    continue
+                try:
+                    outcomes: list[ForwardResult | Exception] = list(self._run_prepared([p for _, p in group]))
+                except Exception as exc:  # noqa: BLE001 - the pass failed: so did each of its requests
+                    outcomes = [exc] * len(group)
+                for (index, _), outcome in zip(group, outcomes, strict=True):
+                    results[index] = outcome
+            return results  # type: ignore[return-value]
+
+    def is_lora(self, model_id: str) -> bool | None:
+        """Whether `model_id` is a LoRA adapter (True), a full fine-tuning copy (False) or unknown (None).
+
+        Takes no lock (one dict lookup), so a scheduler may ask while an operation runs.
+        """
+        trained = self._models.get(model_id)
+        return None if trained is None else trained.lora is not None
 
     def optim_step(self, model_id: str, params: AdamWParams) -> dict[str, float]:
         """Apply AdamW to the accumulated gradients, then clear them. Metrics: grad norm before clipping, lr."""
@@ -183,19 +248,21 @@ class TrainingEngine:
             checked = self._validate(data, ("target_tokens",))
             kept = _KeptGraph(model_id=model_id, optimizer_steps=trained.optimizer.num_steps)
             outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=self._device)
             for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=True):
                 kept.micro_batches.append((indices, logprobs))
                 for index, lp in zip(indices, logprobs.per_datum(logprobs.flat.detach()), strict=True):
                     outputs[index]["logprobs"] = lp
                     weights = checked[index].loss_fn_inputs.get("weights")
                     if weights is not None:
-                        loss_sum += float((-lp * weights.to(lp.device)).sum())
+                        loss_sum = loss_sum + (-lp * weights.to(lp.device)).sum()
             kept.logprob_shapes = [tuple(o["logprobs"].shape) for o in outputs]
+            host = _to_host([o["logprobs"] for o in outputs] + [loss_sum])  # one transfer (and sync) for the request
+            outputs = [{"logprobs": lp} for lp in host[:-1]]
             graph_id = graph_id or f"graph-{next(self._graph_ids)}"
             kept.deadline = time.monotonic() + ttl_s if ttl_s is not None else None  # from when the graph exists
             self._graphs[graph_id] = kept
-            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": loss_sum})
+            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": float(host[-1])})
 
     def backward_from_logprob_grads(self, handle: GraphHandle, grads: Sequence[torch.Tensor]) -> dict[str, float]:
         """Backpropagate d loss / d logprobs through a kept graph, accumulating gradients like forward_backward.
@@ -211,14 +278,14 @@ class TrainingEngine:
             if trained.optimizer.num_steps != kept.optimizer_steps:
                 raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
             checked_grads = _check_logprob_grads(grads, kept.logprob_shapes)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=self._device)
             del self._graphs[handle.graph_id]
             for indices, logprobs in kept.micro_batches:
                 flat_grads = logprobs.stack_per_datum([checked_grads[i] for i in indices]).to(logprobs.flat.device)
-                loss_sum += float((flat_grads * logprobs.flat.detach()).sum())
+                loss_sum = loss_sum + (flat_grads * logprobs.flat.detach()).sum()
                 torch.autograd.backward(logprobs.flat, flat_grads)
             kept.micro_batches.clear()
-            return {"loss:sum": loss_sum}
+            return {"loss:sum": float(loss_sum)}  # the request's one sync
 
     def release_graph(self, handle: GraphHandle) -> None:
         """Free a kept graph without backpropagating (no-op if it is already gone)."""
@@ -357,40 +424,67 @@ class TrainingEngine:
                 logprobs = target_logprobs(trained.module, [data[i] for i in indices], self._device)
             yield indices, logprobs
 
-    def _run_loss(
-        self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None, *, backward: bool
-    ) -> ForwardResult:
-        trained = self._get(model_id)
-        definition = get_loss(loss_fn)
-        config = resolve_loss_config(loss_fn, loss_fn_config)
-        checked = self._validate(data, definition.required_inputs)
-        outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
-        loss_sum = 0.0
-        input_keys = [k for k in definition.required_inputs if k != "target_tokens"]
-        for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=backward):
-            with torch.set_grad_enabled(backward):
-                if logprobs.uniform:  # one elementwise loss over the whole micro-batch
-                    device = logprobs.flat.device
-                    inputs = {k: torch.cat([checked[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys}
-                    total, extra = definition.compute(logprobs.flat, inputs, config)
-                    per_datum = {
-                        key: logprobs.per_datum(value.detach())
-                        for key, value in {"logprobs": logprobs.flat, **extra}.items()
-                    }
-                    for position, index in enumerate(indices):
-                        outputs[index] = {key: values[position] for key, values in per_datum.items()}
-                else:  # datums of different target widths: one loss each
-                    losses = []
-                    for index, lp in zip(indices, logprobs.per_datum(), strict=True):
-                        inputs = {k: checked[index].loss_fn_inputs[k].to(lp.device) for k in input_keys}
-                        loss, extra = definition.compute(lp, inputs, config)
-                        losses.append(loss)
-                        outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}
-                    total = torch.stack(losses).sum()
-                if backward:
-                    total.backward()
-            loss_sum += float(total.detach())
-        return ForwardResult(outputs=outputs, metrics={"loss:sum": loss_sum})
+    def _prepare(self, request: LossRequest) -> _Prepared:
+        """Everything checked before anything runs: the model, the loss and its config, the data."""
+        trained = self._get(request.model_id)
+        definition = get_loss(request.loss_fn)
+        config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
+        checked = self._validate(request.data, definition.required_inputs)
+        return _Prepared(trained, definition, config, checked, request.backward)
+
+    def _run_one(self, request: LossRequest) -> ForwardResult:
+        with self._lock:
+            return self._run_prepared([self._prepare(request)])[0]
+
+    def _run_prepared(self, parts: list[_Prepared]) -> list[ForwardResult]:
+        """One pass over every part's datums; parts > 1 must all be LoRA adapters of the base model and
+        all backward or all forward-only (a forward-only adapter in a graph would get zero gradients)."""
+        datums = [(k, i) for k, part in enumerate(parts) for i in range(len(part.data))]
+        lengths = [parts[k].data[i].input_tokens.shape[0] for k, i in datums]
+        outputs: list[list[dict[str, torch.Tensor]]] = [[{} for _ in part.data] for part in parts]
+        totals: list[torch.Tensor | None] = [None] * len(parts)
+        module = parts[0].trained.module
+        for batch in plan_micro_batches(lengths, self.max_tokens_per_micro_batch):
+            batch = sorted(batch, key=lambda g: datums[g][0])  # each part's rows together, in plan order
+            groups = [(k, [datums[g][1] for g in rows]) for k, rows in _runs(batch, [d[0] for d in datums])]
+            rows = [parts[k].data[i] for k, indices in groups for i in indices]
+            with torch.set_grad_enabled(any(parts[k].backward for k, _ in groups)):
+                with adapter_routing(self._routing(parts, groups, rows)):
+                    logprobs = grouped_target_logprobs(module, rows, self._device, [len(ix) for _, ix in groups])
+                backward_totals = []
+                for (k, indices), group_logprobs in zip(groups, logprobs, strict=True):
+                    with torch.set_grad_enabled(parts[k].backward):
+                        total = _loss(parts[k], indices, group_logprobs, outputs[k])
+                    if parts[k].backward:
+                        backward_totals.append(total)
+                    detached, so_far = total.detach(), totals[k]
+                    totals[k] = detached if so_far is None else so_far + detached
+                if backward_totals:
+                    (backward_totals[0] if len(backward_totals) == 1 else torch.stack(backward_totals).sum()).backward()
+        # one device-to-host transfer (and sync) for the whole request: outputs and loss sums together
+        flat = [value for part_outputs in outputs for datum in part_outputs for value in datum.values()]
+        host = iter(_to_host(flat + [t if t is not None else torch.zeros(()) for t in totals]))
+        results = []
+        for part_outputs in outputs:
+            results.append([{key: next(host) for key in datum} for datum in part_outputs])
+        return [ForwardResult(outputs=o, metrics={"loss:sum": float(next(host))}) for o in results]
+
+    def _routing(self, parts: list[_Prepared], groups: list[tuple[int, list[int]]], rows: list[EngineDatum]) -> AdapterRouting | str | None:
+        """One adapter for a single part (or the full copy's None); else each part's block of rows.
+
+        Whole rows, padding included, as the single-adapter path does: padded positions never reach
+        a real token (right padding, attention mask) and are dropped before the loss.
+        """
+        if len(parts) == 1:
+            return parts[0].trained.routing
+        spans: list[tuple[str, int, int]] = []
+        row = 0
+        for k, indices in groups:
+            adapter = parts[k].trained.routing
+            assert adapter is not None, "only LoRA models are fused"
+            spans.append((adapter, row, row + len(indices)))
+            row += len(indices)
+        return AdapterRouting.for_row_spans(spans, max(d.input_tokens.shape[0] for d in rows))
 
 
 def _full_copy(model: nn.Module) -> nn.Module:
@@ -427,3 +521,45 @@ def _check_logprob_grads(grads: Sequence[torch.Tensor], shapes: list[tuple[int, 
             raise UserInputError("contains NaN or infinite values", field="logprob_grads", datum_index=index)
         checked.append(grad)
     return checked
+
+
+def _runs(items: list[int], keys: list[int]) -> Iterator[tuple[int, list[int]]]:
+    """Consecutive runs of `items` with the same `keys[item]`, as (key, items)."""
+    for key, run in itertools.groupby(items, key=lambda item: keys[item]):
+        yield key, list(run)
+
+
+def _loss(part: _Prepared, indices: list[int], logprobs: MicroBatchLogprobs, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The summed loss of `part`'s datums `indices` (laid out in `logprobs`); fills their `outputs`."""
+    input_keys = [k for k in part.definition.required_inputs if k != "target_tokens"]
+    if logprobs.uniform:  # one elementwise loss over the whole group
+        device = logprobs.flat.device
+        inputs = {k: torch.cat([part.data[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys}
+        total, extra = part.definition.compute(logprobs.flat, inputs, part.config)
+        per_datum = {key: logprobs.per_datum(value.detach()) for key, value in {"logprobs": logprobs.flat, **extra}.items()}
+        for position, index in enumerate(indices):
+            outputs[index] = {key: values[position] for key, values in per_datum.items()}
+        return total
+    losses = []  # datums of different target widths: one loss each
+    for index, lp in zip(indices, logprobs.per_datum(), strict=True):
+        inputs = {k: part.data[index].loss_fn_inputs[k].to(lp.device) for k in input_keys}
+        loss, extra = part.definition.compute(lp, inputs, part.config)
+        losses.append(loss)
+        outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}
+    return torch.stack(losses).sum()
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of `tensors` (same shapes), moved in one transfer per dtype: one host sync, not one per tensor."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach() for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for indices in by_dtype.values():
+        pieces = [tensors[i].detach().reshape(-1) for i in indices]
+        host = torch.cat([p.to(pieces[0].device) for p in pieces]).cpu()
+        for index, chunk in zip(indices, host.split([p.numel() for p in pieces]), strict=True):
+            out[index] = chunk.reshape(tensors[index].shape)
+    return out  # type: ignore[return-value]

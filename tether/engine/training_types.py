@@ -7,6 +7,7 @@ server's job, and checking values against the model is `tether.engine.validation
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,18 @@ class ForwardResult:
     """Keys are `name:reduction` (the Tinker SDK reduces chunks by the suffix); at least `loss:sum`."""
 
 
+
+
+@dataclass(frozen=True)
+class LossRequest:
+    """One model's forward (or forward_backward) as a part of `TrainingEngine.forward_backward_fused`."""
+
+    model_id: str
+    data: Sequence[EngineDatum]
+    loss_fn: str
+    loss_fn_config: dict | None = None
+    backward: bool = True
+    """Accumulate the loss's gradients into the model's (forward_backward); False: forward only."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,17 @@ class EngineSettings(BaseModel):
     max_tokens_per_micro_batch: int = Field(
         8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
     )
+    fuse_lora_ops: bool = Field(
+        True,
+        description="Run the forward/forward_backward ops that several LoRA models have ready at once as one "
+        "batched pass (each model's results as if run alone); off: one op at a time.",
+    )
+    fuse_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="With fuse_lora_ops: how long a LoRA model's forward_backward that would run alone may wait "
+        "for other recently active models' next ones to join it (0: never wait).",
+    )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )

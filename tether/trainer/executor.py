@@ -24,7 +24,7 @@ from tether.engine.lora import LoraSpec
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
 from tether.engine.sampling import SampleRequest, SamplingEngine
 from tether.engine.training_engine import TrainingEngine
-from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
+from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.trainer.checkpoint_io import TrainerCheckpoints
 from tether.trainer.config import EngineSettings
 from tether.types import ops
@@ -167,6 +167,44 @@ class OpExecutor:
             case ops.DescribeBase():
                 return self.describe_base(op)
         raise UserInputError(f"unknown operation {type(op).__name__}", field="op")
+
+    # ---- fusing: several LoRA models' forward(_backward)s in one pass -------------------------
+
+    def fusible(self, op: Any) -> str | None:
+        """The fusion key of `op`: "lora_forward" for a `Forward`/`ForwardBackward` of an existing LoRA
+        model, else None (runs alone; full fine-tuning models are never fused). Quick, never blocks."""
+        training = self._training
+        if training is None or not isinstance(op, (ops.Forward, ops.ForwardBackward)):
+            return None
+        return "lora_forward" if training.is_lora(op.model_id) else None
+
+    def execute_batch(self, batch: list[Any]) -> list[Any]:
+        """Run fusible ops (see `fusible`) as one pass: one `ForwardOutput` or exception per op, in order.
+
+        Each op's datums are converted and validated on their own, so one tenant's bad data fails
+        only its op (`TrainingEngine.forward_backward_fused`)."""
+        requests: list[LossRequest | None] = []
+        results: list[Any] = [None] * len(batch)
+        for index, op in enumerate(batch):
+            try:
+                if not isinstance(op, (ops.Forward, ops.ForwardBackward)):
+                    raise UserInputError(f"{type(op).__name__} cannot be fused", field="op")
+                requests.append(LossRequest(op.model_id, [engine_datum(d) for d in op.data], op.loss_fn,
+                                            op.loss_fn_config, backward=isinstance(op, ops.ForwardBackward)))
+            except Exception as exc:  # noqa: BLE001 - fails this op only
+                requests.append(None)
+                results[index] = exc
+        runnable = [(i, r) for i, r in enumerate(requests) if r is not None]
+        outcomes = self.training.forward_backward_fused([r for _, r in runnable])
+        for (index, _), outcome in zip(runnable, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                results[index] = outcome
+                continue
+            try:
+                results[index] = forward_output(outcome)
+            except Exception as exc:  # noqa: BLE001 - fails this op only
+                results[index] = exc
+        return results
 
     # ---- training ----------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """`InProcessTrainer`: one base model's `OpExecutor` behind an ordered worker, in this process.
 
-Ops with a stream (a model id) go through the `ModelWorker`, one at a time in `seq_id` order;
+Ops with a stream (a model id) go through the `ModelWorker` in `seq_id` order, one at a time except
+that LoRA models' forward/forward_backward ops ready together run as one fused pass
+(`OpExecutor.fusible` / `execute_batch`, unless `EngineSettings.fuse_lora_ops` is off);
 `Sample` goes straight to the sampling engine (which batches concurrent requests), and the other
 unordered ops (sampler registration, `DescribeBase`) run on a small pool, so sampling never waits
 behind training.
@@ -22,7 +24,11 @@ class InProcessTrainer:
     def __init__(self, base_model: str, settings: EngineSettings) -> None:
         self.base_model = base_model
         self.executor = OpExecutor(base_model, settings)
-        self.worker = ModelWorker(base_model, self.executor.execute, housekeeping=self.executor.housekeeping)
+        fuse = settings.fuse_lora_ops
+        self.worker = ModelWorker(base_model, self.executor.execute, housekeeping=self.executor.housekeeping,
+                                  fusible=self.executor.fusible if fuse else None,
+                                  execute_batch=self.executor.execute_batch if fuse else None,
+                                  fuse_wait_s=settings.fuse_wait_ms / 1000)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
 
     def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
