@@ -41,7 +41,7 @@ from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
 from tether.engine.training_engine import TrainingEngine, _full_copy, _TrainingModel
 from tether.engine.training_state import SamplerWeights, TrainingState
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
-from tether.types.errors import UserInputError
+from tether.types.errors import ConfigurationError, UserInputError
 
 __all__ = ["DistributedTrainingEngine", "broadcast_bytes", "all_gather_bytes", "split_by_tokens"]
 
@@ -49,33 +49,33 @@ __all__ = ["DistributedTrainingEngine", "broadcast_bytes", "all_gather_bytes", "
 # ---- collectives on bytes (no pickle) ---------------------------------------------------------
 
 
-def comm_device() -> torch.device:
-    """Where collective buffers live: the current CUDA device under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where `group`'s (default: the world's) collective buffers live: the CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
-    """`data` (given on `src`, ignored elsewhere) on every rank: its length, then its bytes as uint8."""
-    device = comm_device()
+def broadcast_bytes(data: bytes | None, src: int = 0, *, group: dist.ProcessGroup | None = None) -> bytes:
+    """`data` (given on global rank `src`, ignored elsewhere) on every rank: its length, then its bytes as uint8."""
+    device = comm_device(group)
     length = torch.tensor([len(data) if dist.get_rank() == src else 0], dtype=torch.int64, device=device)
-    dist.broadcast(length, src)
+    dist.broadcast(length, src, group=group)
     if dist.get_rank() == src:
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if data else torch.empty(0, dtype=torch.uint8, device=device)
     else:
         buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     if buffer.numel():
-        dist.broadcast(buffer, src)
+        dist.broadcast(buffer, src, group=group)
     return bytes(buffer.cpu().numpy().tobytes())
 
 
-def all_gather_bytes(data: bytes) -> list[bytes]:
-    """Every rank's `data`, in rank order, on every rank."""
-    device = comm_device()
-    world = dist.get_world_size()
+def all_gather_bytes(data: bytes, *, group: dist.ProcessGroup | None = None) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank of `group`."""
+    device = comm_device(group)
+    world = dist.get_world_size(group)
     lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)
     longest = max(int(t.item()) for t in lengths)
     if longest == 0:
         return [b""] * world
@@ -83,7 +83,7 @@ def all_gather_bytes(data: bytes) -> list[bytes]:
     if data:
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine)
+    dist.all_gather(gathered, mine, group=group)
     return [bytes(g[: int(n.item())].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
 
 
@@ -221,6 +221,8 @@ class DistributedTrainingEngine(TrainingEngine):
         self._device = comm_device()
         self._policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                         if mixed_precision == "bfloat16" else MixedPrecisionPolicy())
+        if mixed_precision not in (None, "none", "bfloat16"):
+            raise ConfigurationError(f"unknown mixed precision {mixed_precision!r}", field="mixed_precision")
         self._lora_model: nn.Module | None = None
 
     # ---- sharding ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tether.server.config import ServerConfig
 from tether.trainer.config import TrainerConfig
 from tether.trainer.interface import Trainer
 from tether.types import ops
-from tether.types.errors import UserInputError
+from tether.types.errors import ConfigurationError, UserInputError
 
 
 class TrainerPool:
@@ -65,6 +65,8 @@ class TrainerPool:
 
             return RemoteTrainer.spawn(TrainerConfig(base_model=name, log_level=self._config.log_level,
                                                      **settings.model_dump()))
+        if settings.nproc_per_node > 1:  # distributed hook: many ranks live in their own processes
+            raise ConfigurationError("nproc_per_node > 1 needs trainer_process (--trainer-process)", field="nproc_per_node")
         from tether.trainer.local import InProcessTrainer  # needs torch: only when a model is first used
 
         return InProcessTrainer(name, settings)
