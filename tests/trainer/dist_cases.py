@@ -66,6 +66,15 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
             for name, grad in engine.accumulated_gradients(mode).items():
                 out[f"{mode}.{loss_fn}.grad.{name}"] = grad
             trained.optimizer.zero_grad()
+        batch = make_batch("cross_entropy")
+        handle, kept = engine.forward_keep_graph(mode, batch)
+        metrics = engine.backward_from_logprob_grads(handle, [-d.loss_fn_inputs["weights"] * 0.5 for d in batch])
+        out[f"{mode}.custom.loss"] = torch.tensor(metrics["loss:sum"], dtype=torch.float64)
+        for i, datum in enumerate(kept.outputs):
+            out[f"{mode}.custom.{i}.logprobs"] = datum["logprobs"].detach().clone()
+        for name, grad in engine.accumulated_gradients(mode).items():
+            out[f"{mode}.custom.grad.{name}"] = grad
+        trained.optimizer.zero_grad()
         for step in range(3):
             engine.forward_backward(mode, make_batch("cross_entropy", [3 + step, 8, 2]), "cross_entropy")
             metrics = engine.optim_step(mode, ADAM)

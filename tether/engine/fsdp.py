@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +39,10 @@ from tether.engine.losses import get_loss, resolve_loss_config
 from tether.engine.micro_batching import plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
-from tether.engine.training_engine import TrainingEngine, _full_copy, _TrainingModel
+from tether.engine.training_engine import TrainingEngine, _check_logprob_grads, _full_copy, _TrainingModel
 from tether.engine.training_state import SamplerWeights, TrainingState
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
-from tether.types.errors import ConfigurationError, UserInputError
+from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
 __all__ = ["DistributedTrainingEngine", "broadcast_bytes", "all_gather_bytes", "split_by_tokens"]
 
@@ -201,6 +202,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+@dataclass
+class _Share:
+    model_id: str
+    optimizer_steps: int
+    indices: list[int]
+    shapes: list[tuple[int, ...]]
+    dummies: list[torch.Tensor]
+
+
 class DistributedTrainingEngine(TrainingEngine):
     """A `TrainingEngine` sharded over the ranks of the default process group (see the module docstring).
 
@@ -224,6 +234,8 @@ class DistributedTrainingEngine(TrainingEngine):
         if mixed_precision not in (None, "none", "bfloat16"):
             raise ConfigurationError(f"unknown mixed precision {mixed_precision!r}", field="mixed_precision")
         self._lora_model: nn.Module | None = None
+        self._shares: dict[str, _Share] = {}
+        """Kept graphs by id: this rank's datum indices, every datum's shape, its dummy passes."""
 
     # ---- sharding ------------------------------------------------------------------------------
 
@@ -266,14 +278,20 @@ class DistributedTrainingEngine(TrainingEngine):
             remove_adapter(self._lora_model, model_id)
         for graph_id in [g for g, kept in self._graphs.items() if kept.model_id == model_id]:
             del self._graphs[graph_id]
+        for graph_id in [g for g, share in self._shares.items() if share.model_id == model_id]:
+            del self._shares[graph_id]
 
     # ---- forward / backward --------------------------------------------------------------------
 
     def _share(self, data: list[EngineDatum]) -> list[int]:
         return split_by_tokens([d.input_tokens.shape[0] for d in data], self.world_size)[self.rank]
 
-    def _run_dummies(self, trained: _TrainingModel, mine: list[EngineDatum], *, backward: bool) -> None:
-        """Zero-weighted one-token passes until every rank has run as many micro-batches as the busiest."""
+    def _run_dummies(self, trained: _TrainingModel, mine: list[EngineDatum], *, backward: bool,
+                     keep: bool = False) -> list[torch.Tensor]:
+        """Zero-weighted one-token passes until every rank has run as many micro-batches as the busiest.
+
+        With `keep`, the passes record graphs and their logprobs are returned for a later backward.
+        """
         count = len(plan_micro_batches([d.input_tokens.shape[0] for d in mine], self.max_tokens_per_micro_batch)) if mine else 0
         most = torch.tensor([count], dtype=torch.int64, device=self._device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
@@ -281,11 +299,15 @@ class DistributedTrainingEngine(TrainingEngine):
                             loss_fn_inputs={"target_tokens": torch.zeros(1, dtype=torch.int64)})
         from tether.engine.lora import adapter_routing
 
+        kept = []
         for _ in range(int(most.item()) - count):
-            with torch.set_grad_enabled(backward), adapter_routing(trained.routing):
+            with torch.set_grad_enabled(backward or keep), adapter_routing(trained.routing):
                 logprobs = target_logprobs(trained.module, [dummy], self._device)
                 if backward:
                     (logprobs.flat.sum() * 0.0).backward()
+                elif keep:
+                    kept.append(logprobs.flat)
+        return kept
 
     def _run_loss(self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None, *,
                   backward: bool) -> ForwardResult:
@@ -325,8 +347,49 @@ class DistributedTrainingEngine(TrainingEngine):
 
     def forward_keep_graph(self, model_id: str, data: Sequence[EngineDatum], *, graph_id: str | None = None,
                            ttl_s: float | None = None) -> tuple[GraphHandle, ForwardResult]:
-        raise UserInputError("custom losses (forward_keep_graph) are not supported on a multi-rank trainer yet",
-                             field="loss_fn")
+        """Like `TrainingEngine.forward_keep_graph`, each rank keeping the graph of its share of the datums.
+
+        `ttl_s` is not enforced here (expiry is decided per rank, which could part them): a graph
+        stays until it is used, released or its model deleted.
+        """
+        with self._lock:
+            trained = self._get(model_id)
+            if graph_id is not None and (graph_id in self._graphs or graph_id in self._shares):
+                raise ConflictError(f"graph {graph_id!r} is already kept")
+            checked = self._validate(data, ("target_tokens",))
+            graph_id = graph_id or f"graph-{next(self._graph_ids)}"  # the same id on every rank
+            indices = self._share(checked)
+            mine = [checked[i] for i in indices]
+            local = super().forward_keep_graph(model_id, mine, graph_id=graph_id)[1] if mine else None
+            dummies = self._run_dummies(trained, mine, backward=False, keep=True)
+            self._shares[graph_id] = _Share(model_id, trained.optimizer.num_steps, indices,
+                                            [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked], dummies)
+            outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
+            loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
+            dist.all_reduce(loss)
+            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": float(loss.item())})
+
+    def backward_from_logprob_grads(self, handle: GraphHandle, grads: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Like `TrainingEngine.backward_from_logprob_grads`; every check happens before any collective."""
+        with self._lock:
+            share = self._shares.get(handle.graph_id)
+            if share is None or share.model_id != handle.model_id:
+                raise NotFoundError(f"graph {handle.graph_id!r} does not exist (expired, released or used)")
+            if self._get(share.model_id).optimizer.num_steps != share.optimizer_steps:
+                raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
+            checked = _check_logprob_grads(grads, share.shapes)
+            del self._shares[handle.graph_id]
+            local = super().backward_from_logprob_grads(handle, [checked[i] for i in share.indices]) if share.indices else {}
+            for dummy in share.dummies:
+                torch.autograd.backward(dummy, torch.zeros_like(dummy))
+            loss = torch.tensor([local.get("loss:sum", 0.0)], dtype=torch.float64, device=self._device)
+            dist.all_reduce(loss)
+            return {"loss:sum": float(loss.item())}
+
+    def release_graph(self, handle: GraphHandle) -> None:
+        with self._lock:
+            self._shares.pop(handle.graph_id, None)
+            super().release_graph(handle)
 
     def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
         """Full gradients on every rank (a collective): sharded ones gathered, replicated ones summed."""
