@@ -15,8 +15,8 @@ from tether.engine.lora import LoraSpec
 from tether.engine.losses import LOSSES
 from tether.engine.training_types import AdamWParams, EngineDatum
 
-LENGTHS = [9, 3, 5, 7, 4]
-BUDGET = 16
+LENGTHS = [14, 3, 5, 4, 6]
+BUDGET = 8
 """Tokens per micro-batch: small, so ranks run different numbers of micro-batches."""
 
 
@@ -66,6 +66,14 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
             for name, grad in engine.accumulated_gradients(mode).items():
                 out[f"{mode}.{loss_fn}.grad.{name}"] = grad
             trained.optimizer.zero_grad()
+        # one datum: rank 1 has no share and runs a zero-weighted pass in step with rank 0
+        single = engine.forward_backward(mode, make_batch("importance_sampling", [6]), "importance_sampling")
+        out[f"{mode}.single.logprobs"] = single.outputs[0]["logprobs"].detach().clone()
+        for name, grad in engine.accumulated_gradients(mode).items():
+            out[f"{mode}.single.grad.{name}"] = grad
+        trained.optimizer.zero_grad()
+        single = engine.forward(mode, make_batch("cross_entropy", [5]), "cross_entropy")
+        out[f"{mode}.single.forward"] = single.outputs[0]["elementwise_loss"].detach().clone()
         batch = make_batch("cross_entropy")
         handle, kept = engine.forward_keep_graph(mode, batch)
         metrics = engine.backward_from_logprob_grads(handle, [-d.loss_fn_inputs["weights"] * 0.5 for d in batch])

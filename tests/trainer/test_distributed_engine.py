@@ -79,9 +79,12 @@ def test_two_ranks_equal_one_process(two_rank_results, single_results, model_dir
 
 def test_split_by_tokens_balances_and_covers_every_datum():
     from tether.engine.fsdp import split_by_tokens
+    from tether.engine.micro_batching import plan_micro_batches
 
-    groups = split_by_tokens([9, 3, 5, 7, 4], 2)
-    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
-    loads = [sum([9, 3, 5, 7, 4][i] for i in g) for g in groups]
-    assert abs(loads[0] - loads[1]) <= 9 and groups[0]
+    groups = split_by_tokens(dist_cases.LENGTHS, 2)
+    assert sorted(i for g in groups for i in g) == list(range(len(dist_cases.LENGTHS)))
+    assert groups == [[0, 1], [2, 3, 4]]  # 14+3 tokens vs 5+4+6
+    # and the ranks need different numbers of micro-batches, so the zero-weighted passes are exercised
+    plans = [plan_micro_batches([dist_cases.LENGTHS[i] for i in g], dist_cases.BUDGET) for g in groups]
+    assert len(plans[0]) != len(plans[1])
     assert split_by_tokens([5], 3) == [[0], [], []]

@@ -284,23 +284,28 @@ class DistributedTrainingEngine(TrainingEngine):
     # ---- forward / backward --------------------------------------------------------------------
 
     def _share(self, data: list[EngineDatum]) -> list[int]:
-        return split_by_tokens([d.input_tokens.shape[0] for d in data], self.world_size)[self.rank]
+        return self._split(data)[self.rank]
 
-    def _run_dummies(self, trained: _TrainingModel, mine: list[EngineDatum], *, backward: bool,
-                     keep: bool = False) -> list[torch.Tensor]:
+    def _split(self, data: list[EngineDatum]) -> list[list[int]]:
+        return split_by_tokens([d.input_tokens.shape[0] for d in data], self.world_size)
+
+    def _plan(self, data: list[EngineDatum]) -> list[list[int]]:
+        return plan_micro_batches([d.input_tokens.shape[0] for d in data], self.max_tokens_per_micro_batch) if data else []
+
+    def _run_dummies(self, trained: _TrainingModel, data: list[EngineDatum], mine: list[EngineDatum], *,
+                     backward: bool, keep: bool = False) -> list[torch.Tensor]:
         """Zero-weighted one-token passes until every rank has run as many micro-batches as the busiest.
 
         With `keep`, the passes record graphs and their logprobs are returned for a later backward.
         """
-        count = len(plan_micro_batches([d.input_tokens.shape[0] for d in mine], self.max_tokens_per_micro_batch)) if mine else 0
-        most = torch.tensor([count], dtype=torch.int64, device=self._device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        count = len(self._plan(mine))
+        most = max(len(self._plan([data[i] for i in share])) for share in self._split(data))  # no collective needed
         dummy = EngineDatum(input_tokens=torch.zeros(1, dtype=torch.int64),
                             loss_fn_inputs={"target_tokens": torch.zeros(1, dtype=torch.int64)})
         from tether.engine.lora import adapter_routing
 
         kept = []
-        for _ in range(int(most.item()) - count):
+        for _ in range(most - count):
             with torch.set_grad_enabled(backward or keep), adapter_routing(trained.routing):
                 logprobs = target_logprobs(trained.module, [dummy], self._device)
                 if backward:
@@ -317,7 +322,7 @@ class DistributedTrainingEngine(TrainingEngine):
         indices = self._share(checked)
         mine = [checked[i] for i in indices]
         local = super()._run_loss(model_id, mine, loss_fn, loss_fn_config, backward=backward) if mine else None
-        self._run_dummies(trained, mine, backward=backward)
+        self._run_dummies(trained, checked, mine, backward=backward)
         outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
         loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
         dist.all_reduce(loss)
@@ -361,7 +366,7 @@ class DistributedTrainingEngine(TrainingEngine):
             indices = self._share(checked)
             mine = [checked[i] for i in indices]
             local = super().forward_keep_graph(model_id, mine, graph_id=graph_id)[1] if mine else None
-            dummies = self._run_dummies(trained, mine, backward=False, keep=True)
+            dummies = self._run_dummies(trained, checked, mine, backward=False, keep=True)
             self._shares[graph_id] = _Share(model_id, trained.optimizer.num_steps, indices,
                                             [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked], dummies)
             outputs = self._gather_outputs(checked, indices, local.outputs if local else [])

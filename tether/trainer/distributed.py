@@ -45,6 +45,7 @@ from tether.trainer.local import InProcessTrainer
 from tether.types import ops
 from tether.types.errors import ServerError
 from tether.types.op_codec import HEADER_SIZE, decode_op, encode_op, read_header
+from tether.types.paths import parse_checkpoint_path
 
 log = logging.getLogger("tether.trainer")
 
@@ -100,6 +101,7 @@ class DistributedExecutor(OpExecutor):
         """No kept graphs to reap: custom losses are refused on many ranks."""
 
     def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten | ops.Done:
+        parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
         if self.rank == 0:
             return super().save_state(op)
         self.training.export_state(op.model_id, include_optimizer=True)  # the gather rank 0 is doing
@@ -119,6 +121,7 @@ def run_everywhere(executor: DistributedExecutor, channel: ControlChannel, op: A
     """
     error: BaseException | None = None
     result = None
+    log.debug("running %s", type(op).__name__)
     try:
         result = executor.execute(op)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
