@@ -25,8 +25,13 @@ def _config(data_dir) -> TrainerConfig:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, default_model_dir):
-    trainer = RemoteTrainer.spawn(_config(tmp_path_factory.mktemp("two-ranks")), startup_timeout_s=300)
+def two_ranks_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("two-ranks")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_ranks_dir, default_model_dir):
+    trainer = RemoteTrainer.spawn(_config(two_ranks_dir), startup_timeout_s=300)
     yield trainer
     trainer.close()
 
@@ -101,3 +106,48 @@ def test_a_sigkilled_rank_ends_the_trainer_with_a_clear_error(tmp_path, default_
         assert "SIGKILL" in open(log).read() or "Signal 9" in open(log).read()
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("lora", [LoraConfig(rank=4, seed=1), None], ids=["lora", "full"])
+def test_state_moves_from_two_ranks_to_one_and_back_and_continues(two_ranks, two_ranks_dir, lora):
+    """save_state on 2 ranks -> load on 1 (optimizer included) -> same next-step loss; and 1 -> 2."""
+    name = "resume-" + ("lora" if lora else "full")
+    data = [_datum(5), _datum(6, 9), _datum(7, 4)]
+    adam = AdamParams(learning_rate=1e-3)
+
+    def fb(trainer, model, seq):
+        op = ops.ForwardBackward(model_id=model, data=data, loss_fn="cross_entropy")
+        return trainer.submit(op, stream=model, seq_id=seq).result(180).metrics["loss:sum"]
+
+    def step(trainer, model, seq):
+        trainer.submit(ops.OptimStep(model_id=model, adam_params=adam), stream=model, seq_id=seq).result(180)
+
+    def save(trainer, model, path, seq):
+        op = ops.SaveState(model_id=model, owner="o", path=path)
+        assert isinstance(trainer.submit(op, stream=model, seq_id=seq).result(180), ops.CheckpointWritten)
+
+    def load(trainer, model, path):
+        op = ops.LoadState(model_id=model, owner="o", path=path, include_optimizer=True, create_model=True)
+        trainer.submit(op, stream=model).result(180)
+
+    two_ranks.submit(ops.CreateModel(model_id=name, lora_config=lora), stream=name).result(180)
+    fb(two_ranks, name, 1), step(two_ranks, name, 2)
+    save(two_ranks, name, f"tinker://{name}/weights/two", 3)
+    on_two = [fb(two_ranks, name, 4)]
+    step(two_ranks, name, 5)
+    on_two.append(fb(two_ranks, name, 6))
+
+    one = InProcessTrainer(BASE, _settings(two_ranks_dir))
+    try:
+        load(one, name, f"tinker://{name}/weights/two")
+        on_one = [fb(one, name, 1)]
+        step(one, name, 2)
+        on_one.append(fb(one, name, 3))
+        assert on_one == pytest.approx(on_two, rel=1e-5)  # 2 -> 1 continues like it never stopped
+        save(one, name, f"tinker://{name}/weights/one", 4)
+        after_one = fb(one, name, 5)
+    finally:
+        one.close()
+    back = name + "-back"
+    load(two_ranks, back, f"tinker://{name}/weights/one")
+    assert fb(two_ranks, back, 1) == pytest.approx(after_one, rel=1e-5)  # 1 -> 2
