@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,60 @@ def test_state_moves_from_two_ranks_to_one_and_back_and_continues(two_ranks, two
     back = name + "-back"
     load(two_ranks, back, f"tinker://{name}/weights/one")
     assert fb(two_ranks, back, 1) == pytest.approx(after_one, rel=1e-5)  # 1 -> 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_serve_a_server(tmp_path, default_model_dir):
+    """Two torchrun invocations (`--nnodes 2`, c10d rendezvous on 127.0.0.1) form one trainer that
+    `tether serve --trainer-addresses` drives, as the README's multi-node example does."""
+    import sys
+
+    ready, port, rdzv = tmp_path / "ready", _free_port(), _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--rdzv-id", "tether-test",
+               "-m", "tether.cli", "trainer", "--base-model", BASE, "--device", "cpu", "--dtype", "float32",
+               "--torch-threads", "1", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+               "--ready-file", str(ready)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed below
+    nodes = [subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             for log in logs]
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), (
+                "trainer did not start: " + (tmp_path / "node0.log").read_text()[-2000:])
+            time.sleep(0.1)
+        from tether.server.config import ServerConfig
+        from tether.server.main import ServerThread
+
+        config = ServerConfig(port=0, data_dir=tmp_path / "server", trainer_addresses={BASE: f"127.0.0.1:{port}"})
+        server = ServerThread(config)
+        with server:
+            import tinker
+            from tinker import types
+
+            client = tinker.ServiceClient(base_url=server.base_url, api_key="tml-two-nodes")
+            training = client.create_lora_training_client(base_model=BASE, rank=2, seed=0).result()
+            ids = list(b"two nodes, one trainer")
+            datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                                loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+            first = training.forward_backward([datum, datum], "cross_entropy").result().metrics["loss:sum"]
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            second = training.forward([datum, datum], "cross_entropy").result().metrics["loss:sum"]
+            assert second < first
+            client.close("success")
+    finally:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGTERM)
+        for node, log in zip(nodes, logs, strict=True):
+            node.wait(timeout=60)
+            log.close()

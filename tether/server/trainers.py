@@ -60,6 +60,12 @@ class TrainerPool:
 
     def _start(self, name: str) -> Trainer:
         settings = self._config.engine_settings()
+        address = self._config.trainer_addresses.get(name)
+        if address is not None:  # distributed hook: a trainer started elsewhere (e.g. torchrun over nodes)
+            from tether.trainer.remote import RemoteTrainer
+
+            host, _, port = address.rpartition(":")
+            return RemoteTrainer(name, (host, int(port)))
         if self._config.trainer_process:
             from tether.trainer.remote import RemoteTrainer
 
