@@ -95,7 +95,24 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def main(model_dir: str, out_file: str) -> None:
+def run_mixed(engine) -> dict[str, torch.Tensor]:
+    """bf16 compute with fp32 weights: losses of a few steps, and the dtypes the state keeps."""
+    out: dict[str, torch.Tensor] = {}
+    for mode, lora in (("full", None), ("lora", LoraSpec(rank=4, seed=7))):
+        engine.create_model(mode, lora=lora)
+        for step in range(2):
+            result = engine.forward_backward(mode, make_batch("cross_entropy"), "cross_entropy")
+            out[f"{mode}.loss{step}"] = torch.tensor(result.metrics["loss:sum"], dtype=torch.float64)
+            engine.optim_step(mode, ADAM)
+        state = engine.export_state(mode, include_optimizer=True)
+        out[f"{mode}.fp32_weights"] = torch.tensor(all(t.dtype == torch.float32 for t in state.weights.values()))
+        out[f"{mode}.fp32_moments"] = torch.tensor(all(t.dtype == torch.float32 for k, t in state.optimizer.items()
+                                                       if not k.startswith("step.")))
+        engine.delete_model(mode)
+    return out
+
+
+def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -105,12 +122,12 @@ def main(model_dir: str, out_file: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     engine = DistributedTrainingEngine(load_base_model(model_dir, device="cpu", dtype="float32"),
-                                       max_tokens_per_micro_batch=BUDGET)
-    results = run_cases(engine)
+                                       max_tokens_per_micro_batch=BUDGET, mixed_precision=mixed_precision)
+    results = run_cases(engine) if mixed_precision == "none" else run_mixed(engine)
     if dist.get_rank() == 0:
         save_file(results, out_file)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -77,6 +77,26 @@ def test_two_ranks_equal_one_process(two_rank_results, single_results, model_dir
         assert not torch.equal(base["model.embed_tokens.weight"], two_rank_results[moved[0]])
 
 
+def test_bf16_mixed_precision_keeps_fp32_state_and_trains_close_to_fp32(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tether.engine.model_loading import load_base_model
+    from tether.engine.training_engine import TrainingEngine
+
+    out = tmp_path / "mixed.safetensors"
+    done = torchrun(2, str(HERE / "dist_cases.py"), model_dir, str(out), "bfloat16")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mixed = load_file(str(out))
+    reference = dist_cases.run_mixed(TrainingEngine(load_base_model(model_dir, device="cpu", dtype="float32"),
+                                                    max_tokens_per_micro_batch=dist_cases.BUDGET))
+    for mode in ("full", "lora"):
+        assert bool(mixed[f"{mode}.fp32_weights"]) and bool(mixed[f"{mode}.fp32_moments"])
+        for step in range(2):
+            key = f"{mode}.loss{step}"
+            assert float(mixed[key]) == pytest.approx(float(reference[key]), rel=2e-2)  # bf16 compute
+            assert float(mixed[key]) != float(reference[key])  # and it really computed in bf16
+
+
 def test_split_by_tokens_balances_and_covers_every_datum():
     from tether.engine.fsdp import split_by_tokens
     from tether.engine.micro_batching import plan_micro_batches
