@@ -209,3 +209,21 @@ def test_two_nodes_on_loopback_serve_a_server(tmp_path, default_model_dir):
         for node, log in zip(nodes, logs, strict=True):
             node.wait(timeout=60)
             log.close()
+
+
+def test_a_kept_graph_expires_on_every_rank_by_rank_zeros_clock(two_ranks):
+    model, data = "ttl", [_datum(1), _datum(2, 7)]
+    grads = [np.full(12, -0.5, np.float32), np.full(7, 0.25, np.float32)]
+    two_ranks.submit(ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=2)), stream=model).result(120)
+    keep = ops.ForwardKeepGraph(model_id=model, data=data, graph_id="short", ttl_s=0.2)
+    two_ranks.submit(keep, stream=model, seq_id=1).result(120)
+    time.sleep(2.5)  # rank 0's worker frees expired graphs about once a second when idle
+    late = ops.BackwardFromLogprobGrads(model_id=model, graph_id="short", logprob_grads=grads)
+    with pytest.raises(NotFoundError):
+        two_ranks.submit(late, stream=model, seq_id=2).result(120)
+    keep = ops.ForwardKeepGraph(model_id=model, data=data, graph_id="long", ttl_s=600)
+    two_ranks.submit(keep, stream=model, seq_id=3).result(120)
+    done = ops.BackwardFromLogprobGrads(model_id=model, graph_id="long", logprob_grads=grads)
+    assert two_ranks.submit(done, stream=model, seq_id=4).result(120).metrics["loss:sum"] != 0
+    step = ops.OptimStep(model_id=model, adam_params=AdamParams(learning_rate=1e-3))
+    assert two_ranks.submit(step, stream=model, seq_id=5).result(120).metrics["grad_norm:mean"] > 0

@@ -23,6 +23,7 @@ sampling engine's model. This module knows nothing about ops, sockets or storage
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +210,7 @@ class _Share:
     indices: list[int]
     shapes: list[tuple[int, ...]]
     dummies: list[torch.Tensor]
+    deadline: float | None = None
 
 
 class DistributedTrainingEngine(TrainingEngine):
@@ -354,8 +356,8 @@ class DistributedTrainingEngine(TrainingEngine):
                            ttl_s: float | None = None) -> tuple[GraphHandle, ForwardResult]:
         """Like `TrainingEngine.forward_keep_graph`, each rank keeping the graph of its share of the datums.
 
-        `ttl_s` is not enforced here (expiry is decided per rank, which could part them): a graph
-        stays until it is used, released or its model deleted.
+        `ttl_s` sets the graph's deadline, but no rank frees it on its own clock (that could part
+        the ranks): the caller asks `expired_graphs` on one rank and releases them on all.
         """
         with self._lock:
             trained = self._get(model_id)
@@ -367,8 +369,10 @@ class DistributedTrainingEngine(TrainingEngine):
             mine = [checked[i] for i in indices]
             local = super().forward_keep_graph(model_id, mine, graph_id=graph_id)[1] if mine else None
             dummies = self._run_dummies(trained, checked, mine, backward=False, keep=True)
+            deadline = time.monotonic() + ttl_s if ttl_s is not None else None
             self._shares[graph_id] = _Share(model_id, trained.optimizer.num_steps, indices,
-                                            [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked], dummies)
+                                            [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked], dummies,
+                                            deadline)
             outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
             loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
             dist.all_reduce(loss)
@@ -395,6 +399,17 @@ class DistributedTrainingEngine(TrainingEngine):
         with self._lock:
             self._shares.pop(handle.graph_id, None)
             super().release_graph(handle)
+
+    def expired_graphs(self, now: float | None = None) -> list[GraphHandle]:
+        """Kept graphs whose `ttl_s` has passed by this rank's clock (nothing is freed here)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [GraphHandle(graph_id=g, model_id=share.model_id) for g, share in self._shares.items()
+                    if share.deadline is not None and share.deadline <= now]
+
+    def reap_expired_graphs(self, now: float | None = None) -> int:
+        """Never on its own clock (see `expired_graphs`): 0."""
+        return 0
 
     def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
         """Full gradients on every rank (a collective): sharded ones gathered, replicated ones summed."""

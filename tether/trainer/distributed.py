@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
+from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.executor import OpExecutor
@@ -53,7 +54,7 @@ RANK0_ONLY = (ops.Sample, ops.CreateSampler, ops.DeleteSampler, ops.DescribeBase
 """Ops rank 0 runs alone (the sampling engine and its registry live there)."""
 READ_ONLY = (ops.Forward, ops.SaveState, ops.SaveSamplerWeights)
 """Ops after which ranks that disagree about success still hold the same training state."""
-_OP, _STOP = 1, 2
+_OP, _STOP, _REAP = 1, 2, 3
 _EXIT_INCONSISTENT = 3
 
 
@@ -98,7 +99,11 @@ class DistributedExecutor(OpExecutor):
             return self._training  # type: ignore[return-value]
 
     def housekeeping(self) -> None:
-        """No kept graphs to reap: custom losses are refused on many ranks."""
+        """Nothing on a rank's own clock: rank 0 decides which kept graphs expired (`DistributedTrainer`)."""
+
+    def release_graphs(self, handles: list[GraphHandle]) -> None:
+        for handle in handles:
+            self.training.release_graph(handle)
 
     def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten | ops.Done:
         parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
@@ -147,7 +152,7 @@ class DistributedTrainer(InProcessTrainer):
         self.base_model = base_model
         self.channel = channel
         self.executor = DistributedExecutor(base_model, settings)
-        self.worker = ModelWorker(base_model, self._execute_everywhere)
+        self.worker = ModelWorker(base_model, self._execute_everywhere, housekeeping=self._reap_expired_graphs)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
         self._stopped = False
 
@@ -167,6 +172,16 @@ class DistributedTrainer(InProcessTrainer):
             threading.Timer(2.0, os._exit, (_EXIT_INCONSISTENT,)).start()  # after the answer is sent
             raise
 
+    def _reap_expired_graphs(self) -> None:
+        """On the worker thread, between ops: graphs past their TTL by rank 0's clock are freed on every rank."""
+        training = self.executor._training
+        if training is None or self._stopped:
+            return
+        expired = training.expired_graphs()  # type: ignore[attr-defined]
+        if expired:
+            self.channel.send(_REAP, "\n".join(f"{h.model_id}\0{h.graph_id}" for h in expired).encode())
+            self.executor.release_graphs(expired)
+
     def close(self) -> None:
         self.worker.close()
         if not self._stopped:
@@ -182,6 +197,11 @@ def follow(executor: DistributedExecutor, channel: ControlChannel) -> None:
         kind, payload = channel.receive()
         if kind == _STOP:
             return
+        if kind == _REAP:
+            handles = [GraphHandle(graph_id=g, model_id=m) for m, _, g in
+                       (line.partition("\0") for line in payload.decode().split("\n"))]
+            executor.release_graphs(handles)
+            continue
         _, op_id = read_header(payload[:HEADER_SIZE])
         op = decode_op(op_id, payload[HEADER_SIZE:]).op
         try:
