@@ -3,6 +3,7 @@ errors that fail one op and leave every rank usable, and a SIGKILLed rank that e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,7 +126,9 @@ def test_state_moves_from_two_ranks_to_one_and_back_and_continues(two_ranks, two
 
     def save(trainer, model, path, seq):
         op = ops.SaveState(model_id=model, owner="o", path=path)
-        assert isinstance(trainer.submit(op, stream=model, seq_id=seq).result(180), ops.CheckpointWritten)
+        written = trainer.submit(op, stream=model, seq_id=seq).result(180)
+        assert isinstance(written, ops.CheckpointWritten)
+        return Path(written.directory)
 
     def load(trainer, model, path):
         op = ops.LoadState(model_id=model, owner="o", path=path, include_optimizer=True, create_model=True)
@@ -133,10 +136,15 @@ def test_state_moves_from_two_ranks_to_one_and_back_and_continues(two_ranks, two
 
     two_ranks.submit(ops.CreateModel(model_id=name, lora_config=lora), stream=name).result(180)
     fb(two_ranks, name, 1), step(two_ranks, name, 2)
-    save(two_ranks, name, f"tinker://{name}/weights/two", 3)
+    directory = save(two_ranks, name, f"tinker://{name}/weights/two", 3)
     on_two = [fb(two_ranks, name, 4)]
     step(two_ranks, name, 5)
     on_two.append(fb(two_ranks, name, 6))
+
+    # the 2-rank save is a DCP checkpoint both ranks wrote shards of
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["layout"]["dcp"] == "dcp" and manifest["layout"]["ranks"] == 2
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(manifest["files"])
 
     one = InProcessTrainer(BASE, _settings(two_ranks_dir))
     try:

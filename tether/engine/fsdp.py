@@ -41,7 +41,7 @@ from tether.engine.micro_batching import plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
 from tether.engine.training_engine import TrainingEngine, _check_logprob_grads, _full_copy, _TrainingModel
-from tether.engine.training_state import SamplerWeights, TrainingState
+from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
 from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
@@ -436,6 +436,26 @@ class DistributedTrainingEngine(TrainingEngine):
             state = super().export_state(model_id, include_optimizer=include_optimizer)
             state.weights = {name: _full(t).detach().clone() for name, t in state.weights.items()}
             return state
+
+    def sharded_state(self, model_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's view of the weights and moments, for a DCP save (no collective), and the metadata.
+
+        Keys `weights/<name>` and `optimizer/<moment>.<name>`; sharded tensors stay DTensors (each rank
+        writes its shards), replicated ones are plain (written once). Metadata as `export_state`'s.
+        """
+        with self._lock:
+            trained = self._get(model_id)
+            flat = {f"weights/{name}": t.detach() for name, t in trained.params.items()}
+            moments = ModelOptimizer.export_moments(trained.optimizer)  # the shards: no gather
+            flat.update({f"optimizer/{key}": value for key, value in moments.items()})
+            metadata = {
+                "format": STATE_FORMAT,
+                "base_model": self.base.name,
+                "is_lora": trained.lora is not None,
+                "lora": lora_spec_metadata(trained.lora),
+                "optimizer_steps": trained.optimizer.num_steps,
+            }
+            return flat, metadata
 
     def _load_weight(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(_like(value, tensor))  # a full tensor, sharded like the parameter

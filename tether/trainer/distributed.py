@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
 from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
+from tether.storage.formats import DCP_DIR
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.executor import OpExecutor
 from tether.trainer.local import InProcessTrainer
@@ -106,11 +108,33 @@ class DistributedExecutor(OpExecutor):
             self.training.release_graph(handle)
 
     def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten | ops.Done:
-        parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
-        if self.rank == 0:
-            return super().save_state(op)
-        self.training.export_state(op.model_id, include_optimizer=True)  # the gather rank 0 is doing
-        return ops.Done()
+        """A DCP checkpoint: rank 0 stages the directory and tells the others where; every rank writes its shards."""
+        path = parse_checkpoint_path(op.path)  # a bad path or model fails on every rank, before any collective
+        flat, metadata = self.training.sharded_state(op.model_id)
+        if self.rank != 0:
+            target = broadcast_bytes(None).decode()
+            if target:  # empty: rank 0 failed before staging (it reports the error)
+                dcp.save(flat, checkpoint_id=target)
+            return ops.Done()
+        announced = False
+
+        def write(staging: Path) -> dict[str, Any]:
+            nonlocal announced
+            target = staging / DCP_DIR
+            target.mkdir()
+            broadcast_bytes(str(target).encode())
+            announced = True
+            dcp.save(flat, checkpoint_id=str(target))
+            return {"dcp": DCP_DIR, "has_optimizer": True, "ranks": dist.get_world_size()}
+
+        try:
+            store = self.checkpoints.stores.store(op.owner)
+            info = store.save_training_state_files(path, write, metadata=metadata, overwrite=op.overwrite)
+        finally:
+            if not announced:
+                broadcast_bytes(b"")
+        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
+                                     size_bytes=info.size_bytes)
 
     def save_sampler_weights(self, op: ops.SaveSamplerWeights) -> ops.CheckpointWritten | ops.Done:
         if self.rank == 0:
