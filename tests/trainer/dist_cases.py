@@ -13,6 +13,7 @@ import torch
 
 from tether.engine.lora import LoraSpec
 from tether.engine.losses import LOSSES
+from tether.engine.optimizer import NonFiniteStepError
 from tether.engine.training_types import AdamWParams, EngineDatum
 
 LENGTHS = [14, 3, 5, 4, 6]
@@ -87,6 +88,16 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
             engine.forward_backward(mode, make_batch("cross_entropy", [3 + step, 8, 2]), "cross_entropy")
             metrics = engine.optim_step(mode, ADAM)
             out[f"{mode}.step{step}.grad_norm"] = torch.tensor(metrics["grad_norm:mean"], dtype=torch.float64)
+        # a diverged loss: the step is refused on every rank alike and nothing changes
+        diverged = make_batch("cross_entropy", [4, 6])
+        for datum in diverged:
+            datum.loss_fn_inputs["weights"] = datum.loss_fn_inputs["weights"] * 1e38
+        engine.forward_backward(mode, diverged, "cross_entropy")
+        try:
+            engine.optim_step(mode, ADAM)
+            out[f"{mode}.refused"] = torch.tensor(0)
+        except NonFiniteStepError:
+            out[f"{mode}.refused"] = torch.tensor(1)
         for name, value in engine.export_state(mode, include_optimizer=True).weights.items():
             out[f"{mode}.weights.{name}"] = value.detach().clone()
         forward = engine.forward(mode, make_batch("cross_entropy"), "cross_entropy")

@@ -65,6 +65,7 @@ def test_two_ranks_equal_one_process(two_rank_results, single_results, model_dir
     keys = sorted(k for k in single_results if k.startswith(mode + "."))
     assert keys and set(keys) == {k for k in two_rank_results if k.startswith(mode + ".")}
     assert any(".grad." in k for k in keys) and any(".weights." in k for k in keys)
+    assert int(two_rank_results[f"{mode}.refused"]) == 1  # the diverged step was refused on 2 ranks too
     for key in keys:
         torch.testing.assert_close(two_rank_results[key], single_results[key], rtol=1e-5, atol=1e-5, msg=key)
     # the steps really trained: LoRA's B (zero at first) and the full copy's embeddings moved

@@ -4,7 +4,7 @@ A client method picks a `Route`, builds its body (a `tether.types.wire` model, o
 `ForwardBackwardRequestBody`) and hands both to `Transport.call`, which returns the route's typed
 result. So every request the SDK makes is typed on the way out and on the way back, and the table
 below is the whole of the protocol the SDK speaks (tinker-protocol.md §3; tether's extensions in
-docs/INTERFACES.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
+docs/ARCHITECTURE.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
 about sessions and seq ids (the clients).
 """
 
@@ -46,6 +46,8 @@ class Route(Generic[T]):
     """The route answers `{"request_id"}` and the result comes from `retrieve_future`."""
     proto_result: bool = False
     """The future's result is protobuf bytes (else JSON)."""
+    raw_result: bool = False
+    """The answer is a file: `decode` gets its bytes."""
     body_nbytes: Callable[[Any], int] | None = None
     """About how many bytes of tensors the body carries (None: always small); a large body is
     encoded off the SDK loop, as a large protobuf answer is decoded (`Transport.call`)."""
@@ -107,8 +109,8 @@ _V1 = "/api/v1"
 
 # ---- service and session (§3.1)
 CREATE_SESSION = Route("POST", f"{_V1}/create_session", w.CreateSessionRequest, _model(w.CreateSessionResponse))
-SESSION_HEARTBEAT = Route("POST", f"{_V1}/session_heartbeat", w.SessionHeartbeatRequest, None)
-SESSION_FINISH = Route("POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None)
+SESSION_HEARTBEAT: Route[None] = Route("POST", f"{_V1}/session_heartbeat", w.SessionHeartbeatRequest, None)
+SESSION_FINISH: Route[None] = Route("POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None)
 GET_SERVER_CAPABILITIES = Route(
     "GET", f"{_V1}/get_server_capabilities", None, _model(w.GetServerCapabilitiesResponse)
 )
@@ -154,6 +156,9 @@ SAVE_WEIGHTS_FOR_SAMPLER = Route(
     _model(data.SaveWeightsForSamplerResponse),  # the named form: `path` is required
     future=True,
 )
+SAVE_WEIGHTS_FOR_SAMPLER_EXT = Route("POST", f"{_V1}/tether/save_weights_for_sampler_ext",
+                                     w.SaveWeightsForSamplerExtRequest, _model(w.SaveWeightsForSamplerExtResponse),
+                                     future=True)
 SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
     "POST",
     f"{_V1}/save_weights_for_sampler",
@@ -170,20 +175,24 @@ SAMPLE = Route("POST", f"{_V1}/asample", w.SampleRequest, _sample_response, futu
 GET_SAMPLER = Route("GET", f"{_V1}/samplers/{{sampler_id}}", None, _model(w.GetSamplerResponse))
 
 # ---- futures (§4): only Transport.call posts here, while it waits for a `future` route's result
-RETRIEVE_FUTURE = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveRequest, None)
+RETRIEVE_FUTURE: Route[None] = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveRequest, None)
 
 # ---- the REST catalogue (§3.5)
 _RUN = f"{_V1}/training_runs/{{training_run_id}}"
 _CHECKPOINT = f"{_RUN}/checkpoints/{{checkpoint_id}}"
 GET_TRAINING_RUN = Route("GET", _RUN, None, _model(w.TrainingRun))
-LOG_METRICS = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
+TOKENIZER_FILES = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", None,
+                        _model(w.TokenizerFilesResponse))
+TOKENIZER_FILE = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}", None,
+                       lambda answer, _: answer, raw_result=True)
+LOG_METRICS: Route[None] = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
 LIST_TRAINING_RUNS = Route("GET", f"{_V1}/training_runs", None, _model(w.TrainingRunsResponse))
 LIST_CHECKPOINTS = Route("GET", f"{_RUN}/checkpoints", None, _model(w.CheckpointsListResponse))
 LIST_USER_CHECKPOINTS = Route("GET", f"{_V1}/checkpoints", None, _model(w.CheckpointsListResponse))
 WEIGHTS_INFO = Route("POST", f"{_V1}/weights_info", w.WeightsInfoRequest, _model(w.WeightsInfoResponse))
-DELETE_CHECKPOINT = Route("DELETE", _CHECKPOINT, None, None)
-SET_CHECKPOINT_TTL = Route("PUT", f"{_CHECKPOINT}/ttl", w.SetCheckpointTtlRequest, None)
-PUBLISH_CHECKPOINT = Route("POST", f"{_CHECKPOINT}/publish", None, None)  # the protocol sends no body
-UNPUBLISH_CHECKPOINT = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
+DELETE_CHECKPOINT: Route[None] = Route("DELETE", _CHECKPOINT, None, None)
+SET_CHECKPOINT_TTL: Route[None] = Route("PUT", f"{_CHECKPOINT}/ttl", w.SetCheckpointTtlRequest, None)
+PUBLISH_CHECKPOINT: Route[None] = Route("POST", f"{_CHECKPOINT}/publish", None, None)  # the protocol sends no body
+UNPUBLISH_CHECKPOINT: Route[None] = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
 LIST_SESSIONS = Route("GET", f"{_V1}/sessions", None, _model(w.ListSessionsResponse))
 GET_SESSION = Route("GET", f"{_V1}/sessions/{{session_id}}", None, _model(w.GetSessionResponse))

@@ -26,6 +26,7 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -132,6 +133,7 @@ class DistributedOptimizer(ModelOptimizer):
     def step(self, params: AdamWParams) -> dict[str, float]:
         params.validate()
         tensors = list(self.named_params.values())
+        unsummed = {id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None}
         self._sum_replicated_grads(tensors)
         with_grad = [t for t in tensors if t.grad is not None]
         squares = torch.zeros((), dtype=torch.float64, device=comm_device())
@@ -141,6 +143,27 @@ class DistributedOptimizer(ModelOptimizer):
             squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
         dist.all_reduce(squares)
         grad_norm = squares.sqrt()
+        # refuse (or skip) a step that would make weights or moments non-finite, as one process does
+        # (`ModelOptimizer.step`): the global norm is the same on every rank; the update check runs
+        # on each rank's shards and the ranks agree on it before anything changes
+        if not bool(torch.isfinite(grad_norm)):
+            self._optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite(params, float(grad_norm), f"the accumulated gradients are not finite (norm "
+                                   f"{float(grad_norm)}): the loss diverged; they were discarded, and the weights "
+                                   "and optimizer moments are unchanged", field="gradients")
+        coef_value = min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6)) if params.grad_clip_norm > 0 and with_grad else 1.0
+        finite = torch.tensor([1 if self._local_update_is_finite(params, coef_value) else 0], device=comm_device())
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not int(finite.item()):
+            for t in tensors:  # the gradients stay as they were for a retry: this rank's own, not the sum
+                if id(t) in unsummed:
+                    t.grad = unsummed[id(t)]
+                elif not isinstance(t, DTensor):
+                    t.grad = None
+            return self._nonfinite(params, float(grad_norm), f"this step's update would make weights or moments "
+                                   f"non-finite (learning rate {params.learning_rate}, gradient norm "
+                                   f"{float(grad_norm):.3g}); the weights, moments and gradients are unchanged: "
+                                   "retry with a smaller learning rate", field="adam_params.learning_rate")
         if params.grad_clip_norm > 0 and with_grad:
             coef = torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             for t in with_grad:
@@ -154,6 +177,21 @@ class DistributedOptimizer(ModelOptimizer):
         self._optimizer.zero_grad(set_to_none=True)
         self.num_steps += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": float(params.learning_rate)}
+
+    def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
+        """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""
+        view = object.__new__(ModelOptimizer)
+        view.named_params, states = {}, {}
+        for name, tensor in self.named_params.items():
+            local = _local(tensor).detach()
+            if tensor.grad is not None:
+                local.grad = _local(tensor.grad).detach()
+            view.named_params[name] = local
+            state = self._optimizer.state.get(tensor)
+            if state:
+                states[local] = {key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()}
+        view._optimizer = SimpleNamespace(state=states)
+        return ModelOptimizer._update_is_finite(view, params, coef)
 
     def _sum_replicated_grads(self, tensors: list[torch.Tensor]) -> None:
         replicated = [t for t in tensors if not isinstance(t, DTensor)]

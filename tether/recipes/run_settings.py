@@ -8,7 +8,7 @@ its checkpoints (inside the run's log_dir, so a resumed run finds them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +38,33 @@ class RunSettings(BaseModel):
     )
     wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
+
+
+class SampledRunSettings(RunSettings):
+    """What every recipe that samples prompts, trains a model and checkpoints it has in common (GRPO,
+    asynchronous RL, distillation); each recipe adds its own fields and documents the ones it reads
+    differently (dataset rows, held-out metric, group, temperature)."""
+
+    env: Literal["addition"] = Field(
+        "addition", description="Built-in prompt environment, used when no dataset_path is given."
+    )
+    num_operands: int = Field(
+        4, ge=2, le=9, description="Numbers added per problem in the addition environment."
+    )
+    num_digits: int = Field(1, ge=1, le=6, description="Digits per number in the addition environment.")
+    model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
+    renderer_name: str | None = Field(
+        None, description="Chat format; unset: chosen from the model name and tokenizer."
+    )
+    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 trains all weights (full fine-tuning).")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
+    batch_size: int = Field(16, ge=1, description="Prompts per step.")
+    num_steps: int = Field(20, ge=1, description="Optimizer steps in total.")
+    max_tokens: int = Field(16, ge=1, description="Most tokens sampled per answer.")
+    save_every: int | None = Field(
+        20, ge=1, description="Checkpoint every this many steps (unset: only at the end)."
+    )
+    seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
 
 def connect_run(settings: RunSettings) -> Any:
     """A service client for the run; an embedded server keeps its data in `<log_dir>/local-server`."""

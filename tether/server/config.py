@@ -38,6 +38,13 @@ class ServerConfig(EngineSettings):
         ge=1,
         description="Samples (num_samples summed) pending per base model before asample answers 429 (back-pressure).",
     )
+    max_samplers_per_model: int = Field(
+        4,
+        ge=1,
+        description="Sampling clients a training model keeps from save_weights_and_get_sampling_client; a newer "
+        "one releases the oldest's frozen weights (memory stays flat over an RL run), and using a released one "
+        "answers 404 saying so.",
+    )
     session_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -64,6 +71,18 @@ class ServerConfig(EngineSettings):
         ge=16,
         description="Points kept per metric series of a run (console curves, /metrics JSON); beyond it, "
         "neighbouring steps are averaged into one point and the series' resolution halves.",
+    )
+    max_request_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest request body accepted (bytes, as sent); a longer one is answered 413 as soon as "
+        "it streams past this. The Tinker SDK sends forward_backward in chunks of about 5 MB.",
+    )
+    max_decoded_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest size a request may expand to once decoded: a zstd body's decompressed bytes, "
+        "and the bytes the sparse tensors of one forward_backward densify to.",
     )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."

@@ -39,6 +39,11 @@ def _validation_message(errors: list) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def error_response(exc: TetherError) -> JSONResponse:
+    """The JSON answer for a tether error (for code answering outside a route, like middleware)."""
+    return _json_error(exc.http_status, exc.message, exc.category, exc)
+
+
 def _json_error(status: int, message: str, category: str, exc: TetherError | None = None) -> JSONResponse:
     content: dict[str, object] = {"detail": message, "error": message, "category": category}
     if exc is not None:
@@ -76,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json_error(500, f"internal error: {type(exc).__name__}", "server")
 
 
-def require(condition: bool, message: str, *, field: str | None = None, datum_index: int | None = None) -> None:
+def require(condition: object, message: str, *, field: str | None = None, datum_index: int | None = None) -> None:
     """Raise `UserInputError` unless `condition` holds (request checks read as one line each)."""
     if not condition:
         raise UserInputError(message, field=field, datum_index=datum_index)

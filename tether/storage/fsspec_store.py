@@ -18,6 +18,7 @@ server's catalogue serialises saves of one name.
 
 from __future__ import annotations
 
+import builtins
 import tempfile
 import time
 import uuid
@@ -33,6 +34,7 @@ from tether.storage.store import (
     CheckpointRef,
     CheckpointStore,
     info_from_manifest,
+    naming_damage,
     parse_ref,
     require_format,
 )
@@ -194,9 +196,10 @@ class FsspecCheckpointStore(CheckpointStore):
             text = self.fs.cat_file(f"{version_dir}/{MANIFEST_NAME}")
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
-                f"checkpoint {path}: live version {version} has no manifest"
+                f"checkpoint {path.tinker_path} is damaged: live version {version} has no manifest"
             ) from exc
-        return version_dir, parse_manifest(text, where=f"{version_dir}/{MANIFEST_NAME}")
+        with naming_damage(path):
+            return version_dir, parse_manifest(text)
 
     def _download(self, version_dir: str, manifest: dict[str, Any], target: Path) -> None:
         for relative in manifest["files"]:
@@ -207,7 +210,7 @@ class FsspecCheckpointStore(CheckpointStore):
             except FileNotFoundError:
                 continue  # verify_files reports it as missing, for the files the caller needs
 
-    def _ls(self, prefix: str) -> list[str]:
+    def _ls(self, prefix: str) -> builtins.list[str]:  # `list` here is the method above
         try:
             return sorted(self.fs.ls(prefix, detail=False))
         except FileNotFoundError:

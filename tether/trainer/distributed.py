@@ -54,7 +54,7 @@ log = logging.getLogger("tether.trainer")
 
 RANK0_ONLY = (ops.Sample, ops.CreateSampler, ops.DeleteSampler, ops.DescribeBase)
 """Ops rank 0 runs alone (the sampling engine and its registry live there)."""
-READ_ONLY = (ops.Forward, ops.SaveState, ops.SaveSamplerWeights)
+READ_ONLY = (ops.Forward, ops.SaveState, ops.SaveSamplerWeights, ops.SaveWeightsForSamplerExt)
 """Ops after which ranks that disagree about success still hold the same training state."""
 _OP, _STOP, _REAP = 1, 2, 3
 _EXIT_INCONSISTENT = 3
@@ -135,6 +135,13 @@ class DistributedExecutor(OpExecutor):
                 broadcast_bytes(b"")
         return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
                                      size_bytes=info.size_bytes)
+
+    def save_weights_for_sampler_ext(self, op: ops.SaveWeightsForSamplerExt) -> ops.CheckpointWritten | ops.Done:
+        parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
+        if self.rank == 0:
+            return super().save_weights_for_sampler_ext(op)
+        self.training.sampler_weights(op.model_id)  # the gather rank 0 is doing
+        return ops.Done()
 
     def save_sampler_weights(self, op: ops.SaveSamplerWeights) -> ops.CheckpointWritten | ops.Done:
         if self.rank == 0:
