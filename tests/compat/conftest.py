@@ -17,6 +17,7 @@ API_KEY = "tml-compat-tests"
 
 
 TRAINER_MODES = ["in-process", "trainer-process"]
+"""Every module runs in these; `test_distributed_trainer.py` runs a subset in "distributed-2" (2 ranks)."""
 
 
 @pytest.fixture(scope="module", params=TRAINER_MODES)
@@ -27,7 +28,9 @@ def trainer_mode(request) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir, trainer_mode) -> ServerThread:
     config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("tether-data"), long_poll_s=5,
-                          trainer_process=trainer_mode == "trainer-process")
+                          trainer_process=trainer_mode != "in-process",
+                          nproc_per_node=2 if trainer_mode == "distributed-2" else 1, collective_timeout_s=120,
+                          log_level="debug" if trainer_mode == "distributed-2" else "info")
     thread = ServerThread(config)
     with thread:
         yield thread

@@ -351,7 +351,7 @@ class TrainingEngine:
             trained = self._build_model(model_id, spec)
             with torch.no_grad():
                 for name, tensor in trained.params.items():
-                    tensor.copy_(state.weights[name])
+                    self._load_weight(tensor, state.weights[name])
             if include_optimizer and state.optimizer is not None:
                 trained.optimizer.import_moments(state.optimizer, int(state.metadata.get("optimizer_steps", 0)))
             self._models[model_id] = trained
@@ -372,6 +372,10 @@ class TrainingEngine:
             return SamplerWeights(base_model=self.base.name, lora_spec=trained.lora, tensors=tensors)
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def _load_weight(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy a saved full tensor into a parameter (hook: `tether.engine.fsdp` shards it)."""
+        tensor.copy_(value)
 
     def _get(self, model_id: str) -> _TrainingModel:
         trained = self._models.get(model_id)

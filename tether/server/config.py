@@ -90,6 +90,11 @@ class ServerConfig(EngineSettings):
     ready_file: Path | None = Field(
         None, description="Once listening, write the base URL into this file (used by the SDK's local mode)."
     )
+    trainer_addresses: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from a served base model to the `host:port` of a `tether trainer` already running for it "
+        "(e.g. a multi-node torchrun job); ops for that model go there instead of to a trainer this server starts.",
+    )
     trainer_process: bool = Field(
         False,
         description="Run each base model's trainer in its own `tether trainer` process (ops cross a local "

@@ -13,7 +13,7 @@ from tether.server.config import ServerConfig
 from tether.trainer.config import TrainerConfig
 from tether.trainer.interface import Trainer
 from tether.types import ops
-from tether.types.errors import UserInputError
+from tether.types.errors import ConfigurationError, UserInputError
 
 
 class TrainerPool:
@@ -63,11 +63,19 @@ class TrainerPool:
 
     def _start(self, name: str) -> Trainer:
         settings = self._config.engine_settings()
+        address = self._config.trainer_addresses.get(name)
+        if address is not None:  # distributed hook: a trainer started elsewhere (e.g. torchrun over nodes)
+            from tether.trainer.remote import RemoteTrainer
+
+            host, _, port = address.rpartition(":")
+            return RemoteTrainer(name, (host, int(port)))
         if self._config.trainer_process:
             from tether.trainer.remote import RemoteTrainer
 
             return RemoteTrainer.spawn(TrainerConfig(base_model=name, log_level=self._config.log_level,
                                                      **settings.model_dump()))
+        if settings.nproc_per_node > 1:  # distributed hook: many ranks live in their own processes
+            raise ConfigurationError("nproc_per_node > 1 needs trainer_process (--trainer-process)", field="nproc_per_node")
         from tether.trainer.local import InProcessTrainer  # needs torch: only when a model is first used
 
         return InProcessTrainer(name, settings)

@@ -6,6 +6,9 @@ Two formats:
 
 * training state (`weights/<name>`): `weights.safetensors`, optionally `optimizer.safetensors`,
   metadata in the manifest. Tensor names are the engine's own; tether reads them back exactly.
+  A multi-rank trainer writes it instead as a `torch.distributed.checkpoint` (DCP) directory `dcp/`
+  (each rank its shards; keys `weights/<name>`, `optimizer/<moment>.<name>`), which reads back
+  here as full tensors on any number of ranks.
 * Hugging Face weights (`sampler_weights/<name>`, `external_weights/<name>`), loadable by the
   ecosystem without tether: a LoRA adapter in PEFT layout (`adapter_model.safetensors` with keys
   `base_model.model.<module path>.lora_A.weight`, plus `adapter_config.json`), or a full model as
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ __all__ = [
     "StoredHfWeights",
     "write_training_state",
     "read_training_state",
+    "read_dcp_state",
+    "DCP_DIR",
     "write_hf_weights",
     "read_hf_weights",
     "peft_key",
@@ -47,6 +53,8 @@ __all__ = [
 TRAINING_STATE_KIND = "training_state"
 HF_WEIGHTS_KIND = "hf_weights"
 
+DCP_DIR = "dcp"
+"""Training state written by many ranks with torch.distributed.checkpoint (layout `{"dcp": DCP_DIR}`)."""
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -163,6 +171,9 @@ def read_training_state(
     layout = manifest.get("layout", {})
     if include_optimizer and not layout.get("has_optimizer"):
         raise UserInputError("this checkpoint was saved without optimizer state", field="optimizer")
+    if layout.get("dcp"):
+        verify_files(directory, manifest, sorted(manifest.get("files", {})))
+        return read_dcp_state(directory / layout["dcp"], manifest, include_optimizer=include_optimizer)
     files = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if include_optimizer else [])
     verify_files(directory, manifest, files)
     weights = _load(directory / WEIGHTS_FILE, layout.get("weight_aliases", {}))
@@ -170,6 +181,25 @@ def read_training_state(
         _load(directory / OPTIMIZER_FILE, layout.get("optimizer_aliases", {})) if include_optimizer else None
     )
     return StoredTrainingState(weights=weights, optimizer=optimizer, metadata=manifest.get("metadata", {}))
+
+
+def read_dcp_state(directory: Path, manifest: dict[str, Any], *, include_optimizer: bool) -> StoredTrainingState:
+    """Full tensors of a DCP training state, however many ranks wrote it (read here alone, no collective)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(directory))
+    wanted = ("weights/", "optimizer/") if include_optimizer else ("weights/",)
+    state = {key: torch.empty(item.size, dtype=item.properties.dtype)
+             for key, item in reader.read_metadata().state_dict_metadata.items()
+             if isinstance(item, TensorStorageMetadata) and key.startswith(wanted)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        load(state, storage_reader=reader, no_dist=True)
+    weights = {k.removeprefix("weights/"): v for k, v in state.items() if k.startswith("weights/")}
+    optimizer = {k.removeprefix("optimizer/"): v for k, v in state.items() if k.startswith("optimizer/")}
+    return StoredTrainingState(weights=weights, optimizer=optimizer if include_optimizer else None,
+                               metadata=manifest.get("metadata", {}))
 
 
 # ------------------------------------------------------------------ Hugging Face weights

@@ -105,6 +105,22 @@ class CheckpointStore(ABC):
 
         return self._save(path, write, overwrite=overwrite)
 
+    def save_training_state_files(
+        self, ref: CheckpointRef, write: Callable[[Path], dict[str, Any]], *, metadata: dict[str, Any],
+        overwrite: bool = False,
+    ) -> CheckpointInfo:
+        """Store training state whose files `write(staging)` puts in the staging directory and whose
+        manifest layout it returns (a multi-rank trainer's DCP checkpoint: `{"dcp": "dcp", ...}`).
+        Local stores only: the ranks write into the staging directory themselves."""
+        path = parse_ref(ref)
+        require_kind(path, ("training",), "training state")
+
+        def staged(staging: Path) -> None:
+            layout = write(staging)
+            write_manifest(staging, kind=TRAINING_STATE_KIND, metadata=metadata, layout=layout)
+
+        return self._save(path, staged, overwrite=overwrite)
+
     def load_training_state(
         self, ref: CheckpointRef, *, include_optimizer: bool = False
     ) -> StoredTrainingState:

@@ -59,6 +59,18 @@ class EngineSettings(BaseModel):
         description="With fuse_lora_ops: how long a LoRA model's forward_backward that would run alone may wait "
         "for other recently active models' next ones to join it (0: never wait).",
     )
+    nproc_per_node: int = Field(
+        1, ge=1, description="Ranks of one base model's trainer on this machine (started with torchrun; on GPUs one "
+        "per GPU). Above 1 the trainer shards its models with FSDP2; `tether serve` needs --trainer-process.",
+    )
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="Multi-rank trainers: seconds a rank waits in a training collective before it "
+        "gives up (and the trainer stops) instead of hanging.",
+    )
+    mixed_precision: Literal["none", "bfloat16"] = Field(
+        "none", description="Multi-rank trainers: \"bfloat16\" computes in bf16 with fp32 weights, gradient "
+        "reduction and optimizer state (FSDP2 MixedPrecisionPolicy); \"none\" computes in the weights' dtype.",
+    )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )

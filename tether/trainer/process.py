@@ -87,10 +87,16 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
         conn.close()
 
 
-def serve_trainer(config: TrainerConfig, *, exit_on_disconnect: bool = False) -> None:
-    """Run the trainer until interrupted (or, with `exit_on_disconnect`, until its first client leaves)."""
+def serve_trainer(config: TrainerConfig, *, exit_on_disconnect: bool = False,
+                  trainer: InProcessTrainer | None = None) -> None:
+    """Run the trainer until interrupted (or, with `exit_on_disconnect`, until its first client leaves).
+
+    `trainer` (default: an `InProcessTrainer` of `config`) is what serves the ops: rank 0 of a
+    multi-rank trainer passes its own (`tether.trainer.distributed`).
+    """
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = InProcessTrainer(config.base_model, config.engine_settings())
+    if trainer is None:
+        trainer = InProcessTrainer(config.base_model, config.engine_settings())
     listener = socket.create_server((config.host, config.port))
     host, port = listener.getsockname()[:2]
     print(f"tether trainer: {config.base_model} listening on {host}:{port}", flush=True)
@@ -111,10 +117,35 @@ def serve_trainer(config: TrainerConfig, *, exit_on_disconnect: bool = False) ->
         trainer.close()
 
 
-def main(config: TrainerConfig) -> None:
-    """`tether trainer`: serve ops for one base model."""
+def main(config: TrainerConfig) -> int:
+    """`tether trainer`: serve ops for one base model (on `nproc_per_node` ranks: through torchrun)."""
+    if _under_torchrun():
+        from tether.trainer.distributed import serve_distributed
+
+        serve_distributed(config)
+        return 0
+    if config.nproc_per_node > 1:
+        import subprocess
+        import tempfile
+
+        from tether.trainer.distributed import torchrun_command
+
+        config_file = Path(tempfile.mkdtemp(prefix="tether-trainer-")) / "config.json"
+        config_file.write_text(config.model_dump_json())
+        return subprocess.call(torchrun_command(config_file, config.nproc_per_node, exit_on_disconnect=False))
     serve_trainer(config)
+    return 0
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 if __name__ == "__main__":
-    serve_trainer(TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text()), exit_on_disconnect=True)
+    _config = TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text())
+    if _under_torchrun():
+        from tether.trainer.distributed import serve_distributed
+
+        serve_distributed(_config, exit_on_disconnect=True)
+    else:
+        serve_trainer(_config, exit_on_disconnect=True)

@@ -75,8 +75,12 @@ class RemoteTrainer:
         config_file = workdir / "config.json"
         config_file.write_text(config.model_copy(update={"ready_file": ready, "port": 0}).model_dump_json())
         log_file = open(workdir / "trainer.log", "wb")  # noqa: SIM115 - the child writes it for its lifetime
+        command = [sys.executable, "-m", "tether.trainer.process", str(config_file)]
+        if config.nproc_per_node > 1:  # torchrun starts the ranks; rank 0 serves the socket
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
+                       "--standalone", "-m", "tether.trainer.process", str(config_file)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "tether.trainer.process", str(config_file)],
+            command,
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -1,0 +1,144 @@
+"""Shared by the distributed tests and the script their torchrun ranks run: a tiny model and fixed batches.
+
+`run_cases(engine)` drives a training engine through every built-in loss (full fine-tuning and
+LoRA) and three optimizer steps, returning named tensors to compare between a single-process
+engine and a multi-rank one. Run as a script under torchrun it writes rank 0's tensors to a file.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from tether.engine.lora import LoraSpec
+from tether.engine.losses import LOSSES
+from tether.engine.optimizer import NonFiniteStepError
+from tether.engine.training_types import AdamWParams, EngineDatum
+
+LENGTHS = [14, 3, 5, 4, 6]
+BUDGET = 8
+"""Tokens per micro-batch: small, so ranks run different numbers of micro-batches."""
+
+
+def make_model(path: str) -> None:
+    """A 2-layer Qwen3 with tied embeddings, saved to `path` (the same on every call)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=True, eos_token_id=1)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+
+
+def make_batch(loss_fn: str, lengths=LENGTHS) -> list[EngineDatum]:
+    generator = torch.Generator().manual_seed(1234)
+    data = []
+    for n in lengths:
+        tokens = torch.randint(0, 48, (n + 1,), generator=generator)
+        inputs = {"target_tokens": tokens[1:].clone()}
+        for key in LOSSES[loss_fn].required_inputs:
+            if key == "weights":
+                inputs[key] = torch.rand(n, generator=generator)
+            elif key == "advantages":
+                inputs[key] = torch.randn(n, generator=generator)
+            elif key == "logprobs":
+                inputs[key] = -torch.rand(n, generator=generator) * 4
+        data.append(EngineDatum(input_tokens=tokens[:-1].clone(), loss_fn_inputs=inputs))
+    return data
+
+
+ADAM = AdamWParams(learning_rate=1e-2, grad_clip_norm=1.0, weight_decay=0.01)
+
+
+def run_cases(engine) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for mode, lora in (("full", None), ("lora", LoraSpec(rank=4, seed=7))):
+        engine.create_model(mode, lora=lora)
+        trained = engine._models[mode]
+        for loss_fn in sorted(LOSSES):
+            config = {"beta": 0.1} if loss_fn == "dro" else None
+            result = engine.forward_backward(mode, make_batch(loss_fn), loss_fn, config)
+            out[f"{mode}.{loss_fn}.loss"] = torch.tensor(result.metrics["loss:sum"], dtype=torch.float64)
+            for i, datum in enumerate(result.outputs):
+                for key, value in datum.items():
+                    out[f"{mode}.{loss_fn}.{i}.{key}"] = value.detach().clone()
+            for name, grad in engine.accumulated_gradients(mode).items():
+                out[f"{mode}.{loss_fn}.grad.{name}"] = grad
+            trained.optimizer.zero_grad()
+        # one datum: rank 1 has no share and runs a zero-weighted pass in step with rank 0
+        single = engine.forward_backward(mode, make_batch("importance_sampling", [6]), "importance_sampling")
+        out[f"{mode}.single.logprobs"] = single.outputs[0]["logprobs"].detach().clone()
+        for name, grad in engine.accumulated_gradients(mode).items():
+            out[f"{mode}.single.grad.{name}"] = grad
+        trained.optimizer.zero_grad()
+        single = engine.forward(mode, make_batch("cross_entropy", [5]), "cross_entropy")
+        out[f"{mode}.single.forward"] = single.outputs[0]["elementwise_loss"].detach().clone()
+        batch = make_batch("cross_entropy")
+        handle, kept = engine.forward_keep_graph(mode, batch)
+        metrics = engine.backward_from_logprob_grads(handle, [-d.loss_fn_inputs["weights"] * 0.5 for d in batch])
+        out[f"{mode}.custom.loss"] = torch.tensor(metrics["loss:sum"], dtype=torch.float64)
+        for i, datum in enumerate(kept.outputs):
+            out[f"{mode}.custom.{i}.logprobs"] = datum["logprobs"].detach().clone()
+        for name, grad in engine.accumulated_gradients(mode).items():
+            out[f"{mode}.custom.grad.{name}"] = grad
+        trained.optimizer.zero_grad()
+        for step in range(3):
+            engine.forward_backward(mode, make_batch("cross_entropy", [3 + step, 8, 2]), "cross_entropy")
+            metrics = engine.optim_step(mode, ADAM)
+            out[f"{mode}.step{step}.grad_norm"] = torch.tensor(metrics["grad_norm:mean"], dtype=torch.float64)
+        # a diverged loss: the step is refused on every rank alike and nothing changes
+        diverged = make_batch("cross_entropy", [4, 6])
+        for datum in diverged:
+            datum.loss_fn_inputs["weights"] = datum.loss_fn_inputs["weights"] * 1e38
+        engine.forward_backward(mode, diverged, "cross_entropy")
+        try:
+            engine.optim_step(mode, ADAM)
+            out[f"{mode}.refused"] = torch.tensor(0)
+        except NonFiniteStepError:
+            out[f"{mode}.refused"] = torch.tensor(1)
+        for name, value in engine.export_state(mode, include_optimizer=True).weights.items():
+            out[f"{mode}.weights.{name}"] = value.detach().clone()
+        forward = engine.forward(mode, make_batch("cross_entropy"), "cross_entropy")
+        out[f"{mode}.after.loss"] = torch.tensor(forward.metrics["loss:sum"], dtype=torch.float64)
+        engine.delete_model(mode)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def run_mixed(engine) -> dict[str, torch.Tensor]:
+    """bf16 compute with fp32 weights: losses of a few steps, and the dtypes the state keeps."""
+    out: dict[str, torch.Tensor] = {}
+    for mode, lora in (("full", None), ("lora", LoraSpec(rank=4, seed=7))):
+        engine.create_model(mode, lora=lora)
+        for step in range(2):
+            result = engine.forward_backward(mode, make_batch("cross_entropy"), "cross_entropy")
+            out[f"{mode}.loss{step}"] = torch.tensor(result.metrics["loss:sum"], dtype=torch.float64)
+            engine.optim_step(mode, ADAM)
+        state = engine.export_state(mode, include_optimizer=True)
+        out[f"{mode}.fp32_weights"] = torch.tensor(all(t.dtype == torch.float32 for t in state.weights.values()))
+        out[f"{mode}.fp32_moments"] = torch.tensor(all(t.dtype == torch.float32 for k, t in state.optimizer.items()
+                                                       if not k.startswith("step.")))
+        engine.delete_model(mode)
+    return out
+
+
+def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from tether.engine.fsdp import DistributedTrainingEngine
+    from tether.engine.model_loading import load_base_model
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    engine = DistributedTrainingEngine(load_base_model(model_dir, device="cpu", dtype="float32"),
+                                       max_tokens_per_micro_batch=BUDGET, mixed_precision=mixed_precision)
+    results = run_cases(engine) if mixed_precision == "none" else run_mixed(engine)
+    if dist.get_rank() == 0:
+        save_file(results, out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
