@@ -70,9 +70,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
         app.include_router(module.router)
-    from tether.server import routes_console
+    from tether.server import routes_console, routes_jobs
 
     routes_console.install(app)  # console pages, run metrics JSON, Prometheus /metrics
+    routes_jobs.install(app)  # trainer jobs: the control plane and its proxy to each job
     return app
 
 
