@@ -3,6 +3,7 @@ inactivity stop -> resume -> delete -> checkpoints still listed; ownership; idem
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -98,3 +99,26 @@ def test_bad_job_requests_name_the_field(control_plane):
     with pytest.raises(Exception, match="requested_job_id"):
         TrainerJobConfig(base_model=BASE, requested_job_id="Bad_Id")
     assert alice.list() == [] or all(j.job_id != "no" for j in alice.list())
+
+
+def test_job_lifecycle_through_the_cli(control_plane, capsys):
+    from tether.cli import main
+
+    url, _ = control_plane
+    conn = ["--base-url", url, "--api-key", ALICE]
+
+    def run(*argv):
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    endpoint = run("jobs", "create", *conn, "--base-model", BASE, "--requested-job-id", "cli-1",
+                   "--inactivity-timeout", "600", "--poll-interval-s", "0.2", "--timeout-s", "180")
+    assert endpoint["job_id"] == "cli-1" and endpoint["base_url"].endswith("/training/v1/trainerJobs/cli-1")
+    assert run("jobs", "get", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_RUNNING"
+    assert "cli-1" in [j["job_id"] for j in run("jobs", "list", *conn)]
+    assert run("jobs", "cancel", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_CANCELLED"
+    assert run("jobs", "resume", *conn, "--job-id", "cli-1", "--poll-interval-s", "0.2")["job_id"] == "cli-1"
+    assert run("checkpoints", "list", *conn, "--job-id", "cli-1") == []
+    assert run("jobs", "delete", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_DELETED"
+    assert main(["jobs", "resume", *conn, "--job-id", "cli-1"]) == 2  # a deleted job: a clear error
+    assert "cannot be resumed" in capsys.readouterr().err
