@@ -11,6 +11,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
+import tether.jobs.store  # noqa: F401 - every module with a table registers it on Base
+import tether.server.run_metrics  # noqa: F401
 from tether.server.catalogue import MIGRATIONS_DIR, Base, Catalogue
 
 FIXTURE = Path(__file__).parent / "fixtures" / "catalogue_v0.db"

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from tether.jobs.launchers import Launcher, LaunchError, LaunchSpec, make_launcher
-from tether.jobs.runner import API_KEY_ENV, JobProcessSpec
+from tether.jobs.runner import API_KEY_ENV, JobProcessSpec, error_file
 from tether.jobs.store import JobStore, TrainerJobRow
 from tether.server.auth import owner_of_key
 from tether.server.catalogue import Catalogue, utcnow
@@ -208,6 +208,7 @@ class JobManager:
         directory.mkdir(parents=True, exist_ok=True)
         ready_file = directory / "ready.json"
         ready_file.unlink(missing_ok=True)
+        error_file(ready_file).unlink(missing_ok=True)
         server = self.config.model_copy(update={
             "host": "127.0.0.1", "port": 0, "models": [config.base_model], "api_keys": [], "ready_file": None,
             "data_dir": directory / "data", "trainer_process": False, "job_models": [],
@@ -234,12 +235,15 @@ class JobManager:
         if handle is not None:
             handle.stop()
 
-    def _log_tail(self, owner: str, job_id: str) -> str:
-        try:
-            text = (self.job_dir(owner, job_id) / "job.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-LOG_TAIL_CHARS:].strip()
+    def _failure_text(self, owner: str, job_id: str) -> str:
+        """What the job process said about its failure (its error file), then the end of its log."""
+        parts = []
+        for name, limit in (("error.txt", LOG_TAIL_CHARS), ("job.log", LOG_TAIL_CHARS)):
+            try:
+                parts.append((self.job_dir(owner, job_id) / name).read_text(errors="replace")[-limit:].strip())
+            except OSError:
+                pass
+        return "\n".join(p for p in parts if p)
 
     # ---- the monitor
 
@@ -273,7 +277,7 @@ class JobManager:
                 self._launch(owner, job_id, config,
                              reason=f"{what}; relaunched ({row.restart_count + 1}/{config.max_restarts})")
             else:
-                tail = self._log_tail(owner, job_id)
+                tail = self._failure_text(owner, job_id)
                 self.store.update(owner, job_id, state=JobState.FAILED, url=None,
                                   reason=f"{what} (no restarts left)" + (f"\n{tail}" if tail else ""))
             return

@@ -49,8 +49,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def error_file(ready_file: Path) -> Path:
+    """Where a job process that cannot serve writes why (the control plane records it as the reason)."""
+    return ready_file.with_name("error.txt")
+
+
 def run(spec: JobProcessSpec) -> None:
-    """Serve the job until SIGTERM/SIGINT or until its parent process is gone."""
+    """Serve the job until SIGTERM/SIGINT or until its parent process is gone; a failure to start is
+    written to `error_file` before the process exits."""
+    try:
+        _run(spec)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            message = str(exc) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            _write_atomic(error_file(spec.ready_file), message)
+        raise
+
+
+def _run(spec: JobProcessSpec) -> None:
     from tether.server.main import _bound_url, _uvicorn_server
 
     if int(os.environ.get("RANK", "0")) > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
