@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from tether.jobs.launchers import JobHandle, LaunchError, Launcher, LaunchSpec, LocalLauncher, job_command
+from tether.jobs.launchers import JobHandle, Launcher, LaunchError, LaunchSpec, LocalLauncher, job_command
 from tether.jobs.manager import JobManager
 from tether.jobs.store import JobStore
 from tether.server.catalogue import Catalogue
