@@ -79,6 +79,10 @@ COMMANDS += (
     _job_command("jobs", "cancel", "Stop a running trainer job (resumable).", "JobArgs", "cancel"),
     _job_command("checkpoints", "list", "List a trainer job's checkpoints (also after it is gone).", "JobArgs",
                  "list_checkpoints"),
+    _job_command("checkpoints", "promote", "Promote a sampler checkpoint to a named model (LoRA merged).",
+                 "PromoteArgs", "promote_checkpoint"),
+    _job_command("checkpoints", "export", "Export a sampler checkpoint as a merged Hugging Face model.",
+                 "DeleteCheckpointArgs", "export_merged"),
     _job_command("checkpoints", "delete", "Delete one of a trainer job's checkpoints.", "DeleteCheckpointArgs",
                  "delete_checkpoint"),
 )

@@ -1,4 +1,4 @@
-"""`tether jobs create|list|get|delete|resume|cancel` and `tether checkpoints list|delete`.
+"""`tether jobs create|list|get|delete|resume|cancel`, `tether checkpoints list|promote|export|delete`.
 
 Each subcommand's options are generated (tether/cli_args.py) from a config model built on the SDK's
 own `TrainerJobConfig`, so the CLI, the SDK and the REST body share one definition. Every command
@@ -45,7 +45,11 @@ class ListArgs(Connection):
 
 
 class DeleteCheckpointArgs(JobArgs):
-    tinker_path: str = Field(description="The checkpoint to delete (tinker://<run>/<kind>/<name>).")
+    tinker_path: str = Field(description="The checkpoint (tinker://<run>/<kind>/<name>).")
+
+
+class PromoteArgs(DeleteCheckpointArgs):
+    output_model_id: str = Field(description="Name of the new model (1-63 of [a-z0-9-]).")
 
 
 def _print(value: Any) -> int:
@@ -99,3 +103,11 @@ def list_checkpoints(args: JobArgs) -> int:
 def delete_checkpoint(args: DeleteCheckpointArgs) -> int:
     args.manager().delete_checkpoint(args.job_id, args.tinker_path)
     return _print({"deleted": args.tinker_path})
+
+
+def promote_checkpoint(args: PromoteArgs) -> int:
+    return _print(args.manager().promote_checkpoint(args.job_id, args.tinker_path, args.output_model_id))
+
+
+def export_merged(args: DeleteCheckpointArgs) -> int:
+    return _print(args.manager().export_merged(args.job_id, args.tinker_path))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tether.client.jobs import TrainerJobConfig, TrainerJobManager
@@ -27,6 +29,11 @@ def _wait_state(manager: TrainerJobManager, job_id: str, state: JobState, timeou
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} not {state.short} within {timeout_s} s: {manager.get(job_id)}")
+
+
+def _logprobs(trainer) -> np.ndarray:
+    out = trainer.forward(batch(99), "cross_entropy").result()
+    return out.loss_fn_outputs[0]["logprobs"].to_numpy()
 
 
 def test_job_lifecycle_through_the_sdk(control_plane):
@@ -51,11 +58,14 @@ def test_job_lifecycle_through_the_sdk(control_plane):
     # train through the control plane's address only
     service = ServiceClient(base_url=endpoint.base_url, api_key=ALICE)
     trainer = service.create_lora_training_client(BASE, rank=4, seed=0).result()
+    base_logprobs = _logprobs(trainer)
     for step in range(2):
         trainer.forward_backward(batch(step), "cross_entropy").result()
-        trainer.optim_step(AdamParams(learning_rate=1e-3)).result()
+        trainer.optim_step(AdamParams(learning_rate=1e-2)).result()
     state_path = trainer.save_state("after-2").result().path
     sampler_path = trainer.save_weights_for_sampler("sampler-2").result().path
+    trained_logprobs = _logprobs(trainer)
+    assert np.abs(trained_logprobs - base_logprobs).max() > 1e-2  # training moved them (the merge is seen)
     service.close()
 
     # no activity for 4 s: stopped (COMPLETED, reason recorded), resumable
@@ -80,6 +90,28 @@ def test_job_lifecycle_through_the_sdk(control_plane):
         alice.create(config)
     with pytest.raises(ConflictError, match="job_id"):
         alice.resume("life-1")
+
+    # promote the (deleted) job's sampler checkpoint: its LoRA merged into a model that a new job takes
+    with pytest.raises(UserInputError, match="tinker_path"):
+        alice.promote_checkpoint("life-1", state_path, "life-policy")
+    with pytest.raises(UserInputError, match="output_model_id"):
+        alice.promote_checkpoint("life-1", sampler_path, "Life_Policy")
+    promoted = alice.promote_checkpoint("life-1", sampler_path, "life-policy")
+    assert promoted.merged_lora and promoted.base_model == BASE and promoted.source == sampler_path
+    with pytest.raises(ConflictError, match="output_model_id"):
+        alice.promote_checkpoint("life-1", sampler_path, "life-policy")
+    with pytest.raises(UserInputError, match="base_model"):
+        bob.create(TrainerJobConfig(base_model="life-policy"))  # Bob has no such model
+    exported = alice.export_merged("life-1", sampler_path)
+    assert (Path(exported.path) / "config.json").exists() and exported.path != promoted.path
+
+    endpoint = alice.create_and_wait(TrainerJobConfig(base_model="life-policy", requested_job_id="life-2"), **WAIT)
+    service = ServiceClient(base_url=endpoint.base_url, api_key=ALICE)
+    plain = service.create_lora_training_client("life-policy", rank=0).result()  # the promoted weights, as they are
+    np.testing.assert_allclose(_logprobs(plain), trained_logprobs, rtol=0, atol=1e-4)
+    service.close()
+    alice.delete("life-2")
+
     alice.delete_checkpoint("life-1", sampler_path)
     assert sampler_path not in [c.tinker_path for c in alice.list_checkpoints("life-1")]
 

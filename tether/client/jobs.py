@@ -33,8 +33,11 @@ from tether.client.transport import Transport
 from tether.types.errors import NotFoundError, ServerError, TetherError, UserInputError
 from tether.types.wire_jobs import (
     DeleteJobCheckpointRequest,
+    ExportedModel,
+    ExportMergedRequest,
     JobCheckpoint,
     JobState,
+    PromoteCheckpointRequest,
     TrainerJob,
     TrainerJobConfig,
 )
@@ -123,6 +126,20 @@ class JobCheckpointClient:
     def delete_checkpoint(self, job_id: str, tinker_path: str) -> None:
         body = DeleteJobCheckpointRequest(tinker_path=tinker_path)
         self._call(routes.DELETE_JOB_CHECKPOINT.at(job_id=job_id), body)
+
+    def promote_checkpoint(self, job_id: str, tinker_path: str, output_model_id: str) -> ExportedModel:
+        """Make sampler checkpoint `tinker_path` of the job the caller's model `output_model_id` (a LoRA
+        adapter is merged into its base): from then on a valid `base_model` of the caller's jobs.
+
+        Raises UserInputError (a training checkpoint, a bad id), ConflictError (the name is taken)."""
+        body = PromoteCheckpointRequest(tinker_path=tinker_path, output_model_id=output_model_id)
+        return self._call(routes.PROMOTE_JOB_CHECKPOINT.at(job_id=job_id), body)
+
+    def export_merged(self, job_id: str, tinker_path: str) -> ExportedModel:
+        """Write sampler checkpoint `tinker_path` as a full Hugging Face model (LoRA merged) on the
+        control plane's machine; returns where."""
+        body = ExportMergedRequest(tinker_path=tinker_path)
+        return self._call(routes.EXPORT_MERGED_JOB_CHECKPOINT.at(job_id=job_id), body)
 
     def close(self) -> None:
         event_loop.run_sync(self._transport.aclose())

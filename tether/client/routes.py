@@ -201,3 +201,7 @@ CANCEL_TRAINER_JOB = Route("POST", f"{_JOB}:cancel", None, _model(wj.TrainerJob)
 TRAINER_JOB_HEALTHZ = Route("GET", f"{_JOB}/api/v1/healthz", None, None)
 LIST_JOB_CHECKPOINTS = Route("GET", f"{_JOB}/checkpoints", None, _model(wj.JobCheckpointsResponse))
 DELETE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:delete", wj.DeleteJobCheckpointRequest, None)
+PROMOTE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:promote", wj.PromoteCheckpointRequest,
+                               _model(wj.ExportedModel))
+EXPORT_MERGED_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:exportMerged", wj.ExportMergedRequest,
+                                     _model(wj.ExportedModel))

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from tether.jobs.launchers import Launcher, LaunchError, LaunchSpec, make_launcher
+from tether.jobs.promote import PromotedModels, export_hf_model
 from tether.jobs.runner import API_KEY_ENV, JobProcessSpec, error_file
 from tether.jobs.store import JobStore, TrainerJobRow
 from tether.server.auth import owner_of_key
@@ -48,9 +49,11 @@ from tether.types.wire_jobs import (
     LIVE_STATES,
     RESUMABLE_STATES,
     TOMBSTONE_STATES,
+    ExportedModel,
     JobCheckpoint,
     JobState,
     TrainerJobConfig,
+    validate_job_id,
 )
 
 log = logging.getLogger("tether.jobs")
@@ -90,6 +93,7 @@ class JobManager:
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self._lock = threading.RLock()
         self._http = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
+        self.promoted = PromotedModels(Path(config.data_dir).expanduser())
 
     @property
     def launcher(self) -> Launcher:
@@ -115,8 +119,13 @@ class JobManager:
                 f.write("tml-job-" + secrets.token_hex(16))
         return path.read_text().strip()
 
-    def allowed_models(self) -> list[str]:
-        return list(self.config.job_models or [*self.config.models, *self.config.model_aliases])
+    def allowed_models(self, owner: str) -> list[str]:
+        """Base models the owner's jobs may use: the configured ones and the owner's promoted models."""
+        configured = self.config.job_models or [*self.config.models, *self.config.model_aliases]
+        return [*configured, *self.promoted.aliases(owner)]
+
+    def _model_aliases(self, owner: str) -> dict[str, str]:
+        return {**self.config.model_aliases, **self.promoted.aliases(owner)}
 
     # ---- requests
 
@@ -126,9 +135,9 @@ class JobManager:
         Raises UserInputError (unknown base model, impossible resources, forward_only), JobConflictError
         (the id belongs to a deleted job, or to a job asked for with another config).
         """
-        if config.base_model not in self.allowed_models():
-            raise UserInputError(f"unknown base model {config.base_model!r} (allowed: {self.allowed_models()})",
-                                 field="base_model")
+        allowed = self.allowed_models(owner)
+        if config.base_model not in allowed:
+            raise UserInputError(f"unknown base model {config.base_model!r} (allowed: {allowed})", field="base_model")
         if config.forward_only:
             raise UserInputError("forward-only reference jobs are not supported yet", field="forward_only")
         self.launcher.check(config)
@@ -212,6 +221,7 @@ class JobManager:
         server = self.config.model_copy(update={
             "host": "127.0.0.1", "port": 0, "models": [config.base_model], "api_keys": [], "ready_file": None,
             "data_dir": directory / "data", "trainer_process": False, "job_models": [],
+            "model_aliases": self._model_aliases(owner),
         })
         spec = JobProcessSpec(job_id=job_id, server=server, ready_file=ready_file)
         spec_file = directory / "spec.json"
@@ -361,6 +371,60 @@ class JobManager:
         catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
         CheckpointFiles(self.job_dir(owner, job_id) / "data").delete(inner_owner, parsed)
         catalogue.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+
+    def _sampler_weights(self, owner: str, job_id: str, tinker_path: str):
+        """The job's sampler checkpoint `tinker_path`, loaded and verified (UserInputError if it is a
+        training checkpoint: those are not promotable)."""
+        from tether.server.checkpoints import CheckpointFiles
+
+        self.store.get(owner, job_id)
+        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
+        opened = self._job_catalogue(owner, job_id)
+        if opened is None:
+            raise NotFoundError(f"unknown checkpoint {tinker_path}")
+        catalogue, inner_owner = opened
+        row = catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
+        if row.checkpoint_type != "sampler":
+            raise UserInputError(f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
+                                 "(save_weights_for_sampler) are promotable", field="tinker_path")
+        return CheckpointFiles(self.job_dir(owner, job_id) / "data").store(inner_owner).load_hf_weights(parsed)
+
+    def _export(self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None) -> ExportedModel:
+        from tether.engine.model_loading import resolve_model_path
+
+        weights = self._sampler_weights(owner, job_id, tinker_path)
+        base_dir = resolve_model_path(weights.base_model, self._model_aliases(owner))
+        provenance = {"name": name, "base_model": weights.base_model, "source": tinker_path, "job_id": job_id,
+                      "merged_lora": weights.is_lora}
+        export_hf_model(weights, base_dir, target, provenance=provenance)
+        return ExportedModel(name=name, path=str(target), base_model=weights.base_model, source=tinker_path,
+                             merged_lora=weights.is_lora)
+
+    def promote_checkpoint(self, owner: str, job_id: str, tinker_path: str, output_model_id: str) -> ExportedModel:
+        """Make a sampler checkpoint the owner's model `output_model_id` (a LoRA one merged): from then
+        on a valid `base_model` for the owner's jobs. Works for stopped and deleted jobs too.
+
+        Raises UserInputError (bad id, not a sampler checkpoint), NotFoundError, JobConflictError (the
+        name is taken)."""
+        try:
+            validate_job_id(output_model_id)
+        except ValueError as exc:
+            raise UserInputError(str(exc).replace("job id", "model id"), field="output_model_id") from None
+        if output_model_id in self.allowed_models(owner):
+            raise JobConflictError(f"a model named {output_model_id!r} exists already", field="output_model_id")
+        return self._export(owner, job_id, tinker_path, self.promoted.directory(owner, output_model_id),
+                            output_model_id)
+
+    def export_merged(self, owner: str, job_id: str, tinker_path: str) -> ExportedModel:
+        """Write a sampler checkpoint as a full Hugging Face model (LoRA merged) under
+        `<data_dir>/exports/<owner>/<job_id>/<run>-<name>/` on the control plane's machine."""
+        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
+        target = self.root.parent / "exports" / owner / job_id / f"{parsed.training_run_id}-{parsed.name}"
+        if (target / "config.json").exists():
+            info = json.loads((target / "tether_promoted.json").read_text())
+            return ExportedModel(name=None, path=str(target), base_model=info["base_model"], source=tinker_path,
+                                 merged_lora=info["merged_lora"])
+        return self._export(owner, job_id, tinker_path, target, None)
 
     # ---- lifetime
 

@@ -8,6 +8,8 @@
     POST   /training/v1/trainerJobs/{job_id}:cancel    stop a live job (CANCELLED)
     GET    /training/v1/trainerJobs/{job_id}/checkpoints          the job's checkpoints (also once it is gone)
     POST   /training/v1/trainerJobs/{job_id}/checkpoints:delete   {"tinker_path"}
+    POST   /training/v1/trainerJobs/{job_id}/checkpoints:promote  {"tinker_path", "output_model_id"}: a named model
+    POST   /training/v1/trainerJobs/{job_id}/checkpoints:exportMerged  {"tinker_path"}: a merged HF directory
     *      /training/v1/trainerJobs/{job_id}/api/v1/...            forwarded to the job's own server
 
 Another key's job is a 404 everywhere. Forwarding swaps the caller's key for the job's own, counts
@@ -33,7 +35,10 @@ from tether.server.state import request_owner
 from tether.types.wire_jobs import (
     DEFAULT_INACTIVITY_TIMEOUT_S,
     DeleteJobCheckpointRequest,
+    ExportedModel,
+    ExportMergedRequest,
     JobCheckpointsResponse,
+    PromoteCheckpointRequest,
     TrainerJob,
     TrainerJobConfig,
     TrainerJobsResponse,
@@ -124,6 +129,19 @@ async def delete_job_checkpoint(job_id: str, body: DeleteJobCheckpointRequest, r
                                 owner: str = Depends(request_owner)) -> dict[str, str]:
     await asyncio.to_thread(jobs(request).delete_checkpoint, owner, job_id, body.tinker_path)
     return {"deleted": body.tinker_path}
+
+
+@router.post(JOB + "/checkpoints:promote")
+async def promote_job_checkpoint(job_id: str, body: PromoteCheckpointRequest, request: Request,
+                                 owner: str = Depends(request_owner)) -> ExportedModel:
+    return await asyncio.to_thread(jobs(request).promote_checkpoint, owner, job_id, body.tinker_path,
+                                   body.output_model_id)
+
+
+@router.post(JOB + "/checkpoints:exportMerged")
+async def export_merged_checkpoint(job_id: str, body: ExportMergedRequest, request: Request,
+                                   owner: str = Depends(request_owner)) -> ExportedModel:
+    return await asyncio.to_thread(jobs(request).export_merged, owner, job_id, body.tinker_path)
 
 
 @router.api_route(JOB + "/api/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])

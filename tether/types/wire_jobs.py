@@ -27,6 +27,9 @@ __all__ = [
     "JobCheckpoint",
     "JobCheckpointsResponse",
     "DeleteJobCheckpointRequest",
+    "PromoteCheckpointRequest",
+    "ExportMergedRequest",
+    "ExportedModel",
     "validate_job_id",
     "parse_duration_s",
     "DEFAULT_INACTIVITY_TIMEOUT_S",
@@ -205,3 +208,28 @@ class JobCheckpointsResponse(WireModel):
 
 class DeleteJobCheckpointRequest(WireModel):
     tinker_path: str
+
+
+class PromoteCheckpointRequest(WireModel):
+    """Promote a job's sampler checkpoint to a named model of the caller's."""
+
+    tinker_path: str
+    output_model_id: str
+    """1-63 of [a-z0-9-]; then a valid `base_model` for the caller's jobs."""
+
+
+class ExportMergedRequest(WireModel):
+    tinker_path: str
+
+
+class ExportedModel(WireModel):
+    """A Hugging Face model directory on the control plane's machine made from a sampler checkpoint."""
+
+    name: str | None = None
+    """The promoted model's name (None for a plain export)."""
+    path: str
+    base_model: str
+    source: str
+    """The tinker path it was made from."""
+    merged_lora: bool
+    """True when a LoRA adapter was merged into the base weights."""
