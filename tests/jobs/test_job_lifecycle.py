@@ -147,6 +147,15 @@ def test_job_lifecycle_through_the_cli(control_plane, capsys):
                    "--inactivity-timeout", "600", "--poll-interval-s", "0.2", "--timeout-s", "180")
     assert endpoint["job_id"] == "cli-1" and endpoint["base_url"].endswith("/training/v1/trainerJobs/cli-1")
     assert run("jobs", "get", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_RUNNING"
+
+    # the official Tinker SDK trains through the control plane's address too
+    tinker = pytest.importorskip("tinker")
+    trainer = tinker.ServiceClient(base_url=endpoint["base_url"], api_key=ALICE).create_lora_training_client(
+        base_model=BASE, rank=2)
+    datum = batch(0)[0]
+    tinker_datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(datum.model_input.to_ints()),
+                                loss_fn_inputs={k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()})
+    assert trainer.forward_backward([tinker_datum], "cross_entropy").result().metrics["loss:sum"] > 0
     assert "cli-1" in [j["job_id"] for j in run("jobs", "list", *conn)]
     assert run("jobs", "cancel", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_CANCELLED"
     assert run("jobs", "resume", *conn, "--job-id", "cli-1", "--poll-interval-s", "0.2")["job_id"] == "cli-1"
