@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -157,6 +158,10 @@ def test_job_lifecycle_through_the_cli(control_plane, capsys):
                                 loss_fn_inputs={k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()})
     assert trainer.forward_backward([tinker_datum], "cross_entropy").result().metrics["loss:sum"] > 0
     assert "cli-1" in [j["job_id"] for j in run("jobs", "list", *conn)]
+    console = httpx.get(f"{url}/api/v1/tether/console/jobs", headers={"X-API-Key": ALICE}).json()
+    assert [j["state"] for j in console["jobs"] if j["job_id"] == "cli-1"] == ["RUNNING"]
+    bob_console = httpx.get(f"{url}/api/v1/tether/console/jobs", headers={"X-API-Key": BOB}).json()
+    assert "cli-1" not in [j["job_id"] for j in bob_console["jobs"]]
     assert run("jobs", "cancel", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_CANCELLED"
     assert run("jobs", "resume", *conn, "--job-id", "cli-1", "--poll-interval-s", "0.2")["job_id"] == "cli-1"
     assert run("checkpoints", "list", *conn, "--job-id", "cli-1") == []
