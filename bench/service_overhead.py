@@ -1,9 +1,10 @@
 """What the service costs: one SFT step through the official tinker SDK + `tether serve` versus the same
-step on the training engine in-process.
+step on the training engine in-process, with the server's trainer in-process and in a `tether trainer`
+process (`--trainer-process`: ops cross a local socket).
 
-Both sides train the same LoRA on the same base model and batch; steps alternate (service, engine,
-service, ...) so machine noise hits both alike. Prints the median step time of each and their ratio
-(target: service / engine <= 1.10).
+All three train the same LoRA on the same base model and batch; steps alternate (engine, in-process
+service, out-of-process service, ...) so machine noise hits all alike. Prints the median step time of
+each and the ratios (targets: service / engine <= 1.10; out-of-process / in-process <= 1.10).
 
     python bench/service_overhead.py [--steps 6] [--hidden 512] [--layers 6] [--batch 8] [--seq-len 256]
 """
@@ -90,37 +91,49 @@ def main() -> None:
         engine.optim_step("local", AdamWParams(learning_rate=lr))
         return time.perf_counter() - start
 
-    config = ServerConfig(port=0, data_dir=work / "data", models=[name], model_aliases={name: str(model_dir)})
     sdk_data = [types.Datum(model_input=types.ModelInput.from_ints(x),
                             loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)}) for x, y in rows]
-    with ServerThread(config) as url:
-        service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
-        client = service.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result()
 
-        def service_step() -> float:
-            start = time.perf_counter()
-            fwd = client.forward_backward(sdk_data, "cross_entropy")
-            opt = client.optim_step(types.AdamParams(learning_rate=lr))
-            fwd.result()
-            opt.result()
-            return time.perf_counter() - start
+    def server(trainer_process: bool) -> ServerThread:
+        return ServerThread(ServerConfig(port=0, data_dir=work / ("data-tp" if trainer_process else "data"),
+                                         models=[name], model_aliases={name: str(model_dir)},
+                                         trainer_process=trainer_process))
 
-        service_step()  # warm-up: first-use costs (thread pools, connections) are not per-step costs
+    def sdk_step(client) -> float:
+        start = time.perf_counter()
+        fwd = client.forward_backward(sdk_data, "cross_entropy")
+        opt = client.optim_step(types.AdamParams(learning_rate=lr))
+        fwd.result()
+        opt.result()
+        return time.perf_counter() - start
+
+    with server(False) as url, server(True) as url_tp:
+        services = [tinker.ServiceClient(base_url=u, api_key="tml-bench") for u in (url, url_tp)]
+        clients = [s.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result() for s in services]
+        for client in clients:  # warm-up: first-use costs (thread pools, connections) are not per-step costs
+            sdk_step(client)
         engine_step()
-        service_times, engine_times = [], []
+        engine_times: list[float] = []
+        service_times: list[float] = []
+        process_times: list[float] = []
         for _ in range(args.steps):
-            service_times.append(service_step())
             engine_times.append(engine_step())
-        service.close("success")
+            service_times.append(sdk_step(clients[0]))
+            process_times.append(sdk_step(clients[1]))
+        for s in services:
+            s.close("success")
 
-    svc, eng = statistics.median(service_times), statistics.median(engine_times)
+    svc, eng, proc = (statistics.median(t) for t in (service_times, engine_times, process_times))
     tokens = args.batch * args.seq_len
     print(f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; "
           f"batch {args.batch} x {args.seq_len} tokens ({tokens} tokens/step); {args.steps} steps each, alternating")
-    print(f"{'':24}{'median s/step':>14}{'min':>8}{'max':>8}")
-    print(f"{'engine in-process':24}{eng:14.3f}{min(engine_times):8.3f}{max(engine_times):8.3f}")
-    print(f"{'tinker SDK + server':24}{svc:14.3f}{min(service_times):8.3f}{max(service_times):8.3f}")
+    print(f"{'':34}{'median s/step':>14}{'min':>8}{'max':>8}")
+    for label, times in (("engine in-process", engine_times), ("tinker SDK + server (in-process)", service_times),
+                         ("tinker SDK + server (trainer proc)", process_times)):
+        print(f"{label:34}{statistics.median(times):14.3f}{min(times):8.3f}{max(times):8.3f}")
     print(f"ratio service/engine: {svc / eng:.3f} (target <= 1.10)")
+    print(f"ratio trainer-process service/engine: {proc / eng:.3f}")
+    print(f"ratio trainer-process/in-process service: {proc / svc:.3f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

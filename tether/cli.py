@@ -1,4 +1,4 @@
-"""The `tether` command: `serve`, `quickstart`, `sft`, `grpo`.
+"""The `tether` command: `serve`, `trainer`, `quickstart`, `sft`, `grpo`, `dpo`, `rl`, `distill`, `deployments`.
 
 Each subcommand is a typed config model plus a function that runs it; the options are generated
 from the model (`tether.cli_args`), so the CLI and the Python API can never disagree.
@@ -63,6 +63,24 @@ COMMANDS = (
         "tether.recipes.grpo:Config",
         "tether.recipes.grpo:main",
     ),
+    Command(
+        "dpo",
+        "Direct preference optimisation on JSONL preference pairs, anchored at the initial weights.",
+        "tether.recipes.dpo:Config",
+        "tether.recipes.dpo:main",
+    ),
+    Command(
+        "rl",
+        "Asynchronous off-policy RL: sampling on the latest weights overlaps training, staleness bounded.",
+        "tether.recipes.rl:Config",
+        "tether.recipes.rl:main",
+    ),
+    Command(
+        "distill",
+        "On-policy distillation: the student samples, a served teacher scores, reverse KL is the advantage.",
+        "tether.recipes.distill:Config",
+        "tether.recipes.distill:main",
+    ),
 )
 
 
@@ -104,11 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
             parent = groups[command.group]
         sub_parser = parent.add_parser(command.name, help=command.help, description=command.help)
         add_config_arguments(sub_parser, command.load(command.config))
+    from tether import cli_deployments
+
+    cli_deployments.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "deployments":
+        import httpx
+
+        from tether import cli_deployments
+
+        try:
+            return cli_deployments.run(args)
+        except (TetherError, httpx.HTTPError) as exc:
+            print(f"tether deployments: {exc}", file=sys.stderr)
+            return 2
     command = next(c for c in COMMANDS if (c.group, c.name) == (
         (args.command, args.subcommand) if getattr(args, "subcommand", None) else (None, args.command)))
     try:

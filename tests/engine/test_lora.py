@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -70,3 +71,21 @@ def test_new_adapter_is_identity_and_flags_select_layers():
     assert not any("mlp" in n for n in names)
     with adapter_routing("a"):
         torch.testing.assert_close(model(x), base)
+
+
+def test_lora_rank_above_the_layer_sizes_or_bad_seed_is_refused_before_allocating():
+    from tether.types.errors import UserInputError
+
+    model = TinyBlock()
+    with pytest.raises(UserInputError) as caught:
+        add_adapter(model, "huge", LoraSpec(rank=10**9))
+    assert caught.value.field == "rank" and "5" in caught.value.message  # lm_head: 8 -> 5
+    assert not any("huge" in layer.adapters for _, layer in lora_layers(model))
+    add_adapter(model, "max", LoraSpec(rank=5))
+    with pytest.raises(UserInputError):
+        add_adapter(model, "six", LoraSpec(rank=6))
+    for seed in (-1, 2**64, 2**70):
+        with pytest.raises(UserInputError) as caught:
+            LoraSpec(rank=2, seed=seed)
+        assert caught.value.field == "seed"
+    LoraSpec(rank=2, seed=2**64 - 1)

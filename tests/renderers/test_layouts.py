@@ -12,6 +12,8 @@ from tether.renderers import TrainOnWhat, get_renderer
 from tether.types.errors import UserInputError
 
 IM_START, IM_END = 258, 256  # default tokenizer: <|im_start|>, <|im_end|>
+THINK, END_THINK = 259, 260
+EMPTY_THINK = [THINK] + list(b"\n\n") + [END_THINK] + list(b"\n\n")
 
 
 def b(text: str) -> list[int]:
@@ -34,7 +36,7 @@ def qwen_pieces():
         (b("\n") + [IM_START] + b("user\n"), None), (b("1+2") + [IM_END], 1),
         (b("\n") + [IM_START] + b("assistant\n"), None), (b("3") + [IM_END], 2),
         (b("\n") + [IM_START] + b("user\n"), None), (b("2+2") + [IM_END], 3),
-        (b("\n") + [IM_START] + b("assistant\n"), None), (b("4") + [IM_END], 4),
+        (b("\n") + [IM_START] + b("assistant\n"), None), (EMPTY_THINK + b("4") + [IM_END], 4),
     ]  # fmt: skip
 
 
@@ -68,10 +70,10 @@ def test_last_assistant_turn_covers_consecutive_assistant_messages(qwen_tokenize
     convo = [*CONVO[:4], {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}]
     renderer = get_renderer("qwen3", qwen_tokenizer)
     tokens, weights = renderer.build_supervised_example(convo, "last_assistant_turn")
-    trained = bytes(t for t, w in zip(tokens.to_ints(), weights, strict=True) if w and t < 256)
-    assert trained == b"AB"
+    trained = [t for t, w in zip(tokens.to_ints(), weights, strict=True) if w]
+    assert trained == b("A") + [IM_END] + EMPTY_THINK + b("B") + [IM_END]  # only the final turn is framed
     _, last_only = renderer.build_supervised_example(convo, "last_assistant_message")
-    assert sum(last_only) == 2  # "B" and <|im_end|>
+    assert sum(last_only) == len(EMPTY_THINK) + 2  # the empty think block, "B" and <|im_end|>
 
 
 def test_customized_uses_per_message_trainable_flags(qwen_tokenizer):
@@ -116,7 +118,7 @@ def test_qwen3_disable_thinking_rejects_reasoning_in_a_trained_turn(qwen_tokeniz
     ]
     with pytest.raises(UserInputError) as info:
         get_renderer("qwen3_disable_thinking", qwen_tokenizer).build_supervised_example(convo)
-    assert info.value.field == "messages[1].reasoning_content"
+    assert info.value.field == "messages[1]"
 
 
 def test_role_colon_layout_matches_the_cookbook(qwen_tokenizer):

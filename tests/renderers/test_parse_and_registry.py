@@ -96,7 +96,7 @@ def test_registry_lists_the_built_in_renderers_and_accepts_new_ones(qwen_tokeniz
 @pytest.mark.parametrize(
     ("model_name", "expected"),
     [
-        ("tether/tiny-qwen3", "qwen3"),
+        ("tether/tiny-qwen3", "qwen3_disable_thinking"),
         ("Qwen/Qwen3-8B", "qwen3"),
         ("Qwen/Qwen3-30B-A3B", "qwen3"),
         ("meta-llama/Llama-3.1-8B-Instruct", "llama3"),
@@ -119,8 +119,29 @@ def test_renderer_for_model_never_rejects_a_model(qwen_tokenizer, plain_tokenize
     # A Llama name on a tokenizer without Llama's special tokens: falls back instead of failing.
     assert renderer_for_model("meta-llama/Llama-3.1-8B-Instruct", qwen_tokenizer).name == "chat_template"
     assert renderer_for_model("meta-llama/Llama-3.1-8B-Instruct", plain_tokenizer).name == "role_colon"
-    assert renderer_for_model("tether/tiny-qwen3", qwen_tokenizer).name == "qwen3"
+    assert renderer_for_model("tether/tiny-qwen3", qwen_tokenizer).name == "qwen3_disable_thinking"
     assert (
         renderer_for_model("x", qwen_tokenizer, renderer_name="qwen3_disable_thinking").name
         == "qwen3_disable_thinking"
     )
+
+
+def test_qwen3_parses_tool_calls_back_into_messages(qwen_tokenizer):
+    renderer = get_renderer("qwen3", qwen_tokenizer)
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    answer = {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
+    }
+    assert renderer.parse_response(_sampled_tokens(renderer, answer)) == (answer, ParseTermination.STOP_SEQUENCE)
+
+
+def test_tool_calls_with_bad_arguments_name_the_field(qwen_tokenizer):
+    convo = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]},
+    ]
+    with pytest.raises(UserInputError) as info:
+        get_renderer("qwen3", qwen_tokenizer).build_supervised_example(convo)
+    assert info.value.field == "messages[1].tool_calls[0].function.arguments"

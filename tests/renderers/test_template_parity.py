@@ -8,8 +8,10 @@ leaves out (sampling stops at the end-of-turn token).
 from __future__ import annotations
 
 import pytest
+from conversation_suite import CONVERSATIONS as SUITE
 
 from tether.renderers import get_renderer
+from tether.types.errors import UserInputError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "12+34"}, {"role": "assistant", "content": "46"}],
@@ -84,3 +86,62 @@ def test_template_renderer_weights_match_the_hand_written_renderer(qwen_tokenize
             generic_tokens, generic_weights = generic.build_supervised_example(CONVERSATIONS[1], mode)
             tokens, weights = hand_written.build_supervised_example(CONVERSATIONS[1], mode)
             assert (generic_tokens.to_ints(), generic_weights) == (tokens.to_ints(), weights)
+
+
+def test_one_letter_messages_do_not_cut_into_the_role_headers(qwen_tokenizer):
+    """"u" occurs in "<|im_start|>user": boundaries come from tokens, so the header stays whole."""
+    convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    generic = get_renderer("chat_template", qwen_tokenizer)
+    tokens, weights = generic.build_supervised_example(convo, "all_user_and_system_messages")
+    trained = [t for t, w in zip(tokens.to_ints(), weights, strict=True) if w]
+    im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert trained == [ord("s"), im_end, ord("u"), im_end]
+    for mode in ("all_messages", "all_tokens", "last_assistant_message"):
+        assert generic.build_supervised_example(convo, mode) == get_renderer(
+            "qwen3", qwen_tokenizer
+        ).build_supervised_example(convo, mode)
+
+
+def test_template_renderer_refuses_a_message_the_template_drops(qwen_tokenizer):
+    convo = [{"role": "user", "content": "guess"}, {"role": "player", "content": "7"}]
+    with pytest.raises(UserInputError) as info:
+        get_renderer("chat_template", qwen_tokenizer).build_supervised_example(convo, "all_messages")
+    assert info.value.field == "messages[1]"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["one_turn", "system_multi_turn", "reasoning_now", "reasoning_in_history", "inline_think_in_history",
+     "tool_call", "final_tool_call", "consecutive_assistants", "one_letter_messages"],
+)  # fmt: skip
+@pytest.mark.parametrize("tokenizer_fixture", ["qwen_tokenizer", "qwen_bpe_tokenizer"])
+def test_template_renderer_equals_the_template_and_qwen3(request, tokenizer_fixture, name):
+    """On the Qwen3-rule template, the generic renderer writes what the template writes, token for
+    token, and trains what the hand-written qwen3 renderer trains."""
+    tokenizer, convo = request.getfixturevalue(tokenizer_fixture), SUITE[name]
+    generic, qwen3 = get_renderer("chat_template", tokenizer), get_renderer("qwen3", tokenizer)
+    tokens, _ = generic.build_supervised_example(convo)
+    expected = _ids(tokenizer.apply_chat_template(convo, tokenize=True))
+    assert tokens.to_ints() == expected[: len(tokens.to_ints())]
+    assert tokenizer.decode(expected[len(tokens.to_ints()) :]) == "\n"
+    for mode in ("last_assistant_message", "last_assistant_turn", "all_assistant_messages"):
+        assert generic.build_supervised_example(convo, mode) == qwen3.build_supervised_example(convo, mode), mode
+
+
+def test_where_the_cookbooks_qwen3_differs_from_the_qwen3_template(qwen_tokenizer):
+    """qwen3 follows tinker-cookbook 0.6.1; these are the known differences from the Qwen3 template
+    (pinned here so a change on either side is noticed)."""
+    qwen3 = get_renderer("qwen3", qwen_tokenizer)
+
+    def ours(convo):
+        return qwen_tokenizer.decode(qwen3.build_supervised_example(convo)[0].to_ints())
+
+    def template(convo):
+        return qwen_tokenizer.apply_chat_template(convo, tokenize=False).removesuffix("\n")
+
+    convo = SUITE["reasoning_then_tool_call"]  # one more newline before the call
+    assert ours(convo) == template(convo).replace("</think>\n\n<tool_call>", "</think>\n\n\n<tool_call>")
+    convo = SUITE["tool_calls_with_text_and_reasoning"]  # one user block per tool result
+    assert ours(convo) == template(convo).replace(
+        "</tool_response>\n<tool_response>", "</tool_response><|im_end|>\n<|im_start|>user\n<tool_response>"
+    )

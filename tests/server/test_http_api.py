@@ -83,8 +83,10 @@ def loss_of(http, model_id: str, seq_id: int) -> float:
 
 def test_client_config_and_health(http):
     assert http.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).status_code == 200
-    assert http.get("/api/v1/healthz").json() == {"status": "ok"}
-    assert http.post("/api/v1/client/dynamic_config", json={}).status_code == 404
+    health = http.get("/api/v1/healthz").json()
+    assert health["status"] in ("ok", "loading") and set(health["models"]) == {BASE}
+    assert http.post("/api/v1/client/dynamic_config", json={}, headers=ALICE).status_code == 404
+    assert http.post("/api/v1/client/dynamic_config", json={}).status_code == 401  # no key: nothing is revealed
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "tml-mallory"}, {"X-API-Key": "alice"}])

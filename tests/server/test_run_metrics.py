@@ -30,7 +30,7 @@ def metrics(catalogue):
 def stored_rows(catalogue: Catalogue, run_id: str) -> list[RunMetricRow]:
     from sqlalchemy import select
 
-    with catalogue._read() as s:
+    with catalogue.reading() as s:
         return list(s.scalars(select(RunMetricRow).where(RunMetricRow.run_id == run_id)))
 
 

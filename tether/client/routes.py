@@ -4,7 +4,7 @@ A client method picks a `Route`, builds its body (a `tether.types.wire` model, o
 `ForwardBackwardRequestBody`) and hands both to `Transport.call`, which returns the route's typed
 result. So every request the SDK makes is typed on the way out and on the way back, and the table
 below is the whole of the protocol the SDK speaks (tinker-protocol.md §3; tether's extensions in
-docs/INTERFACES.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
+docs/ARCHITECTURE.md). This module knows nothing about HTTP, retries or polling (transport.py), nor
 about sessions and seq ids (the clients).
 """
 
@@ -47,6 +47,8 @@ class Route(Generic[T]):
     """The route answers `{"request_id"}` and the result comes from `retrieve_future`."""
     proto_result: bool = False
     """The future's result is protobuf bytes (else JSON)."""
+    raw_result: bool = False
+    """The answer is a file: `decode` gets its bytes."""
     body_nbytes: Callable[[Any], int] | None = None
     """About how many bytes of tensors the body carries (None: always small); a large body is
     encoded off the SDK loop, as a large protobuf answer is decoded (`Transport.call`)."""
@@ -155,6 +157,9 @@ SAVE_WEIGHTS_FOR_SAMPLER = Route(
     _model(data.SaveWeightsForSamplerResponse),  # the named form: `path` is required
     future=True,
 )
+SAVE_WEIGHTS_FOR_SAMPLER_EXT = Route("POST", f"{_V1}/tether/save_weights_for_sampler_ext",
+                                     w.SaveWeightsForSamplerExtRequest, _model(w.SaveWeightsForSamplerExtResponse),
+                                     future=True)
 SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
     "POST",
     f"{_V1}/save_weights_for_sampler",
@@ -177,6 +182,10 @@ RETRIEVE_FUTURE = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveReques
 _RUN = f"{_V1}/training_runs/{{training_run_id}}"
 _CHECKPOINT = f"{_RUN}/checkpoints/{{checkpoint_id}}"
 GET_TRAINING_RUN = Route("GET", _RUN, None, _model(w.TrainingRun))
+TOKENIZER_FILES = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", None,
+                        _model(w.TokenizerFilesResponse))
+TOKENIZER_FILE = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}", None,
+                       lambda answer, _: answer, raw_result=True)
 LOG_METRICS = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
 LIST_TRAINING_RUNS = Route("GET", f"{_V1}/training_runs", None, _model(w.TrainingRunsResponse))
 LIST_CHECKPOINTS = Route("GET", f"{_RUN}/checkpoints", None, _model(w.CheckpointsListResponse))

@@ -103,7 +103,8 @@ class SamplingClient:
     def get_tokenizer(self) -> Any:
         from tether.client.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.get_base_model())
+        base_model = self.get_base_model()
+        return load_tokenizer(base_model, session=self._session, base_model=base_model)
 
 
 def _restore(base_url: str, api_key: str, sampling_session_id: str, base_model: str | None) -> SamplingClient:

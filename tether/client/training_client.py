@@ -37,6 +37,8 @@ from tether.types.wire import (
     BackwardFromLogprobGradsRequest,
     LogMetricsRequest,
     OptimStepRequest,
+    SaveWeightsForSamplerExtRequest,
+    SaveWeightsForSamplerExtResponse,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     TensorDataJson,
@@ -242,6 +244,19 @@ class TrainingClient:
         )
         return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER, body, "save_weights_for_sampler")
 
+    def save_weights_for_sampler_ext(
+        self, name: str, checkpoint_type: Literal["base", "delta", "merged_base"] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> APIFuture[SaveWeightsForSamplerExtResponse]:
+        """Save sampling weights into the run's checkpoint chain, for deployments to hot-load
+        (fireworks-training-api.md §4.2): `"base"` (full weights), `"delta"` (an exact diff against the
+        run's previous chain checkpoint, about ten times smaller), `"merged_base"` (a LoRA folded into
+        full weights), or None (a base first, deltas after). A tether extension.
+        """
+        body = make_wire(SaveWeightsForSamplerExtRequest, model_id=self.model_id, path=name,
+                         checkpoint_type=checkpoint_type, ttl_seconds=ttl_seconds)
+        return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER_EXT, body, "save_weights_for_sampler_ext")
+
     def save_weights_and_get_sampling_client(
         self, name: str | None = None, retry_config: Any = None, kind: Literal["snapshot", "inflight"] = "snapshot"
     ) -> APIFuture[SamplingClient]:
@@ -302,10 +317,11 @@ class TrainingClient:
         return name
 
     def get_tokenizer(self) -> Any:
-        """The model's tokenizer; a local `tokenizer_id` directory loads offline."""
+        """The model's tokenizer: a local directory, else the server's files (cached), else the hub id."""
         from tether.client.tokenizer import load_tokenizer
 
-        return load_tokenizer(self._info.model_data.tokenizer_id or self._base_model_name())
+        base_model = self._base_model_name()
+        return load_tokenizer(self._info.model_data.tokenizer_id or base_model, session=self._session, base_model=base_model)
 
     def get_info_future(self) -> APIFuture[GetInfoResponse]:
         return completed_future(self._info, "get_info")

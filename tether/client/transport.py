@@ -176,6 +176,8 @@ class Transport:
         if route.future:
             submitted = _decoded(route, lambda: UntypedAPIFuture.model_validate(response.json()))
             answer: Any = await self._retrieve(submitted.request_id, expect_proto=route.proto_result)
+        elif route.raw_result:
+            answer = response.content
         else:
             answer = _decoded(route, response.json) if response.content and route.decode else None
         if route.decode is None:

@@ -25,6 +25,7 @@ DEFAULT_MODEL_NAME = "tether/tiny-qwen3"
 """The name clients use for the embedded default model."""
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+THINK_TOKENS = ("<think>", "</think>")
 
 MODEL_CONFIG = {
     "vocab_size": 264,  # 256 bytes + 5 special tokens, padded to a multiple of 8
@@ -42,14 +43,40 @@ MODEL_CONFIG = {
 }
 GENERATION_SEED = 1234
 
+# The Qwen3 template's rules, written out for this model: reasoning (`reasoning_content`, or a leading
+# `<think>...</think>` in the content) is kept only on assistant turns after the last user message,
+# and the final turn there is always framed with a think block (empty when it did not reason);
+# tool calls are `<tool_call>` JSON blocks; consecutive tool results share one user turn.
 CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_query=messages|length - 1) -%}"
+    "{%- for message in messages -%}{%- if message.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
-    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- set content = message.content if message.content is string else '' -%}"
+    "{%- if message.role in ['system', 'user'] -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- elif message.role == 'assistant' -%}"
+    "{%- set reasoning = '' -%}"
+    "{%- if message.reasoning_content is string -%}{%- set reasoning = message.reasoning_content -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') -}}"
+    "{%- else -%}{{- '<|im_start|>assistant\\n' + content -}}{%- endif -%}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- if (loop.first and content) or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- set call = call.function if call.function else call -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' -}}"
+    "{{- call.arguments if call.arguments is string else call.arguments | tojson -}}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
@@ -61,7 +88,8 @@ CHAT_TEMPLATE = (
 
 def _fingerprint() -> str:
     payload = json.dumps(
-        {"config": MODEL_CONFIG, "seed": GENERATION_SEED, "special": SPECIAL_TOKENS, "template": CHAT_TEMPLATE},
+        {"config": MODEL_CONFIG, "seed": GENERATION_SEED, "special": SPECIAL_TOKENS, "template": CHAT_TEMPLATE,
+         "plain_added": THINK_TOKENS},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -88,9 +116,10 @@ def build_tokenizer():
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>", *THINK_TOKENS)],
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.add_tokens(list(THINK_TOKENS))  # added but not special, as in Qwen3: content may spell them
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = MODEL_CONFIG["max_position_embeddings"]
     return tokenizer

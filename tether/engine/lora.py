@@ -28,6 +28,7 @@ from torch import nn
 from tether.types.errors import UserInputError
 from tether.types.wire import LoraConfig
 
+MAX_SEED = 2**64 - 1
 ATTENTION_MARKERS = ("attn", "attention")
 MLP_MARKERS = ("mlp", "feed_forward", "ffn")
 
@@ -52,6 +53,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise UserInputError(f"LoRA rank must be >= 1, got {self.rank}", field="rank")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"LoRA seed must be in 0..2^64-1, got {self.seed}", field="seed")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise UserInputError(f"LoRA alpha must be a positive number, got {self.alpha}", field="alpha")
         if not (self.train_attn or self.train_mlp or self.train_unembed):
@@ -254,6 +257,7 @@ def add_adapter(
     if any(adapter_id in layer.adapters for _, layer in layers):
         raise UserInputError(f"adapter {adapter_id!r} already exists", field="model_id")
     wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed}
+    check_rank(spec, [layer for _, layer in layers if wanted[layer.kind]])
     generator = torch.Generator(device="cpu")
     generator.manual_seed(spec.seed if spec.seed is not None else 0)
     params: dict[str, torch.Tensor] = {}
@@ -273,6 +277,24 @@ def add_adapter(
         params[f"{name}.lora_A"] = lora_A
         params[f"{name}.lora_B"] = lora_B
     return params
+
+
+def max_lora_rank(layers: Sequence[MultiLoraLinear]) -> int:
+    """The largest useful rank on `layers`: min(in, out) of the smallest (B·A cannot exceed it)."""
+    return min((min(layer.in_features, layer.out_features) for layer in layers), default=0)
+
+
+def check_rank(spec: LoraSpec, layers: Sequence[MultiLoraLinear]) -> None:
+    """UserInputError (field `rank`) unless `spec.rank` fits every layer it adapts; nothing is allocated."""
+    if not layers:
+        raise UserInputError("the model has no layer of the kinds this adapter trains", field="train_attn")
+    limit = max_lora_rank(layers)
+    if spec.rank > limit:
+        raise UserInputError(
+            f"LoRA rank {spec.rank} is more than the {limit} this model's adapted layers allow "
+            "(min of in and out features)",
+            field="rank",
+        )
 
 
 def remove_adapter(model: nn.Module, adapter_id: str) -> None:

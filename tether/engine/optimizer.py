@@ -4,11 +4,22 @@ Each training model owns one `ModelOptimizer`, so its moments and gradients neve
 model's tensors. The moments export to and import from a flat dict of named tensors
 (`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`), which is what a checkpoint stores; a model
 restored with them continues bit-exactly like one that never stopped.
+
+A step that would make any weight or moment non-finite is refused before anything changes
+(`NonFiniteStepError`, a user error): non-finite gradients (a diverged loss, e.g. loss weights of
+1e38) are discarded, since no step can use them; an update that overflows (e.g. a learning rate
+of 1e30) leaves the gradients for a retry with saner hyperparameters. The check predicts AdamW's
+update from the current moments in chunks, so it costs one extra pass over the tensors and a
+bounded amount of scratch memory. With `on_nonfinite="skip"` such a step is skipped instead and
+reported in the metrics (`skipped_nonfinite:sum` = 1). Bounds on the hyperparameters themselves
+(finite, non-negative, betas in [0, 1), `MAX_LEARNING_RATE`) are `AdamWParams.validate`'s.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
@@ -16,12 +27,21 @@ from tether.engine.training_types import AdamWParams
 from tether.types.errors import UserInputError
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "step")
+_CHECK_CHUNK = 1 << 22
+"""Elements per chunk when predicting an update (scratch memory: a few chunks of float32)."""
+
+
+class NonFiniteStepError(UserInputError):
+    """An optimizer step would have made weights or moments NaN or infinite; nothing was changed."""
 
 
 class ModelOptimizer:
     """torch's AdamW (decoupled weight decay) plus global-norm clipping, over a fixed set of tensors."""
 
-    def __init__(self, named_params: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, named_params: Mapping[str, torch.Tensor], *, on_nonfinite: Literal["refuse", "skip"] = "refuse"
+    ) -> None:
+        self.on_nonfinite = on_nonfinite
         self.named_params = dict(named_params)
         defaults = AdamWParams()
         self._optimizer = torch.optim.AdamW(
@@ -35,11 +55,36 @@ class ModelOptimizer:
         self.num_steps = 0
 
     def step(self, params: AdamWParams) -> dict[str, float]:
-        """Clip, apply one AdamW step with `params`, clear the gradients; return the step's metrics."""
+        """Clip, apply one AdamW step with `params`, clear the gradients; return the step's metrics.
+
+        Raises NonFiniteStepError (weights and moments unchanged) if the gradients or the update
+        are not finite, unless `on_nonfinite="skip"`, which skips the step and reports it.
+        """
         params.validate()
         tensors = list(self.named_params.values())
         grads = [t.grad for t in tensors if t.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not bool(torch.isfinite(grad_norm)):
+            self._optimizer.zero_grad(set_to_none=True)  # no step can ever use them
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"the accumulated gradients are not finite (norm {float(grad_norm)}): the loss diverged; "
+                "they were discarded, and the weights and optimizer moments are unchanged",
+                field="gradients",
+            )
+        coef = 1.0
+        if params.grad_clip_norm > 0 and grads:
+            coef = min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
+        if not self._update_is_finite(params, coef):
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"this step's update would make weights or moments non-finite (learning rate "
+                f"{params.learning_rate}, gradient norm {float(grad_norm):.3g}); the weights, moments and "
+                "gradients are unchanged: retry with a smaller learning rate",
+                field="adam_params.learning_rate",
+            )
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(tensors, params.grad_clip_norm, grad_norm)
         for group in self._optimizer.param_groups:
@@ -51,6 +96,48 @@ class ModelOptimizer:
         self._optimizer.zero_grad(set_to_none=True)
         self.num_steps += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": float(params.learning_rate)}
+
+    def _nonfinite(self, params: AdamWParams, grad_norm: float, why: str, *, field: str) -> dict[str, float]:
+        if self.on_nonfinite == "refuse":
+            raise NonFiniteStepError(f"optimizer step refused: {why}", field=field)
+        self._optimizer.zero_grad(set_to_none=True)
+        return {
+            "grad_norm:mean": grad_norm,
+            "learning_rate:mean": float(params.learning_rate),
+            "skipped_nonfinite:sum": 1.0,
+        }
+
+    @torch.no_grad()
+    def _update_is_finite(self, params: AdamWParams, coef: float) -> bool:
+        """Whether AdamW with `params` (gradients scaled by `coef`) keeps every weight and moment finite.
+
+        Mirrors torch's AdamW arithmetic (decay, lerp of the first moment, second moment, bias
+        corrections) on chunks of scratch copies; nothing is modified.
+        """
+        lr, wd, eps = params.learning_rate, params.weight_decay, params.eps
+        beta1, beta2 = params.beta1, params.beta2
+        for tensor in self.named_params.values():
+            if tensor.grad is None:
+                continue
+            state = self._optimizer.state.get(tensor) or {}
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            bc1 = 1 - beta1**step
+            bc2_sqrt = math.sqrt(1 - beta2**step)
+            if bc1 <= 0 or bc2_sqrt <= 0:
+                continue  # beta 0 with step 1 is fine; torch divides by these, a zero is caught below
+            pieces = [tensor.detach().reshape(-1), tensor.grad.reshape(-1)]
+            if "exp_avg" in state:
+                pieces += [state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)]
+            for start in range(0, pieces[0].numel(), _CHECK_CHUNK):
+                p, g, *moments = (x[start : start + _CHECK_CHUNK].float() for x in pieces)
+                g = g * coef
+                m = moments[0] * beta1 + g * (1 - beta1) if moments else g * (1 - beta1)
+                v = moments[1] * beta2 + g * g * (1 - beta2) if moments else g * g * (1 - beta2)
+                new_p = p * (1 - lr * wd) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+                if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(v).all())
+                        and bool(torch.isfinite(new_p.to(tensor.dtype)).all())):
+                    return False
+        return True
 
     def zero_grad(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)

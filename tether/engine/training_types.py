@@ -35,9 +35,20 @@ class ForwardResult:
     """Keys are `name:reduction` (the Tinker SDK reduces chunks by the suffix); at least `loss:sum`."""
 
 
+MAX_LEARNING_RATE = 10.0
+"""AdamW moves each weight by about the learning rate per step, so anything above this only destroys
+the model; larger values are refused. (Weights themselves need no bound beyond staying finite, which
+every optimizer step checks: see `tether.engine.optimizer`.)"""
+
+
 @dataclass(frozen=True)
 class AdamWParams:
-    """Hyperparameters of one optimizer step (Tinker's AdamParams); all may change between steps."""
+    """Hyperparameters of one optimizer step (Tinker's AdamParams); all may change between steps.
+
+    Bounds (`validate`): every value finite; learning_rate in [0, MAX_LEARNING_RATE]; beta1, beta2
+    in [0, 1); eps > 0; weight_decay >= 0 with learning_rate * weight_decay <= 1 (a larger decay
+    flips the weights' sign); grad_clip_norm >= 0.
+    """
 
     learning_rate: float = 1e-4
     """Step size."""
@@ -59,18 +70,24 @@ class AdamWParams:
 
     def validate(self) -> None:
         """Raise `UserInputError` naming the first invalid field."""
-        checks = {
-            "learning_rate": self.learning_rate >= 0,
-            "beta1": 0 <= self.beta1 < 1,
-            "beta2": 0 <= self.beta2 < 1,
-            "eps": self.eps > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "grad_clip_norm": self.grad_clip_norm >= 0,
-        }
-        for name, ok in checks.items():
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
-                raise UserInputError(f"invalid value {value!r}", field=f"adam_params.{name}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserInputError(f"invalid value {value!r}: must be a finite number", field=f"adam_params.{name}")
+        checks = {
+            "learning_rate": (0 <= self.learning_rate <= MAX_LEARNING_RATE, f"must be in [0, {MAX_LEARNING_RATE}]"),
+            "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)"),
+            "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)"),
+            "eps": (self.eps > 0, "must be > 0"),
+            "weight_decay": (
+                self.weight_decay >= 0 and self.learning_rate * self.weight_decay <= 1,
+                "must be >= 0 with learning_rate * weight_decay <= 1",
+            ),
+            "grad_clip_norm": (self.grad_clip_norm >= 0, "must be >= 0"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise UserInputError(f"invalid value {getattr(self, name)!r}: {rule}", field=f"adam_params.{name}")
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,13 @@ class JobStore:
                       created_at=now, updated_at=now, last_activity_at=now)
         statement = sqlite_insert(TrainerJobRow).values(**values).on_conflict_do_nothing(
             index_elements=["owner", "job_id"])
-        with self._catalogue._write() as s:
+        with self._catalogue.writing() as s:
             if s.execute(statement).rowcount == 1:
                 return None
         return self.find(owner, job_id)
 
     def find(self, owner: str, job_id: str) -> TrainerJobRow | None:
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             return s.get(TrainerJobRow, (owner, job_id))
 
     def get(self, owner: str, job_id: str) -> TrainerJobRow:
@@ -85,13 +85,13 @@ class JobStore:
         query = select(TrainerJobRow).where(TrainerJobRow.owner == owner)
         if not include_deleted:
             query = query.where(TrainerJobRow.state != JobState.DELETED.value)
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             return list(s.scalars(query.order_by(TrainerJobRow.created_at.desc(), TrainerJobRow.job_id)))
 
     def in_states(self, states: set[JobState]) -> list[TrainerJobRow]:
         """Every owner's jobs in `states` (the monitor's worklist)."""
         query = select(TrainerJobRow).where(TrainerJobRow.state.in_([s.value for s in states]))
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             return list(s.scalars(query))
 
     def update(self, owner: str, job_id: str, *, expect: set[JobState] | None = None, **values: Any) -> bool:
@@ -102,14 +102,14 @@ class JobStore:
         query = update(TrainerJobRow).where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id)
         if expect is not None:
             query = query.where(TrainerJobRow.state.in_([s.value for s in expect]))
-        with self._catalogue._write() as s:
+        with self._catalogue.writing() as s:
             return s.execute(query.values(updated_at=utcnow(), **values)).rowcount == 1
 
     def touch(self, activity: dict[tuple[str, str], datetime]) -> None:
         """Record the latest activity of several jobs in one transaction (never moves a time back)."""
         if not activity:
             return
-        with self._catalogue._write() as s:
+        with self._catalogue.writing() as s:
             for (owner, job_id), when in activity.items():
                 s.execute(update(TrainerJobRow)
                           .where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id,
@@ -120,11 +120,11 @@ class JobStore:
         cutoff = (now or utcnow()) - timedelta(seconds=retention_s)
         query = select(TrainerJobRow).where(TrainerJobRow.state == JobState.DELETED.value,
                                             TrainerJobRow.deleted_at < cutoff)
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             return list(s.scalars(query))
 
     def purge(self, owner: str, job_id: str) -> None:
         from sqlalchemy import delete
 
-        with self._catalogue._write() as s:
+        with self._catalogue.writing() as s:
             s.execute(delete(TrainerJobRow).where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id))

@@ -113,14 +113,14 @@ def problem_source(config: Config) -> ProblemSource:
     )
 
 
-def _loss_fn_config(config: Config) -> dict[str, float] | None:
+def loss_fn_config(config: Config) -> dict[str, float] | None:
     if config.loss_fn == "ppo":
         return {"clip_low_threshold": config.ppo_clip_low, "clip_high_threshold": config.ppo_clip_high}
     return None
 
 
 @dataclass
-class _Rollout:
+class Rollout:
     datum: Datum
     sampler_logprobs: list[float]
     prompt_length: int
@@ -129,7 +129,7 @@ class _Rollout:
 
 def _rollouts(
     config: Config, step: int, sampling_client: Any, renderer: Renderer, source: ProblemSource
-) -> tuple[list[_Rollout], dict[str, float]]:
+) -> tuple[list[Rollout], dict[str, float]]:
     problems = [source.train_problem(step * config.batch_size + i) for i in range(config.batch_size)]
     prompts = [renderer.build_generation_prompt(p.messages) for p in problems]
     sdk = SdkTypes(sampling_client)
@@ -148,7 +148,7 @@ def _rollouts(
         )
         for index, prompt in enumerate(prompts)
     ]
-    rollouts: list[_Rollout] = []
+    rollouts: list[Rollout] = []
     all_rewards: list[float] = []
     groups = {"all_good": 0, "all_bad": 0, "mixed": 0}
     for problem, prompt, future in zip(problems, prompts, futures, strict=True):
@@ -164,7 +164,7 @@ def _rollouts(
             if sequence.logprobs is None:
                 raise ServerError("the sampler returned no logprobs for the sampled tokens")
             rollouts.append(
-                _Rollout(
+                Rollout(
                     datum=rl_datum(prompt, sequence.tokens, sequence.logprobs, advantage),
                     sampler_logprobs=list(sequence.logprobs),
                     prompt_length=prompt.length,
@@ -215,7 +215,7 @@ def train_grpo(
             metrics["test/accuracy"] = heldout_accuracy(sampling_client, renderer, heldout, config.max_tokens)
         rollouts, rollout_metrics = _rollouts(config, step, sampling_client, renderer, source)
         metrics.update(rollout_metrics)
-        metrics.update(_train_step(config, training_client, rollouts))
+        metrics.update(train_step(config, training_client, rollouts))
         next_step = step + 1
         if next_step == config.num_steps and config.eval_every and heldout:
             final_sampler = training_client.save_weights_and_get_sampling_client().result()
@@ -245,7 +245,7 @@ def train_grpo(
     )
 
 
-def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) -> dict[str, float]:
+def train_step(config: Config, training_client: Any, rollouts: list[Rollout]) -> dict[str, float]:
     """forward_backward + optim_step on the groups that carry signal; KL from the trainer's logprobs.
 
     With no such group the step still measures the KL with a gradient-free `forward` and does not
@@ -258,22 +258,27 @@ def _train_step(config: Config, training_client: Any, rollouts: list[_Rollout]) 
     sdk = SdkTypes(training_client)
     data = sdk.data([r.datum for r in measured])
     if trained:
-        output_future = training_client.forward_backward(data, config.loss_fn, _loss_fn_config(config))
+        output_future = training_client.forward_backward(data, config.loss_fn, loss_fn_config(config))
         optim_future = training_client.optim_step(sdk.adam_params(config.learning_rate))
         output = output_future.result()
         optim_future.result()
     else:
-        output = training_client.forward(data, config.loss_fn, _loss_fn_config(config)).result()
+        output = training_client.forward(data, config.loss_fn, loss_fn_config(config)).result()
+    metrics = sampler_trainer_kl(measured, output)
+    metrics["num_trained_samples"] = float(len(trained))
+    metrics["learning_rate"] = config.learning_rate if trained else 0.0
+    return metrics
+
+
+def sampler_trainer_kl(rollouts: list[Rollout], output: Any) -> dict[str, float]:
+    """`kl_sample_train_v1/v2` of the sampled tokens, from a forward's outputs on `rollouts`' datums."""
     trainer_logprobs = [
         output.loss_fn_outputs[i]["logprobs"].tolist()[
             sampled_positions(r.prompt_length, len(r.sampler_logprobs))
         ]
-        for i, r in enumerate(measured)
+        for i, r in enumerate(rollouts)
     ]
-    metrics = kl_sample_train([r.sampler_logprobs for r in measured], trainer_logprobs)
-    metrics["num_trained_samples"] = float(len(trained))
-    metrics["learning_rate"] = config.learning_rate if trained else 0.0
-    return metrics
+    return kl_sample_train([r.sampler_logprobs for r in rollouts], trainer_logprobs)
 
 
 def main(config: Config) -> GRPOResult:

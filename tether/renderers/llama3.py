@@ -1,7 +1,10 @@
 """Llama 3 chat format: `<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`.
 
 Like the tinker-cookbook, it leaves out the "Cutting Knowledge Date" system preamble that the
-Hugging Face template inserts, so a conversation renders the same whatever the date.
+Hugging Face template inserts, so a conversation renders the same whatever the date. Tokens and
+weights equal tinker-cookbook 0.6.1's `llama3`. Llama 3 has no tool-call format this renderer can
+write (the cookbook drops `tool_calls` silently); messages with tool calls, and roles other than
+system, user and assistant, are refused.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Llama3Renderer(Renderer):
             output=encode_text(self.tokenizer, message["content"]) + [self.eot_id],
         )
 
-    def generation_suffix(self, role: str, num_messages: int) -> list[int]:
+    def generation_suffix(self, role: str, messages: list[Message]) -> list[int]:
         return self._header(role)
 
     def get_stop_sequences(self) -> list[int]:

@@ -31,7 +31,7 @@ _FACTORIES: dict[str, RendererFactory] = {
 # (pattern on the model name, renderer); first match wins. Base models get the plain-text format.
 _MODEL_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(^|[/_-])base($|[/_:-])", re.IGNORECASE), "role_colon"),
-    (re.compile(r"^tether/tiny-qwen3$"), "qwen3"),
+    (re.compile(r"^tether/tiny-qwen3$"), "qwen3_disable_thinking"),  # it cannot reason: answer directly
     (re.compile(r"llama-3(\.\d+)?-.*instruct", re.IGNORECASE), "llama3"),
     (re.compile(r"qwen3-[\d.]+b(-a\d+b)?$", re.IGNORECASE), "qwen3"),
 ]

@@ -1,8 +1,13 @@
 """The plain-text format for base models: "User: hi\\n\\nAssistant: hello\\n\\nUser: ...".
 
 It needs no special tokens, so it works with any tokenizer. Sampling stops at the text
-"\\n\\nUser:"; a trained final message therefore ends with that whole string (its "User:" part is the
-`stop_overlap`), so the model learns to hand the turn back.
+"\\n\\nUser:"; a trained final assistant message therefore ends with that whole string (its "User:"
+part is the `stop_overlap`), so the model learns to hand the turn back. Any role is written as its
+own name ("Tool: ..."); tool calls have no format here and are refused.
+
+Tokens and weights equal tinker-cookbook 0.6.1's `role_colon`, except that a conversation ending
+in a non-assistant message gets no stop overlap (the cookbook appends the literal text
+"<UNUSED>" there).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ STOP_TEXT = "\n\nUser:"
 
 class RoleColonRenderer(Renderer):
     name = "role_colon"
+    roles = None
 
     def bos_tokens(self) -> list[int]:
         bos = getattr(self.tokenizer, "bos_token_id", None)
@@ -28,7 +34,7 @@ class RoleColonRenderer(Renderer):
             stop_overlap=encode_text(self.tokenizer, "User:"),
         )
 
-    def generation_suffix(self, role: str, num_messages: int) -> list[int]:
+    def generation_suffix(self, role: str, messages: list[Message]) -> list[int]:
         return encode_text(self.tokenizer, f"{role.capitalize()}:")
 
     def get_stop_sequences(self) -> list[str]:

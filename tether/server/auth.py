@@ -47,8 +47,13 @@ class ApiKeyAuth:
         The key comes in `X-API-Key` (the SDKs) or as `Authorization: Bearer <key>` (the console,
         Prometheus scrapers).
         """
-        key = request.headers.get(API_KEY_HEADER)
-        if not key:
-            scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
-            key = bearer.strip() if scheme.lower() == "bearer" else None
-        return self.owner(key)
+        return self.owner(api_key_from_headers(request.headers.get(API_KEY_HEADER), request.headers.get("Authorization")))
+
+
+def api_key_from_headers(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The request's key: `X-API-Key` (the SDKs), else `Authorization: Bearer <key>` (the console, the
+    `openai` package, Prometheus scrapers)."""
+    if x_api_key:
+        return x_api_key
+    scheme, _, bearer = (authorization or "").partition(" ")
+    return bearer.strip() if scheme.lower() == "bearer" else None

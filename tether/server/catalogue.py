@@ -206,20 +206,20 @@ class Catalogue:
         self._engine.dispose()
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
+    def reading(self) -> Iterator[Session]:
         """A read transaction: a consistent snapshot that waits for no writer."""
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
+    def writing(self) -> Iterator[Session]:
         """A write transaction (`BEGIN IMMEDIATE`): it holds SQLite's write lock from its first statement."""
         with self._write_lock, Session(self._writer, expire_on_commit=False) as session, session.begin():
             yield session
 
     def _get_owned(self, row_type: type[_Row], key: str, owner: str, what: str) -> _Row:
         """The row under `key`, or NotFoundError when it is missing or another owner's."""
-        with self._read() as s:
+        with self.reading() as s:
             row = s.get(row_type, key)
         if row is None or row.owner != owner:
             raise NotFoundError(f"unknown {what} {key!r}")
@@ -229,13 +229,13 @@ class Catalogue:
         """Set `values` on the row under primary key `key` (a tuple for composite keys); the rows changed."""
         columns = inspect(row_type).primary_key
         keys = key if isinstance(key, tuple) else (key,)
-        with self._write() as s:
+        with self.writing() as s:
             where = [column == value for column, value in zip(columns, keys, strict=True)]
             return s.execute(update(row_type).where(*where).values(**values)).rowcount
 
     def _page(self, query: Any, order_by: Sequence[Any], limit: int, offset: int) -> tuple[list[Any], int]:
         """One page of `query`'s rows in `order_by` order, and the total count (SQL COUNT, one snapshot)."""
-        with self._read() as s:
+        with self.reading() as s:
             total = s.scalar(select(func.count()).select_from(query.subquery()))
             rows = list(s.scalars(query.order_by(*order_by).limit(limit).offset(offset)))
         return rows, int(total or 0)
@@ -246,7 +246,7 @@ class Catalogue:
         now = utcnow()
         row = SessionRow(session_id=session_id, owner=owner, created_at=now, last_heartbeat=now, status="active",
                          tags=tags, user_metadata=user_metadata, display_name=display_name, project_id=project_id)
-        with self._write() as s:
+        with self.writing() as s:
             s.add(row)
         return row
 
@@ -255,7 +255,7 @@ class Catalogue:
 
     def heartbeat(self, session_id: str, owner: str) -> bool:
         """Record a heartbeat; False if the session is unknown, not the owner's, or no longer active."""
-        with self._write() as s:
+        with self.writing() as s:
             q = (update(SessionRow)
                  .where(SessionRow.session_id == session_id, SessionRow.owner == owner, SessionRow.status == "active")
                  .values(last_heartbeat=utcnow()))
@@ -268,7 +268,7 @@ class Catalogue:
         self._update(SessionRow, session_id, project_id=project_id)
 
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[SessionRow]:
-        with self._read() as s:
+        with self.reading() as s:
             q = (select(SessionRow).where(SessionRow.owner == owner)
                  .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()))
             return list(s.scalars(q.limit(limit).offset(offset)))
@@ -276,13 +276,13 @@ class Catalogue:
     def stale_sessions(self, older_than_s: float, *, now: datetime | None = None) -> list[str]:
         """Active sessions whose last heartbeat is older than `older_than_s`."""
         cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
-        with self._read() as s:
+        with self.reading() as s:
             q = select(SessionRow.session_id).where(SessionRow.status == "active", SessionRow.last_heartbeat < cutoff)
             return list(s.scalars(q))
 
     def expire_active_sessions(self) -> None:
         """At startup: sessions of a previous process have no live models any more."""
-        with self._write() as s:
+        with self.writing() as s:
             s.execute(update(SessionRow).where(SessionRow.status == "active").values(status="expired"))
 
     # training runs
@@ -292,7 +292,7 @@ class Catalogue:
         row = TrainingRunRow(run_id=run_id, session_id=session_id, owner=owner, base_model=base_model,
                              is_lora=is_lora, lora_rank=lora_rank, lora_config=lora_config,
                              user_metadata=user_metadata, created_at=now, last_request_time=now)
-        with self._write() as s:
+        with self.writing() as s:
             s.merge(row)
         return row
 
@@ -308,7 +308,7 @@ class Catalogue:
         return self._page(query, (TrainingRunRow.created_at.desc(), TrainingRunRow.run_id.desc()), limit, offset)
 
     def runs_of_session(self, session_id: str) -> list[str]:
-        with self._read() as s:
+        with self.reading() as s:
             return list(s.scalars(select(TrainingRunRow.run_id).where(TrainingRunRow.session_id == session_id)))
 
     # checkpoints
@@ -320,13 +320,13 @@ class Catalogue:
         row = CheckpointRow(run_id=run_id, checkpoint_id=checkpoint_id, owner=owner, checkpoint_type=checkpoint_type,
                             directory=directory, created_at=now, expires_at=expires, size_bytes=size_bytes,
                             public=False, user_metadata=user_metadata)
-        with self._write() as s:
+        with self.writing() as s:
             s.merge(row)
         return row
 
     def find_checkpoint(self, run_id: str, checkpoint_id: str) -> CheckpointRow | None:
         """Owner-blind lookup (for conflict checks before writing)."""
-        with self._read() as s:
+        with self.reading() as s:
             return s.get(CheckpointRow, (run_id, checkpoint_id))
 
     def get_checkpoint(self, run_id: str, checkpoint_id: str, owner: str) -> CheckpointRow:
@@ -334,6 +334,11 @@ class Catalogue:
         if row is None or not (row.owner == owner or row.public):
             raise NotFoundError(f"unknown checkpoint tinker://{run_id}/{checkpoint_id}")
         return row
+
+    def all_checkpoints(self) -> list[CheckpointRow]:
+        """Every checkpoint row of every owner (start-up reconciliation with the files on disk)."""
+        with self.reading() as s:
+            return list(s.scalars(select(CheckpointRow)))
 
     def list_checkpoints(self, owner: str, run_id: str | None = None, limit: int = 1000,
                          offset: int = 0) -> tuple[list[CheckpointRow], int]:
@@ -359,12 +364,12 @@ class Catalogue:
                   .where(CheckpointRow.owner == owner, CheckpointRow.run_id.in_(list(run_ids)))
                   .subquery())
         newest = aliased(CheckpointRow, ranked)
-        with self._read() as s:
+        with self.reading() as s:
             rows = s.scalars(select(newest).where(ranked.c.rank == 1))
             return {(row.run_id, row.checkpoint_type): row for row in rows}
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
-        with self._write() as s:
+        with self.writing() as s:
             s.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id,
                                                   CheckpointRow.checkpoint_id == checkpoint_id))
 
@@ -373,7 +378,7 @@ class Catalogue:
 
     def expired_checkpoints(self, *, now: datetime | None = None) -> list[CheckpointRow]:
         now = now or utcnow()
-        with self._read() as s:
+        with self.reading() as s:
             q = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now)
             return list(s.scalars(q))
 
@@ -382,7 +387,7 @@ class Catalogue:
                     model_path: str | None) -> SamplerRow:
         row = SamplerRow(sampler_id=sampler_id, session_id=session_id, owner=owner, base_model=base_model,
                          model_path=model_path, created_at=utcnow())
-        with self._write() as s:
+        with self.writing() as s:
             s.merge(row)
         return row
 
@@ -390,7 +395,7 @@ class Catalogue:
         return self._get_owned(SamplerRow, sampler_id, owner, "sampler")
 
     def samplers_of_session(self, session_id: str) -> list[str]:
-        with self._read() as s:
+        with self.reading() as s:
             return list(s.scalars(select(SamplerRow.sampler_id).where(SamplerRow.session_id == session_id)))
 
     # idempotency keys
@@ -403,7 +408,7 @@ class Catalogue:
         insert = (sqlite_insert(IdempotencyKeyRow)
                   .values(scope=scope, key=key, value=value, created_at=utcnow())
                   .on_conflict_do_nothing(index_elements=["scope", "key"]))
-        with self._write() as s:
+        with self.writing() as s:
             if s.execute(insert).rowcount == 1:
                 return None
             return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
@@ -411,7 +416,7 @@ class Catalogue:
 
     def idempotency_value(self, scope: str, key: str) -> str | None:
         """The value stored under (scope, key), or None when the key is not claimed (a read; no lock)."""
-        with self._read() as s:
+        with self.reading() as s:
             return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
                                                                   IdempotencyKeyRow.key == key))
 
@@ -424,7 +429,7 @@ class Catalogue:
 
         Lets exactly one of several callers take over a claim left behind (e.g. by a crashed process).
         """
-        with self._write() as s:
+        with self.writing() as s:
             q = (update(IdempotencyKeyRow)
                  .where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key,
                         IdempotencyKeyRow.value == expected)
@@ -433,7 +438,7 @@ class Catalogue:
 
     def release_idempotency_key(self, scope: str, key: str) -> None:
         """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""
-        with self._write() as s:
+        with self.writing() as s:
             s.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key))
 
 

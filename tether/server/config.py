@@ -66,6 +66,18 @@ class ServerConfig(EngineSettings, JobSettings):
         description="Points kept per metric series of a run (console curves, /metrics JSON); beyond it, "
         "neighbouring steps are averaged into one point and the series' resolution halves.",
     )
+    max_request_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest request body accepted (bytes, as sent); a longer one is answered 413 as soon as "
+        "it streams past this. The Tinker SDK sends forward_backward in chunks of about 5 MB.",
+    )
+    max_decoded_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest size a request may expand to once decoded: a zstd body's decompressed bytes, "
+        "and the bytes the sparse tensors of one forward_backward densify to.",
+    )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."
     )

@@ -39,6 +39,11 @@ def _validation_message(errors: list) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def error_response(exc: TetherError) -> JSONResponse:
+    """The JSON answer for a tether error (for code answering outside a route, like middleware)."""
+    return _json_error(exc.http_status, exc.message, exc.category, exc)
+
+
 def _json_error(status: int, message: str, category: str, exc: TetherError | None = None) -> JSONResponse:
     content: dict[str, object] = {"detail": message, "error": message, "category": category}
     if exc is not None:

@@ -24,6 +24,9 @@ from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.errors import install_error_handlers
 from tether.server.futures import FutureStore
+from tether.server.guard import RequestGuard
+from tether.server.reconcile import reconcile_storage
+from tether.server.responses import FiniteJSONResponse
 from tether.server.run_metrics import RunMetrics
 from tether.server.sessions import reaper_loop
 from tether.server.state import ServerState
@@ -52,27 +55,45 @@ def build_state(config: ServerConfig) -> ServerState:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app serving the Tinker protocol and tether's extensions for `config`."""
-    from tether.server import routes_rest, routes_sampling, routes_service, routes_tether, routes_training
+    from tether.server import (
+        routes_rest,
+        routes_sampling,
+        routes_service,
+        routes_tether,
+        routes_tokenizer,
+        routes_training,
+    )
 
     state = build_state(config)
+    data_dir_lock = reconcile_storage(Path(config.data_dir).expanduser(), state.catalogue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         reaper = asyncio.create_task(reaper_loop(state, config.maintenance_interval_s))
+        # Warm start: load the base models (and torch) now, not on the first client's request.
+        threading.Thread(target=state.trainers.warm_up, name="tether-warm-up", daemon=True).start()
         try:
             yield
         finally:
             reaper.cancel()
-            await asyncio.to_thread(state.close)
+            from tether.server import routes_deployments  # deployments hook (deployments branch)
 
-    app = FastAPI(title="tether", lifespan=lifespan)
+            await asyncio.to_thread(routes_deployments.close, app)
+            await asyncio.to_thread(state.close)
+            data_dir_lock.release()
+
+    app = FastAPI(title="tether", lifespan=lifespan, default_response_class=FiniteJSONResponse)
     app.state.tether = state
+    app.add_middleware(RequestGuard, state=state)
     install_error_handlers(app)
-    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether):
+    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether, routes_tokenizer):
         app.include_router(module.router)
     from tether.server import routes_console, routes_jobs
 
     routes_console.install(app)  # console pages, run metrics JSON, Prometheus /metrics
+    from tether.server import routes_deployments
+
+    routes_deployments.install(app)  # deployments: control plane + hot-load/inference proxy
     routes_jobs.install(app)  # trainer jobs: the control plane and its proxy to each job
     return app
 
@@ -117,7 +138,11 @@ def serve(config: ServerConfig) -> None:
             await asyncio.sleep(0.02)
         if server.started:
             url = _bound_url(server, config.host)
-            print(f"tether serve: listening on {url}", flush=True)
+            print(f"tether serve: listening on {url}; loading {', '.join(config.models)}", flush=True)
+            state: ServerState = server.config.app.state.tether  # type: ignore[union-attr]
+            while not state.trainers.warm.is_set() and not task.done():  # ready = a model can serve
+                await asyncio.sleep(0.05)
+            print(f"tether serve: ready ({state.trainers.readiness()})", flush=True)
             if config.ready_file is not None:
                 _write_ready_file(config.ready_file, url)
         await task

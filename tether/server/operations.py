@@ -21,7 +21,10 @@ from tether.types.ops import Op
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+    """`<prefix>-<server instance id>-<random>`: a poll after a restart is told the server restarted."""
+    from tether.server.futures import current_instance_id  # (hardening hook: instance id in request ids)
+
+    return f"{prefix}-{current_instance_id()}-{uuid.uuid4().hex[:20]}"
 
 
 class _Payload(concurrent.futures.Future):

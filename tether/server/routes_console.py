@@ -27,6 +27,7 @@ from tether.server.catalogue import SessionRow, TrainingRunRow, as_utc
 from tether.server.routes_rest import checkpoint_json
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
+from tether.types.wire_base import MAX_INT64
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 DEFAULT_PAGE_POINTS = 1000
@@ -106,7 +107,7 @@ def whoami(state: ServerState = Depends(server_state), owner: str = Depends(requ
 
 
 @router.get("/api/v1/tether/console/runs")
-def console_runs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+def console_runs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_INT64),
                        state: ServerState = Depends(server_state),
                        owner: str = Depends(request_owner)) -> dict[str, Any]:
     rows, total = state.catalogue.list_training_runs(owner, limit, offset)
@@ -144,7 +145,7 @@ def _session_json(state: ServerState, owner: str, row: SessionRow) -> dict[str, 
 
 
 @router.get("/api/v1/tether/console/sessions")
-def console_sessions(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+def console_sessions(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_INT64),
                            state: ServerState = Depends(server_state),
                            owner: str = Depends(request_owner)) -> dict[str, Any]:
     rows = state.catalogue.list_sessions(owner, limit, offset)

@@ -24,6 +24,7 @@ from tether.types.paths import (
     parse_checkpoint_id,
     parse_checkpoint_path,
 )
+from tether.types.wire_base import MAX_INT64
 
 router = APIRouter(prefix="/api/v1")
 
@@ -58,7 +59,7 @@ def _run_json(row: TrainingRunRow, latest: dict[tuple[str, str], CheckpointRow])
 
 
 @router.get("/training_runs")
-async def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+async def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
                              state: ServerState = Depends(server_state),
                              owner: str = Depends(request_owner)) -> dict[str, Any]:
     rows, total = state.catalogue.list_training_runs(owner, limit, offset)
@@ -84,7 +85,7 @@ async def list_run_checkpoints(run_id: str, state: ServerState = Depends(server_
 
 
 @router.get("/checkpoints")
-async def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+async def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
                                 state: ServerState = Depends(server_state),
                                 owner: str = Depends(request_owner)) -> dict[str, Any]:
     rows, total = state.catalogue.list_checkpoints(owner, limit=limit, offset=offset)
@@ -168,7 +169,7 @@ async def weights_info(body: wire.WeightsInfoRequest, state: ServerState = Depen
 
 
 @router.get("/sessions")
-async def list_sessions(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+async def list_sessions(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
                         state: ServerState = Depends(server_state), owner: str = Depends(request_owner)) -> dict:
     return {"sessions": [s.session_id for s in state.catalogue.list_sessions(owner, limit, offset)]}
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from tether.server.responses import FiniteJSONResponse
 from tether.server.sessions import end_session
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import wire
@@ -25,8 +26,12 @@ async def client_config(state: ServerState = Depends(server_state)) -> dict[str,
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(state: ServerState = Depends(server_state)) -> Response:
+    """200 once every served base model is loaded and can serve; 503 (with each model's state) before."""
+    models = state.trainers.readiness()
+    if all(value == "ready" for value in models.values()):
+        return JSONResponse({"status": "ok", "models": models})
+    return JSONResponse({"status": "loading", "models": models}, status_code=503)
 
 
 @router.get("/get_server_capabilities")
@@ -88,7 +93,7 @@ async def retrieve_future(
         return JSONResponse({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
     if isinstance(outcome.payload, bytes):
         return Response(outcome.payload, media_type="application/x-protobuf")
-    return JSONResponse(outcome.payload)
+    return FiniteJSONResponse(outcome.payload)
 
 
 @router.post("/cancel_future")

@@ -16,10 +16,16 @@ from fastapi import APIRouter, Depends, Request
 
 from tether.server.errors import require
 from tether.server.operations import new_request_id, submit_op
-from tether.server.routes_training import encode_forward_output, off_loop_if_large, trainer_for, training_data
+from tether.server.routes_training import (
+    decode_bounded,
+    encode_forward_output,
+    off_loop_if_large,
+    trainer_for,
+    training_data,
+)
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import ops, wire
-from tether.types.proto import decode_forward_backward_request
+from tether.types.paths import ParsedCheckpointPath, validate_checkpoint_name
 
 router = APIRouter(prefix="/api/v1/tether")
 
@@ -29,7 +35,7 @@ async def forward_keep_graph(request: Request, state: ServerState = Depends(serv
                              owner: str = Depends(request_owner)) -> dict[str, str]:
     body = await request.body()
     encoding = request.headers.get("content-encoding")
-    decoded = await off_loop_if_large(len(body), lambda: decode_forward_backward_request(body, encoding))
+    decoded = await off_loop_if_large(len(body), lambda: decode_bounded(body, encoding, state))
     model = state.live.model(decoded.model_id, owner)
     require(decoded.loss_fn == "cross_entropy", "forward_keep_graph uses loss_fn='cross_entropy'", field="loss_fn")
     data = await off_loop_if_large(len(body), lambda: training_data(decoded.data))
@@ -69,4 +75,29 @@ async def backward_from_logprob_grads(body: wire.BackwardFromLogprobGradsRequest
     op = ops.BackwardFromLogprobGrads(model_id=model.model_id, graph_id=body.graph_id, logprob_grads=grads)
     request_id = submit_op(state, trainer, op, owner=owner, kind="backward", stream=model.model_id,
                            seq_id=body.seq_id, finish=lambda result: {"metrics": result.metrics})
+    return {"request_id": request_id, "model_id": model.model_id}
+
+
+@router.post("/save_weights_for_sampler_ext")
+async def save_weights_for_sampler_ext(body: wire.SaveWeightsForSamplerExtRequest,
+                                       state: ServerState = Depends(server_state),
+                                       owner: str = Depends(request_owner)) -> dict[str, str]:
+    """A sampler checkpoint in the run's chain (base, delta or merged base) that deployments hot-load."""
+    model = state.live.model(body.model_id, owner)
+    path = ParsedCheckpointPath(model.model_id, "sampler", validate_checkpoint_name(body.path))
+    trainer = await trainer_for(state, model.base_model)
+
+    def finish(written: ops.CheckpointWritten) -> dict[str, object]:
+        state.catalogue.add_checkpoint(model.model_id, path.checkpoint_id, owner, checkpoint_type="sampler",
+                                       directory=written.directory, size_bytes=written.size_bytes,
+                                       ttl_seconds=body.ttl_seconds,
+                                       user_metadata={"chain_checkpoint_type": written.checkpoint_type or ""})
+        return wire.SaveWeightsForSamplerExtResponse(
+            path=written.path, checkpoint_type=written.checkpoint_type, stored_bytes=written.size_bytes,  # type: ignore[arg-type]
+            full_bytes=written.full_bytes or written.size_bytes).model_dump()
+
+    op = ops.SaveWeightsForSamplerExt(model_id=model.model_id, owner=owner, path=path.tinker_path,
+                                      checkpoint_type=body.checkpoint_type)
+    request_id = submit_op(state, trainer, op, owner=owner, kind="save-ext", stream=model.model_id,
+                           seq_id=body.seq_id, finish=finish)
     return {"request_id": request_id, "model_id": model.model_id}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from tether.server.errors import require
 from tether.server.live import LiveModel
 from tether.server.operations import chain, new_request_id, submit_op
+from tether.server.routes_tokenizer import client_tokenizer_id
 from tether.server.state import ServerState, request_owner, server_state
 from tether.trainer.interface import Trainer
 from tether.types import ops, wire
@@ -48,6 +50,13 @@ async def trainer_for(state: ServerState, base_model: str, *, field_name: str = 
     """The base model's trainer; starting one (seconds) happens off the event loop."""
     state.trainers.check_served(base_model, field_name=field_name)
     return state.trainers.started(base_model) or await asyncio.to_thread(state.trainers.get, base_model)
+
+
+def decode_bounded(body: bytes, encoding: str | None, state: ServerState) -> Any:
+    """The `ForwardBackwardRequest` body, decompressing and densifying to at most
+    `max_decoded_body_bytes` (the request guard has bounded the body as sent)."""
+    limit = state.config.max_decoded_body_bytes
+    return decode_forward_backward_request(body, encoding, max_decompressed_bytes=limit, max_dense_bytes=limit)
 
 
 def training_data(data: list[WireDatum]) -> list[ops.TrainingDatum]:
@@ -123,13 +132,14 @@ async def create_model(body: wire.CreateModelRequest, state: ServerState = Depen
 @router.post("/get_info")
 async def get_info(body: wire.GetInfoRequest, state: ServerState = Depends(server_state),
                    owner: str = Depends(request_owner)) -> dict[str, Any]:
-    """`tokenizer_id` is the trainer's tokenizer directory, so `get_tokenizer()` works offline."""
+    """`tokenizer_id`: the hub id where the model has one, else the trainer's tokenizer directory (which
+    tether's SDK fetches from `/api/v1/tether/tokenizer/...` when it is not on the client's machine)."""
     model = state.live.model(body.model_id, owner)
     info = await asyncio.to_thread(state.trainers.base_info, model.base_model)
     return {
         "type": "get_info",
         "model_id": model.model_id,
-        "model_data": {"arch": info.arch, "model_name": model.base_model, "tokenizer_id": info.tokenizer_id},
+        "model_data": {"arch": info.arch, "model_name": model.base_model, "tokenizer_id": client_tokenizer_id(state.config, model.base_model, Path(info.tokenizer_id))},
         "is_lora": model.is_lora,
         "lora_rank": model.lora_rank if model.is_lora else None,
         "model_name": model.base_model,
@@ -145,7 +155,7 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
     encoding = request.headers.get("content-encoding")
 
     def build() -> tuple[Any, ops.Op]:
-        decoded = decode_forward_backward_request(body, encoding)
+        decoded = decode_bounded(body, encoding, state)
         resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 now
         op_type = ops.Forward if decoded.forward_only else ops.ForwardBackward
         return decoded, op_type(model_id=decoded.model_id, data=training_data(decoded.data), loss_fn=decoded.loss_fn,

@@ -230,7 +230,7 @@ class RunMetrics:
     def _current_step_locked(self, run_id: str) -> int:
         """Optimizer steps the server has seen for the run (from the database after a restart)."""
         if run_id not in self._next_step:
-            with self._catalogue._read() as s:
+            with self._catalogue.reading() as s:
                 last = s.scalar(select(func.max(RunMetricRow.step)).where(
                     RunMetricRow.run_id == run_id, RunMetricRow.source == "server"))
             pending = [p for (r, src, _), points in self._pending.items() if r == run_id and src == "server"
@@ -251,7 +251,7 @@ class RunMetrics:
         if limit < 1:
             raise UserInputError(f"must be at least 1, got {limit}", field="max_points")
         self.flush()
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             rows = list(s.execute(
                 select(RunMetricRow.source, RunMetricRow.name, RunMetricRow.step, RunMetricRow.value_sum,
                        RunMetricRow.count)
@@ -265,7 +265,7 @@ class RunMetrics:
     def steps(self, run_ids: Sequence[str]) -> dict[str, int]:
         """Optimizer steps the server has observed, per run (0 for a run it has seen none of)."""
         self.flush()
-        with self._catalogue._read() as s:
+        with self._catalogue.reading() as s:
             rows = s.execute(
                 select(RunMetricRow.run_id, func.max(RunMetricRow.step))
                 .where(RunMetricRow.run_id.in_(list(run_ids)), RunMetricRow.source == "server")
@@ -282,7 +282,7 @@ class RunMetrics:
                 pending, self._pending = self._pending, defaultdict(list)
             if not pending:
                 return
-            with self._catalogue._write() as s:
+            with self._catalogue.writing() as s:
                 for key, points in pending.items():
                     self._write_series(s, key, points)
 

@@ -25,6 +25,9 @@ class TrainerPool:
         self._starting: dict[str, threading.Lock] = {}
         self._trainers: dict[str, Trainer] = {}
         self._info: dict[str, ops.BaseModelInfo] = {}
+        self.warm = threading.Event()
+        """Set once `warm_up` has tried every served model."""
+        self.warm_errors: dict[str, str] = {}
 
     @property
     def served_names(self) -> list[str]:
@@ -82,6 +85,32 @@ class TrainerPool:
             with self._lock:
                 self._info[name] = info
         return info
+
+    def warm_up(self) -> None:
+        """Start every served model's trainer and load its base model (blocking; the server runs this on
+        a background thread at start-up, so the first client's create is as fast as later ones).
+
+        A model that fails to load is recorded in `warm_errors` and retried on first use."""
+        for name in self._config.models:
+            try:
+                self.base_info(name)
+            except Exception as exc:  # noqa: BLE001 - reported by readiness, retried on first use
+                with self._lock:
+                    self.warm_errors[name] = f"{type(exc).__name__}: {exc}"
+        self.warm.set()
+
+    def readiness(self) -> dict[str, str]:
+        """Per served model: "ready", "loading" or the error that stopped it from loading."""
+        with self._lock:
+            answer = {}
+            for name in self._config.models:
+                if name in self._info:
+                    answer[name] = "ready"
+                elif name in self.warm_errors:
+                    answer[name] = f"failed: {self.warm_errors[name]}"
+                else:
+                    answer[name] = "loading"
+            return answer
 
     def loaded(self) -> list[Trainer]:
         with self._lock:

@@ -8,30 +8,35 @@ whole; unchanged tensors cost almost nothing. Both sides are fingerprinted (sha2
 dtypes, shapes and bytes), so a delta applied to the wrong base fails loudly instead of producing
 garbage weights.
 
-On disk a delta is a directory holding `delta.safetensors.zst` and a manifest (kind
-`weights_delta`), written atomically like every checkpoint (`save_delta` / `load_delta`).
+On disk a delta is a directory holding `delta.safetensors` (the bit differences as zstd-compressed
+byte planes, see `write_delta`; reading needs the base) and a manifest (kind `weights_delta`), written atomically like every
+checkpoint (`save_delta` / `load_delta`). Sampler checkpoint chains (base, delta, merged base)
+built on this live in `tether.storage.sampler_chain`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zstandard
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tether.storage.atomic import atomic_directory
-from tether.storage.manifest import read_manifest, verify_files, write_manifest
+from tether.storage.manifest import CorruptCheckpointError, read_manifest, verify_files, write_manifest
 from tether.types.errors import ConflictError
 
 __all__ = [
     "WEIGHTS_DELTA_KIND",
     "WeightsDelta",
     "DeltaBaseMismatchError",
+    "DELTA_FILE",
     "fingerprint",
     "compute_delta",
     "apply_delta",
@@ -42,9 +47,8 @@ __all__ = [
 ]
 
 WEIGHTS_DELTA_KIND = "weights_delta"
-DELTA_FILE = "delta.safetensors.zst"
-_XOR = "xor/"
-_WHOLE = "whole/"
+DELTA_FILE = "delta.safetensors"
+DELTA_ENCODING = "sub_sorted_byteplanes_zstd/1"
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ZSTD_LEVEL = 3
 
@@ -87,9 +91,17 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def compute_delta(
-    base: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, metadata: dict[str, Any] | None = None
+    base: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    *,
+    metadata: dict[str, Any] | None = None,
+    base_fingerprint: str | None = None,
+    target_fingerprint: str | None = None,
 ) -> WeightsDelta:
-    """The delta from `base` to `target` (neither is modified)."""
+    """The delta from `base` to `target` (neither is modified).
+
+    Fingerprints the caller already has (of exactly these tensors) may be passed to skip hashing.
+    """
     xor: dict[str, torch.Tensor] = {}
     whole: dict[str, torch.Tensor] = {}
     for name, new in target.items():
@@ -107,19 +119,22 @@ def compute_delta(
         xor=xor,
         whole=whole,
         removed=sorted(set(base) - set(target)),
-        base_fingerprint=fingerprint(base),
-        target_fingerprint=fingerprint(target),
+        base_fingerprint=base_fingerprint or fingerprint(base),
+        target_fingerprint=target_fingerprint or fingerprint(target),
         metadata=dict(metadata or {}),
     )
 
 
-def apply_delta(base: dict[str, torch.Tensor], delta: WeightsDelta) -> dict[str, torch.Tensor]:
+def apply_delta(
+    base: dict[str, torch.Tensor], delta: WeightsDelta, *, check_base: bool = True
+) -> dict[str, torch.Tensor]:
     """The target state dict (new CPU tensors; `base` is not modified).
 
-    Raises DeltaBaseMismatchError if `base` is not the delta's base, and checks the result against
-    the target fingerprint.
+    Raises DeltaBaseMismatchError if `base` is not the delta's base (`check_base=False` when the
+    caller has just checked it, e.g. `read_delta`), and checks the result against the target
+    fingerprint.
     """
-    if fingerprint(base) != delta.base_fingerprint:
+    if check_base and fingerprint(base) != delta.base_fingerprint:
         raise DeltaBaseMismatchError("these weights are not the base this delta was computed from")
     result: dict[str, torch.Tensor] = {}
     for name, old in base.items():
@@ -136,32 +151,146 @@ def apply_delta(base: dict[str, torch.Tensor], delta: WeightsDelta) -> dict[str,
     return result
 
 
-def write_delta(directory: Path, delta: WeightsDelta) -> dict[str, Any]:
-    """Write the delta's file into `directory`; returns the manifest `layout` to record."""
-    tensors = {f"{_XOR}{name}": t for name, t in delta.xor.items()}
-    tensors.update({f"{_WHOLE}{name}": t for name, t in delta.whole.items()})
-    raw = save_safetensors(tensors, metadata={"format": "pt"}) if tensors else b""
-    (Path(directory) / DELTA_FILE).write_bytes(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw))
+_UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT_NP_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+"""Float dtypes whose elements are ordered by (sign, exponent) of the base before encoding."""
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _unsigned(tensors: list[torch.Tensor], width: int) -> np.ndarray:
+    """The raw bits of the tensors, concatenated, as unsigned integers of their width."""
+    if not tensors:
+        return np.zeros(0, dtype=_UINT_OF_WIDTH[width])
+    flat = torch.cat([_cpu(t).reshape(-1).view(torch.uint8) for t in tensors])
+    return flat.numpy().view(_UINT_OF_WIDTH[width])
+
+
+def _order(a: np.ndarray, dtype: torch.dtype) -> np.ndarray | None:
+    """Elements sorted by their base's sign and exponent (None: keep the order)."""
+    bits = _MANTISSA_BITS.get(dtype)
+    return None if bits is None else np.argsort(a >> bits, kind="stable")
+
+
+def _zigzag(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """(b - a) modulo 2^bits as a signed number, zigzag-mapped to unsigned (small |d| -> small u)."""
+    d = (b - a).view(_INT_NP_OF_WIDTH[width])
+    shift = width * 8 - 1
+    return ((d << 1) ^ (d >> shift)).view(_UINT_OF_WIDTH[width])
+
+
+def _unzigzag(a: np.ndarray, u: np.ndarray, width: int) -> np.ndarray:
+    one = _UINT_OF_WIDTH[width](1)
+    d = (u >> one) ^ (np.zeros_like(u) - (u & one))
+    return a + d
+
+
+def write_delta(
+    directory: Path, delta: WeightsDelta, base: dict[str, torch.Tensor], *, check_base: bool = True
+) -> dict[str, Any]:
+    """Write the delta's file into `directory`; returns the manifest `layout` to record.
+
+    Encoding `sub_sorted_byteplanes_zstd/1`, per dtype of the tensors kept in shape: the target's
+    raw bits minus the base's (modulo 2^bits, zigzag-mapped so small moves either way are small
+    numbers) — exactly the XOR's information, but an optimizer step becomes a small integer
+    instead of a pattern of flipped bits. Float elements are ordered by the base's sign and
+    exponent, so values whose steps span the same number of ULPs sit together (the order is
+    recomputed from the base when reading, never stored). The result is split into byte planes
+    (all lowest bytes, then the next, ...) and each plane is zstd-compressed on its own: high
+    planes are nearly all zero and vanish. Whole tensors go into one zstd-compressed safetensors
+    blob. `base` must be the delta's base (checked by fingerprint unless `check_base` is False).
+    """
+    if check_base and fingerprint(base) != delta.base_fingerprint:
+        raise DeltaBaseMismatchError("these weights are not the base this delta was computed from")
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    blobs: dict[str, torch.Tensor] = {}
+    groups: list[dict[str, Any]] = []
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name in sorted(delta.xor):
+        by_dtype.setdefault(_cpu(base[name]).dtype, []).append(name)
+    uncompressed = 0
+    for index, (dtype, names) in enumerate(sorted(by_dtype.items(), key=lambda item: str(item[0]))):
+        width = base[names[0]].element_size()
+        a = _unsigned([base[n] for n in names], width)
+        b = a ^ _unsigned([delta.xor[n] for n in names], width)
+        u = _zigzag(a, b, width)
+        order = _order(a, dtype)
+        if order is not None:
+            u = u[order]
+        columns = u.view(np.uint8).reshape(-1, width)
+        for k in range(width):
+            plane = np.ascontiguousarray(columns[:, k]).tobytes()
+            uncompressed += len(plane)
+            blobs[f"planes/{index}/{k}"] = torch.frombuffer(bytearray(compressor.compress(plane)), dtype=torch.uint8)
+        groups.append({"dtype": str(dtype), "width": width,
+                       "tensors": [[n, list(delta.xor[n].shape)] for n in names]})
+    whole = save_safetensors({n: t.contiguous() for n, t in delta.whole.items()}) if delta.whole else b""
+    if whole:
+        blobs["whole"] = torch.frombuffer(bytearray(compressor.compress(whole)), dtype=torch.uint8)
+    (Path(directory) / DELTA_FILE).write_bytes(save_safetensors(blobs, metadata={"format": "pt"}) if blobs else b"")
     return {
+        "encoding": DELTA_ENCODING,
+        "groups": groups,
+        "whole_bytes": len(whole),
         "removed": delta.removed,
         "base_fingerprint": delta.base_fingerprint,
         "target_fingerprint": delta.target_fingerprint,
-        "uncompressed_bytes": len(raw),
+        "uncompressed_bytes": uncompressed + len(whole),
     }
 
 
-def read_delta(directory: Path, manifest: dict[str, Any]) -> WeightsDelta:
-    """Verify and read a delta written by `write_delta`."""
+def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.Tensor]) -> WeightsDelta:
+    """Verify and read a delta written by `write_delta`, against its base.
+
+    DeltaBaseMismatchError if `base` is not the delta's base; CorruptCheckpointError if the file is
+    damaged (its sha256 is checked first).
+    """
     verify_files(directory, manifest, [DELTA_FILE])
     layout = manifest.get("layout", {})
-    raw = zstandard.ZstdDecompressor().decompress(
-        (Path(directory) / DELTA_FILE).read_bytes(),
-        max_output_size=int(layout.get("uncompressed_bytes", 0)) or 1,
-    )
-    tensors = load_safetensors(raw) if raw else {}
+    if layout.get("encoding") != DELTA_ENCODING:
+        raise CorruptCheckpointError(f"delta at {directory} has unknown encoding {layout.get('encoding')!r}")
+    if fingerprint(base) != layout.get("base_fingerprint"):
+        raise DeltaBaseMismatchError("these weights are not the base this delta was computed from")
+    data = (Path(directory) / DELTA_FILE).read_bytes()
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        blobs = load_safetensors(data) if data else {}
+        xor: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(layout["groups"]):
+            width, dtype = int(group["width"]), _dtype_of(group["dtype"])
+            names = [name for name, _ in group["tensors"]]
+            a = _unsigned([base[n] for n in names], width)
+            columns = np.empty((a.size, width), dtype=np.uint8)
+            for k in range(width):
+                plane = decompressor.decompress(blobs[f"planes/{index}/{k}"].numpy().tobytes(), max_output_size=a.size)
+                columns[:, k] = np.frombuffer(plane, dtype=np.uint8)
+            u_sorted = columns.reshape(-1).view(_UINT_OF_WIDTH[width])
+            order = _order(a, dtype)
+            u = u_sorted if order is None else np.empty_like(u_sorted)
+            if order is not None:
+                u[order] = u_sorted
+            x = a ^ _unzigzag(a, u, width)
+            offset = 0
+            for name, shape in group["tensors"]:
+                count = math.prod(shape)
+                xor[name] = torch.from_numpy(x[offset : offset + count].copy()).view(_INT_OF_WIDTH[width]).reshape(shape)
+                offset += count
+        whole = {}
+        if "whole" in blobs:
+            whole = load_safetensors(
+                decompressor.decompress(blobs["whole"].numpy().tobytes(), max_output_size=int(layout["whole_bytes"]))
+            )
+    except (KeyError, ValueError, RuntimeError, TypeError, zstandard.ZstdError) as exc:
+        raise CorruptCheckpointError(f"delta at {directory} cannot be decoded: {exc}") from exc
     return WeightsDelta(
-        xor={k[len(_XOR) :]: v for k, v in tensors.items() if k.startswith(_XOR)},
-        whole={k[len(_WHOLE) :]: v for k, v in tensors.items() if k.startswith(_WHOLE)},
+        xor=xor,
+        whole=whole,
         removed=list(layout.get("removed", [])),
         base_fingerprint=layout["base_fingerprint"],
         target_fingerprint=layout["target_fingerprint"],
@@ -169,16 +298,16 @@ def read_delta(directory: Path, manifest: dict[str, Any]) -> WeightsDelta:
     )
 
 
-def save_delta(directory: Path, delta: WeightsDelta, *, overwrite: bool = False) -> None:
-    """Write `delta` as its own directory, atomically (see `tether.storage.atomic`)."""
+def save_delta(directory: Path, delta: WeightsDelta, base: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:
+    """Write `delta` (computed from `base`) as its own directory, atomically (see `tether.storage.atomic`)."""
     with atomic_directory(Path(directory), overwrite=overwrite) as staging:
-        layout = write_delta(staging, delta)
+        layout = write_delta(staging, delta, base)
         write_manifest(staging, kind=WEIGHTS_DELTA_KIND, metadata=delta.metadata, layout=layout)
 
 
-def load_delta(directory: Path) -> WeightsDelta:
-    """Read a delta directory written by `save_delta` (checksums verified)."""
+def load_delta(directory: Path, base: dict[str, torch.Tensor]) -> WeightsDelta:
+    """Read a delta directory written by `save_delta` against its base (checksums verified)."""
     manifest = read_manifest(Path(directory))
     if manifest["kind"] != WEIGHTS_DELTA_KIND:
         raise ValueError(f"{directory} holds {manifest['kind']}, not a weights delta")
-    return read_delta(Path(directory), manifest)
+    return read_delta(Path(directory), manifest, base)

@@ -33,6 +33,7 @@ from tether.storage.store import (
     CheckpointRef,
     CheckpointStore,
     info_from_manifest,
+    naming_damage,
     parse_ref,
     require_format,
 )
@@ -194,9 +195,10 @@ class FsspecCheckpointStore(CheckpointStore):
             text = self.fs.cat_file(f"{version_dir}/{MANIFEST_NAME}")
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
-                f"checkpoint {path}: live version {version} has no manifest"
+                f"checkpoint {path.tinker_path} is damaged: live version {version} has no manifest"
             ) from exc
-        return version_dir, parse_manifest(text, where=f"{version_dir}/{MANIFEST_NAME}")
+        with naming_damage(path):
+            return version_dir, parse_manifest(text)
 
     def _download(self, version_dir: str, manifest: dict[str, Any], target: Path) -> None:
         for relative in manifest["files"]:

@@ -2,8 +2,11 @@
 
 `manifest.json` is written last, after every other file, so its presence means the rest was
 written; the checksums catch anything that changed afterwards (a truncated copy, bit rot, a file
-edited by hand). Loading verifies the files it reads and raises `CorruptCheckpointError` naming
-the file, instead of handing damaged weights to an engine.
+edited by hand). The manifest itself carries a `digest`: the sha256 of its own canonical JSON
+without that field, which covers every file's checksum and everything else that defines the
+weights (kind, LoRA layout such as alpha, metadata), so an edited manifest fails too. Loading
+verifies the manifest and the files it reads and raises `CorruptCheckpointError` naming the file
+relative to the checkpoint (never a server path), instead of handing damaged weights to an engine.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tether.types.errors import NotFoundError, ServerError
+from tether.types.errors import DamagedDataError, NotFoundError
 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_FORMAT",
     "CorruptCheckpointError",
+    "manifest_digest",
     "write_manifest",
     "read_manifest",
     "parse_manifest",
@@ -31,8 +35,15 @@ MANIFEST_FORMAT = "tether.checkpoint/1"
 _CHUNK_BYTES = 1 << 20
 
 
-class CorruptCheckpointError(ServerError):
-    """A stored checkpoint's files do not match its manifest (not the caller's fault)."""
+class CorruptCheckpointError(DamagedDataError):
+    """A stored checkpoint's manifest or files do not match their digests (HTTP 422, not retryable)."""
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, its own `digest` field left out."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -66,6 +77,7 @@ def write_manifest(
         "metadata": metadata,
         "layout": layout or {},
     }
+    manifest["digest"] = manifest_digest(manifest)
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
@@ -74,22 +86,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """The parsed manifest; NotFoundError if the directory has none, CorruptCheckpointError if unreadable."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise NotFoundError(f"no checkpoint at {directory}")
+        raise NotFoundError("no checkpoint there")
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise CorruptCheckpointError(f"checkpoint manifest {path} is unreadable: {exc}") from exc
-    return parse_manifest(text, where=str(path))
+        raise CorruptCheckpointError(f"{MANIFEST_NAME} is unreadable ({exc.strerror})") from exc
+    return parse_manifest(text, where=MANIFEST_NAME)
 
 
-def parse_manifest(text: bytes | str, *, where: str) -> dict[str, Any]:
-    """Parse manifest bytes read from `where` (a path or URL, for the error message)."""
+def parse_manifest(text: bytes | str, *, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Parse and verify manifest bytes; `where` names them in errors (keep server paths out of it)."""
     try:
         manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"checkpoint manifest {where} is unreadable: {exc}") from exc
+        raise CorruptCheckpointError(f"{where} is unreadable: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorruptCheckpointError(f"checkpoint manifest {where} has an unknown format")
+        raise CorruptCheckpointError(f"{where} has an unknown format")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise CorruptCheckpointError(
+            f"{where} does not match its digest (edited or damaged after it was written)"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
+    ):
+        raise CorruptCheckpointError(f"{where} lists its files in an unknown form")
     return manifest
 
 
@@ -99,11 +121,15 @@ def verify_files(directory: Path, manifest: dict[str, Any], names: list[str]) ->
         expected = manifest["files"].get(name)
         path = Path(directory) / name
         if expected is None:
-            raise CorruptCheckpointError(f"checkpoint {directory}: {name} is not listed in the manifest")
+            raise CorruptCheckpointError(f"{name} is not listed in the manifest")
         if not path.is_file():
-            raise CorruptCheckpointError(f"checkpoint {directory}: {name} is missing")
-        if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+            raise CorruptCheckpointError(f"{name} is missing")
+        if path.stat().st_size != expected["size"]:
             raise CorruptCheckpointError(
-                f"checkpoint {directory}: {name} does not match its sha256 in the manifest "
-                "(changed or damaged after it was written)"
+                f"{name} is {path.stat().st_size} bytes, the manifest recorded {expected['size']} "
+                "(truncated or changed after it was written)"
+            )
+        if sha256_file(path) != expected["sha256"]:
+            raise CorruptCheckpointError(
+                f"{name} does not match its sha256 in the manifest (changed or damaged after it was written)"
             )

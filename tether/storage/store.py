@@ -109,7 +109,8 @@ class CheckpointStore(ABC):
         self, ref: CheckpointRef, *, include_optimizer: bool = False
     ) -> StoredTrainingState:
         """Load (and verify) training state; NotFoundError if absent."""
-        with self._checkout(parse_ref(ref), TRAINING_STATE_KIND, "training state") as (directory, manifest):
+        path = parse_ref(ref)
+        with naming_damage(path), self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest):
             return read_training_state(directory, manifest, include_optimizer=include_optimizer)
 
     def save_hf_weights(
@@ -135,7 +136,8 @@ class CheckpointStore(ABC):
 
     def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
         """Load (and verify) HF weights; NotFoundError if absent."""
-        with self._checkout(parse_ref(ref), HF_WEIGHTS_KIND, "sampler weights") as (directory, manifest):
+        path = parse_ref(ref)
+        with naming_damage(path), self._checkout(path, HF_WEIGHTS_KIND, "sampler weights") as (directory, manifest):
             return read_hf_weights(directory, manifest)
 
     @abstractmethod
@@ -265,10 +267,22 @@ class LocalCheckpointStore(CheckpointStore):
         directory = self.directory(path)
         if not (directory / MANIFEST_NAME).is_file():
             raise NotFoundError(f"checkpoint {path} does not exist")
-        return read_manifest(directory)
+        with naming_damage(path):
+            return read_manifest(directory)
 
     def _info(self, path: ParsedCheckpointPath, manifest: dict[str, Any]) -> CheckpointInfo:
         return info_from_manifest(path, manifest, (self.directory(path) / MANIFEST_NAME).stat().st_size)
+
+
+@contextmanager
+def naming_damage(path: ParsedCheckpointPath) -> Iterator[None]:
+    """Prefix a CorruptCheckpointError with the checkpoint's tinker:// path (once)."""
+    try:
+        yield
+    except CorruptCheckpointError as exc:
+        if exc.message.startswith("checkpoint tinker://"):
+            raise
+        raise CorruptCheckpointError(f"checkpoint {path.tinker_path} is damaged: {exc.message}") from None
 
 
 def require_format(path: ParsedCheckpointPath, manifest: dict[str, Any], kind: str, what: str) -> None:

@@ -44,15 +44,19 @@ class TrainerCheckpoints:
     def save_hf_weights(self, owner: str, path: ParsedCheckpointPath, weights: SamplerWeights,
                         base: LoadedBaseModel, *, overwrite: bool = True) -> CheckpointInfo:
         """Sampler or external weights in Hugging Face layout (the LoRA spec is kept in the metadata)."""
+        return self.stores.store(owner).save_hf_weights(path, self.stored_hf_weights(weights), overwrite=overwrite,
+                                                        base_model_dir=base.path, tokenizer_dir=base.tokenizer_path)
+
+    @staticmethod
+    def stored_hf_weights(weights: SamplerWeights) -> StoredHfWeights:
+        """Storage's form of sampler weights (the full LoRA spec kept in the metadata)."""
         spec = weights.lora_spec
-        stored = StoredHfWeights(
+        return StoredHfWeights(
             base_model=weights.base_model,
             tensors=weights.tensors,
             lora=LoraLayout(rank=spec.rank, alpha=spec.alpha) if spec is not None else None,
             metadata={LORA_SPEC_KEY: asdict(spec)} if spec is not None else {},
         )
-        return self.stores.store(owner).save_hf_weights(path, stored, overwrite=overwrite, base_model_dir=base.path,
-                                                        tokenizer_dir=base.tokenizer_path)
 
     def load_sampler_weights(self, owner: str, path: ParsedCheckpointPath) -> SamplerWeights:
         """Weights to sample from, read from a sampler checkpoint or a training-state checkpoint."""

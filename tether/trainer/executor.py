@@ -156,6 +156,8 @@ class OpExecutor:
                 return self.load_state(op)
             case ops.SaveSamplerWeights():
                 return self.save_sampler_weights(op)
+            case ops.SaveWeightsForSamplerExt():
+                return self.save_weights_for_sampler_ext(op)
             case ops.CreateSampler():
                 return self.create_sampler(op)
             case ops.DeleteSampler():
@@ -230,6 +232,20 @@ class OpExecutor:
         info = self.checkpoints.save_hf_weights(op.owner, path, weights, self.base)
         return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
                                      size_bytes=info.size_bytes)
+
+    def save_weights_for_sampler_ext(self, op: ops.SaveWeightsForSamplerExt) -> ops.CheckpointWritten:
+        from tether.storage.sampler_chain import save_sampler_checkpoint_ext
+
+        path = parse_checkpoint_path(op.path)
+        weights = self.training.sampler_weights(op.model_id)
+        base = self.base
+        saved = save_sampler_checkpoint_ext(self.checkpoints.stores.store(op.owner), path.tinker_path,
+                                            self.checkpoints.stored_hf_weights(weights),
+                                            checkpoint_type=op.checkpoint_type, base_model_dir=base.path,
+                                            tokenizer_dir=base.tokenizer_path)
+        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
+                                     size_bytes=saved.info.size_bytes, checkpoint_type=saved.checkpoint_type,
+                                     full_bytes=saved.full_bytes)
 
     # ---- sampling ----------------------------------------------------------------------------
 

@@ -61,6 +61,21 @@ class ConflictError(TetherError):
     category = "user"
 
 
+class PayloadTooLargeError(TetherError):
+    """The request body is larger than the server accepts (HTTP 413; retrying the same body cannot help)."""
+
+    http_status = 413
+    category = "user"
+
+
+class DamagedDataError(TetherError):
+    """Stored data (a checkpoint's files or manifest) failed its integrity check: it was damaged or
+    edited after it was written. Not the caller's input, but retrying cannot help either (HTTP 422)."""
+
+    http_status = 422
+    category = "server"
+
+
 class OverloadedError(TetherError):
     """The server is at capacity; retry later (HTTP 429, which the Tinker SDK retries)."""
 
@@ -94,6 +109,8 @@ ERRORS_BY_NAME: dict[str, type[TetherError]] = {
         AuthenticationError,
         NotFoundError,
         ConflictError,
+        PayloadTooLargeError,
+        DamagedDataError,
         OverloadedError,
         ConfigurationError,
         ServerError,

@@ -162,6 +162,19 @@ class SaveSamplerWeights(_Message):
     sampler_id: str | None = None
 
 
+class SaveWeightsForSamplerExt(_Message):
+    """Write the model's sampler weights as a chain checkpoint: a base, a delta against the run's
+    newest chain checkpoint, or a LoRA merged into full weights (`tether.storage.sampler_chain`)."""
+
+    type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
+    model_id: str
+    owner: str
+    path: str
+    """A `tinker://<run>/sampler_weights/<name>` path."""
+    checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
+    """None: a base for the run's first chain save, deltas after."""
+
+
 class CreateSampler(_Message):
     """Register the weights of a checkpoint (`sampler_weights/` or LoRA/full `weights/`) as `sampler_id`."""
 
@@ -208,6 +221,7 @@ Op = Annotated[
     | SaveState
     | LoadState
     | SaveSamplerWeights
+    | SaveWeightsForSamplerExt
     | CreateSampler
     | DeleteSampler
     | Sample
@@ -251,6 +265,10 @@ class CheckpointWritten(_Message):
     directory: str
     """Where its files are (recorded in the catalogue)."""
     size_bytes: int
+    checkpoint_type: str | None = None
+    """For chain checkpoints: "base", "delta" or "merged_base"."""
+    full_bytes: int | None = None
+    """For chain checkpoints: bytes of the weights uncompressed (`size_bytes` is what was stored)."""
 
 
 class SampledSequenceOutput(_Message):

@@ -23,7 +23,7 @@ from tether.types.proto_sampling import (
     topk_from_rows,
     topk_to_rows,
 )
-from tether.types.proto_tensors import MAX_DECOMPRESSED_BYTES, MAX_DENSE_ELEMENTS
+from tether.types.proto_tensors import MAX_DECOMPRESSED_BYTES, MAX_DENSE_BYTES, MAX_DENSE_ELEMENTS
 from tether.types.proto_training import (
     ForwardBackwardOutputBody,
     ForwardBackwardRequestBody,
@@ -42,6 +42,7 @@ from tether.types.proto_training import (
 __all__ = [
     "TOPK_MASK_LOGPROB",
     "MAX_DECOMPRESSED_BYTES",
+    "MAX_DENSE_BYTES",
     "MAX_DENSE_ELEMENTS",
     "StopReason",
     "WireTextChunk",

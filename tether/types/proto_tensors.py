@@ -14,10 +14,13 @@ import zstandard
 
 from tether.types import proto_schema as pb
 from tether.types.errors import UserInputError
+from tether.types.wire_base import MAX_DENSE_BYTES, MAX_DENSE_ELEMENTS
 
 __all__ = [
     "MAX_DECOMPRESSED_BYTES",
+    "MAX_DENSE_BYTES",
     "MAX_DENSE_ELEMENTS",
+    "DenseBudget",
     "REQUEST_DTYPES",
     "RESULT_DTYPES",
     "decompress_body",
@@ -27,11 +30,27 @@ __all__ = [
     "widen",
 ]
 
-MAX_DECOMPRESSED_BYTES = 1 << 30
-"""A zstd request body may not expand past this (1 GiB), so a tiny body cannot exhaust memory."""
+MAX_DECOMPRESSED_BYTES = 256 << 20
+"""A zstd body may not expand past this (256 MiB) unless the caller allows more; the server passes
+its configured `max_decoded_body_bytes`."""
 
-MAX_DENSE_ELEMENTS = 1 << 31
-"""A sparse tensor may not claim a dense shape larger than this (it is densified on decode)."""
+
+class DenseBudget:
+    """How many more bytes the sparse tensors of one request may densify to."""
+
+    def __init__(self, max_bytes: int = MAX_DENSE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.left = max_bytes
+
+    def take(self, nbytes: int, *, field_name: str, datum_index: int | None) -> None:
+        if nbytes > self.left:
+            raise UserInputError(
+                f"sparse tensors of this request would densify to more than {self.max_bytes} bytes "
+                "(exceeds the limit)",
+                field=field_name,
+                datum_index=datum_index,
+            )
+        self.left -= nbytes
 
 
 REQUEST_DTYPES = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_INT64: np.dtype(np.int64)}
@@ -44,7 +63,9 @@ RESULT_DTYPES = {
 }
 
 
-def decompress_body(body: bytes, content_encoding: str | None) -> bytes:
+def decompress_body(body: bytes, content_encoding: str | None, *, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """The body without its Content-Encoding (identity or zstd), streamed with a running total so no
+    more than `max_bytes` is ever produced (a frame's declared size is not trusted)."""
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -53,12 +74,11 @@ def decompress_body(body: bytes, content_encoding: str | None) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        # Streamed with a running total: the frame's declared size cannot be trusted.
         with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
             while chunk := reader.read(1 << 20):
                 total += len(chunk)
-                if total > MAX_DECOMPRESSED_BYTES:
-                    raise UserInputError("decompressed body exceeds 1 GiB", field="body")
+                if total > max_bytes:
+                    raise UserInputError(f"decompressed body exceeds {max_bytes} bytes", field="body")
                 chunks.append(chunk)
     except zstandard.ZstdError as exc:
         raise UserInputError(f"invalid zstd body: {exc}", field="body") from exc
@@ -93,9 +113,18 @@ def tensor_to_proto(array: np.ndarray):
 
 
 def tensor_from_proto(
-    msg, *, field_name: str, datum_index: int | None, sparse_pad: float, dtypes: Mapping[int, np.dtype]
+    msg,
+    *,
+    field_name: str,
+    datum_index: int | None,
+    sparse_pad: float,
+    dtypes: Mapping[int, np.dtype],
+    budget: DenseBudget | None = None,
 ) -> np.ndarray:
-    """A dense numpy array from a proto Tensor; sparse CSR cells not listed take `sparse_pad`."""
+    """A dense numpy array from a proto Tensor; sparse CSR cells not listed take `sparse_pad`.
+
+    A sparse tensor's dense size is charged to `budget` (one per request) before anything is allocated.
+    """
     dtype = dtypes.get(msg.dtype)
     if dtype is None:
         raise UserInputError(
@@ -118,7 +147,14 @@ def tensor_from_proto(
             msg.sparse_csr.col_indices, np.dtype("<i8"), field_name=field_name, datum_index=datum_index
         )
         return _csr_to_dense(
-            values, crow, col, shape, sparse_pad, field_name=field_name, datum_index=datum_index
+            values,
+            crow,
+            col,
+            shape,
+            sparse_pad,
+            field_name=field_name,
+            datum_index=datum_index,
+            budget=budget or DenseBudget(),
         )
     values = widen(frombuffer(msg.dense, dtype, field_name=field_name, datum_index=datum_index), msg.dtype)
     if not shape:
@@ -150,6 +186,7 @@ def _csr_to_dense(
     *,
     field_name: str,
     datum_index: int | None,
+    budget: DenseBudget,
 ) -> np.ndarray:
     def bad(why: str) -> UserInputError:
         return UserInputError(f"invalid sparse CSR tensor: {why}", field=field_name, datum_index=datum_index)
@@ -157,8 +194,8 @@ def _csr_to_dense(
     if len(shape) != 2:
         raise bad(f"shape must be 2-D, got {shape}")
     rows, cols = shape
-    if rows * cols > MAX_DENSE_ELEMENTS:
-        raise bad(f"dense shape {shape} exceeds {MAX_DENSE_ELEMENTS} elements")
+    # Python ints: no overflow, and nothing is allocated before the check.
+    budget.take(rows * cols * values.dtype.itemsize, field_name=field_name, datum_index=datum_index)
     if crow.size != rows + 1 or (crow.size and crow[0] != 0) or np.any(np.diff(crow) < 0):
         raise bad("crow_indices must be non-decreasing, start at 0 and have rows+1 entries")
     nnz = int(crow[-1]) if crow.size else 0

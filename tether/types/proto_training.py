@@ -15,8 +15,11 @@ from google.protobuf.message import DecodeError
 from tether.types import proto_schema as pb
 from tether.types.errors import UserInputError
 from tether.types.proto_tensors import (
+    MAX_DECOMPRESSED_BYTES,
+    MAX_DENSE_BYTES,
     REQUEST_DTYPES,
     RESULT_DTYPES,
+    DenseBudget,
     decompress_body,
     frombuffer,
     tensor_from_proto,
@@ -170,13 +173,20 @@ def _decode_spans(repeated) -> list[WireProvenanceSpan] | None:
 
 
 def decode_forward_backward_request(
-    body: bytes, content_encoding: str | None = None
+    body: bytes,
+    content_encoding: str | None = None,
+    *,
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+    max_dense_bytes: int = MAX_DENSE_BYTES,
 ) -> ForwardBackwardRequestBody:
     """Parse a posted `ForwardBackwardRequest` (zstd-compressed when `content_encoding` says so).
 
+    A compressed body may expand to at most `max_decompressed_bytes`, and the request's sparse
+    tensors may densify to at most `max_dense_bytes` in all; both are checked before allocating.
     Raises UserInputError (field and datum index) for undecodable bytes or inconsistent tensors.
     """
-    raw = decompress_body(body, content_encoding)
+    raw = decompress_body(body, content_encoding, max_bytes=max_decompressed_bytes)
+    budget = DenseBudget(max_dense_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(raw)
@@ -219,6 +229,7 @@ def decode_forward_backward_request(
                 datum_index=index,
                 sparse_pad=_SPARSE_PAD_DEFAULT,
                 dtypes=REQUEST_DTYPES,
+                budget=budget,
             )
             for name, tensor in sorted(datum_msg.loss_fn_inputs.items())
         }

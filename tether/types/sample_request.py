@@ -89,6 +89,10 @@ class StopSpec:
     strings: tuple[str, ...] = ()
 
 
+MAX_TOPK_ENTRIES = 1 << 20
+"""Default bound on top-k logprob pairs per request (1M: ~12 MB as arrays, ~120 MB as Python tuples)."""
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """The facts about the model that bound a valid request."""
@@ -96,6 +100,8 @@ class ModelLimits:
     vocab_size: int
     max_context_length: int
     eos_token_ids: tuple[int, ...] = ()
+    max_topk_entries: int = MAX_TOPK_ENTRIES
+    """Most (token, logprob) pairs the top-k answers of one request may hold, prompt and samples together."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
         raise UserInputError(
             f"must be an integer >= 0, got {request.topk_prompt_logprobs!r}", field="topk_prompt_logprobs"
         )
+    _check_topk(request, limits, len(prompt), max_tokens)
     return ValidatedRequest(
         prompt_tokens=tuple(int(t) for t in prompt),
         num_samples=request.num_samples,
@@ -193,10 +200,27 @@ def validate_request(request: SampleRequest, limits: ModelLimits) -> ValidatedRe
         stop=normalize_stop(request.stop, limits),
         weights_id=request.weights_id,
         include_prompt_logprobs=bool(request.include_prompt_logprobs),
-        topk_prompt_logprobs=min(request.topk_prompt_logprobs, limits.vocab_size),
-        topk_sample_logprobs=min(request.topk_sample_logprobs, limits.vocab_size),
+        topk_prompt_logprobs=request.topk_prompt_logprobs,
+        topk_sample_logprobs=request.topk_sample_logprobs,
         reserved_tokens_per_sample=len(prompt) + max_tokens,
     )
+
+
+def _check_topk(request: SampleRequest, limits: ModelLimits, prompt_len: int, max_tokens: int) -> None:
+    """Top-k counts above the vocabulary, or answers too large to build, are refused before any work."""
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+        k = getattr(request, name)
+        if k > limits.vocab_size:
+            raise UserInputError(f"{k} is more than the model's vocabulary of {limits.vocab_size} tokens", field=name)
+    prompt_pairs = request.topk_prompt_logprobs * prompt_len
+    sample_pairs = request.topk_sample_logprobs * request.num_samples * max_tokens
+    if prompt_pairs + sample_pairs > limits.max_topk_entries:
+        name = "topk_prompt_logprobs" if prompt_pairs >= sample_pairs else "topk_sample_logprobs"
+        raise UserInputError(
+            f"the answer would hold {prompt_pairs + sample_pairs} top-k (token, logprob) pairs, more than the "
+            f"{limits.max_topk_entries} one request may; ask for fewer, or for fewer tokens or samples",
+            field=name,
+        )
 
 
 def normalize_stop(stop: None | str | Sequence[int] | Sequence[str], limits: ModelLimits) -> StopSpec:

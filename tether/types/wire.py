@@ -1,5 +1,5 @@
 """Pydantic models of the Tinker protocol's JSON bodies (tinker-protocol.md §3, §4) and tether's
-JSON extensions (docs/INTERFACES.md).
+JSON extensions (docs/ARCHITECTURE.md).
 
 Requests and responses share one vocabulary so the server validates what the SDK sends and the
 SDK validates what the server answers. Required fields follow the official SDK 0.38 exactly
@@ -39,6 +39,8 @@ from tether.types.wire_rest import (
     LogMetricsRequest,
     SessionTraceExportResponse,
     SetCheckpointTtlRequest,
+    TokenizerFile,
+    TokenizerFilesResponse,
     TrainingRun,
     TrainingRunsResponse,
     WeightsInfoRequest,
@@ -104,6 +106,8 @@ from tether.types.wire_training import (
     OptimStepResponse,
     SaveWeightsExternalRequest,
     SaveWeightsExternalResponse,
+    SaveWeightsForSamplerExtRequest,
+    SaveWeightsForSamplerExtResponse,
     SaveWeightsForSamplerRequest,
     SaveWeightsForSamplerResponse,
     SaveWeightsRequest,
@@ -148,6 +152,8 @@ __all__ = [
     "OptimStepResponse",
     "SaveWeightsRequest",
     "SaveWeightsResponse",
+    "SaveWeightsForSamplerExtRequest",
+    "SaveWeightsForSamplerExtResponse",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsExternalRequest",
@@ -197,6 +203,8 @@ __all__ = [
     "CopyWeightsResponse",
     "ListSessionsResponse",
     "LogMetricsRequest",
+    "TokenizerFile",
+    "TokenizerFilesResponse",
     "GetSessionResponse",
     "SetCheckpointTtlRequest",
     "AssignSessionProjectRequest",

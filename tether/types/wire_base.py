@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from tether.types.errors import UserInputError
 
@@ -28,6 +28,17 @@ __all__ = [
     "MAX_TTL_SECONDS",
     "TtlSeconds",
     "NonNegativeInt",
+    "Int64",
+    "Seed",
+    "MAX_INT64",
+    "MAX_SEED",
+    "MAX_USER_METADATA_BYTES",
+    "MAX_DENSE_BYTES",
+    "MAX_DENSE_ELEMENTS",
+    "MAX_TAGS",
+    "UserMetadata",
+    "StrUserMetadata",
+    "Tags",
 ]
 
 MIN_TTL_SECONDS = 3600
@@ -35,8 +46,52 @@ MIN_TTL_SECONDS = 3600
 MAX_TTL_SECONDS = 315_576_000
 """... and at most ten years of 365.25 days."""
 
+MAX_INT64 = 2**63 - 1
+MAX_SEED = 2**64 - 1
+MAX_DENSE_BYTES = 256 << 20
+"""Sparse tensors of one request may densify to at most this many bytes in all (unless the server
+passes its own bound): a few bytes of CSR cannot claim gigabytes. Dense tensors are bounded by the
+body size."""
+MAX_DENSE_ELEMENTS = MAX_DENSE_BYTES // 4
+"""The same bound in float32 elements."""
+MAX_USER_METADATA_BYTES = 16 * 1024
+"""`user_metadata` is stored with the session, run or checkpoint: at most this much JSON."""
+MAX_TAGS = 64
+"""A session keeps at most this many tags, each at most `MAX_TAG_CHARS` characters."""
+MAX_TAG_CHARS = 256
+
+# Every integer a client sends is range-checked here, so no value reaches numpy, torch or SQLite
+# outside the 64-bit range they store (tests/types/test_wire_bounds.py checks that every int field
+# of every wire model uses one of these, or bounds of its own).
 TtlSeconds = Annotated[int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_INT64)]
+Int64 = Annotated[int, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+"""A random seed: 0 .. 2^64-1."""
+
+
+def _bounded_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return value
+    size = len(json.dumps(value, default=str).encode())
+    if size > MAX_USER_METADATA_BYTES:
+        raise ValueError(f"is {size} bytes of JSON, more than the {MAX_USER_METADATA_BYTES} allowed")
+    return value
+
+
+def _bounded_tags(value: list[str]) -> list[str]:
+    if len(value) > MAX_TAGS:
+        raise ValueError(f"has {len(value)} tags, more than the {MAX_TAGS} allowed")
+    long = [t for t in value if len(t) > MAX_TAG_CHARS]
+    if long:
+        raise ValueError(f"tag of {len(long[0])} characters, more than the {MAX_TAG_CHARS} allowed")
+    return value
+
+
+UserMetadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
+"""Free-form JSON metadata kept with a resource, at most `MAX_USER_METADATA_BYTES`."""
+StrUserMetadata = Annotated[dict[str, str], AfterValidator(_bounded_metadata)]
+Tags = Annotated[list[str], AfterValidator(_bounded_tags)]
 
 
 class WireModel(BaseModel):

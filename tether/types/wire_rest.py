@@ -6,11 +6,11 @@ which validate strictly; `tether.types.wire` re-exports everything here.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, StrictFloat, StrictInt
 
-from tether.types.wire_base import TtlSeconds, WireModel
+from tether.types.wire_base import MAX_INT64, Int64, NonNegativeInt, TtlSeconds, WireModel
 
 __all__ = [
     "Cursor",
@@ -90,7 +90,7 @@ class WeightsInfoResponse(WireModel):
 class CopyWeightsRequest(WireModel):
     source_path: str
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     destination_project_id: str | None = None
     ttl_seconds: TtlSeconds | None = None
     weights_access_token: str | None = None
@@ -111,11 +111,26 @@ class GetSessionResponse(WireModel):
     display_name: str | None = None
 
 
+class TokenizerFile(WireModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class TokenizerFilesResponse(WireModel):
+    """`GET /api/v1/tether/tokenizer/{base_model}/files`: the tokenizer files a remote client fetches."""
+
+    base_model: str
+    files: list[TokenizerFile]
+    digest: str
+    """sha256 over the files' names and digests: the cache key of this tokenizer."""
+
+
 class LogMetricsRequest(WireModel):
     """Body of `POST /api/v1/tether/runs/{run_id}/metrics` (tether's `TrainingClient.log_metrics`)."""
 
-    metrics: dict[str, StrictFloat | StrictInt]
-    step: int | None = Field(None, ge=0)
+    metrics: dict[str, StrictFloat | Annotated[StrictInt, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]]
+    step: NonNegativeInt | None = None
     """The client's step; None: the run's current optimizer step as the server counts them."""
 
 

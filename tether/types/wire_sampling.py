@@ -10,13 +10,21 @@ import numpy as np
 from pydantic import Field
 
 from tether.types.errors import UserInputError
-from tether.types.wire_base import NonNegativeInt, ParamsModel, WireModel
+from tether.types.wire_base import (
+    MAX_DENSE_BYTES,
+    MAX_INT64,
+    Int64,
+    NonNegativeInt,
+    ParamsModel,
+    Seed,
+    WireModel,
+)
 
 # ------------------------------------------------------------------ sampling (§3.3, §5)
 
 
 class EncodedTextChunkJson(WireModel):
-    tokens: list[int]
+    tokens: list[Int64]
     type: Literal["encoded_text"] = "encoded_text"
 
 
@@ -24,14 +32,14 @@ class ImageChunkJson(WireModel):
     data: str
     """Base64 image bytes."""
     format: Literal["png", "jpeg"]
-    expected_tokens: int | None = None
+    expected_tokens: NonNegativeInt | None = None
     type: Literal["image"] = "image"
 
 
 class ImageAssetPointerChunkJson(WireModel):
     format: Literal["png", "jpeg"]
     location: str
-    expected_tokens: int | None = None
+    expected_tokens: NonNegativeInt | None = None
     type: Literal["image_asset_pointer"] = "image_asset_pointer"
 
 
@@ -66,11 +74,11 @@ class ModelInputJson(WireModel):
 class TensorDataJson(WireModel):
     """TensorData in JSON: flat data, dtype, optional shape (absent = 1-D), optional CSR layout."""
 
-    data: list[float] | list[int]
+    data: list[float] | list[Int64]
     dtype: Literal["float32", "int64"]
-    shape: list[int] | None = None
-    sparse_crow_indices: list[int] | None = None
-    sparse_col_indices: list[int] | None = None
+    shape: list[NonNegativeInt] | None = None
+    sparse_crow_indices: list[Int64] | None = None
+    sparse_col_indices: list[Int64] | None = None
 
     def to_numpy(
         self, pad_value: float = 0, *, field: str = "tensor", datum_index: int | None = None
@@ -89,6 +97,12 @@ class TensorDataJson(WireModel):
                 )
             return values.reshape(self.shape)
         shape = self.shape or []
+        if len(shape) == 2 and shape[0] * shape[1] * np.dtype(dtype).itemsize > MAX_DENSE_BYTES:  # no overflow
+            raise UserInputError(
+                f"sparse tensor of shape {shape} would densify to more than {MAX_DENSE_BYTES} bytes",
+                field=field,
+                datum_index=datum_index,
+            )
         crow = np.asarray(self.sparse_crow_indices, dtype=np.int64)
         col = np.asarray(self.sparse_col_indices or [], dtype=np.int64)
         if (
@@ -124,10 +138,10 @@ class SamplingParams(ParamsModel):
     """
 
     max_tokens: NonNegativeInt | None = None
-    seed: int | None = None
-    stop: str | list[str] | list[int] | None = None
+    seed: Seed | None = None
+    stop: str | list[str] | list[Int64] | None = None
     temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=MAX_INT64)
     top_p: float = Field(default=1.0, gt=0, le=1)
 
     @property
@@ -146,19 +160,19 @@ class SamplingParams(ParamsModel):
 
 
 class SampleRequest(WireModel):
-    num_samples: int = Field(default=1, ge=1)
+    num_samples: int = Field(default=1, ge=1, le=MAX_INT64)
     prompt: ModelInputJson
     sampling_params: SamplingParams
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: NonNegativeInt = 0
     topk_sample_logprobs: NonNegativeInt = 0
     target_prompt_logprobs: TensorDataJson | None = None
     prompt_alt_tokens_k: NonNegativeInt = 0
-    prompt_logprobs_last_n: int | None = Field(default=None, ge=1)
+    prompt_logprobs_last_n: int | None = Field(default=None, ge=1, le=MAX_INT64)
     record_stability_info: bool | None = None
     type: Literal["sample"] = "sample"
 
@@ -188,5 +202,5 @@ class JoinSamplingSessionRequest(WireModel):
 
 
 class JoinSamplingSessionResponse(WireModel):
-    client_counter: int
+    client_counter: NonNegativeInt
     type: Literal["join_sampling_session"] = "join_sampling_session"

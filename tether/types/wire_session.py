@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from tether.types.wire_base import WireModel
+from tether.types.wire_base import Int64, NonNegativeInt, Tags, UserMetadata, WireModel
 
 # ------------------------------------------------------------------ service / session (§3.1)
 
@@ -50,8 +50,8 @@ class HealthResponse(WireModel):
 
 
 class CreateSessionRequest(WireModel):
-    tags: list[str]
-    user_metadata: dict[str, Any] | None = None
+    tags: Tags
+    user_metadata: UserMetadata | None = None
     sdk_version: str
     project_id: str | None = None
     display_name: str | None = None
@@ -102,7 +102,7 @@ class TelemetryResponse(WireModel):
 
 class SupportedModel(WireModel):
     model_name: str | None = None
-    max_context_length: int | None = None
+    max_context_length: NonNegativeInt | None = None
     trainable: bool | None = None
     sampleable: bool | None = None
 
@@ -140,7 +140,7 @@ class CompleteMetadataResponse(WireModel):
     """Only while `allow_metadata_only`: the result exists and is this many bytes."""
 
     status: Literal["complete_metadata"] = "complete_metadata"
-    response_payload_size: int
+    response_payload_size: NonNegativeInt
 
 
 class RequestFailedResponse(WireModel):
@@ -156,13 +156,13 @@ class CancelFutureRequest(WireModel):
 
 class SamplingSessionFuturesTarget(WireModel):
     sampling_session_id: str
-    cloned_sampler_id: int = 0
+    cloned_sampler_id: Int64 = 0
     type: Literal["sampling_session"] = "sampling_session"
 
 
 class FuturesRetrieveRequest(WireModel):
     target: SamplingSessionFuturesTarget
-    prev_cursor: int = 0
+    prev_cursor: Int64 = 0
     timeout: float | None = None
     """None = long poll; 0 = acknowledge only, answer at once."""
     retrieved_request_ids: list[str] = Field(default_factory=list)
@@ -171,7 +171,7 @@ class FuturesRetrieveRequest(WireModel):
 class FutureFinished(WireModel):
     request_id: str
     state: Literal["finished"] = "finished"
-    response_payload_uncompressed_size: int | None = None
+    response_payload_uncompressed_size: NonNegativeInt | None = None
 
 
 class FutureFailed(WireModel):
@@ -181,4 +181,4 @@ class FutureFailed(WireModel):
 
 class FuturesRetrieveResponse(WireModel):
     completions: list[Annotated[FutureFinished | FutureFailed, Field(discriminator="state")]]
-    cursor: int
+    cursor: Int64

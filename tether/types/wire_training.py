@@ -1,5 +1,5 @@
 """JSON bodies of the Tinker protocol's training endpoints (tinker-protocol.md §3.2) and of tether's
-one-pass custom-loss extension (docs/INTERFACES.md). Re-exported by `tether.types.wire`."""
+one-pass custom-loss extension (docs/ARCHITECTURE.md). Re-exported by `tether.types.wire`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from tether.types.wire_base import NonNegativeInt, ParamsModel, TtlSeconds, WireModel
+from tether.types.wire_base import (
+    Int64,
+    NonNegativeInt,
+    ParamsModel,
+    Seed,
+    StrUserMetadata,
+    TtlSeconds,
+    UserMetadata,
+    WireModel,
+)
 from tether.types.wire_sampling import TensorDataJson
 
 # ------------------------------------------------------------------ training (§3.2)
@@ -18,7 +27,7 @@ class LoraConfig(ParamsModel):
 
     rank: NonNegativeInt
     """LoRA rank; tether reads 0 as full fine-tuning. Required, as in the Tinker SDK."""
-    seed: int | None = None
+    seed: Seed | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -41,7 +50,7 @@ class CreateModelRequest(WireModel):
     session_id: str
     model_seq_id: NonNegativeInt
     base_model: str
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: UserMetadata | None = None
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
     type: Literal["create_model"] = "create_model"
@@ -70,7 +79,7 @@ class GetInfoResponse(WireModel):
     type: Literal["get_info"] = "get_info"
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
     is_lora: bool | None = None
-    lora_rank: int | None = None
+    lora_rank: NonNegativeInt | None = None
     model_name: str | None = None
 
 
@@ -95,7 +104,7 @@ class OptimStepRequest(WireModel):
     """
 
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     adam_params: AdamParams | None = Field(
         default=None, validation_alias=AliasChoices("adam_params", "optim_params")
     )
@@ -117,16 +126,40 @@ class SaveWeightsRequest(WireModel):
     model_id: str
     path: str | None = None
     """The checkpoint name (not a tinker:// path); the server picks one when absent."""
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrUserMetadata | None = None
     type: Literal["save_weights"] = "save_weights"
 
 
 class SaveWeightsResponse(WireModel):
     path: str
     type: Literal["save_weights"] | None = "save_weights"
+
+
+class SaveWeightsForSamplerExtRequest(WireModel):
+    """tether's `save_weights_for_sampler_ext`: a sampler checkpoint in a chain of base and delta
+    checkpoints (fireworks-training-api.md §4.2, §6). `checkpoint_type` None: the run's first chain
+    save is a base, later ones deltas against the previous checkpoint."""
+
+    model_id: str
+    path: str
+    """The checkpoint's name (`sampler_weights/<path>`)."""
+    checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
+    seq_id: Int64 | None = None
+    ttl_seconds: TtlSeconds | None = None
+    type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
+
+
+class SaveWeightsForSamplerExtResponse(WireModel):
+    path: str
+    checkpoint_type: Literal["base", "delta", "merged_base"]
+    stored_bytes: int
+    """Bytes written (a delta is much smaller than its weights)."""
+    full_bytes: int
+    """Bytes of the weights uncompressed."""
+    type: Literal["save_weights_for_sampler_ext"] = "save_weights_for_sampler_ext"
 
 
 class SaveWeightsForSamplerRequest(WireModel):
@@ -136,9 +169,9 @@ class SaveWeightsForSamplerRequest(WireModel):
     path: str | None = None
     sampling_session_seq_id: NonNegativeInt | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrUserMetadata | None = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
     @model_validator(mode="after")
@@ -164,7 +197,7 @@ class SaveWeightsForSamplerResponse(WireModel):
 class SaveWeightsExternalRequest(WireModel):
     model_id: str
     path: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     ttl_seconds: TtlSeconds | None = None
     age_encryption_recipients: list[str] | None = None
     type: Literal["save_weights_external"] = "save_weights_external"
@@ -172,7 +205,7 @@ class SaveWeightsExternalRequest(WireModel):
 
 class SaveWeightsExternalResponse(WireModel):
     path: str
-    size_bytes: int | None = None
+    size_bytes: NonNegativeInt | None = None
     type: Literal["save_weights_external"] | None = "save_weights_external"
 
 
@@ -181,11 +214,11 @@ class LoadWeightsRequest(WireModel):
     into an existing model (`model_id` + `seq_id`)."""
 
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
     model_seq_id: NonNegativeInt | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: UserMetadata | None = None
     path: str
     optimizer: bool
     optimizer_config: OptimizerConfig | None = None
@@ -224,7 +257,7 @@ class CreateCustomLossRequest(WireModel):
     """A traced custom loss (only sent with `custom_loss_server_side`); the graph stays opaque."""
 
     session_id: str
-    custom_loss_seq_id: int
+    custom_loss_seq_id: Int64
     name: str
     inputs: list[dict[str, Any]]
     graph: dict[str, Any]
@@ -239,7 +272,7 @@ class BackwardFromLogprobGradsRequest(WireModel):
     graph kept by `POST /api/v1/tether/forward_keep_graph` (whose request id is `graph_id`)."""
 
     model_id: str
-    seq_id: int
+    seq_id: Int64
     graph_id: str
     logprob_grads: list[TensorDataJson]
     type: Literal["backward_from_logprob_grads"] = "backward_from_logprob_grads"

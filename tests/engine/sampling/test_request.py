@@ -20,3 +20,17 @@ def test_numpy_token_ids_are_accepted_as_plain_ints():
     with pytest.raises(UserInputError) as err:
         validate_request(SampleRequest([1, True], max_tokens=2), LIMITS)
     assert err.value.field == "prompt"
+
+
+def test_topk_counts_are_capped_by_the_vocabulary_and_the_answer_size():
+    from tether.types.errors import UserInputError
+
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+        with pytest.raises(UserInputError) as caught:
+            validate_request(SampleRequest((1, 2, 3), max_tokens=2, **{name: 10**9}), LIMITS)
+        assert caught.value.field == name and "vocabulary" in caught.value.message
+        validate_request(SampleRequest((1, 2, 3), max_tokens=2, **{name: LIMITS.vocab_size}), LIMITS)
+    small = ModelLimits(vocab_size=264, max_context_length=64, max_topk_entries=100)
+    with pytest.raises(UserInputError) as caught:
+        validate_request(SampleRequest((1, 2, 3), num_samples=4, max_tokens=10, topk_sample_logprobs=5), small)
+    assert caught.value.field == "topk_sample_logprobs"

@@ -10,8 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_trainer_jobs"
-# TEMPORARY: 0004_deployments is not on main yet; the lead points this at "0004_deployments" when merging.
-down_revision = "0003_run_metrics"
+down_revision = "0004_deployments"
 branch_labels = None
 depends_on = None
 

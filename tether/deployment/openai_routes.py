@@ -1,0 +1,260 @@
+"""OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models` for a deployment.
+
+Prompts may be text or token ids; chat messages go through the tokenizer's chat template with a
+generation prompt. `logprobs` follow OpenAI's shapes (completions: `tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`; chat: `content[]` with `top_logprobs`), computed untempered like
+every tether logprob. `stream: true` answers server-sent events, one chunk per token, ending with
+`data: [DONE]`; the engine finishes a request before its chunks are sent (tokens are not pushed
+as they are generated). Each choice also carries `raw_output.completion_token_ids` (as Fireworks
+does) and the answer names the `weights_identity` that served it.
+
+A model name the deployment does not serve is a 404; out-of-range sampling parameters are 400s.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tether.deployment.served import ServedWeights
+from tether.engine.sampling import SampledSequence, SampleRequest
+from tether.types.errors import NotFoundError, UserInputError
+
+_MAX_TOP_LOGPROBS = 20
+
+
+class CompletionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    seed: int | None = None
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+def _check_top(k: int | None, field: str) -> int:
+    if k is None:
+        return 0
+    if not 0 <= k <= _MAX_TOP_LOGPROBS:
+        raise UserInputError(f"must be between 0 and {_MAX_TOP_LOGPROBS}, got {k}", field=field)
+    return k
+
+
+def _stops(stop: str | list[str] | None) -> list[str] | None:
+    if stop is None:
+        return None
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+class _Text:
+    """Token ids → text, cutting at stop strings and dropping a final EOS, as OpenAI servers do."""
+
+    def __init__(self, tokenizer: Any, eos: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos = set(eos)
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def completion(self, seq: SampledSequence, stops: list[str] | None) -> tuple[list[int], str]:
+        tokens = list(seq.tokens)
+        if seq.stop_reason == "stop" and tokens and tokens[-1] in self.eos:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens)
+        for stop in stops or []:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return tokens, text
+
+
+def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
+    def body() -> Iterator[str]:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
+    from tether.deployment.app import IDENTITY_HEADER, run_request
+
+    eos = list(getattr(served.backend, "base", None).eos_token_ids) if hasattr(served.backend, "base") else []
+    text = _Text(tokenizer, eos)
+
+    def check_model(name: str) -> None:
+        if name not in model_names:
+            raise NotFoundError(f"model {name!r} is not served by this deployment (it serves {model_names})")
+
+    def request_for(tokens: list[int], *, n: int, max_tokens: int | None, temperature: float | None,
+                    top_p: float | None, top_k: int | None, seed: int | None, stop: list[str] | None,
+                    top: int, echo: bool) -> SampleRequest:
+        if not tokens:
+            raise UserInputError("the prompt has no tokens", field="prompt")
+        return SampleRequest(prompt_tokens=tokens, num_samples=n, max_tokens=max_tokens,
+                             temperature=1.0 if temperature is None else temperature,
+                             top_p=1.0 if top_p is None else top_p, top_k=-1 if top_k is None else top_k,
+                             seed=seed, stop=stop, topk_sample_logprobs=top,
+                             include_prompt_logprobs=echo, topk_prompt_logprobs=top if echo else 0)
+
+    def top_dict(pairs: list[tuple[int, float]] | None) -> dict[str, float] | None:
+        return None if pairs is None else {text.piece(t): lp for t, lp in pairs}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "tether", "created": 0}
+                                           for name in model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, response: Response) -> Any:
+        check_model(body.model)
+        top = _check_top(body.logprobs, "logprobs")
+        prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) or (
+            body.prompt and isinstance(body.prompt[0], int)) else list(body.prompt)
+        stops = _stops(body.stop)
+        choices, usage, identity = [], {"prompt_tokens": 0, "completion_tokens": 0}, ""
+        for prompt in prompts:
+            tokens = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+            request = request_for(tokens, n=body.n, max_tokens=body.max_tokens, temperature=body.temperature,
+                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stops, top=top,
+                                  echo=body.echo)
+            result, identity = await run_request(served, request)
+            usage["prompt_tokens"] += len(tokens)
+            for seq in result.sequences:
+                kept, completion = text.completion(seq, stops)
+                usage["completion_tokens"] += len(seq.tokens)
+                logprobs = None
+                if body.logprobs is not None:
+                    ids = list(tokens) + kept if body.echo else kept
+                    lps = ([None] + list(result.prompt_logprobs or [])[1:] if body.echo else []) + \
+                        seq.logprobs[: len(kept)]
+                    tops = ([None] + [top_dict(p) for p in (result.topk_prompt_logprobs or [])[1:]]
+                            if body.echo else []) + [top_dict(p) for p in (seq.topk_logprobs or [])[: len(kept)]]
+                    pieces = [text.piece(t) for t in ids]
+                    offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+                    logprobs = {"tokens": pieces, "token_logprobs": lps,
+                                "top_logprobs": tops if top else None, "text_offset": offsets}
+                choices.append({
+                    "index": len(choices), "text": (prompt if body.echo and isinstance(prompt, str) else "")
+                    + completion, "finish_reason": seq.stop_reason, "logprobs": logprobs,
+                    "raw_output": {"prompt_token_ids": list(tokens), "completion_token_ids": list(seq.tokens)},
+                })
+        response.headers[IDENTITY_HEADER] = identity
+        answer = {"id": f"cmpl-{secrets.token_hex(8)}", "object": "text_completion", "created": int(time.time()),
+                  "model": body.model, "choices": choices, "weights_identity": identity,
+                  "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+        if not body.stream:
+            return answer
+        return _sse(_completion_chunks(answer, text))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, response: Response) -> Any:
+        check_model(body.model)
+        top = _check_top(body.top_logprobs, "top_logprobs") if body.logprobs else 0
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # template errors are the caller's messages' fault
+            raise UserInputError(f"cannot apply the chat template: {exc}", field="messages") from exc
+        tokens = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        stops = _stops(body.stop)
+        request = request_for(tokens, n=body.n, max_tokens=body.max_completion_tokens or body.max_tokens,
+                              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                              stop=stops, top=top, echo=False)
+        result, identity = await run_request(served, request)
+        choices = []
+        completion_tokens = 0
+        for seq in result.sequences:
+            kept, content = text.completion(seq, stops)
+            completion_tokens += len(seq.tokens)
+            logprobs = None
+            if body.logprobs:
+                logprobs = {"content": [
+                    {"token": text.piece(t), "logprob": lp, "bytes": list(text.piece(t).encode()),
+                     "top_logprobs": [{"token": text.piece(a), "logprob": b, "bytes": list(text.piece(a).encode())}
+                                      for a, b in (seq.topk_logprobs[i] if seq.topk_logprobs else [])]}
+                    for i, (t, lp) in enumerate(zip(kept, seq.logprobs, strict=False))]}
+            choices.append({"index": len(choices), "message": {"role": "assistant", "content": content},
+                            "finish_reason": seq.stop_reason, "logprobs": logprobs,
+                            "raw_output": {"prompt_token_ids": tokens, "completion_token_ids": list(seq.tokens)}})
+        response.headers[IDENTITY_HEADER] = identity
+        answer = {"id": f"chatcmpl-{secrets.token_hex(8)}", "object": "chat.completion",
+                  "created": int(time.time()), "model": body.model, "choices": choices,
+                  "weights_identity": identity,
+                  "usage": {"prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
+                            "total_tokens": len(tokens) + completion_tokens}}
+        if not body.stream:
+            return answer
+        return _sse(_chat_chunks(answer, text))
+
+
+def _completion_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str, Any]]:
+    head = {k: answer[k] for k in ("id", "created", "model")} | {"object": "text_completion"}
+    for choice in answer["choices"]:
+        lp = choice["logprobs"]
+        pieces = lp["tokens"] if lp else [choice["text"]]
+        for i, piece in enumerate(pieces):
+            chunk_lp = None
+            if lp:
+                chunk_lp = {"tokens": [piece], "token_logprobs": [lp["token_logprobs"][i]],
+                            "top_logprobs": [lp["top_logprobs"][i]] if lp["top_logprobs"] else None,
+                            "text_offset": [lp["text_offset"][i]]}
+            yield head | {"choices": [{"index": choice["index"], "text": piece, "logprobs": chunk_lp,
+                                       "finish_reason": None}]}
+        yield head | {"choices": [{"index": choice["index"], "text": "", "logprobs": None,
+                                   "finish_reason": choice["finish_reason"]}]}
+    yield head | {"choices": [], "usage": answer["usage"]}
+
+
+def _chat_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str, Any]]:
+    head = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    for choice in answer["choices"]:
+        index = choice["index"]
+        yield head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]}
+        entries = choice["logprobs"]["content"] if choice["logprobs"] else None
+        pieces = [e["token"] for e in entries] if entries else [choice["message"]["content"]]
+        for i, piece in enumerate(pieces):
+            yield head | {"choices": [{"index": index, "delta": {"content": piece},
+                                       "logprobs": {"content": [entries[i]]} if entries else None,
+                                       "finish_reason": None}]}
+        yield head | {"choices": [{"index": index, "delta": {}, "logprobs": None,
+                                   "finish_reason": choice["finish_reason"]}]}

@@ -1,0 +1,189 @@
+"""Deployments as a REST resource of `tether serve`, and the hot-load / inference proxy to them.
+
+    POST   /api/v1/tether/deployments                      create (409 if the id is taken)
+    GET    /api/v1/tether/deployments                      list the caller's
+    GET    /api/v1/tether/deployments/{id}                 state + identity of the weights served
+    DELETE /api/v1/tether/deployments/{id}                 stop and forget
+    POST   /api/v1/tether/deployments/{id}/restart         start its process again (last good weights)
+    POST   /api/v1/tether/deployments/{id}/hot_load        {"identity", "path"?, "incremental_snapshot_metadata"?, "transition"?}
+    GET    /api/v1/tether/deployments/{id}/hot_load        Fireworks-shaped replica status
+    *      /api/v1/tether/deployments/{id}/v1/...          proxied to the deployment (completions, chat, sample, models)
+
+A hot-load names a sampler checkpoint by its `tinker://` path (the `path` returned by
+save_weights_for_sampler); the checkpoint must be the caller's. Another key's deployment answers
+404. The registry is built on first use, so a server that never sees a deployment starts no
+process and imports nothing of `tether.deployment`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tether.server.deployments import DeploymentRegistry, deployment_info
+from tether.server.state import ServerState, request_owner, server_state
+from tether.types.errors import ConflictError, NotFoundError, ServerError, UserInputError
+from tether.types.paths import parse_checkpoint_path
+
+router = APIRouter(prefix="/api/v1/tether/deployments")
+_lock = threading.Lock()
+_PROXY_TIMEOUT_S = 600.0
+
+
+class CreateDeployment(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    deployment_id: str
+    base_model: str
+    hot_load_transition_type: str = "ASYNC"
+    description: str | None = None
+    hot_load_trainer_job: str | None = None
+    min_replica_count: int = Field(0, ge=0, le=1)
+    max_replica_count: int = Field(1, ge=0, le=1)
+
+
+class HotLoad(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    identity: str = Field(min_length=1)
+    path: str | None = None
+    incremental_snapshot_metadata: dict[str, Any] | None = None
+    reset_prompt_cache: bool = True
+    transition: str | None = None
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+
+
+def close(app: FastAPI) -> None:
+    """Stop every deployment process (server shutdown); rows stay, so a restart starts them again."""
+    registry = getattr(app.state, "deployments", None)
+    if registry is not None:
+        registry.close()
+
+
+def registry(request: Request, state: ServerState = Depends(server_state)) -> DeploymentRegistry:
+    app = request.app
+    with _lock:
+        found = getattr(app.state, "deployments", None)
+        if found is None:
+            config = state.config
+            paths = {name: config.model_aliases.get(name, name) for name in config.models}
+            found = app.state.deployments = DeploymentRegistry(
+                state.catalogue, config.data_dir, model_paths=paths, torch_threads=config.torch_threads)
+    return found
+
+
+async def _child(client_url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S) as client:
+        try:
+            return await client.request(method, f"{client_url}{path}", **kw)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"the deployment's serving process did not answer: {exc}") from exc
+
+
+async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> dict[str, Any] | None:
+    try:
+        url = reg.url(deployment_id, owner)
+    except ConflictError:
+        return None
+    answer = await _child(url, "GET", "/status")
+    return answer.json() if answer.status_code == 200 else None
+
+
+@router.post("")
+async def create(body: CreateDeployment, owner: str = Depends(request_owner),
+                 reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    row = reg.create(owner, body.deployment_id, body.base_model, transition=body.hot_load_transition_type,
+                     config=body.model_dump(exclude_none=True))
+    return deployment_info(row)
+
+
+@router.get("")
+async def list_deployments(owner: str = Depends(request_owner),
+                           reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    return {"deployments": [deployment_info(row) for row in reg.list(owner)]}
+
+
+@router.get("/{deployment_id}")
+async def get(deployment_id: str, owner: str = Depends(request_owner),
+              reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    row = reg.get(deployment_id, owner)
+    return deployment_info(row, await _status(reg, deployment_id, owner))
+
+
+@router.delete("/{deployment_id}")
+async def delete(deployment_id: str, owner: str = Depends(request_owner),
+                 reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    reg.delete(deployment_id, owner)
+    return {"deployment_id": deployment_id, "state": "DELETED"}
+
+
+@router.post("/{deployment_id}/restart")
+async def restart(deployment_id: str, owner: str = Depends(request_owner),
+                  reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    return deployment_info(reg.restart(deployment_id, owner))
+
+
+@router.post("/{deployment_id}/hot_load")
+async def hot_load(deployment_id: str, body: HotLoad, owner: str = Depends(request_owner),
+                   reg: DeploymentRegistry = Depends(registry),
+                   state: ServerState = Depends(server_state)) -> JSONResponse:
+    url = reg.url(deployment_id, owner)
+    target = body.path or body.identity
+    try:
+        parsed = parse_checkpoint_path(target)
+    except (UserInputError, ValueError) as exc:
+        raise UserInputError(f"{target!r} is not a tinker:// sampler checkpoint path", field="path") from exc
+    if parsed.kind != "sampler":
+        raise UserInputError(f"{target} is not a sampler_weights/ checkpoint", field="path")
+    directory = state.checkpoints.directory(owner, parsed)
+    if not (directory / "manifest.json").is_file():
+        raise NotFoundError(f"checkpoint {target} does not exist")
+    answer = await _child(url, "POST", "/hot_load", json={"path": str(directory), "identity": body.identity,
+                                                          "transition": body.transition})
+    return JSONResponse(answer.json(), status_code=answer.status_code)
+
+
+@router.get("/{deployment_id}/hot_load")
+async def hot_load_status(deployment_id: str, owner: str = Depends(request_owner),
+                          reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+    reg.get(deployment_id, owner)
+    status = await _status(reg, deployment_id, owner)
+    return status if status is not None else {"replicas": []}
+
+
+@router.api_route("/{deployment_id}/v1/{rest:path}", methods=["GET", "POST"])
+async def proxy(deployment_id: str, rest: str, request: Request, owner: str = Depends(request_owner),
+                reg: DeploymentRegistry = Depends(registry)) -> Response:
+    url = reg.url(deployment_id, owner)
+    body = await request.body()
+    headers = {"content-type": request.headers.get("content-type", "application/json")}
+    target = f"{url}/v1/{rest}"
+    try:
+        streaming = request.method == "POST" and json.loads(body or b"{}").get("stream") is True
+    except (ValueError, AttributeError):
+        streaming = False  # the deployment answers the malformed body with its own 4xx
+    if streaming:
+        client = httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S)
+        upstream = await client.send(client.build_request("POST", target, content=body, headers=headers),
+                                     stream=True)
+
+        async def relay():
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+                await client.aclose()
+
+        return StreamingResponse(relay(), status_code=upstream.status_code,
+                                 media_type=upstream.headers.get("content-type"))
+    answer = await _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
+    keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")}
+    return Response(answer.content, status_code=answer.status_code, headers=keep)
