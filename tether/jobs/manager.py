@@ -283,7 +283,8 @@ class JobManager:
             if row.restart_count < config.max_restarts:
                 log.warning("trainer job %s: %s; relaunching (%d/%d)", job_id, what, row.restart_count + 1,
                             config.max_restarts)
-                self.store.update(owner, job_id, restart_count=row.restart_count + 1)
+                self.store.update(owner, job_id, restart_count=row.restart_count + 1, state=JobState.PENDING,
+                                  url=None, reason=f"{what}; relaunching")  # never RUNNING while it relaunches
                 self._launch(owner, job_id, config,
                              reason=f"{what}; relaunched ({row.restart_count + 1}/{config.max_restarts})")
             else:
