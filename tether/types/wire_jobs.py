@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from tether.types.wire_base import WireModel
+from tether.types.wire_base import MAX_INT64, WireModel
 
 __all__ = [
     "JOB_ID_PATTERN",
@@ -43,6 +43,12 @@ DEFAULT_INACTIVITY_TIMEOUT_S = 3600.0
 """60 minutes, the reference's default."""
 MAX_INACTIVITY_TIMEOUT_S = 3 * 3600.0
 """Three hours, the reference's maximum."""
+MAX_LORA_RANK = 4096
+MAX_NODES = 1024
+MAX_RANKS_PER_NODE = 1024
+MAX_RESTARTS = 1000
+"""Bounds of the integer fields (every integer a client sends is bounded; the launchers refuse
+what they cannot place with a clearer message long before these)."""
 
 
 class JobState(enum.StrEnum):
@@ -114,11 +120,11 @@ class TrainerJobConfig(WireModel):
     """
 
     base_model: str = Field(description="Base model the job's trainer loads (one the control plane allows).")
-    lora_rank: int = Field(0, ge=0, description="Default LoRA rank of the job's training clients; 0 = full-parameter.")
-    max_context_length: int | None = Field(None, ge=1, description="Longest sequence (tokens) the job accepts.")
-    node_count: int = Field(1, ge=1, description="Machines the job spans (the local launcher runs on one).")
+    lora_rank: int = Field(0, ge=0, le=MAX_LORA_RANK, description="Default LoRA rank of the job's training clients; 0 = full-parameter.")
+    max_context_length: int | None = Field(None, ge=1, le=MAX_INT64, description="Longest sequence (tokens) the job accepts.")
+    node_count: int = Field(1, ge=1, le=MAX_NODES, description="Machines the job spans (the local launcher runs on one).")
     nproc_per_node: int = Field(
-        1, ge=1, description="Ranks per machine; more than one launches the job under torchrun."
+        1, ge=1, le=MAX_RANKS_PER_NODE, description="Ranks per machine; more than one launches the job under torchrun."
     )
     display_name: str | None = Field(None, max_length=63, description="Human-readable name (< 64 characters).")
     forward_only: bool = Field(False, description="A frozen reference trainer without an optimizer (not yet served).")
@@ -130,7 +136,7 @@ class TrainerJobConfig(WireModel):
         "(resumable); '1800s' is accepted. Unset: 3600.",
     )
     max_restarts: int = Field(
-        3, ge=0, description="Times the control plane relaunches the job after its process dies (crash, preemption)."
+        3, ge=0, le=MAX_RESTARTS, description="Times the control plane relaunches the job after its process dies (crash, preemption)."
     )
     requested_job_id: str | None = Field(
         None, description="Stable job id (1-63 of [a-z0-9-]); a retried create with the same id is idempotent."
