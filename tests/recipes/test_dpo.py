@@ -196,7 +196,9 @@ def test_dpo_raises_preference_accuracy_and_resumes_anchored_at_the_initial_weig
     assert [r["step"] for r in metrics] == list(range(8))
     assert [r["next_step"] for r in _read(tmp_path / "run" / "checkpoints.jsonl")] == [2, 3, 4, 6, 8]
     evals = [r for r in metrics if "test/accuracy" in r]
-    assert evals[0]["test/accuracy"] == 0.0 and evals[0]["test/dpo_loss"] == pytest.approx(np.log(2), abs=1e-3)
+    # At the start policy == reference: margins are zero up to float noise between the sampler's and the
+    # trainer's logprobs (so accuracy, margin > 0, is a coin toss there), and the loss is log 2.
+    assert abs(evals[0]["test/margin"]) < 1e-3 and evals[0]["test/dpo_loss"] == pytest.approx(np.log(2), abs=1e-3)
     assert evals[-1]["test/accuracy"] == 1.0 and evals[-1]["test/margin"] > 1.0
     assert metrics[-1]["dpo_loss"] < 0.5 * metrics[0]["dpo_loss"]
     assert metrics[-1]["chosen_reward"] > 0 > metrics[-1]["rejected_reward"]

@@ -339,6 +339,8 @@ class WeightSyncer:
             result = result.result()
         get = result.get if isinstance(result, dict) else lambda k, d=None: getattr(result, k, d)
         path, written = get("path"), get("checkpoint_type", kind) or kind
+        if not isinstance(path, str):
+            raise ServerError(f"save_weights_for_sampler_ext answered without a path: {result!r}")
         if written == "delta":
             self.deltas_since_base += 1
             stored, full = get("stored_bytes"), get("full_bytes")

@@ -110,8 +110,8 @@ _V1 = "/api/v1"
 
 # ---- service and session (§3.1)
 CREATE_SESSION = Route("POST", f"{_V1}/create_session", w.CreateSessionRequest, _model(w.CreateSessionResponse))
-SESSION_HEARTBEAT = Route("POST", f"{_V1}/session_heartbeat", w.SessionHeartbeatRequest, None)
-SESSION_FINISH = Route("POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None)
+SESSION_HEARTBEAT: Route[None] = Route("POST", f"{_V1}/session_heartbeat", w.SessionHeartbeatRequest, None)
+SESSION_FINISH: Route[None] = Route("POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None)
 GET_SERVER_CAPABILITIES = Route(
     "GET", f"{_V1}/get_server_capabilities", None, _model(w.GetServerCapabilitiesResponse)
 )
@@ -176,7 +176,7 @@ SAMPLE = Route("POST", f"{_V1}/asample", w.SampleRequest, _sample_response, futu
 GET_SAMPLER = Route("GET", f"{_V1}/samplers/{{sampler_id}}", None, _model(w.GetSamplerResponse))
 
 # ---- futures (§4): only Transport.call posts here, while it waits for a `future` route's result
-RETRIEVE_FUTURE = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveRequest, None)
+RETRIEVE_FUTURE: Route[None] = Route("POST", f"{_V1}/retrieve_future", w.FutureRetrieveRequest, None)
 
 # ---- the REST catalogue (§3.5)
 _RUN = f"{_V1}/training_runs/{{training_run_id}}"
@@ -186,15 +186,15 @@ TOKENIZER_FILES = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", N
                         _model(w.TokenizerFilesResponse))
 TOKENIZER_FILE = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}", None,
                        lambda answer, _: answer, raw_result=True)
-LOG_METRICS = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
+LOG_METRICS: Route[None] = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
 LIST_TRAINING_RUNS = Route("GET", f"{_V1}/training_runs", None, _model(w.TrainingRunsResponse))
 LIST_CHECKPOINTS = Route("GET", f"{_RUN}/checkpoints", None, _model(w.CheckpointsListResponse))
 LIST_USER_CHECKPOINTS = Route("GET", f"{_V1}/checkpoints", None, _model(w.CheckpointsListResponse))
 WEIGHTS_INFO = Route("POST", f"{_V1}/weights_info", w.WeightsInfoRequest, _model(w.WeightsInfoResponse))
-DELETE_CHECKPOINT = Route("DELETE", _CHECKPOINT, None, None)
-SET_CHECKPOINT_TTL = Route("PUT", f"{_CHECKPOINT}/ttl", w.SetCheckpointTtlRequest, None)
-PUBLISH_CHECKPOINT = Route("POST", f"{_CHECKPOINT}/publish", None, None)  # the protocol sends no body
-UNPUBLISH_CHECKPOINT = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
+DELETE_CHECKPOINT: Route[None] = Route("DELETE", _CHECKPOINT, None, None)
+SET_CHECKPOINT_TTL: Route[None] = Route("PUT", f"{_CHECKPOINT}/ttl", w.SetCheckpointTtlRequest, None)
+PUBLISH_CHECKPOINT: Route[None] = Route("POST", f"{_CHECKPOINT}/publish", None, None)  # the protocol sends no body
+UNPUBLISH_CHECKPOINT: Route[None] = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
 LIST_SESSIONS = Route("GET", f"{_V1}/sessions", None, _model(w.ListSessionsResponse))
 GET_SESSION = Route("GET", f"{_V1}/sessions/{{session_id}}", None, _model(w.GetSessionResponse))
 

@@ -30,6 +30,7 @@ from tether.types.data import (
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
+    TensorData,
 )
 from tether.types.errors import ServerError, UserInputError
 from tether.types.proto import ForwardBackwardRequestBody
@@ -344,7 +345,7 @@ def _forward_datum(datum: Datum, index: int) -> Datum:
         weights_np = np.zeros(targets.shape, dtype=np.float32)
     else:
         weights_np = weights.to_numpy()
-    return Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets, "weights": weights_np})
+    return Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets, "weights": TensorData.from_numpy(weights_np)})
 
 
 def _finite_metrics(metrics: Any) -> dict[str, float]:

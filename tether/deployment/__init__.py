@@ -7,7 +7,9 @@ the server imports this package at module top. The model runs behind `backend.Se
 (tether's sampling engine today; a vLLM backend can be added behind an optional extra).
 """
 
-from tether.deployment.served import BASE_IDENTITY, TRANSITIONS, ServedWeights
+from typing import cast
+
+from tether.deployment.served import BASE_IDENTITY, TRANSITIONS, ServedWeights, Transition
 
 __all__ = ["BASE_IDENTITY", "TRANSITIONS", "ServedWeights", "build_deployment"]
 
@@ -28,7 +30,7 @@ def build_deployment(base_model: str, *, state_dir=None, transition: str = "ASYN
 
     base = load_base_model(base_model, aliases={base_model: model_path} if model_path else None)
     served = ServedWeights(EngineBackend(base, **engine_options), base_model=base_model,
-                           state_dir=state_dir, transition=transition)
+                           state_dir=state_dir, transition=cast(Transition, transition))  # checked there
     if restore:
         served.restore()
     tokenizer = AutoTokenizer.from_pretrained(str(base.tokenizer_path))

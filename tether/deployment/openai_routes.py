@@ -117,7 +117,8 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
     from tether.deployment.app import IDENTITY_HEADER, run_request
 
-    eos = list(getattr(served.backend, "base", None).eos_token_ids) if hasattr(served.backend, "base") else []
+    base = getattr(served.backend, "base", None)
+    eos = list(base.eos_token_ids) if base is not None else []
     text = _Text(tokenizer, eos)
 
     def check_model(name: str) -> None:
@@ -150,7 +151,8 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) or (
             body.prompt and isinstance(body.prompt[0], int)) else list(body.prompt)
         stops = _stops(body.stop)
-        choices, usage, identity = [], {"prompt_tokens": 0, "completion_tokens": 0}, ""
+        choices: list[dict[str, Any]] = []
+        usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
         for prompt in prompts:
             tokens = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
             request = request_for(tokens, n=body.n, max_tokens=body.max_tokens, temperature=body.temperature,
@@ -164,9 +166,9 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 logprobs = None
                 if body.logprobs is not None:
                     ids = list(tokens) + kept if body.echo else kept
-                    lps = ([None] + list(result.prompt_logprobs or [])[1:] if body.echo else []) + \
+                    lps = ([None, *list(result.prompt_logprobs or [])[1:]] if body.echo else []) + \
                         seq.logprobs[: len(kept)]
-                    tops = ([None] + [top_dict(p) for p in (result.topk_prompt_logprobs or [])[1:]]
+                    tops = ([None, *[top_dict(p) for p in (result.topk_prompt_logprobs or [])[1:]]]
                             if body.echo else []) + [top_dict(p) for p in (seq.topk_logprobs or [])[: len(kept)]]
                     pieces = [text.piece(t) for t in ids]
                     offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
@@ -200,7 +202,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                               temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                               stop=stops, top=top, echo=False)
         result, identity = await run_request(served, request)
-        choices = []
+        choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for seq in result.sequences:
             kept, content = text.completion(seq, stops)

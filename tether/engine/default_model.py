@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL_NAME = "tether/tiny-qwen3"
 """The name clients use for the embedded default model."""
@@ -27,7 +28,7 @@ DEFAULT_MODEL_NAME = "tether/tiny-qwen3"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 THINK_TOKENS = ("<think>", "</think>")
 
-MODEL_CONFIG = {
+MODEL_CONFIG: dict[str, Any] = {
     "vocab_size": 264,  # 256 bytes + 5 special tokens, padded to a multiple of 8
     "hidden_size": 256,
     "intermediate_size": 768,

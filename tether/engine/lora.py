@@ -220,7 +220,8 @@ def attach_lora_layers(model: nn.Module) -> list[MultiLoraLinear]:
     existing = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
     if existing:
         return existing
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
     replacements = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear:

@@ -116,7 +116,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as exc:  # no weights, not a causal LM, unknown architecture
         raise UserInputError(f"cannot load {name!r} as a causal LM: {exc}", field="base_model") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps(nn.Module.to), which mistypes the bound call
     model.eval()
     model.requires_grad_(False)
     attach_lora_layers(model)

@@ -277,7 +277,7 @@ class TrainingEngine:
             for name, shape in expected.items():
                 if tuple(state.weights[name].shape) != shape:
                     raise UserInputError(f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}", field="state.weights")
-            if include_optimizer:
+            if include_optimizer and state.optimizer is not None:  # None was refused above
                 check_moments(state.optimizer, expected)
             if model_id in self._models:
                 self._drop(model_id)
@@ -285,7 +285,7 @@ class TrainingEngine:
             with torch.no_grad():
                 for name, tensor in trained.params.items():
                     tensor.copy_(state.weights[name])
-            if include_optimizer:
+            if include_optimizer and state.optimizer is not None:
                 trained.optimizer.import_moments(state.optimizer, int(state.metadata.get("optimizer_steps", 0)))
             self._models[model_id] = trained
 

@@ -13,6 +13,7 @@ import torch
 
 from tether.types.errors import UserInputError
 from tether.types.wire import AdamParams
+from tether.types.wire_training import MAX_LEARNING_RATE
 
 
 @dataclass
@@ -35,10 +36,6 @@ class ForwardResult:
     """Keys are `name:reduction` (the Tinker SDK reduces chunks by the suffix); at least `loss:sum`."""
 
 
-MAX_LEARNING_RATE = 10.0
-"""AdamW moves each weight by about the learning rate per step, so anything above this only destroys
-the model; larger values are refused. (Weights themselves need no bound beyond staying finite, which
-every optimizer step checks: see `tether.engine.optimizer`.)"""
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,7 @@ class ModelWorker:
                     if item is not None:
                         item.future.set_exception(RuntimeError(f"worker {self.name} closed"))
                     return
+            assert item is not None  # the wait above ends with an item or with the worker closed
             if not item.future.set_running_or_notify_cancel():
                 continue
             try:

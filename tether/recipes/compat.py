@@ -41,7 +41,7 @@ class SdkTypes:
         for key, tensor in datum.loss_fn_inputs.items():
             array = np.asarray(tensor.to_numpy())
             inputs[key] = tinker.types.TensorData(
-                data=array.reshape(-1).tolist(), dtype=str(tensor.dtype), shape=list(array.shape)
+                data=array.reshape(-1).tolist(), dtype=tensor.dtype, shape=list(array.shape)
             )
         return tinker.types.Datum(model_input=self.model_input(datum.model_input), loss_fn_inputs=inputs)
 

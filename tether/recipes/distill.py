@@ -22,20 +22,19 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from tether.recipes.addition import AdditionTask, Problem
-from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.conversations import load_conversations
 from tether.recipes.problems import DatasetProblems, ProblemSource
 from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import kl_sample_train
-from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import RunSettings, connect_run
+from tether.recipes.run_log import CheckpointRecord
+from tether.recipes.run_settings import SampledRunSettings, connect_run, open_sampled_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, ModelInput, SamplingParams
 from tether.types.errors import ServerError, TetherError, UserInputError
@@ -43,7 +42,7 @@ from tether.types.errors import ServerError, TetherError, UserInputError
 log = logging.getLogger("tether.recipes.distill")
 
 
-class Config(RunSettings):
+class Config(SampledRunSettings):
     """Settings of an on-policy distillation run."""
 
     teacher_model: str | None = Field(
@@ -55,13 +54,6 @@ class Config(RunSettings):
         description="tinker:// sampler checkpoint of the teacher (save_weights_for_sampler); unset: the"
         " teacher_model's own weights.",
     )
-    env: Literal["addition"] = Field(
-        "addition", description="Built-in prompt environment, used when no dataset_path is given."
-    )
-    num_operands: int = Field(
-        4, ge=2, le=9, description="Numbers added per problem in the addition environment."
-    )
-    num_digits: int = Field(1, ge=1, le=6, description="Digits per number in the addition environment.")
     dataset_path: Path | None = Field(
         None,
         description='JSONL of prompts, one {"messages": [...]} per line (the student answers the last turn).',
@@ -78,28 +70,16 @@ class Config(RunSettings):
     load_checkpoint_path: str | None = Field(
         None, description="Start the student from the weights of this tinker:// state checkpoint."
     )
-    renderer_name: str | None = Field(
-        None, description="Chat format; unset: chosen from the model name and tokenizer."
-    )
-    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 trains all weights (full fine-tuning).")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
     kl_coef: float = Field(
         1.0, gt=0, description="Advantage of a token = -kl_coef * (log q_student - log p_teacher)."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per step.")
     group_size: int = Field(4, ge=1, description="Student samples per prompt.")
-    num_steps: int = Field(20, ge=1, description="Optimizer steps in total.")
-    max_tokens: int = Field(16, ge=1, description="Most tokens sampled per answer.")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature.")
     eval_every: int | None = Field(
         10,
         ge=1,
         description="Held-out student-teacher KL every this many steps and at the end (unset: never).",
     )
-    save_every: int | None = Field(
-        20, ge=1, description="Checkpoint every this many steps (unset: only at the end)."
-    )
-    seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
 
 
 @dataclass
@@ -232,19 +212,8 @@ def train_distill(
 ) -> DistillResult:
     """Run (or resume) on-policy distillation with an existing service client."""
     teacher = connect_teacher(config, service)
-    run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
-    run_log.write_config(config)
-    start_step = 0
-    checkpoint = run_log.last_checkpoint() if config.resume else None
-    if checkpoint is not None:
-        training_client = resume_training_client(service, checkpoint.state_path)
-        start_step = checkpoint.next_step
-        run_log.truncate_metrics(start_step)
-        log.info("resuming from %s at step %d", checkpoint.state_path, start_step)
-    elif training_client is None and config.load_checkpoint_path:
-        training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
-    elif training_client is None:
-        training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
+    run = open_sampled_run(config, service, training_client)
+    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

@@ -20,15 +20,14 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tether.recipes.addition import AdditionTask, exact_answer_reward
-from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.evaluation import heldout_accuracy
 from tether.recipes.problems import DatasetProblems, ProblemSource
 from tether.recipes.progress import progress_bar
 from tether.recipes.rl_data import rl_datum, sampled_positions
 from tether.recipes.rl_math import group_advantages, kl_sample_train
-from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import RunSettings, connect_run
+from tether.recipes.run_log import CheckpointRecord
+from tether.recipes.run_settings import SampledRunSettings, connect_run, open_sampled_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import Datum, SamplingParams
 from tether.types.errors import ServerError
@@ -36,16 +35,9 @@ from tether.types.errors import ServerError
 log = logging.getLogger("tether.recipes.grpo")
 
 
-class Config(RunSettings):
+class Config(SampledRunSettings):
     """Settings of a GRPO run."""
 
-    env: Literal["addition"] = Field(
-        "addition", description="Built-in prompt environment, used when no dataset_path is given."
-    )
-    num_operands: int = Field(
-        4, ge=2, le=9, description="Numbers added per problem in the addition environment."
-    )
-    num_digits: int = Field(1, ge=1, le=6, description="Digits per number in the addition environment.")
     dataset_path: Path | None = Field(
         None,
         description='JSONL of prompts, one {"messages": [...], "answer": "..."} per line (exact-answer reward).',
@@ -58,27 +50,18 @@ class Config(RunSettings):
     log_dir: Path = Field(
         Path("runs/grpo"), description="Where metrics.jsonl, config.json and checkpoints.jsonl go."
     )
-    model_name: str = Field("tether/tiny-qwen3", description="Base model, as the server names it.")
     load_checkpoint_path: str | None = Field(
         None,
         description="Start from the weights of this tinker:// state checkpoint (e.g. the end of an SFT run).",
     )
-    renderer_name: str | None = Field(
-        None, description="Chat format; unset: chosen from the model name and tokenizer."
-    )
-    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 trains all weights (full fine-tuning).")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
     loss_fn: Literal["importance_sampling", "ppo"] = Field(
         "importance_sampling", description="Policy-gradient loss."
     )
     ppo_clip_low: float = Field(0.8, gt=0, description="PPO: lower clip of the probability ratio.")
     ppo_clip_high: float = Field(1.2, gt=0, description="PPO: upper clip of the probability ratio.")
-    batch_size: int = Field(16, ge=1, description="Prompts per step.")
     group_size: int = Field(
         8, ge=2, description="Samples per prompt; advantages are relative to the group mean."
     )
-    num_steps: int = Field(20, ge=1, description="Optimizer steps in total.")
-    max_tokens: int = Field(16, ge=1, description="Most tokens sampled per answer.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for the rollouts.")
     remove_constant_reward_groups: bool = Field(
         True, description="Skip groups whose samples all got the same reward."
@@ -86,10 +69,6 @@ class Config(RunSettings):
     eval_every: int | None = Field(
         10, ge=1, description="Held-out greedy accuracy every this many steps and at the end (unset: never)."
     )
-    save_every: int | None = Field(
-        20, ge=1, description="Checkpoint every this many steps (unset: only at the end)."
-    )
-    seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
 
 
 @dataclass
@@ -189,19 +168,8 @@ def train_grpo(
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> GRPOResult:
     """Run (or resume) GRPO with an existing service client; `training_client` continues a model in hand."""
-    run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
-    run_log.write_config(config)
-    start_step = 0
-    checkpoint = run_log.last_checkpoint() if config.resume else None
-    if checkpoint is not None:
-        training_client = resume_training_client(service, checkpoint.state_path)
-        start_step = checkpoint.next_step
-        run_log.truncate_metrics(start_step)
-        log.info("resuming from %s at step %d", checkpoint.state_path, start_step)
-    elif training_client is None and config.load_checkpoint_path:
-        training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
-    elif training_client is None:
-        training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
+    run = open_sampled_run(config, service, training_client)
+    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

@@ -29,7 +29,6 @@ from pydantic import Field
 
 from tether.recipes import grpo
 from tether.recipes.addition import exact_answer_reward
-from tether.recipes.clients import new_training_client, resume_training_client
 from tether.recipes.compat import SdkTypes
 from tether.recipes.evaluation import heldout_accuracy
 from tether.recipes.problems import ProblemSource
@@ -38,7 +37,7 @@ from tether.recipes.rl_data import rl_datum
 from tether.recipes.rl_math import group_advantages
 from tether.recipes.rollout_queue import AsyncRollouts, RolloutGroup, Sample, StalePolicy
 from tether.recipes.run_log import CheckpointRecord, RunLog
-from tether.recipes.run_settings import connect_run
+from tether.recipes.run_settings import connect_run, open_sampled_run
 from tether.renderers import Renderer, renderer_for_model
 from tether.types.data import ModelInput, SamplingParams
 from tether.types.errors import ServerError, UserInputError
@@ -184,30 +183,19 @@ def train_rl(
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> RLResult:
     """Run (or resume) asynchronous RL with an existing service client."""
-    run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
-    run_log.write_config(config)
-    start_step = 0
     queue_state: dict[str, Any] | None = None
-    checkpoint = run_log.last_checkpoint() if config.resume else None
-    if checkpoint is not None:
+
+    def restore_queue(checkpoint: CheckpointRecord) -> None:
+        nonlocal queue_state
         queue_state = _load_pending(config.log_dir, checkpoint.extra.get("rollouts"))
         if queue_state.get("batch_size") != config.batch_size:
             raise UserInputError(
                 f"{config.log_dir} holds a run with another batch_size; use a new log_dir", field="resume"
             )
-        training_client = resume_training_client(service, checkpoint.state_path)
-        start_step = checkpoint.next_step
-        run_log.truncate_metrics(start_step)
-        log.info(
-            "resuming from %s at step %d with %d sampled groups",
-            checkpoint.state_path,
-            start_step,
-            len(queue_state["groups"]),
-        )
-    elif training_client is None and config.load_checkpoint_path:
-        training_client = service.create_training_client_from_state(config.load_checkpoint_path).result()
-    elif training_client is None:
-        training_client = new_training_client(service, config.model_name, config.lora_rank, config.seed)
+        log.info("resuming with %d sampled groups", len(queue_state["groups"]))
+
+    run = open_sampled_run(config, service, training_client, before_resume=restore_queue)
+    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

@@ -22,6 +22,7 @@ futures, so any client with `sample(...).result()` works. This module knows noth
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,7 +170,7 @@ class AsyncRollouts:
             self._next_index += 1
             self._in_flight.add(index)
             future = self._pool.submit(self._sample_group, self._client, index, self._version)
-            future.add_done_callback(lambda f, index=index: self._finished(index, f))
+            future.add_done_callback(functools.partial(self._finished, index))
 
     def _finished(self, index: int, future: Future) -> None:
         with self._cond:

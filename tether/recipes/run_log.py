@@ -152,7 +152,7 @@ def _start_wandb(project: str | None, name: str | None, log_dir: Path) -> Any:
     if not project:
         return None
     try:
-        import wandb  # type: ignore[import-not-found]
+        import wandb
     except ImportError:
         log.warning("wandb_project is set but wandb is not installed; logging to %s only", log_dir)
         return None

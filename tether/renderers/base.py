@@ -121,7 +121,7 @@ def tool_call_arguments(call: ToolCall, *, field_name: str = "tool_calls") -> di
     return arguments
 
 
-def validate_messages(messages: Sequence[Any], *, field_name: str = "messages") -> list[Message]:
+def validate_messages(messages: object, *, field_name: str = "messages") -> list[Message]:
     """Check the shape of every message up front, so a bad conversation raises before any rendering."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise UserInputError("must be a list of {'role', 'content'} messages", field=field_name)

@@ -108,7 +108,7 @@ class ChatTemplateRenderer(Renderer):
         variants = []
         for probe in _PROBES:
             changed = list(messages)
-            changed[index] = {**messages[index], "content": probe}  # type: ignore[typeddict-item]
+            changed[index] = {**messages[index], "content": probe}
             variants.append(self._full(changed))
         if variants[0] == variants[1]:
             raise UserInputError(

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, overload
 
 from sqlalchemy import (
     JSON,
@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from tether.types.errors import NotFoundError
@@ -54,6 +54,11 @@ BUSY_TIMEOUT_MS = 10_000
 def utcnow() -> datetime:
     """Naive UTC: SQLite stores no time zone, so every stored time is UTC by convention."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows a DML statement matched: `Session.execute` is typed `Result`, DML answers a `CursorResult`."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -231,7 +236,7 @@ class Catalogue:
         keys = key if isinstance(key, tuple) else (key,)
         with self.writing() as s:
             where = [column == value for column, value in zip(columns, keys, strict=True)]
-            return s.execute(update(row_type).where(*where).values(**values)).rowcount
+            return _rowcount(s.execute(update(row_type).where(*where).values(**values)))
 
     def _page(self, query: Any, order_by: Sequence[Any], limit: int, offset: int) -> tuple[list[Any], int]:
         """One page of `query`'s rows in `order_by` order, and the total count (SQL COUNT, one snapshot)."""
@@ -259,7 +264,7 @@ class Catalogue:
             q = (update(SessionRow)
                  .where(SessionRow.session_id == session_id, SessionRow.owner == owner, SessionRow.status == "active")
                  .values(last_heartbeat=utcnow()))
-            return s.execute(q).rowcount == 1
+            return _rowcount(s.execute(q)) == 1
 
     def set_session_status(self, session_id: str, status: str) -> None:
         self._update(SessionRow, session_id, status=status)
@@ -409,7 +414,7 @@ class Catalogue:
                   .values(scope=scope, key=key, value=value, created_at=utcnow())
                   .on_conflict_do_nothing(index_elements=["scope", "key"]))
         with self.writing() as s:
-            if s.execute(insert).rowcount == 1:
+            if _rowcount(s.execute(insert)) == 1:
                 return None
             return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
                                                                   IdempotencyKeyRow.key == key))
@@ -434,12 +439,20 @@ class Catalogue:
                  .where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key,
                         IdempotencyKeyRow.value == expected)
                  .values(value=value))
-            return s.execute(q).rowcount == 1
+            return _rowcount(s.execute(q)) == 1
 
     def release_idempotency_key(self, scope: str, key: str) -> None:
         """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""
         with self.writing() as s:
             s.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key))
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+
+
+@overload
+def as_utc(value: None) -> None: ...
 
 
 def as_utc(value: datetime | None) -> datetime | None:

@@ -39,6 +39,13 @@ class ServerConfig(EngineSettings, JobSettings):
         ge=1,
         description="Samples (num_samples summed) pending per base model before asample answers 429 (back-pressure).",
     )
+    max_samplers_per_model: int = Field(
+        4,
+        ge=1,
+        description="Sampling clients a training model keeps from save_weights_and_get_sampling_client; a newer "
+        "one releases the oldest's frozen weights (memory stays flat over an RL run), and using a released one "
+        "answers 404 saying so.",
+    )
     session_timeout_s: float = Field(
         120.0,
         gt=0,

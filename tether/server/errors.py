@@ -81,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json_error(500, f"internal error: {type(exc).__name__}", "server")
 
 
-def require(condition: bool, message: str, *, field: str | None = None, datum_index: int | None = None) -> None:
+def require(condition: object, message: str, *, field: str | None = None, datum_index: int | None = None) -> None:
     """Raise `UserInputError` unless `condition` holds (request checks read as one line each)."""
     if not condition:
         raise UserInputError(message, field=field, datum_index=datum_index)

@@ -9,6 +9,7 @@ server needs to route and authorize requests; the weights themselves live in the
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,10 @@ class LiveObjects:
         self._models: dict[str, LiveModel] = {}
         self._samplers: dict[str, LiveSampler] = {}
         self._pending_samples: dict[str, int] = {}
+        self._ephemeral: dict[str, list[str]] = {}
+        """Per training model, its sampling sessions made from its live weights, oldest first."""
+        self._released: OrderedDict[str, str] = OrderedDict()
+        """Recently released sampler ids -> why (a bounded memory, for a clear 404)."""
 
     # ---- models ------------------------------------------------------------------------------
 
@@ -89,9 +94,29 @@ class LiveObjects:
     def sampler(self, sampler_id: str, owner: str) -> LiveSampler:
         with self._lock:
             sampler = self._samplers.get(sampler_id)
+            released = self._released.get(sampler_id)
         if sampler is None or sampler.owner != owner:
-            raise NotFoundError(f"unknown sampling_session_id {sampler_id!r}")
+            why = f" ({released})" if released is not None and (sampler is None) else ""
+            raise NotFoundError(f"unknown sampling_session_id {sampler_id!r}{why}")
         return sampler
+
+    def add_ephemeral(self, model_id: str, sampler_id: str, keep: int) -> list[str]:
+        """Record a sampler made from `model_id`'s live weights; return the older ones beyond `keep` to release."""
+        with self._lock:
+            made = self._ephemeral.setdefault(model_id, [])
+            if sampler_id not in made:
+                made.append(sampler_id)
+            evicted, made[:] = made[:-keep], made[-keep:]
+            for old in evicted:
+                self._released[old] = (f"released: model {model_id!r} keeps its {keep} newest sampling clients; "
+                                       "save weights again to sample the current ones")
+                while len(self._released) > 4096:
+                    self._released.popitem(last=False)
+            return evicted
+
+    def forget_ephemeral(self, model_id: str) -> list[str]:
+        with self._lock:
+            return self._ephemeral.pop(model_id, [])
 
     def has_sampler(self, sampler_id: str) -> bool:
         with self._lock:

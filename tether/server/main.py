@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -168,7 +169,7 @@ class ServerThread:
     @property
     def app(self) -> FastAPI:
         assert self._server is not None
-        return self._server.config.app
+        return cast(FastAPI, self._server.config.app)  # the app `_uvicorn_server` built
 
     def start(self) -> str:
         self._server = _uvicorn_server(self.config)

@@ -45,7 +45,8 @@ async def create_sampling_session(body: wire.CreateSamplingSessionRequest, state
                                                                    path=path.tinker_path)))
         model_path: str | None = path.tinker_path
     else:
-        require(body.base_model is not None, "give model_path or base_model", field="base_model")
+        if body.base_model is None:
+            raise UserInputError("give model_path or base_model", field="base_model")
         base_model = body.base_model
         await trainer_for(state, base_model)
         model_path = None
@@ -126,8 +127,9 @@ async def asample(body: wire.SampleRequest, state: ServerState = Depends(server_
                     include_prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
                     topk_sample_logprobs=body.topk_sample_logprobs)
     trainer = await trainer_for(state, sampler.base_model)
-    info = state.trainers.cached_base_info(sampler.base_model) or await asyncio.to_thread(
-        state.trainers.base_info, sampler.base_model)
+    info = state.trainers.cached_base_info(sampler.base_model)
+    if info is None:
+        info = await asyncio.to_thread(state.trainers.base_info, sampler.base_model)
     params = body.sampling_params
     validate_request(SampleRequest(  # 400 now, rather than a failed future later
         prompt_tokens=tokens, num_samples=body.num_samples, max_tokens=params.max_tokens,

@@ -93,7 +93,7 @@ async def save_weights_for_sampler_ext(body: wire.SaveWeightsForSamplerExtReques
                                        ttl_seconds=body.ttl_seconds,
                                        user_metadata={"chain_checkpoint_type": written.checkpoint_type or ""})
         return wire.SaveWeightsForSamplerExtResponse(
-            path=written.path, checkpoint_type=written.checkpoint_type, stored_bytes=written.size_bytes,  # type: ignore[arg-type]
+            path=written.path, checkpoint_type=written.checkpoint_type, stored_bytes=written.size_bytes,
             full_bytes=written.full_bytes or written.size_bytes).model_dump()
 
     op = ops.SaveWeightsForSamplerExt(model_id=model.model_id, owner=owner, path=path.tinker_path,

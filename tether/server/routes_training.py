@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Request
 
@@ -49,7 +49,10 @@ async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
 async def trainer_for(state: ServerState, base_model: str, *, field_name: str = "base_model") -> Trainer:
     """The base model's trainer; starting one (seconds) happens off the event loop."""
     state.trainers.check_served(base_model, field_name=field_name)
-    return state.trainers.started(base_model) or await asyncio.to_thread(state.trainers.get, base_model)
+    trainer = state.trainers.started(base_model)
+    if trainer is None:
+        trainer = await asyncio.to_thread(state.trainers.get, base_model)
+    return trainer
 
 
 def decode_bounded(body: bytes, encoding: str | None, state: ServerState) -> Any:
@@ -154,12 +157,14 @@ async def forward_backward(request: Request, state: ServerState = Depends(server
     body = await request.body()
     encoding = request.headers.get("content-encoding")
 
-    def build() -> tuple[Any, ops.Op]:
+    def build() -> tuple[Any, ops.Forward | ops.ForwardBackward]:
         decoded = decode_bounded(body, encoding, state)
         resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 now
+        # resolve_loss_config refused every value that is not a finite number.
+        config = cast("dict[str, float] | None", decoded.loss_fn_config)
         op_type = ops.Forward if decoded.forward_only else ops.ForwardBackward
         return decoded, op_type(model_id=decoded.model_id, data=training_data(decoded.data), loss_fn=decoded.loss_fn,
-                                loss_fn_config=decoded.loss_fn_config)
+                                loss_fn_config=config)
 
     decoded, op = await off_loop_if_large(len(body), build)
     model = state.live.model(decoded.model_id, owner)
@@ -225,6 +230,17 @@ async def save_weights(body: wire.SaveWeightsRequest, state: ServerState = Depen
     return _future(request_id, model.model_id)
 
 
+def free_sampler(state: ServerState, sampler_id: str) -> None:
+    """Unregister a sampler's weights from its trainer (no-op if it is gone)."""
+    sampler = state.live.remove_sampler(sampler_id)
+    if sampler is None:
+        return
+    state.dedupe.forget_stream(sampler_id)
+    trainer = state.trainers.started(sampler.base_model)
+    if sampler.has_weights and trainer is not None:
+        trainer.submit(ops.DeleteSampler(sampler_id=sampler_id))
+
+
 def add_live_sampler(state: ServerState, *, sampler_id: str, owner: str, session_id: str, base_model: str,
                      model_path: str | None, has_weights: bool) -> None:
     """Make a sampling session live once its weights (if any) are registered with the trainer."""
@@ -250,6 +266,7 @@ async def save_weights_for_sampler(body: wire.SaveWeightsForSamplerRequest, stat
             _record_checkpoint(state, model, owner, path, written, body.ttl_seconds, body.user_metadata)
             return {"path": path.tinker_path, "type": "save_weights_for_sampler"}
     else:
+        assert body.sampling_session_seq_id is not None  # the request's validator: no path, a seq id
         sampler_id = format_sampling_session_id(model.session_id, body.sampling_session_seq_id)
         op = ops.SaveSamplerWeights(model_id=model.model_id, kind="ephemeral", owner=owner, sampler_id=sampler_id)
 
@@ -257,6 +274,8 @@ async def save_weights_for_sampler(body: wire.SaveWeightsForSamplerRequest, stat
             if not state.live.has_sampler(sampler_id):
                 add_live_sampler(state, sampler_id=sampler_id, owner=owner, session_id=model.session_id,
                                  base_model=model.base_model, model_path=None, has_weights=True)
+            for old in state.live.add_ephemeral(model.model_id, sampler_id, state.config.max_samplers_per_model):
+                free_sampler(state, old)  # superseded: its frozen copy of the weights is released
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     request_id = submit_op(state, trainer, op, owner=owner, kind="save-sampler", stream=model.model_id,
@@ -292,7 +311,7 @@ async def load_weights(body: wire.LoadWeightsRequest, state: ServerState = Depen
     row = state.catalogue.get_checkpoint(path.training_run_id, path.checkpoint_id, owner)
     run_row = state.catalogue.get_training_run(path.training_run_id, row.owner)
 
-    if not body.creates_model:
+    if body.model_id is not None:  # not body.creates_model: a legacy load into an existing model
         model = state.live.model(body.model_id, owner)
         require(run_row.base_model == model.base_model,
                 f"checkpoint is for base model {run_row.base_model!r}, not {model.base_model!r}", field="path")
@@ -305,18 +324,21 @@ async def load_weights(body: wire.LoadWeightsRequest, state: ServerState = Depen
                                                  "type": "load_weights"})
         return _future(request_id, model.model_id)
 
-    state.catalogue.get_session(body.session_id, owner)
+    # Create-via-load: the request's validator requires both.
+    assert body.session_id is not None and body.model_seq_id is not None
+    session_id = body.session_id
+    state.catalogue.get_session(session_id, owner)
     base_model = body.base_model or run_row.base_model
     require(base_model == run_row.base_model,
             f"checkpoint is for base model {run_row.base_model!r}, not {base_model!r}", field="base_model")
-    model_id = format_model_id(body.session_id, body.model_seq_id)
-    new_model = LiveModel(model_id=model_id, owner=owner, session_id=body.session_id, base_model=base_model,
+    model_id = format_model_id(session_id, body.model_seq_id)
+    new_model = LiveModel(model_id=model_id, owner=owner, session_id=session_id, base_model=base_model,
                           is_lora=run_row.is_lora, lora_rank=run_row.lora_rank or 0,
                           lora_config=dict(run_row.lora_config or {}))
     trainer = await trainer_for(state, base_model)
 
     def finish(_: ops.Done) -> dict[str, Any]:
-        state.catalogue.add_training_run(model_id, body.session_id, owner, base_model=base_model,
+        state.catalogue.add_training_run(model_id, session_id, owner, base_model=base_model,
                                          is_lora=new_model.is_lora, lora_rank=new_model.lora_rank or None,
                                          lora_config=new_model.lora_config, user_metadata=body.user_metadata or {})
         return {"path": path.tinker_path, "model_id": model_id, "type": "load_weights"}

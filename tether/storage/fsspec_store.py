@@ -18,6 +18,7 @@ server's catalogue serialises saves of one name.
 
 from __future__ import annotations
 
+import builtins
 import tempfile
 import time
 import uuid
@@ -209,7 +210,7 @@ class FsspecCheckpointStore(CheckpointStore):
             except FileNotFoundError:
                 continue  # verify_files reports it as missing, for the files the caller needs
 
-    def _ls(self, prefix: str) -> list[str]:
+    def _ls(self, prefix: str) -> builtins.list[str]:  # `list` here is the method above
         try:
             return sorted(self.fs.ls(prefix, detail=False))
         except FileNotFoundError:

@@ -287,7 +287,7 @@ def _full_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in tensors.values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset())) if t.numel() else (id(t), 0)
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

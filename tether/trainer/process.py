@@ -11,6 +11,7 @@ A frame whose body is not a valid op fails that one op (`OpFailure`), never the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -78,7 +79,7 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
             except Exception as exc:  # noqa: BLE001 - a refused op fails alone
                 answer(op_id, ops.OpFailure.from_exception(exc))
                 continue
-            future.add_done_callback(lambda done, op_id=op_id: answer(op_id, done))
+            future.add_done_callback(functools.partial(answer, op_id))
     except (OSError, ValueError) as exc:
         log.warning("op connection broke: %s", exc)
     finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -248,7 +248,7 @@ class TensorData:
         if type(value).__module__.startswith("torch"):
             return cls.from_torch(value)
         if hasattr(value, "to_numpy") and hasattr(value, "dtype"):
-            return cls(value.to_numpy(), str(value.dtype), None)
+            return cls(value.to_numpy(), cast(TensorDtype, str(value.dtype)), None)  # __init__ checks it
         if isinstance(value, list | tuple):
             if key not in LOSS_FN_INPUT_DTYPES:
                 raise UserInputError(

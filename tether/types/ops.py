@@ -18,15 +18,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
-from tether.types.errors import (
-    AuthenticationError,
-    ConflictError,
-    NotFoundError,
-    OverloadedError,
-    ServerError,
-    TetherError,
-    UserInputError,
-)
+from tether.types import errors
+from tether.types.errors import ServerError, TetherError, UserInputError
 from tether.types.wire import AdamParams, LoraConfig, SamplingParams
 
 _ARRAY_KINDS = "biuf"
@@ -297,10 +290,10 @@ class BaseModelInfo(_Message):
 
 
 _ERROR_TYPES: dict[str, type[TetherError]] = {
-    cls.__name__: cls
-    for cls in (TetherError, UserInputError, NotFoundError, ConflictError, AuthenticationError, OverloadedError,
-                ServerError)
+    cls.__name__: cls for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, TetherError)
 }
+"""Every class of the one error hierarchy (`tether.types.errors`), by name."""
 
 
 class OpFailure(_Message):
@@ -311,20 +304,32 @@ class OpFailure(_Message):
     message: str
     field: str | None = None
     datum_index: int | None = None
+    http_status: int | None = None
+    """The original error's status (a subclass may have its own, e.g. a damaged checkpoint's 422)."""
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> OpFailure:
+        """A subclass travels as its nearest class in `tether.types.errors` (same status and category)."""
         if isinstance(exc, TetherError):
-            return cls(error_type=type(exc).__name__ if type(exc).__name__ in _ERROR_TYPES else "ServerError",
-                       message=exc.message, field=getattr(exc, "field", None),
-                       datum_index=getattr(exc, "datum_index", None))
+            known = next(k.__name__ for k in type(exc).__mro__ if k.__name__ in _ERROR_TYPES)
+            field = getattr(exc, "field", None)
+            if known == "UserInputError":  # its message already names the field and datum
+                message = exc.message.split(": ", 1)[1] if field is not None or exc.datum_index is not None else exc.message  # type: ignore[attr-defined]
+            else:
+                message = exc.message
+            return cls(error_type=known, message=message, field=field, datum_index=getattr(exc, "datum_index", None),
+                       http_status=exc.http_status)
         return cls(error_type="ServerError", message=f"{type(exc).__name__}: {exc}")
 
     def to_exception(self) -> TetherError:
         cls = _ERROR_TYPES.get(self.error_type, ServerError)
         if cls is UserInputError:
-            return UserInputError(self.message, field=self.field, datum_index=self.datum_index)
-        return cls(self.message)
+            error: TetherError = UserInputError(self.message, field=self.field, datum_index=self.datum_index)
+        else:
+            error = cls(self.message)
+        if self.http_status is not None and self.http_status != error.http_status:
+            error.http_status = self.http_status
+        return error
 
 
 OpResult = Annotated[

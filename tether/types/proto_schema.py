@@ -15,8 +15,9 @@ This module only knows message shapes; the codecs that turn them into plain data
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import Message
 
 PACKAGE = "tinker_public"
 
@@ -236,11 +237,17 @@ def build_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
 
 
 POOL = descriptor_pool.DescriptorPool()
-FILE_DESCRIPTOR = POOL.Add(build_file_descriptor())
+POOL.Add(build_file_descriptor())
+# Looked up rather than taken from `Add`, which returns None on protobuf's pure-python backend.
+FILE_DESCRIPTOR = POOL.FindFileByName("tether/tinker_public.proto")
 
 
-def message_class(name: str) -> type[Message]:
-    """The generated message class for `tinker_public.<name>` from tether's private pool."""
+def message_class(name: str) -> type[Any]:
+    """The generated message class for `tinker_public.<name>` from tether's private pool.
+
+    Typed `type[Any]`: the classes (a `Message` subclass each) get their fields at run time, so a
+    type checker cannot know them.
+    """
     return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"{PACKAGE}.{name}"))
 
 

@@ -53,9 +53,9 @@ class DenseBudget:
         self.left -= nbytes
 
 
-REQUEST_DTYPES = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_INT64: np.dtype(np.int64)}
+REQUEST_DTYPES: dict[int, np.dtype] = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_INT64: np.dtype(np.int64)}
 # Results may also carry int32 and bfloat16 (§6.2); both widen on decode like the SDK does.
-RESULT_DTYPES = {
+RESULT_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
     pb.DTYPE_INT64: np.dtype(np.int64),
     pb.DTYPE_INT32: np.dtype(np.int32),

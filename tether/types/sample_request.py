@@ -13,7 +13,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from tether.types.errors import UserInputError
 
@@ -238,14 +238,16 @@ def normalize_stop(stop: None | str | Sequence[int] | Sequence[str], limits: Mod
     if not entries:
         return StopSpec()
     if all(_is_int(entry) for entry in entries):
-        for entry in entries:
+        token_ids = cast("list[int]", entries)  # `all` does not narrow; NumPy integers included
+        for entry in token_ids:
             if not 0 <= entry < limits.vocab_size:
                 raise UserInputError(f"stop token {entry} is outside the vocabulary", field="stop")
-        return StopSpec(token_ids=eos | frozenset(int(e) for e in entries))
+        return StopSpec(token_ids=eos | frozenset(int(e) for e in token_ids))
     if all(isinstance(entry, str) for entry in entries):
-        if any(entry == "" for entry in entries):
+        strings = cast("list[str]", entries)  # `all` does not narrow
+        if any(entry == "" for entry in strings):
             raise UserInputError("stop strings must not be empty", field="stop")
-        return StopSpec(token_ids=eos, strings=tuple(dict.fromkeys(entries)))
+        return StopSpec(token_ids=eos, strings=tuple(dict.fromkeys(strings)))
     raise UserInputError(
         "must be a string, a list of token ids or a list of strings, not a mix", field="stop"
     )

@@ -80,7 +80,7 @@ class WeightsInfoRequest(WireModel):
 class WeightsInfoResponse(WireModel):
     base_model: str
     is_lora: bool
-    optimizer_config: dict[str, object] = Field(default_factory=lambda: {"type": "adamw"})
+    optimizer_config: dict[str, object] = Field(default_factory=lambda: dict[str, object](type="adamw"))
     lora_rank: int | None = None
     train_unembed: bool | None = None
     train_mlp: bool | None = None

@@ -149,13 +149,13 @@ class SamplingParams(ParamsModel):
         if isinstance(self.stop, str):
             return [self.stop]
         if isinstance(self.stop, list) and self.stop and isinstance(self.stop[0], str):
-            return list(self.stop)  # type: ignore[arg-type]
+            return list(self.stop)
         return None
 
     @property
     def stop_token_ids(self) -> list[int] | None:
         if isinstance(self.stop, list) and self.stop and isinstance(self.stop[0], int):
-            return list(self.stop)  # type: ignore[arg-type]
+            return list(self.stop)
         return None
 
 

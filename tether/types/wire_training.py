@@ -83,18 +83,32 @@ class GetInfoResponse(WireModel):
     model_name: str | None = None
 
 
+MAX_LEARNING_RATE = 10.0
+"""AdamW moves each weight by about the learning rate per step, so anything above this only destroys
+the model; larger values are refused. (Weights need no bound beyond staying finite, which every
+optimizer step checks: `tether.engine.optimizer`.)"""
+
+
 class AdamParams(ParamsModel):
     """AdamW hyperparameters (decoupled weight decay); grad_clip_norm 0 disables clipping.
 
     The one definition: the SDK's user type, the optim_step body's field, and what the server reads.
+    Bounds: learning_rate in [0, MAX_LEARNING_RATE]; learning_rate * weight_decay <= 1 (a larger
+    decay flips the weights' sign).
     """
 
-    learning_rate: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    learning_rate: float = Field(default=1e-4, ge=0, le=MAX_LEARNING_RATE, allow_inf_nan=False)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     eps: float = Field(default=1e-12, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     grad_clip_norm: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _decay_keeps_the_sign(self) -> AdamParams:
+        if self.learning_rate * self.weight_decay > 1:
+            raise ValueError("weight_decay: must keep learning_rate * weight_decay <= 1")
+        return self
 
 
 class OptimStepRequest(WireModel):

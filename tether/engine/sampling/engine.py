@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -50,13 +50,24 @@ logger = logging.getLogger(__name__)
 
 
 class BaseModelLike(Protocol):
-    """What the engine needs of `tether.engine.model_loading.LoadedBaseModel`."""
+    """What the engine needs of `tether.engine.model_loading.LoadedBaseModel` (read-only)."""
 
-    model: nn.Module
-    tokenizer_path: object
-    vocab_size: int
-    max_context_length: int
-    eos_token_ids: list[int]
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def tokenizer_path(self) -> object: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def max_context_length(self) -> int: ...
+    @property
+    def eos_token_ids(self) -> list[int]: ...
+
+
+def _holds_retired_weights(key: Hashable) -> bool:
+    """Whether a prompt-cache key (built by `SamplingEngine._prefill`) holds unregistered, unused weights."""
+    weights = cast("tuple[RegisteredWeights, ...]", key)[0]
+    return weights.retired and weights.users == 0
 
 
 @dataclass(eq=False)
@@ -296,7 +307,7 @@ class SamplingEngine:
         """Drop cached prefills of weights that were unregistered and are no longer in use."""
         if self._prompt_cache is not None and self._weights.drops != self._seen_drops:
             self._seen_drops = self._weights.drops
-            self._prompt_cache.evict_where(lambda key: key[0].retired and key[0].users == 0)
+            self._prompt_cache.evict_where(_holds_retired_weights)
 
     def _decode_group(self, group: _Group) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""
@@ -338,7 +349,7 @@ class SamplingEngine:
         ):
             sequence.tokens.append(token)
             sequence.logprobs.append(logprob)
-            if (wanted := sequence.owner.request.topk_sample_logprobs) and top_ids is not None:
+            if (wanted := sequence.owner.request.topk_sample_logprobs) and top_ids is not None and top_values is not None:
                 pairs = zip(top_ids[row, :wanted].tolist(), top_values[row, :wanted].tolist(), strict=True)
                 sequence.topk_logprobs.append(list(pairs))
             if sequence.owner.stop.is_met(sequence.tokens):
@@ -403,5 +414,10 @@ class SamplingEngine:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(self._base.tokenizer_path))
-            self._decode_text = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)
+
+            def decode_text(ids: Sequence[int]) -> str:
+                # One flat id list decodes to one string (`decode` is typed for batches too).
+                return cast(str, tokenizer.decode(list(ids), skip_special_tokens=False))
+
+            self._decode_text = decode_text
         return self._decode_text

@@ -126,7 +126,8 @@ class BatchKVCache:
         rows = self.num_rows + sum(other.num_rows * repeats for other, repeats in joining)
         capacity = max(new_length + GROWTH_MIN_COLUMNS, self.capacity)
         template = joining[0][0]
-        keys, values = [], []
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for layer in range(len(template.keys)):
             for merged, mine, attr in ((keys, self.keys, "keys"), (values, self.values, "values")):
                 target = self._empty_like(getattr(template, attr)[layer], capacity, rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ def _masks_for(
     prepares); the cache keeps every token, and the sliding mask hides those outside the window.
     """
     full = _mask_for(model, cache.attention_mask(num_new, device))
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig
     if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
         return full
     window = cache.attention_mask(num_new, device, sliding_window=config.sliding_window)

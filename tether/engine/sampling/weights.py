@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tether.engine.lora import LoraSpec, LoraWeights, lora_layers, remove_adapter
+from tether.engine.lora import LoraSpec, LoraWeights, MultiLoraLinear, lora_layers, remove_adapter
 from tether.types.errors import ConflictError, NotFoundError, UserInputError
 
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -130,7 +130,7 @@ class WeightsRegistry:
 
 
 def _group_factors(
-    tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module], spec: LoraSpec
+    tensors: dict[str, torch.Tensor], layers: dict[str, MultiLoraLinear], spec: LoraSpec
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Pair up and check A and B per layer; copy them to the layer's device and dtype."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
@@ -142,7 +142,7 @@ def _group_factors(
         by_layer.setdefault(layer_name, {})[suffix[1:]] = tensor
     if not by_layer:
         raise UserInputError("no LoRA tensors given", field="tensors")
-    factors = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer_name, pair in by_layer.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise UserInputError(f"layer {layer_name!r} needs both lora_A and lora_B", field="tensors")
@@ -157,10 +157,11 @@ def _group_factors(
             if not torch.isfinite(tensor).all():
                 raise UserInputError(f"{layer_name}.{kind} has non-finite values", field="tensors")
         weight = layer.weight
-        factors[layer_name] = tuple(
+        lora_A, lora_B = (
             pair[k].detach().to(device=weight.device, dtype=weight.dtype).clone()
             for k in ("lora_A", "lora_B")
         )
+        factors[layer_name] = (lora_A, lora_B)
     return factors
 
 
@@ -191,6 +192,7 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
                       if p is embed and n != "lm_head.weight"), None)
     untie = bool(tied and head is not None and embed_key in cleaned and not torch.equal(head, cleaned[embed_key]))
     if untie:  # a merged LoRA on lm_head: the output projection is no longer the input embedding
+        assert head is not None  # `untie` requires it
         model.get_output_embeddings().weight = nn.Parameter(head.clone(), requires_grad=False)
     model.load_state_dict(cleaned, strict=False)
     if tied and not untie:
