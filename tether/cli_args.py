@@ -50,7 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         origin = typing.get_origin(annotation)
         default = field.get_default(call_default_factory=True)
         help_text = (field.description or "").strip()
-        if default not in (None, "", [], {}):
+        if not field.is_required() and default not in (None, "", [], {}):
             shown = default.value if hasattr(default, "value") else default
             help_text += f" (default: {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}

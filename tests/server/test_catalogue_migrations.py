@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
+import tether.jobs.store  # noqa: F401 - every module with a table registers it on Base
 import tether.server.deployments  # noqa: F401  (tables of other modules share the catalogue's metadata)
 import tether.server.run_metrics  # noqa: F401
 from tether.server.catalogue import MIGRATIONS_DIR, Base, Catalogue

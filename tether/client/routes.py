@@ -18,6 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 from tether.client.wire_convert import forward_output_from_wire, sample_response_from_wire
 from tether.types import data, proto
 from tether.types import wire as w
+from tether.types import wire_jobs as wj
 from tether.types.data import ForwardBackwardOutput, SampleResponse
 from tether.types.errors import ServerError
 from tether.types.proto import ForwardBackwardRequestBody
@@ -196,3 +197,20 @@ PUBLISH_CHECKPOINT: Route[None] = Route("POST", f"{_CHECKPOINT}/publish", None, 
 UNPUBLISH_CHECKPOINT: Route[None] = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
 LIST_SESSIONS = Route("GET", f"{_V1}/sessions", None, _model(w.ListSessionsResponse))
 GET_SESSION = Route("GET", f"{_V1}/sessions/{{session_id}}", None, _model(w.GetSessionResponse))
+
+# ---- dedicated trainer jobs (the control plane, tether/server/routes_jobs.py)
+_JOBS = "/training/v1/trainerJobs"
+_JOB = f"{_JOBS}/{{job_id}}"
+CREATE_TRAINER_JOB = Route("POST", _JOBS, wj.TrainerJobConfig, _model(wj.TrainerJob))
+LIST_TRAINER_JOBS = Route("GET", _JOBS, None, _model(wj.TrainerJobsResponse))
+GET_TRAINER_JOB = Route("GET", _JOB, None, _model(wj.TrainerJob))
+DELETE_TRAINER_JOB = Route("DELETE", _JOB, None, _model(wj.TrainerJob))
+RESUME_TRAINER_JOB = Route("POST", f"{_JOB}:resume", None, _model(wj.TrainerJob))
+CANCEL_TRAINER_JOB = Route("POST", f"{_JOB}:cancel", None, _model(wj.TrainerJob))
+TRAINER_JOB_HEALTHZ = Route("GET", f"{_JOB}/api/v1/healthz", None, None)
+LIST_JOB_CHECKPOINTS = Route("GET", f"{_JOB}/checkpoints", None, _model(wj.JobCheckpointsResponse))
+DELETE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:delete", wj.DeleteJobCheckpointRequest, None)
+PROMOTE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:promote", wj.PromoteCheckpointRequest,
+                               _model(wj.ExportedModel))
+EXPORT_MERGED_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:exportMerged", wj.ExportMergedRequest,
+                                     _model(wj.ExportedModel))

@@ -12,13 +12,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from tether.engine.default_model import DEFAULT_MODEL_NAME
+from tether.jobs.config import JobSettings
 from tether.trainer.config import EngineSettings, default_data_dir
 
 __all__ = ["ServerConfig", "default_data_dir"]
 
 
-class ServerConfig(EngineSettings):
-    """Everything an operator can choose about one `tether serve` process."""
+class ServerConfig(EngineSettings, JobSettings):
+    """Everything an operator can choose about one `tether serve` process (trainer jobs: JobSettings)."""
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 exposes the server).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")

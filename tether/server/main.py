@@ -89,12 +89,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether, routes_tokenizer):
         app.include_router(module.router)
-    from tether.server import routes_console
+    from tether.server import routes_console, routes_jobs
 
     routes_console.install(app)  # console pages, run metrics JSON, Prometheus /metrics
     from tether.server import routes_deployments
 
     routes_deployments.install(app)  # deployments: control plane + hot-load/inference proxy
+    routes_jobs.install(app)  # trainer jobs: the control plane and its proxy to each job
     return app
 
 

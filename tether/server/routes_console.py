@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -153,9 +153,15 @@ def console_sessions(limit: int = Query(50, ge=1, le=500), offset: int = Query(0
 
 
 @router.get("/api/v1/tether/console/jobs")
-async def console_jobs(owner: str = Depends(request_owner)) -> dict[str, Any]:
-    """Trainer jobs: none in this version (the page shows its empty state)."""
-    return {"jobs": [], "available": False, "note": "This server runs no trainer jobs yet."}
+async def console_jobs(request: Request, owner: str = Depends(request_owner)) -> dict[str, Any]:
+    """The caller's trainer jobs (tether/jobs), newest first."""
+    import asyncio
+
+    rows = await asyncio.to_thread(request.app.state.tether_jobs.list, owner)
+    jobs = [{"job_id": r.job_id, "state": r.job_state.short, "base_model": r.job_config.base_model,
+             "reason": r.reason, "restarts": r.restart_count, "created": as_utc(r.created_at)} for r in rows]
+    return {"jobs": jobs, "available": True,
+            "note": "Create one with `tether jobs create --base-model ...` or TrainerJobManager.create_and_wait."}
 
 
 @router.get("/api/v1/tether/console/deployments")

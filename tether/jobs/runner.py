@@ -1,0 +1,108 @@
+"""The process of one trainer job: a `tether serve` for one base model that loads it before it says ready.
+
+`python -m tether.jobs.runner SPEC.json` (what every launcher starts) runs the full Tinker protocol
+for the spec's base model, like `tether serve --models <base>`, on a free port. It loads the base
+model into its trainer first, then writes `{"url", "model_load_s", "pid"}` atomically to the spec's
+ready file: a job whose ready file exists can train at once. Its API key comes in the environment
+(`TETHER_JOB_API_KEY`, never on the command line or in the spec): the control plane holds it and
+swaps it in when it forwards a user's request, so only the control plane can reach the job.
+
+The job's data directory (its own catalogue `tether.db` and `checkpoints/`) is the spec's
+`server.data_dir`; it outlives the process, so a relaunch finds its checkpoints and the control
+plane can list them after the job is gone. The process exits when the process that started it
+goes away (it is re-parented), so a dead launcher leaves nothing running.
+
+Multi-rank jobs (torchrun, `RANK` > 0) need the distributed trainer; until it exists the runner
+refuses them with a clear error, which the launcher records as the job's failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tether.server.config import ServerConfig
+
+log = logging.getLogger("tether.jobs")
+
+API_KEY_ENV = "TETHER_JOB_API_KEY"
+
+
+class JobProcessSpec(BaseModel):
+    """What a launcher hands the job process (written as JSON next to the job's log)."""
+
+    job_id: str
+    server: ServerConfig = Field(description="The job's server settings: one model, port 0, the job's data dir.")
+    ready_file: Path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def error_file(ready_file: Path) -> Path:
+    """Where a job process that cannot serve writes why (the control plane records it as the reason)."""
+    return ready_file.with_name("error.txt")
+
+
+def run(spec: JobProcessSpec) -> None:
+    """Serve the job until SIGTERM/SIGINT or until its parent process is gone; a failure to start is
+    written to `error_file` before the process exits."""
+    try:
+        _run(spec)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            message = str(exc) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            _write_atomic(error_file(spec.ready_file), message)
+        raise
+
+
+def _run(spec: JobProcessSpec) -> None:
+    from tether.server.main import _bound_url, _uvicorn_server
+
+    if int(os.environ.get("RANK", "0")) > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("tether job: multi-rank jobs need the distributed trainer, which this build lacks")
+    key = os.environ.pop(API_KEY_ENV, None)
+    if not key:
+        raise SystemExit(f"tether job: {API_KEY_ENV} is not set")
+    config = spec.server.model_copy(update={"api_keys": [key], "ready_file": None})
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = _uvicorn_server(config)
+    parent = os.getppid()
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if not server.started:
+            await task
+            return
+        url = _bound_url(server, config.host)
+        state = server.config.app.state.tether
+        started = time.monotonic()
+        for name in config.models:  # load before saying ready: a ready job trains at once
+            await asyncio.to_thread(state.trainers.base_info, name)
+        load_s = time.monotonic() - started
+        print(f"tether job {spec.job_id}: serving {config.models} on {url} (model load {load_s:.2f} s)", flush=True)
+        _write_atomic(spec.ready_file, json.dumps({"url": url, "model_load_s": load_s, "pid": os.getpid()}))
+        while not task.done():
+            if os.getppid() != parent:
+                log.warning("tether job %s: its launcher is gone; stopping", spec.job_id)
+                server.should_exit = True
+            await asyncio.sleep(0.5)
+        await task
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    run(JobProcessSpec.model_validate_json(Path(sys.argv[1]).read_text()))
