@@ -43,7 +43,7 @@ from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
 from tether.engine.training_engine import TrainingEngine, _check_logprob_grads, _full_copy, _TrainingModel
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
-from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle
+from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
 __all__ = ["DistributedTrainingEngine", "broadcast_bytes", "all_gather_bytes", "split_by_tokens"]
@@ -354,6 +354,22 @@ class DistributedTrainingEngine(TrainingEngine):
                     kept.append(logprobs.flat)
         return kept
 
+    def _run_one(self, request: LossRequest) -> ForwardResult:
+        """Every forward(_backward) goes through the sharded path (each rank its share of the datums)."""
+        with self._lock:
+            return self._run_loss(request.model_id, request.data, request.loss_fn, request.loss_fn_config,
+                                  backward=request.backward)
+
+    def forward_backward_fused(self, requests: Sequence[LossRequest]) -> list[ForwardResult | Exception]:
+        """No fused passes across ranks: each request runs on its own (the trainer never fuses here)."""
+        results: list[ForwardResult | Exception] = []
+        for request in requests:
+            try:
+                results.append(self._run_one(request))
+            except Exception as exc:  # noqa: BLE001 - one result or error per request, as the base class
+                results.append(exc)
+        return results
+
     def _run_loss(self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None, *,
                   backward: bool) -> ForwardResult:
         trained = self._get(model_id)
@@ -361,7 +377,7 @@ class DistributedTrainingEngine(TrainingEngine):
         checked = self._validate(data, get_loss(loss_fn).required_inputs)
         indices = self._share(checked)
         mine = [checked[i] for i in indices]
-        local = super()._run_loss(model_id, mine, loss_fn, loss_fn_config, backward=backward) if mine else None
+        local = super()._run_one(LossRequest(model_id, mine, loss_fn, loss_fn_config, backward=backward)) if mine else None
         self._run_dummies(trained, checked, mine, backward=backward)
         outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
         loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
