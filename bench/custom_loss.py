@@ -76,17 +76,23 @@ def main() -> None:
     os.environ.setdefault("TINKER_TELEMETRY", "0")  # no background telemetry competing for the CPU
     import tinker
 
-    config = ServerConfig(port=0, models=[args.model], data_dir=tempfile.mkdtemp(prefix="bench-"), log_level="warning")
+    config = ServerConfig(
+        port=0, models=[args.model], data_dir=tempfile.mkdtemp(prefix="bench-"), log_level="warning"
+    )
     with ServerThread(config) as url:
         ours = ServiceClient(base_url=url, api_key="tml-bench")
         official = tinker.ServiceClient(base_url=url, api_key="tml-bench")
         tc = ours.create_lora_training_client(args.model, rank=args.rank, seed=0).result()
-        tc_official = official.create_lora_training_client(base_model=args.model, rank=args.rank, seed=0).result()
+        tc_official = official.create_lora_training_client(
+            base_model=args.model, rank=args.rank, seed=0
+        ).result()
         batch = make_batch(args.datums, args.length, vocab=256)
         batch_official = [
             tinker.Datum(
                 model_input=tinker.ModelInput.from_ints(d.model_input.to_ints()),
-                loss_fn_inputs={k: tinker.TensorData.from_numpy(v.to_numpy()) for k, v in d.loss_fn_inputs.items()},
+                loss_fn_inputs={
+                    k: tinker.TensorData.from_numpy(v.to_numpy()) for k, v in d.loss_fn_inputs.items()
+                },
             )
             for d in batch
         ]
@@ -108,7 +114,9 @@ def main() -> None:
         official.close("success").result()
 
     tokens = args.datums * args.length
-    print(f"model {args.model}, {args.datums} datums x {args.length} tokens = {tokens} tokens, {args.reps} reps")
+    print(
+        f"model {args.model}, {args.datums} datums x {args.length} tokens = {tokens} tokens, {args.reps} reps"
+    )
     print(f"  {'':<24} {'median':>10} {'min':>10}")
     for name, t in times.items():
         print(f"  {name:<24} {statistics.median(t) * 1000:8.1f}ms {min(t) * 1000:8.1f}ms")

@@ -69,9 +69,13 @@ def main() -> None:
     base = load_base_model(DEFAULT_MODEL_NAME)
     engine = TrainingEngine(base)
     compressor = zstandard.ZstdCompressor(level=3)
-    print(f"model {DEFAULT_MODEL_NAME} fp32, full fine-tuning, AdamW, batch {args.batch}×{args.length} tokens")
-    print(f"{'lr':>7} {'steps':>5} {'full MB':>8} {'plain ×':>8} {'tether ×':>9} {'tether/plain':>13} "
-          f"{'chained ×':>10}")
+    print(
+        f"model {DEFAULT_MODEL_NAME} fp32, full fine-tuning, AdamW, batch {args.batch}×{args.length} tokens"
+    )
+    print(
+        f"{'lr':>7} {'steps':>5} {'full MB':>8} {'plain ×':>8} {'tether ×':>9} {'tether/plain':>13} "
+        f"{'chained ×':>10}"
+    )
     ratios = []
     for lr in args.lrs:
         model_id = f"bench-{lr}"
@@ -81,7 +85,9 @@ def main() -> None:
         done = 0
         for target_steps in sorted(args.steps):
             while done < target_steps:
-                engine.forward_backward(model_id, batch(done, args.batch, args.length, base.vocab_size), "cross_entropy")
+                engine.forward_backward(
+                    model_id, batch(done, args.batch, args.length, base.vocab_size), "cross_entropy"
+                )
                 engine.optim_step(model_id, AdamWParams(learning_rate=lr))
                 done += 1
                 current = unique(engine.sampler_weights(model_id).tensors)
@@ -93,8 +99,10 @@ def main() -> None:
             plain = sum(len(compressor.compress(x.numpy().tobytes())) for x in delta.xor.values())
             ours = delta_bytes(delta, start)
             ratios.append(plain / ours)
-            print(f"{lr:7.0e} {target_steps:5d} {full / 1e6:8.2f} {full / plain:8.2f} {full / ours:9.2f} "
-                  f"{plain / ours:13.2f} {full / (sum(chained) / len(chained)):10.2f}")
+            print(
+                f"{lr:7.0e} {target_steps:5d} {full / 1e6:8.2f} {full / plain:8.2f} {full / ours:9.2f} "
+                f"{plain / ours:13.2f} {full / (sum(chained) / len(chained)):10.2f}"
+            )
         engine.delete_model(model_id)
     print(f"tether/plain: min {min(ratios):.2f}, max {max(ratios):.2f} (target >= 1.5)")
 

@@ -33,8 +33,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--mixed-precision", default="none", choices=["none", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU threads in all (default: the cores this process may use), split evenly over the ranks")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads in all (default: the cores this process may use), split evenly over the ranks",
+    )
     parser.add_argument("--engine", choices=["single", "fsdp"], help=argparse.SUPPRESS)  # worker mode
     return parser.parse_args()
 
@@ -69,8 +73,12 @@ def worker(args: argparse.Namespace) -> None:
     data = []
     for _ in range(args.batch):
         tokens = torch.randint(0, vocab, (args.seq_len + 1,), generator=generator)
-        data.append(EngineDatum(tokens[:-1].clone(), {"target_tokens": tokens[1:].clone(),
-                                                      "weights": torch.ones(args.seq_len)}))
+        data.append(
+            EngineDatum(
+                tokens[:-1].clone(),
+                {"target_tokens": tokens[1:].clone(), "weights": torch.ones(args.seq_len)},
+            )
+        )
     adam = AdamWParams(learning_rate=1e-5)
 
     def step() -> None:
@@ -90,7 +98,10 @@ def worker(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     if dist.get_rank() == 0:
         tokens = args.batch * args.seq_len * args.steps
-        print("RESULT " + json.dumps({"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / args.steps}), flush=True)
+        print(
+            "RESULT " + json.dumps({"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / args.steps}),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 
@@ -98,9 +109,31 @@ def launch(args: argparse.Namespace, engine: str, nproc: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(port), __file__, "--engine", engine]
-    for name in ("model", "batch", "seq_len", "steps", "lora_rank", "device", "dtype", "mixed_precision", "threads"):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        __file__,
+        "--engine",
+        engine,
+    ]
+    for name in (
+        "model",
+        "batch",
+        "seq_len",
+        "steps",
+        "lora_rank",
+        "device",
+        "dtype",
+        "mixed_precision",
+        "threads",
+    ):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -121,8 +154,10 @@ def main() -> None:
     one = launch(args, "single", 1)
     many = launch(args, "fsdp", args.nproc)
     mode = f"LoRA r{args.lora_rank}" if args.lora_rank else "full fine-tuning"
-    print(f"model {args.model}, {mode}, global batch {args.batch} x {args.seq_len} tokens, {args.steps} steps, "
-          f"{args.device} {args.dtype}, {args.threads} CPU threads in all")
+    print(
+        f"model {args.model}, {mode}, global batch {args.batch} x {args.seq_len} tokens, {args.steps} steps, "
+        f"{args.device} {args.dtype}, {args.threads} CPU threads in all"
+    )
     print(f"{'':28}{'tokens/s':>12}{'s/step':>10}")
     print(f"{'1 process (TrainingEngine)':28}{one['tokens_per_s']:>12.1f}{one['s_per_step']:>10.3f}")
     print(f"{f'{args.nproc} ranks (FSDP2)':28}{many['tokens_per_s']:>12.1f}{many['s_per_step']:>10.3f}")

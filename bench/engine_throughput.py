@@ -47,7 +47,8 @@ def plain_lora(model: nn.Module, rank: int, scale: float) -> list[nn.Parameter]:
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and (("attn" in name or "mlp" in name) or module is model.get_output_embeddings())
+        if type(module) is nn.Linear
+        and (("attn" in name or "mlp" in name) or module is model.get_output_embeddings())
     ]
     params = []
     for name, module in targets:
@@ -63,17 +64,26 @@ class PlainLoop:
 
     def __init__(self, path, mode: str, rank: int, alpha: float, device: str, dtype: str) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-        params = plain_lora(self.model, rank, alpha / rank) if mode == "lora" else list(self.model.parameters())
+        params = (
+            plain_lora(self.model, rank, alpha / rank) if mode == "lora" else list(self.model.parameters())
+        )
         self.model.to(device)
         self.optimizer = torch.optim.AdamW(
-            params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps, weight_decay=0.0, foreach=True
+            params,
+            lr=ADAM.learning_rate,
+            betas=(ADAM.beta1, ADAM.beta2),
+            eps=ADAM.eps,
+            weight_decay=0.0,
+            foreach=True,
         )
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> float:
         device = next(self.model.parameters()).device
         tokens, targets, weights = tokens.to(device), targets.to(device), weights.to(device)
         logits = self.model(input_ids=tokens, use_cache=False).logits
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+        losses = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+        )
         loss = (losses * weights.reshape(-1)).sum()
         loss.backward()
         self.optimizer.step()
@@ -129,13 +139,17 @@ def synchronize(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name, local HF directory or hub id")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_NAME, help="model name, local HF directory or hub id"
+    )
     parser.add_argument("--mode", choices=["lora", "full", "both"], default="both")
     parser.add_argument("--batch", type=int, default=4, help="datums per step")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per datum")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights' dtype")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights' dtype"
+    )
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     args = parser.parse_args()
     torch.manual_seed(0)

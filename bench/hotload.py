@@ -51,19 +51,26 @@ def main() -> None:
             weights = trainer.sampler_weights("m")
             started = time.perf_counter()
             saved = save_sampler_checkpoint_ext(
-                store, f"tinker://bench:train:0/sampler_weights/step-{step}",
+                store,
+                f"tinker://bench:train:0/sampler_weights/step-{step}",
                 StoredHfWeights(base_model=DEFAULT_MODEL_NAME, tensors=weights.tensors),
-                base_model_dir=base.path, tokenizer_dir=base.tokenizer_path)
+                base_model_dir=base.path,
+                tokenizer_dir=base.tokenizer_path,
+            )
             written = time.perf_counter()
             served.hotload(str(store.directory(saved.info.path)))
-            future, identity = served.submit(SampleRequest(prompt_tokens=[1, 2, 3], max_tokens=1, temperature=0))
+            future, identity = served.submit(
+                SampleRequest(prompt_tokens=[1, 2, 3], max_tokens=1, temperature=0)
+            )
             future.result()
             loaded = time.perf_counter()
             assert identity == saved.link.identity
             write_s, load_s = written - started, loaded - written
             ratios[saved.checkpoint_type].append(load_s / write_s)
-            print(f"{step:8d} {saved.checkpoint_type:>6} {saved.stored_bytes / 1e6:7.2f} {write_s:8.3f} "
-                  f"{load_s:8.3f} {load_s / write_s:11.2f}")
+            print(
+                f"{step:8d} {saved.checkpoint_type:>6} {saved.stored_bytes / 1e6:7.2f} {write_s:8.3f} "
+                f"{load_s:8.3f} {load_s / write_s:11.2f}"
+            )
     backend.close()
     for kind, values in ratios.items():
         if values:

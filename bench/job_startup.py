@@ -34,8 +34,12 @@ KEY = "tml-bench"
 
 def _batch() -> list[Datum]:
     tokens = np.arange(3, 36, dtype=np.int64)
-    return [Datum(model_input=ModelInput.from_ints(tokens[:-1].tolist()),
-                  loss_fn_inputs={"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, np.float32)})]
+    return [
+        Datum(
+            model_input=ModelInput.from_ints(tokens[:-1].tolist()),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, np.float32)},
+        )
+    ]
 
 
 def _step(trainer) -> None:
@@ -60,8 +64,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the training client")
     args = parser.parse_args()
 
-    config = ServerConfig(port=0, data_dir=tempfile.mkdtemp(prefix="tether-bench-jobs-"), api_keys=[KEY],
-                          models=[args.model], job_poll_interval_s=args.poll, log_level="warning")
+    config = ServerConfig(
+        port=0,
+        data_dir=tempfile.mkdtemp(prefix="tether-bench-jobs-"),
+        api_keys=[KEY],
+        models=[args.model],
+        job_poll_interval_s=args.poll,
+        log_level="warning",
+    )
     rows = []
     server = ServerThread(config)
     url = server.start()
@@ -71,8 +81,11 @@ def main() -> None:
         for rep in range(args.reps):
             job_id = f"bench-{rep}"
             started = time.monotonic()
-            endpoint = manager.create_and_wait(TrainerJobConfig(base_model=args.model, requested_job_id=job_id),
-                                               poll_interval_s=args.poll, timeout_s=600)
+            endpoint = manager.create_and_wait(
+                TrainerJobConfig(base_model=args.model, requested_job_id=job_id),
+                poll_interval_s=args.poll,
+                timeout_s=600,
+            )
             service = ServiceClient(base_url=endpoint.base_url, api_key=KEY)
             trainer = service.create_lora_training_client(args.model, rank=args.rank, seed=0).result()
             _step(trainer)
@@ -93,15 +106,19 @@ def main() -> None:
             service.close()
             manager.delete(job_id)
             rows.append((startup_s, load_s, recovery_s, reload_s))
-            print(f"rep {rep}: startup {startup_s:6.2f} s (model load {load_s:5.2f} s, x{startup_s / load_s:4.2f})  "
-                  f"recovery {recovery_s:6.2f} s (model load {reload_s:5.2f} s, x{recovery_s / reload_s:4.2f})",
-                  flush=True)
+            print(
+                f"rep {rep}: startup {startup_s:6.2f} s (model load {load_s:5.2f} s, x{startup_s / load_s:4.2f})  "
+                f"recovery {recovery_s:6.2f} s (model load {reload_s:5.2f} s, x{recovery_s / reload_s:4.2f})",
+                flush=True,
+            )
     finally:
         server.stop()
     startup = statistics.median(r[0] / r[1] for r in rows)
     recovery = statistics.median(r[2] / r[3] for r in rows)
-    print(f"median ratio to the trainer's model-load time: startup x{startup:.2f}, recovery x{recovery:.2f} "
-          f"(target <= 1.5)")
+    print(
+        f"median ratio to the trainer's model-load time: startup x{startup:.2f}, recovery x{recovery:.2f} "
+        f"(target <= 1.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ def run_generate_sequential(
 ) -> tuple[float, list[list[int]]]:
     model = base.model
     pad = model.generation_config.pad_token_id
-    model.generate(torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
+    model.generate(
+        torch.tensor([[1, 2, 3]], device=model.device), max_new_tokens=4, do_sample=False, pad_token_id=pad
+    )  # warm-up
     start = time.perf_counter()
     outputs = []
     for r in requests:

@@ -29,9 +29,17 @@ def build_model(directory: Path, *, hidden: int, layers: int) -> Path:
     from tether.engine.default_model import ensure_default_model
 
     tokenizer_dir = ensure_default_model()
-    config = Qwen3Config(vocab_size=264, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True)
+    config = Qwen3Config(
+        vocab_size=264,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(directory)
     for file in tokenizer_dir.iterdir():
@@ -82,8 +90,10 @@ def main() -> None:
     base = load_base_model(name, aliases={name: str(model_dir)})
     engine = TrainingEngine(base)
     engine.create_model("local", lora=LoraSpec(rank=args.rank, seed=0))
-    engine_data = [EngineDatum(torch.tensor(x), {"target_tokens": torch.tensor(y), "weights": torch.ones(len(y))})
-                   for x, y in rows]
+    engine_data = [
+        EngineDatum(torch.tensor(x), {"target_tokens": torch.tensor(y), "weights": torch.ones(len(y))})
+        for x, y in rows
+    ]
 
     def engine_step() -> float:
         start = time.perf_counter()
@@ -91,13 +101,24 @@ def main() -> None:
         engine.optim_step("local", AdamWParams(learning_rate=lr))
         return time.perf_counter() - start
 
-    sdk_data = [types.Datum(model_input=types.ModelInput.from_ints(x),
-                            loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)}) for x, y in rows]
+    sdk_data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(x),
+            loss_fn_inputs={"target_tokens": y, "weights": [1.0] * len(y)},
+        )
+        for x, y in rows
+    ]
 
     def server(trainer_process: bool) -> ServerThread:
-        return ServerThread(ServerConfig(port=0, data_dir=work / ("data-tp" if trainer_process else "data"),
-                                         models=[name], model_aliases={name: str(model_dir)},
-                                         trainer_process=trainer_process))
+        return ServerThread(
+            ServerConfig(
+                port=0,
+                data_dir=work / ("data-tp" if trainer_process else "data"),
+                models=[name],
+                model_aliases={name: str(model_dir)},
+                trainer_process=trainer_process,
+            )
+        )
 
     def sdk_step(client) -> float:
         start = time.perf_counter()
@@ -109,7 +130,9 @@ def main() -> None:
 
     with server(False) as url, server(True) as url_tp:
         services = [tinker.ServiceClient(base_url=u, api_key="tml-bench") for u in (url, url_tp)]
-        clients = [s.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result() for s in services]
+        clients = [
+            s.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result() for s in services
+        ]
         for client in clients:  # warm-up: first-use costs (thread pools, connections) are not per-step costs
             sdk_step(client)
         engine_step()
@@ -125,11 +148,16 @@ def main() -> None:
 
     svc, eng, proc = (statistics.median(t) for t in (service_times, engine_times, process_times))
     tokens = args.batch * args.seq_len
-    print(f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; "
-          f"batch {args.batch} x {args.seq_len} tokens ({tokens} tokens/step); {args.steps} steps each, alternating")
+    print(
+        f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; "
+        f"batch {args.batch} x {args.seq_len} tokens ({tokens} tokens/step); {args.steps} steps each, alternating"
+    )
     print(f"{'':34}{'median s/step':>14}{'min':>8}{'max':>8}")
-    for label, times in (("engine in-process", engine_times), ("tinker SDK + server (in-process)", service_times),
-                         ("tinker SDK + server (trainer proc)", process_times)):
+    for label, times in (
+        ("engine in-process", engine_times),
+        ("tinker SDK + server (in-process)", service_times),
+        ("tinker SDK + server (trainer proc)", process_times),
+    ):
         print(f"{label:34}{statistics.median(times):14.3f}{min(times):8.3f}{max(times):8.3f}")
     print(f"ratio service/engine: {svc / eng:.3f} (target <= 1.10)")
     print(f"ratio trainer-process service/engine: {proc / eng:.3f}")

@@ -89,27 +89,60 @@ def _job_command(group: str, name: str, help: str, config: str, run: str) -> Com
 
 
 COMMANDS += (
-    _job_command("jobs", "create", "Create a dedicated trainer job (and wait until it is ready).", "CreateArgs", "create"),
+    _job_command(
+        "jobs",
+        "create",
+        "Create a dedicated trainer job (and wait until it is ready).",
+        "CreateArgs",
+        "create",
+    ),
     _job_command("jobs", "list", "List your trainer jobs.", "ListArgs", "list_jobs"),
     _job_command("jobs", "get", "Show one trainer job.", "JobArgs", "get"),
-    _job_command("jobs", "delete", "Delete a trainer job (its checkpoints stay listable).", "JobArgs", "delete"),
+    _job_command(
+        "jobs", "delete", "Delete a trainer job (its checkpoints stay listable).", "JobArgs", "delete"
+    ),
     _job_command("jobs", "resume", "Resume a stopped trainer job.", "ResumeArgs", "resume"),
     _job_command("jobs", "cancel", "Stop a running trainer job (resumable).", "JobArgs", "cancel"),
-    _job_command("checkpoints", "list", "List a trainer job's checkpoints (also after it is gone).", "JobArgs",
-                 "list_checkpoints"),
-    _job_command("checkpoints", "promote", "Promote a sampler checkpoint to a named model (LoRA merged).",
-                 "PromoteArgs", "promote_checkpoint"),
-    _job_command("checkpoints", "export", "Export a sampler checkpoint as a merged Hugging Face model.",
-                 "DeleteCheckpointArgs", "export_merged"),
-    _job_command("checkpoints", "delete", "Delete one of a trainer job's checkpoints.", "DeleteCheckpointArgs",
-                 "delete_checkpoint"),
+    _job_command(
+        "checkpoints",
+        "list",
+        "List a trainer job's checkpoints (also after it is gone).",
+        "JobArgs",
+        "list_checkpoints",
+    ),
+    _job_command(
+        "checkpoints",
+        "promote",
+        "Promote a sampler checkpoint to a named model (LoRA merged).",
+        "PromoteArgs",
+        "promote_checkpoint",
+    ),
+    _job_command(
+        "checkpoints",
+        "export",
+        "Export a sampler checkpoint as a merged Hugging Face model.",
+        "DeleteCheckpointArgs",
+        "export_merged",
+    ),
+    _job_command(
+        "checkpoints",
+        "delete",
+        "Delete one of a trainer job's checkpoints.",
+        "DeleteCheckpointArgs",
+        "delete_checkpoint",
+    ),
 )
 
-GROUP_HELP = {"jobs": "Dedicated trainer jobs on a control plane.", "checkpoints": "Checkpoints of trainer jobs."}
+GROUP_HELP = {
+    "jobs": "Dedicated trainer jobs on a control plane.",
+    "checkpoints": "Checkpoints of trainer jobs.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="tether: a self-hosted training API for LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="tether", description="tether: a self-hosted training API for LLMs."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in COMMANDS:
@@ -117,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         if command.group is not None:
             if command.group not in groups:
                 group_parser = sub.add_parser(command.group, help=GROUP_HELP[command.group])
-                groups[command.group] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
-                                                                    required=True)
+                groups[command.group] = group_parser.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             parent = groups[command.group]
         sub_parser = parent.add_parser(command.name, help=command.help, description=command.help)
         add_config_arguments(sub_parser, command.load(command.config))
@@ -140,8 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (TetherError, httpx.HTTPError) as exc:
             print(f"tether deployments: {exc}", file=sys.stderr)
             return 2
-    command = next(c for c in COMMANDS if (c.group, c.name) == (
-        (args.command, args.subcommand) if getattr(args, "subcommand", None) else (None, args.command)))
+    command = next(
+        c
+        for c in COMMANDS
+        if (c.group, c.name)
+        == ((args.command, args.subcommand) if getattr(args, "subcommand", None) else (None, args.command))
+    )
     try:
         config = build_config(command.load(command.config), args, env_prefix=command.env_prefix)
         result = command.load(command.run)(config)

@@ -58,7 +58,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif origin in (list, tuple, set):
             (item,) = typing.get_args(annotation)[:1] or (str,)
-            parser.add_argument(flag, nargs="*", type=_scalar_type(_unwrap_optional(item)), metavar="VALUE", **kwargs)
+            parser.add_argument(
+                flag, nargs="*", type=_scalar_type(_unwrap_optional(item)), metavar="VALUE", **kwargs
+            )
         elif origin in (dict, Mapping):
             parser.add_argument(flag, nargs="*", metavar="KEY=VALUE", **kwargs)
         elif typing.get_origin(annotation) is typing.Literal:
@@ -111,7 +113,9 @@ def build_config(
         if not hasattr(args, name):
             continue
         value = getattr(args, name)
-        if typing.get_origin(_unwrap_optional(field.annotation)) in (dict, Mapping) and isinstance(value, list):
+        if typing.get_origin(_unwrap_optional(field.annotation)) in (dict, Mapping) and isinstance(
+            value, list
+        ):
             value = _parse_pairs(name, value)
         values[name] = value
     try:

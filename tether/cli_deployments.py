@@ -28,7 +28,9 @@ def add_parser(sub: Any) -> None:
     actions.add_parser("list", help="list deployments")
     for name, text in (("get", "show one deployment"), ("delete", "stop and delete a deployment")):
         actions.add_parser(name, help=text).add_argument("deployment_id")
-    hotload = actions.add_parser("hotload", help="load a sampler checkpoint (tinker:// path) onto a deployment")
+    hotload = actions.add_parser(
+        "hotload", help="load a sampler checkpoint (tinker:// path) onto a deployment"
+    )
     hotload.add_argument("deployment_id")
     hotload.add_argument("path", help="tinker://<run>/sampler_weights/<name>")
     hotload.add_argument("--transition", choices=["SYNC", "ASYNC"], default=None)
@@ -47,9 +49,15 @@ def run(args: argparse.Namespace) -> int:
     manager = DeploymentManager(args.base_url, args.api_key)
     try:
         if args.action == "create":
-            result: Any = _info(manager.create_or_get(DeploymentConfig(
-                deployment_id=args.deployment_id, base_model=args.base_model,
-                hot_load_transition_type=args.transition)))
+            result: Any = _info(
+                manager.create_or_get(
+                    DeploymentConfig(
+                        deployment_id=args.deployment_id,
+                        base_model=args.base_model,
+                        hot_load_transition_type=args.transition,
+                    )
+                )
+            )
             if args.wait:
                 result = _info(manager.wait_for_ready(args.deployment_id))
         elif args.action == "list":

@@ -25,7 +25,9 @@ class Connection(BaseModel):
 
 
 class CreateArgs(TrainerJobConfig, Connection):
-    wait: bool = Field(True, description="Wait until the job is ready (RUNNING and healthy) and print its endpoint.")
+    wait: bool = Field(
+        True, description="Wait until the job is ready (RUNNING and healthy) and print its endpoint."
+    )
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between polls while waiting.")
     timeout_s: float = Field(900.0, gt=0, description="Most seconds to wait for the job once it is placed.")
 
@@ -68,7 +70,9 @@ def create(args: CreateArgs) -> int:
     config = TrainerJobConfig.model_validate(args.model_dump(include=set(TrainerJobConfig.model_fields)))
     if not args.wait:
         return _print(manager.get(manager.create(config).job_id))
-    return _print(manager.create_and_wait(config, poll_interval_s=args.poll_interval_s, timeout_s=args.timeout_s))
+    return _print(
+        manager.create_and_wait(config, poll_interval_s=args.poll_interval_s, timeout_s=args.timeout_s)
+    )
 
 
 def list_jobs(args: ListArgs) -> int:
@@ -89,7 +93,9 @@ def resume(args: ResumeArgs) -> int:
     manager = args.manager()
     if not args.wait:
         return _print(manager.resume(args.job_id))
-    return _print(manager.resume_and_wait(args.job_id, poll_interval_s=args.poll_interval_s, timeout_s=args.timeout_s))
+    return _print(
+        manager.resume_and_wait(args.job_id, poll_interval_s=args.poll_interval_s, timeout_s=args.timeout_s)
+    )
 
 
 def cancel(args: JobArgs) -> int:

@@ -16,7 +16,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, default_model_dir) -> I
     from tether.server.config import ServerConfig
     from tether.server.main import ServerThread
 
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("server-data"), long_poll_s=5.0, log_level="warning")
+    config = ServerConfig(
+        port=0, data_dir=tmp_path_factory.mktemp("server-data"), long_poll_s=5.0, log_level="warning"
+    )
     with ServerThread(config) as url:
         yield url
 

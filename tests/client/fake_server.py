@@ -85,7 +85,11 @@ class FakeServer:
         if path == "/api/v1/get_info":
             body = json.loads(request.content)
             return httpx.Response(
-                200, json={"model_id": body["model_id"], "model_data": {"model_name": "fake", "tokenizer_id": None}}
+                200,
+                json={
+                    "model_id": body["model_id"],
+                    "model_data": {"model_name": "fake", "tokenizer_id": None},
+                },
             )
         if path == "/api/v1/retrieve_future":
             return self._retrieve(json.loads(request.content)["request_id"])
@@ -95,24 +99,36 @@ class FakeServer:
             body = decode_forward_backward_request(request.content)
             self.numbered.append((path, body.seq_id))
             lps = [self.logprobs(d) for d in body.data]
-            loss = sum((-lp * torch.as_tensor(d.loss_fn_inputs["weights"])).sum() for lp, d in zip(lps, body.data, strict=True))
+            loss = sum(
+                (-lp * torch.as_tensor(d.loss_fn_inputs["weights"])).sum()
+                for lp, d in zip(lps, body.data, strict=True)
+            )
             if path.endswith("forward_keep_graph"):
                 request_id = f"req-{next(self.ids)}"
                 self.graphs[request_id] = lps
-                out = encode_forward_backward_output([{"logprobs": lp.detach().numpy()} for lp in lps], {"loss:sum": float(loss.detach())})
+                out = encode_forward_backward_output(
+                    [{"logprobs": lp.detach().numpy()} for lp in lps], {"loss:sum": float(loss.detach())}
+                )
                 self.results[request_id] = ("proto", out)
                 return httpx.Response(200, json={"request_id": request_id})
             if not body.forward_only:
                 loss.backward()
             outputs = [{"logprobs": lp.detach().numpy()} for lp in lps]
-            return self._future("proto", encode_forward_backward_output(outputs, {"loss:sum": float(loss.detach())}))
+            return self._future(
+                "proto", encode_forward_backward_output(outputs, {"loss:sum": float(loss.detach())})
+            )
         if path == "/api/v1/tether/backward_from_logprob_grads":
             body = json.loads(request.content)
             self.numbered.append((path, body["seq_id"]))
             lps = self.graphs.pop(body["graph_id"])
-            grads = [torch.tensor(g["data"], dtype=torch.float32).reshape(g["shape"]) for g in body["logprob_grads"]]
+            grads = [
+                torch.tensor(g["data"], dtype=torch.float32).reshape(g["shape"])
+                for g in body["logprob_grads"]
+            ]
             torch.autograd.backward(lps, grads)
-            return self._future("json", {"metrics": {"backward_tokens:sum": float(sum(g.numel() for g in grads))}})
+            return self._future(
+                "json", {"metrics": {"backward_tokens:sum": float(sum(g.numel() for g in grads))}}
+            )
         if path == "/api/v1/optim_step":
             body = json.loads(request.content)
             self.numbered.append((path, body["seq_id"]))
@@ -130,11 +146,15 @@ class FakeServer:
             body = json.loads(request.content)
             self.numbered.append((path, body["seq_id"]))
             if "path" in body:
-                return self._future("json", {"path": f"tinker://{body['model_id']}/sampler_weights/{body['path']}"})
+                return self._future(
+                    "json", {"path": f"tinker://{body['model_id']}/sampler_weights/{body['path']}"}
+                )
             return self._future("json", {"sampling_session_id": "sess:sample:0"})
         if path == "/api/v1/load_weights":
             body = json.loads(request.content)
-            return self._future("json", {"model_id": f"sess:train:{body['model_seq_id']}", "path": body["path"]})
+            return self._future(
+                "json", {"model_id": f"sess:train:{body['model_seq_id']}", "path": body["path"]}
+            )
         if path == "/api/v1/weights_info":
             return httpx.Response(200, json={"base_model": "fake", "is_lora": True, "lora_rank": 4})
         if path.startswith("/api/v1/training_runs/") and "/checkpoints/" in path:
@@ -150,7 +170,9 @@ class FakeServer:
                 WireSampledSequence(tokens=[prompt[-1], i], logprobs=[-0.5, -0.25], stop_reason="length")
                 for i in range(body["num_samples"])
             ]
-            prompt_lps = [None] + [-1.0 * i for i in range(1, len(prompt))] if body["prompt_logprobs"] else None
+            prompt_lps = (
+                [None] + [-1.0 * i for i in range(1, len(prompt))] if body["prompt_logprobs"] else None
+            )
             out = encode_sample_response(SampleResponseBody(sequences=sequences, prompt_logprobs=prompt_lps))
             resp = self._future("proto", out)
             payload = json.loads(resp.content)

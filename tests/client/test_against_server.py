@@ -33,7 +33,10 @@ def test_training_sampling_and_checkpoints(service: ServiceClient) -> None:
     assert before.metrics["loss:sum"] == pytest.approx(-sum(float(lp.sum()) for lp in lps), rel=1e-5)
 
     # Pipelined: all steps submitted before any result is read.
-    futures = [(tc.forward_backward(data, "cross_entropy"), tc.optim_step(AdamParams(learning_rate=1e-2))) for _ in range(4)]
+    futures = [
+        (tc.forward_backward(data, "cross_entropy"), tc.optim_step(AdamParams(learning_rate=1e-2)))
+        for _ in range(4)
+    ]
     losses = [fb.result().metrics["loss:sum"] for fb, _ in futures]
     assert all(math.isfinite(opt.result().metrics["grad_norm:mean"]) for _, opt in futures)
     assert losses[0] == pytest.approx(before.metrics["loss:sum"], rel=1e-5)
@@ -51,17 +54,25 @@ def test_training_sampling_and_checkpoints(service: ServiceClient) -> None:
     prompt_lps = sc.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()
     assert prompt_lps[0] is None
     np.testing.assert_allclose(prompt_lps[1:], after.loss_fn_outputs[0]["logprobs"].tolist(), atol=1e-4)
-    resp = sc.sample(ModelInput.from_ints(prompt_tokens), 2, SamplingParams(max_tokens=5, seed=1, stop=[])).result()
-    assert len(resp.sequences) == 2 and all(len(s.tokens) == 5 and len(s.logprobs) == 5 for s in resp.sequences)
+    resp = sc.sample(
+        ModelInput.from_ints(prompt_tokens), 2, SamplingParams(max_tokens=5, seed=1, stop=[])
+    ).result()
+    assert len(resp.sequences) == 2 and all(
+        len(s.tokens) == 5 and len(s.logprobs) == 5 for s in resp.sequences
+    )
     assert all(s.stop_reason == "length" for s in resp.sequences)
 
     # A pickled copy (e.g. for a rollout worker process) samples the same weights.
     copy = pickle.loads(pickle.dumps(sc))
-    np.testing.assert_allclose(copy.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()[1:], prompt_lps[1:], atol=1e-6)
+    np.testing.assert_allclose(
+        copy.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()[1:], prompt_lps[1:], atol=1e-6
+    )
 
     sc2 = service.create_sampling_client(model_path=sampler.path).result()
     assert sc2.get_base_model() == MODEL
-    np.testing.assert_allclose(sc2.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()[1:], prompt_lps[1:], atol=1e-5)
+    np.testing.assert_allclose(
+        sc2.compute_logprobs(ModelInput.from_ints(prompt_tokens)).result()[1:], prompt_lps[1:], atol=1e-5
+    )
 
     # Resume: the weights come back exactly.
     for resumed in (
@@ -94,7 +105,10 @@ def test_server_errors_arrive_typed(service: ServiceClient) -> None:
     assert info.value.category == "user"
     with pytest.raises(NotFoundError):
         service.create_training_client_from_state(f"tinker://{tc.model_id}/weights/missing").result()
-    bad_token = Datum(model_input=ModelInput.from_ints([1, 99999]), loss_fn_inputs={"target_tokens": [1, 2], "weights": [1, 1]})
+    bad_token = Datum(
+        model_input=ModelInput.from_ints([1, 99999]),
+        loss_fn_inputs={"target_tokens": [1, 2], "weights": [1, 1]},
+    )
     with pytest.raises(UserInputError):
         tc.forward_backward([bad_token], "cross_entropy").result()
     tc.forward_backward([sft_datum("still usable")], "cross_entropy").result()

@@ -45,7 +45,10 @@ def test_unretrieved_failure_is_logged_when_collected(caplog: pytest.LogCaptureF
     del fut
     gc.collect()
     messages = [r.getMessage() for r in caplog.records]
-    assert any("forward_backward failed and its error was never retrieved" in m and "bad weights" in m for m in messages)
+    assert any(
+        "forward_backward failed and its error was never retrieved" in m and "bad weights" in m
+        for m in messages
+    )
 
 
 def test_failure_of_future_dropped_while_pending_is_logged(caplog: pytest.LogCaptureFixture) -> None:

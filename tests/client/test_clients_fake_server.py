@@ -73,7 +73,9 @@ def test_forward_returns_logprobs_matching_the_model(server: FakeServer, service
 
 
 def _grpo_loss(data, logprobs):
-    loss = sum((-lp * d.loss_fn_inputs["advantages"].to_torch()).sum() for d, lp in zip(data, logprobs, strict=True))
+    loss = sum(
+        (-lp * d.loss_fn_inputs["advantages"].to_torch()).sum() for d, lp in zip(data, logprobs, strict=True)
+    )
     return loss, {"tokens:sum": float(sum(lp.numel() for lp in logprobs))}
 
 
@@ -96,7 +98,10 @@ def test_one_pass_custom_loss_gradient_equals_reference(server: FakeServer, serv
     assert out.metrics["loss:sum"] == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert out.metrics["tokens:sum"] == sum(d.model_input.length for d in data)
     # One forward pass: the tether extension routes, no forward_backward at all.
-    assert [p.rsplit("/", 1)[-1] for p, _ in server.numbered] == ["forward_keep_graph", "backward_from_logprob_grads"]
+    assert [p.rsplit("/", 1)[-1] for p, _ in server.numbered] == [
+        "forward_keep_graph",
+        "backward_from_logprob_grads",
+    ]
 
 
 def test_custom_loss_returning_non_scalar_is_rejected_and_graph_released(
@@ -118,7 +123,10 @@ def test_custom_loss_returning_non_scalar_is_rejected_and_graph_released(
 def test_client_side_validation_names_datum_and_field(server: FakeServer, service: ServiceClient) -> None:
     tc = service.create_lora_training_client("fake").result()
     good = _datums(np.random.default_rng(4), 2)
-    bad_len = Datum(model_input=ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [1, 2], "weights": [1, 1]})
+    bad_len = Datum(
+        model_input=ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [1, 2], "weights": [1, 1]},
+    )
     with pytest.raises(UserInputError) as info:
         tc.forward_backward([*good, bad_len], "cross_entropy")
     assert info.value.datum_index == 2 and info.value.field == "loss_fn_inputs.target_tokens"
@@ -169,7 +177,9 @@ def test_client_future_also_acts_as_the_client(server: FakeServer, service: Serv
     assert len(out.loss_fn_outputs) == 1
     assert tc_future.model_id == tc_future.result().model_id == "sess:train:0"
     with pytest.raises(UserInputError, match="loss_type_input"):
-        tc_future.forward_backward_custom(_datums(np.random.default_rng(6), 1), _grpo_loss, loss_type_input="embedding")
+        tc_future.forward_backward_custom(
+            _datums(np.random.default_rng(6), 1), _grpo_loss, loss_type_input="embedding"
+        )
 
 
 def test_heartbeats_keep_the_session_alive(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,7 +202,9 @@ def test_heartbeats_keep_the_session_alive(server: FakeServer, monkeypatch: pyte
 def test_sampling_accepts_tinker_package_inputs(server: FakeServer, service: ServiceClient) -> None:
     tinker = pytest.importorskip("tinker")
     sc = service.create_sampling_client(base_model="fake").result()
-    resp = sc.sample(tinker.ModelInput.from_ints([7, 8]), 1, tinker.SamplingParams(max_tokens=2)).result(timeout=30)
+    resp = sc.sample(tinker.ModelInput.from_ints([7, 8]), 1, tinker.SamplingParams(max_tokens=2)).result(
+        timeout=30
+    )
     assert resp.sequences[0].tokens == [8, 0]
     with pytest.raises(UserInputError, match="num_samples"):
         sc.sample(ModelInput.from_ints([1]), 0, SamplingParams())
@@ -205,10 +217,16 @@ def test_loss_fn_config_is_checked_before_sending(server: FakeServer, service: S
     assert server.numbered == []
 
 
-def test_calls_pipelined_behind_a_custom_loss_keep_their_order(server: FakeServer, service: ServiceClient) -> None:
+def test_calls_pipelined_behind_a_custom_loss_keep_their_order(
+    server: FakeServer, service: ServiceClient
+) -> None:
     tc = service.create_lora_training_client("fake").result()
     data = _datums(np.random.default_rng(8))
-    futures = [tc.forward_backward_custom(data, _grpo_loss), tc.optim_step(), tc.forward_backward(data, "cross_entropy")]
+    futures = [
+        tc.forward_backward_custom(data, _grpo_loss),
+        tc.optim_step(),
+        tc.forward_backward(data, "cross_entropy"),
+    ]
     for f in futures:
         f.result(timeout=30)
     assert [(p.rsplit("/", 1)[-1], seq) for p, seq in server.numbered] == [
@@ -230,7 +248,9 @@ def test_failed_custom_forward_releases_the_queue(server: FakeServer, service: S
     assert [(p.rsplit("/", 1)[-1], seq) for p, seq in server.numbered] == [("optim_step", 3)]
 
 
-def test_invalid_request_values_are_refused_before_sending(server: FakeServer, service: ServiceClient) -> None:
+def test_invalid_request_values_are_refused_before_sending(
+    server: FakeServer, service: ServiceClient
+) -> None:
     tc = service.create_lora_training_client("fake").result()
     with pytest.raises(UserInputError) as info:
         tc.save_state("s", ttl_seconds=60)  # the protocol's minimum is an hour

@@ -22,7 +22,14 @@ from tether.types.data import AdamParams, Datum, ModelInput
 
 tinker = pytest.importorskip("tinker")
 
-LINEAR_ADAM = {"learning_rate": 10.0, "beta1": 0.9, "beta2": 0.95, "eps": 100.0, "weight_decay": 0.0, "grad_clip_norm": 0.0}
+LINEAR_ADAM = {
+    "learning_rate": 10.0,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 100.0,
+    "weight_decay": 0.0,
+    "grad_clip_norm": 0.0,
+}
 TOL = 1e-5
 
 
@@ -37,7 +44,9 @@ def _datum(prompt: str, completion: str, extra: dict[str, np.ndarray] | None = N
 def _to_tinker(datum: Datum):
     return tinker.Datum(
         model_input=tinker.ModelInput.from_ints(datum.model_input.to_ints()),
-        loss_fn_inputs={k: tinker.TensorData.from_numpy(v.to_numpy()) for k, v in datum.loss_fn_inputs.items()},
+        loss_fn_inputs={
+            k: tinker.TensorData.from_numpy(v.to_numpy()) for k, v in datum.loss_fn_inputs.items()
+        },
     )
 
 
@@ -84,13 +93,20 @@ def _base_logprobs(service: ServiceClient, data: list[Datum]) -> list[np.ndarray
 
 def test_grpo_style_loss_matches_two_pass_and_built_in_importance_sampling(service, server_url) -> None:
     rng = np.random.default_rng(0)
-    texts = [("Solve: 3*3=", "9"), ("Solve: 3*3=", "6"), ("Name a color: ", "blue"), ("Name a color: ", "rock")]
+    texts = [
+        ("Solve: 3*3=", "9"),
+        ("Solve: 3*3=", "6"),
+        ("Name a color: ", "blue"),
+        ("Name a color: ", "rock"),
+    ]
     plain = [_datum(p, c) for p, c in texts]
     sampled = _base_logprobs(service, plain)
     data = []
     for (p, c), lp in zip(texts, sampled, strict=True):
         length = lp.shape[0]
-        advantages = np.where(np.arange(length) >= length - len(c), rng.standard_normal(), 0.0).astype(np.float32)
+        advantages = np.where(np.arange(length) >= length - len(c), rng.standard_normal(), 0.0).astype(
+            np.float32
+        )
         noisy = (lp + rng.normal(0, 0.05, size=length)).astype(np.float32)
         data.append(_datum(p, c, {"logprobs": noisy, "advantages": advantages}))
 
@@ -104,7 +120,13 @@ def test_grpo_style_loss_matches_two_pass_and_built_in_importance_sampling(servi
     one = one_pass(service, data, grpo_loss)
     assert one[2]["ratio_tokens:sum"] == sum(d.model_input.length for d in data)
     assert_same(one[:2], two_pass_official(server_url, data, grpo_loss))
-    is_data = [Datum(model_input=d.model_input, loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items() if k != "weights"}) for d in data]
+    is_data = [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items() if k != "weights"},
+        )
+        for d in data
+    ]
     assert_same(one[:2], built_in(service, is_data, "importance_sampling"))
 
     # The comparison can fail: a 0.1% different loss is detected.
@@ -115,11 +137,16 @@ def test_grpo_style_loss_matches_two_pass_and_built_in_importance_sampling(servi
 def test_dpo_style_pair_loss_matches_two_pass(service, server_url) -> None:
     pairs = [("Q: capital of France? A: ", "Paris", "Rome"), ("Q: 1+1? A: ", "2", "11")]
     data = [_datum(p, c) for p, chosen, rejected in pairs for c in (chosen, rejected)]
-    reference = [float((lp * d.loss_fn_inputs["weights"].to_numpy()).sum()) for lp, d in zip(_base_logprobs(service, data), data, strict=True)]
+    reference = [
+        float((lp * d.loss_fn_inputs["weights"].to_numpy()).sum())
+        for lp, d in zip(_base_logprobs(service, data), data, strict=True)
+    ]
     beta = 0.5
 
     def dpo_loss(batch, logprobs):
-        seq = [(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(batch, logprobs, strict=True)]
+        seq = [
+            (lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(batch, logprobs, strict=True)
+        ]
         losses = []
         for i in range(0, len(seq), 2):
             margin = (seq[i] - reference[i]) - (seq[i + 1] - reference[i + 1]) + 0.3 * (i + 1)
@@ -136,6 +163,9 @@ def test_cross_entropy_as_custom_loss_matches_built_in(service) -> None:
     data = [_datum("Translate: chat -> ", "cat"), _datum("Translate: chien -> ", "dog")]
 
     def ce(batch, logprobs):
-        return sum((-lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(batch, logprobs, strict=True)), {}
+        return sum(
+            (-lp * d.loss_fn_inputs["weights"].to_torch()).sum()
+            for d, lp in zip(batch, logprobs, strict=True)
+        ), {}
 
     assert_same(one_pass(service, data, ce)[:2], built_in(service, data, "cross_entropy"))

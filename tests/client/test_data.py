@@ -39,7 +39,9 @@ def test_tensor_data_rejects_bad_dtype_and_shape() -> None:
 
 
 def test_datum_converts_plain_lists_by_key() -> None:
-    d = Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [0, 1]})
+    d = Datum(
+        model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [0, 1]}
+    )
     assert d.loss_fn_inputs["target_tokens"].dtype == "int64"
     assert d.loss_fn_inputs["weights"].dtype == "float32"
     with pytest.raises(UserInputError, match="mask"):

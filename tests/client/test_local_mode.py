@@ -13,7 +13,10 @@ def test_local_mode_starts_serves_and_stops(tmp_path, default_model_dir) -> None
     assert local is not None and client.base_url.startswith("http://127.0.0.1:")
     try:
         tc = client.create_lora_training_client(MODEL, rank=2).result()
-        datum = Datum(model_input=ModelInput.from_ints([104, 105]), loss_fn_inputs={"target_tokens": [105, 33], "weights": [1, 1]})
+        datum = Datum(
+            model_input=ModelInput.from_ints([104, 105]),
+            loss_fn_inputs={"target_tokens": [105, 33], "weights": [1, 1]},
+        )
         out = tc.forward([datum], "cross_entropy").result(timeout=60)
         assert out.loss_fn_outputs[0]["logprobs"].shape == [2]
         assert out.metrics["loss:sum"] > 0

@@ -56,7 +56,10 @@ def _datums(rng: np.random.Generator, n: int = 2, length: int = 5) -> list[Datum
         out.append(
             Datum(
                 model_input=ModelInput.from_ints(tokens[:-1].tolist()),
-                loss_fn_inputs={"target_tokens": tokens[1:].tolist(), "weights": np.ones(length, dtype=np.float32)},
+                loss_fn_inputs={
+                    "target_tokens": tokens[1:].tolist(),
+                    "weights": np.ones(length, dtype=np.float32),
+                },
             )
         )
     return out
@@ -141,7 +144,11 @@ def test_large_tensor_bodies_are_encoded_and_decoded_off_the_sdk_loop(
 
         monkeypatch.setattr(proto, name, wrapped)
 
-    for name in ("encode_forward_backward_request", "decode_forward_backward_output", "decode_sample_response"):
+    for name in (
+        "encode_forward_backward_request",
+        "decode_forward_backward_output",
+        "decode_sample_response",
+    ):
         spy(name)
     client = ServiceClient(base_url="http://fake", api_key="tml-test", http_transport=server.transport())
     try:
@@ -157,7 +164,11 @@ def test_large_tensor_bodies_are_encoded_and_decoded_off_the_sdk_loop(
         assert len(scored.result(timeout=60).prompt_logprobs) == 100_000
     finally:
         client.close()
-    assert set(threads) == {"encode_forward_backward_request", "decode_forward_backward_output", "decode_sample_response"}
+    assert set(threads) == {
+        "encode_forward_backward_request",
+        "decode_forward_backward_output",
+        "decode_sample_response",
+    }
     for name, idents in threads.items():
         assert loop_thread not in idents, f"{name} ran on the SDK's event loop"
     assert torch.isfinite(server.W).all()

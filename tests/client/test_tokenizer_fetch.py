@@ -54,13 +54,17 @@ def test_a_remote_client_loads_the_servers_tokenizer_and_caches_it(
 
     training = service.create_lora_training_client(MODEL, rank=2).result()
     training._info = training._info.model_copy(
-        update={"model_data": training._info.model_data.model_copy(update={"tokenizer_id": "/srv/not/here/tok"})}
+        update={
+            "model_data": training._info.model_data.model_copy(update={"tokenizer_id": "/srv/not/here/tok"})
+        }
     )
     downloads = _count_downloads(monkeypatch, service)
     tokenizer = training.get_tokenizer()
     local = AutoTokenizer.from_pretrained(default_model_dir)
     for text in TEXTS:
-        assert tokenizer.encode(text, add_special_tokens=False) == local.encode(text, add_special_tokens=False)
+        assert tokenizer.encode(text, add_special_tokens=False) == local.encode(
+            text, add_special_tokens=False
+        )
     assert tokenizer.chat_template == local.chat_template
     assert downloads and all("tokenizer" in path for path in downloads)
     (cached,) = [p for p in remote.iterdir() if not p.name.startswith(".")]
@@ -72,7 +76,9 @@ def test_a_remote_client_loads_the_servers_tokenizer_and_caches_it(
     client_tokenizer._from_pretrained.cache_clear()
     again = training.get_tokenizer()
     assert downloads == []
-    assert again.encode(TEXTS[1], add_special_tokens=False) == local.encode(TEXTS[1], add_special_tokens=False)
+    assert again.encode(TEXTS[1], add_special_tokens=False) == local.encode(
+        TEXTS[1], add_special_tokens=False
+    )
 
 
 def test_a_sampling_client_gets_the_tokenizer_by_base_model(service: ServiceClient, remote: Path) -> None:
@@ -90,7 +96,9 @@ def test_tokenizer_routes_need_a_key_and_serve_only_tokenizer_files(server_url: 
     assert httpx.get(f"{base}/tokenizer.json", headers=headers).status_code == 200
     for name in ("config.json", "model.safetensors", "..%2Fconfig.json", "%2E%2E"):
         assert httpx.get(f"{base}/{name}", headers=headers).status_code == 404, name
-    assert httpx.get(f"{server_url}/api/v1/tether/tokenizer/../../etc/files", headers=headers).status_code in (400, 404)
+    assert httpx.get(
+        f"{server_url}/api/v1/tether/tokenizer/../../etc/files", headers=headers
+    ).status_code in (400, 404)
     unknown = httpx.get(f"{server_url}/api/v1/tether/tokenizer/Org/not-served/files", headers=headers)
     assert unknown.status_code == 400 and "not served" in unknown.text
 

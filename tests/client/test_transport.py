@@ -20,11 +20,20 @@ def _transport(handler) -> Transport:
 
 def _route(path: str = "/x", *, future: bool = False, proto_result: bool = False) -> Route:
     """A JSON route answering its raw JSON value."""
-    return Route("POST", path, wire.WeightsInfoRequest, lambda answer, _: answer, future=future, proto_result=proto_result)
+    return Route(
+        "POST",
+        path,
+        wire.WeightsInfoRequest,
+        lambda answer, _: answer,
+        future=future,
+        proto_result=proto_result,
+    )
 
 
 def _post(transport: Transport, path: str = "/x", **kwargs):
-    return event_loop.run_sync(transport.call(_route(path, **kwargs), wire.WeightsInfoRequest(tinker_path="p")))
+    return event_loop.run_sync(
+        transport.call(_route(path, **kwargs), wire.WeightsInfoRequest(tinker_path="p"))
+    )
 
 
 def test_retries_5xx_then_succeeds_and_gives_up_after_max_retries() -> None:
@@ -102,7 +111,9 @@ def test_a_body_is_the_json_of_its_wire_model_and_of_no_other_type() -> None:
     event_loop.run_sync(t.call(Route("PUT", "/ttl", wire.SetCheckpointTtlRequest, None), body))
     assert seen == [("application/json", {})]  # None fields are omitted, as the Tinker SDK sends them
     with pytest.raises(TypeError, match="SetCheckpointTtlRequest"):
-        event_loop.run_sync(t.call(Route("PUT", "/ttl", wire.SetCheckpointTtlRequest, None), {"ttl_seconds": None}))
+        event_loop.run_sync(
+            t.call(Route("PUT", "/ttl", wire.SetCheckpointTtlRequest, None), {"ttl_seconds": None})
+        )
     with pytest.raises(TypeError):
         event_loop.run_sync(t.call(Route("POST", "/publish", None, None), body))
     assert len(seen) == 1
@@ -112,7 +123,9 @@ def test_an_answer_that_does_not_decode_is_a_server_error() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"sessions": "not a list"})
 
-    route = Route("GET", "/api/v1/sessions", None, lambda answer, _: wire.ListSessionsResponse.model_validate(answer))
+    route = Route(
+        "GET", "/api/v1/sessions", None, lambda answer, _: wire.ListSessionsResponse.model_validate(answer)
+    )
     with pytest.raises(ServerError, match="malformed answer from GET /api/v1/sessions"):
         event_loop.run_sync(_transport(handler).call(route))
 

@@ -27,10 +27,15 @@ def trainer_mode(request) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir, trainer_mode) -> ServerThread:
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("tether-data"), long_poll_s=5,
-                          trainer_process=trainer_mode != "in-process",
-                          nproc_per_node=2 if trainer_mode == "distributed-2" else 1, collective_timeout_s=120,
-                          log_level="debug" if trainer_mode == "distributed-2" else "info")
+    config = ServerConfig(
+        port=0,
+        data_dir=tmp_path_factory.mktemp("tether-data"),
+        long_poll_s=5,
+        trainer_process=trainer_mode != "in-process",
+        nproc_per_node=2 if trainer_mode == "distributed-2" else 1,
+        collective_timeout_s=120,
+        log_level="debug" if trainer_mode == "distributed-2" else "info",
+    )
     thread = ServerThread(config)
     with thread:
         yield thread

@@ -25,8 +25,12 @@ IDS = list(b"divergence")
 
 
 def _batch(weight: float) -> list[types.Datum]:
-    return [types.Datum(model_input=types.ModelInput.from_ints(IDS[:-1]),
-                        loss_fn_inputs={"target_tokens": IDS[1:], "weights": [weight] * (len(IDS) - 1)})]
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(IDS[:-1]),
+            loss_fn_inputs={"target_tokens": IDS[1:], "weights": [weight] * (len(IDS) - 1)},
+        )
+    ]
 
 
 def test_a_diverged_step_is_refused_and_the_model_keeps_training(service_client):
@@ -43,7 +47,10 @@ def test_a_diverged_step_is_refused_and_the_model_keeps_training(service_client)
     with pytest.raises((tinker.BadRequestError, tinker.UnprocessableEntityError), match="learning_rate"):
         client.optim_step(types.AdamParams(learning_rate=1e30)).result()
     client.forward_backward(_batch(1.0), "cross_entropy").result()
-    assert all(math.isfinite(v) for v in client.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics.values())
+    assert all(
+        math.isfinite(v)
+        for v in client.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics.values()
+    )
 
 
 def test_an_edited_manifest_fails_fast_naming_the_damage(server, service_client):

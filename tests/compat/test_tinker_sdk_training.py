@@ -105,7 +105,10 @@ def test_forward_backward_custom_equals_cross_entropy(service_client):
     plain = service_client.create_lora_training_client(base_model=BASE, rank=4, seed=3).result()
 
     def ce(data, logprobs_list):
-        loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(data, logprobs_list, strict=True))
+        loss = sum(
+            -(lp * d.loss_fn_inputs["weights"].to_torch()).sum()
+            for d, lp in zip(data, logprobs_list, strict=True)
+        )
         return loss, {"ce:sum": float(loss)}
 
     out = custom.forward_backward_custom(BATCH, ce).result()
@@ -142,9 +145,13 @@ def test_resumed_client_continues_exactly(service_client, rest_client):
     assert fresh_optimizer != pytest.approx(never_stopped, rel=1e-6)  # moments were reset
 
     client.load_state_with_optimizer(path).result()  # the deprecated in-place load rewinds the same client
-    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss_at_save, rel=1e-5)
+    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+        loss_at_save, rel=1e-5
+    )
     _step(client)
-    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(never_stopped, rel=1e-4)
+    assert client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+        never_stopped, rel=1e-4
+    )
 
 
 def test_full_fine_tuning_client_trains_saves_and_samples(service_client):
@@ -187,17 +194,27 @@ def test_base_model_sampling_client(service_client):
     out = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=4, temperature=0.0)).result()
     assert len(out.sequences) == 3
     assert out.sequences[0].tokens == out.sequences[1].tokens  # greedy
-    topk = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2, temperature=0.0), topk_sample_logprobs=3,
-                          topk_prompt_logprobs=2, include_prompt_logprobs=True).result()
+    topk = sampler.sample(
+        prompt,
+        1,
+        types.SamplingParams(max_tokens=2, temperature=0.0),
+        topk_sample_logprobs=3,
+        topk_prompt_logprobs=2,
+        include_prompt_logprobs=True,
+    ).result()
     sequence = topk.sequences[0]
     assert len(sequence.topk_logprobs) == len(sequence.tokens)
     first = sequence.topk_logprobs[0]
     assert len(first) == 3 and first[0][0] == sequence.tokens[0]  # greedy picks the most likely token
     assert first[0][1] == pytest.approx(sequence.logprobs[0], abs=1e-5)
     assert topk.topk_prompt_logprobs[0] is None and len(topk.topk_prompt_logprobs[1]) == 2
-    with_prompt = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True).result()
+    with_prompt = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True
+    ).result()
     assert with_prompt.prompt_logprobs[0] is None and len(with_prompt.prompt_logprobs) == 3
-    assert with_prompt.prompt_logprobs[1:] == pytest.approx(sampler.compute_logprobs(prompt).result()[1:], abs=1e-5)
+    assert with_prompt.prompt_logprobs[1:] == pytest.approx(
+        sampler.compute_logprobs(prompt).result()[1:], abs=1e-5
+    )
 
 
 def test_save_weights_external_writes_hugging_face_adapter(lora_client, rest_client):
@@ -213,7 +230,9 @@ def test_rest_runs_checkpoints_ttl_and_delete(server, service_client, rest_clien
     from tether.server.catalogue import utcnow
     from tether.server.sessions import expire_checkpoints
 
-    client = service_client.create_lora_training_client(base_model=BASE, rank=4, seed=5, user_metadata={"k": "v"}).result()
+    client = service_client.create_lora_training_client(
+        base_model=BASE, rank=4, seed=5, user_metadata={"k": "v"}
+    ).result()
     keep = client.save_state("keep").result().path
     doomed = client.save_state("doomed").result().path
     expiring = client.save_weights_for_sampler("expiring").result().path
@@ -262,8 +281,10 @@ def test_sessions_and_samplers_are_listed(service_client, rest_client, lora_clie
 
 def test_user_error_fails_the_future_and_leaves_the_model_usable(lora_client):
     before = lora_client.forward(BATCH, "cross_entropy").result().metrics["loss:sum"]
-    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 9999]),
-                      loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 9999]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
     with pytest.raises(tinker.RequestFailedError) as info:
         lora_client.forward_backward([bad], "cross_entropy").result()
     assert "9999" in str(info.value) or "vocab" in str(info.value).lower()
@@ -286,6 +307,9 @@ def test_copy_weights_makes_a_loadable_copy_in_a_new_run(service_client, rest_cl
     a = service_client.create_training_client_from_state(original).result()
     b = service_client.create_training_client_from_state(copy).result()
     assert a.forward(BATCH, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
-        b.forward(BATCH, "cross_entropy").result().metrics["loss:sum"], rel=1e-6)
+        b.forward(BATCH, "cross_entropy").result().metrics["loss:sum"], rel=1e-6
+    )
     rest_client.delete_checkpoint_from_tinker_path(original).result()
-    assert rest_client.get_weights_info_by_tinker_path(copy).result().lora_rank == 4  # the copy is independent
+    assert (
+        rest_client.get_weights_info_by_tinker_path(copy).result().lora_rank == 4
+    )  # the copy is independent

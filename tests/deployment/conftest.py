@@ -13,9 +13,19 @@ def model_dir(tmp_path_factory, default_model_dir):
     import shutil
 
     config = Qwen3Config.from_pretrained(default_model_dir)
-    config.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128,
-                   "tie_word_embeddings": True, "layer_types": ["full_attention"] * 2})
+    config.update(
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": True,
+            "layer_types": ["full_attention"] * 2,
+        }
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("deploy-qwen3")
     Qwen3ForCausalLM(config).save_pretrained(path)

@@ -15,8 +15,15 @@ from tether.storage import LocalCheckpointStore, StoredHfWeights
 from tether.storage.sampler_chain import save_sampler_checkpoint_ext
 
 
-def make_chain(model_dir: Path, root: Path, *, run: str = "sess-1:train:0", steps: int = 2,
-               seed: int = 0, trained_base: bool = False) -> list[Path]:
+def make_chain(
+    model_dir: Path,
+    root: Path,
+    *,
+    run: str = "sess-1:train:0",
+    steps: int = 2,
+    seed: int = 0,
+    trained_base: bool = False,
+) -> list[Path]:
     """Full fine-tuning checkpoints: a base, then `steps` deltas; returns their directories.
 
     `trained_base`: the base is taken after one step, so it differs from the base model.
@@ -29,13 +36,19 @@ def make_chain(model_dir: Path, root: Path, *, run: str = "sess-1:train:0", step
         if step or trained_base:
             g = torch.Generator().manual_seed(seed * 100 + step)
             tokens = torch.randint(0, 200, (17,), generator=g)
-            trainer.forward_backward("m", [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:],
-                                                                     "weights": torch.ones(16)})], "cross_entropy")
+            trainer.forward_backward(
+                "m",
+                [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:], "weights": torch.ones(16)})],
+                "cross_entropy",
+            )
             trainer.optim_step("m", AdamWParams(learning_rate=1e-2))
         saved = save_sampler_checkpoint_ext(
-            store, f"tinker://{run}/sampler_weights/step-{step}",
+            store,
+            f"tinker://{run}/sampler_weights/step-{step}",
             StoredHfWeights(base_model=str(model_dir), tensors=trainer.sampler_weights("m").tensors),
-            base_model_dir=model_dir, tokenizer_dir=model_dir)
+            base_model_dir=model_dir,
+            tokenizer_dir=model_dir,
+        )
         paths.append(store.directory(saved.info.path))
     return paths
 

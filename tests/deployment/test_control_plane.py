@@ -46,28 +46,44 @@ class FakePolicy:
         self.steps += 1
         g = torch.Generator().manual_seed(self.steps)
         tokens = torch.randint(0, 200, (17,), generator=g)
-        self.trainer.forward_backward("m", [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:],
-                                                                      "weights": torch.ones(16)})], "cross_entropy")
+        self.trainer.forward_backward(
+            "m",
+            [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:], "weights": torch.ones(16)})],
+            "cross_entropy",
+        )
         self.trainer.optim_step("m", AdamWParams(learning_rate=1e-2))
 
     def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None) -> dict:
         saved = save_sampler_checkpoint_ext(
-            self.store, f"tinker://{RUN}/sampler_weights/{name}",
-            StoredHfWeights(base_model=str(self.model_dir), tensors=self.trainer.sampler_weights("m").tensors),
-            checkpoint_type=checkpoint_type, base_model_dir=self.model_dir, tokenizer_dir=self.model_dir)
-        return {"path": saved.info.tinker_path, "checkpoint_type": saved.checkpoint_type,
-                "stored_bytes": saved.stored_bytes, "full_bytes": saved.full_bytes}
+            self.store,
+            f"tinker://{RUN}/sampler_weights/{name}",
+            StoredHfWeights(
+                base_model=str(self.model_dir), tensors=self.trainer.sampler_weights("m").tensors
+            ),
+            checkpoint_type=checkpoint_type,
+            base_model_dir=self.model_dir,
+            tokenizer_dir=self.model_dir,
+        )
+        return {
+            "path": saved.info.tinker_path,
+            "checkpoint_type": saved.checkpoint_type,
+            "stored_bytes": saved.stored_bytes,
+            "full_bytes": saved.full_bytes,
+        }
 
     def logprobs(self) -> torch.Tensor:
-        datum = EngineDatum(torch.tensor(PROMPT[:-1]), {"target_tokens": torch.tensor(PROMPT[1:]),
-                                                        "weights": torch.ones(len(PROMPT) - 1)})
+        datum = EngineDatum(
+            torch.tensor(PROMPT[:-1]),
+            {"target_tokens": torch.tensor(PROMPT[1:]), "weights": torch.ones(len(PROMPT) - 1)},
+        )
         return self.trainer.forward("m", [datum], "cross_entropy").outputs[0]["logprobs"]
 
 
 @pytest.fixture(scope="module")
 def thread(model_dir, tmp_path_factory):
-    config = ServerConfig(port=0, models=[str(model_dir)], data_dir=tmp_path_factory.mktemp("serve"),
-                          torch_threads=1)
+    config = ServerConfig(
+        port=0, models=[str(model_dir)], data_dir=tmp_path_factory.mktemp("serve"), torch_threads=1
+    )
     server = ServerThread(config)
     server.start()
     yield server
@@ -75,8 +91,10 @@ def thread(model_dir, tmp_path_factory):
 
 
 def prompt_logprobs(manager: DeploymentManager, deployment_id: str) -> tuple[torch.Tensor, str]:
-    response = manager._http.post(f"/api/v1/tether/deployments/{deployment_id}/v1/sample",
-                                  json={"prompt_tokens": PROMPT, "max_tokens": 1, "include_prompt_logprobs": True})
+    response = manager._http.post(
+        f"/api/v1/tether/deployments/{deployment_id}/v1/sample",
+        json={"prompt_tokens": PROMPT, "max_tokens": 1, "include_prompt_logprobs": True},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     return torch.tensor(body["prompt_logprobs"][1:]), body["weights_identity"]
@@ -84,11 +102,16 @@ def prompt_logprobs(manager: DeploymentManager, deployment_id: str) -> tuple[tor
 
 def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     manager = DeploymentManager(thread.base_url, KEY)
-    info = manager.create_or_get(DeploymentConfig(deployment_id="dep-1", base_model=str(model_dir),
-                                                  hot_load_transition_type="SYNC"))
+    info = manager.create_or_get(
+        DeploymentConfig(deployment_id="dep-1", base_model=str(model_dir), hot_load_transition_type="SYNC")
+    )
     assert info.state in ("CREATING", "READY")
-    assert manager.create_or_get(DeploymentConfig(deployment_id="dep-1", base_model=str(model_dir))).deployment_id \
-        == "dep-1"  # get, not a second one
+    assert (
+        manager.create_or_get(
+            DeploymentConfig(deployment_id="dep-1", base_model=str(model_dir))
+        ).deployment_id
+        == "dep-1"
+    )  # get, not a second one
     with pytest.raises(UserInputError):
         manager._call("POST", "", json={"deployment_id": "dep-2", "base_model": "not/served"})
     ready = manager.wait_for_ready("dep-1", timeout_s=300)
@@ -97,7 +120,9 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert [d.deployment_id for d in manager.list()] == ["dep-1"]
 
     policy = FakePolicy(thread, model_dir)
-    syncer = WeightSyncer(policy, manager, "dep-1", base_model=str(model_dir), rebase_every=4, rebase_fraction=None)
+    syncer = WeightSyncer(
+        policy, manager, "dep-1", base_model=str(model_dir), rebase_every=4, rebase_fraction=None
+    )
     kinds = []
     for step in range(6):
         if step:
@@ -122,8 +147,12 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     sampler = syncer.get_deployment_sampler(max_concurrency=2)
 
     async def many():
-        return await asyncio.gather(*(sampler.sample_with_prompt_tokens(PROMPT, max_tokens=5, temperature=0.7,
-                                                                        seed=i) for i in range(5)))
+        return await asyncio.gather(
+            *(
+                sampler.sample_with_prompt_tokens(PROMPT, max_tokens=5, temperature=0.7, seed=i)
+                for i in range(5)
+            )
+        )
 
     results = [c for batch in asyncio.run(many()) for c in batch]
     assert len(results) == 5 and sampler.max_in_flight_seen <= 2
@@ -131,11 +160,14 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert all(c.full_tokens[: c.prompt_len] == PROMPT and c.weights_identity == path for c in results)
 
     # the openai package through the control plane's proxy
-    client = openai.OpenAI(api_key=KEY, base_url=f"{thread.base_url}/api/v1/tether/deployments/dep-1/v1",
-                           max_retries=0)
+    client = openai.OpenAI(
+        api_key=KEY, base_url=f"{thread.base_url}/api/v1/tether/deployments/dep-1/v1", max_retries=0
+    )
     out = client.completions.create(model="dep-1", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
     assert out.choices[0].logprobs.token_logprobs
-    streamed = client.completions.create(model="dep-1", prompt=PROMPT, max_tokens=3, temperature=0, stream=True)
+    streamed = client.completions.create(
+        model="dep-1", prompt=PROMPT, max_tokens=3, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices).startswith(out.choices[0].text)
 
     # a crash of the serving process: restart resumes the last good weights

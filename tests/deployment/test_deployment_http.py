@@ -41,8 +41,11 @@ def deployment(base, model_dir, tmp_path):
 
     backend = GatedBackend(EngineBackend(base))
     served = ServedWeights(backend, base_model=str(model_dir), state_dir=tmp_path / "state")
-    app = create_app(served, model_names=[str(model_dir), "my-deployment"],
-                     tokenizer=AutoTokenizer.from_pretrained(str(model_dir)))
+    app = create_app(
+        served,
+        model_names=[str(model_dir), "my-deployment"],
+        tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),
+    )
     with TestClient(app) as client:
         yield client, served, backend
     backend.close()
@@ -59,17 +62,20 @@ def wait_loaded(client: TestClient, timeout: float = 60) -> dict:
 
 
 def sample(client: TestClient, max_tokens: int = 8) -> dict:
-    response = client.post("/v1/sample", json={"prompt_tokens": PROMPT, "max_tokens": max_tokens,
-                                               "temperature": 0, "stop": []})
+    response = client.post(
+        "/v1/sample", json={"prompt_tokens": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stop": []}
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def same(a: dict, b: dict) -> bool:
     """Same tokens and logprobs (to batching's float noise): served by the same weights."""
-    return all(x["tokens"] == y["tokens"] and max(abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"],
-                                                                             strict=True)) < 1e-4
-               for x, y in zip(a["sequences"], b["sequences"], strict=True))
+    return all(
+        x["tokens"] == y["tokens"]
+        and max(abs(p - q) for p, q in zip(x["logprobs"], y["logprobs"], strict=True)) < 1e-4
+        for x, y in zip(a["sequences"], b["sequences"], strict=True)
+    )
 
 
 def hotload(client: TestClient, path, **extra) -> dict:
@@ -115,7 +121,9 @@ def test_bad_hotloads_fail_and_keep_serving(deployment, chain, other_chain, tmp_
     data = damaged / "delta.safetensors"
     data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2])  # truncated
     state = hotload(client, damaged)
-    assert state["loading_state"]["stage"] == "error" and any(w in state["loading_state"]["error"] for w in ("sha256", "truncated"))
+    assert state["loading_state"]["stage"] == "error" and any(
+        w in state["loading_state"]["error"] for w in ("sha256", "truncated")
+    )
     assert same(sample(client), reference)  # still the last good weights
 
 
@@ -200,7 +208,9 @@ def test_restart_resumes_the_last_good_weights(base, model_dir, chain, tmp_path)
     for path in chain:
         first.hotload(str(path))
     want = first.submit(_greedy())[0].result(timeout=60).sequences[0].tokens
-    with pytest.raises(Exception, match="sha256|truncated"):  # a hot-load that dies half way changes nothing on disk
+    with pytest.raises(
+        Exception, match="sha256|truncated"
+    ):  # a hot-load that dies half way changes nothing on disk
         broken = tmp_path / "broken"
         import shutil
 

@@ -24,21 +24,28 @@ RUN = "sess-1:train:0"
 
 
 def trainer_logprobs(trainer: TrainingEngine, model_id: str) -> torch.Tensor:
-    datum = EngineDatum(torch.tensor(SEQUENCE[:-1]), {"target_tokens": torch.tensor(SEQUENCE[1:]),
-                                                       "weights": torch.ones(len(SEQUENCE) - 1)})
+    datum = EngineDatum(
+        torch.tensor(SEQUENCE[:-1]),
+        {"target_tokens": torch.tensor(SEQUENCE[1:]), "weights": torch.ones(len(SEQUENCE) - 1)},
+    )
     return trainer.forward(model_id, [datum], "cross_entropy").outputs[0]["logprobs"]
 
 
 def deployment_logprobs(served: ServedWeights) -> torch.Tensor:
-    future, _ = served.submit(SampleRequest(prompt_tokens=SEQUENCE, max_tokens=1, include_prompt_logprobs=True))
+    future, _ = served.submit(
+        SampleRequest(prompt_tokens=SEQUENCE, max_tokens=1, include_prompt_logprobs=True)
+    )
     return torch.tensor(future.result(timeout=60).prompt_logprobs[1:])
 
 
 def train_step(trainer: TrainingEngine, model_id: str, step: int) -> None:
     g = torch.Generator().manual_seed(step)
     tokens = torch.randint(0, 200, (17,), generator=g)
-    trainer.forward_backward(model_id, [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:],
-                                                                 "weights": torch.ones(16)})], "cross_entropy")
+    trainer.forward_backward(
+        model_id,
+        [EngineDatum(tokens[:-1], {"target_tokens": tokens[1:], "weights": torch.ones(16)})],
+        "cross_entropy",
+    )
     trainer.optim_step(model_id, AdamWParams(learning_rate=1e-2))
 
 
@@ -64,10 +71,13 @@ def test_every_hotload_of_a_chain_serves_the_trainers_weights(mode, model_dir, s
         layout = LoraLayout(rank=spec.rank, alpha=spec.alpha) if spec else None
         kind = "base" if step == 5 else ("merged_base" if mode == "merged" and step == 0 else None)
         saved = save_sampler_checkpoint_ext(
-            store, f"tinker://{RUN}/sampler_weights/step-{step}",
+            store,
+            f"tinker://{RUN}/sampler_weights/step-{step}",
             StoredHfWeights(base_model=str(model_dir), tensors=weights.tensors, lora=layout),
             checkpoint_type=kind if not (mode == "merged" and step == 5) else "merged_base",
-            base_model_dir=model_dir, tokenizer_dir=model_dir)
+            base_model_dir=model_dir,
+            tokenizer_dir=model_dir,
+        )
         types.append(saved.checkpoint_type)
         served.hotload(str(store.directory(saved.info.path)))
         assert served.current.identity == saved.link.identity

@@ -25,7 +25,9 @@ def setup(model_dir):
     served = ServedWeights(backend, base_model=str(model_dir), state_dir=None)
     app = create_app(served, model_names=[str(model_dir), MODEL], tokenizer=tokenizer)
     with TestClient(app) as http:
-        client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+        client = openai.OpenAI(
+            api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0
+        )
         yield client, served, tokenizer
     backend.close()
 
@@ -37,8 +39,9 @@ def direct(served, tokens, max_tokens, **kw):
 
 def test_completions_text_and_tokens_with_logprobs(setup):
     client, served, tokenizer = setup
-    out = client.completions.create(model=MODEL, prompt="hello", max_tokens=6, temperature=0, logprobs=3,
-                                    stop=None)
+    out = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=6, temperature=0, logprobs=3, stop=None
+    )
     choice = out.choices[0]
     prompt_tokens = tokenizer.encode("hello", add_special_tokens=False)
     expected = direct(served, prompt_tokens, 6)
@@ -58,8 +61,9 @@ def test_completions_text_and_tokens_with_logprobs(setup):
 def test_completion_streaming_matches_the_whole_answer(setup):
     client, _, _ = setup
     whole = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, temperature=0, logprobs=1)
-    stream = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, temperature=0, logprobs=1,
-                                       stream=True)
+    stream = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=5, temperature=0, logprobs=1, stream=True
+    )
     chunks = [c for c in stream if c.choices]
     text = "".join(c.choices[0].text for c in chunks)
     assert text.startswith(whole.choices[0].text)
@@ -69,8 +73,9 @@ def test_completion_streaming_matches_the_whole_answer(setup):
 def test_chat_uses_the_chat_template_and_streams(setup):
     client, served, tokenizer = setup
     messages = [{"role": "user", "content": "Say hi"}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
-                                         logprobs=True, top_logprobs=2)
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     tokens = list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
     assert out.usage.prompt_tokens == len(tokens)
@@ -78,8 +83,9 @@ def test_chat_uses_the_chat_template_and_streams(setup):
     content = out.choices[0].logprobs.content
     for entry, want in zip(content, expected.logprobs, strict=False):
         assert math.isclose(entry.logprob, want, abs_tol=1e-5) and len(entry.top_logprobs) == 2
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == out.choices[0].message.content
 

@@ -19,8 +19,10 @@ BASE = "tether/tiny-qwen3"
 
 def _datum(text: str) -> Datum:
     tokens = list(text.encode())
-    return Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                 loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])

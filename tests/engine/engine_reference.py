@@ -71,7 +71,8 @@ def make_data(lengths, *, vocab: int, seed: int = 0, soft_k: int | None = None) 
                 loss_fn_inputs={
                     "target_tokens": targets,
                     "weights": torch.randn(shape, generator=gen),
-                    "logprobs": -torch.log(torch.tensor(float(vocab))) + 0.4 * torch.randn(shape, generator=gen),
+                    "logprobs": -torch.log(torch.tensor(float(vocab)))
+                    + 0.4 * torch.randn(shape, generator=gen),
                     "advantages": torch.randn(shape, generator=gen),
                 },
             )

@@ -36,9 +36,13 @@ def test_no_graph_survives_forward_backward(training_engine):
     engine.max_tokens_per_micro_batch = 8
     engine.create_model("m", lora=LoraSpec(rank=2, seed=0))
     seen: list[weakref.ref] = []
-    hook = engine.base.model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(weakref.ref(out)))
+    hook = engine.base.model.get_output_embeddings().register_forward_hook(
+        lambda m, i, out: seen.append(weakref.ref(out))
+    )
     try:
-        result = engine.forward_backward("m", make_data([4, 4, 4, 4], vocab=engine.base.vocab_size), "cross_entropy")
+        result = engine.forward_backward(
+            "m", make_data([4, 4, 4, 4], vocab=engine.base.vocab_size), "cross_entropy"
+        )
     finally:
         hook.remove()
     gc.collect()

@@ -83,7 +83,9 @@ def test_unknown_models_and_bad_settings_raise_typed_errors(tmp_path):
 def test_directory_that_is_not_a_loadable_causal_lm(tmp_path):
     from transformers import T5Config
 
-    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path / "no-weights")
+    LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        tmp_path / "no-weights"
+    )
     T5Config(vocab_size=8, d_model=8, num_layers=1, num_heads=1).save_pretrained(tmp_path / "t5")
     for directory in ("no-weights", "t5"):
         with pytest.raises(UserInputError) as error:

@@ -18,8 +18,10 @@ from tether.types.errors import UserInputError
 
 def _params(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(5, 3, generator=g).requires_grad_(True),
-            "b": torch.randn(7, generator=g).requires_grad_(True)}
+    return {
+        "a": torch.randn(5, 3, generator=g).requires_grad_(True),
+        "b": torch.randn(7, generator=g).requires_grad_(True),
+    }
 
 
 def _grads(params: dict[str, torch.Tensor], scale: float = 1.0, seed: int = 1) -> None:
@@ -108,8 +110,15 @@ def test_accepted_steps_match_torch_adamw(clip):
         torch.testing.assert_close(ours[name].detach(), theirs[name].detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("field,value", [("learning_rate", 1e30), ("learning_rate", MAX_LEARNING_RATE * 2),
-                                         ("learning_rate", float("nan")), ("weight_decay", 1e6)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("learning_rate", 1e30),
+        ("learning_rate", MAX_LEARNING_RATE * 2),
+        ("learning_rate", float("nan")),
+        ("weight_decay", 1e6),
+    ],
+)
 def test_out_of_bound_hyperparameters_are_user_errors(field, value):
     with pytest.raises(UserInputError) as caught:
         AdamWParams(**{field: value}).validate()

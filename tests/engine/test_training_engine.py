@@ -36,8 +36,12 @@ def test_two_forward_backwards_then_step_equal_one_concatenated_call(training_en
     first = engine.forward_backward("split", data[:2], "cross_entropy")
     second = engine.forward_backward("split", data[2:], "cross_entropy")
     joined = engine.forward_backward("joined", data, "cross_entropy")
-    assert first.metrics["loss:sum"] + second.metrics["loss:sum"] == pytest.approx(joined.metrics["loss:sum"], abs=1e-5)
-    assert_same_tensors(engine.accumulated_gradients("split"), engine.accumulated_gradients("joined"), atol=1e-5, rtol=1e-5)
+    assert first.metrics["loss:sum"] + second.metrics["loss:sum"] == pytest.approx(
+        joined.metrics["loss:sum"], abs=1e-5
+    )
+    assert_same_tensors(
+        engine.accumulated_gradients("split"), engine.accumulated_gradients("joined"), atol=1e-5, rtol=1e-5
+    )
     # Adam's first step is about lr * grad / (|grad| + eps): with a tiny eps, float noise (~1e-6) in
     # near-zero gradient entries would change whole steps, so this comparison uses an eps above it.
     adam = AdamWParams(learning_rate=1e-2, eps=1e-2, weight_decay=0.1, grad_clip_norm=1.0)
@@ -78,7 +82,9 @@ def test_adapters_and_full_models_are_isolated(training_engine):
         for _ in range(2):
             engine.forward_backward(model_id, data, "cross_entropy")
             engine.optim_step(model_id, ADAM)
-    assert not torch.equal(weights_of(engine, "a")["lm_head.lora_B"], weights_of(engine, "b")["lm_head.lora_B"])
+    assert not torch.equal(
+        weights_of(engine, "a")["lm_head.lora_B"], weights_of(engine, "b")["lm_head.lora_B"]
+    )
     assert_same_tensors(weights_of(engine, "b"), b_before)
     assert engine.accumulated_gradients("b") == {}
     assert_same_tensors(engine.base.model.state_dict(), base_before)
@@ -89,7 +95,9 @@ def test_adapters_and_full_models_are_isolated(training_engine):
     out_b = engine.forward("b", data, "cross_entropy").outputs
     engine.delete_model("a")
     assert not engine.has_model("a") and engine.has_model("b")
-    assert [o["logprobs"] for o in engine.forward("b", data, "cross_entropy").outputs][0].equal(out_b[0]["logprobs"])
+    assert [o["logprobs"] for o in engine.forward("b", data, "cross_entropy").outputs][0].equal(
+        out_b[0]["logprobs"]
+    )
     assert base_only.list_models() == []
 
 
@@ -142,7 +150,9 @@ def test_optimizer_state_round_trip_continues_bit_exactly(training_engine):
         )
         assert engine.model_info("restored")["optimizer_steps"] == 2
         state.weights[next(iter(state.weights))].add_(1.0)  # exported copies are detached from the model
-        assert not torch.equal(state.weights[next(iter(state.weights))], weights_of(engine, "orig")[next(iter(state.weights))])
+        assert not torch.equal(
+            state.weights[next(iter(state.weights))], weights_of(engine, "orig")[next(iter(state.weights))]
+        )
         engine.delete_model("orig")
         engine.delete_model("restored")
 
@@ -177,7 +187,11 @@ def test_sampler_weights_are_frozen_copies(training_engine):
     engine.create_model("lora", lora=SPEC)
     engine.create_model("full", lora=None)
     lora_weights = engine.sampler_weights("lora")
-    assert lora_weights.is_lora and lora_weights.lora_spec == SPEC and lora_weights.base_model == engine.base.name
+    assert (
+        lora_weights.is_lora
+        and lora_weights.lora_spec == SPEC
+        and lora_weights.base_model == engine.base.name
+    )
     assert "model.layers.0.self_attn.q_proj.lora_A" in lora_weights.tensors
     full_weights = engine.sampler_weights("full")
     assert not full_weights.is_lora
@@ -197,16 +211,24 @@ def test_backward_from_logprob_grads_equals_cross_entropy_with_negated_grads(sma
     data = make_data([6, 3, 5], vocab=engine.base.vocab_size)
     engine.create_model("custom", lora=lora)
     engine.create_model("ce", lora=lora)
-    handle, forward = engine.forward_keep_graph("custom", [EngineDatum(d.input_tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data])
+    handle, forward = engine.forward_keep_graph(
+        "custom",
+        [EngineDatum(d.input_tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data],
+    )
     assert forward.metrics["loss:sum"] == 0.0
     grads = [torch.randn(o["logprobs"].shape) for o in forward.outputs]
     metrics = engine.backward_from_logprob_grads(handle, grads)
-    ce_data = [EngineDatum(d.input_tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -g}) for d, g in zip(data, grads, strict=True)]
+    ce_data = [
+        EngineDatum(d.input_tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -g})
+        for d, g in zip(data, grads, strict=True)
+    ]
     ce = engine.forward_backward("ce", ce_data, "cross_entropy")
     assert metrics["loss:sum"] == pytest.approx(ce.metrics["loss:sum"], rel=1e-5)
     for a, b in zip(forward.outputs, ce.outputs, strict=True):
         torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=1e-6, rtol=1e-6)
-    assert_same_tensors(engine.accumulated_gradients("custom"), engine.accumulated_gradients("ce"), atol=1e-5, rtol=1e-5)
+    assert_same_tensors(
+        engine.accumulated_gradients("custom"), engine.accumulated_gradients("ce"), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(NotFoundError):  # a graph is used once
         engine.backward_from_logprob_grads(handle, grads)
     for model_id in ("custom", "ce"):

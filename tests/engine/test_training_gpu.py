@@ -21,7 +21,9 @@ pytestmark = [
 def test_cuda_engine_matches_cpu_engine(default_model_dir, lora):
     results = {}
     for device in ("cpu", "cuda"):
-        engine = TrainingEngine(load_base_model(DEFAULT_MODEL_NAME, device=device), max_tokens_per_micro_batch=16)
+        engine = TrainingEngine(
+            load_base_model(DEFAULT_MODEL_NAME, device=device), max_tokens_per_micro_batch=16
+        )
         engine.create_model("m", lora=lora)
         data = make_data([7, 3, 5], vocab=engine.base.vocab_size)
         engine.forward_backward("m", data, "ppo")

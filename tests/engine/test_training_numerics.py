@@ -91,7 +91,9 @@ def check_against_reference(engine: TrainingEngine, loss_fn: str, lora: bool) ->
         torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
     if loss_fn == "cross_entropy":
         for out, datum in zip(result.outputs, data, strict=True):
-            torch.testing.assert_close(out["elementwise_loss"], -out["logprobs"] * datum.loss_fn_inputs["weights"])
+            torch.testing.assert_close(
+                out["elementwise_loss"], -out["logprobs"] * datum.loss_fn_inputs["weights"]
+            )
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -128,7 +130,11 @@ def test_mixed_target_shapes_in_one_micro_batch(training_engine, loss_fn):
     engine.create_model("m", lora=SPEC)
     randomize_lora(engine, "m")
     vocab = engine.base.vocab_size
-    data = make_data([5], vocab=vocab) + make_data([4], vocab=vocab, soft_k=2, seed=1) + make_data([3], vocab=vocab, soft_k=3, seed=2)
+    data = (
+        make_data([5], vocab=vocab)
+        + make_data([4], vocab=vocab, soft_k=2, seed=1)
+        + make_data([3], vocab=vocab, soft_k=3, seed=2)
+    )
     result = engine.forward_backward("m", data, loss_fn, LOSS_CONFIGS[loss_fn])
     model, leaves = reference_model(engine, "m", lora=True)
     ref_lps, ref_total, ref_grads = reference_grads(model, leaves, data, loss_fn, LOSS_CONFIGS[loss_fn])
@@ -138,7 +144,9 @@ def test_mixed_target_shapes_in_one_micro_batch(training_engine, loss_fn):
     for name, grad in engine.accumulated_gradients("m").items():
         torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
     handle, kept = engine.forward_keep_graph("m", data)
-    assert [o["logprobs"].shape for o in kept.outputs] == [d.loss_fn_inputs["target_tokens"].shape for d in data]
+    assert [o["logprobs"].shape for o in kept.outputs] == [
+        d.loss_fn_inputs["target_tokens"].shape for d in data
+    ]
     engine.release_graph(handle)
 
 
@@ -149,10 +157,16 @@ def test_clip_thresholds_default_to_0_8_and_1_2(training_engine, loss_fn):
     randomize_lora(engine, "m")
     data = make_data([6, 5], vocab=engine.base.vocab_size)
     model, leaves = reference_model(engine, "m", lora=True)
-    _, ref_default, _ = reference_grads(model, leaves, data, loss_fn, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
-    _, ref_tight, _ = reference_grads(model, leaves, data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01})
+    _, ref_default, _ = reference_grads(
+        model, leaves, data, loss_fn, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    )
+    _, ref_tight, _ = reference_grads(
+        model, leaves, data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01}
+    )
     assert ref_default != pytest.approx(ref_tight, abs=1e-4)  # the data does reach the clipping range
     default = engine.forward("m", data, loss_fn).metrics["loss:sum"]
-    tight = engine.forward("m", data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01}).metrics["loss:sum"]
+    tight = engine.forward(
+        "m", data, loss_fn, {"clip_low_threshold": 0.99, "clip_high_threshold": 1.01}
+    ).metrics["loss:sum"]
     assert default == pytest.approx(ref_default, rel=1e-5, abs=1e-5)
     assert tight == pytest.approx(ref_tight, rel=1e-5, abs=1e-5)

@@ -42,24 +42,71 @@ def nan_at_end(t: torch.Tensor) -> torch.Tensor:
 
 
 CASES = {
-    "input token too large": (lambda d, v, c: corrupt(d, input_tokens=torch.tensor([0, v, 1, 2])), "model_input", "ppo"),
-    "negative input token": (lambda d, v, c: corrupt(d, input_tokens=torch.tensor([0, -1, 1, 2])), "model_input", "ppo"),
-    "target outside vocab": (lambda d, v, c: corrupt(d, target_tokens=torch.tensor([0, 1, v + 5, 2])), "loss_fn_inputs.target_tokens", "ppo"),
-    "targets too short": (lambda d, v, c: corrupt(d, target_tokens=torch.tensor([0, 1, 2])), "loss_fn_inputs.target_tokens", "ppo"),
-    "float targets": (lambda d, v, c: corrupt(d, target_tokens=torch.zeros(4)), "loss_fn_inputs.target_tokens", "ppo"),
-    "weights too long": (lambda d, v, c: corrupt(d, weights=torch.ones(5)), "loss_fn_inputs.weights", "cross_entropy"),
+    "input token too large": (
+        lambda d, v, c: corrupt(d, input_tokens=torch.tensor([0, v, 1, 2])),
+        "model_input",
+        "ppo",
+    ),
+    "negative input token": (
+        lambda d, v, c: corrupt(d, input_tokens=torch.tensor([0, -1, 1, 2])),
+        "model_input",
+        "ppo",
+    ),
+    "target outside vocab": (
+        lambda d, v, c: corrupt(d, target_tokens=torch.tensor([0, 1, v + 5, 2])),
+        "loss_fn_inputs.target_tokens",
+        "ppo",
+    ),
+    "targets too short": (
+        lambda d, v, c: corrupt(d, target_tokens=torch.tensor([0, 1, 2])),
+        "loss_fn_inputs.target_tokens",
+        "ppo",
+    ),
+    "float targets": (
+        lambda d, v, c: corrupt(d, target_tokens=torch.zeros(4)),
+        "loss_fn_inputs.target_tokens",
+        "ppo",
+    ),
+    "weights too long": (
+        lambda d, v, c: corrupt(d, weights=torch.ones(5)),
+        "loss_fn_inputs.weights",
+        "cross_entropy",
+    ),
     "longer than context": (
-        lambda d, v, c: EngineDatum(torch.zeros(c + 1, dtype=torch.long), {"target_tokens": torch.zeros(c + 1, dtype=torch.long), "weights": torch.ones(c + 1)}),
+        lambda d, v, c: EngineDatum(
+            torch.zeros(c + 1, dtype=torch.long),
+            {"target_tokens": torch.zeros(c + 1, dtype=torch.long), "weights": torch.ones(c + 1)},
+        ),
         "model_input",
         "cross_entropy",
     ),
-    "empty input": (lambda d, v, c: corrupt(d, input_tokens=torch.tensor([], dtype=torch.long)), "model_input", "ppo"),
-    "nan weights": (lambda d, v, c: corrupt(d, weights=nan_at_end(d.loss_fn_inputs["weights"])), "loss_fn_inputs.weights", "cross_entropy"),
-    "inf advantages": (lambda d, v, c: corrupt(d, advantages=torch.tensor([0.0, float("inf"), 0.0, 0.0])), "loss_fn_inputs.advantages", "ppo"),
-    "nan sampling logprobs": (lambda d, v, c: corrupt(d, logprobs=nan_at_end(d.loss_fn_inputs["logprobs"])), "loss_fn_inputs.logprobs", "importance_sampling"),
+    "empty input": (
+        lambda d, v, c: corrupt(d, input_tokens=torch.tensor([], dtype=torch.long)),
+        "model_input",
+        "ppo",
+    ),
+    "nan weights": (
+        lambda d, v, c: corrupt(d, weights=nan_at_end(d.loss_fn_inputs["weights"])),
+        "loss_fn_inputs.weights",
+        "cross_entropy",
+    ),
+    "inf advantages": (
+        lambda d, v, c: corrupt(d, advantages=torch.tensor([0.0, float("inf"), 0.0, 0.0])),
+        "loss_fn_inputs.advantages",
+        "ppo",
+    ),
+    "nan sampling logprobs": (
+        lambda d, v, c: corrupt(d, logprobs=nan_at_end(d.loss_fn_inputs["logprobs"])),
+        "loss_fn_inputs.logprobs",
+        "importance_sampling",
+    ),
     "missing advantages": (lambda d, v, c: corrupt(d, advantages=None), "loss_fn_inputs.advantages", "cispo"),
     "missing weights": (lambda d, v, c: corrupt(d, weights=None), "loss_fn_inputs.weights", "cross_entropy"),
-    "missing targets": (lambda d, v, c: corrupt(d, target_tokens=None), "loss_fn_inputs.target_tokens", "dro"),
+    "missing targets": (
+        lambda d, v, c: corrupt(d, target_tokens=None),
+        "loss_fn_inputs.target_tokens",
+        "dro",
+    ),
 }
 
 

@@ -37,18 +37,28 @@ FUZZ_EXAMPLES = 10
 """Generated requests per route."""
 PROTO_EXAMPLES = 150
 """Mutated protobuf forward_backward bodies."""
-FUZZ_SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("fuzz"), long_poll_s=2,
-                          max_request_body_bytes=4 << 20)
+    config = ServerConfig(
+        port=0, data_dir=tmp_path_factory.mktemp("fuzz"), long_poll_s=2, max_request_body_bytes=4 << 20
+    )
     with ServerThread(config) as url, httpx.Client(base_url=url, timeout=60, headers=KEY) as http:
-        session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "fuzz"}).json()["session_id"]
-        answer = http.post("/api/v1/create_model", json={"session_id": session, "model_seq_id": 0,
-                                                         "base_model": BASE, "lora_config": {"rank": 2}}).json()
+        session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "fuzz"}).json()[
+            "session_id"
+        ]
+        answer = http.post(
+            "/api/v1/create_model",
+            json={"session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}},
+        ).json()
         assert "model_id" in _result(http, answer["request_id"])
         yield {"url": url, "http": http, "session_id": session, "model_id": answer["model_id"]}
 
@@ -131,20 +141,33 @@ def _fuzz_operation(operation, live) -> None:
         kwargs = case.as_transport_kwargs(base_url=url, headers=KEY)
         body = case.body if isinstance(case.body, (dict, list)) else None
         headers = {k: v for k, v in (kwargs.get("headers") or {}).items() if k.lower() == "content-type"}
-        request = httpx.Request(kwargs["method"], kwargs["url"], params=kwargs.get("params"),
-                                headers={**KEY, **headers},
-                                json=_live_ids(body, live, pick) if body is not None else None)
+        request = httpx.Request(
+            kwargs["method"],
+            kwargs["url"],
+            params=kwargs.get("params"),
+            headers={**KEY, **headers},
+            json=_live_ids(body, live, pick) if body is not None else None,
+        )
         _no_server_failure(http, http.send(request), what)
 
     fuzz()
 
 
 def _fwd_message(model_id: str) -> pb.ForwardBackwardRequest:
-    datum = WireDatum(model_input_chunks=[WireTextChunk(tokens=np.array([1, 2, 3, 4]))],
-                      loss_fn_inputs={"target_tokens": np.array([2, 3, 4, 5]), "weights": np.ones(4, np.float32)})
-    raw = encode_forward_backward_request(ForwardBackwardRequestBody(
-        model_id=model_id, seq_id=None, forward_only=False, loss_fn="cross_entropy", loss_fn_config=None,
-        data=[datum, datum]))
+    datum = WireDatum(
+        model_input_chunks=[WireTextChunk(tokens=np.array([1, 2, 3, 4]))],
+        loss_fn_inputs={"target_tokens": np.array([2, 3, 4, 5]), "weights": np.ones(4, np.float32)},
+    )
+    raw = encode_forward_backward_request(
+        ForwardBackwardRequestBody(
+            model_id=model_id,
+            seq_id=None,
+            forward_only=False,
+            loss_fn="cross_entropy",
+            loss_fn_config=None,
+            data=[datum, datum],
+        )
+    )
     return pb.ForwardBackwardRequest.FromString(raw)
 
 
@@ -156,7 +179,9 @@ _INT64 = st.integers(-(2**63), 2**63 - 1)
 def _mutated(draw, model_id: str) -> bytes:
     msg = _fwd_message(model_id)
     datum = msg.data[draw(st.integers(0, 1))]
-    kind = draw(st.sampled_from(["shape", "sparse", "dtype", "bytes", "tokens", "loss", "truncate", "config"]))
+    kind = draw(
+        st.sampled_from(["shape", "sparse", "dtype", "bytes", "tokens", "loss", "truncate", "config"])
+    )
     name = draw(st.sampled_from(["target_tokens", "weights", "advantages", "logprobs"]))
     tensor = datum.loss_fn_inputs[name]
     if kind == "shape":
@@ -194,12 +219,18 @@ def _mutated(draw, model_id: str) -> bytes:
 def test_mutated_protobuf_bodies_never_cause_a_server_error(live):
     http = live["http"]
 
-    @settings(max_examples=PROTO_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=PROTO_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(body=_mutated(live["model_id"]))
     def fuzz(body):
-        response = http.post("/api/v1/forward_backward", content=body,
-                             headers={"Content-Type": "application/x-protobuf"})
+        response = http.post(
+            "/api/v1/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"}
+        )
         _no_server_failure(http, response, "forward_backward")
 
     started = time.monotonic()
@@ -212,23 +243,46 @@ def test_mutated_protobuf_bodies_never_cause_a_server_error(live):
 def _still_usable(live) -> None:
     """The fuzzed model still takes a clean step, and a sampler made from it samples."""
     http, model_id = live["http"], live["model_id"]
-    body = encode_forward_backward_request(ForwardBackwardRequestBody(
-        model_id=model_id, seq_id=None, forward_only=False, loss_fn="cross_entropy", loss_fn_config=None,
-        data=[WireDatum(model_input_chunks=[WireTextChunk(tokens=np.array([1, 2, 3]))],
-                        loss_fn_inputs={"target_tokens": np.array([2, 3, 4]), "weights": np.ones(3, np.float32)})]))
+    body = encode_forward_backward_request(
+        ForwardBackwardRequestBody(
+            model_id=model_id,
+            seq_id=None,
+            forward_only=False,
+            loss_fn="cross_entropy",
+            loss_fn_config=None,
+            data=[
+                WireDatum(
+                    model_input_chunks=[WireTextChunk(tokens=np.array([1, 2, 3]))],
+                    loss_fn_inputs={"target_tokens": np.array([2, 3, 4]), "weights": np.ones(3, np.float32)},
+                )
+            ],
+        )
+    )
     http.post("/api/v1/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"})
-    answer = http.post("/api/v1/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"})
+    answer = http.post(
+        "/api/v1/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"}
+    )
     assert isinstance(_result(http, answer.json()["request_id"]), bytes)
-    step = http.post("/api/v1/optim_step", json={"model_id": model_id, "adam_params": {"learning_rate": 1e-3}})
+    step = http.post(
+        "/api/v1/optim_step", json={"model_id": model_id, "adam_params": {"learning_rate": 1e-3}}
+    )
     metrics = _result(http, step.json()["request_id"])["metrics"]
     assert all(isinstance(v, float) for v in metrics.values())
-    sampler = http.post("/api/v1/save_weights_for_sampler",
-                        json={"model_id": model_id, "sampling_session_seq_id": int(time.time() * 1000) % 10**9})
+    sampler = http.post(
+        "/api/v1/save_weights_for_sampler",
+        json={"model_id": model_id, "sampling_session_seq_id": int(time.time() * 1000) % 10**9},
+    )
     outcome = _result(http, sampler.json()["request_id"])
     session = outcome.get("sampling_session_id")
     assert session, outcome
-    sample = http.post("/api/v1/asample", json={"sampling_session_id": session, "num_samples": 1,
-                                                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                                "sampling_params": {"max_tokens": 3, "temperature": 0.0}})
+    sample = http.post(
+        "/api/v1/asample",
+        json={
+            "sampling_session_id": session,
+            "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+            "sampling_params": {"max_tokens": 3, "temperature": 0.0},
+        },
+    )
     assert sample.status_code == 200, sample.text
     assert _result(http, sample.json()["request_id"])

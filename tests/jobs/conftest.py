@@ -16,8 +16,17 @@ BASE = "tether/tiny-qwen3"
 
 
 def control_plane_config(data_dir, **overrides) -> ServerConfig:
-    values = dict(port=0, data_dir=data_dir, api_keys=[ALICE, BOB], long_poll_s=5, job_poll_interval_s=0.2,
-                  job_startup_timeout_s=180, torch_threads=1, device="cpu", dtype="float32")
+    values = dict(
+        port=0,
+        data_dir=data_dir,
+        api_keys=[ALICE, BOB],
+        long_poll_s=5,
+        job_poll_interval_s=0.2,
+        job_startup_timeout_s=180,
+        torch_threads=1,
+        device="cpu",
+        dtype="float32",
+    )
     values.update(overrides)
     return ServerConfig(**values)
 
@@ -37,6 +46,12 @@ def batch(step: int) -> list[Datum]:
     """A deterministic batch for `step` (the data position is the step)."""
     rng = np.random.default_rng(1000 + step)
     tokens = rng.integers(3, 200, size=9).tolist()
-    return [Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
-                                  "weights": np.ones(8, dtype=np.float32)})]
+    return [
+        Datum(
+            model_input=ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={
+                "target_tokens": np.array(tokens[1:], dtype=np.int64),
+                "weights": np.ones(8, dtype=np.float32),
+            },
+        )
+    ]

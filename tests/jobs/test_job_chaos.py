@@ -36,8 +36,16 @@ def _loop(manager, job_id, prefix, kill=None):
         if kill is not None:
             kill(step, "after")
 
-    loop = ReconnectingTrainingClient(manager, job_id, base_model=BASE, lora_rank=4, seed=0, prefix=prefix,
-                                      poll_interval_s=0.2, reconnect_timeout_s=180)
+    loop = ReconnectingTrainingClient(
+        manager,
+        job_id,
+        base_model=BASE,
+        lora_rank=4,
+        seed=0,
+        prefix=prefix,
+        poll_interval_s=0.2,
+        reconnect_timeout_s=180,
+    )
     try:
         loop.run(step_fn, num_steps=NUM_STEPS, save_every=SAVE_EVERY)
     finally:
@@ -50,15 +58,20 @@ def test_training_survives_two_sigkills_with_identical_weights(control_plane):
     jobs = app.state.tether_jobs
     manager = TrainerJobManager(url, ALICE)
     job_id = "chaos-1"
-    manager.create_and_wait(TrainerJobConfig(base_model=BASE, lora_rank=4, requested_job_id=job_id, max_restarts=5),
-                            poll_interval_s=0.2, timeout_s=180)
+    manager.create_and_wait(
+        TrainerJobConfig(base_model=BASE, lora_rank=4, requested_job_id=job_id, max_restarts=5),
+        poll_interval_s=0.2,
+        timeout_s=180,
+    )
 
     reference = _loop(manager, job_id, "ref")
     assert reference.reconnects == 0
 
     rng = random.Random(11)
-    plan = {(rng.randrange(1, 4), rng.choice(["before", "during", "after"])),
-            (rng.randrange(5, NUM_STEPS), rng.choice(["before", "during", "after"]))}
+    plan = {
+        (rng.randrange(1, 4), rng.choice(["before", "during", "after"])),
+        (rng.randrange(5, NUM_STEPS), rng.choice(["before", "during", "after"])),
+    }
     killed = []
 
     def kill(step, phase):
@@ -74,10 +87,14 @@ def test_training_survives_two_sigkills_with_identical_weights(control_plane):
     listed = [c for c in manager.list_checkpoints(job_id) if c.resumable]
     stores = OwnerStores(jobs.job_dir(owner_of_key(ALICE), job_id) / "data")
     inner_owner = owner_of_key(jobs._api_key(owner_of_key(ALICE), job_id))
-    states = {c.tinker_path: stores.store(inner_owner).load_training_state(c.tinker_path, include_optimizer=True)
-              for c in listed}
+    states = {
+        c.tinker_path: stores.store(inner_owner).load_training_state(c.tinker_path, include_optimizer=True)
+        for c in listed
+    }
     names = {c.tinker_path.rsplit("/", 1)[-1] for c in listed}
-    expected = {f"{prefix}-step-{s:06d}" for prefix in ("ref", "chaos") for s in range(0, NUM_STEPS + 1, SAVE_EVERY)}
+    expected = {
+        f"{prefix}-step-{s:06d}" for prefix in ("ref", "chaos") for s in range(0, NUM_STEPS + 1, SAVE_EVERY)
+    }
     assert expected <= names, expected - names
 
     def final(prefix):

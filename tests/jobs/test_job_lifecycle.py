@@ -41,7 +41,9 @@ def test_job_lifecycle_through_the_sdk(control_plane):
     url, _ = control_plane
     alice = TrainerJobManager(url, ALICE)
     bob = TrainerJobManager(url, BOB)
-    config = TrainerJobConfig(base_model=BASE, lora_rank=4, inactivity_timeout="4s", requested_job_id="life-1")
+    config = TrainerJobConfig(
+        base_model=BASE, lora_rank=4, inactivity_timeout="4s", requested_job_id="life-1"
+    )
     endpoint = alice.create_and_wait(config, **WAIT)
     assert endpoint.job_id == "life-1" and endpoint.base_url == f"{url}/training/v1/trainerJobs/life-1"
     assert alice.boot_time_s is not None and alice.get("life-1").model_load_s > 0
@@ -106,9 +108,13 @@ def test_job_lifecycle_through_the_sdk(control_plane):
     exported = alice.export_merged("life-1", sampler_path)
     assert (Path(exported.path) / "config.json").exists() and exported.path != promoted.path
 
-    endpoint = alice.create_and_wait(TrainerJobConfig(base_model="life-policy", requested_job_id="life-2"), **WAIT)
+    endpoint = alice.create_and_wait(
+        TrainerJobConfig(base_model="life-policy", requested_job_id="life-2"), **WAIT
+    )
     service = ServiceClient(base_url=endpoint.base_url, api_key=ALICE)
-    plain = service.create_lora_training_client("life-policy", rank=0).result()  # the promoted weights, as they are
+    plain = service.create_lora_training_client(
+        "life-policy", rank=0
+    ).result()  # the promoted weights, as they are
     np.testing.assert_allclose(_logprobs(plain), trained_logprobs, rtol=0, atol=1e-4)
     service.close()
     alice.delete("life-2")
@@ -144,18 +150,34 @@ def test_job_lifecycle_through_the_cli(control_plane, capsys):
         assert main(list(argv)) == 0
         return json.loads(capsys.readouterr().out)
 
-    endpoint = run("jobs", "create", *conn, "--base-model", BASE, "--requested-job-id", "cli-1",
-                   "--inactivity-timeout", "600", "--poll-interval-s", "0.2", "--timeout-s", "180")
+    endpoint = run(
+        "jobs",
+        "create",
+        *conn,
+        "--base-model",
+        BASE,
+        "--requested-job-id",
+        "cli-1",
+        "--inactivity-timeout",
+        "600",
+        "--poll-interval-s",
+        "0.2",
+        "--timeout-s",
+        "180",
+    )
     assert endpoint["job_id"] == "cli-1" and endpoint["base_url"].endswith("/training/v1/trainerJobs/cli-1")
     assert run("jobs", "get", *conn, "--job-id", "cli-1")["state"] == "JOB_STATE_RUNNING"
 
     # the official Tinker SDK trains through the control plane's address too
     tinker = pytest.importorskip("tinker")
     trainer = tinker.ServiceClient(base_url=endpoint["base_url"], api_key=ALICE).create_lora_training_client(
-        base_model=BASE, rank=2)
+        base_model=BASE, rank=2
+    )
     datum = batch(0)[0]
-    tinker_datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(datum.model_input.to_ints()),
-                                loss_fn_inputs={k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()})
+    tinker_datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(datum.model_input.to_ints()),
+        loss_fn_inputs={k: v.to_numpy() for k, v in datum.loss_fn_inputs.items()},
+    )
     assert trainer.forward_backward([tinker_datum], "cross_entropy").result().metrics["loss:sum"] > 0
     assert "cli-1" in [j["job_id"] for j in run("jobs", "list", *conn)]
     console = httpx.get(f"{url}/api/v1/tether/console/jobs", headers={"X-API-Key": ALICE}).json()

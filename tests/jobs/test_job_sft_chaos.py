@@ -23,8 +23,18 @@ CONVERSATIONS = [
 
 def _sft(manager, job_id, log_dir, on_step_end=None, max_attempts=5):
     """Run SFT to the end, reconnecting to the job after each loss of it; returns (result, attempts)."""
-    config = sft.Config(log_dir=log_dir, model_name=BASE, lora_rank=4, batch_size=4, num_epochs=1, save_every=1,
-                        eval_every=None, learning_rate=1e-3, seed=0, progress=False)
+    config = sft.Config(
+        log_dir=log_dir,
+        model_name=BASE,
+        lora_rank=4,
+        batch_size=4,
+        num_epochs=1,
+        save_every=1,
+        eval_every=None,
+        learning_rate=1e-3,
+        seed=0,
+        progress=False,
+    )
     for attempt in range(1, max_attempts + 1):
         endpoint = manager.reconnect_and_wait(job_id, poll_interval_s=0.2, timeout_s=180)
         service = ServiceClient(base_url=endpoint.base_url, api_key=ALICE)
@@ -44,8 +54,11 @@ def test_sft_recipe_survives_two_sigkills(control_plane, tmp_path):
     jobs = app.state.tether_jobs
     manager = TrainerJobManager(url, ALICE)
     job_id = "sft-chaos"
-    manager.create_and_wait(TrainerJobConfig(base_model=BASE, requested_job_id=job_id, max_restarts=5),
-                            poll_interval_s=0.2, timeout_s=180)
+    manager.create_and_wait(
+        TrainerJobConfig(base_model=BASE, requested_job_id=job_id, max_restarts=5),
+        poll_interval_s=0.2,
+        timeout_s=180,
+    )
     straight, attempts = _sft(manager, job_id, tmp_path / "straight")
     assert attempts == 1 and straight.steps_run == 4
 

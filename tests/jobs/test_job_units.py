@@ -21,27 +21,43 @@ from .conftest import BASE, control_plane_config
 
 def test_config_durations_ids_and_bounds():
     assert TrainerJobConfig(base_model=BASE, inactivity_timeout="1800s").inactivity_timeout == 1800.0
-    assert TrainerJobConfig(base_model=BASE, inactivity_timeout=timedelta(minutes=2)).inactivity_timeout == 120.0
-    for bad, field in [({"inactivity_timeout": "4h"}, "inactivity_timeout"),
-                       ({"inactivity_timeout": 3 * 3600 + 1}, "inactivity_timeout"),
-                       ({"requested_job_id": "-x"}, "requested_job_id"),
-                       ({"requested_job_id": "a" * 64}, "requested_job_id"),
-                       ({"nproc_per_node": 0}, "nproc_per_node"),
-                       ({"display_name": "n" * 64}, "display_name")]:
+    assert (
+        TrainerJobConfig(base_model=BASE, inactivity_timeout=timedelta(minutes=2)).inactivity_timeout == 120.0
+    )
+    for bad, field in [
+        ({"inactivity_timeout": "4h"}, "inactivity_timeout"),
+        ({"inactivity_timeout": 3 * 3600 + 1}, "inactivity_timeout"),
+        ({"requested_job_id": "-x"}, "requested_job_id"),
+        ({"requested_job_id": "a" * 64}, "requested_job_id"),
+        ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({"display_name": "n" * 64}, "display_name"),
+    ]:
         with pytest.raises(UserInputError) as info:
             parse_wire(TrainerJobConfig, {"base_model": BASE, **bad})
         assert info.value.field == field
-    assert JobState.parse("running") is JobState.RUNNING and JobState.parse("JOB_STATE_DELETED").short == "DELETED"
+    assert (
+        JobState.parse("running") is JobState.RUNNING
+        and JobState.parse("JOB_STATE_DELETED").short == "DELETED"
+    )
 
 
 def test_more_than_one_rank_runs_under_torchrun(tmp_path):
-    spec = LaunchSpec(job_id="j", spec_file=tmp_path / "spec.json", log_path=tmp_path / "log", env={},
-                      nproc_per_node=4)
+    spec = LaunchSpec(
+        job_id="j", spec_file=tmp_path / "spec.json", log_path=tmp_path / "log", env={}, nproc_per_node=4
+    )
     argv = job_command(spec, python="py")
-    assert argv[:3] == ["py", "-m", "torch.distributed.run"] and argv[-3:] == ["-m", "tether.jobs.runner", str(spec.spec_file)]
+    assert argv[:3] == ["py", "-m", "torch.distributed.run"] and argv[-3:] == [
+        "-m",
+        "tether.jobs.runner",
+        str(spec.spec_file),
+    ]
     assert argv[argv.index("--nproc-per-node") + 1] == "4"
     assert job_command(LaunchSpec("j", tmp_path / "s", tmp_path / "l", {}), python="py") == [
-        "py", "-m", "tether.jobs.runner", str(tmp_path / "s")]
+        "py",
+        "-m",
+        "tether.jobs.runner",
+        str(tmp_path / "s"),
+    ]
     with pytest.raises(UserInputError, match="nproc_per_node"):
         LocalLauncher(max_ranks=2).check(TrainerJobConfig(base_model=BASE, nproc_per_node=3))
 
@@ -87,8 +103,11 @@ class _Launcher(Launcher):
 
 
 def test_a_launcher_failure_fails_the_job_with_its_text(tmp_path):
-    manager = JobManager(Catalogue(tmp_path / "tether.db"), control_plane_config(tmp_path),
-                         launcher=_Launcher("no capacity: 0 of 8 GPUs free"))
+    manager = JobManager(
+        Catalogue(tmp_path / "tether.db"),
+        control_plane_config(tmp_path),
+        launcher=_Launcher("no capacity: 0 of 8 GPUs free"),
+    )
     row = manager.create("alice", TrainerJobConfig(base_model=BASE, requested_job_id="j1"))
     assert row.job_state is JobState.FAILED and "no capacity: 0 of 8 GPUs free" in row.reason
     assert manager.handle("alice", "j1") is None
@@ -99,7 +118,8 @@ def test_a_restarted_control_plane_relaunches_live_jobs(tmp_path):
     catalogue = Catalogue(tmp_path / "tether.db")
     first = _Launcher()
     JobManager(catalogue, control_plane_config(tmp_path), launcher=first).create(
-        "alice", TrainerJobConfig(base_model=BASE, requested_job_id="j1"))
+        "alice", TrainerJobConfig(base_model=BASE, requested_job_id="j1")
+    )
     assert len(first.launched) == 1
     second = _Launcher()
     manager = JobManager(catalogue, control_plane_config(tmp_path), launcher=second)
@@ -113,7 +133,9 @@ def test_a_multi_rank_job_without_the_distributed_trainer_fails_with_its_error(t
     """torchrun starts two ranks; the runner refuses them; with no restarts left the job is FAILED
     with the process's own error text, and nothing is left running."""
     manager = JobManager(Catalogue(tmp_path / "tether.db"), control_plane_config(tmp_path))
-    manager.create("alice", TrainerJobConfig(base_model=BASE, requested_job_id="mr", nproc_per_node=2, max_restarts=0))
+    manager.create(
+        "alice", TrainerJobConfig(base_model=BASE, requested_job_id="mr", nproc_per_node=2, max_restarts=0)
+    )
     handle = manager.handle("alice", "mr")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and manager.get("alice", "mr").job_state is not JobState.FAILED:

@@ -150,7 +150,9 @@ def test_async_rl_keeps_staleness_within_two_steps_and_a_resume_loses_no_group(t
     assert [r["step"] for r in rows] == list(range(6))
     trained = [(index, version) for r in rows for index, version in r["async/groups"]]
     assert sorted(i for i, _ in trained) == list(range(12)), "every group trained once, none lost"
-    assert {i: v for i, v in trained if i >= 6} == saved, "the resumed run trained the saved groups as sampled"
+    assert {i: v for i, v in trained if i >= 6} == saved, (
+        "the resumed run trained the saved groups as sampled"
+    )
     for r in rows:
         assert 0 <= r["async/staleness_min"] <= r["async/staleness_mean"] <= r["async/staleness_max"] <= 2
         assert all(r["step"] - v <= 2 for _, v in r["async/groups"])
@@ -163,7 +165,9 @@ def test_a_resume_with_a_lower_bound_drops_the_saved_groups_it_no_longer_allows(
     _train(queue, range(3))
     state = queue.snapshot()
     queue.close()
-    resumed = AsyncRollouts(FakeSampler(seed=3), batch_size=2, max_steps_off_policy=0, policy="wait", state=state)
+    resumed = AsyncRollouts(
+        FakeSampler(seed=3), batch_size=2, max_steps_off_policy=0, policy="wait", state=state
+    )
     resumed.publish(object(), 3)
     taken = _train(resumed, range(3, 6))
     resumed.close()

@@ -46,7 +46,10 @@ def test_distillation_lowers_the_student_teacher_kl(tmp_path, local_service):
     assert result.final_teacher_kl < 0.7 * heldout[0], (heldout, result.final_teacher_kl)
     for row in result.metrics:
         assert abs(row["kl_sample_train_v1"]) < 1e-3 and row["num_tokens"] > 0
-    assert [json.loads(r)["next_step"] for r in (tmp_path / "distill" / "checkpoints.jsonl").read_text().splitlines()] == [3, 6]
+    assert [
+        json.loads(r)["next_step"]
+        for r in (tmp_path / "distill" / "checkpoints.jsonl").read_text().splitlines()
+    ] == [3, 6]
 
 
 def test_a_teacher_the_server_does_not_serve_is_named(tmp_path, local_service):
@@ -56,7 +59,9 @@ def test_a_teacher_the_server_does_not_serve_is_named(tmp_path, local_service):
     assert info.value.field == "teacher_model" and "nobody/not-served" in info.value.message
     with pytest.raises(UserInputError) as info:
         distill.train_distill(
-            _config(tmp_path, teacher_checkpoint="tinker://missing:train:0/sampler_weights/t"), local_service, source
+            _config(tmp_path, teacher_checkpoint="tinker://missing:train:0/sampler_weights/t"),
+            local_service,
+            source,
         )
     assert info.value.field == "teacher_checkpoint"
     assert not (tmp_path / "distill").exists(), "nothing was started"

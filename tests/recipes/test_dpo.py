@@ -51,11 +51,21 @@ def test_both_pair_shapes_load_and_bad_lines_are_named_by_line_number(tmp_path):
     ]
     cases = {
         "not JSON": [good, "{oops"],
-        "prompts differ": [good, good, {"chosen": [_user("a"), _assistant("x")], "rejected": [_user("b"), _assistant("y")]}],
-        "assistant message": [good, {"chosen": [_user("a"), _user("x")], "rejected": [_user("a"), _assistant("y")]}],
+        "prompts differ": [
+            good,
+            good,
+            {"chosen": [_user("a"), _assistant("x")], "rejected": [_user("b"), _assistant("y")]},
+        ],
+        "assistant message": [
+            good,
+            {"chosen": [_user("a"), _user("x")], "rejected": [_user("a"), _assistant("y")]},
+        ],
         "needs 'chosen' and 'rejected'": [{"chosen": [_user("a"), _assistant("x")]}],
         "one assistant message": [good, {"prompt": [_user("a")], "chosen": [], "rejected": _assistant("y")}],
-        "content": [good, {"chosen": [_user("a"), {"role": "assistant"}], "rejected": [_user("a"), _assistant("y")]}],
+        "content": [
+            good,
+            {"chosen": [_user("a"), {"role": "assistant"}], "rejected": [_user("a"), _assistant("y")]},
+        ],
     }
     for expected, rows in cases.items():
         with pytest.raises(UserInputError) as info:
@@ -66,7 +76,9 @@ def test_both_pair_shapes_load_and_bad_lines_are_named_by_line_number(tmp_path):
 
 
 def test_a_max_length_that_cuts_off_an_answer_is_refused(default_renderer):
-    pair = PreferencePair(prompt=[_user("a long question " * 4)], chosen=_assistant("x"), rejected=_assistant("y"), line=7)
+    pair = PreferencePair(
+        prompt=[_user("a long question " * 4)], chosen=_assistant("x"), rejected=_assistant("y"), line=7
+    )
     chosen, rejected = pair_datums(default_renderer, pair, max_length=None)
     assert chosen.loss_fn_inputs["weights"].tolist()[-2:] == [1.0, 1.0]  # "x" then the end-of-turn token
     with pytest.raises(UserInputError) as info:
@@ -97,7 +109,9 @@ def default_renderer(default_model_dir):
 PAIRS = [
     PreferencePair([_user("capital of France?")], _assistant("Paris"), _assistant("Rome")),
     PreferencePair([_user("1+1"), _assistant("2"), _user("and 2+2?")], _assistant("4"), _assistant("22")),
-    PreferencePair([{"role": "system", "content": "be brief"}, _user("hi")], _assistant("hi"), _assistant("hello there")),
+    PreferencePair(
+        [{"role": "system", "content": "be brief"}, _user("hi")], _assistant("hi"), _assistant("hello there")
+    ),
 ]
 
 
@@ -146,7 +160,9 @@ def test_dpo_gradients_equal_a_plain_pytorch_dpo(default_base, default_renderer,
 
         model = plain_model(default_base.path)
         if lora:
-            leaves = add_lora_hooks(model, engine.export_state("m", include_optimizer=False).weights, spec.scale)
+            leaves = add_lora_hooks(
+                model, engine.export_state("m", include_optimizer=False).weights, spec.scale
+            )
         else:
             leaves = dict(model.named_parameters())
         sums = [(reference_logprobs(model, d) * d.loss_fn_inputs["weights"]).sum() for d in engine_data]
@@ -157,12 +173,19 @@ def test_dpo_gradients_equal_a_plain_pytorch_dpo(default_base, default_renderer,
         assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-5)
         assert set(got) == set(expected) and len(got) > 0
         for name, grad in got.items():
-            torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        margins = [beta * ((float(sums[2 * i].detach()) - c) - (float(sums[2 * i + 1].detach()) - r)) for i, (c, r) in enumerate(reference)]
+            torch.testing.assert_close(
+                grad, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
+        margins = [
+            beta * ((float(sums[2 * i].detach()) - c) - (float(sums[2 * i + 1].detach()) - r))
+            for i, (c, r) in enumerate(reference)
+        ]
         assert metrics["accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
         assert 0 < metrics["accuracy"] < 1, "the fixture has pairs on both sides"
         assert metrics["margin"] == pytest.approx(np.mean(margins), rel=1e-5)
-        assert metrics["num_pairs"] == 3 and metrics["num_tokens"] == sum(float(d.loss_fn_inputs["weights"].sum()) for d in engine_data)
+        assert metrics["num_pairs"] == 3 and metrics["num_tokens"] == sum(
+            float(d.loss_fn_inputs["weights"].sum()) for d in engine_data
+        )
 
         # The comparison can fail: another beta gives other gradients.
         _, _, other = compute_logprob_grads(datums, logprobs, dpo.dpo_loss_fn(reference, beta * 1.01))
@@ -176,7 +199,13 @@ def test_dpo_gradients_equal_a_plain_pytorch_dpo(default_base, default_renderer,
 
 
 def test_dpo_raises_preference_accuracy_and_resumes_anchored_at_the_initial_weights(tmp_path, local_service):
-    rows = [{"chosen": [_user(f"pick {i}"), _assistant("yes")], "rejected": [_user(f"pick {i}"), _assistant("no")]} for i in range(24)]
+    rows = [
+        {
+            "chosen": [_user(f"pick {i}"), _assistant("yes")],
+            "rejected": [_user(f"pick {i}"), _assistant("no")],
+        }
+        for i in range(24)
+    ]
     data = _write(tmp_path / "pairs.jsonl", rows)
     config = dpo.Config(
         dataset_path=data, test_size=8, log_dir=tmp_path / "run", lora_rank=8, learning_rate=1e-3, lr_schedule="constant",
@@ -188,7 +217,11 @@ def test_dpo_raises_preference_accuracy_and_resumes_anchored_at_the_initial_weig
     reference = json.loads((tmp_path / "run" / "reference.json").read_text())
     resumed = dpo.train_dpo(config, local_service, train, held_out)
     assert resumed.steps_run == 5  # 16 // 4 = 4 steps per epoch, 2 epochs; resumed at step 3
-    assert json.loads((tmp_path / "run" / "reference.json").read_text()) == reference == {"sampler_path": resumed.reference_path}
+    assert (
+        json.loads((tmp_path / "run" / "reference.json").read_text())
+        == reference
+        == {"sampler_path": resumed.reference_path}
+    )
     cache = _read(tmp_path / "run" / "reference_logprobs.jsonl")
     assert len(cache) == len({r["key"] for r in cache}) == 24, "each pair's reference is computed once"
 
@@ -198,7 +231,9 @@ def test_dpo_raises_preference_accuracy_and_resumes_anchored_at_the_initial_weig
     evals = [r for r in metrics if "test/accuracy" in r]
     # At the start policy == reference: margins are zero up to float noise between the sampler's and the
     # trainer's logprobs (so accuracy, margin > 0, is a coin toss there), and the loss is log 2.
-    assert abs(evals[0]["test/margin"]) < 1e-3 and evals[0]["test/dpo_loss"] == pytest.approx(np.log(2), abs=1e-3)
+    assert abs(evals[0]["test/margin"]) < 1e-3 and evals[0]["test/dpo_loss"] == pytest.approx(
+        np.log(2), abs=1e-3
+    )
     assert evals[-1]["test/accuracy"] == 1.0 and evals[-1]["test/margin"] > 1.0
     assert metrics[-1]["dpo_loss"] < 0.5 * metrics[0]["dpo_loss"]
     assert metrics[-1]["chosen_reward"] > 0 > metrics[-1]["rejected_reward"]

@@ -20,8 +20,11 @@ def _server_series(service, training_client) -> dict:
     """The run's metric series as the server recorded them (what the console draws)."""
     import httpx
 
-    answer = httpx.get(f"{service.base_url}/api/v1/tether/runs/{training_client.model_id}/metrics",
-                       headers={"X-API-Key": "tml-local"}, timeout=30)
+    answer = httpx.get(
+        f"{service.base_url}/api/v1/tether/runs/{training_client.model_id}/metrics",
+        headers={"X-API-Key": "tml-local"},
+        timeout=30,
+    )
     answer.raise_for_status()
     return answer.json()["series"]
 

@@ -67,8 +67,21 @@ def plain_tokenizer():
 
 
 QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN3_PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+QWEN3_PLAIN_ADDED = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 _CORPUS = [
     "You are a helpful assistant. Answer briefly and exactly.",
@@ -90,7 +103,10 @@ def _trained_bpe_tokenizer(special: list[str], plain_added: list[str], **named):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=500,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(_CORPUS * 3, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
@@ -117,6 +133,8 @@ def qwen_bpe_tokenizer():
 @pytest.fixture(scope="session")
 def llama_bpe_tokenizer():
     """Merging BPE with the Llama 3 special tokens and a Llama-3-style template."""
-    tokenizer = _trained_bpe_tokenizer(LLAMA3_SPECIAL, [], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tokenizer = _trained_bpe_tokenizer(
+        LLAMA3_SPECIAL, [], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
     tokenizer.chat_template = LLAMA3_TEMPLATE
     return tokenizer

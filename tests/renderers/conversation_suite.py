@@ -6,7 +6,11 @@ import json
 
 
 def call(name: str, **arguments) -> dict:
-    return {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return {
+        "id": f"call_{name}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
 
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -40,7 +44,12 @@ CONVERSATIONS = {
         SYSTEM,
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Paris")]},
-        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_get_weather", "name": "get_weather"},
+        {
+            "role": "tool",
+            "content": '{"temp": 21}',
+            "tool_call_id": "call_get_weather",
+            "name": "get_weather",
+        },
         {"role": "assistant", "content": "It is 21 degrees."},
     ],
     "tool_calls_with_text_and_reasoning": [
@@ -48,7 +57,10 @@ CONVERSATIONS = {
         {
             "role": "assistant",
             "content": "Let me check both.",
-            "tool_calls": [call("get_weather", city="Paris"), call("get_weather", city="Rome", unit="celsius")],
+            "tool_calls": [
+                call("get_weather", city="Paris"),
+                call("get_weather", city="Rome", unit="celsius"),
+            ],
         },
         {"role": "tool", "content": "21"},
         {"role": "tool", "content": "25"},

@@ -29,7 +29,12 @@ TOKENIZERS = {
     "qwen3_disable_thinking": ["qwen_tokenizer", "qwen_bpe_tokenizer"],
 }
 TOOLS = {"tool_call", "tool_calls_with_text_and_reasoning", "final_tool_call", "reasoning_then_tool_call"}
-REASONING = {"reasoning_now", "reasoning_in_history", "tool_calls_with_text_and_reasoning", "reasoning_then_tool_call"}
+REASONING = {
+    "reasoning_now",
+    "reasoning_in_history",
+    "tool_calls_with_text_and_reasoning",
+    "reasoning_then_tool_call",
+}
 
 
 def divergence(renderer_name: str, name: str) -> str | None:
@@ -53,7 +58,9 @@ def to_cookbook(message: dict, renderer_name: str) -> dict:
         converted["tool_calls"] = [
             ToolCall(
                 id=c.get("id"),
-                function=ToolCall.FunctionBody(name=c["function"]["name"], arguments=json.dumps(tool_call_arguments(c))),
+                function=ToolCall.FunctionBody(
+                    name=c["function"]["name"], arguments=json.dumps(tool_call_arguments(c))
+                ),
             )
             for c in message["tool_calls"]
         ]
@@ -71,7 +78,9 @@ def with_flags(messages: list[dict], mode: TrainOnWhat) -> list[dict]:
 
 def cookbook_example(renderer_name, tokenizer, messages, mode):
     renderer = cookbook.get_renderer(renderer_name, tokenizer)
-    tokens, weights = renderer.build_supervised_example([to_cookbook(m, renderer_name) for m in messages], mode)
+    tokens, weights = renderer.build_supervised_example(
+        [to_cookbook(m, renderer_name) for m in messages], mode
+    )
     return tokens.to_ints(), [float(w) for w in weights.tolist()]
 
 
@@ -81,7 +90,9 @@ def cookbook_prompt(renderer_name, tokenizer, messages):
 
 
 MATCHED = [(r, n) for r in RENDERERS for n in CONVERSATIONS if not divergence(r, n)]
-PROMPTED = [(r, n) for r in RENDERERS for n in CONVERSATIONS if not (divergence(r, n) or "").startswith("refused")]
+PROMPTED = [
+    (r, n) for r in RENDERERS for n in CONVERSATIONS if not (divergence(r, n) or "").startswith("refused")
+]
 
 
 @pytest.mark.parametrize("mode", list(TrainOnWhat))
@@ -131,9 +142,14 @@ def test_the_prefilled_think_block_is_never_trained(qwen_tokenizer):
     for mode in ("last_assistant_message", "all_assistant_messages", "all_messages"):
         tokens, weights = renderer.build_supervised_example(messages, mode)
         assert tokens.to_ints()[: len(prompt)] == prompt
-        assert qwen_tokenizer.decode([t for t, w in zip(tokens.to_ints(), weights, strict=True) if w][-3:]) == "46<|im_end|>"
+        assert (
+            qwen_tokenizer.decode([t for t, w in zip(tokens.to_ints(), weights, strict=True) if w][-3:])
+            == "46<|im_end|>"
+        )
         assert not any(weights[len(prompt) - 6 : len(prompt)])
-    _, cookbook_weights = cookbook_example("qwen3_disable_thinking", qwen_tokenizer, messages, "all_assistant_messages")
+    _, cookbook_weights = cookbook_example(
+        "qwen3_disable_thinking", qwen_tokenizer, messages, "all_assistant_messages"
+    )
     assert all(cookbook_weights[len(prompt) - 6 : len(prompt)])  # what the cookbook does
 
 
@@ -152,7 +168,10 @@ def test_generation_prompts_equal_the_cookbook(request, renderer_name, name):
                     renderer.build_generation_prompt(messages[:end])
                 continue
             assert renderer.build_generation_prompt(messages[:end]).to_ints() == expected, (fixture, end)
-        assert renderer.get_stop_sequences() == cookbook.get_renderer(renderer_name, tokenizer).get_stop_sequences()
+        assert (
+            renderer.get_stop_sequences()
+            == cookbook.get_renderer(renderer_name, tokenizer).get_stop_sequences()
+        )
 
 
 @pytest.mark.parametrize("renderer_name", ["role_colon", "llama3"])
@@ -168,10 +187,14 @@ def test_formats_without_tool_calls_or_reasoning_refuse_them(llama_tokenizer, re
 def test_role_colon_adds_no_placeholder_after_a_final_user_message(qwen_tokenizer):
     """The cookbook's role_colon ends such an example with the text '<UNUSED>'; tether ends it cleanly."""
     messages = CONVERSATIONS["ends_with_user"]
-    expected_tokens, expected_weights = cookbook_example("role_colon", qwen_tokenizer, messages, "all_messages")
+    expected_tokens, expected_weights = cookbook_example(
+        "role_colon", qwen_tokenizer, messages, "all_messages"
+    )
     tail = len(qwen_tokenizer.encode("<UNUSED>", add_special_tokens=False))
     assert qwen_tokenizer.decode(expected_tokens[-tail:]) == "<UNUSED>"
-    tokens, weights = get_renderer("role_colon", qwen_tokenizer).build_supervised_example(messages, "all_messages")
+    tokens, weights = get_renderer("role_colon", qwen_tokenizer).build_supervised_example(
+        messages, "all_messages"
+    )
     assert (tokens.to_ints(), weights) == (expected_tokens[:-tail], expected_weights[:-tail])
 
 
@@ -191,7 +214,10 @@ def test_special_tokens_in_content_are_literal_text(qwen_bpe_tokenizer):
     tokens, _ = get_renderer("qwen3", qwen_bpe_tokenizer).build_supervised_example(messages)
     im_end = qwen_bpe_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokens.to_ints().count(im_end) == 2
-    assert tokens.to_ints() == cookbook_example("qwen3", qwen_bpe_tokenizer, messages, "last_assistant_message")[0]
+    assert (
+        tokens.to_ints()
+        == cookbook_example("qwen3", qwen_bpe_tokenizer, messages, "last_assistant_message")[0]
+    )
 
 
 @pytest.mark.parametrize("system_prompt", ["", "You are terse."])
@@ -201,8 +227,12 @@ def test_tool_declarations_equal_the_cookbook(qwen_bpe_tokenizer, system_prompt)
          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
         {"name": "now", "description": "The time", "parameters": {"type": "object", "properties": {}}},
     ]  # fmt: skip
-    ours = get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools, system_prompt)
-    theirs = cookbook.get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools, system_prompt)
+    ours = get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(
+        tools, system_prompt
+    )
+    theirs = cookbook.get_renderer("qwen3", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(
+        tools, system_prompt
+    )
     assert ours == [dict(m) for m in theirs]
     with pytest.raises(UserInputError):
         get_renderer("role_colon", qwen_bpe_tokenizer).create_conversation_prefix_with_tools(tools)

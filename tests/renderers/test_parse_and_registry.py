@@ -134,13 +134,20 @@ def test_qwen3_parses_tool_calls_back_into_messages(qwen_tokenizer):
         "content": "Checking.",
         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
     }
-    assert renderer.parse_response(_sampled_tokens(renderer, answer)) == (answer, ParseTermination.STOP_SEQUENCE)
+    assert renderer.parse_response(_sampled_tokens(renderer, answer)) == (
+        answer,
+        ParseTermination.STOP_SEQUENCE,
+    )
 
 
 def test_tool_calls_with_bad_arguments_name_the_field(qwen_tokenizer):
     convo = [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}],
+        },
     ]
     with pytest.raises(UserInputError) as info:
         get_renderer("qwen3", qwen_tokenizer).build_supervised_example(convo)

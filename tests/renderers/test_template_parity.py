@@ -89,8 +89,12 @@ def test_template_renderer_weights_match_the_hand_written_renderer(qwen_tokenize
 
 
 def test_one_letter_messages_do_not_cut_into_the_role_headers(qwen_tokenizer):
-    """"u" occurs in "<|im_start|>user": boundaries come from tokens, so the header stays whole."""
-    convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    """ "u" occurs in "<|im_start|>user": boundaries come from tokens, so the header stays whole."""
+    convo = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
     generic = get_renderer("chat_template", qwen_tokenizer)
     tokens, weights = generic.build_supervised_example(convo, "all_user_and_system_messages")
     trained = [t for t, w in zip(tokens.to_ints(), weights, strict=True) if w]
@@ -125,7 +129,9 @@ def test_template_renderer_equals_the_template_and_qwen3(request, tokenizer_fixt
     assert tokens.to_ints() == expected[: len(tokens.to_ints())]
     assert tokenizer.decode(expected[len(tokens.to_ints()) :]) == "\n"
     for mode in ("last_assistant_message", "last_assistant_turn", "all_assistant_messages"):
-        assert generic.build_supervised_example(convo, mode) == qwen3.build_supervised_example(convo, mode), mode
+        assert generic.build_supervised_example(convo, mode) == qwen3.build_supervised_example(convo, mode), (
+            mode
+        )
 
 
 def test_where_the_cookbooks_qwen3_differs_from_the_qwen3_template(qwen_tokenizer):

@@ -37,7 +37,9 @@ def test_two_catalogues_on_one_file_claim_a_key_once(tmp_path):
     assert answers.count(None) == 1
     winner = f"value-{answers.index(None)}"
     assert {a for a in answers if a is not None} == {winner}
-    assert first.idempotency_value("copy:alice", "k2") == second.idempotency_value("copy:alice", "k2") == winner
+    assert (
+        first.idempotency_value("copy:alice", "k2") == second.idempotency_value("copy:alice", "k2") == winner
+    )
 
 
 def test_set_release_and_scopes(tmp_path):
@@ -60,22 +62,33 @@ def _populate(catalogue: Catalogue, runs: int, checkpoints_per_run: int) -> None
     catalogue.create_session("s1", "alice", tags=[], user_metadata={}, display_name=None, project_id=None)
     for r in range(runs):
         run_id = f"s1:train:{r}"
-        catalogue.add_training_run(run_id, "s1", "alice", base_model="m", is_lora=True, lora_rank=4,
-                                   lora_config={}, user_metadata={})
+        catalogue.add_training_run(
+            run_id, "s1", "alice", base_model="m", is_lora=True, lora_rank=4, lora_config={}, user_metadata={}
+        )
         for c in range(checkpoints_per_run):
             kind, segment = ("training", "weights") if c % 2 == 0 else ("sampler", "sampler_weights")
-            catalogue.add_checkpoint(run_id, f"{segment}/c{c}", "alice", checkpoint_type=kind, directory="/x",
-                                     size_bytes=1, ttl_seconds=None, user_metadata={})
+            catalogue.add_checkpoint(
+                run_id,
+                f"{segment}/c{c}",
+                "alice",
+                checkpoint_type=kind,
+                directory="/x",
+                size_bytes=1,
+                ttl_seconds=None,
+                user_metadata={},
+            )
 
 
 def test_reads_do_not_wait_for_the_write_lock(tmp_path):
     catalogue = Catalogue(tmp_path / "tether.db")
     _populate(catalogue, runs=2, checkpoints_per_run=2)
     with catalogue._write_lock, ThreadPoolExecutor(1) as pool:  # a writer of this catalogue is busy
-        reads = [pool.submit(catalogue.list_training_runs, "alice", 10, 0),
-                 pool.submit(catalogue.list_checkpoints, "alice"),
-                 pool.submit(catalogue.get_session, "s1", "alice"),
-                 pool.submit(catalogue.latest_checkpoints, "alice", ["s1:train:0"])]
+        reads = [
+            pool.submit(catalogue.list_training_runs, "alice", 10, 0),
+            pool.submit(catalogue.list_checkpoints, "alice"),
+            pool.submit(catalogue.get_session, "s1", "alice"),
+            pool.submit(catalogue.latest_checkpoints, "alice", ["s1:train:0"]),
+        ]
         # a timeout only so that a regression fails instead of hanging the suite
         assert [r.result(timeout=60) is not None for r in reads] == [True] * 4
 
@@ -100,8 +113,11 @@ def test_totals_and_latest_checkpoints_come_from_sql(tmp_path):
     catalogue = Catalogue(tmp_path / "tether.db")
     _populate(catalogue, runs=3, checkpoints_per_run=4)
     statements: list[str] = []
-    event.listen(catalogue._engine, "before_cursor_execute",
-                 lambda _conn, _cur, sql, *_: statements.append(sql.lower()))
+    event.listen(
+        catalogue._engine,
+        "before_cursor_execute",
+        lambda _conn, _cur, sql, *_: statements.append(sql.lower()),
+    )
     rows, total = catalogue.list_checkpoints("alice", limit=2, offset=1)
     assert total == 12 and len(rows) == 2
     assert any("count(*)" in s for s in statements)
@@ -111,6 +127,9 @@ def test_totals_and_latest_checkpoints_come_from_sql(tmp_path):
     latest = catalogue.latest_checkpoints("alice", [r.run_id for r in runs])
     assert len([s for s in statements if s.lstrip().startswith("select")]) == 1
     assert {k: v.checkpoint_id for k, v in latest.items()} == {
-        ("s1:train:2", "training"): "weights/c2", ("s1:train:2", "sampler"): "sampler_weights/c3",
-        ("s1:train:1", "training"): "weights/c2", ("s1:train:1", "sampler"): "sampler_weights/c3"}
+        ("s1:train:2", "training"): "weights/c2",
+        ("s1:train:2", "sampler"): "sampler_weights/c3",
+        ("s1:train:1", "training"): "weights/c2",
+        ("s1:train:1", "sampler"): "sampler_weights/c3",
+    }
     assert catalogue.latest_checkpoints("bob", ["s1:train:2"]) == {}

@@ -41,15 +41,20 @@ def test_database_written_before_migrations_upgrades_and_keeps_its_rows(tmp_path
     assert runs[0].lora_rank == 4 and runs[0].user_metadata == {"note": "fixture"}
     checkpoints, count = catalogue.list_checkpoints("alice", run_id="run-1")
     assert count == 2
-    assert sorted(c.tinker_path for c in checkpoints) == ["tinker://run-1/sampler_weights/step-1",
-                                                          "tinker://run-1/weights/step-1"]
+    assert sorted(c.tinker_path for c in checkpoints) == [
+        "tinker://run-1/sampler_weights/step-1",
+        "tinker://run-1/weights/step-1",
+    ]
     assert catalogue.get_session("sess-1", "alice").display_name == "demo"
     assert catalogue.claim_idempotency_key("copy:alice", "k", "v") is None  # the new table exists
     catalogue.close()
     assert _revision(db) == [(_head(),)]
 
     reopened = Catalogue(db)  # opening an up-to-date database changes nothing
-    assert reopened.list_checkpoints("alice")[1] == 2 and reopened.claim_idempotency_key("copy:alice", "k", "w") == "v"
+    assert (
+        reopened.list_checkpoints("alice")[1] == 2
+        and reopened.claim_idempotency_key("copy:alice", "k", "w") == "v"
+    )
     reopened.close()
     assert _revision(db) == [(_head(),)]
 
@@ -88,7 +93,9 @@ def test_catalogues_opening_one_new_file_at_once_migrate_it_once(tmp_path):
     def open_and_write(i: int) -> int:
         start.wait()
         catalogue = Catalogue(db)
-        catalogue.create_session(f"s{i}", "alice", tags=[], user_metadata={}, display_name=None, project_id=None)
+        catalogue.create_session(
+            f"s{i}", "alice", tags=[], user_metadata={}, display_name=None, project_id=None
+        )
         catalogue.close()
         return i
 

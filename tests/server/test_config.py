@@ -24,7 +24,9 @@ def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
     assert ServerConfig().data_dir == tmp_path
 
 
-@pytest.mark.parametrize("bad", [{"api_keys": ["secret"]}, {"models": []}, {"port": 70000}, {"long_poll_s": 60}])
+@pytest.mark.parametrize(
+    "bad", [{"api_keys": ["secret"]}, {"models": []}, {"port": 70000}, {"long_poll_s": 60}]
+)
 def test_invalid_settings_name_the_field(bad):
     with pytest.raises(ValidationError) as info:
         ServerConfig(**bad)

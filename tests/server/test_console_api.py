@@ -19,8 +19,13 @@ LEARNING_RATE = 1e-2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("data"), api_keys=["tml-alice", "tml-bob"],
-                          long_poll_s=5, metrics_points_per_series=64)
+    config = ServerConfig(
+        port=0,
+        data_dir=tmp_path_factory.mktemp("data"),
+        api_keys=["tml-alice", "tml-bob"],
+        long_poll_s=5,
+        metrics_points_per_series=64,
+    )
     thread = ServerThread(config)
     with thread as base_url:
         yield thread, base_url
@@ -63,7 +68,9 @@ def test_metrics_json_has_one_server_point_per_step_and_the_client_series(http, 
     assert [v for _, v in series["server/loss:per_token"]] == pytest.approx([x / loss_tokens for x in losses])
     assert [v for _, v in series["server/learning_rate"]] == pytest.approx([LEARNING_RATE] * STEPS)
     assert len(series["server/grad_norm"]) == STEPS and all(v > 0 for _, v in series["server/grad_norm"])
-    assert len(series["server/tokens_per_s"]) == STEPS and all(v > 0 for _, v in series["server/tokens_per_s"])
+    assert len(series["server/tokens_per_s"]) == STEPS and all(
+        v > 0 for _, v in series["server/tokens_per_s"]
+    )
     assert series["client/reward"] == [[0, 0.0], [1, 0.5], [2, 1.0]]
     assert "client/skipped" not in series
 
@@ -71,14 +78,25 @@ def test_metrics_json_has_one_server_point_per_step_and_the_client_series(http, 
 def test_another_keys_run_is_not_found_and_a_bad_key_is_refused(http, trained, server):
     run_id = trained[0]
     for method in ("GET", "POST"):
-        answer = http.request(method, f"/api/v1/tether/runs/{run_id}/metrics", headers=BOB,
-                              json={"metrics": {"x": 1.0}, "step": 0} if method == "POST" else None)
+        answer = http.request(
+            method,
+            f"/api/v1/tether/runs/{run_id}/metrics",
+            headers=BOB,
+            json={"metrics": {"x": 1.0}, "step": 0} if method == "POST" else None,
+        )
         assert answer.status_code == 404, answer.text
     assert http.get(f"/api/v1/tether/console/runs/{run_id}", headers=BOB).status_code == 404
     assert http.get(f"/api/v1/tether/runs/{run_id}/metrics").status_code == 401
-    assert http.get(f"/api/v1/tether/runs/{run_id}/metrics",
-                    headers={"Authorization": "Bearer tml-mallory"}).status_code == 401
-    assert http.get("/api/v1/tether/console/whoami", headers={"Authorization": "Basic tml-alice"}).status_code == 401
+    assert (
+        http.get(
+            f"/api/v1/tether/runs/{run_id}/metrics", headers={"Authorization": "Bearer tml-mallory"}
+        ).status_code
+        == 401
+    )
+    assert (
+        http.get("/api/v1/tether/console/whoami", headers={"Authorization": "Basic tml-alice"}).status_code
+        == 401
+    )
     service = tether.ServiceClient(base_url=server[1], api_key="tml-bob")
     try:
         bobs = service.create_lora_training_client(base_model="tether/tiny-qwen3", rank=2).result()
@@ -122,7 +140,10 @@ def test_a_100000_step_run_answers_at_most_max_points(http, server, trained):
     assert sum(v for _, v in long) / len(long) == pytest.approx(499.5, rel=0.05)
     stored = http.get(f"/api/v1/tether/runs/{run_id}/metrics", params={"max_points": 100_000}, headers=ALICE)
     assert len(stored.json()["series"]["client/long"]) <= 64  # the configured bound
-    assert http.get(f"/api/v1/tether/runs/{run_id}/metrics", params={"max_points": 0}, headers=ALICE).status_code == 422
+    assert (
+        http.get(f"/api/v1/tether/runs/{run_id}/metrics", params={"max_points": 0}, headers=ALICE).status_code
+        == 422
+    )
 
 
 def test_prometheus_text_shows_only_the_callers_runs(http, trained):
@@ -144,13 +165,17 @@ def test_console_lists_are_the_callers_own(http, trained):
     runs = http.get("/api/v1/tether/console/runs", headers=ALICE).json()["runs"]
     (mine,) = [r for r in runs if r["run_id"] == run_id]
     assert mine["steps"] == STEPS and mine["checkpoints"] == 1 and mine["lora_rank"] == 2 and mine["live"]
-    assert run_id not in {r["run_id"] for r in http.get("/api/v1/tether/console/runs", headers=BOB).json()["runs"]}
+    assert run_id not in {
+        r["run_id"] for r in http.get("/api/v1/tether/console/runs", headers=BOB).json()["runs"]
+    }
     run = http.get(f"/api/v1/tether/console/runs/{run_id}", headers=ALICE).json()
     assert [c["tinker_path"] for c in run["checkpoint_list"]] == [f"tinker://{run_id}/weights/ckpt-1"]
     sessions = http.get("/api/v1/tether/console/sessions", headers=ALICE).json()["sessions"]
     assert any(run_id in s["training_run_ids"] for s in sessions)
-    assert all(run_id not in s["training_run_ids"]
-               for s in http.get("/api/v1/tether/console/sessions", headers=BOB).json()["sessions"])
+    assert all(
+        run_id not in s["training_run_ids"]
+        for s in http.get("/api/v1/tether/console/sessions", headers=BOB).json()["sessions"]
+    )
     for kind in ("jobs", "deployments"):
         assert http.get(f"/api/v1/tether/console/{kind}", headers=ALICE).json()[kind] == []
 

@@ -23,14 +23,24 @@ from tether.server.main import ServerThread
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+    ),
 ]
-playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="needs playwright (pip install playwright)"
+)
 
 UPDATE_SCREENSHOT = os.environ.get("TETHER_UPDATE_SCREENSHOT") == "1"
 STEPS = 24 if UPDATE_SCREENSHOT else 8  # the README's picture wants longer curves
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
 WAIT_MS = 20_000
 
@@ -48,8 +58,13 @@ def train_step(trainer, datum, step: int) -> None:
     trainer.optim_step(tether.AdamParams(learning_rate=2e-2))
     output = fb.result()
     logprobs = output.loss_fn_outputs[0]["logprobs"].to_numpy()
-    trainer.log_metrics({"train/nll": output.metrics["loss:sum"] / len(logprobs),
-                         "train/target_prob": float(np.exp(logprobs).mean())}, step)
+    trainer.log_metrics(
+        {
+            "train/nll": output.metrics["loss:sum"] / len(logprobs),
+            "train/target_prob": float(np.exp(logprobs).mean()),
+        },
+        step,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +83,9 @@ def test_console_sign_in_run_curves_checkpoints_and_isolation(server, browser, t
         trainer = alice.create_lora_training_client(base_model="tether/tiny-qwen3", rank=4).result()
         bobs_run = bob.create_lora_training_client(base_model="tether/tiny-qwen3", rank=2).result().model_id
         tokens = trainer.get_tokenizer().encode("tether trains models you run yourself, step by step.")[:41]
-        datum = tether.datum_from_model_input_weights(tether.ModelInput.from_ints(tokens), [1.0] * len(tokens))
+        datum = tether.datum_from_model_input_weights(
+            tether.ModelInput.from_ints(tokens), [1.0] * len(tokens)
+        )
         for step in range(STEPS):
             train_step(trainer, datum, step)
         trainer.save_state("keep").result()
@@ -94,8 +111,14 @@ def test_console_sign_in_run_curves_checkpoints_and_isolation(server, browser, t
         loss = page.locator("svg[data-series='server/loss:sum']")
         loss.wait_for(timeout=WAIT_MS)
         assert loss.get_attribute("data-points") == str(STEPS)
-        for key in ("server/loss:per_token", "server/grad_norm", "server/learning_rate", "server/tokens_per_s",
-                    "client/train/nll", "client/train/target_prob"):
+        for key in (
+            "server/loss:per_token",
+            "server/grad_norm",
+            "server/learning_rate",
+            "server/tokens_per_s",
+            "client/train/nll",
+            "client/train/target_prob",
+        ):
             assert page.locator(f"svg[data-series='{key}']").get_attribute("data-points") == str(STEPS), key
         assert page.inner_text("#run-steps") == str(STEPS)
 
@@ -104,7 +127,9 @@ def test_console_sign_in_run_curves_checkpoints_and_isolation(server, browser, t
         page.uncheck("#log-scale")
 
         train_step(trainer, datum, STEPS)  # the open page picks up the new step by itself
-        page.wait_for_selector(f"svg[data-series='server/loss:sum'][data-points='{STEPS + 1}']", timeout=WAIT_MS)
+        page.wait_for_selector(
+            f"svg[data-series='server/loss:sum'][data-points='{STEPS + 1}']", timeout=WAIT_MS
+        )
 
         keep = page.locator("tr[data-checkpoint='weights/keep']")
         scratch = page.locator("tr[data-checkpoint='weights/scratch']")
@@ -122,7 +147,9 @@ def test_console_sign_in_run_curves_checkpoints_and_isolation(server, browser, t
 
         scratch.locator("button.delete").click()
         scratch.wait_for(state="detached", timeout=WAIT_MS)
-        paths = [c.tinker_path for c in alice.create_rest_client().list_checkpoints(run_id).result().checkpoints]
+        paths = [
+            c.tinker_path for c in alice.create_rest_client().list_checkpoints(run_id).result().checkpoints
+        ]
         assert paths == [f"tinker://{run_id}/weights/keep"]
 
         page.goto(f"{server}/console#/runs/{bobs_run}")

@@ -21,8 +21,9 @@ SCOPE = f"copy:{owner_of_key(ALICE['X-API-Key'])}"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("data"), api_keys=["tml-alice", "tml-bob"],
-                          long_poll_s=5)
+    config = ServerConfig(
+        port=0, data_dir=tmp_path_factory.mktemp("data"), api_keys=["tml-alice", "tml-bob"], long_poll_s=5
+    )
     thread = ServerThread(config)
     thread.start()
     yield thread
@@ -43,15 +44,18 @@ def http(server):
 @pytest.fixture(scope="module")
 def source(http) -> str:
     model = create_model(http)
-    answer = http.post("/api/v1/save_weights", headers=ALICE, json={"model_id": model, "path": "orig", "seq_id": 1})
+    answer = http.post(
+        "/api/v1/save_weights", headers=ALICE, json={"model_id": model, "path": "orig", "seq_id": 1}
+    )
     assert answer.status_code == 200, answer.text
     return result(http, answer.json()["request_id"])["path"]
 
 
 def copy(base_url: str, source: str, key: str) -> httpx.Response:
     with httpx.Client(base_url=base_url, timeout=60) as client:  # one connection per concurrent caller
-        return client.post("/api/v1/copy_weights", headers={**ALICE, "X-Idempotency-Key": key},
-                           json={"source_path": source})
+        return client.post(
+            "/api/v1/copy_weights", headers={**ALICE, "X-Idempotency-Key": key}, json={"source_path": source}
+        )
 
 
 def copies_of(http: httpx.Client, source: str) -> list[str]:

@@ -66,10 +66,26 @@ def test_catalogue_survives_reopening_and_isolates_owners(tmp_path):
     db = tmp_path / "tether.db"
     catalogue = Catalogue(db)
     catalogue.create_session("s1", "alice", tags=[], user_metadata={}, display_name=None, project_id=None)
-    catalogue.add_training_run("s1:train:0", "s1", "alice", base_model="m", is_lora=True, lora_rank=4,
-                               lora_config={"rank": 4}, user_metadata={})
-    catalogue.add_checkpoint("s1:train:0", "weights/a", "alice", checkpoint_type="training", directory="/x",
-                             size_bytes=10, ttl_seconds=3600, user_metadata={})
+    catalogue.add_training_run(
+        "s1:train:0",
+        "s1",
+        "alice",
+        base_model="m",
+        is_lora=True,
+        lora_rank=4,
+        lora_config={"rank": 4},
+        user_metadata={},
+    )
+    catalogue.add_checkpoint(
+        "s1:train:0",
+        "weights/a",
+        "alice",
+        checkpoint_type="training",
+        directory="/x",
+        size_bytes=10,
+        ttl_seconds=3600,
+        user_metadata={},
+    )
     catalogue.close()
 
     reopened = Catalogue(db)

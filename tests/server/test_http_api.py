@@ -25,8 +25,9 @@ BASE = "tether/tiny-qwen3"
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("data"), api_keys=["tml-alice", "tml-bob"],
-                          long_poll_s=5)
+    config = ServerConfig(
+        port=0, data_dir=tmp_path_factory.mktemp("data"), api_keys=["tml-alice", "tml-bob"], long_poll_s=5
+    )
     with ServerThread(config) as base_url:
         yield base_url
 
@@ -49,26 +50,52 @@ def result(http: httpx.Client, request_id: str, headers=ALICE):
 
 
 def create_model(http: httpx.Client, headers=ALICE) -> str:
-    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=headers).json()["session_id"]
-    answer = http.post("/api/v1/create_model", headers=headers, json={
-        "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
+    session = http.post(
+        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=headers
+    ).json()["session_id"]
+    answer = http.post(
+        "/api/v1/create_model",
+        headers=headers,
+        json={"session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}},
+    ).json()
     assert result(http, answer["request_id"], headers)["model_id"] == answer["model_id"]
     return answer["model_id"]
 
 
-def fwd_body(model_id: str, seq_id: int, tokens=(1, 2, 3), targets=(2, 3, 4), weights=None, loss_fn="cross_entropy",
-             forward_only=False) -> bytes:
-    inputs = {"target_tokens": np.asarray(targets, dtype=np.int64),
-              "weights": np.asarray(weights if weights is not None else [1.0] * len(targets), dtype=np.float32)}
-    datum = WireDatum(model_input_chunks=[WireTextChunk(np.asarray(tokens, dtype=np.int32))], loss_fn_inputs=inputs)
-    return encode_forward_backward_request(ForwardBackwardRequestBody(
-        model_id=model_id, seq_id=seq_id, forward_only=forward_only, loss_fn=loss_fn, loss_fn_config=None,
-        data=[datum]))
+def fwd_body(
+    model_id: str,
+    seq_id: int,
+    tokens=(1, 2, 3),
+    targets=(2, 3, 4),
+    weights=None,
+    loss_fn="cross_entropy",
+    forward_only=False,
+) -> bytes:
+    inputs = {
+        "target_tokens": np.asarray(targets, dtype=np.int64),
+        "weights": np.asarray(weights if weights is not None else [1.0] * len(targets), dtype=np.float32),
+    }
+    datum = WireDatum(
+        model_input_chunks=[WireTextChunk(np.asarray(tokens, dtype=np.int32))], loss_fn_inputs=inputs
+    )
+    return encode_forward_backward_request(
+        ForwardBackwardRequestBody(
+            model_id=model_id,
+            seq_id=seq_id,
+            forward_only=forward_only,
+            loss_fn=loss_fn,
+            loss_fn_config=None,
+            data=[datum],
+        )
+    )
 
 
 def post_fwd(http, body: bytes, headers=ALICE) -> httpx.Response:
-    return http.post("/api/v1/forward_backward", content=body,
-                     headers={**headers, "Content-Type": "application/x-protobuf"})
+    return http.post(
+        "/api/v1/forward_backward",
+        content=body,
+        headers={**headers, "Content-Type": "application/x-protobuf"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +113,9 @@ def test_client_config_and_health(http):
     health = http.get("/api/v1/healthz").json()
     assert health["status"] in ("ok", "loading") and set(health["models"]) == {BASE}
     assert http.post("/api/v1/client/dynamic_config", json={}, headers=ALICE).status_code == 404
-    assert http.post("/api/v1/client/dynamic_config", json={}).status_code == 401  # no key: nothing is revealed
+    assert (
+        http.post("/api/v1/client/dynamic_config", json={}).status_code == 401
+    )  # no key: nothing is revealed
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "tml-mallory"}, {"X-API-Key": "alice"}])
@@ -103,13 +132,17 @@ def test_other_owner_gets_404(http, model_id):
     assert http.get(f"/api/v1/training_runs/{model_id}", headers=ALICE).status_code == 200
     session = model_id.split(":")[0]
     assert http.get(f"/api/v1/sessions/{session}", headers=BOB).status_code == 404
-    assert http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=BOB).status_code == 410
+    assert (
+        http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=BOB).status_code == 410
+    )
 
 
 def test_malformed_protobuf_and_json_are_4xx(http, model_id):
     response = post_fwd(http, b"\xff\xfe not protobuf")
     assert response.status_code == 400 and "detail" in response.json()
-    response = http.post("/api/v1/optim_step", content=b"{not json", headers={**ALICE, "Content-Type": "application/json"})
+    response = http.post(
+        "/api/v1/optim_step", content=b"{not json", headers={**ALICE, "Content-Type": "application/json"}
+    )
     assert response.status_code == 422 and response.json()["category"] == "user"
     response = http.post("/api/v1/optim_step", json={"seq_id": 1}, headers=ALICE)
     assert response.status_code == 422 and "model_id" in response.json()["detail"]
@@ -118,25 +151,50 @@ def test_malformed_protobuf_and_json_are_4xx(http, model_id):
 
 
 def test_unknown_ids_are_404(http):
-    assert http.post("/api/v1/get_info", json={"model_id": "sess-x:train:0"}, headers=ALICE).status_code == 404
-    response = http.post("/api/v1/create_model", headers=ALICE, json={
-        "session_id": "sess-unknown", "model_seq_id": 0, "base_model": BASE})
+    assert (
+        http.post("/api/v1/get_info", json={"model_id": "sess-x:train:0"}, headers=ALICE).status_code == 404
+    )
+    response = http.post(
+        "/api/v1/create_model",
+        headers=ALICE,
+        json={"session_id": "sess-unknown", "model_seq_id": 0, "base_model": BASE},
+    )
     assert response.status_code == 404
     assert http.post("/api/v1/retrieve_future", json={"request_id": "nope"}, headers=ALICE).status_code == 404
-    response = http.post("/api/v1/asample", headers=ALICE, json={
-        "sampling_session_id": "sess-x:sample:0", "seq_id": 0, "num_samples": 1,
-        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]}, "sampling_params": {"max_tokens": 1}})
+    response = http.post(
+        "/api/v1/asample",
+        headers=ALICE,
+        json={
+            "sampling_session_id": "sess-x:sample:0",
+            "seq_id": 0,
+            "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]},
+            "sampling_params": {"max_tokens": 1},
+        },
+    )
     assert response.status_code == 404
 
 
 def test_unknown_base_model_and_bad_lora_are_400(http):
-    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE).json()["session_id"]
-    response = http.post("/api/v1/create_model", headers=ALICE, json={
-        "session_id": session, "model_seq_id": 0, "base_model": "no/such-model"})
+    session = http.post(
+        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
+    ).json()["session_id"]
+    response = http.post(
+        "/api/v1/create_model",
+        headers=ALICE,
+        json={"session_id": session, "model_seq_id": 0, "base_model": "no/such-model"},
+    )
     assert response.status_code == 400 and "base_model" in response.json()["detail"]
-    response = http.post("/api/v1/create_model", headers=ALICE, json={
-        "session_id": session, "model_seq_id": 1, "base_model": BASE,
-        "lora_config": {"rank": 4, "train_mlp": False, "train_attn": False, "train_unembed": False}})
+    response = http.post(
+        "/api/v1/create_model",
+        headers=ALICE,
+        json={
+            "session_id": session,
+            "model_seq_id": 1,
+            "base_model": BASE,
+            "lora_config": {"rank": 4, "train_mlp": False, "train_attn": False, "train_unembed": False},
+        },
+    )
     assert response.status_code == 422 and "train_mlp" in response.json()["detail"]
 
 
@@ -154,26 +212,45 @@ def test_out_of_vocab_and_shape_mismatch_fail_the_future_as_user_errors(http, mo
 def test_unsupported_loss_and_optimizer_are_rejected(http, model_id):
     response = post_fwd(http, fwd_body(model_id, 200, loss_fn="made_up"))
     assert response.status_code == 400 and "loss_fn" in response.json()["detail"]
-    response = http.post("/api/v1/optim_step", headers=ALICE, json={
-        "model_id": model_id, "seq_id": 201, "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}})
+    response = http.post(
+        "/api/v1/optim_step",
+        headers=ALICE,
+        json={
+            "model_id": model_id,
+            "seq_id": 201,
+            "optimizer_params": {"type": "dimuon", "learning_rate": 0.1},
+        },
+    )
     assert response.status_code == 400
-    response = http.post("/api/v1/optim_step", headers=ALICE, json={
-        "model_id": model_id, "seq_id": 202, "adam_params": {"learning_rate": -1.0}})
+    response = http.post(
+        "/api/v1/optim_step",
+        headers=ALICE,
+        json={"model_id": model_id, "seq_id": 202, "adam_params": {"learning_rate": -1.0}},
+    )
     assert response.status_code == 422 and "learning_rate" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../up", "", "x..y"])
 def test_checkpoint_names_with_slash_or_dotdot_are_400(http, model_id, name):
-    response = http.post("/api/v1/save_weights", headers=ALICE, json={"model_id": model_id, "path": name, "seq_id": 300})
+    response = http.post(
+        "/api/v1/save_weights", headers=ALICE, json={"model_id": model_id, "path": name, "seq_id": 300}
+    )
     assert response.status_code in (400, 422)
     assert response.json()["category"] == "user"
 
 
 def test_loading_a_bad_path_is_400_or_404(http, model_id):
     session = model_id.split(":")[0]
-    for path, status in [("not-a-path", 400), ("tinker://x/weights/../y", 400), (f"tinker://{model_id}/weights/none", 404)]:
-        response = http.post("/api/v1/load_weights", headers=ALICE, json={
-            "session_id": session, "model_seq_id": 7, "path": path, "optimizer": False})
+    for path, status in [
+        ("not-a-path", 400),
+        ("tinker://x/weights/../y", 400),
+        (f"tinker://{model_id}/weights/none", 404),
+    ]:
+        response = http.post(
+            "/api/v1/load_weights",
+            headers=ALICE,
+            json={"session_id": session, "model_seq_id": 7, "path": path, "optimizer": False},
+        )
         assert response.status_code == status, (path, response.text)
 
 
@@ -190,36 +267,57 @@ def test_retried_seq_id_is_answered_by_the_first_execution(http):
     # exactly one gradient step happened: a twin model with one step has the same loss
     twin = create_model(http)
     result(http, post_fwd(http, fwd_body(twin, 1)).json()["request_id"])
-    result(http, http.post("/api/v1/optim_step", json={**step, "model_id": twin}, headers=ALICE).json()["request_id"])
+    result(
+        http,
+        http.post("/api/v1/optim_step", json={**step, "model_id": twin}, headers=ALICE).json()["request_id"],
+    )
     assert loss_of(http, model, 3) == pytest.approx(loss_of(http, twin, 3), rel=1e-6)
 
 
 def test_retried_sample_is_answered_by_the_first_execution(http):
-    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE).json()["session_id"]
-    sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
-        "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
-    body = {"sampling_session_id": sampler, "seq_id": 5, "num_samples": 2,
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
-            "sampling_params": {"max_tokens": 3, "temperature": 1.0}}
+    session = http.post(
+        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
+    ).json()["session_id"]
+    sampler = http.post(
+        "/api/v1/create_sampling_session",
+        headers=ALICE,
+        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
+    ).json()["sampling_session_id"]
+    body = {
+        "sampling_session_id": sampler,
+        "seq_id": 5,
+        "num_samples": 2,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+        "sampling_params": {"max_tokens": 3, "temperature": 1.0},
+    }
     first = http.post("/api/v1/asample", json=body, headers=ALICE).json()
     again = http.post("/api/v1/asample", json=body, headers=ALICE).json()
     assert first == again and len(first["sample_sequence_ids"]) == 2
-    bad = http.post("/api/v1/asample", headers=ALICE, json={**body, "seq_id": 6, "prompt": {
-        "chunks": [{"type": "encoded_text", "tokens": [5, 99999]}]}})
+    bad = http.post(
+        "/api/v1/asample",
+        headers=ALICE,
+        json={**body, "seq_id": 6, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 99999]}]}},
+    )
     assert bad.status_code == 400 and "prompt" in bad.json()["detail"]
 
 
 def test_finished_session_gets_410_and_frees_models(http):
     model = create_model(http)
     session = model.split(":")[0]
-    assert http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 200
+    assert (
+        http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 200
+    )
     http.post(f"/api/v1/sessions/{session}/finish", json={"reason": {"type": "success"}}, headers=ALICE)
-    assert http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 410
+    assert (
+        http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 410
+    )
     assert http.post("/api/v1/get_info", json={"model_id": model}, headers=ALICE).status_code == 404
 
 
 def test_silent_session_expires(tmp_path, default_model_dir):
-    config = ServerConfig(port=0, data_dir=tmp_path, session_timeout_s=0.5, maintenance_interval_s=0.2, long_poll_s=5)
+    config = ServerConfig(
+        port=0, data_dir=tmp_path, session_timeout_s=0.5, maintenance_interval_s=0.2, long_poll_s=5
+    )
     server = ServerThread(config)
     with server as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
         model = create_model(client)
@@ -229,20 +327,32 @@ def test_silent_session_expires(tmp_path, default_model_dir):
         assert client.post("/api/v1/get_info", json={"model_id": model}, headers=ALICE).status_code == 404
         assert not training.has_model(model)  # the adapter is freed, not only hidden
         session = model.split(":")[0]
-        assert client.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code == 410
+        assert (
+            client.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=ALICE).status_code
+            == 410
+        )
 
 
 def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
     config = ServerConfig(port=0, data_dir=tmp_path, max_pending_samples=1, long_poll_s=5)
     with ServerThread(config) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
-        session = client.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
-                              headers=ALICE).json()["session_id"]
-        sampler = client.post("/api/v1/create_sampling_session", headers=ALICE, json={
-            "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
-        body = {"sampling_session_id": sampler, "num_samples": 1,
-                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
-                "sampling_params": {"max_tokens": 8, "temperature": 1.0, "stop": []}}
-        answers = [client.post("/api/v1/asample", json={**body, "seq_id": i}, headers=ALICE) for i in range(6)]
+        session = client.post(
+            "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
+        ).json()["session_id"]
+        sampler = client.post(
+            "/api/v1/create_sampling_session",
+            headers=ALICE,
+            json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
+        ).json()["sampling_session_id"]
+        body = {
+            "sampling_session_id": sampler,
+            "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+            "sampling_params": {"max_tokens": 8, "temperature": 1.0, "stop": []},
+        }
+        answers = [
+            client.post("/api/v1/asample", json={**body, "seq_id": i}, headers=ALICE) for i in range(6)
+        ]
         statuses = [a.status_code for a in answers]
         assert statuses[0] == 200 and 429 in statuses, statuses
         assert all(a.json()["detail"] for a in answers if a.status_code == 429)
@@ -255,18 +365,27 @@ def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
 def test_sampling_does_not_wait_behind_training(http, model_id):
     import threading
 
-    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
-                        headers=ALICE).json()["session_id"]
-    sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
-        "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
-    body = {"sampling_session_id": sampler, "num_samples": 1,
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
-            "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+    session = http.post(
+        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
+    ).json()["session_id"]
+    sampler = http.post(
+        "/api/v1/create_sampling_session",
+        headers=ALICE,
+        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
+    ).json()["sampling_session_id"]
+    body = {
+        "sampling_session_id": sampler,
+        "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+        "sampling_params": {"max_tokens": 2, "temperature": 0.0},
+    }
     result(http, http.post("/api/v1/asample", json={**body, "seq_id": 0}, headers=ALICE).json()["request_id"])
 
     tokens = tuple(range(32, 32 + 900))
-    busy = [post_fwd(http, fwd_body(model_id, 500 + i, tokens, tokens[1:] + (32,), forward_only=True)).json()
-            for i in range(3)]
+    busy = [
+        post_fwd(http, fwd_body(model_id, 500 + i, tokens, tokens[1:] + (32,), forward_only=True)).json()
+        for i in range(3)
+    ]
     sample = http.post("/api/v1/asample", json={**body, "seq_id": 1}, headers=ALICE).json()
     finished: dict[str, float] = {}
 
@@ -276,7 +395,9 @@ def test_sampling_does_not_wait_behind_training(http, model_id):
         finished[name] = time.monotonic()
 
     threads = [threading.Thread(target=wait, args=("sample", sample["request_id"]))]
-    threads += [threading.Thread(target=wait, args=(f"train{i}", b["request_id"])) for i, b in enumerate(busy)]
+    threads += [
+        threading.Thread(target=wait, args=(f"train{i}", b["request_id"])) for i, b in enumerate(busy)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -298,33 +419,69 @@ def test_bad_loss_config_is_400(http, model_id):
 
 
 def test_join_sampling_session_and_trace_export(http):
-    session = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"},
-                        headers=ALICE).json()["session_id"]
-    sampler = http.post("/api/v1/create_sampling_session", headers=ALICE, json={
-        "session_id": session, "sampling_session_seq_id": 0, "base_model": BASE}).json()["sampling_session_id"]
-    counters = [http.post("/api/v1/join_sampling_session", json={"sampling_session_id": sampler},
-                          headers=ALICE).json()["client_counter"] for _ in range(2)]
+    session = http.post(
+        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
+    ).json()["session_id"]
+    sampler = http.post(
+        "/api/v1/create_sampling_session",
+        headers=ALICE,
+        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
+    ).json()["sampling_session_id"]
+    counters = [
+        http.post(
+            "/api/v1/join_sampling_session", json={"sampling_session_id": sampler}, headers=ALICE
+        ).json()["client_counter"]
+        for _ in range(2)
+    ]
     assert counters == [1, 2]
-    assert http.post("/api/v1/join_sampling_session", json={"sampling_session_id": sampler},
-                     headers=BOB).status_code == 404
+    assert (
+        http.post(
+            "/api/v1/join_sampling_session", json={"sampling_session_id": sampler}, headers=BOB
+        ).status_code
+        == 404
+    )
     trace = http.get(f"/api/v1/sessions/{session}/trace_export", headers=ALICE).json()
     assert trace["status"] == "failed" and trace["error"]
 
 
 POST_ROUTES = [
-    "create_session", "session_heartbeat", "create_model", "get_info", "forward_backward", "optim_step",
-    "save_weights", "save_weights_for_sampler", "save_weights_external", "load_weights", "create_sampling_session",
-    "asample", "retrieve_future", "cancel_future", "weights_info", "copy_weights", "join_sampling_session",
-    "tether/forward_keep_graph", "tether/backward_from_logprob_grads",
+    "create_session",
+    "session_heartbeat",
+    "create_model",
+    "get_info",
+    "forward_backward",
+    "optim_step",
+    "save_weights",
+    "save_weights_for_sampler",
+    "save_weights_external",
+    "load_weights",
+    "create_sampling_session",
+    "asample",
+    "retrieve_future",
+    "cancel_future",
+    "weights_info",
+    "copy_weights",
+    "join_sampling_session",
+    "tether/forward_keep_graph",
+    "tether/backward_from_logprob_grads",
 ]
-GARBAGE = [b"", b"null", b"[]", b"{", b'{"model_id": 5, "seq_id": "x"}', b"\x00\xff" * 40,
-           b'{"model_id": "a/b/../c", "path": "../../etc", "session_id": "../x", "seq_id": -1}']
+GARBAGE = [
+    b"",
+    b"null",
+    b"[]",
+    b"{",
+    b'{"model_id": 5, "seq_id": "x"}',
+    b"\x00\xff" * 40,
+    b'{"model_id": "a/b/../c", "path": "../../etc", "session_id": "../x", "seq_id": -1}',
+]
 
 
 @pytest.mark.parametrize("route", POST_ROUTES)
 def test_garbage_never_gets_a_5xx(http, route):
     for body in GARBAGE:
         for content_type in ("application/json", "application/x-protobuf"):
-            response = http.post(f"/api/v1/{route}", content=body, headers={**ALICE, "Content-Type": content_type})
+            response = http.post(
+                f"/api/v1/{route}", content=body, headers={**ALICE, "Content-Type": content_type}
+            )
             assert 400 <= response.status_code < 500, (route, body, response.status_code, response.text)
             assert response.json()["detail"]

@@ -26,8 +26,10 @@ def _rss_mib() -> float:
 
 def _datum(step: int) -> Datum:
     tokens = list(f"soak step {step % 7}".encode())
-    return Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                 loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
 
 
 @pytest.mark.slow

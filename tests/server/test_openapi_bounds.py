@@ -42,7 +42,9 @@ def test_every_integer_parameter_and_body_field_is_bounded(tmp_path):
         for method, operation in methods.items():
             where = f"{method.upper()} {path}"
             for param in operation.get("parameters", []):
-                unbounded += _unbounded(param.get("schema", {}), components, f"{where} {param['name']}", set())
+                unbounded += _unbounded(
+                    param.get("schema", {}), components, f"{where} {param['name']}", set()
+                )
             for content in operation.get("requestBody", {}).get("content", {}).values():
                 unbounded += _unbounded(content.get("schema", {}), components, f"{where} body", set())
     assert unbounded == []

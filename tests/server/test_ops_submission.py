@@ -31,14 +31,23 @@ def http(server_thread):
 
 
 def _session(http) -> str:
-    return http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "t"}, headers=ALICE).json()["session_id"]
+    return http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "t"}, headers=ALICE).json()[
+        "session_id"
+    ]
 
 
 def test_concurrent_create_retries_create_one_model(server_thread, http):
     session = _session(http)
-    body = {"session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2, "seed": 1}}
+    body = {
+        "session_id": session,
+        "model_seq_id": 0,
+        "base_model": BASE,
+        "lora_config": {"rank": 2, "seed": 1},
+    }
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: http.post("/api/v1/create_model", json=body, headers=ALICE), range(8)))
+        answers = list(
+            pool.map(lambda _: http.post("/api/v1/create_model", json=body, headers=ALICE), range(8))
+        )
     assert {a.status_code for a in answers} == {200}
     request_ids = {a.json()["request_id"] for a in answers}
     assert len(request_ids) == 1, "every retry is answered by the first creation"

@@ -23,9 +23,16 @@ def _save(data_dir, name: str, catalogue: Catalogue | None, value: float = 1.0):
     path = parse_checkpoint_path(f"tinker://{RUN}/weights/{name}")
     info = store.save_training_state(path, StoredTrainingState(weights={"w": torch.full((2,), value)}))
     if catalogue is not None:
-        catalogue.add_checkpoint(RUN, path.checkpoint_id, OWNER, checkpoint_type="training",
-                                 directory=str(store.directory(path)), size_bytes=info.size_bytes,
-                                 ttl_seconds=None, user_metadata={})
+        catalogue.add_checkpoint(
+            RUN,
+            path.checkpoint_id,
+            OWNER,
+            checkpoint_type="training",
+            directory=str(store.directory(path)),
+            size_bytes=info.size_bytes,
+            ttl_seconds=None,
+            user_metadata={},
+        )
     return store, path
 
 

@@ -38,7 +38,9 @@ def datum(tokens: int, weights: list[float] | None) -> WireDatum:
     inputs = {"target_tokens": np.arange(tokens, dtype=np.int64)}
     if weights is not None:
         inputs["weights"] = np.asarray(weights, dtype=np.float32)
-    return WireDatum(model_input_chunks=[WireTextChunk(np.arange(tokens, dtype=np.int32))], loss_fn_inputs=inputs)
+    return WireDatum(
+        model_input_chunks=[WireTextChunk(np.arange(tokens, dtype=np.int32))], loss_fn_inputs=inputs
+    )
 
 
 def test_client_points_come_back_per_series_in_step_order(metrics):
@@ -125,7 +127,9 @@ def test_token_counts_use_nonzero_weights_or_all_targets():
 def test_server_observations_become_one_point_per_optimizer_step(catalogue, metrics):
     for step in range(3):
         # two forward_backward calls (a chunked batch) then the optimizer step
-        metrics.observe_forward_backward("run", [datum(4, [1, 1, 0, 0])], {"loss:sum": 2.0 + step}, seconds=0.5)
+        metrics.observe_forward_backward(
+            "run", [datum(4, [1, 1, 0, 0])], {"loss:sum": 2.0 + step}, seconds=0.5
+        )
         metrics.observe_forward_backward("run", [datum(6, None)], {"loss:sum": 1.0}, seconds=0.5)
         metrics.observe_optim_step("run", {"grad_norm:mean": 0.1 * step, "learning_rate:mean": 1e-3})
     series = metrics.series("run")

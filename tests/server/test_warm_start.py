@@ -36,8 +36,22 @@ def test_a_model_that_cannot_load_keeps_the_server_unready_and_says_why(tmp_path
 
 def test_the_ready_file_appears_only_once_the_model_is_loaded(tmp_path, default_model_dir):
     ready = tmp_path / "ready"
-    process = subprocess.Popen([sys.executable, "-m", "tether", "serve", "--port", "0", "--data-dir", str(tmp_path),
-                                "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 180
         while not ready.exists():

@@ -128,8 +128,13 @@ def fusing():
         batches.append([op.name])
         return op.name
 
-    w = ModelWorker("fuse", execute, gap_timeout_s=0.3, fusible=lambda op: getattr(op, "key", None),
-                    execute_batch=execute_batch)
+    w = ModelWorker(
+        "fuse",
+        execute,
+        gap_timeout_s=0.3,
+        fusible=lambda op: getattr(op, "key", None),
+        execute_batch=execute_batch,
+    )
     yield w, batches
     w.close()
 
@@ -151,8 +156,12 @@ def test_only_ops_with_the_same_key_fuse_and_others_run_alone(fusing):
     w, batches = fusing
     gate = threading.Event()
     w.submit("gate", None, lambda: gate.wait(5))
-    done = [w.submit("a", 1, _Op("a1")), w.submit("b", 1, _Op("b1", key=None)), w.submit("c", 1, _Op("c1", key="other")),
-            w.submit("d", 1, _Op("d1"))]
+    done = [
+        w.submit("a", 1, _Op("a1")),
+        w.submit("b", 1, _Op("b1", key=None)),
+        w.submit("c", 1, _Op("c1", key="other")),
+        w.submit("d", 1, _Op("d1")),
+    ]
     gate.set()
     for f in done:
         f.result(5)
@@ -175,7 +184,9 @@ def test_a_batch_that_raises_fails_each_of_its_ops():
     def execute_batch(ops):
         raise RuntimeError("pass failed")
 
-    w = ModelWorker("fuse", lambda op: op(), fusible=lambda op: getattr(op, "key", None), execute_batch=execute_batch)
+    w = ModelWorker(
+        "fuse", lambda op: op(), fusible=lambda op: getattr(op, "key", None), execute_batch=execute_batch
+    )
     try:
         gate = threading.Event()
         w.submit("gate", None, lambda: gate.wait(5))
@@ -191,9 +202,13 @@ def test_a_batch_that_raises_fails_each_of_its_ops():
 
 def test_a_lone_fusible_op_waits_briefly_for_active_peers():
     batches: list = []
-    w = ModelWorker("fuse", lambda op: (batches.append([op.name]), op.name)[1], fusible=lambda op: op.key,
-                    execute_batch=lambda ops: (batches.append([op.name for op in ops]), [op.name for op in ops])[1],
-                    fuse_wait_s=2.0)
+    w = ModelWorker(
+        "fuse",
+        lambda op: (batches.append([op.name]), op.name)[1],
+        fusible=lambda op: op.key,
+        execute_batch=lambda ops: (batches.append([op.name for op in ops]), [op.name for op in ops])[1],
+        fuse_wait_s=2.0,
+    )
     try:
         w.submit("a", 1, _Op("a1"))
         w.submit("b", 1, _Op("b1")).result(5)  # a and b ran fusible ops: they are peers now (1 or 2 batches)

@@ -126,10 +126,18 @@ def _lora_checkpoint(tmp_path: Path) -> tuple[LocalCheckpointStore, str]:
     path = f"tinker://{RUN}/sampler_weights/s"
     a = torch.ones(2, 8)
     b = torch.zeros(8, 2)
-    store.save_hf_weights(path, StoredHfWeights(
-        base_model="m", lora=LoraLayout(rank=2, alpha=16.0),
-        tensors={"model.layers.0.self_attn.q_proj.lora_A": a, "model.layers.0.self_attn.q_proj.lora_B": b},
-        metadata={"tether_lora_spec": {"rank": 2, "alpha": 16.0}}))
+    store.save_hf_weights(
+        path,
+        StoredHfWeights(
+            base_model="m",
+            lora=LoraLayout(rank=2, alpha=16.0),
+            tensors={
+                "model.layers.0.self_attn.q_proj.lora_A": a,
+                "model.layers.0.self_attn.q_proj.lora_B": b,
+            },
+            metadata={"tether_lora_spec": {"rank": 2, "alpha": 16.0}},
+        ),
+    )
     return store, path
 
 

@@ -28,16 +28,25 @@ def base_dir(tmp_path):
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 
-    save_file({"model.embed_tokens.weight": torch.randn(16, 8, generator=g),
-               "model.proj.weight": torch.randn(8, 8, generator=g)}, str(directory / "model.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(16, 8, generator=g),
+            "model.proj.weight": torch.randn(8, 8, generator=g),
+        },
+        str(directory / "model.safetensors"),
+    )
     return directory
 
 
 def _full(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     embed = torch.randn(64, 32, generator=g) * 0.02
-    return {"model.embed_tokens.weight": embed, "lm_head.weight": embed,
-            "model.proj.weight": torch.randn(32, 32, generator=g) * 0.02, "model.norm.weight": torch.ones(32)}
+    return {
+        "model.embed_tokens.weight": embed,
+        "lm_head.weight": embed,
+        "model.proj.weight": torch.randn(32, 32, generator=g) * 0.02,
+        "model.norm.weight": torch.ones(32),
+    }
 
 
 def _adam_step(weights: dict[str, torch.Tensor], step: int, lr: float = 1e-4) -> dict[str, torch.Tensor]:
@@ -53,7 +62,8 @@ def _adam_step(weights: dict[str, torch.Tensor], step: int, lr: float = 1e-4) ->
 def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(
         a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].contiguous().view(torch.uint8))
-        for k in a)
+        for k in a
+    )
 
 
 def _hf(tensors, **kw) -> StoredHfWeights:
@@ -65,8 +75,9 @@ def test_auto_chain_is_base_then_deltas_rebuilt_bit_exact(tmp_path, base_dir):
     weights = _full()
     saved = []
     for step in range(4):
-        saved.append(chain.save_sampler_checkpoint_ext(store, _path(f"s{step}"), _hf(weights),
-                                                       base_model_dir=base_dir))
+        saved.append(
+            chain.save_sampler_checkpoint_ext(store, _path(f"s{step}"), _hf(weights), base_model_dir=base_dir)
+        )
         rebuilt = chain.load_sampler_checkpoint(store, _path(f"s{step}")).tensors
         assert _bits_equal(rebuilt, weights), step
         weights = _adam_step(weights, step)
@@ -94,8 +105,9 @@ def test_chain_bookkeeping_survives_a_restart(tmp_path, base_dir):
     chain._cache.clear()
     assert _bits_equal(chain.load_sampler_checkpoint(reopened, _path("c")).tensors, later)
     # another run has its own chain
-    other = chain.save_sampler_checkpoint_ext(reopened, _path("x", run="sess-2:train:0"), _hf(weights),
-                                              base_model_dir=base_dir)
+    other = chain.save_sampler_checkpoint_ext(
+        reopened, _path("x", run="sess-2:train:0"), _hf(weights), base_model_dir=base_dir
+    )
     assert other.checkpoint_type == "base"
 
 
@@ -104,8 +116,12 @@ def test_explicit_base_starts_a_new_chain(tmp_path, base_dir):
     w0 = _full()
     w1 = _adam_step(w0, 0)
     chain.save_sampler_checkpoint_ext(store, _path("a"), _hf(w0), base_model_dir=base_dir)
-    chain.save_sampler_checkpoint_ext(store, _path("b"), _hf(w1), base_model_dir=base_dir, checkpoint_type="base")
-    saved = chain.save_sampler_checkpoint_ext(store, _path("c"), _hf(_adam_step(w1, 1)), base_model_dir=base_dir)
+    chain.save_sampler_checkpoint_ext(
+        store, _path("b"), _hf(w1), base_model_dir=base_dir, checkpoint_type="base"
+    )
+    saved = chain.save_sampler_checkpoint_ext(
+        store, _path("c"), _hf(_adam_step(w1, 1)), base_model_dir=base_dir
+    )
     assert saved.link.base_identity == _path("b") and saved.link.index == 1
 
 
@@ -126,41 +142,55 @@ def test_delta_on_the_wrong_base_or_damaged_fails_loudly(tmp_path, base_dir):
 def test_bad_requests_are_user_errors(tmp_path, base_dir):
     store = LocalCheckpointStore(tmp_path / "store")
     with pytest.raises(UserInputError, match="no base"):
-        chain.save_sampler_checkpoint_ext(store, _path("a"), _hf(_full()), checkpoint_type="delta",
-                                          base_model_dir=base_dir)
+        chain.save_sampler_checkpoint_ext(
+            store, _path("a"), _hf(_full()), checkpoint_type="delta", base_model_dir=base_dir
+        )
     with pytest.raises(UserInputError, match="checkpoint_type"):
-        chain.save_sampler_checkpoint_ext(store, _path("a"), _hf(_full()), checkpoint_type="full",
-                                          base_model_dir=base_dir)
+        chain.save_sampler_checkpoint_ext(
+            store, _path("a"), _hf(_full()), checkpoint_type="full", base_model_dir=base_dir
+        )
     with pytest.raises(UserInputError, match="LoRA"):
-        chain.save_sampler_checkpoint_ext(store, _path("a"), _hf(_full()), checkpoint_type="merged_base",
-                                          base_model_dir=base_dir)
+        chain.save_sampler_checkpoint_ext(
+            store, _path("a"), _hf(_full()), checkpoint_type="merged_base", base_model_dir=base_dir
+        )
     assert store.list() == []
 
 
 def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"model.proj.lora_A": torch.randn(2, 8, generator=g), "model.proj.lora_B": torch.randn(8, 2, generator=g),
-            "lm_head.lora_A": torch.randn(2, 8, generator=g), "lm_head.lora_B": torch.randn(16, 2, generator=g)}
+    return {
+        "model.proj.lora_A": torch.randn(2, 8, generator=g),
+        "model.proj.lora_B": torch.randn(8, 2, generator=g),
+        "lm_head.lora_A": torch.randn(2, 8, generator=g),
+        "lm_head.lora_B": torch.randn(16, 2, generator=g),
+    }
 
 
 def test_merged_base_folds_the_lora_exactly_and_chains_deltas_on_merged_weights(tmp_path, base_dir):
     store = LocalCheckpointStore(tmp_path / "store")
     layout = LoraLayout(rank=2, alpha=8.0)
     adapter = _adapter()
-    saved = chain.save_sampler_checkpoint_ext(store, _path("m"), _hf(adapter, lora=layout),
-                                              checkpoint_type="merged_base", base_model_dir=base_dir)
+    saved = chain.save_sampler_checkpoint_ext(
+        store, _path("m"), _hf(adapter, lora=layout), checkpoint_type="merged_base", base_model_dir=base_dir
+    )
     assert saved.checkpoint_type == "merged_base" and not saved.link.is_lora
     merged = chain.load_sampler_checkpoint(store, _path("m")).tensors
     base = chain.read_base_state_dict(base_dir)
     scale = 8.0 / 2
-    expected_proj = base["model.proj.weight"] + scale * adapter["model.proj.lora_B"] @ adapter["model.proj.lora_A"]
+    expected_proj = (
+        base["model.proj.weight"] + scale * adapter["model.proj.lora_B"] @ adapter["model.proj.lora_A"]
+    )
     torch.testing.assert_close(merged["model.proj.weight"], expected_proj, rtol=0, atol=1e-6)
-    expected_head = base["model.embed_tokens.weight"] + scale * adapter["lm_head.lora_B"] @ adapter["lm_head.lora_A"]
+    expected_head = (
+        base["model.embed_tokens.weight"] + scale * adapter["lm_head.lora_B"] @ adapter["lm_head.lora_A"]
+    )
     torch.testing.assert_close(merged["lm_head.weight"], expected_head, rtol=0, atol=1e-6)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     # the next automatic save is a delta on merged weights
     moved = {k: v + 1e-3 for k, v in adapter.items()}
-    delta = chain.save_sampler_checkpoint_ext(store, _path("d"), _hf(moved, lora=layout), base_model_dir=base_dir)
+    delta = chain.save_sampler_checkpoint_ext(
+        store, _path("d"), _hf(moved, lora=layout), base_model_dir=base_dir
+    )
     assert delta.checkpoint_type == "delta" and not delta.link.is_lora
     expected = chain.merge_lora(base, moved, scale)
     assert _bits_equal(chain.load_sampler_checkpoint(store, _path("d")).tensors, expected)
@@ -185,5 +215,7 @@ def test_byte_planes_beat_plain_xor_zstd(tmp_path):
     delta = compute_delta(w0, w1)
     write_delta(tmp_path, delta, w0)
     ours = (tmp_path / DELTA_FILE).stat().st_size
-    plain = sum(len(zstandard.ZstdCompressor(level=3).compress(x.numpy().tobytes())) for x in delta.xor.values())
+    plain = sum(
+        len(zstandard.ZstdCompressor(level=3).compress(x.numpy().tobytes())) for x in delta.xor.values()
+    )
     assert ours < plain / 1.5

@@ -25,9 +25,18 @@ def make_model(path: str) -> None:
     """A 2-layer Qwen3 with tied embeddings, saved to `path` (the same on every call)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                         tie_word_embeddings=True, eos_token_id=1)
+    config = Qwen3Config(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(path)
 
@@ -77,7 +86,9 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
         out[f"{mode}.single.forward"] = single.outputs[0]["elementwise_loss"].detach().clone()
         batch = make_batch("cross_entropy")
         handle, kept = engine.forward_keep_graph(mode, batch)
-        metrics = engine.backward_from_logprob_grads(handle, [-d.loss_fn_inputs["weights"] * 0.5 for d in batch])
+        metrics = engine.backward_from_logprob_grads(
+            handle, [-d.loss_fn_inputs["weights"] * 0.5 for d in batch]
+        )
         out[f"{mode}.custom.loss"] = torch.tensor(metrics["loss:sum"], dtype=torch.float64)
         for i, datum in enumerate(kept.outputs):
             out[f"{mode}.custom.{i}.logprobs"] = datum["logprobs"].detach().clone()
@@ -116,9 +127,12 @@ def run_mixed(engine) -> dict[str, torch.Tensor]:
             out[f"{mode}.loss{step}"] = torch.tensor(result.metrics["loss:sum"], dtype=torch.float64)
             engine.optim_step(mode, ADAM)
         state = engine.export_state(mode, include_optimizer=True)
-        out[f"{mode}.fp32_weights"] = torch.tensor(all(t.dtype == torch.float32 for t in state.weights.values()))
-        out[f"{mode}.fp32_moments"] = torch.tensor(all(t.dtype == torch.float32 for k, t in state.optimizer.items()
-                                                       if not k.startswith("step.")))
+        out[f"{mode}.fp32_weights"] = torch.tensor(
+            all(t.dtype == torch.float32 for t in state.weights.values())
+        )
+        out[f"{mode}.fp32_moments"] = torch.tensor(
+            all(t.dtype == torch.float32 for k, t in state.optimizer.items() if not k.startswith("step."))
+        )
         engine.delete_model(mode)
     return out
 
@@ -132,8 +146,11 @@ def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    engine = DistributedTrainingEngine(load_base_model(model_dir, device="cpu", dtype="float32"),
-                                       max_tokens_per_micro_batch=BUDGET, mixed_precision=mixed_precision)
+    engine = DistributedTrainingEngine(
+        load_base_model(model_dir, device="cpu", dtype="float32"),
+        max_tokens_per_micro_batch=BUDGET,
+        mixed_precision=mixed_precision,
+    )
     results = run_cases(engine) if mixed_precision == "none" else run_mixed(engine)
     if dist.get_rank() == 0:
         save_file(results, out_file)

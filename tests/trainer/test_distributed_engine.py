@@ -29,8 +29,18 @@ def free_port() -> int:
 def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node nproc ARGS` on loopback; its output is in the result."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -69,7 +79,9 @@ def test_two_ranks_equal_one_process(two_rank_results, single_results, model_dir
     for key in keys:
         torch.testing.assert_close(two_rank_results[key], single_results[key], rtol=1e-5, atol=1e-5, msg=key)
     # the steps really trained: LoRA's B (zero at first) and the full copy's embeddings moved
-    moved = [k for k in keys if ".weights." in k and (k.endswith("lora_B") or k.endswith("embed_tokens.weight"))]
+    moved = [
+        k for k in keys if ".weights." in k and (k.endswith("lora_B") or k.endswith("embed_tokens.weight"))
+    ]
     assert moved and all(float(two_rank_results[k].abs().max()) > 0 for k in moved)
     if mode == "full":
         from safetensors.torch import load_file
@@ -88,8 +100,12 @@ def test_bf16_mixed_precision_keeps_fp32_state_and_trains_close_to_fp32(model_di
     done = torchrun(2, str(HERE / "dist_cases.py"), model_dir, str(out), "bfloat16")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     mixed = load_file(str(out))
-    reference = dist_cases.run_mixed(TrainingEngine(load_base_model(model_dir, device="cpu", dtype="float32"),
-                                                    max_tokens_per_micro_batch=dist_cases.BUDGET))
+    reference = dist_cases.run_mixed(
+        TrainingEngine(
+            load_base_model(model_dir, device="cpu", dtype="float32"),
+            max_tokens_per_micro_batch=dist_cases.BUDGET,
+        )
+    )
     for mode in ("full", "lora"):
         assert bool(mixed[f"{mode}.fp32_weights"]) and bool(mixed[f"{mode}.fp32_moments"])
         for step in range(2):

@@ -53,7 +53,9 @@ def test_another_rank_failing_a_read_only_op_fails_it_naming_the_rank():
 
 
 def test_some_ranks_failing_a_state_change_stops_the_trainer():
-    with pytest.raises(RanksDisagree, match=r"OptimStep failed on some ranks only \(rank 1: OutOfMemoryError"):
+    with pytest.raises(
+        RanksDisagree, match=r"OptimStep failed on some ranks only \(rank 1: OutOfMemoryError"
+    ):
         run_everywhere(_Executor(), _Channel(["OutOfMemoryError: CUDA out of memory"]), STEP)
     with pytest.raises(RanksDisagree, match="rank 0: RuntimeError: x"):
         run_everywhere(_Executor(RuntimeError("x")), _Channel([""]), STEP)

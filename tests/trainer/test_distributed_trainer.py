@@ -76,9 +76,13 @@ def test_two_rank_trainer_answers_like_the_in_process_one(tmp_path, two_ranks):
 
 def test_errors_fail_one_op_and_every_rank_stays_usable(two_ranks):
     with pytest.raises(NotFoundError):
-        two_ranks.submit(ops.OptimStep(model_id="nobody", adam_params=AdamParams()), stream="nobody", seq_id=1).result(60)
+        two_ranks.submit(
+            ops.OptimStep(model_id="nobody", adam_params=AdamParams()), stream="nobody", seq_id=1
+        ).result(60)
     two_ranks.submit(ops.CreateModel(model_id="e", lora_config=LoraConfig(rank=2)), stream="e").result(120)
-    bad = ops.ForwardBackward(model_id="e", data=[_datum(3)], loss_fn="dro")  # found on every rank before any collective
+    bad = ops.ForwardBackward(
+        model_id="e", data=[_datum(3)], loss_fn="dro"
+    )  # found on every rank before any collective
     with pytest.raises(UserInputError):
         two_ranks.submit(bad, stream="e", seq_id=1).result(60)
     save = ops.SaveState(model_id="e", owner="o", path="tinker://e/weights/one", overwrite=False)
@@ -86,7 +90,9 @@ def test_errors_fail_one_op_and_every_rank_stays_usable(two_ranks):
     with pytest.raises(ConflictError):  # rank 0 alone fails the write; the op changed no state
         two_ranks.submit(save, stream="e", seq_id=3).result(120)
     good = ops.ForwardBackward(model_id="e", data=[_datum(3), _datum(4, 5)], loss_fn="cross_entropy")
-    assert two_ranks.submit(good, stream="e", seq_id=4).result(120).metrics["loss:sum"] > 0  # still in lock-step
+    assert (
+        two_ranks.submit(good, stream="e", seq_id=4).result(120).metrics["loss:sum"] > 0
+    )  # still in lock-step
     step = ops.OptimStep(model_id="e", adam_params=AdamParams(learning_rate=1e-3))
     assert two_ranks.submit(step, stream="e", seq_id=5).result(120).metrics["grad_norm:mean"] > 0
 
@@ -95,16 +101,20 @@ def test_a_sigkilled_rank_ends_the_trainer_with_a_clear_error(tmp_path, default_
     trainer = RemoteTrainer.spawn(_config(tmp_path), startup_timeout_s=300)
     try:
         trainer.submit(ops.CreateModel(model_id="k", lora_config=LoraConfig(rank=2)), stream="k").result(120)
-        ranks = subprocess.run(["pgrep", "-P", str(trainer.process.pid)], capture_output=True, text=True).stdout.split()
+        ranks = subprocess.run(
+            ["pgrep", "-P", str(trainer.process.pid)], capture_output=True, text=True
+        ).stdout.split()
         assert len(ranks) == 2
         os.kill(int(max(ranks, key=int)), signal.SIGKILL)
         trainer.process.wait(timeout=120)  # torchrun's agent sees the dead rank and stops the other
         assert trainer.process.returncode != 0
         deadline = time.monotonic() + 30
-        future = trainer.submit(ops.Forward(model_id="k", data=[_datum(1)], loss_fn="cross_entropy"), stream="k")
+        future = trainer.submit(
+            ops.Forward(model_id="k", data=[_datum(1)], loss_fn="cross_entropy"), stream="k"
+        )
         with pytest.raises(ServerError, match="exited"):
             future.result(max(1.0, deadline - time.monotonic()))
-        log = (trainer.process.args[-1].rsplit("/", 1)[0] + "/trainer.log")
+        log = trainer.process.args[-1].rsplit("/", 1)[0] + "/trainer.log"
         assert "SIGKILL" in open(log).read() or "Signal 9" in open(log).read()
     finally:
         trainer.close()
@@ -177,25 +187,57 @@ def test_two_nodes_on_loopback_serve_a_server(tmp_path, default_model_dir):
     import sys
 
     ready, port, rdzv = tmp_path / "ready", _free_port(), _free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--rdzv-id", "tether-test",
-               "-m", "tether.cli", "trainer", "--base-model", BASE, "--device", "cpu", "--dtype", "float32",
-               "--torch-threads", "1", "--data-dir", str(tmp_path / "data"), "--port", str(port),
-               "--ready-file", str(ready)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{rdzv}",
+        "--rdzv-id",
+        "tether-test",
+        "-m",
+        "tether.cli",
+        "trainer",
+        "--base-model",
+        BASE,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--torch-threads",
+        "1",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+        "--ready-file",
+        str(ready),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed below
-    nodes = [subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-             for log in logs]
+    nodes = [
+        subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        for log in logs
+    ]
     try:
         deadline = time.monotonic() + 240
         while not ready.exists():
             assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), (
-                "trainer did not start: " + (tmp_path / "node0.log").read_text()[-2000:])
+                "trainer did not start: " + (tmp_path / "node0.log").read_text()[-2000:]
+            )
             time.sleep(0.1)
         from tether.server.config import ServerConfig
         from tether.server.main import ServerThread
 
-        config = ServerConfig(port=0, data_dir=tmp_path / "server", trainer_addresses={BASE: f"127.0.0.1:{port}"})
+        config = ServerConfig(
+            port=0, data_dir=tmp_path / "server", trainer_addresses={BASE: f"127.0.0.1:{port}"}
+        )
         server = ServerThread(config)
         with server:
             import tinker
@@ -204,8 +246,10 @@ def test_two_nodes_on_loopback_serve_a_server(tmp_path, default_model_dir):
             client = tinker.ServiceClient(base_url=server.base_url, api_key="tml-two-nodes")
             training = client.create_lora_training_client(base_model=BASE, rank=2, seed=0).result()
             ids = list(b"two nodes, one trainer")
-            datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                                loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+            datum = types.Datum(
+                model_input=types.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
+            )
             first = training.forward_backward([datum, datum], "cross_entropy").result().metrics["loss:sum"]
             training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
             second = training.forward([datum, datum], "cross_entropy").result().metrics["loss:sum"]
@@ -222,7 +266,9 @@ def test_two_nodes_on_loopback_serve_a_server(tmp_path, default_model_dir):
 def test_a_kept_graph_expires_on_every_rank_by_rank_zeros_clock(two_ranks):
     model, data = "ttl", [_datum(1), _datum(2, 7)]
     grads = [np.full(12, -0.5, np.float32), np.full(7, 0.25, np.float32)]
-    two_ranks.submit(ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=2)), stream=model).result(120)
+    two_ranks.submit(ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=2)), stream=model).result(
+        120
+    )
     keep = ops.ForwardKeepGraph(model_id=model, data=data, graph_id="short", ttl_s=0.2)
     two_ranks.submit(keep, stream=model, seq_id=1).result(120)
     time.sleep(2.5)  # rank 0's worker frees expired graphs about once a second when idle

@@ -20,9 +20,13 @@ from tether.types.wire import AdamParams, LoraConfig, SamplingParams
 
 
 def _datum(n: int = 4) -> ops.TrainingDatum:
-    return ops.TrainingDatum(input_tokens=np.arange(n, dtype=np.int64),
-                             loss_fn_inputs={"target_tokens": np.arange(1, n + 1, dtype=np.int64),
-                                             "weights": np.linspace(0, 1, n, dtype=np.float32)})
+    return ops.TrainingDatum(
+        input_tokens=np.arange(n, dtype=np.int64),
+        loss_fn_inputs={
+            "target_tokens": np.arange(1, n + 1, dtype=np.int64),
+            "weights": np.linspace(0, 1, n, dtype=np.float32),
+        },
+    )
 
 
 EVERY_OP = [
@@ -30,18 +34,25 @@ EVERY_OP = [
     ops.CreateModel(model_id="m"),
     ops.DeleteModel(model_id="m"),
     ops.Forward(model_id="m", data=[_datum()], loss_fn="cross_entropy"),
-    ops.ForwardBackward(model_id="m", data=[_datum(), _datum(7)], loss_fn="ppo",
-                        loss_fn_config={"clip_low_threshold": 0.5}),
+    ops.ForwardBackward(
+        model_id="m", data=[_datum(), _datum(7)], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5}
+    ),
     ops.OptimStep(model_id="m", adam_params=AdamParams(learning_rate=3e-4, grad_clip_norm=1.0)),
     ops.ForwardKeepGraph(model_id="m", data=[_datum()], graph_id="g", ttl_s=12.5),
     ops.BackwardFromLogprobGrads(model_id="m", graph_id="g", logprob_grads=[np.ones((3, 2), np.float32)]),
     ops.SaveState(model_id="m", owner="o", path="tinker://r/weights/a", overwrite=True),
-    ops.LoadState(model_id="m", owner="o", path="tinker://r/weights/a", include_optimizer=True, create_model=False),
+    ops.LoadState(
+        model_id="m", owner="o", path="tinker://r/weights/a", include_optimizer=True, create_model=False
+    ),
     ops.SaveSamplerWeights(model_id="m", kind="ephemeral", owner="o", sampler_id="s"),
     ops.CreateSampler(sampler_id="s", owner="o", path="tinker://r/sampler_weights/a"),
     ops.DeleteSampler(sampler_id="s"),
-    ops.Sample(sampler_id=None, prompt_tokens=[1, 2], num_samples=3,
-               sampling_params=SamplingParams(max_tokens=5, seed=7, stop=["\n"])),
+    ops.Sample(
+        sampler_id=None,
+        prompt_tokens=[1, 2],
+        num_samples=3,
+        sampling_params=SamplingParams(max_tokens=5, seed=7, stop=["\n"]),
+    ),
     ops.DescribeBase(),
 ]
 
@@ -72,7 +83,9 @@ def _assert_equal(a: object, b: object) -> None:
         assert a == b
 
 
-@pytest.mark.parametrize("op", EVERY_OP, ids=lambda op: op.type + ("" if not hasattr(op, "lora_config") else "-lora"))
+@pytest.mark.parametrize(
+    "op", EVERY_OP, ids=lambda op: op.type + ("" if not hasattr(op, "lora_config") else "-lora")
+)
 def test_every_op_round_trips_exactly(op):
     back = _roundtrip(op)
     assert back.stream == "m" and back.seq_id == 3
@@ -82,14 +95,23 @@ def test_every_op_round_trips_exactly(op):
 def test_every_result_round_trips_exactly():
     results = [
         ops.Done(),
-        ops.ForwardOutput(outputs=[{"logprobs": np.array([-0.5, np.nan, -np.inf], np.float32)}],
-                          metrics={"loss:sum": float("nan")}),
+        ops.ForwardOutput(
+            outputs=[{"logprobs": np.array([-0.5, np.nan, -np.inf], np.float32)}],
+            metrics={"loss:sum": float("nan")},
+        ),
         ops.MetricsOutput(metrics={"grad_norm:mean": 1.5}),
         ops.CheckpointWritten(path="tinker://r/weights/a", directory="/d", size_bytes=10),
-        ops.SampleOutput(sequences=[ops.SampledSequenceOutput(tokens=[1], logprobs=[-0.1], stop_reason="length",
-                                                              topk_logprobs=[[(1, -0.1), (2, -3.0)]])],
-                         prompt_logprobs=[None, -1.0]),
-        ops.BaseModelInfo(arch="qwen3", tokenizer_id="t", vocab_size=10, max_context_length=5, eos_token_ids=[1]),
+        ops.SampleOutput(
+            sequences=[
+                ops.SampledSequenceOutput(
+                    tokens=[1], logprobs=[-0.1], stop_reason="length", topk_logprobs=[[(1, -0.1), (2, -3.0)]]
+                )
+            ],
+            prompt_logprobs=[None, -1.0],
+        ),
+        ops.BaseModelInfo(
+            arch="qwen3", tokenizer_id="t", vocab_size=10, max_context_length=5, eos_token_ids=[1]
+        ),
         ops.OpFailure(error_type="UserInputError", message="bad", field="f", datum_index=2),
     ]
     for result in results:
@@ -104,8 +126,16 @@ def test_every_result_round_trips_exactly():
 
 def test_golden_bytes_of_a_small_op():
     """The wire form is a contract between processes of possibly different versions: pin it."""
-    frame = encode_op(ops.OpEnvelope(op_id=1, stream="m", seq_id=2, op=ops.BackwardFromLogprobGrads(
-        model_id="m", graph_id="g", logprob_grads=[np.array([1.0, -2.0], np.float32)])))
+    frame = encode_op(
+        ops.OpEnvelope(
+            op_id=1,
+            stream="m",
+            seq_id=2,
+            op=ops.BackwardFromLogprobGrads(
+                model_id="m", graph_id="g", logprob_grads=[np.array([1.0, -2.0], np.float32)]
+            ),
+        )
+    )
     assert frame.hex() == GOLDEN_HEX
 
 
@@ -134,15 +164,45 @@ MALFORMED = {
     "wrong field type": msgpack.packb({"op_id": 5, "op": {"type": "delete_model", "model_id": 7}}),
     "extra field": msgpack.packb({"op_id": 5, "op": {"type": "delete_model", "model_id": "m", "x": 1}}),
     "op id disagrees": msgpack.packb({"op_id": 6, "op": {"type": "delete_model", "model_id": "m"}}),
-    "array of objects": msgpack.packb({"op_id": 5, "op": {"type": "backward_from_logprob_grads", "model_id": "m",
-                                                          "graph_id": "g", "logprob_grads": [
-                                                              msgpack.ExtType(1, b"\x00\x0a" + msgpack.packb(["|O", [1]]))]}}),
-    "array shorter than its shape": msgpack.packb({"op_id": 5, "op": {
-        "type": "backward_from_logprob_grads", "model_id": "m", "graph_id": "g",
-        "logprob_grads": [msgpack.ExtType(1, len(h := msgpack.packb(["<f4", [1000]])).to_bytes(2, "big") + h + b"\0" * 8)]}}),
-    "negative dimension": msgpack.packb({"op_id": 5, "op": {
-        "type": "backward_from_logprob_grads", "model_id": "m", "graph_id": "g",
-        "logprob_grads": [msgpack.ExtType(1, len(h := msgpack.packb(["<f4", [-1]])).to_bytes(2, "big") + h)]}}),
+    "array of objects": msgpack.packb(
+        {
+            "op_id": 5,
+            "op": {
+                "type": "backward_from_logprob_grads",
+                "model_id": "m",
+                "graph_id": "g",
+                "logprob_grads": [msgpack.ExtType(1, b"\x00\x0a" + msgpack.packb(["|O", [1]]))],
+            },
+        }
+    ),
+    "array shorter than its shape": msgpack.packb(
+        {
+            "op_id": 5,
+            "op": {
+                "type": "backward_from_logprob_grads",
+                "model_id": "m",
+                "graph_id": "g",
+                "logprob_grads": [
+                    msgpack.ExtType(
+                        1, len(h := msgpack.packb(["<f4", [1000]])).to_bytes(2, "big") + h + b"\0" * 8
+                    )
+                ],
+            },
+        }
+    ),
+    "negative dimension": msgpack.packb(
+        {
+            "op_id": 5,
+            "op": {
+                "type": "backward_from_logprob_grads",
+                "model_id": "m",
+                "graph_id": "g",
+                "logprob_grads": [
+                    msgpack.ExtType(1, len(h := msgpack.packb(["<f4", [-1]])).to_bytes(2, "big") + h)
+                ],
+            },
+        }
+    ),
 }
 
 

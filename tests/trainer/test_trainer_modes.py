@@ -31,17 +31,28 @@ def _settings(data_dir: Path) -> EngineSettings:
 def _datum(seed: int, n: int = 12) -> ops.TrainingDatum:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 250, size=n + 1)
-    return ops.TrainingDatum(input_tokens=tokens[:-1].astype(np.int64),
-                             loss_fn_inputs={"target_tokens": tokens[1:].astype(np.int64),
-                                             "weights": rng.random(n).astype(np.float32)})
+    return ops.TrainingDatum(
+        input_tokens=tokens[:-1].astype(np.int64),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:].astype(np.int64),
+            "weights": rng.random(n).astype(np.float32),
+        },
+    )
 
 
 def _script(model: str) -> list[tuple[ops.Op, str | None, int | None]]:
     data = [_datum(1), _datum(2, 7)]
-    rl = [ops.TrainingDatum(input_tokens=d.input_tokens, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "logprobs": np.full(len(d.input_tokens), -3.0, np.float32),
-        "advantages": np.linspace(-1, 1, len(d.input_tokens)).astype(np.float32)}) for d in data]
+    rl = [
+        ops.TrainingDatum(
+            input_tokens=d.input_tokens,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "logprobs": np.full(len(d.input_tokens), -3.0, np.float32),
+                "advantages": np.linspace(-1, 1, len(d.input_tokens)).astype(np.float32),
+            },
+        )
+        for d in data
+    ]
     adam = AdamParams(learning_rate=1e-2)
     return [
         (ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=4, seed=3)), model, None),
@@ -50,13 +61,29 @@ def _script(model: str) -> list[tuple[ops.Op, str | None, int | None]]:
         (ops.ForwardBackward(model_id=model, data=rl, loss_fn="ppo"), model, 3),
         (ops.OptimStep(model_id=model, adam_params=adam), model, 4),
         (ops.ForwardKeepGraph(model_id=model, data=data, graph_id="g1", ttl_s=60), model, 5),
-        (ops.BackwardFromLogprobGrads(model_id=model, graph_id="g1", logprob_grads=[
-            np.full(12, -0.5, np.float32), np.full(7, 0.25, np.float32)]), model, 6),
+        (
+            ops.BackwardFromLogprobGrads(
+                model_id=model,
+                graph_id="g1",
+                logprob_grads=[np.full(12, -0.5, np.float32), np.full(7, 0.25, np.float32)],
+            ),
+            model,
+            6,
+        ),
         (ops.OptimStep(model_id=model, adam_params=adam), model, 7),
         (ops.Forward(model_id=model, data=data, loss_fn="cross_entropy"), model, 8),
         (ops.SaveSamplerWeights(model_id=model, kind="ephemeral", owner="o", sampler_id="s1"), model, 9),
-        (ops.Sample(sampler_id="s1", prompt_tokens=[5, 6, 7], num_samples=2, include_prompt_logprobs=True,
-                    sampling_params=SamplingParams(max_tokens=6, seed=11)), None, None),
+        (
+            ops.Sample(
+                sampler_id="s1",
+                prompt_tokens=[5, 6, 7],
+                num_samples=2,
+                include_prompt_logprobs=True,
+                sampling_params=SamplingParams(max_tokens=6, seed=11),
+            ),
+            None,
+            None,
+        ),
         (ops.CreateModel(model_id="full"), "full", None),
         (ops.ForwardBackward(model_id="full", data=data, loss_fn="cross_entropy"), "full", 1),
         (ops.OptimStep(model_id="full", adam_params=adam), "full", 2),
@@ -110,7 +137,9 @@ def test_results_are_bit_identical_in_and_out_of_process(tmp_path, remote):
 
 def test_errors_cross_the_boundary_as_the_same_types(remote):
     with pytest.raises(NotFoundError):
-        remote.submit(ops.OptimStep(model_id="nobody", adam_params=AdamParams()), stream="nobody", seq_id=1).result(60)
+        remote.submit(
+            ops.OptimStep(model_id="nobody", adam_params=AdamParams()), stream="nobody", seq_id=1
+        ).result(60)
     remote.submit(ops.CreateModel(model_id="e", lora_config=LoraConfig(rank=2)), stream="e").result(60)
     bad = ops.ForwardBackward(model_id="e", data=[_datum(3)], loss_fn="dro")  # dro needs beta and RL inputs
     with pytest.raises(UserInputError):
@@ -123,8 +152,12 @@ def test_errors_cross_the_boundary_as_the_same_types(remote):
 def trainer_socket(tmp_path, default_model_dir):
     """A trainer serving on a thread of this process, and a raw connection to it."""
     ready = tmp_path / "ready"
-    config = TrainerConfig(base_model=BASE, ready_file=ready, **_settings(tmp_path).model_dump(exclude={"data_dir"}),
-                           data_dir=tmp_path)
+    config = TrainerConfig(
+        base_model=BASE,
+        ready_file=ready,
+        **_settings(tmp_path).model_dump(exclude={"data_dir"}),
+        data_dir=tmp_path,
+    )
     threading.Thread(target=serve_trainer, args=(config,), daemon=True).start()
     deadline = time.monotonic() + 120
     while not ready.exists():
@@ -146,8 +179,11 @@ def _answer(conn: socket.socket) -> tuple[int, ops.OpResult]:
 
 def test_a_malformed_op_fails_alone_and_the_process_keeps_serving(trainer_socket):
     conn = trainer_socket
-    for op_id, body in [(77, b"\xc1 garbage"), (78, msgpack.packb({"op_id": 78, "op": {"type": "rm_rf"}})),
-                        (79, msgpack.packb({"op_id": 79, "op": {"type": "sample", "sampler_id": None}}))]:
+    for op_id, body in [
+        (77, b"\xc1 garbage"),
+        (78, msgpack.packb({"op_id": 78, "op": {"type": "rm_rf"}})),
+        (79, msgpack.packb({"op_id": 79, "op": {"type": "sample", "sampler_id": None}})),
+    ]:
         conn.sendall(len(body + b"12345678").to_bytes(4, "big") + op_id.to_bytes(8, "big") + body)
         answered, result = _answer(conn)
         assert answered == op_id and isinstance(result, ops.OpFailure) and "malformed" in result.message

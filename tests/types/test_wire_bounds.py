@@ -20,8 +20,11 @@ from tether.types.wire_base import MAX_USER_METADATA_BYTES, parse_wire
 
 def _request_models() -> list[type[BaseModel]]:
     seen: dict[str, type[BaseModel]] = {}
-    todo = [obj for name, obj in vars(wire).items()
-            if isinstance(obj, type) and issubclass(obj, BaseModel) and name.endswith("Request")]
+    todo = [
+        obj
+        for name, obj in vars(wire).items()
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and name.endswith("Request")
+    ]
     while todo:
         model = todo.pop()
         if model.__name__ in seen:
@@ -69,8 +72,15 @@ def test_every_integer_field_of_every_request_is_bounded():
 @pytest.mark.parametrize("seed", [-1, 2**64, 2**70])
 def test_seeds_outside_0_to_2_pow_64_are_user_errors(seed):
     with pytest.raises(UserInputError) as caught:
-        parse_wire(wire.CreateModelRequest, {"session_id": "s", "model_seq_id": 0, "base_model": "m",
-                                             "lora_config": {"rank": 4, "seed": seed}})
+        parse_wire(
+            wire.CreateModelRequest,
+            {
+                "session_id": "s",
+                "model_seq_id": 0,
+                "base_model": "m",
+                "lora_config": {"rank": 4, "seed": seed},
+            },
+        )
     assert caught.value.field == "lora_config.seed"
     with pytest.raises(UserInputError):
         parse_wire(wire.SampleRequest, {"prompt": {"chunks": []}, "sampling_params": {"seed": seed}})
@@ -79,12 +89,18 @@ def test_seeds_outside_0_to_2_pow_64_are_user_errors(seed):
 
 def test_huge_or_negative_integers_are_user_errors():
     cases = [
-        (wire.SampleRequest, {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [2**70]}]},
-                              "sampling_params": {}}, "prompt.chunks.0.encoded_text.tokens.0"),
+        (
+            wire.SampleRequest,
+            {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [2**70]}]}, "sampling_params": {}},
+            "prompt.chunks.0.encoded_text.tokens.0",
+        ),
         (wire.TensorDataJson, {"data": [1.0], "dtype": "float32", "shape": [-1]}, "shape.0"),
         (wire.OptimStepRequest, {"model_id": "m", "seq_id": 2**64}, "seq_id"),
-        (wire.CreateModelRequest, {"session_id": "s", "model_seq_id": 0, "base_model": "m",
-                                   "lora_config": {"rank": 2**70}}, "lora_config.rank"),
+        (
+            wire.CreateModelRequest,
+            {"session_id": "s", "model_seq_id": 0, "base_model": "m", "lora_config": {"rank": 2**70}},
+            "lora_config.rank",
+        ),
     ]
     for model, body, field in cases:
         with pytest.raises(UserInputError) as caught:
@@ -98,20 +114,25 @@ def test_user_metadata_and_tags_are_bounded():
         parse_wire(wire.CreateSessionRequest, {"tags": [], "sdk_version": "t", "user_metadata": big})
     assert caught.value.field == "user_metadata"
     with pytest.raises(UserInputError):
-        parse_wire(wire.CreateModelRequest, {"session_id": "s", "model_seq_id": 0, "base_model": "m",
-                                             "user_metadata": big})
+        parse_wire(
+            wire.CreateModelRequest,
+            {"session_id": "s", "model_seq_id": 0, "base_model": "m", "user_metadata": big},
+        )
     with pytest.raises(UserInputError):
         parse_wire(wire.SaveWeightsRequest, {"model_id": "m", "path": "p", "user_metadata": big})
     with pytest.raises(UserInputError) as caught:
         parse_wire(wire.CreateSessionRequest, {"tags": ["t"] * 1000, "sdk_version": "t"})
     assert caught.value.field == "tags"
-    small = parse_wire(wire.CreateSessionRequest, {"tags": ["a"], "sdk_version": "t", "user_metadata": {"a": 1}})
+    small = parse_wire(
+        wire.CreateSessionRequest, {"tags": ["a"], "sdk_version": "t", "user_metadata": {"a": 1}}
+    )
     assert small.user_metadata == {"a": 1}
 
 
 def test_sparse_json_tensor_cannot_claim_a_huge_dense_shape():
-    tensor = wire.TensorDataJson(data=[], dtype="float32", shape=[1, 2**40], sparse_crow_indices=[0, 0],
-                                 sparse_col_indices=[])
+    tensor = wire.TensorDataJson(
+        data=[], dtype="float32", shape=[1, 2**40], sparse_crow_indices=[0, 0], sparse_col_indices=[]
+    )
     with pytest.raises(UserInputError, match="densify"):
         tensor.to_numpy(field="target_prompt_logprobs")
 
@@ -129,9 +150,19 @@ def test_sparse_proto_tensors_share_one_budget_per_request():
     from tether.types.proto_schema import Tensor
 
     body = ForwardBackwardRequestBody(
-        model_id="m", seq_id=0, forward_only=False, loss_fn="cross_entropy", loss_fn_config=None,
-        data=[WireDatum(model_input_chunks=[WireTextChunk(tokens=np.arange(3))],
-                        loss_fn_inputs={"target_tokens": np.arange(3), "weights": np.ones(3, np.float32)})] * 3)
+        model_id="m",
+        seq_id=0,
+        forward_only=False,
+        loss_fn="cross_entropy",
+        loss_fn_config=None,
+        data=[
+            WireDatum(
+                model_input_chunks=[WireTextChunk(tokens=np.arange(3))],
+                loss_fn_inputs={"target_tokens": np.arange(3), "weights": np.ones(3, np.float32)},
+            )
+        ]
+        * 3,
+    )
     raw = encode_forward_backward_request(body)
     from tether.types import proto_schema as pb
 

@@ -27,9 +27,15 @@ def test_the_check_catches_an_upward_import(tmp_path):
     """The same contracts, on a copy of the package with one import pointing the wrong way, fail."""
     copy = tmp_path / "tether"
     shutil.copytree(ROOT / "tether", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "types" / "losses.py").write_text((copy / "types" / "losses.py").read_text()
-                                              + "\nfrom tether.server import config  # noqa: E402,F401\n")
+    (copy / "types" / "losses.py").write_text(
+        (copy / "types" / "losses.py").read_text() + "\nfrom tether.server import config  # noqa: E402,F401\n"
+    )
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    result = subprocess.run(_lint_imports(), cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        _lint_imports(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout + result.stderr

@@ -29,6 +29,8 @@ def test_sdk_example_runs_and_trains(tmp_path):
         [sys.executable, "-c", example], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    losses = [float(line.split()[1]) for line in result.stdout.splitlines() if re.match(r"^\d+ [\d.]+$", line)]
+    losses = [
+        float(line.split()[1]) for line in result.stdout.splitlines() if re.match(r"^\d+ [\d.]+$", line)
+    ]
     assert len(losses) == 10 and losses[-1] < losses[0]
     assert "SampleResponse" in result.stdout

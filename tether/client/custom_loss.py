@@ -47,7 +47,8 @@ def compute_logprob_grads(
         raise UserInputError(f"loss must be a scalar tensor, got shape {list(loss.shape)}", field="loss_fn")
     if not loss.requires_grad or loss.grad_fn is None:
         raise UserInputError(
-            "loss does not depend on the logprobs (no grad); build it from the logprobs tensors", field="loss_fn"
+            "loss does not depend on the logprobs (no grad); build it from the logprobs tensors",
+            field="loss_fn",
         )
     if not math.isfinite(float(loss.detach())):
         raise UserInputError(f"loss is not finite ({float(loss.detach())})", field="loss_fn")
@@ -93,7 +94,9 @@ async def run_one_pass_custom_loss(
     metrics.update(user_metrics)
     metrics["loss:sum"] = loss
     return ForwardBackwardOutput(
-        loss_fn_output_type=output.loss_fn_output_type, loss_fn_outputs=output.loss_fn_outputs, metrics=metrics
+        loss_fn_output_type=output.loss_fn_output_type,
+        loss_fn_outputs=output.loss_fn_outputs,
+        metrics=metrics,
     )
 
 

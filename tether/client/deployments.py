@@ -43,8 +43,13 @@ __all__ = [
 ]
 
 _PREFIX = "/api/v1/tether/deployments"
-_ERRORS: dict[int, type[TetherError]] = {400: UserInputError, 404: NotFoundError, 409: ConflictError,
-                                         422: UserInputError, 429: OverloadedError}
+_ERRORS: dict[int, type[TetherError]] = {
+    400: UserInputError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UserInputError,
+    429: OverloadedError,
+}
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -86,11 +91,15 @@ class DeploymentInfo:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> DeploymentInfo:
-        return DeploymentInfo(deployment_id=data["deployment_id"], base_model=data["base_model"],
-                              state=data["state"], hot_load_transition_type=data.get("hot_load_transition_type",
-                                                                                     "ASYNC"),
-                              current_snapshot_identity=data.get("current_snapshot_identity"),
-                              error=data.get("error"), raw=data)
+        return DeploymentInfo(
+            deployment_id=data["deployment_id"],
+            base_model=data["base_model"],
+            state=data["state"],
+            hot_load_transition_type=data.get("hot_load_transition_type", "ASYNC"),
+            current_snapshot_identity=data.get("current_snapshot_identity"),
+            error=data.get("error"),
+            raw=data,
+        )
 
 
 class DeploymentManager:
@@ -100,7 +109,9 @@ class DeploymentManager:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or "tml-local"
         self.last_hotload_error_message: str | None = None
-        self._http = httpx.Client(base_url=self.base_url, headers={"X-API-Key": self.api_key}, timeout=timeout_s)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers={"X-API-Key": self.api_key}, timeout=timeout_s
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -143,8 +154,9 @@ class DeploymentManager:
         except NotFoundError:
             pass
 
-    def wait_for_ready(self, deployment_id: str, timeout_s: float = 600, poll_interval_s: float = 0.5
-                       ) -> DeploymentInfo:
+    def wait_for_ready(
+        self, deployment_id: str, timeout_s: float = 600, poll_interval_s: float = 0.5
+    ) -> DeploymentInfo:
         """Poll until READY; ServerError if it FAILED, TimeoutError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -156,33 +168,62 @@ class DeploymentManager:
             if info.state == "FAILED":
                 raise ServerError(f"deployment {deployment_id!r} failed: {info.error}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"deployment {deployment_id!r} not ready after {timeout_s} s ({info.state})")
+                raise TimeoutError(
+                    f"deployment {deployment_id!r} not ready after {timeout_s} s ({info.state})"
+                )
             time.sleep(poll_interval_s)
 
     def warmup(self, model: str, max_retries: int = 30, retry_interval_s: float = 1.0) -> bool:
         """Send a token-in probe (`prompt [1, 2]`, 4 tokens, greedy) until it answers 200."""
         for _ in range(max_retries):
-            response = self._http.post(f"{_PREFIX}/{model}/v1/completions",
-                                       json={"model": model, "prompt": [1, 2], "max_tokens": 4, "temperature": 0})
+            response = self._http.post(
+                f"{_PREFIX}/{model}/v1/completions",
+                json={"model": model, "prompt": [1, 2], "max_tokens": 4, "temperature": 0},
+            )
             if response.status_code == 200:
                 return True
             time.sleep(retry_interval_s)
         return False
 
-    def hotload(self, deployment_id: str, base_model: str, snapshot_identity: str,
-                incremental_snapshot_metadata: dict[str, Any] | None = None, reset_prompt_cache: bool = True,
-                timeout: float = 60, path: str | None = None, transition: str | None = None) -> dict[str, Any]:
+    def hotload(
+        self,
+        deployment_id: str,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: dict[str, Any] | None = None,
+        reset_prompt_cache: bool = True,
+        timeout: float = 60,
+        path: str | None = None,
+        transition: str | None = None,
+    ) -> dict[str, Any]:
         """Ask the deployment to load a sampler checkpoint (`snapshot_identity` = its tinker:// path,
         unless `path` gives the path and the identity is a label). Returns the hot-load status."""
-        return self._call("POST", f"/{deployment_id}/hot_load", timeout=timeout, json={
-            "identity": snapshot_identity, "path": path, "reset_prompt_cache": reset_prompt_cache,
-            "incremental_snapshot_metadata": incremental_snapshot_metadata, "transition": transition})
+        return self._call(
+            "POST",
+            f"/{deployment_id}/hot_load",
+            timeout=timeout,
+            json={
+                "identity": snapshot_identity,
+                "path": path,
+                "reset_prompt_cache": reset_prompt_cache,
+                "incremental_snapshot_metadata": incremental_snapshot_metadata,
+                "transition": transition,
+            },
+        )
 
-    def hotload_check_status(self, deployment_id: str, base_model: str = "", timeout: float = 30) -> dict[str, Any]:
+    def hotload_check_status(
+        self, deployment_id: str, base_model: str = "", timeout: float = 30
+    ) -> dict[str, Any]:
         return self._call("GET", f"/{deployment_id}/hot_load", timeout=timeout)
 
-    def wait_for_hotload(self, deployment_id: str, base_model: str, expected_identity: str,
-                         timeout_seconds: float = 400, poll_interval: float = 0.2) -> bool:
+    def wait_for_hotload(
+        self,
+        deployment_id: str,
+        base_model: str,
+        expected_identity: str,
+        timeout_seconds: float = 400,
+        poll_interval: float = 0.2,
+    ) -> bool:
         """True once the deployment serves `expected_identity`; raises ServerError if that load failed."""
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
@@ -193,18 +234,35 @@ class DeploymentManager:
                 if replica.get("readiness") and replica.get("current_snapshot_identity") == expected_identity:
                     self.last_hotload_error_message = None
                     return True
-                if loading.get("stage") == "error" and loading.get("target_snapshot_identity") == expected_identity:
+                if (
+                    loading.get("stage") == "error"
+                    and loading.get("target_snapshot_identity") == expected_identity
+                ):
                     self.last_hotload_error_message = loading.get("error")
                     raise ServerError(f"hot-load of {expected_identity} failed: {loading.get('error')}")
             time.sleep(poll_interval)
         return False
 
-    def hotload_and_wait(self, deployment_id: str, base_model: str, snapshot_identity: str,
-                         incremental_snapshot_metadata: dict[str, Any] | None = None, reset_prompt_cache: bool = True,
-                         timeout_seconds: float = 400, path: str | None = None,
-                         transition: str | None = None) -> bool:
-        self.hotload(deployment_id, base_model, snapshot_identity, incremental_snapshot_metadata,
-                     reset_prompt_cache, path=path, transition=transition)
+    def hotload_and_wait(
+        self,
+        deployment_id: str,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: dict[str, Any] | None = None,
+        reset_prompt_cache: bool = True,
+        timeout_seconds: float = 400,
+        path: str | None = None,
+        transition: str | None = None,
+    ) -> bool:
+        self.hotload(
+            deployment_id,
+            base_model,
+            snapshot_identity,
+            incremental_snapshot_metadata,
+            reset_prompt_cache,
+            path=path,
+            transition=transition,
+        )
         return self.wait_for_hotload(deployment_id, base_model, snapshot_identity, timeout_seconds)
 
 
@@ -230,8 +288,17 @@ class DeploymentSampler:
     ids as the prompt; 425/429/503 answers (a hot-load in progress, a full queue) are retried.
     """
 
-    def __init__(self, base_url: str, deployment_id: str, api_key: str | None = None, tokenizer: Any = None,
-                 *, max_concurrency: int = 8, retries: int = 10, retry_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        deployment_id: str,
+        api_key: str | None = None,
+        tokenizer: Any = None,
+        *,
+        max_concurrency: int = 8,
+        retries: int = 10,
+        retry_interval_s: float = 0.5,
+    ) -> None:
         self.url = f"{base_url.rstrip('/')}{_PREFIX}/{deployment_id}/v1/completions"
         self.model = deployment_id
         self.headers = {"X-API-Key": api_key or "tml-local"}
@@ -249,25 +316,49 @@ class DeploymentSampler:
             self._semaphores[loop_id] = asyncio.Semaphore(self.max_concurrency)
         return self._semaphores[loop_id]
 
-    async def sample_with_prompt_tokens(self, prompt_token_ids: Sequence[int], n: int = 1, max_tokens: int = 1024,
-                                        temperature: float = 1.0, stop: Sequence[str] | None = None,
-                                        seed: int | None = None, **extra: Any) -> list[SampledCompletion]:
+    async def sample_with_prompt_tokens(
+        self,
+        prompt_token_ids: Sequence[int],
+        n: int = 1,
+        max_tokens: int = 1024,
+        temperature: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        **extra: Any,
+    ) -> list[SampledCompletion]:
         """`n` independent completions of the prompt (one request each, under the concurrency cap)."""
         prompt = [int(t) for t in prompt_token_ids]
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": 1.0, "logprobs": 0, "stop": list(stop) if stop else None, **extra}
-        results = await asyncio.gather(*(self._one(body, None if seed is None else seed + i) for i in range(n)))
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": 1.0,
+            "logprobs": 0,
+            "stop": list(stop) if stop else None,
+            **extra,
+        }
+        results = await asyncio.gather(
+            *(self._one(body, None if seed is None else seed + i) for i in range(n))
+        )
         return [r for result in results for r in result]
 
-    async def sample_with_tokens(self, messages: list[dict[str, Any]], n: int = 1, max_tokens: int = 1024,
-                                 temperature: float = 1.0, **extra: Any) -> list[SampledCompletion]:
+    async def sample_with_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        n: int = 1,
+        max_tokens: int = 1024,
+        temperature: float = 1.0,
+        **extra: Any,
+    ) -> list[SampledCompletion]:
         """Apply the tokenizer's chat template (generation prompt added), then sample token in/out."""
         if self.tokenizer is None:
             raise UserInputError("sample_with_tokens needs a tokenizer", field="tokenizer")
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         tokens = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        return await self.sample_with_prompt_tokens(tokens, n=n, max_tokens=max_tokens, temperature=temperature,
-                                                    **extra)
+        return await self.sample_with_prompt_tokens(
+            tokens, n=n, max_tokens=max_tokens, temperature=temperature, **extra
+        )
 
     async def _one(self, body: dict[str, Any], seed: int | None) -> list[SampledCompletion]:
         payload = dict(body, seed=seed)
@@ -290,11 +381,17 @@ class DeploymentSampler:
             raw = choice["raw_output"]
             completion = list(raw["completion_token_ids"])
             logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-            out.append(SampledCompletion(
-                text=choice["text"], full_tokens=list(raw["prompt_token_ids"]) + completion,
-                prompt_len=len(raw["prompt_token_ids"]), finish_reason=choice["finish_reason"],
-                completion_len=len(completion), inference_logprobs=list(logprobs),
-                weights_identity=data.get("weights_identity")))
+            out.append(
+                SampledCompletion(
+                    text=choice["text"],
+                    full_tokens=list(raw["prompt_token_ids"]) + completion,
+                    prompt_len=len(raw["prompt_token_ids"]),
+                    finish_reason=choice["finish_reason"],
+                    completion_len=len(completion),
+                    inference_logprobs=list(logprobs),
+                    weights_identity=data.get("weights_identity"),
+                )
+            )
         return out
 
 
@@ -327,7 +424,9 @@ class WeightSyncer:
     def _next_type(self, explicit: str | None) -> str:
         if explicit is not None:
             return explicit
-        if not self.base_saved or (self.rebase_every is not None and self.deltas_since_base >= self.rebase_every):
+        if not self.base_saved or (
+            self.rebase_every is not None and self.deltas_since_base >= self.rebase_every
+        ):
             return "merged_base" if self.lora else "base"
         return "delta"
 
@@ -355,36 +454,48 @@ class WeightSyncer:
         started = time.monotonic()
         path, written = self.save_only(name, checkpoint_type)
         saved = time.monotonic()
-        metadata = ({"previous_snapshot_identity": self.base_identity, "compression_format": "xor_byteplanes_zstd"}
-                    if written == "delta" and self.base_identity else None)
+        metadata = (
+            {"previous_snapshot_identity": self.base_identity, "compression_format": "xor_byteplanes_zstd"}
+            if written == "delta" and self.base_identity
+            else None
+        )
         try:
-            ok = self.deploy_mgr.hotload_and_wait(self.deployment_id, self.base_model, path, metadata,
-                                                  timeout_seconds=self.hotload_timeout)
+            ok = self.deploy_mgr.hotload_and_wait(
+                self.deployment_id, self.base_model, path, metadata, timeout_seconds=self.hotload_timeout
+            )
         except TetherError:
             self.reset_delta_chain()
             raise
         if not ok:
             self.reset_delta_chain()
-            raise ServerError(f"deployment {self.deployment_id} did not load {path} within {self.hotload_timeout} s")
+            raise ServerError(
+                f"deployment {self.deployment_id} did not load {path} within {self.hotload_timeout} s"
+            )
         self.verify(path)
         if written != "delta":
             self.base_identity = path
         done = time.monotonic()
-        self.last_timing = {"save_time_s": saved - started, "hotload_time_s": done - saved,
-                            "total_time_s": done - started}
+        self.last_timing = {
+            "save_time_s": saved - started,
+            "hotload_time_s": done - saved,
+            "total_time_s": done - started,
+        }
         return path
 
     def verify(self, path: str) -> None:
         """ServerError unless the deployment serves `path`."""
         info = self.deploy_mgr.get(self.deployment_id)
         if info is None or info.current_snapshot_identity != path:
-            raise ServerError(f"deployment {self.deployment_id} serves "
-                              f"{info.current_snapshot_identity if info else None}, not {path}")
+            raise ServerError(
+                f"deployment {self.deployment_id} serves "
+                f"{info.current_snapshot_identity if info else None}, not {path}"
+            )
 
     def reset_delta_chain(self) -> None:
         """The next save is a base (after a failure or a deployment change)."""
         self.base_saved, self.deltas_since_base, self.base_identity = False, 0, None
 
     def get_deployment_sampler(self, tokenizer: Any = None, **kw: Any) -> DeploymentSampler:
-        return DeploymentSampler(self.deploy_mgr.base_url, self.deployment_id, self.deploy_mgr.api_key,
-                                 tokenizer, **kw)
+        return DeploymentSampler(
+            self.deploy_mgr.base_url, self.deployment_id, self.deploy_mgr.api_key, tokenizer, **kw
+        )

@@ -101,16 +101,20 @@ class JobCheckpointClient:
         base_url = base_url or os.environ.get("TETHER_BASE_URL")
         api_key = api_key or os.environ.get("TETHER_API_KEY")
         if not base_url:
-            raise UserInputError("no control plane address: pass base_url= or set TETHER_BASE_URL", field="base_url")
+            raise UserInputError(
+                "no control plane address: pass base_url= or set TETHER_BASE_URL", field="base_url"
+            )
         if not api_key:
             raise UserInputError("no API key: pass api_key= or set TETHER_API_KEY", field="api_key")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self._transport = Transport(self.base_url, api_key, http_transport=http_transport,
-                                    timeout_s=request_timeout_s)
+        self._transport = Transport(
+            self.base_url, api_key, http_transport=http_transport, timeout_s=request_timeout_s
+        )
 
-    def _call(self, route: Route[T], body: Any = None, *, params: dict[str, Any] | None = None,
-              retry: bool = True) -> T:
+    def _call(
+        self, route: Route[T], body: Any = None, *, params: dict[str, Any] | None = None, retry: bool = True
+    ) -> T:
         return event_loop.run_sync(self._transport.call(route, body, params=params, retry=retry))
 
     def list_checkpoints(self, job_id: str) -> list[JobCheckpoint]:
@@ -119,8 +123,11 @@ class JobCheckpointClient:
 
     def latest_resumable(self, job_id: str, *, prefix: str = "") -> JobCheckpoint | None:
         """The newest resumable checkpoint whose name (after `weights/`) starts with `prefix`."""
-        rows = [r for r in self.list_checkpoints(job_id)
-                if r.resumable and r.tinker_path.rsplit("/", 1)[-1].startswith(prefix)]
+        rows = [
+            r
+            for r in self.list_checkpoints(job_id)
+            if r.resumable and r.tinker_path.rsplit("/", 1)[-1].startswith(prefix)
+        ]
         return max(rows, key=lambda r: r.create_time) if rows else None
 
     def delete_checkpoint(self, job_id: str, tinker_path: str) -> None:
@@ -166,8 +173,9 @@ class TrainerJobManager(JobCheckpointClient):
         Raises UserInputError naming the field (unknown base model, impossible resources, bad id),
         ConflictError (the id belongs to a deleted job or to another configuration).
         """
-        config = TrainerJobConfig.model_validate(config.model_dump() if isinstance(config, TrainerJobConfig)
-                                                 else config)
+        config = TrainerJobConfig.model_validate(
+            config.model_dump() if isinstance(config, TrainerJobConfig) else config
+        )
         if config.requested_job_id is None:
             config = config.model_copy(update={"requested_job_id": f"trainer-{uuid.uuid4().hex[:8]}"})
         job = self._call(routes.CREATE_TRAINER_JOB, config)
@@ -203,16 +211,30 @@ class TrainerJobManager(JobCheckpointClient):
 
     # ---- waits
 
-    def create_and_wait(self, config: TrainerJobConfig, poll_interval_s: float = POLL_INTERVAL_S,
-                        timeout_s: float = TRAINER_READY_TIMEOUT_S,
-                        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S) -> TrainerServiceEndpoint:
+    def create_and_wait(
+        self,
+        config: TrainerJobConfig,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        timeout_s: float = TRAINER_READY_TIMEOUT_S,
+        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S,
+    ) -> TrainerServiceEndpoint:
         created = self.create(config)
-        return self.wait_for_ready(created.job_id, created.job_name, poll_interval_s=poll_interval_s,
-                                   timeout_s=timeout_s, pending_timeout_s=pending_timeout_s)
+        return self.wait_for_ready(
+            created.job_id,
+            created.job_name,
+            poll_interval_s=poll_interval_s,
+            timeout_s=timeout_s,
+            pending_timeout_s=pending_timeout_s,
+        )
 
-    def wait_for_ready(self, job_id: str, job_name: str | None = None, poll_interval_s: float = POLL_INTERVAL_S,
-                       timeout_s: float = TRAINER_READY_TIMEOUT_S,
-                       pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S) -> TrainerServiceEndpoint:
+    def wait_for_ready(
+        self,
+        job_id: str,
+        job_name: str | None = None,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        timeout_s: float = TRAINER_READY_TIMEOUT_S,
+        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S,
+    ) -> TrainerServiceEndpoint:
         """Poll until the job is RUNNING and its healthz answers 200.
 
         Raises ServerError if the job FAILED (with its reason), stays stopped past a settle window,
@@ -230,8 +252,12 @@ class TrainerJobManager(JobCheckpointClient):
                 placed_at = now
             if state is JobState.RUNNING and self._healthy(job_id):
                 self.boot_time_s = now - started
-                return TrainerServiceEndpoint(job_name=job.name, job_id=job.job_id, base_url=str(job.base_url),
-                                              max_context_length=job.config.max_context_length)
+                return TrainerServiceEndpoint(
+                    job_name=job.name,
+                    job_id=job.job_id,
+                    base_url=str(job.base_url),
+                    max_context_length=job.config.max_context_length,
+                )
             if state is JobState.FAILED:
                 raise ServerError(f"trainer job {job_id} failed: {job.reason}")
             if state is JobState.DELETED:
@@ -246,26 +272,42 @@ class TrainerJobManager(JobCheckpointClient):
                 if now - started > pending_timeout_s:
                     raise ServerError(f"trainer job {job_id} still pending after {pending_timeout_s:.0f} s")
             elif placed_at is not None and now - placed_at > timeout_s:
-                raise ServerError(f"trainer job {job_id} not ready within {timeout_s:.0f} s (state {state.short})")
+                raise ServerError(
+                    f"trainer job {job_id} not ready within {timeout_s:.0f} s (state {state.short})"
+                )
             time.sleep(poll_interval_s)
 
-    def wait_for_existing(self, job_id: str, poll_interval_s: float = POLL_INTERVAL_S,
-                          timeout_s: float = TRAINER_READY_TIMEOUT_S,
-                          pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S) -> TrainerServiceEndpoint:
-        return self.wait_for_ready(job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s,
-                                   pending_timeout_s=pending_timeout_s)
+    def wait_for_existing(
+        self,
+        job_id: str,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        timeout_s: float = TRAINER_READY_TIMEOUT_S,
+        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S,
+    ) -> TrainerServiceEndpoint:
+        return self.wait_for_ready(
+            job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s, pending_timeout_s=pending_timeout_s
+        )
 
-    def resume_and_wait(self, job_id: str, poll_interval_s: float = POLL_INTERVAL_S,
-                        timeout_s: float = TRAINER_READY_TIMEOUT_S,
-                        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S) -> TrainerServiceEndpoint:
+    def resume_and_wait(
+        self,
+        job_id: str,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        timeout_s: float = TRAINER_READY_TIMEOUT_S,
+        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S,
+    ) -> TrainerServiceEndpoint:
         self.resume(job_id)
-        return self.wait_for_ready(job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s,
-                                   pending_timeout_s=pending_timeout_s)
+        return self.wait_for_ready(
+            job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s, pending_timeout_s=pending_timeout_s
+        )
 
-    def reconnect_and_wait(self, job_id: str, poll_interval_s: float = POLL_INTERVAL_S,
-                           timeout_s: float = RECONNECT_TIMEOUT_S,
-                           max_wait_for_resumable_s: float = RESUMABLE_WAIT_TIMEOUT_S,
-                           pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S) -> TrainerServiceEndpoint:
+    def reconnect_and_wait(
+        self,
+        job_id: str,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        timeout_s: float = RECONNECT_TIMEOUT_S,
+        max_wait_for_resumable_s: float = RESUMABLE_WAIT_TIMEOUT_S,
+        pending_timeout_s: float = DEFAULT_TRAINER_PENDING_TIMEOUT_S,
+    ) -> TrainerServiceEndpoint:
         """After a preemption or crash: wait for a resumable state, resume if stopped, wait for ready.
 
         RUNNING or PENDING (the control plane is relaunching it): wait. FAILED, CANCELLED, COMPLETED:
@@ -290,10 +332,13 @@ class TrainerJobManager(JobCheckpointClient):
                 self.resume(job_id)
                 break
             if time.monotonic() > deadline:
-                raise ServerError(f"trainer job {job_id} stuck in {job.state.short} for {max_wait_for_resumable_s:.0f} s")
+                raise ServerError(
+                    f"trainer job {job_id} stuck in {job.state.short} for {max_wait_for_resumable_s:.0f} s"
+                )
             time.sleep(poll_interval_s)
-        return self.wait_for_ready(job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s,
-                                   pending_timeout_s=pending_timeout_s)
+        return self.wait_for_ready(
+            job_id, poll_interval_s=poll_interval_s, timeout_s=timeout_s, pending_timeout_s=pending_timeout_s
+        )
 
     def _healthy(self, job_id: str) -> bool:
         try:

@@ -47,7 +47,9 @@ class LocalServer:
             *(extra_args or []),
         ]  # fmt: skip
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self._process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self._process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
         atexit.register(self.stop)
         self.base_url = self._wait_ready(ready_file, startup_timeout_s)
 
@@ -61,7 +63,9 @@ class LocalServer:
             if self._process.poll() is not None:
                 tail = self._tail()
                 self.stop()
-                raise ServerError(f"the local tether server exited with code {self._process.returncode}:\n{tail}")
+                raise ServerError(
+                    f"the local tether server exited with code {self._process.returncode}:\n{tail}"
+                )
             time.sleep(0.05)
         tail = self._tail()
         self.stop()

@@ -67,21 +67,31 @@ class ReconnectingTrainingClient:
         (0 with a fresh model, whose initial state is saved at once as step 0)."""
         if self.service is not None:
             self.service.close("interrupted")
-        endpoint = self.manager.reconnect_and_wait(self.job_id, poll_interval_s=self.poll_interval_s,
-                                                   timeout_s=self.reconnect_timeout_s)
+        endpoint = self.manager.reconnect_and_wait(
+            self.job_id, poll_interval_s=self.poll_interval_s, timeout_s=self.reconnect_timeout_s
+        )
         self.service = ServiceClient(base_url=endpoint.base_url, api_key=self.manager.api_key)
         latest = self.manager.latest_resumable(self.job_id, prefix=self.prefix + "-step-")
         if latest is None:
-            self.client = self.service.create_lora_training_client(self.base_model, rank=self.lora_rank,
-                                                                   seed=self.seed).result()
+            self.client = self.service.create_lora_training_client(
+                self.base_model, rank=self.lora_rank, seed=self.seed
+            ).result()
             self.client.save_state(self.checkpoint_name(0)).result()
             return 0
-        self.client = self.service.create_training_client_from_state_with_optimizer(latest.tinker_path).result()
+        self.client = self.service.create_training_client_from_state_with_optimizer(
+            latest.tinker_path
+        ).result()
         self.restored_from.append(latest.tinker_path)
         return _step_of(latest)
 
-    def run(self, step_fn: Callable[[TrainingClient, int], None], *, num_steps: int, save_every: int,
-            max_reconnects: int = 10) -> TrainingClient:
+    def run(
+        self,
+        step_fn: Callable[[TrainingClient, int], None],
+        *,
+        num_steps: int,
+        save_every: int,
+        max_reconnects: int = 10,
+    ) -> TrainingClient:
         """Run steps `[resume point, num_steps)`; the last step is always saved. Returns the client
         holding the final weights. Raises the last error after `max_reconnects` reconnects, and
         caller errors (UserInputError, AuthenticationError) at once."""
@@ -101,8 +111,14 @@ class ReconnectingTrainingClient:
                 if self.reconnects >= max_reconnects:
                     raise
                 self.reconnects += 1
-                log.warning("trainer job %s lost at step %d (%s); reconnecting (%d/%d)", self.job_id, step,
-                            exc, self.reconnects, max_reconnects)
+                log.warning(
+                    "trainer job %s lost at step %d (%s); reconnecting (%d/%d)",
+                    self.job_id,
+                    step,
+                    exc,
+                    self.reconnects,
+                    max_reconnects,
+                )
                 step = self.connect()
         assert self.client is not None
         return self.client

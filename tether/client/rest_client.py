@@ -80,7 +80,9 @@ class RestClient:
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
         parse_tinker_path(tinker_path)
-        return self._call(routes.WEIGHTS_INFO, "get_weights_info", WeightsInfoRequest(tinker_path=tinker_path))
+        return self._call(
+            routes.WEIGHTS_INFO, "get_weights_info", WeightsInfoRequest(tinker_path=tinker_path)
+        )
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
         route = routes.DELETE_CHECKPOINT.at(training_run_id=training_run_id, checkpoint_id=checkpoint_id)
@@ -89,7 +91,9 @@ class RestClient:
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         return self.delete_checkpoint(*parse_tinker_path(tinker_path))
 
-    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+    def set_checkpoint_ttl_from_tinker_path(
+        self, tinker_path: str, ttl_seconds: int | None
+    ) -> APIFuture[None]:
         """Expire the checkpoint `ttl_seconds` from now (None: never); at least an hour, else UserInputError."""
         run_id, checkpoint_id = parse_tinker_path(tinker_path)
         body = make_wire(SetCheckpointTtlRequest, ttl_seconds=ttl_seconds)
@@ -98,7 +102,9 @@ class RestClient:
 
     def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         run_id, checkpoint_id = parse_tinker_path(tinker_path)
-        return self._call(routes.PUBLISH_CHECKPOINT.at(training_run_id=run_id, checkpoint_id=checkpoint_id), "publish")
+        return self._call(
+            routes.PUBLISH_CHECKPOINT.at(training_run_id=run_id, checkpoint_id=checkpoint_id), "publish"
+        )
 
     def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         run_id, checkpoint_id = parse_tinker_path(tinker_path)

@@ -73,7 +73,9 @@ def _model(model: type[M]) -> Decoder[M]:
 def _forward_nbytes(body: ForwardBackwardRequestBody) -> int:
     total = 0
     for datum in body.data:
-        total += sum(len(c.tokens) * 4 for c in datum.model_input_chunks if isinstance(c, proto.WireTextChunk))
+        total += sum(
+            len(c.tokens) * 4 for c in datum.model_input_chunks if isinstance(c, proto.WireTextChunk)
+        )
         total += sum(array.nbytes for array in datum.loss_fn_inputs.values())
     return total
 
@@ -109,9 +111,13 @@ def _sample_response(answer: bytes, submitted: w.UntypedAPIFuture | None) -> Sam
 _V1 = "/api/v1"
 
 # ---- service and session (§3.1)
-CREATE_SESSION = Route("POST", f"{_V1}/create_session", w.CreateSessionRequest, _model(w.CreateSessionResponse))
+CREATE_SESSION = Route(
+    "POST", f"{_V1}/create_session", w.CreateSessionRequest, _model(w.CreateSessionResponse)
+)
 SESSION_HEARTBEAT: Route[None] = Route("POST", f"{_V1}/session_heartbeat", w.SessionHeartbeatRequest, None)
-SESSION_FINISH: Route[None] = Route("POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None)
+SESSION_FINISH: Route[None] = Route(
+    "POST", f"{_V1}/sessions/{{session_id}}/finish", w.SessionFinishRequest, None
+)
 GET_SERVER_CAPABILITIES = Route(
     "GET", f"{_V1}/get_server_capabilities", None, _model(w.GetServerCapabilitiesResponse)
 )
@@ -120,7 +126,9 @@ GET_SERVER_CAPABILITIES = Route(
 CREATE_MODEL = Route(
     "POST", f"{_V1}/create_model", w.CreateModelRequest, _model(w.CreateModelResponse), future=True
 )
-LOAD_WEIGHTS = Route("POST", f"{_V1}/load_weights", w.LoadWeightsRequest, _model(w.LoadWeightsResponse), future=True)
+LOAD_WEIGHTS = Route(
+    "POST", f"{_V1}/load_weights", w.LoadWeightsRequest, _model(w.LoadWeightsResponse), future=True
+)
 GET_INFO = Route("POST", f"{_V1}/get_info", w.GetInfoRequest, _model(w.GetInfoResponse))
 FORWARD_BACKWARD = Route(
     "POST",
@@ -149,7 +157,9 @@ BACKWARD_FROM_LOGPROB_GRADS = Route(
     body_nbytes=_grads_nbytes,
 )
 OPTIM_STEP = Route("POST", f"{_V1}/optim_step", w.OptimStepRequest, _model(w.OptimStepResponse), future=True)
-SAVE_WEIGHTS = Route("POST", f"{_V1}/save_weights", w.SaveWeightsRequest, _model(w.SaveWeightsResponse), future=True)
+SAVE_WEIGHTS = Route(
+    "POST", f"{_V1}/save_weights", w.SaveWeightsRequest, _model(w.SaveWeightsResponse), future=True
+)
 SAVE_WEIGHTS_FOR_SAMPLER = Route(
     "POST",
     f"{_V1}/save_weights_for_sampler",
@@ -157,9 +167,13 @@ SAVE_WEIGHTS_FOR_SAMPLER = Route(
     _model(data.SaveWeightsForSamplerResponse),  # the named form: `path` is required
     future=True,
 )
-SAVE_WEIGHTS_FOR_SAMPLER_EXT = Route("POST", f"{_V1}/tether/save_weights_for_sampler_ext",
-                                     w.SaveWeightsForSamplerExtRequest, _model(w.SaveWeightsForSamplerExtResponse),
-                                     future=True)
+SAVE_WEIGHTS_FOR_SAMPLER_EXT = Route(
+    "POST",
+    f"{_V1}/tether/save_weights_for_sampler_ext",
+    w.SaveWeightsForSamplerExtRequest,
+    _model(w.SaveWeightsForSamplerExtResponse),
+    future=True,
+)
 SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
     "POST",
     f"{_V1}/save_weights_for_sampler",
@@ -170,7 +184,10 @@ SAVE_WEIGHTS_FOR_SAMPLING_SESSION = Route(
 
 # ---- sampling (§3.3)
 CREATE_SAMPLING_SESSION = Route(
-    "POST", f"{_V1}/create_sampling_session", w.CreateSamplingSessionRequest, _model(w.CreateSamplingSessionResponse)
+    "POST",
+    f"{_V1}/create_sampling_session",
+    w.CreateSamplingSessionRequest,
+    _model(w.CreateSamplingSessionResponse),
 )
 SAMPLE = Route("POST", f"{_V1}/asample", w.SampleRequest, _sample_response, future=True, proto_result=True)
 GET_SAMPLER = Route("GET", f"{_V1}/samplers/{{sampler_id}}", None, _model(w.GetSamplerResponse))
@@ -182,10 +199,16 @@ RETRIEVE_FUTURE: Route[None] = Route("POST", f"{_V1}/retrieve_future", w.FutureR
 _RUN = f"{_V1}/training_runs/{{training_run_id}}"
 _CHECKPOINT = f"{_RUN}/checkpoints/{{checkpoint_id}}"
 GET_TRAINING_RUN = Route("GET", _RUN, None, _model(w.TrainingRun))
-TOKENIZER_FILES = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", None,
-                        _model(w.TokenizerFilesResponse))
-TOKENIZER_FILE = Route("GET", f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}", None,
-                       lambda answer, _: answer, raw_result=True)
+TOKENIZER_FILES = Route(
+    "GET", f"{_V1}/tether/tokenizer/{{base_model}}/files", None, _model(w.TokenizerFilesResponse)
+)
+TOKENIZER_FILE = Route(
+    "GET",
+    f"{_V1}/tether/tokenizer/{{base_model}}/files/{{name}}",
+    None,
+    lambda answer, _: answer,
+    raw_result=True,
+)
 LOG_METRICS: Route[None] = Route("POST", f"{_V1}/tether/runs/{{run_id}}/metrics", w.LogMetricsRequest, None)
 LIST_TRAINING_RUNS = Route("GET", f"{_V1}/training_runs", None, _model(w.TrainingRunsResponse))
 LIST_CHECKPOINTS = Route("GET", f"{_RUN}/checkpoints", None, _model(w.CheckpointsListResponse))
@@ -193,7 +216,9 @@ LIST_USER_CHECKPOINTS = Route("GET", f"{_V1}/checkpoints", None, _model(w.Checkp
 WEIGHTS_INFO = Route("POST", f"{_V1}/weights_info", w.WeightsInfoRequest, _model(w.WeightsInfoResponse))
 DELETE_CHECKPOINT: Route[None] = Route("DELETE", _CHECKPOINT, None, None)
 SET_CHECKPOINT_TTL: Route[None] = Route("PUT", f"{_CHECKPOINT}/ttl", w.SetCheckpointTtlRequest, None)
-PUBLISH_CHECKPOINT: Route[None] = Route("POST", f"{_CHECKPOINT}/publish", None, None)  # the protocol sends no body
+PUBLISH_CHECKPOINT: Route[None] = Route(
+    "POST", f"{_CHECKPOINT}/publish", None, None
+)  # the protocol sends no body
 UNPUBLISH_CHECKPOINT: Route[None] = Route("DELETE", f"{_CHECKPOINT}/publish", None, None)
 LIST_SESSIONS = Route("GET", f"{_V1}/sessions", None, _model(w.ListSessionsResponse))
 GET_SESSION = Route("GET", f"{_V1}/sessions/{{session_id}}", None, _model(w.GetSessionResponse))
@@ -210,7 +235,9 @@ CANCEL_TRAINER_JOB = Route("POST", f"{_JOB}:cancel", None, _model(wj.TrainerJob)
 TRAINER_JOB_HEALTHZ = Route("GET", f"{_JOB}/api/v1/healthz", None, None)
 LIST_JOB_CHECKPOINTS = Route("GET", f"{_JOB}/checkpoints", None, _model(wj.JobCheckpointsResponse))
 DELETE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:delete", wj.DeleteJobCheckpointRequest, None)
-PROMOTE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:promote", wj.PromoteCheckpointRequest,
-                               _model(wj.ExportedModel))
-EXPORT_MERGED_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:exportMerged", wj.ExportMergedRequest,
-                                     _model(wj.ExportedModel))
+PROMOTE_JOB_CHECKPOINT = Route(
+    "POST", f"{_JOB}/checkpoints:promote", wj.PromoteCheckpointRequest, _model(wj.ExportedModel)
+)
+EXPORT_MERGED_JOB_CHECKPOINT = Route(
+    "POST", f"{_JOB}/checkpoints:exportMerged", wj.ExportMergedRequest, _model(wj.ExportedModel)
+)

@@ -26,7 +26,12 @@ class SamplingClient:
     """Samples from the weights of one sampling session."""
 
     def __init__(
-        self, session: ClientSession, sampling_session_id: str, base_model: str | None, *, first_seq_id: int = 0
+        self,
+        session: ClientSession,
+        sampling_session_id: str,
+        base_model: str | None,
+        *,
+        first_seq_id: int = 0,
     ) -> None:
         self._session = session
         self.sampling_session_id = sampling_session_id

@@ -52,7 +52,12 @@ class ServiceClient:
         `api_key` to $TETHER_API_KEY, then $TINKER_API_KEY, then (for a server on this machine only)
         the local key `tml-local`. `"local"` starts an embedded server
         (data in `local_data_dir`, a temporary directory by default)."""
-        base_url = base_url or os.environ.get("TETHER_BASE_URL") or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL
+        base_url = (
+            base_url
+            or os.environ.get("TETHER_BASE_URL")
+            or os.environ.get("TINKER_BASE_URL")
+            or DEFAULT_BASE_URL
+        )
         self._local: LocalServer | None = None
         if base_url == "local":
             self._local = LocalServer(data_dir=local_data_dir)
@@ -85,8 +90,12 @@ class ServiceClient:
         if not isinstance(rank, int) or rank < 0:
             raise UserInputError(f"must be an int >= 0, got {rank!r}", field="rank")
         if not (train_mlp or train_attn or train_unembed):
-            raise UserInputError("at least one of train_mlp, train_attn, train_unembed must be true", field="train_mlp")
-        lora = LoraConfig(rank=rank, seed=seed, train_unembed=train_unembed, train_mlp=train_mlp, train_attn=train_attn)
+            raise UserInputError(
+                "at least one of train_mlp, train_attn, train_unembed must be true", field="train_mlp"
+            )
+        lora = LoraConfig(
+            rank=rank, seed=seed, train_unembed=train_unembed, train_mlp=train_mlp, train_attn=train_attn
+        )
         session = self._session
 
         async def run() -> TrainingClient:
@@ -151,7 +160,9 @@ class ServiceClient:
             )
             loaded = await session.transport.call(routes.LOAD_WEIGHTS, body)
             # The model id a create-via-load derives, for a server that does not echo it.
-            return await _training_client_for(session, loaded.model_id or f"{session_id}:train:{model_seq_id}")
+            return await _training_client_for(
+                session, loaded.model_id or f"{session_id}:train:{model_seq_id}"
+            )
 
         return ClientFuture(session.spawn(run()), "create_training_client_from_state")
 

@@ -124,8 +124,12 @@ class ClientSession:
             self._heartbeat.cancel()
         if self._session_id is not None:
             try:
-                body = make_wire(SessionFinishRequest, reason=make_wire(FinishReason, type=status), detail=detail)
-                await self.transport.call(routes.SESSION_FINISH.at(session_id=self._session_id), body, retry=False)
+                body = make_wire(
+                    SessionFinishRequest, reason=make_wire(FinishReason, type=status), detail=detail
+                )
+                await self.transport.call(
+                    routes.SESSION_FINISH.at(session_id=self._session_id), body, retry=False
+                )
             except TetherError as exc:
                 log.debug("finishing session %s failed: %s", self._session_id, exc)
         await self.transport.aclose()

@@ -67,7 +67,9 @@ def load_tokenizer(tokenizer_id: str, *, session: Any = None, base_model: str | 
         if key in _LOADED:
             return _LOADED[key]
     directory = fetch_tokenizer_files(session, base_model)
-    tokenizer = _from_pretrained(str(directory)) if directory is not None else _from_pretrained(_hub_id(tokenizer_id))
+    tokenizer = (
+        _from_pretrained(str(directory)) if directory is not None else _from_pretrained(_hub_id(tokenizer_id))
+    )
     with _LOCK:
         _LOADED[key] = tokenizer
     return tokenizer
@@ -98,9 +100,12 @@ def fetch_tokenizer_files(session: Any, base_model: str) -> Path | None:
     try:
         for entry, name in zip(files, names, strict=True):
             content = session.run_sync(
-                transport.call(routes.TOKENIZER_FILE.at(base_model=model_path, name=quote(name))))
+                transport.call(routes.TOKENIZER_FILE.at(base_model=model_path, name=quote(name)))
+            )
             if hashlib.sha256(content).hexdigest() != entry.sha256:
-                raise ServerError(f"tokenizer file {name!r} of {base_model!r} does not match its listed sha256")
+                raise ServerError(
+                    f"tokenizer file {name!r} of {base_model!r} does not match its listed sha256"
+                )
             (staging / name).write_bytes(content)
         (staging / ".complete").write_text(listing.digest)
         try:

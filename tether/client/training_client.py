@@ -56,7 +56,9 @@ T = TypeVar("T")
 class _Turn:
     """One reserved `seq_id` and its place in the submission order (a `transport.Turn`)."""
 
-    def __init__(self, seq_id: int, previous: concurrent.futures.Future, mine: concurrent.futures.Future) -> None:
+    def __init__(
+        self, seq_id: int, previous: concurrent.futures.Future, mine: concurrent.futures.Future
+    ) -> None:
         self.seq_id = seq_id
         self._previous = previous
         self._mine = mine
@@ -102,7 +104,11 @@ class TrainingClient:
             return turns
 
     def _run(
-        self, turns: list[_Turn], coro: Awaitable[T], description: str, future_cls: type[APIFuture] = APIFuture
+        self,
+        turns: list[_Turn],
+        coro: Awaitable[T],
+        description: str,
+        future_cls: type[APIFuture] = APIFuture,
     ) -> APIFuture[T]:
         async def guarded() -> T:
             try:
@@ -124,10 +130,17 @@ class TrainingClient:
         """Number `body` (already validated, so a bad call burns no seq_id) and send it in turn."""
         (turn,) = self._take_turns(1)
         numbered = body.model_copy(update={"seq_id": turn.seq_id})
-        return self._run([turn], self._session.transport.call(route, numbered, turn=turn), description, future_cls)
+        return self._run(
+            [turn], self._session.transport.call(route, numbered, turn=turn), description, future_cls
+        )
 
     def _forward_request(
-        self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, Any] | None, forward_only: bool, seq_id: int
+        self,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any] | None,
+        forward_only: bool,
+        seq_id: int,
     ) -> ForwardBackwardRequestBody:
         return ForwardBackwardRequestBody(
             model_id=self.model_id,
@@ -153,14 +166,21 @@ class TrainingClient:
         return self._forward_call(data, loss_fn, loss_fn_config, forward_only=False)
 
     def _forward_call(
-        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, Any] | None, *, forward_only: bool
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any] | None,
+        *,
+        forward_only: bool,
     ) -> APIFuture[ForwardBackwardOutput]:
         datums = validate_datums(data)
         if not isinstance(loss_fn, str):
             raise UserInputError(f"must be a loss name, got {type(loss_fn).__name__}", field="loss_fn")
         if loss_fn_config is not None and not (
             isinstance(loss_fn_config, dict)
-            and all(isinstance(k, str) and isinstance(v, int | float | str) for k, v in loss_fn_config.items())
+            and all(
+                isinstance(k, str) and isinstance(v, int | float | str) for k, v in loss_fn_config.items()
+            )
         ):
             raise UserInputError("must map names to numbers or strings", field="loss_fn_config")
         (turn,) = self._take_turns(1)
@@ -180,7 +200,9 @@ class TrainingClient:
         backward's metrics.
         """
         if loss_type_input not in (None, "logprobs"):
-            raise UserInputError(f"only 'logprobs' is supported, got {loss_type_input!r}", field="loss_type_input")
+            raise UserInputError(
+                f"only 'logprobs' is supported, got {loss_type_input!r}", field="loss_type_input"
+            )
         datums = validate_datums(data)
         if not callable(loss_fn):
             raise UserInputError("must be callable", field="loss_fn")
@@ -213,7 +235,11 @@ class TrainingClient:
     # ---- checkpoints
 
     def save_state(
-        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, user_metadata: dict[str, str] | None = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[SaveWeightsResponse]:
         """Save weights and optimizer state as `tinker://<model_id>/weights/<name>` (resumable).
 
@@ -246,7 +272,9 @@ class TrainingClient:
         return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER, body, "save_weights_for_sampler")
 
     def save_weights_for_sampler_ext(
-        self, name: str, checkpoint_type: Literal["base", "delta", "merged_base"] | None = None,
+        self,
+        name: str,
+        checkpoint_type: Literal["base", "delta", "merged_base"] | None = None,
         ttl_seconds: int | None = None,
     ) -> APIFuture[SaveWeightsForSamplerExtResponse]:
         """Save sampling weights into the run's checkpoint chain, for deployments to hot-load
@@ -254,12 +282,20 @@ class TrainingClient:
         run's previous chain checkpoint, about ten times smaller), `"merged_base"` (a LoRA folded into
         full weights), or None (a base first, deltas after). A tether extension.
         """
-        body = make_wire(SaveWeightsForSamplerExtRequest, model_id=self.model_id, path=name,
-                         checkpoint_type=checkpoint_type, ttl_seconds=ttl_seconds)
+        body = make_wire(
+            SaveWeightsForSamplerExtRequest,
+            model_id=self.model_id,
+            path=name,
+            checkpoint_type=checkpoint_type,
+            ttl_seconds=ttl_seconds,
+        )
         return self._in_order(routes.SAVE_WEIGHTS_FOR_SAMPLER_EXT, body, "save_weights_for_sampler_ext")
 
     def save_weights_and_get_sampling_client(
-        self, name: str | None = None, retry_config: Any = None, kind: Literal["snapshot", "inflight"] = "snapshot"
+        self,
+        name: str | None = None,
+        retry_config: Any = None,
+        kind: Literal["snapshot", "inflight"] = "snapshot",
     ) -> APIFuture[SamplingClient]:
         """Snapshot the current weights into a new sampling session and return its client."""
         body = make_wire(
@@ -274,7 +310,9 @@ class TrainingClient:
         async def run() -> SamplingClient:
             from tether.client.sampling_client import SamplingClient
 
-            answer = await self._session.transport.call(routes.SAVE_WEIGHTS_FOR_SAMPLING_SESSION, numbered, turn=turn)
+            answer = await self._session.transport.call(
+                routes.SAVE_WEIGHTS_FOR_SAMPLING_SESSION, numbered, turn=turn
+            )
             if not answer.sampling_session_id:
                 raise ServerError("save_weights_for_sampler returned no sampling_session_id")
             return SamplingClient(self._session, answer.sampling_session_id, self._base_model_name())
@@ -322,7 +360,9 @@ class TrainingClient:
         from tether.client.tokenizer import load_tokenizer
 
         base_model = self._base_model_name()
-        return load_tokenizer(self._info.model_data.tokenizer_id or base_model, session=self._session, base_model=base_model)
+        return load_tokenizer(
+            self._info.model_data.tokenizer_id or base_model, session=self._session, base_model=base_model
+        )
 
     def get_info_future(self) -> APIFuture[GetInfoResponse]:
         return completed_future(self._info, "get_info")
@@ -337,7 +377,9 @@ def _forward_datum(datum: Datum, index: int) -> Datum:
 
     if "target_tokens" not in datum.loss_fn_inputs:
         raise UserInputError(
-            "forward_backward_custom needs target_tokens", field="loss_fn_inputs.target_tokens", datum_index=index
+            "forward_backward_custom needs target_tokens",
+            field="loss_fn_inputs.target_tokens",
+            datum_index=index,
         )
     targets = datum.loss_fn_inputs["target_tokens"]
     weights = datum.loss_fn_inputs.get("weights")
@@ -345,7 +387,10 @@ def _forward_datum(datum: Datum, index: int) -> Datum:
         weights_np = np.zeros(targets.shape, dtype=np.float32)
     else:
         weights_np = weights.to_numpy()
-    return Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets, "weights": TensorData.from_numpy(weights_np)})
+    return Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={"target_tokens": targets, "weights": TensorData.from_numpy(weights_np)},
+    )
 
 
 def _finite_metrics(metrics: Any) -> dict[str, float]:

@@ -77,7 +77,9 @@ def error_from_response(response: httpx.Response) -> TetherError:
             category = body.get("category")
     except ValueError:
         pass
-    cls = _ERROR_BY_STATUS.get(response.status_code, ServerError if response.status_code >= 500 else TetherError)
+    cls = _ERROR_BY_STATUS.get(
+        response.status_code, ServerError if response.status_code >= 500 else TetherError
+    )
     return make_error(cls, f"HTTP {response.status_code}: {message}", category)
 
 
@@ -199,10 +201,14 @@ class Transport:
         attempts = self.max_retries if retry else 0
         for attempt in range(attempts + 1):
             try:
-                response = await self._http().request(method, path, content=content, headers=headers, params=params)
+                response = await self._http().request(
+                    method, path, content=content, headers=headers, params=params
+                )
             except httpx.TransportError as exc:
                 if attempt >= attempts:
-                    raise ServerError(f"cannot reach {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+                    raise ServerError(
+                        f"cannot reach {self.base_url}{path}: {type(exc).__name__}: {exc}"
+                    ) from exc
                 await asyncio.sleep(_backoff_s(attempt))
                 continue
             if response.is_success:
@@ -222,7 +228,10 @@ class Transport:
         while True:
             try:
                 response = await self._http().post(
-                    RETRIEVE_FUTURE.path, content=content, headers=headers, timeout=httpx.Timeout(75.0, connect=5.0)
+                    RETRIEVE_FUTURE.path,
+                    content=content,
+                    headers=headers,
+                    timeout=httpx.Timeout(75.0, connect=5.0),
                 )
             except httpx.TransportError as exc:
                 failures += 1
@@ -273,7 +282,9 @@ def _encode(route: Route[Any], body: Any) -> tuple[bytes | None, dict[str, str]]
     if route.proto_request:
         return proto.encode_forward_backward_request(body), {"Content-Type": PROTOBUF}
     assert isinstance(body, WireModel)
-    return body.model_dump_json(exclude_none=True, by_alias=True).encode(), {"Content-Type": "application/json"}
+    return body.model_dump_json(exclude_none=True, by_alias=True).encode(), {
+        "Content-Type": "application/json"
+    }
 
 
 def _decoded(route: Route[Any], decode: Callable[[], T]) -> T:

@@ -62,7 +62,9 @@ def validate_datums(data: Sequence[Any]) -> list[Datum]:
             expected = _EXPECTED_DTYPES.get(key)
             if expected is not None and tensor.dtype != expected:
                 raise UserInputError(
-                    f"must be {expected}, got {tensor.dtype}", field=f"loss_fn_inputs.{key}", datum_index=index
+                    f"must be {expected}, got {tensor.dtype}",
+                    field=f"loss_fn_inputs.{key}",
+                    datum_index=index,
                 )
             shape = tensor.shape
             if not shape or shape[0] != length:
@@ -77,7 +79,9 @@ def validate_datums(data: Sequence[Any]) -> list[Datum]:
 
 def to_wire_datum(datum: Datum) -> WireDatum:
     return WireDatum(
-        model_input_chunks=[WireTextChunk(tokens=np.asarray(c.tokens, dtype=np.int64)) for c in datum.model_input.chunks],
+        model_input_chunks=[
+            WireTextChunk(tokens=np.asarray(c.tokens, dtype=np.int64)) for c in datum.model_input.chunks
+        ],
         loss_fn_inputs={key: tensor.to_numpy() for key, tensor in datum.loss_fn_inputs.items()},
     )
 
@@ -85,7 +89,9 @@ def to_wire_datum(datum: Datum) -> WireDatum:
 def forward_output_from_wire(body: ForwardBackwardOutputBody) -> ForwardBackwardOutput:
     return ForwardBackwardOutput(
         loss_fn_output_type=body.loss_fn_output_type,
-        loss_fn_outputs=[{name: TensorData.from_numpy(a) for name, a in d.items()} for d in body.loss_fn_outputs],
+        loss_fn_outputs=[
+            {name: TensorData.from_numpy(a) for name, a in d.items()} for d in body.loss_fn_outputs
+        ],
         metrics=dict(body.metrics),
     )
 

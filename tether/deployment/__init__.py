@@ -14,9 +14,16 @@ from tether.deployment.served import BASE_IDENTITY, TRANSITIONS, ServedWeights, 
 __all__ = ["BASE_IDENTITY", "TRANSITIONS", "ServedWeights", "build_deployment"]
 
 
-def build_deployment(base_model: str, *, state_dir=None, transition: str = "ASYNC",
-                     model_names: list[str] | None = None, restore: bool = True, model_path: str | None = None,
-                     **engine_options):
+def build_deployment(
+    base_model: str,
+    *,
+    state_dir=None,
+    transition: str = "ASYNC",
+    model_names: list[str] | None = None,
+    restore: bool = True,
+    model_path: str | None = None,
+    **engine_options,
+):
     """Load `base_model`, restore the last good weights from `state_dir`, and build the app.
 
     Returns `(app, served)`. `model_names`: names OpenAI requests may use (the base model's name
@@ -29,8 +36,12 @@ def build_deployment(base_model: str, *, state_dir=None, transition: str = "ASYN
     from tether.engine.model_loading import load_base_model
 
     base = load_base_model(base_model, aliases={base_model: model_path} if model_path else None)
-    served = ServedWeights(EngineBackend(base, **engine_options), base_model=base_model,
-                           state_dir=state_dir, transition=cast(Transition, transition))  # checked there
+    served = ServedWeights(
+        EngineBackend(base, **engine_options),
+        base_model=base_model,
+        state_dir=state_dir,
+        transition=cast(Transition, transition),
+    )  # checked there
     if restore:
         served.restore()
     tokenizer = AutoTokenizer.from_pretrained(str(base.tokenizer_path))

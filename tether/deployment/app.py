@@ -56,8 +56,9 @@ class SampleBody(BaseModel):
 
 
 def error_response(exc: TetherError) -> JSONResponse:
-    return JSONResponse({"detail": exc.message, "error": exc.message, "category": exc.category},
-                        status_code=exc.http_status)
+    return JSONResponse(
+        {"detail": exc.message, "error": exc.message, "category": exc.category}, status_code=exc.http_status
+    )
 
 
 async def run_request(served: ServedWeights, request: SampleRequest) -> tuple[SampleResult, str]:
@@ -77,8 +78,10 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                 for e in exc.errors()[:5]]
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+            for e in exc.errors()[:5]
+        ]
         message = "invalid request: " + "; ".join(parts)
         return JSONResponse({"detail": message, "error": message, "category": "user"}, status_code=422)
 
@@ -107,8 +110,10 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
         result, identity = await run_request(served, request)
         response.headers[IDENTITY_HEADER] = identity
         return {
-            "sequences": [{"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
-                          for s in result.sequences],
+            "sequences": [
+                {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+                for s in result.sequences
+            ],
             "prompt_logprobs": result.prompt_logprobs,
             "topk_prompt_logprobs": result.topk_prompt_logprobs,
             "weights_identity": identity,

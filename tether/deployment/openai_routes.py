@@ -125,39 +125,77 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         if name not in model_names:
             raise NotFoundError(f"model {name!r} is not served by this deployment (it serves {model_names})")
 
-    def request_for(tokens: list[int], *, n: int, max_tokens: int | None, temperature: float | None,
-                    top_p: float | None, top_k: int | None, seed: int | None, stop: list[str] | None,
-                    top: int, echo: bool) -> SampleRequest:
+    def request_for(
+        tokens: list[int],
+        *,
+        n: int,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        seed: int | None,
+        stop: list[str] | None,
+        top: int,
+        echo: bool,
+    ) -> SampleRequest:
         if not tokens:
             raise UserInputError("the prompt has no tokens", field="prompt")
-        return SampleRequest(prompt_tokens=tokens, num_samples=n, max_tokens=max_tokens,
-                             temperature=1.0 if temperature is None else temperature,
-                             top_p=1.0 if top_p is None else top_p, top_k=-1 if top_k is None else top_k,
-                             seed=seed, stop=stop, topk_sample_logprobs=top,
-                             include_prompt_logprobs=echo, topk_prompt_logprobs=top if echo else 0)
+        return SampleRequest(
+            prompt_tokens=tokens,
+            num_samples=n,
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=-1 if top_k is None else top_k,
+            seed=seed,
+            stop=stop,
+            topk_sample_logprobs=top,
+            include_prompt_logprobs=echo,
+            topk_prompt_logprobs=top if echo else 0,
+        )
 
     def top_dict(pairs: list[tuple[int, float]] | None) -> dict[str, float] | None:
         return None if pairs is None else {text.piece(t): lp for t, lp in pairs}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "tether", "created": 0}
-                                           for name in model_names]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "owned_by": "tether", "created": 0} for name in model_names
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, response: Response) -> Any:
         check_model(body.model)
         top = _check_top(body.logprobs, "logprobs")
-        prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) or (
-            body.prompt and isinstance(body.prompt[0], int)) else list(body.prompt)
+        prompts: list[Any] = (
+            [body.prompt]
+            if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+            else list(body.prompt)
+        )
         stops = _stops(body.stop)
         choices: list[dict[str, Any]] = []
         usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
         for prompt in prompts:
-            tokens = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-            request = request_for(tokens, n=body.n, max_tokens=body.max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stops, top=top,
-                                  echo=body.echo)
+            tokens = (
+                tokenizer.encode(prompt, add_special_tokens=False)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            request = request_for(
+                tokens,
+                n=body.n,
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=body.seed,
+                stop=stops,
+                top=top,
+                echo=body.echo,
+            )
             result, identity = await run_request(served, request)
             usage["prompt_tokens"] += len(tokens)
             for seq in result.sequences:
@@ -166,23 +204,44 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 logprobs = None
                 if body.logprobs is not None:
                     ids = list(tokens) + kept if body.echo else kept
-                    lps = ([None, *list(result.prompt_logprobs or [])[1:]] if body.echo else []) + \
-                        seq.logprobs[: len(kept)]
-                    tops = ([None, *[top_dict(p) for p in (result.topk_prompt_logprobs or [])[1:]]]
-                            if body.echo else []) + [top_dict(p) for p in (seq.topk_logprobs or [])[: len(kept)]]
+                    lps = (
+                        [None, *list(result.prompt_logprobs or [])[1:]] if body.echo else []
+                    ) + seq.logprobs[: len(kept)]
+                    tops = (
+                        [None, *[top_dict(p) for p in (result.topk_prompt_logprobs or [])[1:]]]
+                        if body.echo
+                        else []
+                    ) + [top_dict(p) for p in (seq.topk_logprobs or [])[: len(kept)]]
                     pieces = [text.piece(t) for t in ids]
                     offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
-                    logprobs = {"tokens": pieces, "token_logprobs": lps,
-                                "top_logprobs": tops if top else None, "text_offset": offsets}
-                choices.append({
-                    "index": len(choices), "text": (prompt if body.echo and isinstance(prompt, str) else "")
-                    + completion, "finish_reason": seq.stop_reason, "logprobs": logprobs,
-                    "raw_output": {"prompt_token_ids": list(tokens), "completion_token_ids": list(seq.tokens)},
-                })
+                    logprobs = {
+                        "tokens": pieces,
+                        "token_logprobs": lps,
+                        "top_logprobs": tops if top else None,
+                        "text_offset": offsets,
+                    }
+                choices.append(
+                    {
+                        "index": len(choices),
+                        "text": (prompt if body.echo and isinstance(prompt, str) else "") + completion,
+                        "finish_reason": seq.stop_reason,
+                        "logprobs": logprobs,
+                        "raw_output": {
+                            "prompt_token_ids": list(tokens),
+                            "completion_token_ids": list(seq.tokens),
+                        },
+                    }
+                )
         response.headers[IDENTITY_HEADER] = identity
-        answer = {"id": f"cmpl-{secrets.token_hex(8)}", "object": "text_completion", "created": int(time.time()),
-                  "model": body.model, "choices": choices, "weights_identity": identity,
-                  "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+        answer = {
+            "id": f"cmpl-{secrets.token_hex(8)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "weights_identity": identity,
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]},
+        }
         if not body.stream:
             return answer
         return _sse(_completion_chunks(answer, text))
@@ -198,9 +257,18 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             raise UserInputError(f"cannot apply the chat template: {exc}", field="messages") from exc
         tokens = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         stops = _stops(body.stop)
-        request = request_for(tokens, n=body.n, max_tokens=body.max_completion_tokens or body.max_tokens,
-                              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                              stop=stops, top=top, echo=False)
+        request = request_for(
+            tokens,
+            n=body.n,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=stops,
+            top=top,
+            echo=False,
+        )
         result, identity = await run_request(served, request)
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
@@ -209,20 +277,43 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             completion_tokens += len(seq.tokens)
             logprobs = None
             if body.logprobs:
-                logprobs = {"content": [
-                    {"token": text.piece(t), "logprob": lp, "bytes": list(text.piece(t).encode()),
-                     "top_logprobs": [{"token": text.piece(a), "logprob": b, "bytes": list(text.piece(a).encode())}
-                                      for a, b in (seq.topk_logprobs[i] if seq.topk_logprobs else [])]}
-                    for i, (t, lp) in enumerate(zip(kept, seq.logprobs, strict=False))]}
-            choices.append({"index": len(choices), "message": {"role": "assistant", "content": content},
-                            "finish_reason": seq.stop_reason, "logprobs": logprobs,
-                            "raw_output": {"prompt_token_ids": tokens, "completion_token_ids": list(seq.tokens)}})
+                logprobs = {
+                    "content": [
+                        {
+                            "token": text.piece(t),
+                            "logprob": lp,
+                            "bytes": list(text.piece(t).encode()),
+                            "top_logprobs": [
+                                {"token": text.piece(a), "logprob": b, "bytes": list(text.piece(a).encode())}
+                                for a, b in (seq.topk_logprobs[i] if seq.topk_logprobs else [])
+                            ],
+                        }
+                        for i, (t, lp) in enumerate(zip(kept, seq.logprobs, strict=False))
+                    ]
+                }
+            choices.append(
+                {
+                    "index": len(choices),
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": seq.stop_reason,
+                    "logprobs": logprobs,
+                    "raw_output": {"prompt_token_ids": tokens, "completion_token_ids": list(seq.tokens)},
+                }
+            )
         response.headers[IDENTITY_HEADER] = identity
-        answer = {"id": f"chatcmpl-{secrets.token_hex(8)}", "object": "chat.completion",
-                  "created": int(time.time()), "model": body.model, "choices": choices,
-                  "weights_identity": identity,
-                  "usage": {"prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
-                            "total_tokens": len(tokens) + completion_tokens}}
+        answer = {
+            "id": f"chatcmpl-{secrets.token_hex(8)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "weights_identity": identity,
+            "usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(tokens) + completion_tokens,
+            },
+        }
         if not body.stream:
             return answer
         return _sse(_chat_chunks(answer, text))
@@ -236,13 +327,27 @@ def _completion_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str
         for i, piece in enumerate(pieces):
             chunk_lp = None
             if lp:
-                chunk_lp = {"tokens": [piece], "token_logprobs": [lp["token_logprobs"][i]],
-                            "top_logprobs": [lp["top_logprobs"][i]] if lp["top_logprobs"] else None,
-                            "text_offset": [lp["text_offset"][i]]}
-            yield head | {"choices": [{"index": choice["index"], "text": piece, "logprobs": chunk_lp,
-                                       "finish_reason": None}]}
-        yield head | {"choices": [{"index": choice["index"], "text": "", "logprobs": None,
-                                   "finish_reason": choice["finish_reason"]}]}
+                chunk_lp = {
+                    "tokens": [piece],
+                    "token_logprobs": [lp["token_logprobs"][i]],
+                    "top_logprobs": [lp["top_logprobs"][i]] if lp["top_logprobs"] else None,
+                    "text_offset": [lp["text_offset"][i]],
+                }
+            yield head | {
+                "choices": [
+                    {"index": choice["index"], "text": piece, "logprobs": chunk_lp, "finish_reason": None}
+                ]
+            }
+        yield head | {
+            "choices": [
+                {
+                    "index": choice["index"],
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": choice["finish_reason"],
+                }
+            ]
+        }
     yield head | {"choices": [], "usage": answer["usage"]}
 
 
@@ -250,13 +355,31 @@ def _chat_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str, Any]
     head = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
     for choice in answer["choices"]:
         index = choice["index"]
-        yield head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}]}
+        yield head | {
+            "choices": [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        }
         entries = choice["logprobs"]["content"] if choice["logprobs"] else None
         pieces = [e["token"] for e in entries] if entries else [choice["message"]["content"]]
         for i, piece in enumerate(pieces):
-            yield head | {"choices": [{"index": index, "delta": {"content": piece},
-                                       "logprobs": {"content": [entries[i]]} if entries else None,
-                                       "finish_reason": None}]}
-        yield head | {"choices": [{"index": index, "delta": {}, "logprobs": None,
-                                   "finish_reason": choice["finish_reason"]}]}
+            yield head | {
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": {"content": piece},
+                        "logprobs": {"content": [entries[i]]} if entries else None,
+                        "finish_reason": None,
+                    }
+                ]
+            }
+        yield head | {
+            "choices": [
+                {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
+            ]
+        }

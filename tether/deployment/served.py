@@ -93,8 +93,14 @@ class _Held:
 class ServedWeights:
     """The deployment's current weights, its chain base, hot-loads and request admission."""
 
-    def __init__(self, backend: ServingBackend, *, base_model: str, state_dir: Path | None,
-                 transition: Transition = "ASYNC") -> None:
+    def __init__(
+        self,
+        backend: ServingBackend,
+        *,
+        base_model: str,
+        state_dir: Path | None,
+        transition: Transition = "ASYNC",
+    ) -> None:
         if transition not in TRANSITIONS:
             raise UserInputError(f"transition must be SYNC or ASYNC, got {transition!r}", field="transition")
         self.backend = backend
@@ -151,18 +157,21 @@ class ServedWeights:
             "base_model": self.base_model,
             "transition": self.transition,
             "current": current.public(),
-            "replicas": [{
-                "current_snapshot_identity": current.identity,
-                "readiness": loading.stage != "loading",
-                "loading_state": asdict(loading),
-                "loaded_adapters": [],
-            }],
+            "replicas": [
+                {
+                    "current_snapshot_identity": current.identity,
+                    "readiness": loading.stage != "loading",
+                    "loading_state": asdict(loading),
+                    "loaded_adapters": [],
+                }
+            ],
         }
 
     # ---- hot-load ----------------------------------------------------------------------------
 
-    def start_hotload(self, path: str, *, identity: str | None = None,
-                      transition: Transition | None = None) -> threading.Thread:
+    def start_hotload(
+        self, path: str, *, identity: str | None = None, transition: Transition | None = None
+    ) -> threading.Thread:
         """Begin loading the checkpoint directory `path` in the background.
 
         NotFoundError if `path` is not a directory; ConflictError if a hot-load is already running;
@@ -177,12 +186,15 @@ class ServedWeights:
             raise ConflictError("a hot-load is already in progress; wait for it to finish")
         with self._cond:
             self._loading = LoadingState("loading", identity or str(path), started_at=time.time())
-        thread = threading.Thread(target=self._hotload_thread, args=(path, identity, transition),
-                                  name="hotload", daemon=True)
+        thread = threading.Thread(
+            target=self._hotload_thread, args=(path, identity, transition), name="hotload", daemon=True
+        )
         thread.start()
         return thread
 
-    def hotload(self, path: str, *, identity: str | None = None, transition: Transition | None = None) -> None:
+    def hotload(
+        self, path: str, *, identity: str | None = None, transition: Transition | None = None
+    ) -> None:
         """Load synchronously (raises the failure's error; the previous weights keep serving)."""
         self.start_hotload(path, identity=identity, transition=transition).join()
         state = self.loading_state()
@@ -212,15 +224,20 @@ class ServedWeights:
         checkpoint = read_sampler_checkpoint_dir(directory)
         link = checkpoint.link
         if link.base_model and link.base_model != self.base_model:
-            raise UserInputError(f"checkpoint {link.identity} is for base model {link.base_model!r}; this "
-                                 f"deployment serves {self.base_model!r}", field="path")
+            raise UserInputError(
+                f"checkpoint {link.identity} is for base model {link.base_model!r}; this "
+                f"deployment serves {self.base_model!r}",
+                field="path",
+            )
         held = self._held
         if checkpoint.is_delta:
             if held is None or held.link.weights_fingerprint != link.parent_fingerprint:
                 have = held.link.identity if held is not None else "the bare base model"
-                raise UserInputError(f"delta {link.identity} applies to {link.parent_identity}, but this "
-                                     f"deployment serves {have}; hot-load that checkpoint (or a base) first",
-                                     field="path")
+                raise UserInputError(
+                    f"delta {link.identity} applies to {link.parent_identity}, but this "
+                    f"deployment serves {have}; hot-load that checkpoint (or a base) first",
+                    field="path",
+                )
             tensors = checkpoint.rebuild(held.tensors)
             lora = checkpoint.lora
             chain = [*held.chain, str(directory)]
@@ -229,14 +246,20 @@ class ServedWeights:
             tensors = checkpoint.weights.tensors
             lora = checkpoint.weights.lora
             if fingerprint(tensors) != link.weights_fingerprint:
-                raise UserInputError(f"checkpoint {link.identity} does not hold the weights its chain record "
-                                     "names", field="path")
+                raise UserInputError(
+                    f"checkpoint {link.identity} does not hold the weights its chain record names",
+                    field="path",
+                )
             chain = [str(directory)]
         version = f"v{next(self._numbers)}"
         self.backend.load(version, tensors, lora)
         served = ServedVersion(
-            identity=identity or link.identity, version=version, checkpoint_type=link.checkpoint_type,
-            path=str(directory), chain=chain, weights_fingerprint=link.weights_fingerprint,
+            identity=identity or link.identity,
+            version=version,
+            checkpoint_type=link.checkpoint_type,
+            path=str(directory),
+            chain=chain,
+            weights_fingerprint=link.weights_fingerprint,
             base_identity=link.base_identity,
         )
         try:
@@ -268,7 +291,11 @@ class ServedWeights:
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        record = {"identity": served.identity, "chain": served.chain, "checkpoint_type": served.checkpoint_type}
+        record = {
+            "identity": served.identity,
+            "chain": served.chain,
+            "checkpoint_type": served.checkpoint_type,
+        }
         tmp = self.state_dir / f".{_STATE_FILE}.tmp"
         tmp.write_text(json.dumps(record))
         with open(tmp, "rb") as handle:

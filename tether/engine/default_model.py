@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
     "{%- for call in message.tool_calls or [] -%}"
     "{%- if (loop.first and content) or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
     "{%- set call = call.function if call.function else call -%}"
-    "{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' -}}"
+    '{{- \'<tool_call>\\n{"name": "\' + call.name + \'", "arguments": \' -}}'
     "{{- call.arguments if call.arguments is string else call.arguments | tojson -}}"
     "{{- '}\\n</tool_call>' -}}"
     "{%- endfor -%}"
@@ -89,8 +89,13 @@ CHAT_TEMPLATE = (
 
 def _fingerprint() -> str:
     payload = json.dumps(
-        {"config": MODEL_CONFIG, "seed": GENERATION_SEED, "special": SPECIAL_TOKENS, "template": CHAT_TEMPLATE,
-         "plain_added": THINK_TOKENS},
+        {
+            "config": MODEL_CONFIG,
+            "seed": GENERATION_SEED,
+            "special": SPECIAL_TOKENS,
+            "template": CHAT_TEMPLATE,
+            "plain_added": THINK_TOKENS,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -117,7 +122,9 @@ def build_tokenizer():
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>", *THINK_TOKENS)],
+        additional_special_tokens=[
+            t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>", *THINK_TOKENS)
+        ],
         clean_up_tokenization_spaces=False,
     )
     tokenizer.add_tokens(list(THINK_TOKENS))  # added but not special, as in Qwen3: content may spell them
@@ -128,8 +135,10 @@ def build_tokenizer():
 
 def _byte_of_bytelevel_char(ch: str) -> int:
     # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + k in order.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     code = ord(ch)
     if code in printable:
@@ -150,7 +159,9 @@ def build_model(tokenizer):
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     if len(tokenizer) > config.vocab_size:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {config.vocab_size}")
+        raise AssertionError(
+            f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {config.vocab_size}"
+        )
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(GENERATION_SEED)

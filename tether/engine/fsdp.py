@@ -65,7 +65,11 @@ def broadcast_bytes(data: bytes | None, src: int = 0, *, group: dist.ProcessGrou
     length = torch.tensor([len(data) if dist.get_rank() == src else 0], dtype=torch.int64, device=device)
     dist.broadcast(length, src, group=group)
     if dist.get_rank() == src:
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if data else torch.empty(0, dtype=torch.uint8, device=device)
+        buffer = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+            if data
+            else torch.empty(0, dtype=torch.uint8, device=device)
+        )
     else:
         buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     if buffer.numel():
@@ -133,7 +137,9 @@ class DistributedOptimizer(ModelOptimizer):
     def step(self, params: AdamWParams) -> dict[str, float]:
         params.validate()
         tensors = list(self.named_params.values())
-        unsummed = {id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None}
+        unsummed = {
+            id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None
+        }
         self._sum_replicated_grads(tensors)
         with_grad = [t for t in tensors if t.grad is not None]
         squares = torch.zeros((), dtype=torch.float64, device=comm_device())
@@ -148,11 +154,22 @@ class DistributedOptimizer(ModelOptimizer):
         # on each rank's shards and the ranks agree on it before anything changes
         if not bool(torch.isfinite(grad_norm)):
             self._optimizer.zero_grad(set_to_none=True)
-            return self._nonfinite(params, float(grad_norm), f"the accumulated gradients are not finite (norm "
-                                   f"{float(grad_norm)}): the loss diverged; they were discarded, and the weights "
-                                   "and optimizer moments are unchanged", field="gradients")
-        coef_value = min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6)) if params.grad_clip_norm > 0 and with_grad else 1.0
-        finite = torch.tensor([1 if self._local_update_is_finite(params, coef_value) else 0], device=comm_device())
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"the accumulated gradients are not finite (norm "
+                f"{float(grad_norm)}): the loss diverged; they were discarded, and the weights "
+                "and optimizer moments are unchanged",
+                field="gradients",
+            )
+        coef_value = (
+            min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
+            if params.grad_clip_norm > 0 and with_grad
+            else 1.0
+        )
+        finite = torch.tensor(
+            [1 if self._local_update_is_finite(params, coef_value) else 0], device=comm_device()
+        )
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not int(finite.item()):
             for t in tensors:  # the gradients stay as they were for a retry: this rank's own, not the sum
@@ -160,10 +177,15 @@ class DistributedOptimizer(ModelOptimizer):
                     t.grad = unsummed[id(t)]
                 elif not isinstance(t, DTensor):
                     t.grad = None
-            return self._nonfinite(params, float(grad_norm), f"this step's update would make weights or moments "
-                                   f"non-finite (learning rate {params.learning_rate}, gradient norm "
-                                   f"{float(grad_norm):.3g}); the weights, moments and gradients are unchanged: "
-                                   "retry with a smaller learning rate", field="adam_params.learning_rate")
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"this step's update would make weights or moments "
+                f"non-finite (learning rate {params.learning_rate}, gradient norm "
+                f"{float(grad_norm):.3g}); the weights, moments and gradients are unchanged: "
+                "retry with a smaller learning rate",
+                field="adam_params.learning_rate",
+            )
         if params.grad_clip_norm > 0 and with_grad:
             coef = torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             for t in with_grad:
@@ -189,7 +211,9 @@ class DistributedOptimizer(ModelOptimizer):
             view.named_params[name] = local
             state = self._optimizer.state.get(tensor)
             if state:
-                states[local] = {key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()}
+                states[local] = {
+                    key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()
+                }
         view._optimizer = SimpleNamespace(state=states)
         return ModelOptimizer._update_is_finite(view, params, coef)
 
@@ -222,7 +246,8 @@ class DistributedOptimizer(ModelOptimizer):
             if f"step.{name}" not in moments:
                 continue
             self._optimizer.state[tensor] = {
-                key: moments[f"{key}.{name}"].detach().clone() if key == "step"
+                key: moments[f"{key}.{name}"].detach().clone()
+                if key == "step"
                 else _like(moments[f"{key}.{name}"], tensor)
                 for key in MOMENT_KEYS
             }
@@ -237,7 +262,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise UserInputError(f"cannot find the decoder layers of {type(model).__name__} to shard", field="base_model")
+        raise UserInputError(
+            f"cannot find the decoder layers of {type(model).__name__} to shard", field="base_model"
+        )
     return layers
 
 
@@ -259,8 +286,13 @@ class DistributedTrainingEngine(TrainingEngine):
     Raises `RuntimeError` if the default process group is not initialised.
     """
 
-    def __init__(self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192,
-                 mixed_precision: str | None = None) -> None:
+    def __init__(
+        self,
+        base: LoadedBaseModel,
+        *,
+        max_tokens_per_micro_batch: int = 8192,
+        mixed_precision: str | None = None,
+    ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedTrainingEngine needs torch.distributed initialised (torchrun)")
         super().__init__(base, max_tokens_per_micro_batch=max_tokens_per_micro_batch)
@@ -269,8 +301,11 @@ class DistributedTrainingEngine(TrainingEngine):
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         self.mesh: DeviceMesh = init_device_mesh(device_type, (self.world_size,))
         self._device = comm_device()
-        self._policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                        if mixed_precision == "bfloat16" else MixedPrecisionPolicy())
+        self._policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if mixed_precision == "bfloat16"
+            else MixedPrecisionPolicy()
+        )
         if mixed_precision not in (None, "none", "bfloat16"):
             raise ConfigurationError(f"unknown mixed precision {mixed_precision!r}", field="mixed_precision")
         self._lora_model: nn.Module | None = None
@@ -330,18 +365,33 @@ class DistributedTrainingEngine(TrainingEngine):
         return split_by_tokens([d.input_tokens.shape[0] for d in data], self.world_size)
 
     def _plan(self, data: list[EngineDatum]) -> list[list[int]]:
-        return plan_micro_batches([d.input_tokens.shape[0] for d in data], self.max_tokens_per_micro_batch) if data else []
+        return (
+            plan_micro_batches([d.input_tokens.shape[0] for d in data], self.max_tokens_per_micro_batch)
+            if data
+            else []
+        )
 
-    def _run_dummies(self, trained: _TrainingModel, data: list[EngineDatum], mine: list[EngineDatum], *,
-                     backward: bool, keep: bool = False) -> list[torch.Tensor]:
+    def _run_dummies(
+        self,
+        trained: _TrainingModel,
+        data: list[EngineDatum],
+        mine: list[EngineDatum],
+        *,
+        backward: bool,
+        keep: bool = False,
+    ) -> list[torch.Tensor]:
         """Zero-weighted one-token passes until every rank has run as many micro-batches as the busiest.
 
         With `keep`, the passes record graphs and their logprobs are returned for a later backward.
         """
         count = len(self._plan(mine))
-        most = max(len(self._plan([data[i] for i in share])) for share in self._split(data))  # no collective needed
-        dummy = EngineDatum(input_tokens=torch.zeros(1, dtype=torch.int64),
-                            loss_fn_inputs={"target_tokens": torch.zeros(1, dtype=torch.int64)})
+        most = max(
+            len(self._plan([data[i] for i in share])) for share in self._split(data)
+        )  # no collective needed
+        dummy = EngineDatum(
+            input_tokens=torch.zeros(1, dtype=torch.int64),
+            loss_fn_inputs={"target_tokens": torch.zeros(1, dtype=torch.int64)},
+        )
         from tether.engine.lora import adapter_routing
 
         kept = []
@@ -357,8 +407,13 @@ class DistributedTrainingEngine(TrainingEngine):
     def _run_one(self, request: LossRequest) -> ForwardResult:
         """Every forward(_backward) goes through the sharded path (each rank its share of the datums)."""
         with self._lock:
-            return self._run_loss(request.model_id, request.data, request.loss_fn, request.loss_fn_config,
-                                  backward=request.backward)
+            return self._run_loss(
+                request.model_id,
+                request.data,
+                request.loss_fn,
+                request.loss_fn_config,
+                backward=request.backward,
+            )
 
     def forward_backward_fused(self, requests: Sequence[LossRequest]) -> list[ForwardResult | Exception]:
         """No fused passes across ranks: each request runs on its own (the trainer never fuses here)."""
@@ -370,25 +425,46 @@ class DistributedTrainingEngine(TrainingEngine):
                 results.append(exc)
         return results
 
-    def _run_loss(self, model_id: str, data: Sequence[EngineDatum], loss_fn: str, loss_fn_config: dict | None, *,
-                  backward: bool) -> ForwardResult:
+    def _run_loss(
+        self,
+        model_id: str,
+        data: Sequence[EngineDatum],
+        loss_fn: str,
+        loss_fn_config: dict | None,
+        *,
+        backward: bool,
+    ) -> ForwardResult:
         trained = self._get(model_id)
         resolve_loss_config(loss_fn, loss_fn_config)  # user errors first, the same on every rank
         checked = self._validate(data, get_loss(loss_fn).required_inputs)
         indices = self._share(checked)
         mine = [checked[i] for i in indices]
-        local = super()._run_one(LossRequest(model_id, mine, loss_fn, loss_fn_config, backward=backward)) if mine else None
+        local = (
+            super()._run_one(LossRequest(model_id, mine, loss_fn, loss_fn_config, backward=backward))
+            if mine
+            else None
+        )
         self._run_dummies(trained, checked, mine, backward=backward)
         outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
-        loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
+        loss = torch.tensor(
+            [local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device
+        )
         dist.all_reduce(loss)
         return ForwardResult(outputs=outputs, metrics={"loss:sum": float(loss.item())})
 
-    def _gather_outputs(self, data: list[EngineDatum], indices: list[int],
-                        local: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def _gather_outputs(
+        self, data: list[EngineDatum], indices: list[int], local: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
         """Every datum's outputs on every rank; each rank fills its own datums' places in a shared buffer."""
-        described = ";".join(f"{k}:{str(v.dtype).removeprefix('torch.')}" for k, v in local[0].items()) if local else None
-        keys = [item.split(":") for item in broadcast_bytes(described.encode() if described else None).decode().split(";")]
+        described = (
+            ";".join(f"{k}:{str(v.dtype).removeprefix('torch.')}" for k, v in local[0].items())
+            if local
+            else None
+        )
+        keys = [
+            item.split(":")
+            for item in broadcast_bytes(described.encode() if described else None).decode().split(";")
+        ]
         shapes = [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in data]
         sizes = [int(torch.Size(s).numel()) for s in shapes]
         offsets = [0]
@@ -406,8 +482,14 @@ class DistributedTrainingEngine(TrainingEngine):
                 outputs[index][key] = buffer[offsets[index] : offsets[index + 1]].reshape(shape)
         return outputs
 
-    def forward_keep_graph(self, model_id: str, data: Sequence[EngineDatum], *, graph_id: str | None = None,
-                           ttl_s: float | None = None) -> tuple[GraphHandle, ForwardResult]:
+    def forward_keep_graph(
+        self,
+        model_id: str,
+        data: Sequence[EngineDatum],
+        *,
+        graph_id: str | None = None,
+        ttl_s: float | None = None,
+    ) -> tuple[GraphHandle, ForwardResult]:
         """Like `TrainingEngine.forward_keep_graph`, each rank keeping the graph of its share of the datums.
 
         `ttl_s` sets the graph's deadline, but no rank frees it on its own clock (that could part
@@ -424,15 +506,26 @@ class DistributedTrainingEngine(TrainingEngine):
             local = super().forward_keep_graph(model_id, mine, graph_id=graph_id)[1] if mine else None
             dummies = self._run_dummies(trained, checked, mine, backward=False, keep=True)
             deadline = time.monotonic() + ttl_s if ttl_s is not None else None
-            self._shares[graph_id] = _Share(model_id, trained.optimizer.num_steps, indices,
-                                            [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked], dummies,
-                                            deadline)
+            self._shares[graph_id] = _Share(
+                model_id,
+                trained.optimizer.num_steps,
+                indices,
+                [tuple(d.loss_fn_inputs["target_tokens"].shape) for d in checked],
+                dummies,
+                deadline,
+            )
             outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
-            loss = torch.tensor([local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device)
+            loss = torch.tensor(
+                [local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device
+            )
             dist.all_reduce(loss)
-            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": float(loss.item())})
+            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(
+                outputs, {"loss:sum": float(loss.item())}
+            )
 
-    def backward_from_logprob_grads(self, handle: GraphHandle, grads: Sequence[torch.Tensor]) -> dict[str, float]:
+    def backward_from_logprob_grads(
+        self, handle: GraphHandle, grads: Sequence[torch.Tensor]
+    ) -> dict[str, float]:
         """Like `TrainingEngine.backward_from_logprob_grads`; every check happens before any collective."""
         with self._lock:
             share = self._shares.get(handle.graph_id)
@@ -442,7 +535,11 @@ class DistributedTrainingEngine(TrainingEngine):
                 raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
             checked = _check_logprob_grads(grads, share.shapes)
             del self._shares[handle.graph_id]
-            local = super().backward_from_logprob_grads(handle, [checked[i] for i in share.indices]) if share.indices else {}
+            local = (
+                super().backward_from_logprob_grads(handle, [checked[i] for i in share.indices])
+                if share.indices
+                else {}
+            )
             for dummy in share.dummies:
                 torch.autograd.backward(dummy, torch.zeros_like(dummy))
             loss = torch.tensor([local.get("loss:sum", 0.0)], dtype=torch.float64, device=self._device)
@@ -458,8 +555,11 @@ class DistributedTrainingEngine(TrainingEngine):
         """Kept graphs whose `ttl_s` has passed by this rank's clock (nothing is freed here)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            return [GraphHandle(graph_id=g, model_id=share.model_id) for g, share in self._shares.items()
-                    if share.deadline is not None and share.deadline <= now]
+            return [
+                GraphHandle(graph_id=g, model_id=share.model_id)
+                for g, share in self._shares.items()
+                if share.deadline is not None and share.deadline <= now
+            ]
 
     def reap_expired_graphs(self, now: float | None = None) -> int:
         """Never on its own clock (see `expired_graphs`): 0."""

@@ -73,8 +73,13 @@ class LoraSpec:
         if config.rank == 0:
             return None
         try:
-            return cls(rank=config.rank, seed=config.seed, train_attn=config.train_attn, train_mlp=config.train_mlp,
-                       train_unembed=config.train_unembed)
+            return cls(
+                rank=config.rank,
+                seed=config.seed,
+                train_attn=config.train_attn,
+                train_mlp=config.train_mlp,
+                train_unembed=config.train_unembed,
+            )
         except UserInputError as exc:
             raise UserInputError(exc.message, field="lora_config") from None
 
@@ -95,10 +100,14 @@ class AdapterRouting:
     @staticmethod
     def for_row_spans(spans: Sequence[tuple[str, int, int]], seq_len: int) -> AdapterRouting:
         """(adapter id, first row, end row) per contiguous block of rows of a (rows, seq_len, features) input."""
-        return AdapterRouting(groups=tuple((a, slice(start * seq_len, end * seq_len)) for a, start, end in spans))
+        return AdapterRouting(
+            groups=tuple((a, slice(start * seq_len, end * seq_len)) for a, start, end in spans)
+        )
 
     @staticmethod
-    def for_rows(adapter_ids: Sequence[str | None], seq_len: int, device: torch.device | str = "cpu") -> AdapterRouting:
+    def for_rows(
+        adapter_ids: Sequence[str | None], seq_len: int, device: torch.device | str = "cpu"
+    ) -> AdapterRouting:
         """One adapter per batch row of a (rows, seq_len, features) input."""
         rows_by_adapter: dict[str, list[int]] = {}
         for row, adapter_id in enumerate(adapter_ids):
@@ -112,7 +121,9 @@ class AdapterRouting:
         return AdapterRouting(groups=tuple(groups))
 
     @staticmethod
-    def for_tokens(adapter_per_token: Sequence[str | None], device: torch.device | str = "cpu") -> AdapterRouting:
+    def for_tokens(
+        adapter_per_token: Sequence[str | None], device: torch.device | str = "cpu"
+    ) -> AdapterRouting:
         """One adapter per flattened token position (packed sequences)."""
         positions: dict[str, list[int]] = {}
         for pos, adapter_id in enumerate(adapter_per_token):
@@ -212,12 +223,18 @@ class MultiLoraLinear(nn.Module):
             sizes = [size for size, _ in segments]
             pieces = [
                 piece if weights is None else piece + _lora_delta(x_piece, weights)
-                for piece, x_piece, (_, weights) in zip(flat_out.split(sizes), flat_x.split(sizes), segments, strict=True)
+                for piece, x_piece, (_, weights) in zip(
+                    flat_out.split(sizes), flat_x.split(sizes), segments, strict=True
+                )
             ]
             return torch.cat(pieces).reshape(out.shape)
         positions, deltas = [], []
         for weights, group in active:
-            index = group if isinstance(group, torch.Tensor) else torch.arange(group.start, group.stop, device=x.device)
+            index = (
+                group
+                if isinstance(group, torch.Tensor)
+                else torch.arange(group.start, group.stop, device=x.device)
+            )
             if index.numel() == 0:
                 continue
             positions.append(index)

@@ -34,7 +34,9 @@ class LossDefinition:
         return self.spec.required_inputs
 
 
-def cross_entropy_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> LossOutput:
+def cross_entropy_loss(
+    target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
+) -> LossOutput:
     """sum(-target_lp * weights); weights may have any sign."""
     elementwise = -target_lp * inputs["weights"]
     return elementwise.sum(), {"elementwise_loss": elementwise}
@@ -51,7 +53,9 @@ def importance_sampling_loss(
     return -(_ratio(target_lp, inputs) * inputs["advantages"]).sum(), {}
 
 
-def ppo_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> LossOutput:
+def ppo_loss(
+    target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
+) -> LossOutput:
     """-sum(min(r * A, clamp(r, low, high) * A)) with r = exp(target_lp - sampling_lp)."""
     ratio = _ratio(target_lp, inputs)
     advantages = inputs["advantages"]
@@ -59,14 +63,18 @@ def ppo_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config
     return -torch.minimum(ratio * advantages, clipped * advantages).sum(), {}
 
 
-def cispo_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> LossOutput:
+def cispo_loss(
+    target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
+) -> LossOutput:
     """-sum(stop_gradient(clamp(r, low, high)) * target_lp * A)."""
     ratio = _ratio(target_lp, inputs).detach()
     clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
     return -(clipped * target_lp * inputs["advantages"]).sum(), {}
 
 
-def dro_loss(target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> LossOutput:
+def dro_loss(
+    target_lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]
+) -> LossOutput:
     """-sum(target_lp * A - 0.5 * beta * (target_lp - sampling_lp)^2)."""
     advantages = inputs["advantages"]
     penalty = 0.5 * config["beta"] * (target_lp - inputs["logprobs"]) ** 2
@@ -81,7 +89,9 @@ _COMPUTE = {
     "dro": dro_loss,
 }
 
-LOSSES: dict[str, LossDefinition] = {name: LossDefinition(spec, _COMPUTE[name]) for name, spec in LOSS_SPECS.items()}
+LOSSES: dict[str, LossDefinition] = {
+    name: LossDefinition(spec, _COMPUTE[name]) for name, spec in LOSS_SPECS.items()
+}
 """The built-in losses by the name clients send as `loss_fn`."""
 
 

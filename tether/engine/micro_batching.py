@@ -63,7 +63,10 @@ class MicroBatchLogprobs:
         pieces = values.split(self.lengths)
         if values.dim() == 1:
             return list(pieces)
-        return [piece[:, : _width(shape)].reshape(shape) for piece, shape in zip(pieces, self.target_shapes, strict=True)]
+        return [
+            piece[:, : _width(shape)].reshape(shape)
+            for piece, shape in zip(pieces, self.target_shapes, strict=True)
+        ]
 
     def stack_per_datum(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         """The inverse of `per_datum`: per-datum tensors of target shape laid out like `flat` (zeros elsewhere)."""
@@ -86,7 +89,9 @@ def real_positions(lengths: Sequence[int], longest: int) -> torch.Tensor:
     return torch.cat([row * longest + torch.arange(length) for row, length in enumerate(lengths)])
 
 
-def target_logprobs(model: nn.Module, datums: Sequence[EngineDatum], device: torch.device) -> MicroBatchLogprobs:
+def target_logprobs(
+    model: nn.Module, datums: Sequence[EngineDatum], device: torch.device
+) -> MicroBatchLogprobs:
     """log p(target_tokens[i] | input_tokens[:i+1]) for every datum of one micro-batch.
 
     Runs one padded forward pass; whether a graph is recorded follows the caller's grad mode. Only
@@ -133,7 +138,9 @@ def grouped_target_logprobs(
     return out
 
 
-def _logprobs(logits: torch.Tensor, targets: list[torch.Tensor], lengths: list[int], device: torch.device) -> MicroBatchLogprobs:
+def _logprobs(
+    logits: torch.Tensor, targets: list[torch.Tensor], lengths: list[int], device: torch.device
+) -> MicroBatchLogprobs:
     shapes = [t.shape for t in targets]
     if all(len(shape) == 1 for shape in shapes):
         flat_targets = torch.cat(targets).to(device)

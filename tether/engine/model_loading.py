@@ -91,7 +91,9 @@ def _download_from_hub(name: str, repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id))
     except Exception as exc:  # any hub failure means: this model is not available here
-        raise NotFoundError(f"base model {name!r} not found locally or on the hub ({type(exc).__name__})") from exc
+        raise NotFoundError(
+            f"base model {name!r} not found locally or on the hub ({type(exc).__name__})"
+        ) from exc
 
 
 def load_base_model(

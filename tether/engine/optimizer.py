@@ -134,8 +134,11 @@ class ModelOptimizer:
                 m = moments[0] * beta1 + g * (1 - beta1) if moments else g * (1 - beta1)
                 v = moments[1] * beta2 + g * g * (1 - beta2) if moments else g * g * (1 - beta2)
                 new_p = p * (1 - lr * wd) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
-                if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(v).all())
-                        and bool(torch.isfinite(new_p.to(tensor.dtype)).all())):
+                if not (
+                    bool(torch.isfinite(m).all())
+                    and bool(torch.isfinite(v).all())
+                    and bool(torch.isfinite(new_p.to(tensor.dtype)).all())
+                ):
                     return False
         return True
 
@@ -175,7 +178,8 @@ def check_moments(moments: Mapping[str, torch.Tensor], param_shapes: Mapping[str
         expected = () if moment == "step" else tuple(param_shapes[name])
         if tuple(value.shape) != expected:
             raise UserInputError(
-                f"optimizer tensor {key!r} has shape {tuple(value.shape)}, expected {expected}", field="state.optimizer"
+                f"optimizer tensor {key!r} has shape {tuple(value.shape)}, expected {expected}",
+                field="state.optimizer",
             )
         if any(f"{k}.{name}" not in moments for k in MOMENT_KEYS):
             raise UserInputError(f"incomplete optimizer state for {name!r}", field="state.optimizer")

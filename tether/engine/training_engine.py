@@ -199,7 +199,9 @@ class TrainingEngine:
                 if not group:
                     continue
                 try:
-                    outcomes: list[ForwardResult | Exception] = list(self._run_prepared([p for _, p in group]))
+                    outcomes: list[ForwardResult | Exception] = list(
+                        self._run_prepared([p for _, p in group])
+                    )
                 except Exception as exc:  # noqa: BLE001 - the pass failed: so did each of its requests
                     outcomes = [exc] * len(group)
                 for (index, _), outcome in zip(group, outcomes, strict=True):
@@ -232,7 +234,12 @@ class TrainingEngine:
     # ---- one-pass custom loss ----------------------------------------------------------------
 
     def forward_keep_graph(
-        self, model_id: str, data: Sequence[EngineDatum], *, graph_id: str | None = None, ttl_s: float | None = None
+        self,
+        model_id: str,
+        data: Sequence[EngineDatum],
+        *,
+        graph_id: str | None = None,
+        ttl_s: float | None = None,
     ) -> tuple[GraphHandle, ForwardResult]:
         """Forward with gradients recorded and the graph kept, for a later `backward_from_logprob_grads`.
 
@@ -257,14 +264,22 @@ class TrainingEngine:
                     if weights is not None:
                         loss_sum = loss_sum + (-lp * weights.to(lp.device)).sum()
             kept.logprob_shapes = [tuple(o["logprobs"].shape) for o in outputs]
-            host = _to_host([o["logprobs"] for o in outputs] + [loss_sum])  # one transfer (and sync) for the request
+            host = _to_host(
+                [o["logprobs"] for o in outputs] + [loss_sum]
+            )  # one transfer (and sync) for the request
             outputs = [{"logprobs": lp} for lp in host[:-1]]
             graph_id = graph_id or f"graph-{next(self._graph_ids)}"
-            kept.deadline = time.monotonic() + ttl_s if ttl_s is not None else None  # from when the graph exists
+            kept.deadline = (
+                time.monotonic() + ttl_s if ttl_s is not None else None
+            )  # from when the graph exists
             self._graphs[graph_id] = kept
-            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(outputs, {"loss:sum": float(host[-1])})
+            return GraphHandle(graph_id=graph_id, model_id=model_id), ForwardResult(
+                outputs, {"loss:sum": float(host[-1])}
+            )
 
-    def backward_from_logprob_grads(self, handle: GraphHandle, grads: Sequence[torch.Tensor]) -> dict[str, float]:
+    def backward_from_logprob_grads(
+        self, handle: GraphHandle, grads: Sequence[torch.Tensor]
+    ) -> dict[str, float]:
         """Backpropagate d loss / d logprobs through a kept graph, accumulating gradients like forward_backward.
 
         The graph is consumed (freed) on success; on a user error it stays until released.
@@ -281,7 +296,9 @@ class TrainingEngine:
             loss_sum = torch.zeros((), device=self._device)
             del self._graphs[handle.graph_id]
             for indices, logprobs in kept.micro_batches:
-                flat_grads = logprobs.stack_per_datum([checked_grads[i] for i in indices]).to(logprobs.flat.device)
+                flat_grads = logprobs.stack_per_datum([checked_grads[i] for i in indices]).to(
+                    logprobs.flat.device
+                )
                 loss_sum = loss_sum + (flat_grads * logprobs.flat.detach()).sum()
                 torch.autograd.backward(logprobs.flat, flat_grads)
             kept.micro_batches.clear()
@@ -299,7 +316,9 @@ class TrainingEngine:
         """
         now = time.monotonic() if now is None else now
         with self._lock:
-            expired = [g for g, kept in self._graphs.items() if kept.deadline is not None and kept.deadline <= now]
+            expired = [
+                g for g, kept in self._graphs.items() if kept.deadline is not None and kept.deadline <= now
+            ]
             for graph_id in expired:
                 del self._graphs[graph_id]
             return len(expired)
@@ -340,10 +359,16 @@ class TrainingEngine:
             if set(state.weights) != set(expected):
                 missing = sorted(set(expected) - set(state.weights))[:3]
                 extra = sorted(set(state.weights) - set(expected))[:3]
-                raise UserInputError(f"weights do not fit this base model (missing {missing}, unexpected {extra})", field="state.weights")
+                raise UserInputError(
+                    f"weights do not fit this base model (missing {missing}, unexpected {extra})",
+                    field="state.weights",
+                )
             for name, shape in expected.items():
                 if tuple(state.weights[name].shape) != shape:
-                    raise UserInputError(f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}", field="state.weights")
+                    raise UserInputError(
+                        f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}",
+                        field="state.weights",
+                    )
             if include_optimizer and state.optimizer is not None:  # None was refused above
                 check_moments(state.optimizer, expected)
             if model_id in self._models:
@@ -353,7 +378,9 @@ class TrainingEngine:
                 for name, tensor in trained.params.items():
                     self._load_weight(tensor, state.weights[name])
             if include_optimizer and state.optimizer is not None:
-                trained.optimizer.import_moments(state.optimizer, int(state.metadata.get("optimizer_steps", 0)))
+                trained.optimizer.import_moments(
+                    state.optimizer, int(state.metadata.get("optimizer_steps", 0))
+                )
             self._models[model_id] = trained
 
     def sampler_weights(self, model_id: str) -> SamplerWeights:
@@ -454,7 +481,9 @@ class TrainingEngine:
             rows = [parts[k].data[i] for k, indices in groups for i in indices]
             with torch.set_grad_enabled(any(parts[k].backward for k, _ in groups)):
                 with adapter_routing(self._routing(parts, groups, rows)):
-                    logprobs = grouped_target_logprobs(module, rows, self._device, [len(ix) for _, ix in groups])
+                    logprobs = grouped_target_logprobs(
+                        module, rows, self._device, [len(ix) for _, ix in groups]
+                    )
                 backward_totals = []
                 for (k, indices), group_logprobs in zip(groups, logprobs, strict=True):
                     with torch.set_grad_enabled(parts[k].backward):
@@ -464,7 +493,11 @@ class TrainingEngine:
                     detached, so_far = total.detach(), totals[k]
                     totals[k] = detached if so_far is None else so_far + detached
                 if backward_totals:
-                    (backward_totals[0] if len(backward_totals) == 1 else torch.stack(backward_totals).sum()).backward()
+                    (
+                        backward_totals[0]
+                        if len(backward_totals) == 1
+                        else torch.stack(backward_totals).sum()
+                    ).backward()
         # one device-to-host transfer (and sync) for the whole request: outputs and loss sums together
         flat = [value for part_outputs in outputs for datum in part_outputs for value in datum.values()]
         host = iter(_to_host(flat + [t if t is not None else torch.zeros(()) for t in totals]))
@@ -473,7 +506,9 @@ class TrainingEngine:
             results.append([{key: next(host) for key in datum} for datum in part_outputs])
         return [ForwardResult(outputs=o, metrics={"loss:sum": float(next(host))}) for o in results]
 
-    def _routing(self, parts: list[_Prepared], groups: list[tuple[int, list[int]]], rows: list[EngineDatum]) -> AdapterRouting | str | None:
+    def _routing(
+        self, parts: list[_Prepared], groups: list[tuple[int, list[int]]], rows: list[EngineDatum]
+    ) -> AdapterRouting | str | None:
         """One adapter for a single part (or the full copy's None); else each part's block of rows.
 
         Whole rows, padding included, as the single-adapter path does: padded positions never reach
@@ -520,7 +555,11 @@ def _check_logprob_grads(grads: Sequence[torch.Tensor], shapes: list[tuple[int, 
     for index, (grad, shape) in enumerate(zip(grads, shapes, strict=True)):
         grad = torch.as_tensor(grad).detach().to(torch.float32)
         if tuple(grad.shape) != shape:
-            raise UserInputError(f"shape {tuple(grad.shape)} must equal the logprobs' shape {shape}", field="logprob_grads", datum_index=index)
+            raise UserInputError(
+                f"shape {tuple(grad.shape)} must equal the logprobs' shape {shape}",
+                field="logprob_grads",
+                datum_index=index,
+            )
         if not bool(torch.isfinite(grad).all()):
             raise UserInputError("contains NaN or infinite values", field="logprob_grads", datum_index=index)
         checked.append(grad)
@@ -533,14 +572,21 @@ def _runs(items: list[int], keys: list[int]) -> Iterator[tuple[int, list[int]]]:
         yield key, list(run)
 
 
-def _loss(part: _Prepared, indices: list[int], logprobs: MicroBatchLogprobs, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def _loss(
+    part: _Prepared, indices: list[int], logprobs: MicroBatchLogprobs, outputs: list[dict[str, torch.Tensor]]
+) -> torch.Tensor:
     """The summed loss of `part`'s datums `indices` (laid out in `logprobs`); fills their `outputs`."""
     input_keys = [k for k in part.definition.required_inputs if k != "target_tokens"]
     if logprobs.uniform:  # one elementwise loss over the whole group
         device = logprobs.flat.device
-        inputs = {k: torch.cat([part.data[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys}
+        inputs = {
+            k: torch.cat([part.data[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys
+        }
         total, extra = part.definition.compute(logprobs.flat, inputs, part.config)
-        per_datum = {key: logprobs.per_datum(value.detach()) for key, value in {"logprobs": logprobs.flat, **extra}.items()}
+        per_datum = {
+            key: logprobs.per_datum(value.detach())
+            for key, value in {"logprobs": logprobs.flat, **extra}.items()
+        }
         for position, index in enumerate(indices):
             outputs[index] = {key: values[position] for key, values in per_datum.items()}
         return total

@@ -32,7 +32,9 @@ class TrainingState:
     def lora_spec(self) -> LoraSpec | None:
         """The adapter spec recorded in the metadata (None for full fine-tuning)."""
         if self.metadata.get("format") != STATE_FORMAT:
-            raise UserInputError(f"unknown training state format {self.metadata.get('format')!r}", field="state.metadata")
+            raise UserInputError(
+                f"unknown training state format {self.metadata.get('format')!r}", field="state.metadata"
+            )
         spec = self.metadata.get("lora")
         if not self.metadata.get("is_lora"):
             return None

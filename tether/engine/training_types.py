@@ -37,8 +37,6 @@ class ForwardResult:
     """Keys are `name:reduction` (the Tinker SDK reduces chunks by the suffix); at least `loss:sum`."""
 
 
-
-
 @dataclass(frozen=True)
 class LossRequest:
     """One model's forward (or forward_backward) as a part of `TrainingEngine.forward_backward_fused`."""
@@ -83,9 +81,14 @@ class AdamWParams:
         for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserInputError(f"invalid value {value!r}: must be a finite number", field=f"adam_params.{name}")
+                raise UserInputError(
+                    f"invalid value {value!r}: must be a finite number", field=f"adam_params.{name}"
+                )
         checks = {
-            "learning_rate": (0 <= self.learning_rate <= MAX_LEARNING_RATE, f"must be in [0, {MAX_LEARNING_RATE}]"),
+            "learning_rate": (
+                0 <= self.learning_rate <= MAX_LEARNING_RATE,
+                f"must be in [0, {MAX_LEARNING_RATE}]",
+            ),
             "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)"),
             "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)"),
             "eps": (self.eps > 0, "must be > 0"),
@@ -97,7 +100,9 @@ class AdamWParams:
         }
         for name, (ok, rule) in checks.items():
             if not ok:
-                raise UserInputError(f"invalid value {getattr(self, name)!r}: {rule}", field=f"adam_params.{name}")
+                raise UserInputError(
+                    f"invalid value {getattr(self, name)!r}: {rule}", field=f"adam_params.{name}"
+                )
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,11 @@ def _validate_datum(
 ) -> EngineDatum:
     tokens = _as_tensor(datum.input_tokens, index, "model_input")
     if tokens.dim() != 1 or tokens.numel() == 0:
-        raise UserInputError(f"must be a non-empty 1-D token list, got shape {tuple(tokens.shape)}", field="model_input", datum_index=index)
+        raise UserInputError(
+            f"must be a non-empty 1-D token list, got shape {tuple(tokens.shape)}",
+            field="model_input",
+            datum_index=index,
+        )
     tokens = _as_token_ids(tokens, index, "model_input", vocab_size)
     length = tokens.shape[0]
     if length > max_context_length:
@@ -52,7 +56,9 @@ def _validate_datum(
     inputs = datum.loss_fn_inputs if isinstance(datum.loss_fn_inputs, dict) else {}
     for key in required:
         if key not in inputs:
-            raise UserInputError("missing, required by this loss", field=f"loss_fn_inputs.{key}", datum_index=index)
+            raise UserInputError(
+                "missing, required by this loss", field=f"loss_fn_inputs.{key}", datum_index=index
+            )
     checked: dict[str, torch.Tensor] = {}
     if "target_tokens" in inputs:
         field = "loss_fn_inputs.target_tokens"
@@ -72,7 +78,9 @@ def _validate_datum(
         expected = tuple(checked["target_tokens"].shape) if "target_tokens" in checked else (length,)
         if tuple(values.shape) != expected:
             raise UserInputError(
-                f"shape {tuple(values.shape)} must equal target_tokens' shape {expected}", field=field, datum_index=index
+                f"shape {tuple(values.shape)} must equal target_tokens' shape {expected}",
+                field=field,
+                datum_index=index,
             )
         if values.dtype == torch.bool or values.is_complex():
             raise UserInputError(f"must be real numbers, got {values.dtype}", field=field, datum_index=index)
@@ -94,7 +102,9 @@ def _as_tensor(value: object, index: int, field: str) -> torch.Tensor:
 
 def _as_token_ids(values: torch.Tensor, index: int, field: str, vocab_size: int) -> torch.Tensor:
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
-        raise UserInputError(f"token ids must be integers, got {values.dtype}", field=field, datum_index=index)
+        raise UserInputError(
+            f"token ids must be integers, got {values.dtype}", field=field, datum_index=index
+        )
     values = values.detach().to(torch.int64)
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= vocab_size:

@@ -166,7 +166,9 @@ class ModelWorker:
             key = keys[name]
             chosen = [name]
             if key is not None:
-                chosen += [other for _, other in runnable if other != name and keys[other] == key][: self.max_fused - 1]
+                chosen += [other for _, other in runnable if other != name and keys[other] == key][
+                    : self.max_fused - 1
+                ]
                 held = self._hold_for_peers(name, key, now) if len(chosen) == 1 else 0.0
                 if held > 0:
                     wait = min(wait, held)

@@ -27,15 +27,20 @@ class JobSettings(BaseModel):
         description="Base models a trainer job may ask for (unset: the served models and the model aliases).",
     )
     job_max_ranks: int | None = Field(
-        None, ge=1, description="Most ranks one job may ask for on a machine (unset: this machine's CPU count)."
+        None,
+        ge=1,
+        description="Most ranks one job may ask for on a machine (unset: this machine's CPU count).",
     )
     job_poll_interval_s: float = Field(
-        1.0, gt=0, description="How often the control plane checks its jobs' processes, readiness and inactivity."
+        1.0,
+        gt=0,
+        description="How often the control plane checks its jobs' processes, readiness and inactivity.",
     )
     job_startup_timeout_s: float = Field(
         900.0, gt=0, description="A job that does not become ready this long after its launch is failed."
     )
     job_retention_s: float = Field(
-        30 * 86400.0, ge=0,
+        30 * 86400.0,
+        ge=0,
         description="How long a deleted job's tombstone and checkpoints are kept (listable) before they are purged.",
     )

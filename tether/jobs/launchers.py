@@ -52,8 +52,19 @@ class LaunchSpec:
 def job_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     """The argv of a job: the runner, under torchrun when it asks for more than one rank."""
     if spec.nproc_per_node > 1 or spec.node_count > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", str(spec.node_count),
-                "--nproc-per-node", str(spec.nproc_per_node), "-m", RUNNER_MODULE, str(spec.spec_file)]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            str(spec.node_count),
+            "--nproc-per-node",
+            str(spec.nproc_per_node),
+            "-m",
+            RUNNER_MODULE,
+            str(spec.spec_file),
+        ]
     return [python, "-m", RUNNER_MODULE, str(spec.spec_file)]
 
 
@@ -104,7 +115,9 @@ class Launcher(ABC):
         if config.node_count > 1:
             raise UserInputError(
                 f"this control plane's {self.name} launcher places a job on one machine; "
-                f"node_count {config.node_count} needs the distributed trainer", field="node_count")
+                f"node_count {config.node_count} needs the distributed trainer",
+                field="node_count",
+            )
 
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> JobHandle:
@@ -145,15 +158,22 @@ class LocalLauncher(Launcher):
         if config.nproc_per_node > self.max_ranks:
             raise UserInputError(
                 f"asks for {config.nproc_per_node} ranks; this machine offers at most {self.max_ranks}",
-                field="nproc_per_node")
+                field="nproc_per_node",
+            )
 
     def launch(self, spec: LaunchSpec) -> JobHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env}
         try:
             with open(spec.log_path, "ab") as log:
-                process = subprocess.Popen(job_command(spec), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+                process = subprocess.Popen(
+                    job_command(spec),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise LaunchError(f"cannot start {job_command(spec)[0]}: {exc}") from exc
         return _LocalHandle(process)

@@ -83,7 +83,9 @@ def _key(owner: str, job_id: str) -> tuple[str, str]:
 class JobManager:
     """Creates and watches the trainer jobs of one control plane (thread-safe)."""
 
-    def __init__(self, catalogue: Catalogue, config: ServerConfig, *, launcher: Launcher | None = None) -> None:
+    def __init__(
+        self, catalogue: Catalogue, config: ServerConfig, *, launcher: Launcher | None = None
+    ) -> None:
         self.config = config
         self.store = JobStore(catalogue)
         self.root = Path(config.data_dir).expanduser() / "jobs"
@@ -100,8 +102,11 @@ class JobManager:
         """Made on first use (a Ray launcher connects to its cluster then)."""
         with self._lock:
             if self._launcher is None:
-                self._launcher = make_launcher(self.config.job_launcher, ray_address=self.config.ray_address,
-                                               max_ranks=self.config.job_max_ranks)
+                self._launcher = make_launcher(
+                    self.config.job_launcher,
+                    ray_address=self.config.ray_address,
+                    max_ranks=self.config.job_max_ranks,
+                )
             return self._launcher
 
     # ---- files of a job
@@ -137,7 +142,9 @@ class JobManager:
         """
         allowed = self.allowed_models(owner)
         if config.base_model not in allowed:
-            raise UserInputError(f"unknown base model {config.base_model!r} (allowed: {allowed})", field="base_model")
+            raise UserInputError(
+                f"unknown base model {config.base_model!r} (allowed: {allowed})", field="base_model"
+            )
         if config.forward_only:
             raise UserInputError("forward-only reference jobs are not supported yet", field="forward_only")
         self.launcher.check(config)
@@ -147,11 +154,13 @@ class JobManager:
             existing = self.store.insert(owner, job_id, config, self.launcher.name)
             if existing is not None:
                 if existing.job_state in TOMBSTONE_STATES:
-                    raise JobConflictError(f"job {job_id!r} was deleted; its id cannot be reused",
-                                           field="requested_job_id")
+                    raise JobConflictError(
+                        f"job {job_id!r} was deleted; its id cannot be reused", field="requested_job_id"
+                    )
                 if not existing.job_config.same_request(config):
-                    raise JobConflictError(f"job {job_id!r} exists with a different configuration",
-                                           field="requested_job_id")
+                    raise JobConflictError(
+                        f"job {job_id!r} exists with a different configuration", field="requested_job_id"
+                    )
                 return existing
             self._launch(owner, job_id, config)
             return self.store.get(owner, job_id)
@@ -179,7 +188,9 @@ class JobManager:
             row = self.store.get(owner, job_id)
             if row.job_state in LIVE_STATES:
                 self._stop(owner, job_id)
-                self.store.update(owner, job_id, state=JobState.CANCELLED, reason="cancelled on request", url=None)
+                self.store.update(
+                    owner, job_id, state=JobState.CANCELLED, reason="cancelled on request", url=None
+                )
             return self.store.get(owner, job_id)
 
     def delete(self, owner: str, job_id: str) -> TrainerJobRow:
@@ -190,8 +201,14 @@ class JobManager:
                 return row
             self.store.update(owner, job_id, state=JobState.DELETING, reason="deleting")
             self._stop(owner, job_id)
-            self.store.update(owner, job_id, state=JobState.DELETED, reason="deleted on request", url=None,
-                              deleted_at=utcnow())
+            self.store.update(
+                owner,
+                job_id,
+                state=JobState.DELETED,
+                reason="deleted on request",
+                url=None,
+                deleted_at=utcnow(),
+            )
             return self.store.get(owner, job_id)
 
     def touch(self, owner: str, job_id: str) -> None:
@@ -202,8 +219,10 @@ class JobManager:
         """(the job process's URL, its API key) for forwarding; NotFoundError, or JobNotRunningError (503)."""
         row = self.store.get(owner, job_id)
         if row.job_state is not JobState.RUNNING or not row.url:
-            raise JobNotRunningError(f"trainer job {job_id!r} is not running (state {row.job_state.short}"
-                                     f"{': ' + row.reason if row.reason else ''})")
+            raise JobNotRunningError(
+                f"trainer job {job_id!r} is not running (state {row.job_state.short}"
+                f"{': ' + row.reason if row.reason else ''})"
+            )
         return row.url, self._api_key(owner, job_id)
 
     def handle(self, owner: str, job_id: str):
@@ -212,33 +231,51 @@ class JobManager:
 
     # ---- launching and stopping
 
-    def _launch(self, owner: str, job_id: str, config: TrainerJobConfig, *, reason: str | None = None) -> None:
+    def _launch(
+        self, owner: str, job_id: str, config: TrainerJobConfig, *, reason: str | None = None
+    ) -> None:
         directory = self.job_dir(owner, job_id)
         directory.mkdir(parents=True, exist_ok=True)
         ready_file = directory / "ready.json"
         ready_file.unlink(missing_ok=True)
         error_file(ready_file).unlink(missing_ok=True)
-        server = self.config.model_copy(update={
-            "host": "127.0.0.1", "port": 0, "models": [config.base_model], "api_keys": [], "ready_file": None,
-            "data_dir": directory / "data", "trainer_process": False, "job_models": [],
-            "model_aliases": self._model_aliases(owner),
-        })
+        server = self.config.model_copy(
+            update={
+                "host": "127.0.0.1",
+                "port": 0,
+                "models": [config.base_model],
+                "api_keys": [],
+                "ready_file": None,
+                "data_dir": directory / "data",
+                "trainer_process": False,
+                "job_models": [],
+                "model_aliases": self._model_aliases(owner),
+            }
+        )
         spec = JobProcessSpec(job_id=job_id, server=server, ready_file=ready_file)
         spec_file = directory / "spec.json"
         spec_file.write_text(spec.model_dump_json())
-        pythonpath = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
-                                                 os.environ.get("PYTHONPATH", "")] if p)
-        launch = LaunchSpec(job_id=job_id, spec_file=spec_file, log_path=directory / "job.log",
-                            env={API_KEY_ENV: self._api_key(owner, job_id), "PYTHONPATH": pythonpath},
-                            nproc_per_node=config.nproc_per_node, node_count=config.node_count,
-                            options=dict(config.launcher_options))
+        pythonpath = os.pathsep.join(
+            p for p in [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")] if p
+        )
+        launch = LaunchSpec(
+            job_id=job_id,
+            spec_file=spec_file,
+            log_path=directory / "job.log",
+            env={API_KEY_ENV: self._api_key(owner, job_id), "PYTHONPATH": pythonpath},
+            nproc_per_node=config.nproc_per_node,
+            node_count=config.node_count,
+            options=dict(config.launcher_options),
+        )
         try:
             handle = self.launcher.launch(launch)
         except LaunchError as exc:
             self.store.update(owner, job_id, state=JobState.FAILED, reason=str(exc), url=None)
             return
         self._handles[_key(owner, job_id)] = handle
-        self.store.update(owner, job_id, state=JobState.PENDING, reason=reason, url=None, launched_at=utcnow())
+        self.store.update(
+            owner, job_id, state=JobState.PENDING, reason=reason, url=None, launched_at=utcnow()
+        )
 
     def _stop(self, owner: str, job_id: str) -> None:
         handle = self._handles.pop(_key(owner, job_id), None)
@@ -250,7 +287,9 @@ class JobManager:
         parts = []
         for name, limit in (("error.txt", LOG_TAIL_CHARS), ("job.log", LOG_TAIL_CHARS)):
             try:
-                parts.append((self.job_dir(owner, job_id) / name).read_text(errors="replace")[-limit:].strip())
+                parts.append(
+                    (self.job_dir(owner, job_id) / name).read_text(errors="replace")[-limit:].strip()
+                )
             except OSError:
                 pass
         return "\n".join(p for p in parts if p)
@@ -281,36 +320,74 @@ class JobManager:
             self._handles.pop(_key(owner, job_id), None)
             what = f"the job's process exited with code {code}"
             if row.restart_count < config.max_restarts:
-                log.warning("trainer job %s: %s; relaunching (%d/%d)", job_id, what, row.restart_count + 1,
-                            config.max_restarts)
-                self.store.update(owner, job_id, restart_count=row.restart_count + 1, state=JobState.PENDING,
-                                  url=None, reason=f"{what}; relaunching")  # never RUNNING while it relaunches
-                self._launch(owner, job_id, config,
-                             reason=f"{what}; relaunched ({row.restart_count + 1}/{config.max_restarts})")
+                log.warning(
+                    "trainer job %s: %s; relaunching (%d/%d)",
+                    job_id,
+                    what,
+                    row.restart_count + 1,
+                    config.max_restarts,
+                )
+                self.store.update(
+                    owner,
+                    job_id,
+                    restart_count=row.restart_count + 1,
+                    state=JobState.PENDING,
+                    url=None,
+                    reason=f"{what}; relaunching",
+                )  # never RUNNING while it relaunches
+                self._launch(
+                    owner,
+                    job_id,
+                    config,
+                    reason=f"{what}; relaunched ({row.restart_count + 1}/{config.max_restarts})",
+                )
             else:
                 tail = self._failure_text(owner, job_id)
-                self.store.update(owner, job_id, state=JobState.FAILED, url=None,
-                                  reason=f"{what} (no restarts left)" + (f"\n{tail}" if tail else ""))
+                self.store.update(
+                    owner,
+                    job_id,
+                    state=JobState.FAILED,
+                    url=None,
+                    reason=f"{what} (no restarts left)" + (f"\n{tail}" if tail else ""),
+                )
             return
         now = utcnow()
         if row.job_state is JobState.PENDING:
             ready = self._ready(owner, job_id)
             if ready is not None:
                 url, load_s = ready
-                self.store.update(owner, job_id, expect={JobState.PENDING}, state=JobState.RUNNING, url=url,
-                                  model_load_s=load_s, last_activity_at=now)
+                self.store.update(
+                    owner,
+                    job_id,
+                    expect={JobState.PENDING},
+                    state=JobState.RUNNING,
+                    url=url,
+                    model_load_s=load_s,
+                    last_activity_at=now,
+                )
             elif row.launched_at is not None and now - row.launched_at > timedelta(
-                    seconds=self.config.job_startup_timeout_s):
+                seconds=self.config.job_startup_timeout_s
+            ):
                 self._stop(owner, job_id)
-                self.store.update(owner, job_id, state=JobState.FAILED, url=None,
-                                  reason=f"not ready within {self.config.job_startup_timeout_s:.0f} s of its launch")
+                self.store.update(
+                    owner,
+                    job_id,
+                    state=JobState.FAILED,
+                    url=None,
+                    reason=f"not ready within {self.config.job_startup_timeout_s:.0f} s of its launch",
+                )
         elif row.job_state is JobState.RUNNING:
             timeout = config.inactivity_timeout or DEFAULT_INACTIVITY_TIMEOUT_S
             last = max(t for t in (row.last_activity_at, row.launched_at, row.created_at) if t is not None)
             if (now - last).total_seconds() > timeout:
                 self._stop(owner, job_id)
-                self.store.update(owner, job_id, state=JobState.COMPLETED, url=None,
-                                  reason=f"stopped for inactivity: no operations or heartbeats for {timeout:.0f} s")
+                self.store.update(
+                    owner,
+                    job_id,
+                    state=JobState.COMPLETED,
+                    url=None,
+                    reason=f"stopped for inactivity: no operations or heartbeats for {timeout:.0f} s",
+                )
 
     def _ready(self, owner: str, job_id: str) -> tuple[str, float] | None:
         """(url, model load seconds) once the job wrote its ready file and its healthz answers 200."""
@@ -353,11 +430,18 @@ class JobManager:
             return []
         catalogue, inner_owner = opened
         rows, _ = catalogue.list_checkpoints(inner_owner, limit=100_000)
-        return [JobCheckpoint(name=f"trainerJobs/{job_id}/checkpoints/{r.run_id}/{r.checkpoint_id}",
-                              tinker_path=r.tinker_path, checkpoint_type=r.checkpoint_type,
-                              create_time=r.created_at, size_bytes=r.size_bytes,
-                              promotable=r.checkpoint_type == "sampler", resumable=r.checkpoint_type == "training")
-                for r in reversed(rows)]
+        return [
+            JobCheckpoint(
+                name=f"trainerJobs/{job_id}/checkpoints/{r.run_id}/{r.checkpoint_id}",
+                tinker_path=r.tinker_path,
+                checkpoint_type=r.checkpoint_type,
+                create_time=r.created_at,
+                size_bytes=r.size_bytes,
+                promotable=r.checkpoint_type == "sampler",
+                resumable=r.checkpoint_type == "training",
+            )
+            for r in reversed(rows)
+        ]
 
     def delete_checkpoint(self, owner: str, job_id: str, tinker_path: str) -> None:
         """Delete one of the job's checkpoints (files, then its row); NotFoundError if it has none such."""
@@ -386,22 +470,41 @@ class JobManager:
         catalogue, inner_owner = opened
         row = catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
         if row.checkpoint_type != "sampler":
-            raise UserInputError(f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
-                                 "(save_weights_for_sampler) are promotable", field="tinker_path")
-        return CheckpointFiles(self.job_dir(owner, job_id) / "data").store(inner_owner).load_hf_weights(parsed)
+            raise UserInputError(
+                f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
+                "(save_weights_for_sampler) are promotable",
+                field="tinker_path",
+            )
+        return (
+            CheckpointFiles(self.job_dir(owner, job_id) / "data").store(inner_owner).load_hf_weights(parsed)
+        )
 
-    def _export(self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None) -> ExportedModel:
+    def _export(
+        self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None
+    ) -> ExportedModel:
         from tether.engine.model_loading import resolve_model_path
 
         weights = self._sampler_weights(owner, job_id, tinker_path)
         base_dir = resolve_model_path(weights.base_model, self._model_aliases(owner))
-        provenance = {"name": name, "base_model": weights.base_model, "source": tinker_path, "job_id": job_id,
-                      "merged_lora": weights.is_lora}
+        provenance = {
+            "name": name,
+            "base_model": weights.base_model,
+            "source": tinker_path,
+            "job_id": job_id,
+            "merged_lora": weights.is_lora,
+        }
         export_hf_model(weights, base_dir, target, provenance=provenance)
-        return ExportedModel(name=name, path=str(target), base_model=weights.base_model, source=tinker_path,
-                             merged_lora=weights.is_lora)
+        return ExportedModel(
+            name=name,
+            path=str(target),
+            base_model=weights.base_model,
+            source=tinker_path,
+            merged_lora=weights.is_lora,
+        )
 
-    def promote_checkpoint(self, owner: str, job_id: str, tinker_path: str, output_model_id: str) -> ExportedModel:
+    def promote_checkpoint(
+        self, owner: str, job_id: str, tinker_path: str, output_model_id: str
+    ) -> ExportedModel:
         """Make a sampler checkpoint the owner's model `output_model_id` (a LoRA one merged): from then
         on a valid `base_model` for the owner's jobs. Works for stopped and deleted jobs too.
 
@@ -412,9 +515,12 @@ class JobManager:
         except ValueError as exc:
             raise UserInputError(str(exc).replace("job id", "model id"), field="output_model_id") from None
         if output_model_id in self.allowed_models(owner):
-            raise JobConflictError(f"a model named {output_model_id!r} exists already", field="output_model_id")
-        return self._export(owner, job_id, tinker_path, self.promoted.directory(owner, output_model_id),
-                            output_model_id)
+            raise JobConflictError(
+                f"a model named {output_model_id!r} exists already", field="output_model_id"
+            )
+        return self._export(
+            owner, job_id, tinker_path, self.promoted.directory(owner, output_model_id), output_model_id
+        )
 
     def export_merged(self, owner: str, job_id: str, tinker_path: str) -> ExportedModel:
         """Write a sampler checkpoint as a full Hugging Face model (LoRA merged) under
@@ -423,8 +529,13 @@ class JobManager:
         target = self.root.parent / "exports" / owner / job_id / f"{parsed.training_run_id}-{parsed.name}"
         if (target / "config.json").exists():
             info = json.loads((target / "tether_promoted.json").read_text())
-            return ExportedModel(name=None, path=str(target), base_model=info["base_model"], source=tinker_path,
-                                 merged_lora=info["merged_lora"])
+            return ExportedModel(
+                name=None,
+                path=str(target),
+                base_model=info["base_model"],
+                source=tinker_path,
+                merged_lora=info["merged_lora"],
+            )
         return self._export(owner, job_id, tinker_path, target, None)
 
     # ---- lifetime

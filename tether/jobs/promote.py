@@ -21,8 +21,16 @@ from pathlib import Path
 
 from tether.types.errors import UserInputError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 PROMOTED_FILE = "tether_promoted.json"
 
 
@@ -44,20 +52,32 @@ def export_hf_model(weights, base_dir: Path, target: Path, *, provenance: dict) 
                 try:
                     layer = model.get_submodule(module)
                 except AttributeError:
-                    raise UserInputError(f"adapter layer {module!r} is not a layer of the base",
-                                         field="checkpoint") from None
-                if layer is model.get_output_embeddings() and getattr(model.config, "tie_word_embeddings", False):
-                    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())  # untie: the embedding stays
+                    raise UserInputError(
+                        f"adapter layer {module!r} is not a layer of the base", field="checkpoint"
+                    ) from None
+                if layer is model.get_output_embeddings() and getattr(
+                    model.config, "tie_word_embeddings", False
+                ):
+                    layer.weight = torch.nn.Parameter(
+                        layer.weight.detach().clone()
+                    )  # untie: the embedding stays
                     model.config.tie_word_embeddings = False
-                delta = weights.tensors[f"{module}.lora_B"].float() @ weights.tensors[f"{module}.lora_A"].float()
+                delta = (
+                    weights.tensors[f"{module}.lora_B"].float() @ weights.tensors[f"{module}.lora_A"].float()
+                )
                 if delta.shape != layer.weight.shape:
-                    raise UserInputError(f"adapter of {module!r} has shape {tuple(delta.shape)}, the layer "
-                                         f"{tuple(layer.weight.shape)}", field="checkpoint")
+                    raise UserInputError(
+                        f"adapter of {module!r} has shape {tuple(delta.shape)}, the layer "
+                        f"{tuple(layer.weight.shape)}",
+                        field="checkpoint",
+                    )
                 layer.weight.add_(delta * scale)
         else:
             unknown = sorted(set(weights.tensors) - set(model.state_dict()))
             if unknown:
-                raise UserInputError(f"weights {unknown[:3]} are not parameters of the base", field="checkpoint")
+                raise UserInputError(
+                    f"weights {unknown[:3]} are not parameters of the base", field="checkpoint"
+                )
             model.load_state_dict(weights.tensors, strict=False)
     with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)

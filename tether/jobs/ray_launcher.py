@@ -38,9 +38,14 @@ class JobHost:
 
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "ab") as log:
-            self._process = subprocess.Popen(job_command(spec, python=sys.executable), stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**os.environ, **spec.env}, start_new_session=True)
+            self._process = subprocess.Popen(
+                job_command(spec, python=sys.executable),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **spec.env},
+                start_new_session=True,
+            )
         return self._process.pid, ray.get_runtime_context().get_node_id()
 
     def poll(self) -> int | None:
@@ -100,13 +105,17 @@ class RayLauncher(Launcher):
         try:
             import ray
         except ImportError as exc:
-            raise ConfigurationError("the ray launcher needs ray (pip install 'tether[ray]')",
-                                     field="job_launcher") from exc
+            raise ConfigurationError(
+                "the ray launcher needs ray (pip install 'tether[ray]')", field="job_launcher"
+            ) from exc
         self._owns_cluster = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
-            kwargs: dict[str, Any] = {"namespace": "tether-jobs", "log_to_driver": False,
-                                      "ignore_reinit_error": True}
+            kwargs: dict[str, Any] = {
+                "namespace": "tether-jobs",
+                "log_to_driver": False,
+                "ignore_reinit_error": True,
+            }
             if address is None:
                 kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
                 self._owns_cluster = True
@@ -120,12 +129,16 @@ class RayLauncher(Launcher):
                 try:
                     float(config.launcher_options[key])
                 except ValueError:
-                    raise UserInputError(f"{key} must be a number, got {config.launcher_options[key]!r}",
-                                         field=f"launcher_options.{key}") from None
+                    raise UserInputError(
+                        f"{key} must be a number, got {config.launcher_options[key]!r}",
+                        field=f"launcher_options.{key}",
+                    ) from None
         unknown = set(config.launcher_options) - {"num_cpus", "num_gpus", "node_ip"}
         if unknown:
-            raise UserInputError(f"unknown ray launcher option(s) {sorted(unknown)} (num_cpus, num_gpus, node_ip)",
-                                 field="launcher_options")
+            raise UserInputError(
+                f"unknown ray launcher option(s) {sorted(unknown)} (num_cpus, num_gpus, node_ip)",
+                field="launcher_options",
+            )
 
     def launch(self, spec: LaunchSpec) -> JobHandle:
         import ray

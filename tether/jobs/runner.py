@@ -39,7 +39,9 @@ class JobProcessSpec(BaseModel):
     """What a launcher hands the job process (written as JSON next to the job's log)."""
 
     job_id: str
-    server: ServerConfig = Field(description="The job's server settings: one model, port 0, the job's data dir.")
+    server: ServerConfig = Field(
+        description="The job's server settings: one model, port 0, the job's data dir."
+    )
     ready_file: Path
 
 
@@ -75,7 +77,9 @@ def _run(spec: JobProcessSpec) -> None:
     if not key:
         raise SystemExit(f"tether job: {API_KEY_ENV} is not set")
     config = spec.server.model_copy(update={"api_keys": [key], "ready_file": None})
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     server = _uvicorn_server(config)
     parent = os.getppid()
 
@@ -92,7 +96,10 @@ def _run(spec: JobProcessSpec) -> None:
         for name in config.models:  # load before saying ready: a ready job trains at once
             await asyncio.to_thread(state.trainers.base_info, name)
         load_s = time.monotonic() - started
-        print(f"tether job {spec.job_id}: serving {config.models} on {url} (model load {load_s:.2f} s)", flush=True)
+        print(
+            f"tether job {spec.job_id}: serving {config.models} on {url} (model load {load_s:.2f} s)",
+            flush=True,
+        )
         _write_atomic(spec.ready_file, json.dumps({"url": url, "model_load_s": load_s, "pid": os.getpid()}))
         while not task.done():
             if os.getppid() != parent:

@@ -56,15 +56,29 @@ class JobStore:
     def __init__(self, catalogue: Catalogue) -> None:
         self._catalogue = catalogue
 
-    def insert(self, owner: str, job_id: str, config: TrainerJobConfig, launcher: str) -> TrainerJobRow | None:
+    def insert(
+        self, owner: str, job_id: str, config: TrainerJobConfig, launcher: str
+    ) -> TrainerJobRow | None:
         """Insert a CREATING row atomically; None if the id is new (this call claimed it), else the
         row that already holds it (idempotent create: the UNIQUE key decides, not a Python lock)."""
         now = utcnow()
-        values = dict(owner=owner, job_id=job_id, state=JobState.CREATING.value, reason=None,
-                      config=config.model_dump(mode="json"), launcher=launcher, restart_count=0,
-                      created_at=now, updated_at=now, last_activity_at=now)
-        statement = sqlite_insert(TrainerJobRow).values(**values).on_conflict_do_nothing(
-            index_elements=["owner", "job_id"])
+        values = dict(
+            owner=owner,
+            job_id=job_id,
+            state=JobState.CREATING.value,
+            reason=None,
+            config=config.model_dump(mode="json"),
+            launcher=launcher,
+            restart_count=0,
+            created_at=now,
+            updated_at=now,
+            last_activity_at=now,
+        )
+        statement = (
+            sqlite_insert(TrainerJobRow)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["owner", "job_id"])
+        )
         with self._catalogue.writing() as s:
             if s.execute(statement).rowcount == 1:
                 return None
@@ -111,15 +125,21 @@ class JobStore:
             return
         with self._catalogue.writing() as s:
             for (owner, job_id), when in activity.items():
-                s.execute(update(TrainerJobRow)
-                          .where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id,
-                                 (TrainerJobRow.last_activity_at.is_(None)) | (TrainerJobRow.last_activity_at < when))
-                          .values(last_activity_at=when))
+                s.execute(
+                    update(TrainerJobRow)
+                    .where(
+                        TrainerJobRow.owner == owner,
+                        TrainerJobRow.job_id == job_id,
+                        (TrainerJobRow.last_activity_at.is_(None)) | (TrainerJobRow.last_activity_at < when),
+                    )
+                    .values(last_activity_at=when)
+                )
 
     def expired_tombstones(self, retention_s: float, *, now: datetime | None = None) -> list[TrainerJobRow]:
         cutoff = (now or utcnow()) - timedelta(seconds=retention_s)
-        query = select(TrainerJobRow).where(TrainerJobRow.state == JobState.DELETED.value,
-                                            TrainerJobRow.deleted_at < cutoff)
+        query = select(TrainerJobRow).where(
+            TrainerJobRow.state == JobState.DELETED.value, TrainerJobRow.deleted_at < cutoff
+        )
         with self._catalogue.reading() as s:
             return list(s.scalars(query))
 
@@ -127,4 +147,6 @@ class JobStore:
         from sqlalchemy import delete
 
         with self._catalogue.writing() as s:
-            s.execute(delete(TrainerJobRow).where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id))
+            s.execute(
+                delete(TrainerJobRow).where(TrainerJobRow.owner == owner, TrainerJobRow.job_id == job_id)
+            )

@@ -169,7 +169,12 @@ def train_grpo(
 ) -> GRPOResult:
     """Run (or resume) GRPO with an existing service client; `training_client` continues a model in hand."""
     run = open_sampled_run(config, service, training_client)
-    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
+    run_log, training_client, start_step, checkpoint = (
+        run.run_log,
+        run.training_client,
+        run.start_step,
+        run.checkpoint,
+    )
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

@@ -195,7 +195,12 @@ def train_rl(
         log.info("resuming with %d sampled groups", len(queue_state["groups"]))
 
     run = open_sampled_run(config, service, training_client, before_resume=restore_queue)
-    run_log, training_client, start_step, checkpoint = run.run_log, run.training_client, run.start_step, run.checkpoint
+    run_log, training_client, start_step, checkpoint = (
+        run.run_log,
+        run.training_client,
+        run.start_step,
+        run.checkpoint,
+    )
 
     renderer = renderer_for_model(config.model_name, training_client.get_tokenizer(), config.renderer_name)
     heldout = source.heldout_problems()

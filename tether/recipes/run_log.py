@@ -94,12 +94,18 @@ class RunLog:
 
     def _send_to_server(self, training_client: Any, step: int, row: dict[str, Any]) -> None:
         """Not waited for (training goes on); a server that refuses them stops the sending, with a warning."""
-        failure = self._server_log.exception() if self._server_log is not None and self._server_log.done() else None
+        failure = (
+            self._server_log.exception() if self._server_log is not None and self._server_log.done() else None
+        )
         if failure is not None:
             log.warning("the server refused logged metrics (%s); logging to %s only", failure, self.log_dir)
             self._to_server = False
             return
-        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers = {
+            k: v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+        }
         self._server_log = training_client.log_metrics(numbers, step)
 
     def metrics(self) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ class RunSettings(BaseModel):
     wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
 
-
 class SampledRunSettings(RunSettings):
     """What every recipe that samples prompts, trains a model and checkpoints it has in common (GRPO,
     asynchronous RL, distillation); each recipe adds its own fields and documents the ones it reads
@@ -72,10 +71,14 @@ class SampledRunSettings(RunSettings):
     )
     seed: int = Field(0, description="Seed of prompts, sampling and new LoRA weights.")
 
+
 def connect_run(settings: RunSettings) -> Any:
     """A service client for the run; an embedded server keeps its data in `<log_dir>/local-server`."""
     return connect(
-        settings.base_url, settings.api_key, sdk=settings.sdk, local_data_dir=settings.log_dir / "local-server"
+        settings.base_url,
+        settings.api_key,
+        sdk=settings.sdk,
+        local_data_dir=settings.log_dir / "local-server",
     )
 
 

@@ -138,7 +138,8 @@ def validate_messages(messages: object, *, field_name: str = "messages") -> list
         unknown = sorted(set(message) - _MESSAGE_KEYS)
         if unknown:
             raise UserInputError(
-                f"unknown message field(s) {unknown}; known: {sorted(_MESSAGE_KEYS)}", field=f"{where}.{unknown[0]}"
+                f"unknown message field(s) {unknown}; known: {sorted(_MESSAGE_KEYS)}",
+                field=f"{where}.{unknown[0]}",
             )
         for key in ("reasoning_content", "tool_call_id", "name"):
             if key in message and not isinstance(message[key], str):
@@ -242,10 +243,14 @@ def _check_mode(messages: list[Message], train_on_what: TrainOnWhat | str) -> Tr
         mode = TrainOnWhat(train_on_what)
     except ValueError:
         choices = ", ".join(m.value for m in TrainOnWhat)
-        raise UserInputError(f"unknown value {train_on_what!r}; one of: {choices}", field="train_on_what") from None
+        raise UserInputError(
+            f"unknown value {train_on_what!r}; one of: {choices}", field="train_on_what"
+        ) from None
     for index, message in enumerate(messages):
         if mode is TrainOnWhat.CUSTOMIZED and "trainable" not in message:
-            raise UserInputError("is required with train_on_what='customized'", field=f"messages[{index}].trainable")
+            raise UserInputError(
+                "is required with train_on_what='customized'", field=f"messages[{index}].trainable"
+            )
         if mode is not TrainOnWhat.CUSTOMIZED and "trainable" in message:
             raise UserInputError(
                 f"is only read with train_on_what='customized' (got {mode.value!r})",
@@ -288,7 +293,9 @@ class Renderer:
         """What follows the rendered `messages` to ask the model for a `role` message."""
         raise NotImplementedError
 
-    def create_conversation_prefix_with_tools(self, tools: list[dict[str, Any]], system_prompt: str = "") -> list[Message]:
+    def create_conversation_prefix_with_tools(
+        self, tools: list[dict[str, Any]], system_prompt: str = ""
+    ) -> list[Message]:
         """Messages declaring `tools` to the model, to prepend to a conversation (formats with tool calls)."""
         raise UserInputError(f"the {self.name!r} renderer has no tool-calling format", field="tools")
 
@@ -378,7 +385,12 @@ class Renderer:
         return ModelInput.from_ints(tokens) if tokens else ModelInput(chunks=[]), weights
 
     def _untrain_generation_prompt(
-        self, messages: list[Message], mode: TrainOnWhat, tokens: list[int], weights: list[float], final_start: int
+        self,
+        messages: list[Message],
+        mode: TrainOnWhat,
+        tokens: list[int],
+        weights: list[float],
+        final_start: int,
     ) -> list[float]:
         """Zero the weights of what the generation prompt supplies (a prefilled think block).
 

@@ -75,7 +75,9 @@ class ChatTemplateRenderer(Renderer):
         )
 
     def _tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
-        return encode_text(self.tokenizer, self._render_text(messages, add_generation_prompt=add_generation_prompt))
+        return encode_text(
+            self.tokenizer, self._render_text(messages, add_generation_prompt=add_generation_prompt)
+        )
 
     def _find_end_of_turn(self) -> list[int]:
         """The added token that closes an assistant turn (then EOS), found by comparing two renderings."""
@@ -167,7 +169,9 @@ class ChatTemplateRenderer(Renderer):
                         break
             stops = [p for p in range(end, next_start) if full[p] in self.stop_ids]
             output_end = stops[0] + 1 if stops else end
-            rendered.append(RenderedMessage(header=full[position:header_end], output=full[header_end:output_end]))
+            rendered.append(
+                RenderedMessage(header=full[position:header_end], output=full[header_end:output_end])
+            )
             position = output_end
         return rendered
 

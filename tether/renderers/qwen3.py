@@ -131,14 +131,22 @@ class Qwen3Renderer(Renderer):
             output=self._encode_content(text) + [self.im_end_id],
         )
 
-    def create_conversation_prefix_with_tools(self, tools: list[dict[str, Any]], system_prompt: str = "") -> list[Message]:
+    def create_conversation_prefix_with_tools(
+        self, tools: list[dict[str, Any]], system_prompt: str = ""
+    ) -> list[Message]:
         """The system message declaring `tools` (OpenAI function specs: name, description,
         parameters) in Qwen3's format, after `system_prompt` if given; prepend it to a conversation."""
-        if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
-            raise UserInputError("must be a list of {'name', 'description', 'parameters'} dicts", field="tools")
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        ):
+            raise UserInputError(
+                "must be a list of {'name', 'description', 'parameters'} dicts", field="tools"
+            )
         content = system_prompt
         if tools:
-            specs = "\n".join(json.dumps({"type": "function", "function": t}, separators=(", ", ": ")) for t in tools)
+            specs = "\n".join(
+                json.dumps({"type": "function", "function": t}, separators=(", ", ": ")) for t in tools
+            )
             declaration = (
                 "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                 "You are provided with function signatures within <tools></tools> XML tags:\n"
@@ -173,7 +181,10 @@ class Qwen3Renderer(Renderer):
             if isinstance(payload, dict) and isinstance(payload.get("name"), str):
                 arguments = payload.get("arguments", {})
                 calls.append(
-                    {"type": "function", "function": {"name": payload["name"], "arguments": json.dumps(arguments)}}
+                    {
+                        "type": "function",
+                        "function": {"name": payload["name"], "arguments": json.dumps(arguments)},
+                    }
                 )
         if calls:
             content = _TOOL_CALL.sub("", content).strip("\n")

@@ -47,7 +47,9 @@ class ApiKeyAuth:
         The key comes in `X-API-Key` (the SDKs) or as `Authorization: Bearer <key>` (the console,
         Prometheus scrapers).
         """
-        return self.owner(api_key_from_headers(request.headers.get(API_KEY_HEADER), request.headers.get("Authorization")))
+        return self.owner(
+            api_key_from_headers(request.headers.get(API_KEY_HEADER), request.headers.get("Authorization"))
+        )
 
 
 def api_key_from_headers(x_api_key: str | None, authorization: str | None) -> str | None:

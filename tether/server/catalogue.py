@@ -246,11 +246,28 @@ class Catalogue:
         return rows, int(total or 0)
 
     # sessions
-    def create_session(self, session_id: str, owner: str, *, tags: list[str], user_metadata: dict,
-                       display_name: str | None, project_id: str | None) -> SessionRow:
+    def create_session(
+        self,
+        session_id: str,
+        owner: str,
+        *,
+        tags: list[str],
+        user_metadata: dict,
+        display_name: str | None,
+        project_id: str | None,
+    ) -> SessionRow:
         now = utcnow()
-        row = SessionRow(session_id=session_id, owner=owner, created_at=now, last_heartbeat=now, status="active",
-                         tags=tags, user_metadata=user_metadata, display_name=display_name, project_id=project_id)
+        row = SessionRow(
+            session_id=session_id,
+            owner=owner,
+            created_at=now,
+            last_heartbeat=now,
+            status="active",
+            tags=tags,
+            user_metadata=user_metadata,
+            display_name=display_name,
+            project_id=project_id,
+        )
         with self.writing() as s:
             s.add(row)
         return row
@@ -261,9 +278,15 @@ class Catalogue:
     def heartbeat(self, session_id: str, owner: str) -> bool:
         """Record a heartbeat; False if the session is unknown, not the owner's, or no longer active."""
         with self.writing() as s:
-            q = (update(SessionRow)
-                 .where(SessionRow.session_id == session_id, SessionRow.owner == owner, SessionRow.status == "active")
-                 .values(last_heartbeat=utcnow()))
+            q = (
+                update(SessionRow)
+                .where(
+                    SessionRow.session_id == session_id,
+                    SessionRow.owner == owner,
+                    SessionRow.status == "active",
+                )
+                .values(last_heartbeat=utcnow())
+            )
             return _rowcount(s.execute(q)) == 1
 
     def set_session_status(self, session_id: str, status: str) -> None:
@@ -274,15 +297,20 @@ class Catalogue:
 
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[SessionRow]:
         with self.reading() as s:
-            q = (select(SessionRow).where(SessionRow.owner == owner)
-                 .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()))
+            q = (
+                select(SessionRow)
+                .where(SessionRow.owner == owner)
+                .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc())
+            )
             return list(s.scalars(q.limit(limit).offset(offset)))
 
     def stale_sessions(self, older_than_s: float, *, now: datetime | None = None) -> list[str]:
         """Active sessions whose last heartbeat is older than `older_than_s`."""
         cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
         with self.reading() as s:
-            q = select(SessionRow.session_id).where(SessionRow.status == "active", SessionRow.last_heartbeat < cutoff)
+            q = select(SessionRow.session_id).where(
+                SessionRow.status == "active", SessionRow.last_heartbeat < cutoff
+            )
             return list(s.scalars(q))
 
     def expire_active_sessions(self) -> None:
@@ -291,12 +319,31 @@ class Catalogue:
             s.execute(update(SessionRow).where(SessionRow.status == "active").values(status="expired"))
 
     # training runs
-    def add_training_run(self, run_id: str, session_id: str, owner: str, *, base_model: str, is_lora: bool,
-                         lora_rank: int | None, lora_config: dict, user_metadata: dict) -> TrainingRunRow:
+    def add_training_run(
+        self,
+        run_id: str,
+        session_id: str,
+        owner: str,
+        *,
+        base_model: str,
+        is_lora: bool,
+        lora_rank: int | None,
+        lora_config: dict,
+        user_metadata: dict,
+    ) -> TrainingRunRow:
         now = utcnow()
-        row = TrainingRunRow(run_id=run_id, session_id=session_id, owner=owner, base_model=base_model,
-                             is_lora=is_lora, lora_rank=lora_rank, lora_config=lora_config,
-                             user_metadata=user_metadata, created_at=now, last_request_time=now)
+        row = TrainingRunRow(
+            run_id=run_id,
+            session_id=session_id,
+            owner=owner,
+            base_model=base_model,
+            is_lora=is_lora,
+            lora_rank=lora_rank,
+            lora_config=lora_config,
+            user_metadata=user_metadata,
+            created_at=now,
+            last_request_time=now,
+        )
         with self.writing() as s:
             s.merge(row)
         return row
@@ -310,21 +357,43 @@ class Catalogue:
     def list_training_runs(self, owner: str, limit: int, offset: int) -> tuple[list[TrainingRunRow], int]:
         """One page of the owner's runs, newest first, and how many they have in all."""
         query = select(TrainingRunRow).where(TrainingRunRow.owner == owner)
-        return self._page(query, (TrainingRunRow.created_at.desc(), TrainingRunRow.run_id.desc()), limit, offset)
+        return self._page(
+            query, (TrainingRunRow.created_at.desc(), TrainingRunRow.run_id.desc()), limit, offset
+        )
 
     def runs_of_session(self, session_id: str) -> list[str]:
         with self.reading() as s:
-            return list(s.scalars(select(TrainingRunRow.run_id).where(TrainingRunRow.session_id == session_id)))
+            return list(
+                s.scalars(select(TrainingRunRow.run_id).where(TrainingRunRow.session_id == session_id))
+            )
 
     # checkpoints
-    def add_checkpoint(self, run_id: str, checkpoint_id: str, owner: str, *, checkpoint_type: str,
-                       directory: str, size_bytes: int | None, ttl_seconds: int | None,
-                       user_metadata: dict) -> CheckpointRow:
+    def add_checkpoint(
+        self,
+        run_id: str,
+        checkpoint_id: str,
+        owner: str,
+        *,
+        checkpoint_type: str,
+        directory: str,
+        size_bytes: int | None,
+        ttl_seconds: int | None,
+        user_metadata: dict,
+    ) -> CheckpointRow:
         now = utcnow()
         expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
-        row = CheckpointRow(run_id=run_id, checkpoint_id=checkpoint_id, owner=owner, checkpoint_type=checkpoint_type,
-                            directory=directory, created_at=now, expires_at=expires, size_bytes=size_bytes,
-                            public=False, user_metadata=user_metadata)
+        row = CheckpointRow(
+            run_id=run_id,
+            checkpoint_id=checkpoint_id,
+            owner=owner,
+            checkpoint_type=checkpoint_type,
+            directory=directory,
+            created_at=now,
+            expires_at=expires,
+            size_bytes=size_bytes,
+            public=False,
+            user_metadata=user_metadata,
+        )
         with self.writing() as s:
             s.merge(row)
         return row
@@ -345,13 +414,18 @@ class Catalogue:
         with self.reading() as s:
             return list(s.scalars(select(CheckpointRow)))
 
-    def list_checkpoints(self, owner: str, run_id: str | None = None, limit: int = 1000,
-                         offset: int = 0) -> tuple[list[CheckpointRow], int]:
+    def list_checkpoints(
+        self, owner: str, run_id: str | None = None, limit: int = 1000, offset: int = 0
+    ) -> tuple[list[CheckpointRow], int]:
         """One page of the owner's checkpoints (of one run, or all), newest first, and the total count."""
         query = select(CheckpointRow).where(CheckpointRow.owner == owner)
         if run_id is not None:
             query = query.where(CheckpointRow.run_id == run_id)
-        order = (CheckpointRow.created_at.desc(), CheckpointRow.run_id.desc(), CheckpointRow.checkpoint_id.desc())
+        order = (
+            CheckpointRow.created_at.desc(),
+            CheckpointRow.run_id.desc(),
+            CheckpointRow.checkpoint_id.desc(),
+        )
         return self._page(query, order, limit, offset)
 
     def latest_checkpoints(self, owner: str, run_ids: Sequence[str]) -> dict[tuple[str, str], CheckpointRow]:
@@ -361,13 +435,19 @@ class Catalogue:
         """
         if not run_ids:
             return {}
-        rank = func.row_number().over(
-            partition_by=(CheckpointRow.run_id, CheckpointRow.checkpoint_type),
-            order_by=(CheckpointRow.created_at.desc(), CheckpointRow.checkpoint_id.desc()),
-        ).label("rank")
-        ranked = (select(CheckpointRow, rank)
-                  .where(CheckpointRow.owner == owner, CheckpointRow.run_id.in_(list(run_ids)))
-                  .subquery())
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=(CheckpointRow.run_id, CheckpointRow.checkpoint_type),
+                order_by=(CheckpointRow.created_at.desc(), CheckpointRow.checkpoint_id.desc()),
+            )
+            .label("rank")
+        )
+        ranked = (
+            select(CheckpointRow, rank)
+            .where(CheckpointRow.owner == owner, CheckpointRow.run_id.in_(list(run_ids)))
+            .subquery()
+        )
         newest = aliased(CheckpointRow, ranked)
         with self.reading() as s:
             rows = s.scalars(select(newest).where(ranked.c.rank == 1))
@@ -375,8 +455,11 @@ class Catalogue:
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
         with self.writing() as s:
-            s.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id,
-                                                  CheckpointRow.checkpoint_id == checkpoint_id))
+            s.execute(
+                delete(CheckpointRow).where(
+                    CheckpointRow.run_id == run_id, CheckpointRow.checkpoint_id == checkpoint_id
+                )
+            )
 
     def update_checkpoint(self, run_id: str, checkpoint_id: str, **values: Any) -> None:
         self._update(CheckpointRow, (run_id, checkpoint_id), **values)
@@ -384,14 +467,23 @@ class Catalogue:
     def expired_checkpoints(self, *, now: datetime | None = None) -> list[CheckpointRow]:
         now = now or utcnow()
         with self.reading() as s:
-            q = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now)
+            q = select(CheckpointRow).where(
+                CheckpointRow.expires_at.is_not(None), CheckpointRow.expires_at <= now
+            )
             return list(s.scalars(q))
 
     # samplers
-    def add_sampler(self, sampler_id: str, session_id: str, owner: str, *, base_model: str,
-                    model_path: str | None) -> SamplerRow:
-        row = SamplerRow(sampler_id=sampler_id, session_id=session_id, owner=owner, base_model=base_model,
-                         model_path=model_path, created_at=utcnow())
+    def add_sampler(
+        self, sampler_id: str, session_id: str, owner: str, *, base_model: str, model_path: str | None
+    ) -> SamplerRow:
+        row = SamplerRow(
+            sampler_id=sampler_id,
+            session_id=session_id,
+            owner=owner,
+            base_model=base_model,
+            model_path=model_path,
+            created_at=utcnow(),
+        )
         with self.writing() as s:
             s.merge(row)
         return row
@@ -410,20 +502,28 @@ class Catalogue:
         Atomic across threads, `Catalogue` objects and processes sharing the file: the UNIQUE
         constraint on (scope, key) decides (INSERT ... ON CONFLICT DO NOTHING), not a Python lock.
         """
-        insert = (sqlite_insert(IdempotencyKeyRow)
-                  .values(scope=scope, key=key, value=value, created_at=utcnow())
-                  .on_conflict_do_nothing(index_elements=["scope", "key"]))
+        insert = (
+            sqlite_insert(IdempotencyKeyRow)
+            .values(scope=scope, key=key, value=value, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["scope", "key"])
+        )
         with self.writing() as s:
             if _rowcount(s.execute(insert)) == 1:
                 return None
-            return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
-                                                                  IdempotencyKeyRow.key == key))
+            return s.scalar(
+                select(IdempotencyKeyRow.value).where(
+                    IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key
+                )
+            )
 
     def idempotency_value(self, scope: str, key: str) -> str | None:
         """The value stored under (scope, key), or None when the key is not claimed (a read; no lock)."""
         with self.reading() as s:
-            return s.scalar(select(IdempotencyKeyRow.value).where(IdempotencyKeyRow.scope == scope,
-                                                                  IdempotencyKeyRow.key == key))
+            return s.scalar(
+                select(IdempotencyKeyRow.value).where(
+                    IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key
+                )
+            )
 
     def set_idempotency_value(self, scope: str, key: str, value: str) -> None:
         """Replace the value of a claimed key (e.g. "pending" by the finished answer); nothing if unclaimed."""
@@ -435,16 +535,25 @@ class Catalogue:
         Lets exactly one of several callers take over a claim left behind (e.g. by a crashed process).
         """
         with self.writing() as s:
-            q = (update(IdempotencyKeyRow)
-                 .where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key,
-                        IdempotencyKeyRow.value == expected)
-                 .values(value=value))
+            q = (
+                update(IdempotencyKeyRow)
+                .where(
+                    IdempotencyKeyRow.scope == scope,
+                    IdempotencyKeyRow.key == key,
+                    IdempotencyKeyRow.value == expected,
+                )
+                .values(value=value)
+            )
             return _rowcount(s.execute(q)) == 1
 
     def release_idempotency_key(self, scope: str, key: str) -> None:
         """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""
         with self.writing() as s:
-            s.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key))
+            s.execute(
+                delete(IdempotencyKeyRow).where(
+                    IdempotencyKeyRow.scope == scope, IdempotencyKeyRow.key == key
+                )
+            )
 
 
 @overload

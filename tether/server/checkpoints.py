@@ -38,8 +38,9 @@ class CheckpointFiles:
     def directory(self, owner: str, path: ParsedCheckpointPath) -> Path:
         return self.store(owner).directory(path)
 
-    def copy(self, source_owner: str, source: ParsedCheckpointPath, owner: str,
-             destination: ParsedCheckpointPath) -> CheckpointInfo:
+    def copy(
+        self, source_owner: str, source: ParsedCheckpointPath, owner: str, destination: ParsedCheckpointPath
+    ) -> CheckpointInfo:
         """Copy a complete checkpoint (its manifest verifies the copy like the original)."""
         import shutil
 

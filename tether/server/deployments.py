@@ -91,8 +91,14 @@ def _free_port() -> int:
 class DeploymentRegistry:
     """Catalogue rows + serving subprocesses of every deployment of this server."""
 
-    def __init__(self, catalogue: Catalogue, data_dir: Path, *, model_paths: dict[str, str] | None = None,
-                 torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        data_dir: Path,
+        *,
+        model_paths: dict[str, str] | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.root = Path(data_dir) / "deployments"
         self.model_paths = dict(model_paths or {})
@@ -127,34 +133,68 @@ class DeploymentRegistry:
     def list(self, owner: str) -> list[DeploymentRow]:
         self.ensure_started()
         with self.catalogue.reading() as s:
-            ids = list(s.scalars(select(DeploymentRow.deployment_id).where(DeploymentRow.owner == owner)
-                                 .order_by(DeploymentRow.created_at)))
+            ids = list(
+                s.scalars(
+                    select(DeploymentRow.deployment_id)
+                    .where(DeploymentRow.owner == owner)
+                    .order_by(DeploymentRow.created_at)
+                )
+            )
         for deployment_id in ids:
             self._refresh(deployment_id)
         with self.catalogue.reading() as s:
-            return list(s.scalars(select(DeploymentRow).where(DeploymentRow.owner == owner)
-                                  .order_by(DeploymentRow.created_at)))
+            return list(
+                s.scalars(
+                    select(DeploymentRow)
+                    .where(DeploymentRow.owner == owner)
+                    .order_by(DeploymentRow.created_at)
+                )
+            )
 
     # ---- lifecycle
 
-    def create(self, owner: str, deployment_id: str, base_model: str, *, transition: str = "ASYNC",
-               config: dict[str, Any] | None = None) -> DeploymentRow:
+    def create(
+        self,
+        owner: str,
+        deployment_id: str,
+        base_model: str,
+        *,
+        transition: str = "ASYNC",
+        config: dict[str, Any] | None = None,
+    ) -> DeploymentRow:
         """Record the deployment and start its process. ConflictError if the id is taken."""
         self.ensure_started()
         if not isinstance(deployment_id, str) or not _ID.match(deployment_id):
-            raise UserInputError("must be 1-63 lowercase letters, digits or dashes, starting with a letter or "
-                                 f"digit; got {deployment_id!r}", field="deployment_id")
+            raise UserInputError(
+                "must be 1-63 lowercase letters, digits or dashes, starting with a letter or "
+                f"digit; got {deployment_id!r}",
+                field="deployment_id",
+            )
         if transition not in ("SYNC", "ASYNC"):
-            raise UserInputError(f"must be SYNC or ASYNC, got {transition!r}", field="hot_load_transition_type")
+            raise UserInputError(
+                f"must be SYNC or ASYNC, got {transition!r}", field="hot_load_transition_type"
+            )
         if self.model_paths and base_model not in self.model_paths:
-            raise UserInputError(f"this server does not serve base model {base_model!r}; it serves "
-                                 f"{sorted(self.model_paths)}", field="base_model")
+            raise UserInputError(
+                f"this server does not serve base model {base_model!r}; it serves {sorted(self.model_paths)}",
+                field="base_model",
+            )
         now = utcnow()
         with self.catalogue.writing() as s:
             if s.get(DeploymentRow, deployment_id) is not None:
                 raise ConflictError(f"deployment {deployment_id!r} already exists")
-            s.add(DeploymentRow(deployment_id=deployment_id, owner=owner, base_model=base_model, state="CREATING",
-                                transition=transition, config=dict(config or {}), created_at=now, updated_at=now))
+            s.add(
+                DeploymentRow(
+                    deployment_id=deployment_id,
+                    owner=owner,
+                    base_model=base_model,
+                    state="CREATING",
+                    transition=transition,
+                    config=dict(config or {}),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         self._launch(deployment_id, owner, base_model, transition)
         return self._row(deployment_id, owner)
 
@@ -193,24 +233,40 @@ class DeploymentRegistry:
         state_dir = self._state_dir(owner, deployment_id)
         state_dir.mkdir(parents=True, exist_ok=True)
         port = _free_port()
-        command = [sys.executable, "-m", "tether.deployment", "--base-model", base_model, "--port", str(port),
-                   "--state-dir", str(state_dir), "--transition", transition, "--model-name", deployment_id]
+        command = [
+            sys.executable,
+            "-m",
+            "tether.deployment",
+            "--base-model",
+            base_model,
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state_dir),
+            "--transition",
+            transition,
+            "--model-name",
+            deployment_id,
+        ]
         if base_model in self.model_paths and self.model_paths[base_model] != base_model:
             command += ["--model-path", self.model_paths[base_model]]
         if self.torch_threads:
             command += ["--torch-threads", str(self.torch_threads)]
         log_path = state_dir / "deployment.log"
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]),
-                                                        env.get("PYTHONPATH", "")] if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")] if p
+        )
         with open(log_path, "ab") as log_file:
-            popen = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         with self._lock:
             self._processes[deployment_id] = _Process(popen, port, log_path)
         self._update(deployment_id, port=port, pid=popen.pid, state="CREATING", error=None)
-        threading.Thread(target=self._watch, args=(deployment_id,), daemon=True,
-                         name=f"deployment-{deployment_id}").start()
+        threading.Thread(
+            target=self._watch, args=(deployment_id,), daemon=True, name=f"deployment-{deployment_id}"
+        ).start()
 
     def _watch(self, deployment_id: str) -> None:
         process = self._processes.get(deployment_id)
@@ -268,8 +324,10 @@ class DeploymentRegistry:
         row = self.get(deployment_id, owner)
         process = self._processes.get(deployment_id)
         if row.state != "READY" or process is None:
-            raise ConflictError(f"deployment {deployment_id!r} is {row.state}, not READY"
-                                + (f": {row.error}" if row.error else ""))
+            raise ConflictError(
+                f"deployment {deployment_id!r} is {row.state}, not READY"
+                + (f": {row.error}" if row.error else "")
+            )
         return f"http://127.0.0.1:{process.port}"
 
 
@@ -290,4 +348,3 @@ def deployment_info(row: DeploymentRow, status: dict[str, Any] | None = None) ->
         "current": (status or {}).get("current"),
         "replicas": replicas,
     }
-

@@ -54,7 +54,9 @@ def _json_error(status: int, message: str, category: str, exc: TetherError | Non
     return JSONResponse(
         status_code=status,
         content=content,
-        headers={"x-should-retry": "false"} if 400 <= status < 500 and status not in (408, 409, 429) else None,
+        headers={"x-should-retry": "false"}
+        if 400 <= status < 500 and status not in (408, 409, 429)
+        else None,
     )
 
 
@@ -81,7 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json_error(500, f"internal error: {type(exc).__name__}", "server")
 
 
-def require(condition: object, message: str, *, field: str | None = None, datum_index: int | None = None) -> None:
+def require(
+    condition: object, message: str, *, field: str | None = None, datum_index: int | None = None
+) -> None:
     """Raise `UserInputError` unless `condition` holds (request checks read as one line each)."""
     if not condition:
         raise UserInputError(message, field=field, datum_index=datum_index)

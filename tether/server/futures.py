@@ -108,7 +108,9 @@ class FutureStore:
                     f"which has since restarted (now instance {self.instance_id}): its result is lost; "
                     "send the request again"
                 )
-            raise NotFoundError(f"unknown request_id {request_id!r} (results are kept {int(REFETCH_WINDOW_S)} s after delivery)")
+            raise NotFoundError(
+                f"unknown request_id {request_id!r} (results are kept {int(REFETCH_WINDOW_S)} s after delivery)"
+            )
         return entry
 
     async def wait(self, request_id: str, owner: str, timeout_s: float) -> FutureOutcome:
@@ -133,7 +135,9 @@ class FutureStore:
         with self._lock:
             entry.delivered_at = entry.delivered_at or time.monotonic()
         if entry.future.cancelled():
-            return FutureOutcome({"error": f"request {request_id} was cancelled", "category": "user"}, failed=True)
+            return FutureOutcome(
+                {"error": f"request {request_id} was cancelled", "category": "user"}, failed=True
+            )
         failure = _release_failure(entry, entry.future)
         if failure is not None:
             return FutureOutcome(failure, failed=True)

@@ -119,7 +119,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _replace_headers(scope: Scope, body: bytes) -> None:
     """The body is decoded now: drop its encoding and state its new length."""
-    headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() not in (b"content-encoding", b"content-length")]
+    headers = [
+        (k, v)
+        for k, v in scope.get("headers", ())
+        if k.lower() not in (b"content-encoding", b"content-length")
+    ]
     headers.append((b"content-length", str(len(body)).encode()))
     scope["headers"] = headers
 

@@ -108,8 +108,10 @@ class LiveObjects:
                 made.append(sampler_id)
             evicted, made[:] = made[:-keep], made[-keep:]
             for old in evicted:
-                self._released[old] = (f"released: model {model_id!r} keeps its {keep} newest sampling clients; "
-                                       "save weights again to sample the current ones")
+                self._released[old] = (
+                    f"released: model {model_id!r} keeps its {keep} newest sampling clients; "
+                    "save weights again to sample the current ones"
+                )
                 while len(self._released) > 4096:
                     self._released.popitem(last=False)
             return evicted

@@ -87,7 +87,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.tether = state
     app.add_middleware(RequestGuard, state=state)
     install_error_handlers(app)
-    for module in (routes_service, routes_training, routes_sampling, routes_rest, routes_tether, routes_tokenizer):
+    for module in (
+        routes_service,
+        routes_training,
+        routes_sampling,
+        routes_rest,
+        routes_tether,
+        routes_tokenizer,
+    ):
         app.include_router(module.router)
     from tether.server import routes_console, routes_jobs
 
@@ -130,7 +137,9 @@ def _write_ready_file(path: Path, url: str) -> None:
 
 def serve(config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted."""
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     server = _uvicorn_server(config)
 
     async def main() -> None:
@@ -192,4 +201,3 @@ class ServerThread:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=30)
-

@@ -40,8 +40,12 @@ class _Payload(concurrent.futures.Future):
         return super().cancel()
 
 
-def chain(state: ServerState, source: concurrent.futures.Future, finish: Callable[[Any], Any] | None,
-          on_error: Callable[[BaseException], None] | None = None) -> concurrent.futures.Future:
+def chain(
+    state: ServerState,
+    source: concurrent.futures.Future,
+    finish: Callable[[Any], Any] | None,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> concurrent.futures.Future:
     """A future of `finish(source's result)`, computed on the server's result thread.
 
     If the op fails, `on_error(exception)` runs there first (to undo what the route recorded)."""

@@ -75,8 +75,11 @@ def reconcile_storage(data_dir: Path, catalogue: Catalogue) -> DataDirLock:
             catalogue.delete_checkpoint(row.run_id, row.checkpoint_id)
     if lock.held:
         for directory in sorted(on_disk - listed):
-            log.warning("removing checkpoint files no catalogue entry names (a save interrupted before "
-                        "it was listed): %s", directory.relative_to(data_dir))
+            log.warning(
+                "removing checkpoint files no catalogue entry names (a save interrupted before "
+                "it was listed): %s",
+                directory.relative_to(data_dir),
+            )
             _remove(directory)
     return lock
 

@@ -58,22 +58,32 @@ async def console_slash() -> RedirectResponse:
 
 
 @router.post("/api/v1/tether/runs/{run_id}/metrics")
-def log_metrics(run_id: str, body: wire.LogMetricsRequest, state: ServerState = Depends(server_state),
-                      owner: str = Depends(request_owner)) -> dict[str, str]:
+def log_metrics(
+    run_id: str,
+    body: wire.LogMetricsRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     state.catalogue.get_training_run(run_id, owner)
     state.run_metrics.record(run_id, body.step, body.metrics, source="client")
     return {"status": "ok"}
 
 
 @router.get("/api/v1/tether/runs/{run_id}/metrics")
-def run_metrics(run_id: str, max_points: int = Query(DEFAULT_PAGE_POINTS, ge=1, le=100_000),
-                      state: ServerState = Depends(server_state),
-                      owner: str = Depends(request_owner)) -> dict[str, Any]:
+def run_metrics(
+    run_id: str,
+    max_points: int = Query(DEFAULT_PAGE_POINTS, ge=1, le=100_000),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     """`{"run_id", "max_points", "series": {"server/loss:sum": [[step, value], ...], ...}}`."""
     state.catalogue.get_training_run(run_id, owner)
     series = state.run_metrics.series(run_id, max_points=max_points)
-    return {"run_id": run_id, "max_points": max_points,
-            "series": {name: [[step, value] for step, value in points] for name, points in series.items()}}
+    return {
+        "run_id": run_id,
+        "max_points": max_points,
+        "series": {name: [[step, value] for step, value in points] for name, points in series.items()},
+    }
 
 
 # ---- what the pages list
@@ -107,31 +117,49 @@ def whoami(state: ServerState = Depends(server_state), owner: str = Depends(requ
 
 
 @router.get("/api/v1/tether/console/runs")
-def console_runs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_INT64),
-                       state: ServerState = Depends(server_state),
-                       owner: str = Depends(request_owner)) -> dict[str, Any]:
+def console_runs(
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_INT64),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     rows, total = state.catalogue.list_training_runs(owner, limit, offset)
     steps = state.run_metrics.steps([r.run_id for r in rows])
-    return {"runs": [_run_summary(state, r, steps[r.run_id]) for r in rows], "total": total,
-            "offset": offset, "limit": limit}
+    return {
+        "runs": [_run_summary(state, r, steps[r.run_id]) for r in rows],
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+    }
 
 
 @router.get("/api/v1/tether/console/runs/{run_id}")
-def console_run(run_id: str, state: ServerState = Depends(server_state),
-                      owner: str = Depends(request_owner)) -> dict[str, Any]:
+def console_run(
+    run_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
     row = state.catalogue.get_training_run(run_id, owner)
     checkpoints, _ = state.catalogue.list_checkpoints(owner, run_id=run_id)
     summary = _run_summary(state, row, state.run_metrics.steps([run_id])[run_id])
-    return {**summary, "lora_config": row.lora_config or {},
-            "checkpoint_list": [checkpoint_json(c) for c in checkpoints]}
+    return {
+        **summary,
+        "lora_config": row.lora_config or {},
+        "checkpoint_list": [checkpoint_json(c) for c in checkpoints],
+    }
 
 
 def _session_json(state: ServerState, owner: str, row: SessionRow) -> dict[str, Any]:
     samplers = []
     for sampler_id in state.catalogue.samplers_of_session(row.session_id):
         sampler = state.catalogue.get_sampler(sampler_id, owner)
-        samplers.append({"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path,
-                         "created": _iso(sampler.created_at), "live": state.live.has_sampler(sampler_id)})
+        samplers.append(
+            {
+                "sampler_id": sampler_id,
+                "base_model": sampler.base_model,
+                "model_path": sampler.model_path,
+                "created": _iso(sampler.created_at),
+                "live": state.live.has_sampler(sampler_id),
+            }
+        )
     return {
         "session_id": row.session_id,
         "status": row.status,
@@ -145,9 +173,12 @@ def _session_json(state: ServerState, owner: str, row: SessionRow) -> dict[str, 
 
 
 @router.get("/api/v1/tether/console/sessions")
-def console_sessions(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_INT64),
-                           state: ServerState = Depends(server_state),
-                           owner: str = Depends(request_owner)) -> dict[str, Any]:
+def console_sessions(
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_INT64),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     rows = state.catalogue.list_sessions(owner, limit, offset)
     return {"sessions": [_session_json(state, owner, r) for r in rows], "offset": offset, "limit": limit}
 
@@ -158,10 +189,22 @@ async def console_jobs(request: Request, owner: str = Depends(request_owner)) ->
     import asyncio
 
     rows = await asyncio.to_thread(request.app.state.tether_jobs.list, owner)
-    jobs = [{"job_id": r.job_id, "state": r.job_state.short, "base_model": r.job_config.base_model,
-             "reason": r.reason, "restarts": r.restart_count, "created": as_utc(r.created_at)} for r in rows]
-    return {"jobs": jobs, "available": True,
-            "note": "Create one with `tether jobs create --base-model ...` or TrainerJobManager.create_and_wait."}
+    jobs = [
+        {
+            "job_id": r.job_id,
+            "state": r.job_state.short,
+            "base_model": r.job_config.base_model,
+            "reason": r.reason,
+            "restarts": r.restart_count,
+            "created": as_utc(r.created_at),
+        }
+        for r in rows
+    ]
+    return {
+        "jobs": jobs,
+        "available": True,
+        "note": "Create one with `tether jobs create --base-model ...` or TrainerJobManager.create_and_wait.",
+    }
 
 
 @router.get("/api/v1/tether/console/deployments")
@@ -174,11 +217,16 @@ async def console_deployments(owner: str = Depends(request_owner)) -> dict[str, 
 
 _RUN_GAUGES = {
     "loss:sum": ("tether_run_loss_sum", "Training loss summed over the last optimizer step's tokens."),
-    "loss:per_token": ("tether_run_loss_per_token", "Training loss per loss token in the last optimizer step."),
+    "loss:per_token": (
+        "tether_run_loss_per_token",
+        "Training loss per loss token in the last optimizer step.",
+    ),
     "grad_norm": ("tether_run_grad_norm", "Gradient norm (before clipping) of the last optimizer step."),
     "learning_rate": ("tether_run_learning_rate", "Learning rate of the last optimizer step."),
-    "tokens_per_s": ("tether_run_tokens_per_second",
-                     "Input tokens per second of forward_backward compute in the last optimizer step."),
+    "tokens_per_s": (
+        "tether_run_tokens_per_second",
+        "Input tokens per second of forward_backward compute in the last optimizer step.",
+    ),
 }
 
 
@@ -193,12 +241,19 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         totals = self.state.run_metrics.totals
-        yield CounterMetricFamily("tether_optim_steps", "Optimizer steps this server process ran.",
-                                  value=totals.optim_steps)
-        yield CounterMetricFamily("tether_forward_backward_calls", "forward_backward calls this server process ran.",
-                                  value=totals.forward_backward_calls)
-        yield CounterMetricFamily("tether_trained_tokens", "Input tokens of this process's forward_backward calls.",
-                                  value=totals.tokens)
+        yield CounterMetricFamily(
+            "tether_optim_steps", "Optimizer steps this server process ran.", value=totals.optim_steps
+        )
+        yield CounterMetricFamily(
+            "tether_forward_backward_calls",
+            "forward_backward calls this server process ran.",
+            value=totals.forward_backward_calls,
+        )
+        yield CounterMetricFamily(
+            "tether_trained_tokens",
+            "Input tokens of this process's forward_backward calls.",
+            value=totals.tokens,
+        )
         catalogue = self.state.catalogue
         sessions = catalogue.list_sessions(self.owner, 10**9, 0)
         active = GaugeMetricFamily("tether_sessions", "Sessions of this key, by status.", labels=["status"])
@@ -209,12 +264,20 @@ class _Collector:
         yield GaugeMetricFamily("tether_training_runs", "Training runs of this key.", value=total_runs)
         checkpoints, total_checkpoints = catalogue.list_checkpoints(self.owner, limit=10**9)
         yield GaugeMetricFamily("tether_checkpoints", "Checkpoints of this key.", value=total_checkpoints)
-        yield GaugeMetricFamily("tether_checkpoint_bytes", "Bytes of this key's checkpoints.",
-                                value=sum(c.size_bytes or 0 for c in checkpoints))
+        yield GaugeMetricFamily(
+            "tether_checkpoint_bytes",
+            "Bytes of this key's checkpoints.",
+            value=sum(c.size_bytes or 0 for c in checkpoints),
+        )
         mine = {r.run_id for r in runs}
         latest = {run_id: dict(values) for run_id, values in list(totals.latest.items()) if run_id in mine}
-        step = GaugeMetricFamily("tether_run_step", "Last optimizer step the server observed.", labels=["run_id"])
-        gauges = {name: GaugeMetricFamily(metric, doc, labels=["run_id"]) for name, (metric, doc) in _RUN_GAUGES.items()}
+        step = GaugeMetricFamily(
+            "tether_run_step", "Last optimizer step the server observed.", labels=["run_id"]
+        )
+        gauges = {
+            name: GaugeMetricFamily(metric, doc, labels=["run_id"])
+            for name, (metric, doc) in _RUN_GAUGES.items()
+        }
         for run_id, values in sorted(latest.items()):
             step.add_metric([run_id], max(s for s, _ in values.values()))
             for name, (_, value) in values.items():
@@ -225,8 +288,9 @@ class _Collector:
 
 
 @router.get("/metrics", include_in_schema=False)
-def prometheus_metrics(state: ServerState = Depends(server_state),
-                             owner: str = Depends(request_owner)) -> Response:
+def prometheus_metrics(
+    state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)

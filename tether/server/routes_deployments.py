@@ -75,7 +75,8 @@ def registry(request: Request, state: ServerState = Depends(server_state)) -> De
             config = state.config
             paths = {name: config.model_aliases.get(name, name) for name in config.models}
             found = app.state.deployments = DeploymentRegistry(
-                state.catalogue, config.data_dir, model_paths=paths, torch_threads=config.torch_threads)
+                state.catalogue, config.data_dir, model_paths=paths, torch_threads=config.torch_threads
+            )
     return found
 
 
@@ -97,43 +98,57 @@ async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> di
 
 
 @router.post("")
-async def create(body: CreateDeployment, owner: str = Depends(request_owner),
-                 reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
-    row = reg.create(owner, body.deployment_id, body.base_model, transition=body.hot_load_transition_type,
-                     config=body.model_dump(exclude_none=True))
+async def create(
+    body: CreateDeployment, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
+    row = reg.create(
+        owner,
+        body.deployment_id,
+        body.base_model,
+        transition=body.hot_load_transition_type,
+        config=body.model_dump(exclude_none=True),
+    )
     return deployment_info(row)
 
 
 @router.get("")
-async def list_deployments(owner: str = Depends(request_owner),
-                           reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+async def list_deployments(
+    owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
     return {"deployments": [deployment_info(row) for row in reg.list(owner)]}
 
 
 @router.get("/{deployment_id}")
-async def get(deployment_id: str, owner: str = Depends(request_owner),
-              reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+async def get(
+    deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
     row = reg.get(deployment_id, owner)
     return deployment_info(row, await _status(reg, deployment_id, owner))
 
 
 @router.delete("/{deployment_id}")
-async def delete(deployment_id: str, owner: str = Depends(request_owner),
-                 reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+async def delete(
+    deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
     reg.delete(deployment_id, owner)
     return {"deployment_id": deployment_id, "state": "DELETED"}
 
 
 @router.post("/{deployment_id}/restart")
-async def restart(deployment_id: str, owner: str = Depends(request_owner),
-                  reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+async def restart(
+    deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
     return deployment_info(reg.restart(deployment_id, owner))
 
 
 @router.post("/{deployment_id}/hot_load")
-async def hot_load(deployment_id: str, body: HotLoad, owner: str = Depends(request_owner),
-                   reg: DeploymentRegistry = Depends(registry),
-                   state: ServerState = Depends(server_state)) -> JSONResponse:
+async def hot_load(
+    deployment_id: str,
+    body: HotLoad,
+    owner: str = Depends(request_owner),
+    reg: DeploymentRegistry = Depends(registry),
+    state: ServerState = Depends(server_state),
+) -> JSONResponse:
     url = reg.url(deployment_id, owner)
     target = body.path or body.identity
     try:
@@ -145,22 +160,32 @@ async def hot_load(deployment_id: str, body: HotLoad, owner: str = Depends(reque
     directory = state.checkpoints.directory(owner, parsed)
     if not (directory / "manifest.json").is_file():
         raise NotFoundError(f"checkpoint {target} does not exist")
-    answer = await _child(url, "POST", "/hot_load", json={"path": str(directory), "identity": body.identity,
-                                                          "transition": body.transition})
+    answer = await _child(
+        url,
+        "POST",
+        "/hot_load",
+        json={"path": str(directory), "identity": body.identity, "transition": body.transition},
+    )
     return JSONResponse(answer.json(), status_code=answer.status_code)
 
 
 @router.get("/{deployment_id}/hot_load")
-async def hot_load_status(deployment_id: str, owner: str = Depends(request_owner),
-                          reg: DeploymentRegistry = Depends(registry)) -> dict[str, Any]:
+async def hot_load_status(
+    deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+) -> dict[str, Any]:
     reg.get(deployment_id, owner)
     status = await _status(reg, deployment_id, owner)
     return status if status is not None else {"replicas": []}
 
 
 @router.api_route("/{deployment_id}/v1/{rest:path}", methods=["GET", "POST"])
-async def proxy(deployment_id: str, rest: str, request: Request, owner: str = Depends(request_owner),
-                reg: DeploymentRegistry = Depends(registry)) -> Response:
+async def proxy(
+    deployment_id: str,
+    rest: str,
+    request: Request,
+    owner: str = Depends(request_owner),
+    reg: DeploymentRegistry = Depends(registry),
+) -> Response:
     url = reg.url(deployment_id, owner)
     body = await request.body()
     headers = {"content-type": request.headers.get("content-type", "application/json")}
@@ -171,8 +196,9 @@ async def proxy(deployment_id: str, rest: str, request: Request, owner: str = De
         streaming = False  # the deployment answers the malformed body with its own 4xx
     if streaming:
         client = httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S)
-        upstream = await client.send(client.build_request("POST", target, content=body, headers=headers),
-                                     stream=True)
+        upstream = await client.send(
+            client.build_request("POST", target, content=body, headers=headers), stream=True
+        )
 
         async def relay():
             try:
@@ -182,8 +208,11 @@ async def proxy(deployment_id: str, rest: str, request: Request, owner: str = De
                 await upstream.aclose()
                 await client.aclose()
 
-        return StreamingResponse(relay(), status_code=upstream.status_code,
-                                 media_type=upstream.headers.get("content-type"))
+        return StreamingResponse(
+            relay(), status_code=upstream.status_code, media_type=upstream.headers.get("content-type")
+        )
     answer = await _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
-    keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")}
+    keep = {
+        k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")
+    }
     return Response(answer.content, status_code=answer.status_code, headers=keep)

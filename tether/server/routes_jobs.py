@@ -81,8 +81,12 @@ def _answer(request: Request, row: TrainerJobRow) -> TrainerJob:
 
 
 @router.post("")
-async def create_job(body: TrainerJobConfig, request: Request, trainerJobId: str | None = None,  # noqa: N803
-                     owner: str = Depends(request_owner)) -> TrainerJob:
+async def create_job(
+    body: TrainerJobConfig,
+    request: Request,
+    trainerJobId: str | None = None,  # noqa: N803
+    owner: str = Depends(request_owner),
+) -> TrainerJob:
     """`?trainerJobId=` (the reference's query parameter) is the same as `requested_job_id`."""
     if trainerJobId is not None:
         body = TrainerJobConfig.model_validate({**body.model_dump(), "requested_job_id": trainerJobId})
@@ -91,8 +95,9 @@ async def create_job(body: TrainerJobConfig, request: Request, trainerJobId: str
 
 
 @router.get("")
-async def list_jobs(request: Request, show_deleted: bool = False,
-                    owner: str = Depends(request_owner)) -> TrainerJobsResponse:
+async def list_jobs(
+    request: Request, show_deleted: bool = False, owner: str = Depends(request_owner)
+) -> TrainerJobsResponse:
     rows = await asyncio.to_thread(jobs(request).list, owner, include_deleted=show_deleted)
     return TrainerJobsResponse(jobs=[_answer(request, row) for row in rows])
 
@@ -118,29 +123,34 @@ async def cancel_job(job_id: str, request: Request, owner: str = Depends(request
 
 
 @router.get(JOB + "/checkpoints")
-async def list_job_checkpoints(job_id: str, request: Request,
-                               owner: str = Depends(request_owner)) -> JobCheckpointsResponse:
+async def list_job_checkpoints(
+    job_id: str, request: Request, owner: str = Depends(request_owner)
+) -> JobCheckpointsResponse:
     rows = await asyncio.to_thread(jobs(request).list_checkpoints, owner, job_id)
     return JobCheckpointsResponse(checkpoints=rows)
 
 
 @router.post(JOB + "/checkpoints:delete")
-async def delete_job_checkpoint(job_id: str, body: DeleteJobCheckpointRequest, request: Request,
-                                owner: str = Depends(request_owner)) -> dict[str, str]:
+async def delete_job_checkpoint(
+    job_id: str, body: DeleteJobCheckpointRequest, request: Request, owner: str = Depends(request_owner)
+) -> dict[str, str]:
     await asyncio.to_thread(jobs(request).delete_checkpoint, owner, job_id, body.tinker_path)
     return {"deleted": body.tinker_path}
 
 
 @router.post(JOB + "/checkpoints:promote")
-async def promote_job_checkpoint(job_id: str, body: PromoteCheckpointRequest, request: Request,
-                                 owner: str = Depends(request_owner)) -> ExportedModel:
-    return await asyncio.to_thread(jobs(request).promote_checkpoint, owner, job_id, body.tinker_path,
-                                   body.output_model_id)
+async def promote_job_checkpoint(
+    job_id: str, body: PromoteCheckpointRequest, request: Request, owner: str = Depends(request_owner)
+) -> ExportedModel:
+    return await asyncio.to_thread(
+        jobs(request).promote_checkpoint, owner, job_id, body.tinker_path, body.output_model_id
+    )
 
 
 @router.post(JOB + "/checkpoints:exportMerged")
-async def export_merged_checkpoint(job_id: str, body: ExportMergedRequest, request: Request,
-                                   owner: str = Depends(request_owner)) -> ExportedModel:
+async def export_merged_checkpoint(
+    job_id: str, body: ExportMergedRequest, request: Request, owner: str = Depends(request_owner)
+) -> ExportedModel:
     return await asyncio.to_thread(jobs(request).export_merged, owner, job_id, body.tinker_path)
 
 
@@ -154,13 +164,24 @@ async def forward(job_id: str, path: str, request: Request, owner: str = Depends
     headers["X-API-Key"] = key
     client: httpx.AsyncClient = request.app.state.tether_jobs_http
     try:
-        answer = await client.request(request.method, f"{url}/api/v1/{path}", params=request.query_params,
-                                      content=await request.body(), headers=headers)
+        answer = await client.request(
+            request.method,
+            f"{url}/api/v1/{path}",
+            params=request.query_params,
+            content=await request.body(),
+            headers=headers,
+        )
     except httpx.TransportError as exc:
-        return JSONResponse(status_code=503, content={
-            "detail": f"trainer job {job_id!r} is unreachable ({type(exc).__name__}); it may be restarting",
-            "category": "server"})
-    out_headers = {name: answer.headers[name] for name in _FORWARDED_RESPONSE_HEADERS if name in answer.headers}
+        return JSONResponse(
+            status_code=503,
+            content={
+                "detail": f"trainer job {job_id!r} is unreachable ({type(exc).__name__}); it may be restarting",
+                "category": "server",
+            },
+        )
+    out_headers = {
+        name: answer.headers[name] for name in _FORWARDED_RESPONSE_HEADERS if name in answer.headers
+    }
     return Response(answer.content, status_code=answer.status_code, headers=out_headers)
 
 
@@ -183,7 +204,9 @@ def install(app: FastAPI) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         async with inner(app_):
-            app.state.tether_jobs_http = httpx.AsyncClient(timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0))
+            app.state.tether_jobs_http = httpx.AsyncClient(
+                timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0)
+            )
             task = asyncio.create_task(monitor())
             try:
                 yield

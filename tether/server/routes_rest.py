@@ -28,6 +28,7 @@ from tether.types.wire_base import MAX_INT64
 
 router = APIRouter(prefix="/api/v1")
 
+
 def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
     return {
         "checkpoint_id": row.checkpoint_id,
@@ -59,38 +60,52 @@ def _run_json(row: TrainingRunRow, latest: dict[tuple[str, str], CheckpointRow])
 
 
 @router.get("/training_runs")
-async def list_training_runs(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
-                             state: ServerState = Depends(server_state),
-                             owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def list_training_runs(
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_INT64),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     rows, total = state.catalogue.list_training_runs(owner, limit, offset)
     latest = state.catalogue.latest_checkpoints(owner, [r.run_id for r in rows])
-    return {"training_runs": [_run_json(r, latest) for r in rows],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+    return {
+        "training_runs": [_run_json(r, latest) for r in rows],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
 
 
 @router.get("/training_runs/{run_id}")
-async def get_training_run(run_id: str, state: ServerState = Depends(server_state),
-                           owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def get_training_run(
+    run_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
     row = state.catalogue.get_training_run(run_id, owner)
     return _run_json(row, state.catalogue.latest_checkpoints(owner, [run_id]))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-async def list_run_checkpoints(run_id: str, state: ServerState = Depends(server_state),
-                               owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def list_run_checkpoints(
+    run_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
     state.catalogue.get_training_run(run_id, owner)
     rows, total = state.catalogue.list_checkpoints(owner, run_id=run_id)
-    return {"checkpoints": [checkpoint_json(r) for r in rows],
-            "cursor": {"offset": 0, "limit": max(total, 1), "total_count": total}}
+    return {
+        "checkpoints": [checkpoint_json(r) for r in rows],
+        "cursor": {"offset": 0, "limit": max(total, 1), "total_count": total},
+    }
 
 
 @router.get("/checkpoints")
-async def list_user_checkpoints(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
-                                state: ServerState = Depends(server_state),
-                                owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def list_user_checkpoints(
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_INT64),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     rows, total = state.catalogue.list_checkpoints(owner, limit=limit, offset=offset)
-    return {"checkpoints": [checkpoint_json(r) for r in rows],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+    return {
+        "checkpoints": [checkpoint_json(r) for r in rows],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
 
 
 def _owned_checkpoint(state: ServerState, owner: str, run_id: str, segment: str, name: str) -> CheckpointRow:
@@ -102,16 +117,26 @@ def _owned_checkpoint(state: ServerState, owner: str, run_id: str, segment: str,
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}")
-async def delete_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
-                            owner: str = Depends(request_owner)) -> dict[str, str]:
+async def delete_checkpoint(
+    run_id: str,
+    segment: str,
+    name: str,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
     sessions.delete_checkpoint(state, row)
     return {"status": "deleted"}
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish")
-async def publish_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
-                             owner: str = Depends(request_owner)) -> dict[str, str]:
+async def publish_checkpoint(
+    run_id: str,
+    segment: str,
+    name: str,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
     if row.public:
         raise ConflictError(f"{row.tinker_path} is already public")
@@ -120,17 +145,27 @@ async def publish_checkpoint(run_id: str, segment: str, name: str, state: Server
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish")
-async def unpublish_checkpoint(run_id: str, segment: str, name: str, state: ServerState = Depends(server_state),
-                               owner: str = Depends(request_owner)) -> dict[str, str]:
+async def unpublish_checkpoint(
+    run_id: str,
+    segment: str,
+    name: str,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
     state.catalogue.update_checkpoint(row.run_id, row.checkpoint_id, public=False)
     return {"status": "unpublished"}
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{segment}/{name}/ttl")
-async def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: wire.SetCheckpointTtlRequest,
-                             state: ServerState = Depends(server_state),
-                             owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def set_checkpoint_ttl(
+    run_id: str,
+    segment: str,
+    name: str,
+    body: wire.SetCheckpointTtlRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     row = _owned_checkpoint(state, owner, run_id, segment, name)
     ttl = body.ttl_seconds
     expires = utcnow() + timedelta(seconds=ttl) if ttl is not None else None
@@ -139,8 +174,9 @@ async def set_checkpoint_ttl(run_id: str, segment: str, name: str, body: wire.Se
 
 
 @router.get("/training_runs/{run_id}/checkpoints/external_weights/{name}/external_weights_urls")
-async def external_weights_urls(run_id: str, name: str, state: ServerState = Depends(server_state),
-                                owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def external_weights_urls(
+    run_id: str, name: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
     """file:// URLs: the server and its clients share a filesystem in tether's local deployment."""
     from pathlib import Path
 
@@ -151,8 +187,11 @@ async def external_weights_urls(run_id: str, name: str, state: ServerState = Dep
 
 
 @router.post("/weights_info")
-async def weights_info(body: wire.WeightsInfoRequest, state: ServerState = Depends(server_state),
-                       owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def weights_info(
+    body: wire.WeightsInfoRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, Any]:
     path = parse_checkpoint_path(body.tinker_path, field="tinker_path")
     row = state.catalogue.get_checkpoint(path.training_run_id, path.checkpoint_id, owner)
     run = state.catalogue.get_training_run(path.training_run_id, row.owner)
@@ -169,14 +208,19 @@ async def weights_info(body: wire.WeightsInfoRequest, state: ServerState = Depen
 
 
 @router.get("/sessions")
-async def list_sessions(limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_INT64),
-                        state: ServerState = Depends(server_state), owner: str = Depends(request_owner)) -> dict:
+async def list_sessions(
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=MAX_INT64),
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict:
     return {"sessions": [s.session_id for s in state.catalogue.list_sessions(owner, limit, offset)]}
 
 
 @router.get("/sessions/{session_id}")
-async def get_session(session_id: str, state: ServerState = Depends(server_state),
-                      owner: str = Depends(request_owner)) -> dict[str, Any]:
+async def get_session(
+    session_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
     row = state.catalogue.get_session(session_id, owner)
     return {
         "training_run_ids": state.catalogue.runs_of_session(session_id),
@@ -184,7 +228,6 @@ async def get_session(session_id: str, state: ServerState = Depends(server_state
         "user_metadata": {str(k): str(v) for k, v in (row.user_metadata or {}).items()},
         "display_name": row.display_name,
     }
-
 
 
 COPY_PENDING = f"pending:{uuid.uuid4().hex}"
@@ -206,7 +249,9 @@ async def _claim_copy(state: ServerState, scope: str, key: str) -> str | None:
             return None
         while earlier == COPY_PENDING:
             if asyncio.get_running_loop().time() > deadline:
-                raise ConflictError(f"a copy with X-Idempotency-Key {key!r} is still in progress; retry later")
+                raise ConflictError(
+                    f"a copy with X-Idempotency-Key {key!r} is still in progress; retry later"
+                )
             await asyncio.sleep(_COPY_POLL_S)
             earlier = state.catalogue.idempotency_value(scope, key)
         if earlier is None:
@@ -218,8 +263,12 @@ async def _claim_copy(state: ServerState, scope: str, key: str) -> str | None:
 
 
 @router.post("/copy_weights")
-async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: ServerState = Depends(server_state),
-                       owner: str = Depends(request_owner)) -> dict[str, str]:
+async def copy_weights(
+    body: wire.CopyWeightsRequest,
+    request: Request,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     """Copy a checkpoint into a new training run of a new session. Retries with the same
     X-Idempotency-Key, concurrent or later (even after a restart), get the first copy's tinker path:
     the key is claimed durably in the catalogue (scope `copy:<owner>`) before anything is copied."""
@@ -242,40 +291,69 @@ async def copy_weights(body: wire.CopyWeightsRequest, request: Request, state: S
     return {"tinker_path": destination.tinker_path}
 
 
-async def _copy(state: ServerState, body: wire.CopyWeightsRequest, owner: str, source: ParsedCheckpointPath,
-                row: CheckpointRow, source_run: TrainingRunRow) -> ParsedCheckpointPath:
+async def _copy(
+    state: ServerState,
+    body: wire.CopyWeightsRequest,
+    owner: str,
+    source: ParsedCheckpointPath,
+    row: CheckpointRow,
+    source_run: TrainingRunRow,
+) -> ParsedCheckpointPath:
     session_id = body.session_id or f"sess-{uuid.uuid4().hex[:16]}"
     if body.session_id is None:
-        state.catalogue.create_session(session_id, owner, tags=["copy"], user_metadata={}, display_name=None,
-                                       project_id=body.destination_project_id)
+        state.catalogue.create_session(
+            session_id,
+            owner,
+            tags=["copy"],
+            user_metadata={},
+            display_name=None,
+            project_id=body.destination_project_id,
+        )
         state.catalogue.set_session_status(session_id, "finished")
     else:
         state.catalogue.get_session(session_id, owner)
     run_id = format_model_id(session_id, body.model_seq_id or 0)
     destination = ParsedCheckpointPath(run_id, source.kind, source.name)
     info = await asyncio.to_thread(state.checkpoints.copy, row.owner, source, owner, destination)
-    state.catalogue.add_training_run(run_id, session_id, owner, base_model=source_run.base_model,
-                                     is_lora=source_run.is_lora, lora_rank=source_run.lora_rank,
-                                     lora_config=dict(source_run.lora_config or {}), user_metadata={})
-    state.catalogue.add_checkpoint(run_id, destination.checkpoint_id, owner, checkpoint_type=destination.kind,
-                                   directory=str(state.checkpoints.directory(owner, destination)),
-                                   size_bytes=info.size_bytes, ttl_seconds=body.ttl_seconds,
-                                   user_metadata=dict(row.user_metadata or {}))
+    state.catalogue.add_training_run(
+        run_id,
+        session_id,
+        owner,
+        base_model=source_run.base_model,
+        is_lora=source_run.is_lora,
+        lora_rank=source_run.lora_rank,
+        lora_config=dict(source_run.lora_config or {}),
+        user_metadata={},
+    )
+    state.catalogue.add_checkpoint(
+        run_id,
+        destination.checkpoint_id,
+        owner,
+        checkpoint_type=destination.kind,
+        directory=str(state.checkpoints.directory(owner, destination)),
+        size_bytes=info.size_bytes,
+        ttl_seconds=body.ttl_seconds,
+        user_metadata=dict(row.user_metadata or {}),
+    )
     return destination
 
 
 @router.put("/sessions/{session_id}/project")
-async def assign_session_project(session_id: str, body: wire.AssignSessionProjectRequest,
-                                 state: ServerState = Depends(server_state),
-                                 owner: str = Depends(request_owner)) -> dict[str, str]:
+async def assign_session_project(
+    session_id: str,
+    body: wire.AssignSessionProjectRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, str]:
     state.catalogue.get_session(session_id, owner)
     state.catalogue.set_session_project(session_id, body.project_id)
     return {"status": "ok"}
 
 
 @router.get("/sessions/{session_id}/trace_export")
-async def export_session_trace(session_id: str, state: ServerState = Depends(server_state),
-                               owner: str = Depends(request_owner)) -> dict[str, str]:
+async def export_session_trace(
+    session_id: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, str]:
     """tether records no request traces; answering `failed` ends the SDK's polling at once."""
     state.catalogue.get_session(session_id, owner)
     return {"status": "failed", "error": "tether does not record session traces"}

@@ -35,17 +35,22 @@ async def healthz(state: ServerState = Depends(server_state)) -> Response:
 
 
 @router.get("/get_server_capabilities")
-async def get_server_capabilities(state: ServerState = Depends(server_state), _: str = Depends(request_owner)) -> dict:
+async def get_server_capabilities(
+    state: ServerState = Depends(server_state), _: str = Depends(request_owner)
+) -> dict:
     return {
         "supported_models": [
-            {"model_name": name, "trainable": True, "sampleable": True} for name in state.trainers.served_names
+            {"model_name": name, "trainable": True, "sampleable": True}
+            for name in state.trainers.served_names
         ]
     }
 
 
 @router.post("/create_session")
 async def create_session(
-    body: wire.CreateSessionRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.CreateSessionRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
 ) -> dict[str, str]:
     session_id = f"sess-{uuid.uuid4().hex[:16]}"
     state.catalogue.create_session(
@@ -61,7 +66,9 @@ async def create_session(
 
 @router.post("/session_heartbeat")
 async def session_heartbeat(
-    body: wire.SessionHeartbeatRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.SessionHeartbeatRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
 ) -> JSONResponse:
     """410 once the session is finished, expired or unknown: the SDK stops heartbeating then."""
     if not state.catalogue.heartbeat(body.session_id, owner):
@@ -86,7 +93,9 @@ async def telemetry(_: str = Depends(request_owner)) -> dict[str, str]:
 
 @router.post("/retrieve_future")
 async def retrieve_future(
-    body: wire.FutureRetrieveRequest, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    body: wire.FutureRetrieveRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
 ) -> Response:
     outcome = await state.futures.wait(body.request_id, owner, state.config.long_poll_s)
     if outcome.payload is None:
@@ -97,7 +106,10 @@ async def retrieve_future(
 
 
 @router.post("/cancel_future")
-async def cancel_future(body: wire.CancelFutureRequest, state: ServerState = Depends(server_state),
-                        owner: str = Depends(request_owner)) -> dict[str, bool]:
+async def cancel_future(
+    body: wire.CancelFutureRequest,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
+) -> dict[str, bool]:
     """Cancel an operation that has not started yet (a running one finishes; its result is kept)."""
     return {"cancelled": state.futures.cancel(body.request_id, owner)}

@@ -78,7 +78,9 @@ def list_tokenizer_files(directory: Path) -> dict[str, Any]:
         if path.name in TOKENIZER_FILES and path.is_file()
     ]
     if not files:
-        raise NotFoundError(f"no tokenizer files in the model directory of this base model ({directory.name})")
+        raise NotFoundError(
+            f"no tokenizer files in the model directory of this base model ({directory.name})"
+        )
     digest = hashlib.sha256("".join(f"{f['name']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()
     return {"files": files, "digest": digest}
 
@@ -94,7 +96,10 @@ async def tokenizer_files(
 
 @router.get("/{base_model:path}/files/{name}")
 async def tokenizer_file(
-    base_model: str, name: str, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+    base_model: str,
+    name: str,
+    state: ServerState = Depends(server_state),
+    owner: str = Depends(request_owner),
 ) -> FileResponse:
     if name not in TOKENIZER_FILES:
         raise NotFoundError(f"{name!r} is not a tokenizer file; tokenizer files: {sorted(TOKENIZER_FILES)}")

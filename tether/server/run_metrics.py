@@ -119,12 +119,15 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     if not isinstance(metrics, Mapping):
         raise UserInputError(f"must map names to numbers, got {type(metrics).__name__}", field="metrics")
     if len(metrics) > MAX_METRICS_PER_CALL:
-        raise UserInputError(f"at most {MAX_METRICS_PER_CALL} metrics per call, got {len(metrics)}", field="metrics")
+        raise UserInputError(
+            f"at most {MAX_METRICS_PER_CALL} metrics per call, got {len(metrics)}", field="metrics"
+        )
     clean: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-            raise UserInputError(f"metric names are 1 to {MAX_NAME_LENGTH} characters, got {name!r}"[:300],
-                                 field="metrics")
+            raise UserInputError(
+                f"metric names are 1 to {MAX_NAME_LENGTH} characters, got {name!r}"[:300], field="metrics"
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserInputError(f"must be a number, got {type(value).__name__}", field=f"metrics.{name}")
         if math.isfinite(value):
@@ -135,8 +138,13 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 class RunMetrics:
     """Bounded per-run metric series in the catalogue's database; safe to call from any thread."""
 
-    def __init__(self, catalogue: Catalogue, *, max_points_per_series: int = 2000,
-                 flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        *,
+        max_points_per_series: int = 2000,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+    ) -> None:
         if max_points_per_series < 2:
             raise ValueError("max_points_per_series must be at least 2")
         self._catalogue = catalogue
@@ -173,8 +181,9 @@ class RunMetrics:
                 latest.update({name: (at, value) for name, value in clean.items()})
         self._ensure_flusher()
 
-    def observe_forward_backward(self, run_id: str, data: Sequence[Any], metrics: Mapping[str, Any], *,
-                                 seconds: float) -> None:
+    def observe_forward_backward(
+        self, run_id: str, data: Sequence[Any], metrics: Mapping[str, Any], *, seconds: float
+    ) -> None:
         """Note one forward_backward of the step in progress (recorded at the next optim_step).
 
         Never raises: observing must not fail the training operation it watches.
@@ -194,8 +203,9 @@ class RunMetrics:
         except Exception:  # noqa: BLE001
             log.exception("observing optim_step of %s failed", run_id)
 
-    def _observe_forward_backward(self, run_id: str, data: Sequence[Any], metrics: Mapping[str, Any],
-                                  seconds: float) -> None:
+    def _observe_forward_backward(
+        self, run_id: str, data: Sequence[Any], metrics: Mapping[str, Any], seconds: float
+    ) -> None:
         tokens, loss_tokens = token_counts(data)
         loss = metrics.get("loss:sum")
         with self._lock:
@@ -231,10 +241,17 @@ class RunMetrics:
         """Optimizer steps the server has seen for the run (from the database after a restart)."""
         if run_id not in self._next_step:
             with self._catalogue.reading() as s:
-                last = s.scalar(select(func.max(RunMetricRow.step)).where(
-                    RunMetricRow.run_id == run_id, RunMetricRow.source == "server"))
-            pending = [p for (r, src, _), points in self._pending.items() if r == run_id and src == "server"
-                       for p, _ in points]
+                last = s.scalar(
+                    select(func.max(RunMetricRow.step)).where(
+                        RunMetricRow.run_id == run_id, RunMetricRow.source == "server"
+                    )
+                )
+            pending = [
+                p
+                for (r, src, _), points in self._pending.items()
+                if r == run_id and src == "server"
+                for p, _ in points
+            ]
             last = max([last] + pending if last is not None else pending, default=None)
             self._next_step[run_id] = 0 if last is None else last + 1
         return self._next_step[run_id]
@@ -252,11 +269,19 @@ class RunMetrics:
             raise UserInputError(f"must be at least 1, got {limit}", field="max_points")
         self.flush()
         with self._catalogue.reading() as s:
-            rows = list(s.execute(
-                select(RunMetricRow.source, RunMetricRow.name, RunMetricRow.step, RunMetricRow.value_sum,
-                       RunMetricRow.count)
-                .where(RunMetricRow.run_id == run_id)
-                .order_by(RunMetricRow.source.desc(), RunMetricRow.name, RunMetricRow.bucket)))
+            rows = list(
+                s.execute(
+                    select(
+                        RunMetricRow.source,
+                        RunMetricRow.name,
+                        RunMetricRow.step,
+                        RunMetricRow.value_sum,
+                        RunMetricRow.count,
+                    )
+                    .where(RunMetricRow.run_id == run_id)
+                    .order_by(RunMetricRow.source.desc(), RunMetricRow.name, RunMetricRow.bucket)
+                )
+            )
         grouped: dict[str, list[_Bucket]] = defaultdict(list)
         for source, name, step, value_sum, count in rows:
             grouped[f"{source}/{name}"].append(_Bucket(step, value_sum, count))
@@ -269,7 +294,8 @@ class RunMetrics:
             rows = s.execute(
                 select(RunMetricRow.run_id, func.max(RunMetricRow.step))
                 .where(RunMetricRow.run_id.in_(list(run_ids)), RunMetricRow.source == "server")
-                .group_by(RunMetricRow.run_id))
+                .group_by(RunMetricRow.run_id)
+            )
             last = {run_id: step for run_id, step in rows}
         return {run_id: last[run_id] + 1 if last.get(run_id) is not None else 0 for run_id in run_ids}
 
@@ -298,13 +324,23 @@ class RunMetrics:
         touched: dict[int, list[tuple[int, float]]] = defaultdict(list)
         for step, value in points:
             touched[step // stride].append((step, value))
-        existing = {row.bucket: row for row in s.scalars(
-            select(RunMetricRow).where(*where, RunMetricRow.bucket.in_(list(touched))))}
+        existing = {
+            row.bucket: row
+            for row in s.scalars(select(RunMetricRow).where(*where, RunMetricRow.bucket.in_(list(touched))))
+        }
         for bucket, bucket_points in touched.items():
             row = existing.get(bucket)
             if row is None:
-                row = RunMetricRow(run_id=run_id, source=source, name=name, bucket=bucket, stride=stride,
-                                   step=bucket_points[0][0], value_sum=0.0, count=0)
+                row = RunMetricRow(
+                    run_id=run_id,
+                    source=source,
+                    name=name,
+                    bucket=bucket,
+                    stride=stride,
+                    step=bucket_points[0][0],
+                    value_sum=0.0,
+                    count=0,
+                )
                 s.add(row)
             for step, value in bucket_points:
                 if stride == 1:  # the same step again (a resumed run): the later value wins
@@ -314,7 +350,10 @@ class RunMetrics:
                     row.count += 1
                 row.step = max(row.step, step)
         s.flush()
-        if s.scalar(select(func.count()).select_from(RunMetricRow).where(*where)) > self.max_points_per_series:
+        if (
+            s.scalar(select(func.count()).select_from(RunMetricRow).where(*where))
+            > self.max_points_per_series
+        ):
             self._restride(s, key, where, stride * 2)
 
     def _restride(self, s: Any, key: SeriesKey, where: tuple, stride: int) -> None:
@@ -334,8 +373,19 @@ class RunMetrics:
                 break
             stride *= 2
         s.execute(delete(RunMetricRow).where(*where))
-        s.add_all(RunMetricRow(run_id=run_id, source=source, name=name, bucket=bucket, stride=stride, step=b.step,
-                               value_sum=b.value_sum, count=b.count) for bucket, b in buckets.items())
+        s.add_all(
+            RunMetricRow(
+                run_id=run_id,
+                source=source,
+                name=name,
+                bucket=bucket,
+                stride=stride,
+                step=b.step,
+                value_sum=b.value_sum,
+                count=b.count,
+            )
+            for bucket, b in buckets.items()
+        )
         s.flush()
 
     # ---- background flushing
@@ -345,7 +395,9 @@ class RunMetrics:
             return
         with self._lock:
             if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="tether-run-metrics", daemon=True)
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="tether-run-metrics", daemon=True
+                )
                 self._flusher.start()
 
     def _flush_loop(self) -> None:
@@ -369,7 +421,7 @@ def _downsample(buckets: list[_Bucket], limit: int) -> list[tuple[int, float]]:
     size = math.ceil(len(buckets) / limit)
     out = []
     for start in range(0, len(buckets), size):
-        group = buckets[start:start + size]
+        group = buckets[start : start + size]
         total = sum(b.count for b in group)
         out.append((group[-1].step, sum(b.value_sum for b in group) / total))
     return out

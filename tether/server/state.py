@@ -32,7 +32,8 @@ class ServerState:
     dedupe: DedupeRegistry = field(default_factory=DedupeRegistry)
     """Repeats of `(model_id | sampling_session_id | creation stream, seq_id)`."""
     results: concurrent.futures.ThreadPoolExecutor = field(
-        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-results"))
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-results")
+    )
     """Turns op results into payloads and catalogue rows, off the trainer's thread and the event loop."""
 
     def close(self) -> None:

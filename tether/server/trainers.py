@@ -36,7 +36,9 @@ class TrainerPool:
     def check_served(self, name: str, *, field_name: str = "base_model") -> str:
         """`name` if this server serves it, else `UserInputError` naming `field_name`."""
         if name not in self._config.models:
-            raise UserInputError(f"model {name!r} is not served here (served: {self._config.models})", field=field_name)
+            raise UserInputError(
+                f"model {name!r} is not served here (served: {self._config.models})", field=field_name
+            )
         return name
 
     def started(self, name: str) -> Trainer | None:
@@ -72,10 +74,13 @@ class TrainerPool:
         if self._config.trainer_process:
             from tether.trainer.remote import RemoteTrainer
 
-            return RemoteTrainer.spawn(TrainerConfig(base_model=name, log_level=self._config.log_level,
-                                                     **settings.model_dump()))
+            return RemoteTrainer.spawn(
+                TrainerConfig(base_model=name, log_level=self._config.log_level, **settings.model_dump())
+            )
         if settings.nproc_per_node > 1:  # distributed hook: many ranks live in their own processes
-            raise ConfigurationError("nproc_per_node > 1 needs trainer_process (--trainer-process)", field="nproc_per_node")
+            raise ConfigurationError(
+                "nproc_per_node > 1 needs trainer_process (--trainer-process)", field="nproc_per_node"
+            )
         from tether.trainer.local import InProcessTrainer  # needs torch: only when a model is first used
 
         return InProcessTrainer(name, settings)

@@ -227,13 +227,18 @@ def write_delta(
         for k in range(width):
             plane = np.ascontiguousarray(columns[:, k]).tobytes()
             uncompressed += len(plane)
-            blobs[f"planes/{index}/{k}"] = torch.frombuffer(bytearray(compressor.compress(plane)), dtype=torch.uint8)
-        groups.append({"dtype": str(dtype), "width": width,
-                       "tensors": [[n, list(delta.xor[n].shape)] for n in names]})
+            blobs[f"planes/{index}/{k}"] = torch.frombuffer(
+                bytearray(compressor.compress(plane)), dtype=torch.uint8
+            )
+        groups.append(
+            {"dtype": str(dtype), "width": width, "tensors": [[n, list(delta.xor[n].shape)] for n in names]}
+        )
     whole = save_safetensors({n: t.contiguous() for n, t in delta.whole.items()}) if delta.whole else b""
     if whole:
         blobs["whole"] = torch.frombuffer(bytearray(compressor.compress(whole)), dtype=torch.uint8)
-    (Path(directory) / DELTA_FILE).write_bytes(save_safetensors(blobs, metadata={"format": "pt"}) if blobs else b"")
+    (Path(directory) / DELTA_FILE).write_bytes(
+        save_safetensors(blobs, metadata={"format": "pt"}) if blobs else b""
+    )
     return {
         "encoding": DELTA_ENCODING,
         "groups": groups,
@@ -268,7 +273,9 @@ def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.
             a = _unsigned([base[n] for n in names], width)
             columns = np.empty((a.size, width), dtype=np.uint8)
             for k in range(width):
-                plane = decompressor.decompress(blobs[f"planes/{index}/{k}"].numpy().tobytes(), max_output_size=a.size)
+                plane = decompressor.decompress(
+                    blobs[f"planes/{index}/{k}"].numpy().tobytes(), max_output_size=a.size
+                )
                 columns[:, k] = np.frombuffer(plane, dtype=np.uint8)
             u_sorted = columns.reshape(-1).view(_UINT_OF_WIDTH[width])
             order = _order(a, dtype)
@@ -279,12 +286,18 @@ def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.
             offset = 0
             for name, shape in group["tensors"]:
                 count = math.prod(shape)
-                xor[name] = torch.from_numpy(x[offset : offset + count].copy()).view(_INT_OF_WIDTH[width]).reshape(shape)
+                xor[name] = (
+                    torch.from_numpy(x[offset : offset + count].copy())
+                    .view(_INT_OF_WIDTH[width])
+                    .reshape(shape)
+                )
                 offset += count
         whole = {}
         if "whole" in blobs:
             whole = load_safetensors(
-                decompressor.decompress(blobs["whole"].numpy().tobytes(), max_output_size=int(layout["whole_bytes"]))
+                decompressor.decompress(
+                    blobs["whole"].numpy().tobytes(), max_output_size=int(layout["whole_bytes"])
+                )
             )
     except (KeyError, ValueError, RuntimeError, TypeError, zstandard.ZstdError) as exc:
         raise CorruptCheckpointError(f"delta at {directory} cannot be decoded: {exc}") from exc
@@ -298,7 +311,9 @@ def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.
     )
 
 
-def save_delta(directory: Path, delta: WeightsDelta, base: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:
+def save_delta(
+    directory: Path, delta: WeightsDelta, base: dict[str, torch.Tensor], *, overwrite: bool = False
+) -> None:
     """Write `delta` (computed from `base`) as its own directory, atomically (see `tether.storage.atomic`)."""
     with atomic_directory(Path(directory), overwrite=overwrite) as staging:
         layout = write_delta(staging, delta, base)

@@ -183,23 +183,30 @@ def read_training_state(
     return StoredTrainingState(weights=weights, optimizer=optimizer, metadata=manifest.get("metadata", {}))
 
 
-def read_dcp_state(directory: Path, manifest: dict[str, Any], *, include_optimizer: bool) -> StoredTrainingState:
+def read_dcp_state(
+    directory: Path, manifest: dict[str, Any], *, include_optimizer: bool
+) -> StoredTrainingState:
     """Full tensors of a DCP training state, however many ranks wrote it (read here alone, no collective)."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = FileSystemReader(str(directory))
     wanted = ("weights/", "optimizer/") if include_optimizer else ("weights/",)
-    state = {key: torch.empty(item.size, dtype=item.properties.dtype)
-             for key, item in reader.read_metadata().state_dict_metadata.items()
-             if isinstance(item, TensorStorageMetadata) and key.startswith(wanted)}
+    state = {
+        key: torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata) and key.startswith(wanted)
+    }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process.*")
         load(state, storage_reader=reader, no_dist=True)
     weights = {k.removeprefix("weights/"): v for k, v in state.items() if k.startswith("weights/")}
     optimizer = {k.removeprefix("optimizer/"): v for k, v in state.items() if k.startswith("optimizer/")}
-    return StoredTrainingState(weights=weights, optimizer=optimizer if include_optimizer else None,
-                               metadata=manifest.get("metadata", {}))
+    return StoredTrainingState(
+        weights=weights,
+        optimizer=optimizer if include_optimizer else None,
+        metadata=manifest.get("metadata", {}),
+    )
 
 
 # ------------------------------------------------------------------ Hugging Face weights

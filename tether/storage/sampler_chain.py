@@ -184,8 +184,10 @@ def merge_lora(
         weight = base_state_dict[key]
         update = scale * (b.detach().cpu().float() @ a.detach().cpu().float())
         if tuple(update.shape) != tuple(weight.shape):
-            raise UserInputError(f"LoRA update of {module!r} has shape {tuple(update.shape)}, weight "
-                                 f"{tuple(weight.shape)}", field="tensors")
+            raise UserInputError(
+                f"LoRA update of {module!r} has shape {tuple(update.shape)}, weight {tuple(weight.shape)}",
+                field="tensors",
+            )
         merged[key] = (weight.detach().cpu().float() + update).to(weight.dtype)
     return merged
 
@@ -270,8 +272,9 @@ def _weights_of(store: CheckpointStore, link: ChainLink) -> dict[str, torch.Tens
         with store._checkout(path, HF_WEIGHTS_KIND, "a base sampler checkpoint") as (directory, manifest):
             tensors = read_hf_weights(directory, manifest).tensors
         if fingerprint(tensors) != link.weights_fingerprint:
-            raise CorruptCheckpointError(f"base checkpoint {link.identity} does not hold the weights "
-                                         "its chain recorded")
+            raise CorruptCheckpointError(
+                f"base checkpoint {link.identity} does not hold the weights its chain recorded"
+            )
     _remember(link.weights_fingerprint, tensors)
     return tensors
 
@@ -320,32 +323,43 @@ def save_sampler_checkpoint_ext(
     path = parse_ref(ref)
     require_kind(path, ("sampler",), "a sampler checkpoint")
     if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
-        raise UserInputError(f"checkpoint_type must be one of {', '.join(CHECKPOINT_TYPES)} or null, got "
-                             f"{checkpoint_type!r}", field="checkpoint_type")
+        raise UserInputError(
+            f"checkpoint_type must be one of {', '.join(CHECKPOINT_TYPES)} or null, got {checkpoint_type!r}",
+            field="checkpoint_type",
+        )
     head = chain_head(store, path.training_run_id)
     kind = checkpoint_type or ("delta" if head is not None else "base")
     tensors = _cpu_tensors(weights.tensors)
     identity = path.tinker_path
 
-    if kind == "merged_base" or (kind == "delta" and head is not None and not head.is_lora and weights.is_lora):
+    if kind == "merged_base" or (
+        kind == "delta" and head is not None and not head.is_lora and weights.is_lora
+    ):
         if weights.lora is None:
-            raise UserInputError("merged_base folds a LoRA adapter into the base; these weights are full",
-                                 field="checkpoint_type")
+            raise UserInputError(
+                "merged_base folds a LoRA adapter into the base; these weights are full",
+                field="checkpoint_type",
+            )
         if base_state_dict is None:
             if base_model_dir is None:
                 raise ValueError("merged weights need base_state_dict or base_model_dir")
             base_state_dict = read_base_state_dict(base_model_dir)
         tensors = merge_lora(base_state_dict, tensors, weights.lora.alpha / weights.lora.rank)
-        weights = StoredHfWeights(base_model=weights.base_model, tensors=tensors, lora=None,
-                                  metadata=weights.metadata)
+        weights = StoredHfWeights(
+            base_model=weights.base_model, tensors=tensors, lora=None, metadata=weights.metadata
+        )
     weights_fp = fingerprint(tensors)
     full_bytes = _full_bytes(tensors)
 
     if kind in ("base", "merged_base"):
-        link = ChainLink(kind, identity, identity, 0, weights_fp, weights_fp, weights.is_lora, weights.base_model)
+        link = ChainLink(
+            kind, identity, identity, 0, weights_fp, weights_fp, weights.is_lora, weights.base_model
+        )
 
         def write(staging: Path) -> None:
-            layout = write_hf_weights(staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir)
+            layout = write_hf_weights(
+                staging, weights, base_model_dir=base_model_dir, tokenizer_dir=tokenizer_dir
+            )
             layout[_CHAIN] = asdict(link)
             write_manifest(staging, kind=HF_WEIGHTS_KIND, metadata=weights.metadata, layout=layout)
 
@@ -354,17 +368,33 @@ def save_sampler_checkpoint_ext(
         return SavedSamplerCheckpoint(info=info, link=link, full_bytes=full_bytes)
 
     if head is None:
-        raise UserInputError(f"run {path.training_run_id} has no base sampler checkpoint to take a delta "
-                             "against; save a base first", field="checkpoint_type")
+        raise UserInputError(
+            f"run {path.training_run_id} has no base sampler checkpoint to take a delta "
+            "against; save a base first",
+            field="checkpoint_type",
+        )
     if head.is_lora != weights.is_lora:
-        raise UserInputError("a delta must hold the same kind of weights as its base (LoRA adapter vs full)",
-                             field="checkpoint_type")
+        raise UserInputError(
+            "a delta must hold the same kind of weights as its base (LoRA adapter vs full)",
+            field="checkpoint_type",
+        )
     parent = _weights_of(store, head)
     # the parent's fingerprint was checked when it was read or rebuilt (or cached at its save)
-    delta = compute_delta(parent, tensors, base_fingerprint=head.weights_fingerprint, target_fingerprint=weights_fp)
-    link = ChainLink("delta", identity, head.base_identity, head.index + 1, weights_fp, head.base_fingerprint,
-                     weights.is_lora, weights.base_model, parent_identity=head.identity,
-                     parent_fingerprint=head.weights_fingerprint)
+    delta = compute_delta(
+        parent, tensors, base_fingerprint=head.weights_fingerprint, target_fingerprint=weights_fp
+    )
+    link = ChainLink(
+        "delta",
+        identity,
+        head.base_identity,
+        head.index + 1,
+        weights_fp,
+        head.base_fingerprint,
+        weights.is_lora,
+        weights.base_model,
+        parent_identity=head.identity,
+        parent_fingerprint=head.weights_fingerprint,
+    )
 
     def write_delta_dir(staging: Path) -> None:
         layout = write_delta(staging, delta, parent, check_base=False)
@@ -401,8 +431,13 @@ def read_sampler_checkpoint_dir(directory: Path) -> SamplerCheckpoint:
     if manifest["kind"] == SAMPLER_DELTA_KIND:
         lora = LoraLayout(**layout["lora"]) if isinstance(layout.get("lora"), dict) else None
         verify_files(directory, manifest, [DELTA_FILE])
-        return SamplerCheckpoint(link=link, delta_dir=directory, manifest=manifest, lora=lora,
-                                 metadata=manifest.get("metadata", {}))
+        return SamplerCheckpoint(
+            link=link,
+            delta_dir=directory,
+            manifest=manifest,
+            lora=lora,
+            metadata=manifest.get("metadata", {}),
+        )
     raise UserInputError(f"{directory} holds {manifest['kind']}, not sampler weights", field="path")
 
 
@@ -414,10 +449,13 @@ def load_sampler_checkpoint(store: CheckpointStore, ref: CheckpointRef) -> Store
     if checkpoint.weights is not None:
         return checkpoint.weights
     tensors = _weights_of(store, checkpoint.link)
-    return StoredHfWeights(base_model=checkpoint.link.base_model, tensors=tensors, lora=checkpoint.lora,
-                           metadata=checkpoint.metadata or {})
+    return StoredHfWeights(
+        base_model=checkpoint.link.base_model,
+        tensors=tensors,
+        lora=checkpoint.lora,
+        metadata=checkpoint.metadata or {},
+    )
 
 
 def _kind_of(store: CheckpointStore, path: Any) -> str:
     return store.info(path).format
-

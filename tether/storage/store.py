@@ -106,7 +106,11 @@ class CheckpointStore(ABC):
         return self._save(path, write, overwrite=overwrite)
 
     def save_training_state_files(
-        self, ref: CheckpointRef, write: Callable[[Path], dict[str, Any]], *, metadata: dict[str, Any],
+        self,
+        ref: CheckpointRef,
+        write: Callable[[Path], dict[str, Any]],
+        *,
+        metadata: dict[str, Any],
         overwrite: bool = False,
     ) -> CheckpointInfo:
         """Store training state whose files `write(staging)` puts in the staging directory and whose
@@ -126,7 +130,10 @@ class CheckpointStore(ABC):
     ) -> StoredTrainingState:
         """Load (and verify) training state; NotFoundError if absent."""
         path = parse_ref(ref)
-        with naming_damage(path), self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest):
+        with (
+            naming_damage(path),
+            self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest),
+        ):
             return read_training_state(directory, manifest, include_optimizer=include_optimizer)
 
     def save_hf_weights(
@@ -153,7 +160,10 @@ class CheckpointStore(ABC):
     def load_hf_weights(self, ref: CheckpointRef) -> StoredHfWeights:
         """Load (and verify) HF weights; NotFoundError if absent."""
         path = parse_ref(ref)
-        with naming_damage(path), self._checkout(path, HF_WEIGHTS_KIND, "sampler weights") as (directory, manifest):
+        with (
+            naming_damage(path),
+            self._checkout(path, HF_WEIGHTS_KIND, "sampler weights") as (directory, manifest),
+        ):
             return read_hf_weights(directory, manifest)
 
     @abstractmethod

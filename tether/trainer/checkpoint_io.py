@@ -30,22 +30,39 @@ class TrainerCheckpoints:
     def __init__(self, data_dir: Path) -> None:
         self.stores = OwnerStores(data_dir)
 
-    def save_training_state(self, owner: str, path: ParsedCheckpointPath, state: TrainingState, *,
-                            overwrite: bool) -> CheckpointInfo:
-        stored = StoredTrainingState(weights=state.weights, optimizer=state.optimizer, metadata=state.metadata)
+    def save_training_state(
+        self, owner: str, path: ParsedCheckpointPath, state: TrainingState, *, overwrite: bool
+    ) -> CheckpointInfo:
+        stored = StoredTrainingState(
+            weights=state.weights, optimizer=state.optimizer, metadata=state.metadata
+        )
         return self.stores.store(owner).save_training_state(path, stored, overwrite=overwrite)
 
-    def load_training_state(self, owner: str, path: ParsedCheckpointPath, *, include_optimizer: bool) -> TrainingState:
+    def load_training_state(
+        self, owner: str, path: ParsedCheckpointPath, *, include_optimizer: bool
+    ) -> TrainingState:
         stored = self.stores.store(owner).load_training_state(path, include_optimizer=include_optimizer)
         if include_optimizer and stored.optimizer is None:
             raise UserInputError(f"{path} was saved without optimizer state", field="path")
         return TrainingState(weights=stored.weights, optimizer=stored.optimizer, metadata=stored.metadata)
 
-    def save_hf_weights(self, owner: str, path: ParsedCheckpointPath, weights: SamplerWeights,
-                        base: LoadedBaseModel, *, overwrite: bool = True) -> CheckpointInfo:
+    def save_hf_weights(
+        self,
+        owner: str,
+        path: ParsedCheckpointPath,
+        weights: SamplerWeights,
+        base: LoadedBaseModel,
+        *,
+        overwrite: bool = True,
+    ) -> CheckpointInfo:
         """Sampler or external weights in Hugging Face layout (the LoRA spec is kept in the metadata)."""
-        return self.stores.store(owner).save_hf_weights(path, self.stored_hf_weights(weights), overwrite=overwrite,
-                                                        base_model_dir=base.path, tokenizer_dir=base.tokenizer_path)
+        return self.stores.store(owner).save_hf_weights(
+            path,
+            self.stored_hf_weights(weights),
+            overwrite=overwrite,
+            base_model_dir=base.path,
+            tokenizer_dir=base.tokenizer_path,
+        )
 
     @staticmethod
     def stored_hf_weights(weights: SamplerWeights) -> StoredHfWeights:
@@ -63,12 +80,16 @@ class TrainerCheckpoints:
         if path.kind == "training":
             state = self.load_training_state(owner, path, include_optimizer=False)
             spec = state.lora_spec  # full fine-tuning (None): the weights carry plain Hugging Face names
-            return SamplerWeights(base_model=str(state.metadata.get("base_model", "")), lora_spec=spec,
-                                  tensors=state.weights)
+            return SamplerWeights(
+                base_model=str(state.metadata.get("base_model", "")), lora_spec=spec, tensors=state.weights
+            )
         stored = self.stores.store(owner).load_hf_weights(path)
         spec = None
         if stored.lora is not None:
             saved = stored.metadata.get(LORA_SPEC_KEY)
-            spec = LoraSpec(**saved) if isinstance(saved, dict) else LoraSpec(rank=stored.lora.rank,
-                                                                                 alpha=stored.lora.alpha)
+            spec = (
+                LoraSpec(**saved)
+                if isinstance(saved, dict)
+                else LoraSpec(rank=stored.lora.rank, alpha=stored.lora.alpha)
+            )
         return SamplerWeights(base_model=stored.base_model, lora_spec=spec, tensors=stored.tensors)

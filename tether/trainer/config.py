@@ -34,7 +34,8 @@ class EngineSettings(BaseModel):
         description="Directory for the state database and checkpoints ($TETHER_DATA_DIR, else ~/.local/share/tether).",
     )
     device: str = Field(
-        "auto", description='Device for the models: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'
+        "auto",
+        description='Device for the models: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...',
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description='Weight dtype of the base models; "auto": bfloat16 on a GPU, float32 on a CPU.'
@@ -60,16 +61,21 @@ class EngineSettings(BaseModel):
         "for other recently active models' next ones to join it (0: never wait).",
     )
     nproc_per_node: int = Field(
-        1, ge=1, description="Ranks of one base model's trainer on this machine (started with torchrun; on GPUs one "
+        1,
+        ge=1,
+        description="Ranks of one base model's trainer on this machine (started with torchrun; on GPUs one "
         "per GPU). Above 1 the trainer shards its models with FSDP2; `tether serve` needs --trainer-process.",
     )
     collective_timeout_s: float = Field(
-        600.0, gt=0, description="Multi-rank trainers: seconds a rank waits in a training collective before it "
+        600.0,
+        gt=0,
+        description="Multi-rank trainers: seconds a rank waits in a training collective before it "
         "gives up (and the trainer stops) instead of hanging.",
     )
     mixed_precision: Literal["none", "bfloat16"] = Field(
-        "none", description="Multi-rank trainers: \"bfloat16\" computes in bf16 with fp32 weights, gradient "
-        "reduction and optimizer state (FSDP2 MixedPrecisionPolicy); \"none\" computes in the weights' dtype.",
+        "none",
+        description='Multi-rank trainers: "bfloat16" computes in bf16 with fp32 weights, gradient '
+        'reduction and optimizer state (FSDP2 MixedPrecisionPolicy); "none" computes in the weights\' dtype.',
     )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
@@ -83,7 +89,9 @@ class EngineSettings(BaseModel):
 class TrainerConfig(EngineSettings):
     """Everything an operator can choose about one `tether trainer` process (one base model)."""
 
-    base_model: str = Field(description="The base model this trainer loads: a name, alias, hub id or local directory.")
+    base_model: str = Field(
+        description="The base model this trainer loads: a name, alias, hub id or local directory."
+    )
     host: str = Field("127.0.0.1", description="Interface the op socket listens on.")
     port: int = Field(0, ge=0, le=65535, description="TCP port of the op socket; 0 picks a free port.")
     ready_file: Path | None = Field(

@@ -96,8 +96,10 @@ class DistributedExecutor(OpExecutor):
         with self._lock:
             if self._training is None:
                 self._training = DistributedTrainingEngine(
-                    base, max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
-                    mixed_precision=self.settings.mixed_precision)
+                    base,
+                    max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
+                    mixed_precision=self.settings.mixed_precision,
+                )
             return self._training  # type: ignore[return-value]
 
     def housekeeping(self) -> None:
@@ -109,7 +111,9 @@ class DistributedExecutor(OpExecutor):
 
     def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten | ops.Done:
         """A DCP checkpoint: rank 0 stages the directory and tells the others where; every rank writes its shards."""
-        path = parse_checkpoint_path(op.path)  # a bad path or model fails on every rank, before any collective
+        path = parse_checkpoint_path(
+            op.path
+        )  # a bad path or model fails on every rank, before any collective
         flat, metadata = self.training.sharded_state(op.model_id)
         if self.rank != 0:
             target = broadcast_bytes(None).decode()
@@ -133,10 +137,15 @@ class DistributedExecutor(OpExecutor):
         finally:
             if not announced:
                 broadcast_bytes(b"")
-        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
-                                     size_bytes=info.size_bytes)
+        return ops.CheckpointWritten(
+            path=path.tinker_path,
+            directory=str(self.checkpoints.stores.directory(op.owner, path)),
+            size_bytes=info.size_bytes,
+        )
 
-    def save_weights_for_sampler_ext(self, op: ops.SaveWeightsForSamplerExt) -> ops.CheckpointWritten | ops.Done:
+    def save_weights_for_sampler_ext(
+        self, op: ops.SaveWeightsForSamplerExt
+    ) -> ops.CheckpointWritten | ops.Done:
         parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
         if self.rank == 0:
             return super().save_weights_for_sampler_ext(op)
@@ -167,8 +176,9 @@ def run_everywhere(executor: DistributedExecutor, channel: ControlChannel, op: A
     name = type(op).__name__
     if failed and len(failed) < len(statuses) and not isinstance(op, READ_ONLY):
         detail = "; ".join(f"rank {r}: {statuses[r]}" for r in failed)
-        raise RanksDisagree(f"{name} failed on some ranks only ({detail}); their states may differ, so the "
-                            "trainer stops")
+        raise RanksDisagree(
+            f"{name} failed on some ranks only ({detail}); their states may differ, so the trainer stops"
+        )
     if error is not None:
         raise error
     if failed:
@@ -183,11 +193,17 @@ class DistributedTrainer(InProcessTrainer):
         self.base_model = base_model
         self.channel = channel
         self.executor = DistributedExecutor(base_model, settings)
-        self.worker = ModelWorker(base_model, self._execute_everywhere, housekeeping=self._reap_expired_graphs)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
+        self.worker = ModelWorker(
+            base_model, self._execute_everywhere, housekeeping=self._reap_expired_graphs
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}"
+        )
         self._stopped = False
 
-    def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
+    def submit(
+        self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None
+    ) -> concurrent.futures.Future:
         if stream is None and not isinstance(op, RANK0_ONLY):
             stream = "tether-distributed"  # every collective op goes through the one worker thread
         return super().submit(op, stream=stream, seq_id=seq_id)
@@ -229,8 +245,10 @@ def follow(executor: DistributedExecutor, channel: ControlChannel) -> None:
         if kind == _STOP:
             return
         if kind == _REAP:
-            handles = [GraphHandle(graph_id=g, model_id=m) for m, _, g in
-                       (line.partition("\0") for line in payload.decode().split("\n"))]
+            handles = [
+                GraphHandle(graph_id=g, model_id=m)
+                for m, _, g in (line.partition("\0") for line in payload.decode().split("\n"))
+            ]
             executor.release_graphs(handles)
             continue
         _, op_id = read_header(payload[:HEADER_SIZE])
@@ -263,8 +281,9 @@ def serve_distributed(config: TrainerConfig, *, exit_on_disconnect: bool = False
     from tether.trainer.process import serve_trainer
 
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
+    )
     settings = init_distributed(config.engine_settings())
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
@@ -281,11 +300,22 @@ def serve_distributed(config: TrainerConfig, *, exit_on_disconnect: bool = False
 
 def torchrun_command(config_file: Path, nproc_per_node: int, *, exit_on_disconnect: bool) -> list[str]:
     """The command that starts a single-node trainer of `nproc_per_node` ranks from a config file."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
-               "--standalone", "-m", "tether.trainer.distributed", str(config_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "--standalone",
+        "-m",
+        "tether.trainer.distributed",
+        str(config_file),
+    ]
     return command + (["--exit-on-disconnect"] if exit_on_disconnect else [])
 
 
 if __name__ == "__main__":
-    serve_distributed(TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text()),
-                      exit_on_disconnect="--exit-on-disconnect" in sys.argv[2:])
+    serve_distributed(
+        TrainerConfig.model_validate_json(Path(sys.argv[1]).read_text()),
+        exit_on_disconnect="--exit-on-disconnect" in sys.argv[2:],
+    )

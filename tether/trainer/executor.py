@@ -35,8 +35,10 @@ from tether.types.paths import parse_checkpoint_path
 def engine_datum(datum: ops.TrainingDatum) -> EngineDatum:
     """The engine's datum (torch tensors sharing the arrays' memory) from an op's datum."""
     inputs = {name: torch.from_numpy(_writable(array)) for name, array in datum.loss_fn_inputs.items()}
-    return EngineDatum(input_tokens=torch.from_numpy(_writable(datum.input_tokens.astype(np.int64, copy=False))),
-                       loss_fn_inputs=inputs)
+    return EngineDatum(
+        input_tokens=torch.from_numpy(_writable(datum.input_tokens.astype(np.int64, copy=False))),
+        loss_fn_inputs=inputs,
+    )
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -45,7 +47,9 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 def forward_output(result: ForwardResult) -> ops.ForwardOutput:
     return ops.ForwardOutput(
-        outputs=[{name: value.detach().cpu().numpy() for name, value in datum.items()} for datum in result.outputs],
+        outputs=[
+            {name: value.detach().cpu().numpy() for name, value in datum.items()} for datum in result.outputs
+        ],
         metrics={key: float(value) for key, value in result.metrics.items()},
     )
 
@@ -54,18 +58,30 @@ def sample_request(op: ops.Sample, weights_id: str | None) -> SampleRequest:
     """The sampling engine's request from a `Sample` op."""
     params = op.sampling_params
     return SampleRequest(
-        prompt_tokens=op.prompt_tokens, num_samples=op.num_samples, max_tokens=params.max_tokens,
-        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-        stop=params.stop, weights_id=weights_id, include_prompt_logprobs=op.include_prompt_logprobs,
-        topk_prompt_logprobs=op.topk_prompt_logprobs, topk_sample_logprobs=op.topk_sample_logprobs,
+        prompt_tokens=op.prompt_tokens,
+        num_samples=op.num_samples,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=params.stop,
+        weights_id=weights_id,
+        include_prompt_logprobs=op.include_prompt_logprobs,
+        topk_prompt_logprobs=op.topk_prompt_logprobs,
+        topk_sample_logprobs=op.topk_sample_logprobs,
     )
 
 
 def sample_output(result: Any) -> ops.SampleOutput:
     return ops.SampleOutput(
         sequences=[
-            ops.SampledSequenceOutput(tokens=list(s.tokens), logprobs=list(s.logprobs), stop_reason=s.stop_reason,
-                                      topk_logprobs=s.topk_logprobs)
+            ops.SampledSequenceOutput(
+                tokens=list(s.tokens),
+                logprobs=list(s.logprobs),
+                stop_reason=s.stop_reason,
+                topk_logprobs=s.topk_logprobs,
+            )
             for s in result.sequences
         ],
         prompt_logprobs=result.prompt_logprobs,
@@ -96,8 +112,12 @@ class OpExecutor:
             if self._base is None:
                 if self.settings.torch_threads is not None:
                     torch.set_num_threads(self.settings.torch_threads)
-                self._base = load_base_model(self.base_model, aliases=self.settings.model_aliases,
-                                             device=self.settings.device, dtype=self.settings.dtype)
+                self._base = load_base_model(
+                    self.base_model,
+                    aliases=self.settings.model_aliases,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                )
             return self._base
 
     @property
@@ -105,7 +125,9 @@ class OpExecutor:
         base = self.base
         with self._lock:
             if self._training is None:
-                self._training = TrainingEngine(base, max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch)
+                self._training = TrainingEngine(
+                    base, max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch
+                )
             return self._training
 
     @property
@@ -113,7 +135,9 @@ class OpExecutor:
         base = self.base
         with self._lock:
             if self._sampling is None:
-                self._sampling = SamplingEngine(base, kv_cache_budget_tokens=self.settings.kv_cache_budget_tokens)
+                self._sampling = SamplingEngine(
+                    base, kv_cache_budget_tokens=self.settings.kv_cache_budget_tokens
+                )
             return self._sampling
 
     @property
@@ -189,8 +213,15 @@ class OpExecutor:
             try:
                 if not isinstance(op, (ops.Forward, ops.ForwardBackward)):
                     raise UserInputError(f"{type(op).__name__} cannot be fused", field="op")
-                requests.append(LossRequest(op.model_id, [engine_datum(d) for d in op.data], op.loss_fn,
-                                            op.loss_fn_config, backward=isinstance(op, ops.ForwardBackward)))
+                requests.append(
+                    LossRequest(
+                        op.model_id,
+                        [engine_datum(d) for d in op.data],
+                        op.loss_fn,
+                        op.loss_fn_config,
+                        backward=isinstance(op, ops.ForwardBackward),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - fails this op only
                 requests.append(None)
                 results[index] = exc
@@ -224,7 +255,9 @@ class OpExecutor:
 
     def forward_backward(self, op: ops.ForwardBackward) -> ops.ForwardOutput:
         data = [engine_datum(d) for d in op.data]
-        return forward_output(self.training.forward_backward(op.model_id, data, op.loss_fn, op.loss_fn_config))
+        return forward_output(
+            self.training.forward_backward(op.model_id, data, op.loss_fn, op.loss_fn_config)
+        )
 
     def optim_step(self, op: ops.OptimStep) -> ops.MetricsOutput:
         metrics = self.training.optim_step(op.model_id, AdamWParams.from_adam_params(op.adam_params))
@@ -246,8 +279,11 @@ class OpExecutor:
         path = parse_checkpoint_path(op.path)
         state = self.training.export_state(op.model_id, include_optimizer=True)
         info = self.checkpoints.save_training_state(op.owner, path, state, overwrite=op.overwrite)
-        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
-                                     size_bytes=info.size_bytes)
+        return ops.CheckpointWritten(
+            path=path.tinker_path,
+            directory=str(self.checkpoints.stores.directory(op.owner, path)),
+            size_bytes=info.size_bytes,
+        )
 
     def load_state(self, op: ops.LoadState) -> ops.Done:
         path = parse_checkpoint_path(op.path)
@@ -268,8 +304,11 @@ class OpExecutor:
             raise UserInputError("a named save needs a path", field="path")
         path = parse_checkpoint_path(op.path)
         info = self.checkpoints.save_hf_weights(op.owner, path, weights, self.base)
-        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
-                                     size_bytes=info.size_bytes)
+        return ops.CheckpointWritten(
+            path=path.tinker_path,
+            directory=str(self.checkpoints.stores.directory(op.owner, path)),
+            size_bytes=info.size_bytes,
+        )
 
     def save_weights_for_sampler_ext(self, op: ops.SaveWeightsForSamplerExt) -> ops.CheckpointWritten:
         from tether.storage.sampler_chain import save_sampler_checkpoint_ext
@@ -277,13 +316,21 @@ class OpExecutor:
         path = parse_checkpoint_path(op.path)
         weights = self.training.sampler_weights(op.model_id)
         base = self.base
-        saved = save_sampler_checkpoint_ext(self.checkpoints.stores.store(op.owner), path.tinker_path,
-                                            self.checkpoints.stored_hf_weights(weights),
-                                            checkpoint_type=op.checkpoint_type, base_model_dir=base.path,
-                                            tokenizer_dir=base.tokenizer_path)
-        return ops.CheckpointWritten(path=path.tinker_path, directory=str(self.checkpoints.stores.directory(op.owner, path)),
-                                     size_bytes=saved.info.size_bytes, checkpoint_type=saved.checkpoint_type,
-                                     full_bytes=saved.full_bytes)
+        saved = save_sampler_checkpoint_ext(
+            self.checkpoints.stores.store(op.owner),
+            path.tinker_path,
+            self.checkpoints.stored_hf_weights(weights),
+            checkpoint_type=op.checkpoint_type,
+            base_model_dir=base.path,
+            tokenizer_dir=base.tokenizer_path,
+        )
+        return ops.CheckpointWritten(
+            path=path.tinker_path,
+            directory=str(self.checkpoints.stores.directory(op.owner, path)),
+            size_bytes=saved.info.size_bytes,
+            checkpoint_type=saved.checkpoint_type,
+            full_bytes=saved.full_bytes,
+        )
 
     # ---- sampling ----------------------------------------------------------------------------
 
@@ -332,7 +379,10 @@ class OpExecutor:
 
     def describe_base(self, op: ops.DescribeBase) -> ops.BaseModelInfo:
         base = self.base
-        return ops.BaseModelInfo(arch=getattr(base.model.config, "model_type", None),
-                                 tokenizer_id=str(base.tokenizer_path), vocab_size=int(base.vocab_size),
-                                 max_context_length=int(base.max_context_length),
-                                 eos_token_ids=[int(t) for t in base.eos_token_ids])
+        return ops.BaseModelInfo(
+            arch=getattr(base.model.config, "model_type", None),
+            tokenizer_id=str(base.tokenizer_path),
+            vocab_size=int(base.vocab_size),
+            max_context_length=int(base.max_context_length),
+            eos_token_ids=[int(t) for t in base.eos_token_ids],
+        )

@@ -22,7 +22,9 @@ class Trainer(Protocol):
 
     base_model: str
 
-    def submit(self, op: Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
+    def submit(
+        self, op: Op, *, stream: str | None = None, seq_id: int | None = None
+    ) -> concurrent.futures.Future:
         """Queue `op`; it is queued (in order) when this returns. The future holds an `OpResult`."""
         ...
 

@@ -25,20 +25,30 @@ class InProcessTrainer:
         self.base_model = base_model
         self.executor = OpExecutor(base_model, settings)
         fuse = settings.fuse_lora_ops
-        self.worker = ModelWorker(base_model, self.executor.execute, housekeeping=self.executor.housekeeping,
-                                  fusible=self.executor.fusible if fuse else None,
-                                  execute_batch=self.executor.execute_batch if fuse else None,
-                                  fuse_wait_s=settings.fuse_wait_ms / 1000)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}")
+        self.worker = ModelWorker(
+            base_model,
+            self.executor.execute,
+            housekeeping=self.executor.housekeeping,
+            fusible=self.executor.fusible if fuse else None,
+            execute_batch=self.executor.execute_batch if fuse else None,
+            fuse_wait_s=settings.fuse_wait_ms / 1000,
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix=f"tether-trainer-{base_model}"
+        )
 
-    def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
+    def submit(
+        self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None
+    ) -> concurrent.futures.Future:
         if stream is not None:
             future = self.worker.submit(stream, seq_id, op)
             if isinstance(op, ops.DeleteModel):  # the model is gone: so is its ordering state
                 future.add_done_callback(lambda _: self.worker.forget(stream))
             return future
         if isinstance(op, ops.Sample):
-            if not self.executor.sampling_ready:  # the first sample builds the engine: not on the caller's thread
+            if (
+                not self.executor.sampling_ready
+            ):  # the first sample builds the engine: not on the caller's thread
                 return _flatten(self._pool.submit(self.executor.sample, op))
             try:
                 return self.executor.sample(op)

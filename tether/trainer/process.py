@@ -42,8 +42,9 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
             try:
                 frame = encode_result(envelope)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be encoded fails its op
-                frame = encode_result(ops.ResultEnvelope(op_id=envelope.op_id,
-                                                         result=ops.OpFailure.from_exception(exc)))
+                frame = encode_result(
+                    ops.ResultEnvelope(op_id=envelope.op_id, result=ops.OpFailure.from_exception(exc))
+                )
             try:
                 conn.sendall(frame)
             except OSError:
@@ -87,14 +88,17 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
         conn.close()
 
 
-def serve_trainer(config: TrainerConfig, *, exit_on_disconnect: bool = False,
-                  trainer: InProcessTrainer | None = None) -> None:
+def serve_trainer(
+    config: TrainerConfig, *, exit_on_disconnect: bool = False, trainer: InProcessTrainer | None = None
+) -> None:
     """Run the trainer until interrupted (or, with `exit_on_disconnect`, until its first client leaves).
 
     `trainer` (default: an `InProcessTrainer` of `config`) is what serves the ops: rank 0 of a
     multi-rank trainer passes its own (`tether.trainer.distributed`).
     """
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if trainer is None:
         trainer = InProcessTrainer(config.base_model, config.engine_settings())
     listener = socket.create_server((config.host, config.port))

@@ -48,7 +48,9 @@ def recv_exact(sock: socket.socket, size: int) -> bytes | None:
 class RemoteTrainer:
     """A connection to one `tether trainer` process (one base model)."""
 
-    def __init__(self, base_model: str, address: tuple[str, int], process: subprocess.Popen | None = None) -> None:
+    def __init__(
+        self, base_model: str, address: tuple[str, int], process: subprocess.Popen | None = None
+    ) -> None:
         self.base_model = base_model
         self.process = process
         self._sock = socket.create_connection(address, timeout=30)
@@ -59,8 +61,12 @@ class RemoteTrainer:
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._dead: str | None = None
-        self._sender = threading.Thread(target=self._send_loop, name=f"tether-remote-send-{base_model}", daemon=True)
-        self._reader = threading.Thread(target=self._read_loop, name=f"tether-remote-read-{base_model}", daemon=True)
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"tether-remote-send-{base_model}", daemon=True
+        )
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"tether-remote-read-{base_model}", daemon=True
+        )
         self._sender.start()
         self._reader.start()
 
@@ -77,28 +83,45 @@ class RemoteTrainer:
         log_file = open(workdir / "trainer.log", "wb")  # noqa: SIM115 - the child writes it for its lifetime
         command = [sys.executable, "-m", "tether.trainer.process", str(config_file)]
         if config.nproc_per_node > 1:  # torchrun starts the ranks; rank 0 serves the socket
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
-                       "--standalone", "-m", "tether.trainer.process", str(config_file)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(config.nproc_per_node),
+                "--standalone",
+                "-m",
+                "tether.trainer.process",
+                str(config_file),
+            ]
         process = subprocess.Popen(
             command,
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         deadline = time.monotonic() + startup_timeout_s
         while not ready.exists():
             if process.poll() is not None:
                 tail = (workdir / "trainer.log").read_text(errors="replace")[-2000:]
-                raise ServerError(f"trainer process for {config.base_model!r} exited with {process.returncode}: {tail}")
+                raise ServerError(
+                    f"trainer process for {config.base_model!r} exited with {process.returncode}: {tail}"
+                )
             if time.monotonic() > deadline:
                 process.kill()
-                raise ServerError(f"trainer process for {config.base_model!r} did not start in {startup_timeout_s:.0f} s")
+                raise ServerError(
+                    f"trainer process for {config.base_model!r} did not start in {startup_timeout_s:.0f} s"
+                )
             time.sleep(0.02)
         host, _, port = ready.read_text().rpartition(":")
         return cls(config.base_model, (host, int(port)), process)
 
     # ---- the Trainer interface ---------------------------------------------------------------
 
-    def submit(self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None) -> concurrent.futures.Future:
+    def submit(
+        self, op: ops.Op, *, stream: str | None = None, seq_id: int | None = None
+    ) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._dead is not None:
@@ -168,7 +191,10 @@ class RemoteTrainer:
         except (OSError, ValueError) as exc:
             log.warning("trainer connection for %r broke: %s", self.base_model, exc)
         code = self.process.poll() if self.process is not None else None
-        self._fail_all(f"the trainer process for {self.base_model!r} exited" + (f" with {code}" if code is not None else ""))
+        self._fail_all(
+            f"the trainer process for {self.base_model!r} exited"
+            + (f" with {code}" if code is not None else "")
+        )
 
     def _resolve(self, op_id: int, result: object) -> None:
         with self._lock:
@@ -187,4 +213,3 @@ class RemoteTrainer:
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(ServerError(reason))
-

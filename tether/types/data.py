@@ -201,9 +201,7 @@ class TensorData:
         array = np.asarray([] if data is None else data, dtype=_NUMPY_DTYPES[dtype])
         if shape is not None and list(array.shape) != list(shape):
             if int(np.prod(shape)) != array.size:
-                raise UserInputError(
-                    f"{array.size} values do not fill shape {list(shape)}", field="shape"
-                )
+                raise UserInputError(f"{array.size} values do not fill shape {list(shape)}", field="shape")
             array = array.reshape(list(shape))
         self._array = array
 

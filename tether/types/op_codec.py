@@ -25,7 +25,9 @@ HEADER_SIZE = _HEADER.size
 MAX_FRAME_BYTES = 1 << 31
 """Frames above 2 GiB are refused (a damaged length prefix must not size an allocation); the SDK
 sends bodies of a few MB, and sampler weights never cross as frames (they are files)."""
-_ALLOWED_DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
+_ALLOWED_DTYPES = frozenset(
+    {"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"}
+)
 
 
 class OpDecodeError(ValueError):
@@ -65,7 +67,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
     for dim in shape:
         count *= dim
     if count * dtype.itemsize != len(raw):
-        raise ValueError(f"array of shape {shape} and dtype {dtype_str} needs {count * dtype.itemsize} bytes, got {len(raw)}")
+        raise ValueError(
+            f"array of shape {shape} and dtype {dtype_str} needs {count * dtype.itemsize} bytes, got {len(raw)}"
+        )
     return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
 

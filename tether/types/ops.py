@@ -33,7 +33,9 @@ def _check_array(value: Any) -> np.ndarray:
     return value
 
 
-NDArray = Annotated[np.ndarray, PlainValidator(_check_array), PlainSerializer(lambda a: a, when_used="always")]
+NDArray = Annotated[
+    np.ndarray, PlainValidator(_check_array), PlainSerializer(lambda a: a, when_used="always")
+]
 """A numeric numpy array (validated as such; carried as raw bytes by the op codec)."""
 
 
@@ -290,7 +292,8 @@ class BaseModelInfo(_Message):
 
 
 _ERROR_TYPES: dict[str, type[TetherError]] = {
-    cls.__name__: cls for cls in vars(errors).values()
+    cls.__name__: cls
+    for cls in vars(errors).values()
     if isinstance(cls, type) and issubclass(cls, TetherError)
 }
 """Every class of the one error hierarchy (`tether.types.errors`), by name."""
@@ -314,11 +317,20 @@ class OpFailure(_Message):
             known = next(k.__name__ for k in type(exc).__mro__ if k.__name__ in _ERROR_TYPES)
             field = getattr(exc, "field", None)
             if known == "UserInputError":  # its message already names the field and datum
-                message = exc.message.split(": ", 1)[1] if field is not None or exc.datum_index is not None else exc.message  # type: ignore[attr-defined]
+                message = (
+                    exc.message.split(": ", 1)[1]
+                    if field is not None or exc.datum_index is not None
+                    else exc.message
+                )  # type: ignore[attr-defined]
             else:
                 message = exc.message
-            return cls(error_type=known, message=message, field=field, datum_index=getattr(exc, "datum_index", None),
-                       http_status=exc.http_status)
+            return cls(
+                error_type=known,
+                message=message,
+                field=field,
+                datum_index=getattr(exc, "datum_index", None),
+                http_status=exc.http_status,
+            )
         return cls(error_type="ServerError", message=f"{type(exc).__name__}: {exc}")
 
     def to_exception(self) -> TetherError:

@@ -53,7 +53,10 @@ class DenseBudget:
         self.left -= nbytes
 
 
-REQUEST_DTYPES: dict[int, np.dtype] = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_INT64: np.dtype(np.int64)}
+REQUEST_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype(np.float32),
+    pb.DTYPE_INT64: np.dtype(np.int64),
+}
 # Results may also carry int32 and bfloat16 (§6.2); both widen on decode like the SDK does.
 RESULT_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
@@ -63,7 +66,9 @@ RESULT_DTYPES: dict[int, np.dtype] = {
 }
 
 
-def decompress_body(body: bytes, content_encoding: str | None, *, max_bytes: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+def decompress_body(
+    body: bytes, content_encoding: str | None, *, max_bytes: int = MAX_DECOMPRESSED_BYTES
+) -> bytes:
     """The body without its Content-Encoding (identity or zstd), streamed with a running total so no
     more than `max_bytes` is ever produced (a frame's declared size is not trusted)."""
     encoding = (content_encoding or "").strip().lower()

@@ -211,7 +211,9 @@ def _check_topk(request: SampleRequest, limits: ModelLimits, prompt_len: int, ma
     for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
         k = getattr(request, name)
         if k > limits.vocab_size:
-            raise UserInputError(f"{k} is more than the model's vocabulary of {limits.vocab_size} tokens", field=name)
+            raise UserInputError(
+                f"{k} is more than the model's vocabulary of {limits.vocab_size} tokens", field=name
+            )
     prompt_pairs = request.topk_prompt_logprobs * prompt_len
     sample_pairs = request.topk_sample_logprobs * request.num_samples * max_tokens
     if prompt_pairs + sample_pairs > limits.max_topk_entries:

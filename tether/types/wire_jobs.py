@@ -120,14 +120,30 @@ class TrainerJobConfig(WireModel):
     """
 
     base_model: str = Field(description="Base model the job's trainer loads (one the control plane allows).")
-    lora_rank: int = Field(0, ge=0, le=MAX_LORA_RANK, description="Default LoRA rank of the job's training clients; 0 = full-parameter.")
-    max_context_length: int | None = Field(None, ge=1, le=MAX_INT64, description="Longest sequence (tokens) the job accepts.")
-    node_count: int = Field(1, ge=1, le=MAX_NODES, description="Machines the job spans (the local launcher runs on one).")
-    nproc_per_node: int = Field(
-        1, ge=1, le=MAX_RANKS_PER_NODE, description="Ranks per machine; more than one launches the job under torchrun."
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        le=MAX_LORA_RANK,
+        description="Default LoRA rank of the job's training clients; 0 = full-parameter.",
     )
-    display_name: str | None = Field(None, max_length=63, description="Human-readable name (< 64 characters).")
-    forward_only: bool = Field(False, description="A frozen reference trainer without an optimizer (not yet served).")
+    max_context_length: int | None = Field(
+        None, ge=1, le=MAX_INT64, description="Longest sequence (tokens) the job accepts."
+    )
+    node_count: int = Field(
+        1, ge=1, le=MAX_NODES, description="Machines the job spans (the local launcher runs on one)."
+    )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=MAX_RANKS_PER_NODE,
+        description="Ranks per machine; more than one launches the job under torchrun.",
+    )
+    display_name: str | None = Field(
+        None, max_length=63, description="Human-readable name (< 64 characters)."
+    )
+    forward_only: bool = Field(
+        False, description="A frozen reference trainer without an optimizer (not yet served)."
+    )
     inactivity_timeout: float | None = Field(
         None,
         gt=0,
@@ -136,10 +152,14 @@ class TrainerJobConfig(WireModel):
         "(resumable); '1800s' is accepted. Unset: 3600.",
     )
     max_restarts: int = Field(
-        3, ge=0, le=MAX_RESTARTS, description="Times the control plane relaunches the job after its process dies (crash, preemption)."
+        3,
+        ge=0,
+        le=MAX_RESTARTS,
+        description="Times the control plane relaunches the job after its process dies (crash, preemption).",
     )
     requested_job_id: str | None = Field(
-        None, description="Stable job id (1-63 of [a-z0-9-]); a retried create with the same id is idempotent."
+        None,
+        description="Stable job id (1-63 of [a-z0-9-]); a retried create with the same id is idempotent.",
     )
     launcher_options: dict[str, str] = Field(
         default_factory=dict,

@@ -97,7 +97,9 @@ class TensorDataJson(WireModel):
                 )
             return values.reshape(self.shape)
         shape = self.shape or []
-        if len(shape) == 2 and shape[0] * shape[1] * np.dtype(dtype).itemsize > MAX_DENSE_BYTES:  # no overflow
+        if (
+            len(shape) == 2 and shape[0] * shape[1] * np.dtype(dtype).itemsize > MAX_DENSE_BYTES
+        ):  # no overflow
             raise UserInputError(
                 f"sparse tensor of shape {shape} would densify to more than {MAX_DENSE_BYTES} bytes",
                 field=field,

@@ -10,13 +10,21 @@ from tether.types.errors import ServerError
 
 
 class NewApi(nn.Module):
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0
+    ):
         raise NotImplementedError
 
 
 class OldApi(nn.Module):
     def forward(
-        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kwargs
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        **kwargs,
     ):
         raise NotImplementedError
 

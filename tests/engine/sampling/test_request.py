@@ -32,5 +32,7 @@ def test_topk_counts_are_capped_by_the_vocabulary_and_the_answer_size():
         validate_request(SampleRequest((1, 2, 3), max_tokens=2, **{name: LIMITS.vocab_size}), LIMITS)
     small = ModelLimits(vocab_size=264, max_context_length=64, max_topk_entries=100)
     with pytest.raises(UserInputError) as caught:
-        validate_request(SampleRequest((1, 2, 3), num_samples=4, max_tokens=10, topk_sample_logprobs=5), small)
+        validate_request(
+            SampleRequest((1, 2, 3), num_samples=4, max_tokens=10, topk_sample_logprobs=5), small
+        )
     assert caught.value.field == "topk_sample_logprobs"

@@ -349,7 +349,11 @@ class SamplingEngine:
         ):
             sequence.tokens.append(token)
             sequence.logprobs.append(logprob)
-            if (wanted := sequence.owner.request.topk_sample_logprobs) and top_ids is not None and top_values is not None:
+            if (
+                (wanted := sequence.owner.request.topk_sample_logprobs)
+                and top_ids is not None
+                and top_values is not None
+            ):
                 pairs = zip(top_ids[row, :wanted].tolist(), top_values[row, :wanted].tolist(), strict=True)
                 sequence.topk_logprobs.append(list(pairs))
             if sequence.owner.stop.is_met(sequence.tokens):

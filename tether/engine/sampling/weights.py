@@ -188,9 +188,17 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
         raise UserInputError(f"missing parameters: {sorted(missing)[:5]}", field="state_dict")
     head = cleaned.get("lm_head.weight")
     embed = model.get_input_embeddings().weight
-    embed_key = next((n for n, p in model.named_parameters(remove_duplicate=False)
-                      if p is embed and n != "lm_head.weight"), None)
-    untie = bool(tied and head is not None and embed_key in cleaned and not torch.equal(head, cleaned[embed_key]))
+    embed_key = next(
+        (
+            n
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if p is embed and n != "lm_head.weight"
+        ),
+        None,
+    )
+    untie = bool(
+        tied and head is not None and embed_key in cleaned and not torch.equal(head, cleaned[embed_key])
+    )
     if untie:  # a merged LoRA on lm_head: the output projection is no longer the input embedding
         assert head is not None  # `untie` requires it
         model.get_output_embeddings().weight = nn.Parameter(head.clone(), requires_grad=False)

@@ -14,6 +14,8 @@ connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("tether's migrations run through tether.server.catalogue.Catalogue, on its connection")
 # SQLite DDL is transactional, and the catalogue's BEGIN IMMEDIATE covers the whole upgrade
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True)
+context.configure(
+    connection=connection, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True
+)
 with context.begin_transaction():
     context.run_migrations()
