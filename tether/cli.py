@@ -30,7 +30,7 @@ class Command:
         return getattr(importlib.import_module(module), attr)
 
 
-COMMANDS = (
+COMMANDS: tuple[Command, ...] = (
     Command(
         "serve",
         "Run the tether server (Tinker protocol + tether API). Every option can also be set as TETHER_<OPTION>.",

@@ -232,9 +232,11 @@ GET_TRAINER_JOB = Route("GET", _JOB, None, _model(wj.TrainerJob))
 DELETE_TRAINER_JOB = Route("DELETE", _JOB, None, _model(wj.TrainerJob))
 RESUME_TRAINER_JOB = Route("POST", f"{_JOB}:resume", None, _model(wj.TrainerJob))
 CANCEL_TRAINER_JOB = Route("POST", f"{_JOB}:cancel", None, _model(wj.TrainerJob))
-TRAINER_JOB_HEALTHZ = Route("GET", f"{_JOB}/api/v1/healthz", None, None)
+TRAINER_JOB_HEALTHZ: Route[None] = Route("GET", f"{_JOB}/api/v1/healthz", None, None)
 LIST_JOB_CHECKPOINTS = Route("GET", f"{_JOB}/checkpoints", None, _model(wj.JobCheckpointsResponse))
-DELETE_JOB_CHECKPOINT = Route("POST", f"{_JOB}/checkpoints:delete", wj.DeleteJobCheckpointRequest, None)
+DELETE_JOB_CHECKPOINT: Route[None] = Route(
+    "POST", f"{_JOB}/checkpoints:delete", wj.DeleteJobCheckpointRequest, None
+)
 PROMOTE_JOB_CHECKPOINT = Route(
     "POST", f"{_JOB}/checkpoints:promote", wj.PromoteCheckpointRequest, _model(wj.ExportedModel)
 )

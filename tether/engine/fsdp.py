@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, remove_adapter
@@ -62,7 +62,9 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
 def broadcast_bytes(data: bytes | None, src: int = 0, *, group: dist.ProcessGroup | None = None) -> bytes:
     """`data` (given on global rank `src`, ignored elsewhere) on every rank: its length, then its bytes as uint8."""
     device = comm_device(group)
-    length = torch.tensor([len(data) if dist.get_rank() == src else 0], dtype=torch.int64, device=device)
+    length = torch.tensor(
+        [len(data or b"") if dist.get_rank() == src else 0], dtype=torch.int64, device=device
+    )
     dist.broadcast(length, src, group=group)
     if dist.get_rank() == src:
         buffer = (
@@ -144,7 +146,7 @@ class DistributedOptimizer(ModelOptimizer):
         with_grad = [t for t in tensors if t.grad is not None]
         squares = torch.zeros((), dtype=torch.float64, device=comm_device())
         for t in with_grad:
-            local = _local(t.grad).detach()
+            local = _local(cast(torch.Tensor, t.grad)).detach()
             part = local.double().pow(2).sum().to(squares.device)
             squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
         dist.all_reduce(squares)
@@ -189,7 +191,12 @@ class DistributedOptimizer(ModelOptimizer):
         if params.grad_clip_norm > 0 and with_grad:
             coef = torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             for t in with_grad:
-                _local(t.grad).mul_(coef.to(device=_local(t.grad).device, dtype=_local(t.grad).dtype))
+                _local(cast(torch.Tensor, t.grad)).mul_(
+                    coef.to(
+                        device=_local(cast(torch.Tensor, t.grad)).device,
+                        dtype=_local(cast(torch.Tensor, t.grad)).dtype,
+                    )
+                )
         for group in self._optimizer.param_groups:
             group["lr"] = params.learning_rate
             group["betas"] = (params.beta1, params.beta2)
@@ -214,7 +221,7 @@ class DistributedOptimizer(ModelOptimizer):
                 states[local] = {
                     key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()
                 }
-        view._optimizer = SimpleNamespace(state=states)
+        view._optimizer = SimpleNamespace(state=states)  # type: ignore[assignment]  # a view with only .state
         return ModelOptimizer._update_is_finite(view, params, coef)
 
     def _sum_replicated_grads(self, tensors: list[torch.Tensor]) -> None:
@@ -238,7 +245,7 @@ class DistributedOptimizer(ModelOptimizer):
         """Full (gathered) copies of every moment, on every rank: a collective."""
         return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
 
-    def import_moments(self, moments: dict[str, torch.Tensor], num_steps: int) -> None:
+    def import_moments(self, moments: Mapping[str, torch.Tensor], num_steps: int) -> None:
         """Replace all moments with full tensors (as `export_moments` returns them), sharded like the weights."""
         check_moments(moments, {name: tuple(t.shape) for name, t in self.named_params.items()})
         self._optimizer.state.clear()
@@ -319,7 +326,7 @@ class DistributedTrainingEngine(TrainingEngine):
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=self._policy)
         fully_shard(module, mesh=self.mesh, mp_policy=self._policy)
-        for fsdp_module in [*layers, module]:
+        for fsdp_module in cast(list[FSDPModule], [*layers, module]):
             # token sums: reduce-scatter sums and never averages (plain SUM, which gloo supports too)
             fsdp_module.set_gradient_divide_factor(1.0)
             fsdp_module.set_force_sum_reduction_for_comms(True)

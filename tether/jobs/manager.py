@@ -23,6 +23,7 @@ retention period ends. Blocking (catalogue, processes, healthz): call off the ev
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import threading
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -90,7 +92,7 @@ class JobManager:
         self.store = JobStore(catalogue)
         self.root = Path(config.data_dir).expanduser() / "jobs"
         self._launcher = launcher
-        self._handles: dict[tuple[str, str], object] = {}
+        self._handles: dict[tuple[str, str], Any] = {}
         self._activity: dict[tuple[str, str], datetime] = {}
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self._lock = threading.RLock()
@@ -124,7 +126,7 @@ class JobManager:
                 f.write("tml-job-" + secrets.token_hex(16))
         return path.read_text().strip()
 
-    def allowed_models(self, owner: str) -> list[str]:
+    def allowed_models(self, owner: str) -> builtins.list[str]:
         """Base models the owner's jobs may use: the configured ones and the owner's promoted models."""
         configured = self.config.job_models or [*self.config.models, *self.config.model_aliases]
         return [*configured, *self.promoted.aliases(owner)]
@@ -168,7 +170,7 @@ class JobManager:
     def get(self, owner: str, job_id: str) -> TrainerJobRow:
         return self.store.get(owner, job_id)
 
-    def list(self, owner: str, *, include_deleted: bool = False) -> list[TrainerJobRow]:
+    def list(self, owner: str, *, include_deleted: bool = False) -> builtins.list[TrainerJobRow]:
         return self.store.list(owner, include_deleted=include_deleted)
 
     def resume(self, owner: str, job_id: str) -> TrainerJobRow:
@@ -422,7 +424,7 @@ class JobManager:
                 catalogue = self._catalogues[_key(owner, job_id)] = Catalogue(path)
         return catalogue, owner_of_key(self._api_key(owner, job_id))
 
-    def list_checkpoints(self, owner: str, job_id: str) -> list[JobCheckpoint]:
+    def list_checkpoints(self, owner: str, job_id: str) -> builtins.list[JobCheckpoint]:
         """Every checkpoint the job wrote (all its runs), oldest first; also for stopped and deleted jobs."""
         self.store.get(owner, job_id)
         opened = self._job_catalogue(owner, job_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import cast
 
 from tether.types.errors import UserInputError
 
@@ -50,7 +51,7 @@ def export_hf_model(weights, base_dir: Path, target: Path, *, provenance: dict) 
             scale = weights.lora.alpha / weights.lora.rank
             for module in sorted({name.rsplit(".", 1)[0] for name in weights.tensors}):
                 try:
-                    layer = model.get_submodule(module)
+                    layer = cast(torch.nn.Linear, model.get_submodule(module))
                 except AttributeError:
                     raise UserInputError(
                         f"adapter layer {module!r} is not a layer of the base", field="checkpoint"

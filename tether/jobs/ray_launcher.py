@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any
+from typing import Any, cast
 
 from tether.jobs.launchers import JobHandle, Launcher, LaunchError, LaunchSpec, job_command
 from tether.types.errors import ConfigurationError, UserInputError
@@ -150,9 +150,9 @@ class RayLauncher(Launcher):
         }
         if "node_ip" in spec.options:
             options["resources"] = {f"node:{spec.options['node_ip']}": 0.001}
-        actor = None
+        actor: Any = None
         try:
-            actor = self._actor_class.options(**options).remote()
+            actor = cast(Any, self._actor_class).options(**options).remote()
             pid, node_id = ray.get(actor.start.remote(spec), timeout=120)
         except Exception as exc:  # noqa: BLE001 - any placement or start failure is the launcher's error text
             if actor is not None:

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from pydantic import BaseModel, Field
 
@@ -91,7 +92,7 @@ def _run(spec: JobProcessSpec) -> None:
             await task
             return
         url = _bound_url(server, config.host)
-        state = server.config.app.state.tether
+        state = cast(Any, server.config.app).state.tether
         started = time.monotonic()
         for name in config.models:  # load before saying ready: a ready job trains at once
             await asyncio.to_thread(state.trainers.base_info, name)

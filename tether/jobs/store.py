@@ -9,6 +9,7 @@ processes or HTTP.
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy import JSON, DateTime, Float, Integer, String, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tether.server.catalogue import Base, Catalogue, utcnow
+from tether.server.catalogue import Base, Catalogue, rowcount, utcnow
 from tether.types.errors import NotFoundError
 from tether.types.wire_jobs import JobState, TrainerJobConfig
 
@@ -80,7 +81,7 @@ class JobStore:
             .on_conflict_do_nothing(index_elements=["owner", "job_id"])
         )
         with self._catalogue.writing() as s:
-            if s.execute(statement).rowcount == 1:
+            if rowcount(s.execute(statement)) == 1:
                 return None
         return self.find(owner, job_id)
 
@@ -94,7 +95,7 @@ class JobStore:
             raise NotFoundError(f"unknown trainer job {job_id!r}")
         return row
 
-    def list(self, owner: str, *, include_deleted: bool = False) -> list[TrainerJobRow]:
+    def list(self, owner: str, *, include_deleted: bool = False) -> builtins.list[TrainerJobRow]:
         """The owner's jobs, newest first; tombstones only with `include_deleted`."""
         query = select(TrainerJobRow).where(TrainerJobRow.owner == owner)
         if not include_deleted:
@@ -102,7 +103,7 @@ class JobStore:
         with self._catalogue.reading() as s:
             return list(s.scalars(query.order_by(TrainerJobRow.created_at.desc(), TrainerJobRow.job_id)))
 
-    def in_states(self, states: set[JobState]) -> list[TrainerJobRow]:
+    def in_states(self, states: set[JobState]) -> builtins.list[TrainerJobRow]:
         """Every owner's jobs in `states` (the monitor's worklist)."""
         query = select(TrainerJobRow).where(TrainerJobRow.state.in_([s.value for s in states]))
         with self._catalogue.reading() as s:
@@ -117,7 +118,7 @@ class JobStore:
         if expect is not None:
             query = query.where(TrainerJobRow.state.in_([s.value for s in expect]))
         with self._catalogue.writing() as s:
-            return s.execute(query.values(updated_at=utcnow(), **values)).rowcount == 1
+            return rowcount(s.execute(query.values(updated_at=utcnow(), **values))) == 1
 
     def touch(self, activity: dict[tuple[str, str], datetime]) -> None:
         """Record the latest activity of several jobs in one transaction (never moves a time back)."""
@@ -135,7 +136,9 @@ class JobStore:
                     .values(last_activity_at=when)
                 )
 
-    def expired_tombstones(self, retention_s: float, *, now: datetime | None = None) -> list[TrainerJobRow]:
+    def expired_tombstones(
+        self, retention_s: float, *, now: datetime | None = None
+    ) -> builtins.list[TrainerJobRow]:
         cutoff = (now or utcnow()) - timedelta(seconds=retention_s)
         query = select(TrainerJobRow).where(
             TrainerJobRow.state == JobState.DELETED.value, TrainerJobRow.deleted_at < cutoff

@@ -56,7 +56,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _rowcount(result: Result[Any]) -> int:
+def rowcount(result: Result[Any]) -> int:
     """Rows a DML statement matched: `Session.execute` is typed `Result`, DML answers a `CursorResult`."""
     return cast("CursorResult[Any]", result).rowcount
 
@@ -236,7 +236,7 @@ class Catalogue:
         keys = key if isinstance(key, tuple) else (key,)
         with self.writing() as s:
             where = [column == value for column, value in zip(columns, keys, strict=True)]
-            return _rowcount(s.execute(update(row_type).where(*where).values(**values)))
+            return rowcount(s.execute(update(row_type).where(*where).values(**values)))
 
     def _page(self, query: Any, order_by: Sequence[Any], limit: int, offset: int) -> tuple[list[Any], int]:
         """One page of `query`'s rows in `order_by` order, and the total count (SQL COUNT, one snapshot)."""
@@ -287,7 +287,7 @@ class Catalogue:
                 )
                 .values(last_heartbeat=utcnow())
             )
-            return _rowcount(s.execute(q)) == 1
+            return rowcount(s.execute(q)) == 1
 
     def set_session_status(self, session_id: str, status: str) -> None:
         self._update(SessionRow, session_id, status=status)
@@ -508,7 +508,7 @@ class Catalogue:
             .on_conflict_do_nothing(index_elements=["scope", "key"])
         )
         with self.writing() as s:
-            if _rowcount(s.execute(insert)) == 1:
+            if rowcount(s.execute(insert)) == 1:
                 return None
             return s.scalar(
                 select(IdempotencyKeyRow.value).where(
@@ -544,7 +544,7 @@ class Catalogue:
                 )
                 .values(value=value)
             )
-            return _rowcount(s.execute(q)) == 1
+            return rowcount(s.execute(q)) == 1
 
     def release_idempotency_key(self, scope: str, key: str) -> None:
         """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""

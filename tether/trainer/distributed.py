@@ -91,7 +91,7 @@ class DistributedExecutor(OpExecutor):
         self.rank = dist.get_rank()
 
     @property
-    def training(self) -> DistributedTrainingEngine:  # type: ignore[override]
+    def training(self) -> DistributedTrainingEngine:
         base = self.base
         with self._lock:
             if self._training is None:
@@ -188,6 +188,8 @@ def run_everywhere(executor: DistributedExecutor, channel: ControlChannel, op: A
 
 class DistributedTrainer(InProcessTrainer):
     """Rank 0's `Trainer`: training ops are broadcast and run on every rank; sampling stays here."""
+
+    executor: DistributedExecutor
 
     def __init__(self, base_model: str, settings: EngineSettings, channel: ControlChannel) -> None:
         self.base_model = base_model

@@ -275,7 +275,7 @@ class OpExecutor:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten:
+    def save_state(self, op: ops.SaveState) -> ops.CheckpointWritten | ops.Done:
         path = parse_checkpoint_path(op.path)
         state = self.training.export_state(op.model_id, include_optimizer=True)
         info = self.checkpoints.save_training_state(op.owner, path, state, overwrite=op.overwrite)
@@ -310,7 +310,9 @@ class OpExecutor:
             size_bytes=info.size_bytes,
         )
 
-    def save_weights_for_sampler_ext(self, op: ops.SaveWeightsForSamplerExt) -> ops.CheckpointWritten:
+    def save_weights_for_sampler_ext(
+        self, op: ops.SaveWeightsForSamplerExt
+    ) -> ops.CheckpointWritten | ops.Done:
         from tether.storage.sampler_chain import save_sampler_checkpoint_ext
 
         path = parse_checkpoint_path(op.path)

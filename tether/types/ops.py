@@ -317,11 +317,8 @@ class OpFailure(_Message):
             known = next(k.__name__ for k in type(exc).__mro__ if k.__name__ in _ERROR_TYPES)
             field = getattr(exc, "field", None)
             if known == "UserInputError":  # its message already names the field and datum
-                message = (
-                    exc.message.split(": ", 1)[1]
-                    if field is not None or exc.datum_index is not None
-                    else exc.message
-                )  # type: ignore[attr-defined]
+                where = field is not None or getattr(exc, "datum_index", None) is not None
+                message = exc.message.split(": ", 1)[1] if where else exc.message
             else:
                 message = exc.message
             return cls(
