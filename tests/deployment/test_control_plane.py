@@ -159,6 +159,12 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert all(0 < len(c.inference_logprobs) <= c.completion_len for c in results)
     assert all(c.full_tokens[: c.prompt_len] == PROMPT and c.weights_identity == path for c in results)
 
+    # the console's deployments page: state, health, the weights served (rows are the owner's: reg.list(owner))
+    console = manager._http.get("/api/v1/tether/console/deployments").json()["deployments"]
+    assert [(d["deployment_id"], d["state"], d["healthy"], d["serving"]) for d in console] == [
+        ("dep-1", "READY", True, path)
+    ]
+
     # the openai package through the control plane's proxy
     client = openai.OpenAI(
         api_key=KEY, base_url=f"{thread.base_url}/api/v1/tether/deployments/dep-1/v1", max_retries=0

@@ -208,9 +208,48 @@ async def console_jobs(request: Request, owner: str = Depends(request_owner)) ->
 
 
 @router.get("/api/v1/tether/console/deployments")
-async def console_deployments(owner: str = Depends(request_owner)) -> dict[str, Any]:
-    """Deployments: none in this version (the page shows its empty state)."""
-    return {"deployments": [], "available": False, "note": "This server has no deployments yet."}
+async def console_deployments(
+    request: Request, state: ServerState = Depends(server_state), owner: str = Depends(request_owner)
+) -> dict[str, Any]:
+    """The caller's deployments: state, health, the weights they serve and their last hot-load."""
+    import asyncio
+
+    import httpx
+
+    from tether.server.routes_deployments import registry
+
+    reg = registry(request, state)
+    rows = await asyncio.to_thread(reg.list, owner)
+    deployments = []
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        for row in rows:
+            status: dict[str, Any] = {}
+            if row.state == "READY":
+                try:
+                    url = await asyncio.to_thread(reg.url, row.deployment_id, owner)
+                    status = (await client.get(f"{url}/status")).json()
+                except Exception:  # noqa: BLE001 - an unreachable process shows as unhealthy
+                    status = {}
+            replica = (status.get("replicas") or [{}])[0]
+            loading = replica.get("loading_state") or {}
+            deployments.append(
+                {
+                    "deployment_id": row.deployment_id,
+                    "state": row.state,
+                    "healthy": bool(status),
+                    "base_model": row.base_model,
+                    "transition": row.transition,
+                    "serving": replica.get("current_snapshot_identity"),
+                    "last_hot_load": loading.get("stage"),
+                    "hot_load_error": loading.get("error") or row.error,
+                    "created": as_utc(row.created_at),
+                }
+            )
+    return {
+        "deployments": deployments,
+        "available": True,
+        "note": "Create one with `tether deployments create` or DeploymentManager.create_or_get.",
+    }
 
 
 # ---- Prometheus

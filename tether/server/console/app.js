@@ -456,14 +456,18 @@ async function sessionsPage() {
   every(LIST_REFRESH_MS, token, render);
 }
 
+// Trainer jobs and deployments: one row per item, one column per field, refreshed like the other lists.
 async function emptyFeaturePage(title, kind) {
   const token = pageToken;
   const data = await api("/api/v1/tether/console/" + kind);
   if (token !== pageToken) return;
   const items = data[kind] || [];
+  const columns = items.length ? Object.keys(items[0]) : [];
+  const cell = (v) => v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
   show(h("h1", {}, title), items.length ?
-    h("table", { id: kind + "-table" }, h("tbody", {}, items.map((item) => h("tr", {}, h("td", { class: "mono" },
-      JSON.stringify(item)))))) :
+    h("table", { id: kind + "-table" },
+      h("thead", {}, h("tr", {}, columns.map((c) => h("th", {}, c.replace(/_/g, " "))))),
+      h("tbody", {}, items.map((item) => h("tr", {}, columns.map((c) => h("td", { class: "mono" }, cell(item[c]))))))) :
     h("div", { class: "empty", id: kind + "-empty" }, h("p", {}, "No " + title.toLowerCase() + " yet."),
       h("p", { class: "muted" }, data.note || "")));
 }
