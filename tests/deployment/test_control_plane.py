@@ -164,6 +164,7 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert [(d["deployment_id"], d["state"], d["healthy"], d["serving"]) for d in console] == [
         ("dep-1", "READY", True, path)
     ]
+    assert console[0]["hot_load_history"][-1] == f"{path}: done"  # the hot-load history, newest last
 
     # the openai package through the control plane's proxy
     client = openai.OpenAI(

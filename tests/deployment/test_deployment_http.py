@@ -125,6 +125,9 @@ def test_bad_hotloads_fail_and_keep_serving(deployment, chain, other_chain, tmp_
         w in state["loading_state"]["error"] for w in ("sha256", "truncated")
     )
     assert same(sample(client), reference)  # still the last good weights
+    history = client.get("/status").json()["hot_load_history"]
+    assert history[-1]["stage"] == "error" and history[-1]["target_snapshot_identity"] == str(damaged)
+    assert [h["stage"] for h in history].count("error") >= 3 and "done" in [h["stage"] for h in history]
 
 
 def test_a_second_hotload_while_one_runs_is_refused(deployment, chain):
@@ -218,10 +221,13 @@ def test_restart_resumes_the_last_good_weights(base, model_dir, chain, tmp_path)
         (broken / "delta.safetensors").write_bytes(b"garbage")
         first.hotload(str(broken))
     first.backend.close()
+    history = first.history()
+    assert [h["stage"] for h in history] == ["done"] * len(chain) + ["error"]
     second = ServedWeights(EngineBackend(base), base_model=str(model_dir), state_dir=state_dir)
     assert second.restore()
     assert second.current.identity.endswith("step-2") and second.current.checkpoint_type == "delta"
     assert second.submit(_greedy())[0].result(timeout=60).sequences[0].tokens == want
+    assert second.history() == history  # kept across the restart; the replay is not a new hot-load
     second.backend.close()
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ TRANSITIONS = ("SYNC", "ASYNC")
 BASE_IDENTITY = "base-model"
 """The identity reported while the deployment serves its bare base model."""
 _STATE_FILE = "served.json"
+_HISTORY_FILE = "hot_loads.jsonl"
+HISTORY_LIMIT = 100
+"""Finished hot-loads kept in the status (the file keeps them all, one JSON line each)."""
 
 
 @dataclass
@@ -116,6 +120,9 @@ class ServedWeights:
         self._load_lock = threading.Lock()
         self._numbers = itertools.count(1)
         self.hotloads = 0
+        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
+        self._recording = True
+        """False while `restore` replays the recorded chain (those loads are not new hot-loads)."""
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class ServedWeights:
             "base_model": self.base_model,
             "transition": self.transition,
             "current": current.public(),
+            "hot_load_history": self.history(),
             "replicas": [
                 {
                     "current_snapshot_identity": current.identity,
@@ -166,6 +174,20 @@ class ServedWeights:
                 }
             ],
         }
+
+    def history(self) -> list[dict[str, Any]]:
+        """Finished hot-loads, oldest first: target identity, stage ("done" | "error"), error, times (s)."""
+        with self._cond:
+            return list(self._history)
+
+    def _remember(self, finished: LoadingState) -> None:
+        entry = asdict(finished)
+        with self._cond:
+            self._history.append(entry)
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.state_dir / _HISTORY_FILE, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
     # ---- hot-load ----------------------------------------------------------------------------
 
@@ -215,6 +237,8 @@ class ServedWeights:
             with self._cond:
                 self._loading.stage, self._loading.finished_at = "done", time.time()
         finally:
+            if self._recording:
+                self._remember(self.loading_state())
             self._load_lock.release()
 
     def _load(self, path: str, identity: str | None, transition: Transition) -> None:
@@ -307,11 +331,25 @@ class ServedWeights:
 
         Returns False when nothing was recorded. Raises if the recorded checkpoints cannot be loaded.
         """
-        if self.state_dir is None or not (self.state_dir / _STATE_FILE).is_file():
+        if self.state_dir is None:
+            return False
+        history = self.state_dir / _HISTORY_FILE
+        if history.is_file():
+            with self._cond:
+                for line in history.read_text().splitlines()[-HISTORY_LIMIT:]:
+                    try:
+                        self._history.append(json.loads(line))
+                    except ValueError:  # a line cut short by a crash
+                        continue
+        if not (self.state_dir / _STATE_FILE).is_file():
             return False
         record = json.loads((self.state_dir / _STATE_FILE).read_text())
         *parents, last = record["chain"]
-        for path in parents:
-            self.hotload(path, transition="ASYNC")
-        self.hotload(last, identity=record["identity"], transition="ASYNC")
+        self._recording = False
+        try:
+            for path in parents:
+                self.hotload(path, transition="ASYNC")
+            self.hotload(last, identity=record["identity"], transition="ASYNC")
+        finally:
+            self._recording = True
         return True

@@ -241,6 +241,11 @@ async def console_deployments(
                     "transition": row.transition,
                     "serving": replica.get("current_snapshot_identity"),
                     "last_hot_load": loading.get("stage"),
+                    "hot_load_history": [
+                        f"{h.get('target_snapshot_identity')}: {h.get('stage')}"
+                        + (f" ({h['error']})" if h.get("error") else "")
+                        for h in status.get("hot_load_history", [])[-20:]
+                    ],
                     "hot_load_error": loading.get("error") or row.error,
                     "created": as_utc(row.created_at),
                 }

@@ -463,7 +463,8 @@ async function emptyFeaturePage(title, kind) {
   if (token !== pageToken) return;
   const items = data[kind] || [];
   const columns = items.length ? Object.keys(items[0]) : [];
-  const cell = (v) => v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+  const cell = (v) => v === null || v === undefined ? "" : Array.isArray(v) ? v.join("; ") :
+    typeof v === "object" ? JSON.stringify(v) : String(v);
   show(h("h1", {}, title), items.length ?
     h("table", { id: kind + "-table" },
       h("thead", {}, h("tr", {}, columns.map((c) => h("th", {}, c.replace(/_/g, " "))))),
