@@ -274,15 +274,21 @@ def test_retried_seq_id_is_answered_by_the_first_execution(http):
     assert loss_of(http, model, 3) == pytest.approx(loss_of(http, twin, 3), rel=1e-6)
 
 
-def test_retried_sample_is_answered_by_the_first_execution(http):
-    session = http.post(
+def base_sampler(client: httpx.Client) -> tuple[str, str]:
+    """A new session of ALICE's and a sampling session on the base model in it: (session id, sampler id)."""
+    session = client.post(
         "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
     ).json()["session_id"]
-    sampler = http.post(
+    sampler = client.post(
         "/api/v1/create_sampling_session",
         headers=ALICE,
         json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
     ).json()["sampling_session_id"]
+    return session, sampler
+
+
+def test_retried_sample_is_answered_by_the_first_execution(http):
+    session, sampler = base_sampler(http)
     body = {
         "sampling_session_id": sampler,
         "seq_id": 5,
@@ -336,14 +342,7 @@ def test_silent_session_expires(tmp_path, default_model_dir):
 def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
     config = ServerConfig(port=0, data_dir=tmp_path, max_pending_samples=1, long_poll_s=5)
     with ServerThread(config) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
-        session = client.post(
-            "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
-        ).json()["session_id"]
-        sampler = client.post(
-            "/api/v1/create_sampling_session",
-            headers=ALICE,
-            json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
-        ).json()["sampling_session_id"]
+        session, sampler = base_sampler(client)
         body = {
             "sampling_session_id": sampler,
             "num_samples": 1,
@@ -365,14 +364,7 @@ def test_sustained_sampling_overload_answers_429(tmp_path, default_model_dir):
 def test_sampling_does_not_wait_behind_training(http, model_id):
     import threading
 
-    session = http.post(
-        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
-    ).json()["session_id"]
-    sampler = http.post(
-        "/api/v1/create_sampling_session",
-        headers=ALICE,
-        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
-    ).json()["sampling_session_id"]
+    session, sampler = base_sampler(http)
     body = {
         "sampling_session_id": sampler,
         "num_samples": 1,
@@ -419,14 +411,7 @@ def test_bad_loss_config_is_400(http, model_id):
 
 
 def test_join_sampling_session_and_trace_export(http):
-    session = http.post(
-        "/api/v1/create_session", json={"tags": [], "sdk_version": "test"}, headers=ALICE
-    ).json()["session_id"]
-    sampler = http.post(
-        "/api/v1/create_sampling_session",
-        headers=ALICE,
-        json={"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE},
-    ).json()["sampling_session_id"]
+    session, sampler = base_sampler(http)
     counters = [
         http.post(
             "/api/v1/join_sampling_session", json={"sampling_session_id": sampler}, headers=ALICE

@@ -323,12 +323,6 @@ class TrainingEngine:
                 del self._graphs[graph_id]
             return len(expired)
 
-    def next_graph_deadline(self) -> float | None:
-        """The earliest `time.monotonic()` deadline of a kept graph, or None."""
-        with self._lock:
-            deadlines = [kept.deadline for kept in self._graphs.values() if kept.deadline is not None]
-            return min(deadlines) if deadlines else None
-
     # ---- state -------------------------------------------------------------------------------
 
     def export_state(self, model_id: str, *, include_optimizer: bool) -> TrainingState:

@@ -20,6 +20,7 @@ from tether.server.errors import require
 from tether.server.live import LiveModel
 from tether.server.operations import chain, new_request_id, submit_op
 from tether.server.routes_tokenizer import client_tokenizer_id
+from tether.server.sessions import free_sampler
 from tether.server.state import ServerState, request_owner, server_state
 from tether.trainer.interface import Trainer
 from tether.types import ops, wire
@@ -306,17 +307,6 @@ async def save_weights(
         state, trainer, op, owner=owner, kind="save", stream=model.model_id, seq_id=body.seq_id, finish=finish
     )
     return _future(request_id, model.model_id)
-
-
-def free_sampler(state: ServerState, sampler_id: str) -> None:
-    """Unregister a sampler's weights from its trainer (no-op if it is gone)."""
-    sampler = state.live.remove_sampler(sampler_id)
-    if sampler is None:
-        return
-    state.dedupe.forget_stream(sampler_id)
-    trainer = state.trainers.started(sampler.base_model)
-    if sampler.has_weights and trainer is not None:
-        trainer.submit(ops.DeleteSampler(sampler_id=sampler_id))
 
 
 def add_live_sampler(

@@ -13,7 +13,6 @@ import logging
 from datetime import datetime
 
 from tether.server.catalogue import CheckpointRow
-from tether.server.routes_training import free_sampler
 from tether.server.state import ServerState
 from tether.types import ops
 from tether.types.paths import parse_checkpoint_path
@@ -40,6 +39,17 @@ def free_model(state: ServerState, model_id: str) -> None:
     trainer = state.trainers.started(model.base_model)
     if trainer is not None:
         trainer.submit(ops.DeleteModel(model_id=model_id), stream=model_id)
+
+
+def free_sampler(state: ServerState, sampler_id: str) -> None:
+    """Unregister a sampler's weights from its trainer (no-op if it is gone)."""
+    sampler = state.live.remove_sampler(sampler_id)
+    if sampler is None:
+        return
+    state.dedupe.forget_stream(sampler_id)
+    trainer = state.trainers.started(sampler.base_model)
+    if sampler.has_weights and trainer is not None:
+        trainer.submit(ops.DeleteSampler(sampler_id=sampler_id))
 
 
 def delete_checkpoint(state: ServerState, row: CheckpointRow) -> None:
