@@ -64,12 +64,32 @@ def test_wait_policy_keeps_staleness_within_the_bound_and_trains_every_group_onc
     assert len({i for i, _ in sampler.calls}) == len(sampler.calls), "no group sampled twice"
 
 
+def _settle(queue: AsyncRollouts, held: set[int]) -> None:
+    """Wait until every group in flight is a held one: makes which groups are done at a step exact."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with queue._cond:
+            if queue._in_flight <= held:
+                return
+        time.sleep(0.001)
+    raise AssertionError("fake groups did not finish")
+
+
 def test_drop_policy_trains_around_a_slow_group_and_drops_it_once_it_is_too_stale():
     release = threading.Event()
     sampler = FakeSampler(hold={4: release})
     queue = AsyncRollouts(sampler, batch_size=2, max_steps_off_policy=1, policy="drop")
     queue.publish(object(), 0)
-    taken = _train(queue, range(7), on_step=lambda step: step == 3 and release.set())
+    taken = []
+    for step in range(7):
+        # Every other group has finished before the batch is taken, whatever the machine's load: the
+        # only group that can be late is the held one, so the test does not depend on thread timing.
+        _settle(queue, set() if release.is_set() else {4})
+        groups, dropped = queue.take_batch(step)
+        taken.append((step, groups, dropped))
+        if step == 3:
+            release.set()
+        queue.publish(object(), step + 1)
     queue.close()
     trained = [g.index for _, groups, _ in taken for g in groups]
     assert 4 not in trained and len(trained) == len(set(trained)) == 14
