@@ -126,3 +126,32 @@ def test_copy_still_running_in_this_process_answers_409_after_a_while(server, st
     assert answer.status_code == 409 and "in progress" in answer.json()["detail"]
     state.catalogue.release_idempotency_key(SCOPE, "busy-key")
     assert copy(server.base_url, source, "busy-key").status_code == 200
+
+
+def test_old_idempotency_keys_are_pruned_but_a_live_models_create_key_is_kept(server, state, http, source):
+    from datetime import timedelta
+
+    from tether.server.catalogue import utcnow
+    from tether.server.sessions import CREATE_MODEL_SCOPE, expire_idempotency_keys
+
+    first = copy(server.base_url, source, "prune-me")
+    assert first.status_code == 200, first.text
+    live_model = create_model(http)
+    create_keys = [
+        (scope, key)
+        for scope, key in state.catalogue.idempotency_keys_before(utcnow() + timedelta(seconds=1))
+        if scope.startswith(CREATE_MODEL_SCOPE)
+    ]
+    assert any(key == live_model for _, key in create_keys)
+
+    assert expire_idempotency_keys(state) == 0, "nothing is older than the TTL yet"
+    assert state.catalogue.idempotency_value(SCOPE, "prune-me") is not None
+    later = utcnow() + timedelta(seconds=state.config.idempotency_key_ttl_s + 60)
+    assert expire_idempotency_keys(state, now=later) >= 1
+    assert state.catalogue.idempotency_value(SCOPE, "prune-me") is None, "the old copy key is forgotten"
+    kept = state.catalogue.idempotency_keys_before(later)
+    assert all(state.live.has_model(key) for scope, key in kept if scope.startswith(CREATE_MODEL_SCOPE))
+    assert any(key == live_model for _, key in kept), "a live model's create key is kept"
+    # A retry after the window is a new request: it copies again.
+    again = copy(server.base_url, source, "prune-me")
+    assert again.status_code == 200 and again.json()["tinker_path"] != first.json()["tinker_path"]

@@ -546,6 +546,16 @@ class Catalogue:
             )
             return rowcount(s.execute(q)) == 1
 
+    def idempotency_keys_before(self, cutoff: datetime) -> list[tuple[str, str]]:
+        """`(scope, key)` of every key claimed before `cutoff` (naive UTC), oldest first."""
+        with self.reading() as s:
+            rows = s.execute(
+                select(IdempotencyKeyRow.scope, IdempotencyKeyRow.key)
+                .where(IdempotencyKeyRow.created_at < cutoff)
+                .order_by(IdempotencyKeyRow.created_at)
+            )
+            return [(scope, key) for scope, key in rows]
+
     def release_idempotency_key(self, scope: str, key: str) -> None:
         """Forget (scope, key), so the next claim succeeds (e.g. after the claimed work failed)."""
         with self.writing() as s:

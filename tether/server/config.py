@@ -85,6 +85,12 @@ class ServerConfig(EngineSettings, JobSettings):
         description="Largest size a request may expand to once decoded: a zstd body's decompressed bytes, "
         "and the bytes the sparse tensors of one forward_backward densify to.",
     )
+    idempotency_key_ttl_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long a create-model or copy-weights idempotency key is kept: a retry within this "
+        "window gets the first answer; older keys are pruned (a live model's key is kept while it lives).",
+    )
     maintenance_interval_s: float = Field(
         5.0, gt=0, description="How often expired sessions and checkpoints are looked for and freed."
     )

@@ -20,7 +20,7 @@ from tether.server.errors import require
 from tether.server.live import LiveModel
 from tether.server.operations import chain, new_request_id, submit_op
 from tether.server.routes_tokenizer import client_tokenizer_id
-from tether.server.sessions import free_sampler
+from tether.server.sessions import CREATE_MODEL_SCOPE, free_sampler
 from tether.server.state import ServerState, request_owner, server_state
 from tether.trainer.interface import Trainer
 from tether.types import ops, wire
@@ -104,7 +104,7 @@ def _create_once(
 
     The op runs after anything already queued for that model id (nothing, unless an earlier model of
     the same id is still being freed)."""
-    scope = f"create_model:{owner}"
+    scope = f"{CREATE_MODEL_SCOPE}{owner}"
     request_id = new_request_id(kind)
     earlier = state.catalogue.claim_idempotency_key(scope, model.model_id, request_id)
     if earlier is not None:

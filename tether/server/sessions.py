@@ -3,21 +3,24 @@
 A session ends when its client says so (`finish`) or stops heartbeating for `session_timeout_s`.
 Either way its training models are deleted from their trainer (after the operations already
 queued for them) and its samplers' weights are unregistered. Checkpoints stay. The same
-background loop deletes checkpoints whose TTL has passed.
+background loop deletes checkpoints whose TTL has passed and forgets old idempotency keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from tether.server.catalogue import CheckpointRow
+from tether.server.catalogue import CheckpointRow, utcnow
 from tether.server.state import ServerState
 from tether.types import ops
 from tether.types.paths import parse_checkpoint_path
 
 log = logging.getLogger("tether.server")
+
+CREATE_MODEL_SCOPE = "create_model:"
+"""Prefix of the idempotency-key scope of model creation; the key is the model id (scope + owner)."""
 
 
 def end_session(state: ServerState, session_id: str, *, status: str) -> None:
@@ -75,10 +78,27 @@ def expire_checkpoints(state: ServerState, now: datetime | None = None) -> None:
         delete_checkpoint(state, row)
 
 
+def expire_idempotency_keys(state: ServerState, now: datetime | None = None) -> int:
+    """Forget idempotency keys older than `idempotency_key_ttl_s`; returns how many were forgotten.
+
+    A create-model key is kept while its model lives, so a late retry never creates the model twice.
+    `now` (naive UTC) lets tests look into the future.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=state.config.idempotency_key_ttl_s)
+    forgotten = 0
+    for scope, key in state.catalogue.idempotency_keys_before(cutoff):
+        if scope.startswith(CREATE_MODEL_SCOPE) and state.live.has_model(key):
+            continue
+        state.catalogue.release_idempotency_key(scope, key)
+        forgotten += 1
+    return forgotten
+
+
 def expire_once(state: ServerState) -> None:
-    """One pass of the reaper: silent sessions, expired checkpoints, stale futures."""
+    """One pass of the reaper: silent sessions, expired checkpoints, old idempotency keys, stale futures."""
     expire_sessions(state)
     expire_checkpoints(state)
+    expire_idempotency_keys(state)
     state.futures.sweep()
 
 
