@@ -88,7 +88,15 @@ __all__ = [
 
 TensorDtype = Literal["float32", "int64"]
 LossFnType = Literal[
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom"
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "reinforce",
+    "stable_reinforce",
+    "custom",
 ]
 StopReason = Literal["stop", "length"]
 
@@ -103,6 +111,7 @@ LOSS_FN_INPUT_DTYPES: dict[str, TensorDtype] = {
     "clip_low_threshold": "float32",
     "clip_high_threshold": "float32",
     "sequence_ratio_mask": "float32",
+    "sampled_mask": "float32",
 }
 
 
