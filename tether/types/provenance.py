@@ -8,8 +8,9 @@ sampled tokens.
 
 `check_tiling` applies to every loss (the cookbook attaches spans whenever it has sequence ids).
 `resolve_sampled_inputs` is what `stable_reinforce` needs on top: every named sequence must have
-been recorded (`record_stability_info=true`), every claimed token must equal the recorded one,
-advantages must be zero off the sampled positions, and it returns the sampler's recorded logprobs
+been recorded (`record_stability_info=true`), every input token a run claims and every target
+token a sampled run claims must equal the recorded one (targets under prompt runs are not trained
+and clients fill them freely), advantages must be zero off the sampled positions, and it returns the sampler's recorded logprobs
 and the sampled-position mask that the loss reads. A datum that fails any check is refused with
 the field and the datum index, so a run never trains on half-matching data.
 
@@ -98,8 +99,10 @@ def _claimed(
     *,
     field: str,
     datum_index: int,
+    check_prompt_tokens: bool = True,
 ) -> list[tuple[WireProvenanceSpan, SequenceRecord, int]]:
-    """Each span with its record and its start position in the datum field; tokens checked."""
+    """Each span with its record and its start position in the datum field; tokens checked (a prompt
+    run's only when `check_prompt_tokens`)."""
     out = []
     start = 0
     for k, span in enumerate(spans):
@@ -122,7 +125,7 @@ def _claimed(
             )
         got = tokens[start : start + span.length]
         want = source[span.offset : end]
-        if not np.array_equal(got, want):
+        if (span.kind == "sampled" or check_prompt_tokens) and not np.array_equal(got, want):
             bad = int(np.flatnonzero(got != want)[0])
             raise UserInputError(
                 f"position {start + bad} holds token {int(got[bad])} but the {span.kind} run claims "
@@ -186,8 +189,15 @@ def resolve_sampled_inputs(
     _claimed(model_input_spans, input_tokens, lookup, field="model_input_spans", datum_index=datum_index)
     logprobs = np.zeros(targets.shape, dtype=np.float32)
     mask = np.zeros(targets.shape, dtype=np.float32)
+    # Targets under a prompt run are never trained (zero advantage, checked below), and clients fill
+    # them freely (the cookbook's rl_loop sends zeros there), so only sampled runs must match.
     for span, record, start in _claimed(
-        loss_fn_input_spans, targets, lookup, field="loss_fn_input_spans", datum_index=datum_index
+        loss_fn_input_spans,
+        targets,
+        lookup,
+        field="loss_fn_input_spans",
+        datum_index=datum_index,
+        check_prompt_tokens=False,
     ):
         if span.kind == "sampled":
             logprobs[start : start + span.length] = record.logprobs[span.offset : span.offset + span.length]
