@@ -28,7 +28,9 @@ def client(service_client):
 @pytest.fixture(scope="module")
 def recorded(client):
     sampler = client.save_weights_and_get_sampling_client(record_stability_info=True).result()
-    response = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=PARAMS).result()
+    response = sampler.sample(
+        types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=PARAMS
+    ).result()
     return response.sequences
 
 

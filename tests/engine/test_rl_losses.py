@@ -57,7 +57,9 @@ def test_gspo_masks_default_to_the_positions_with_an_advantage():
     config = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
     default, _ = gspo_loss(lp, {"logprobs": q, "advantages": adv}, config)
     explicit, _ = gspo_loss(lp, {"logprobs": q, "advantages": adv, "sequence_ratio_mask": adv}, config)
-    assert float(default.detach()) == pytest.approx(float(explicit.detach())) == pytest.approx(-2.0)  # s = exp(0) = 1
+    assert (
+        float(default.detach()) == pytest.approx(float(explicit.detach())) == pytest.approx(-2.0)
+    )  # s = exp(0) = 1
 
 
 def test_stable_reinforce_reads_sampled_positions_and_caps_the_weight():
@@ -122,7 +124,11 @@ def test_loss_table_defaults_and_refusals():
         ("stable_reinforce", {"ratio_cap": 0.0}, "loss_fn_config.ratio_cap"),
         ("stable_reinforce", {"beta": 1.0}, "loss_fn_config.beta"),
         ("reinforce", {"kl_coeff": 1.0}, "loss_fn_config.kl_coeff"),
-        ("gspo", {"clip_low_threshold": 1.1, "clip_high_threshold": 1.0}, "loss_fn_config.clip_low_threshold"),
+        (
+            "gspo",
+            {"clip_low_threshold": 1.1, "clip_high_threshold": 1.0},
+            "loss_fn_config.clip_low_threshold",
+        ),
     ]:
         with pytest.raises(UserInputError) as info:
             resolve_loss_config(loss_fn, config)

@@ -40,9 +40,8 @@ LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's default
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, default_model_dir):
-    from transformers import AutoTokenizer
-
     from tinker_cookbook import tokenizer_utils
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     for name in (MATH_MODEL, LOOP_MODEL):
@@ -66,7 +65,9 @@ def received(monkeypatch):
 
     def spy(data, loss_fn="cross_entropy", lookup=None):
         out = inner(data, loss_fn, lookup)
-        calls.append((loss_fn, len(out), sum(1 for d in out if d.loss_fn_inputs.get("sampled_mask") is not None)))
+        calls.append(
+            (loss_fn, len(out), sum(1 for d in out if d.loss_fn_inputs.get("sampled_mask") is not None))
+        )
         return out
 
     monkeypatch.setattr(routes_training, "training_data", spy)
@@ -104,12 +105,19 @@ def test_rl_loop_trains_with_stable_reinforce(base_url, received, tmp_path, monk
         "answer": [f"{a} + {a + 1} = {2 * a + 1}\n#### {2 * a + 1}" for a in range(8)],
     }
     monkeypatch.setattr(
-        datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)})
+        datasets,
+        "load_dataset",
+        lambda *a, **k: datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}),
     )
     parity = itertools.count()  # rewards 0, 1, 0, 1 within every group: never constant
     monkeypatch.setattr(rl_loop, "get_reward", lambda response, answer: float(next(parity) % 2))
     config = rl_loop.Config(
-        base_url=base_url, log_path=str(tmp_path / "rl_loop"), batch_size=2, group_size=4, max_tokens=8, max_steps=2
+        base_url=base_url,
+        log_path=str(tmp_path / "rl_loop"),
+        batch_size=2,
+        group_size=4,
+        max_tokens=8,
+        max_steps=2,
     )
     assert config.loss_fn == "stable_reinforce"
     rl_loop.main(config)

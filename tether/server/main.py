@@ -29,8 +29,8 @@ from tether.server.guard import RequestGuard
 from tether.server.reconcile import reconcile_storage
 from tether.server.responses import FiniteJSONResponse
 from tether.server.run_metrics import RunMetrics
-from tether.server.stability import StabilityRecords
 from tether.server.sessions import reaper_loop
+from tether.server.stability import StabilityRecords
 from tether.server.state import ServerState
 from tether.server.trainers import TrainerPool
 

@@ -12,10 +12,10 @@ from tether.server.catalogue import Catalogue
 from tether.server.checkpoints import CheckpointFiles
 from tether.server.config import ServerConfig
 from tether.server.dedupe import DedupeRegistry
-from tether.server.stability import StabilityRecords
 from tether.server.futures import FutureStore
 from tether.server.live import LiveObjects
 from tether.server.run_metrics import RunMetrics
+from tether.server.stability import StabilityRecords
 from tether.server.trainers import TrainerPool
 
 

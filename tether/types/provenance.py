@@ -59,11 +59,17 @@ def check_tiling(
     for k, span in enumerate(spans):
         where = f"{field}.{k}"
         if not span.sequence_id:
-            raise UserInputError("sequence_id must be non-empty", field=f"{where}.sequence_id", datum_index=datum_index)
+            raise UserInputError(
+                "sequence_id must be non-empty", field=f"{where}.sequence_id", datum_index=datum_index
+            )
         if span.offset < 0:
-            raise UserInputError(f"offset {span.offset} must be >= 0", field=f"{where}.offset", datum_index=datum_index)
+            raise UserInputError(
+                f"offset {span.offset} must be >= 0", field=f"{where}.offset", datum_index=datum_index
+            )
         if span.length < 0:
-            raise UserInputError(f"length {span.length} must be >= 0", field=f"{where}.length", datum_index=datum_index)
+            raise UserInputError(
+                f"length {span.length} must be >= 0", field=f"{where}.length", datum_index=datum_index
+            )
         total += span.length
     if total != length:
         raise UserInputError(
@@ -85,7 +91,9 @@ def check_datum_spans(
     if (model_input_spans is None) != (loss_fn_input_spans is None):
         missing = "model_input_spans" if model_input_spans is None else "loss_fn_input_spans"
         raise UserInputError(
-            "provenance comes as a pair: send both span lists or neither", field=missing, datum_index=datum_index
+            "provenance comes as a pair: send both span lists or neither",
+            field=missing,
+            datum_index=datum_index,
         )
     check_tiling(model_input_spans, input_length, field="model_input_spans", datum_index=datum_index)
     if target_length is not None:
@@ -163,7 +171,9 @@ def resolve_sampled_inputs(
         )
     targets = loss_fn_inputs.get("target_tokens")
     if targets is None:
-        raise UserInputError("missing, required by this loss", field="loss_fn_inputs.target_tokens", datum_index=datum_index)
+        raise UserInputError(
+            "missing, required by this loss", field="loss_fn_inputs.target_tokens", datum_index=datum_index
+        )
     if targets.ndim != 1:
         raise UserInputError(
             f"stable_reinforce needs 1-D target_tokens, got shape {tuple(targets.shape)}",
@@ -172,7 +182,9 @@ def resolve_sampled_inputs(
         )
     advantages = loss_fn_inputs.get("advantages")
     if advantages is None:
-        raise UserInputError("missing, required by this loss", field="loss_fn_inputs.advantages", datum_index=datum_index)
+        raise UserInputError(
+            "missing, required by this loss", field="loss_fn_inputs.advantages", datum_index=datum_index
+        )
     if advantages.shape != targets.shape:
         raise UserInputError(
             f"shape {tuple(advantages.shape)} must equal target_tokens' shape {tuple(targets.shape)}",
