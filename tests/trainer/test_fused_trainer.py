@@ -61,7 +61,8 @@ def _fb(tenant: int, step: int, model: str | None = None) -> ops.ForwardBackward
             ops.TrainingDatum(
                 input_tokens=d.input_tokens,
                 loss_fn_inputs={
-                    k: d.loss_fn_inputs[k] for k in ("target_tokens", "logprobs", "advantages", "sampled_mask")
+                    k: d.loss_fn_inputs[k]
+                    for k in ("target_tokens", "logprobs", "advantages", "sampled_mask")
                 },
             )
             for d in data
