@@ -3,6 +3,8 @@ LoRA as forward hooks, and every loss formula written out once more, independent
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -54,7 +56,32 @@ def reference_loss(loss_fn: str, lp: torch.Tensor, inputs: dict, config: dict) -
         return -(ratio.clamp(low, high).detach() * lp * adv).sum()
     if loss_fn == "dro":
         return -(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2).sum()
+    if loss_fn == "reinforce":
+        return -(lp * adv).sum()
+    if loss_fn == "gspo":
+        return reference_gspo(lp, q, adv, inputs.get("sequence_ratio_mask"), config)
+    if loss_fn == "stable_reinforce":
+        mask, cap, kl = inputs["sampled_mask"], config.get("ratio_cap", 2.0), config.get("kl_coeff", 0.0)
+        pg = -(mask * torch.clamp(ratio, max=cap).detach() * adv * lp).sum()
+        return pg + kl * (mask * (ratio - 1 - torch.log(ratio))).sum()
     raise ValueError(loss_fn)
+
+
+def reference_gspo(lp, q, adv, mask, config) -> torch.Tensor:
+    """Token by token: each token's ratio is the sequence's, with its gradient through that token only."""
+    if mask is None:
+        mask = (adv != 0).float()
+    low, high = config.get("clip_low_threshold", 1 - 3e-4), config.get("clip_high_threshold", 1 + 4e-4)
+    count = float(mask.sum())
+    mean_log_ratio = float((mask * (lp - q)).detach().sum()) / count if count > 0 else 0.0
+    total = torch.zeros(())
+    for t in range(lp.shape[0]):
+        if float(mask[t]) == 0.0:
+            continue
+        s_t = math.exp(mean_log_ratio) * torch.exp(lp[t] - float(lp[t].detach()))
+        clipped = torch.clamp(s_t, low, high)
+        total = total - mask[t] * torch.min(s_t * adv[t], clipped * adv[t])
+    return total
 
 
 def make_data(lengths, *, vocab: int, seed: int = 0, soft_k: int | None = None) -> list[EngineDatum]:
@@ -74,6 +101,7 @@ def make_data(lengths, *, vocab: int, seed: int = 0, soft_k: int | None = None) 
                     "logprobs": -torch.log(torch.tensor(float(vocab)))
                     + 0.4 * torch.randn(shape, generator=gen),
                     "advantages": torch.randn(shape, generator=gen),
+                    "sampled_mask": (torch.rand(shape, generator=gen) > 0.3).float(),
                 },
             )
         )

@@ -15,6 +15,10 @@ LOSS_CONFIGS = {
     "ppo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
     "cispo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
     "dro": {"beta": 0.3},
+    "reinforce": None,
+    # wide band so some tokens clip and some do not (the logprobs are near the model's)
+    "gspo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+    "stable_reinforce": {"kl_coeff": 0.25, "ratio_cap": 1.05},
 }
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 SPEC = LoraSpec(rank=4, alpha=8.0, seed=3)

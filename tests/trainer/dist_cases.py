@@ -54,6 +54,8 @@ def make_batch(loss_fn: str, lengths=LENGTHS) -> list[EngineDatum]:
                 inputs[key] = torch.randn(n, generator=generator)
             elif key == "logprobs":
                 inputs[key] = -torch.rand(n, generator=generator) * 4
+            elif key == "sampled_mask":
+                inputs[key] = (torch.rand(n, generator=generator) > 0.3).float()
         data.append(EngineDatum(input_tokens=tokens[:-1].clone(), loss_fn_inputs=inputs))
     return data
 

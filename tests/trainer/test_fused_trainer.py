@@ -15,7 +15,7 @@ from tether.types.errors import UserInputError
 from tether.types.wire import AdamParams, LoraConfig
 
 BASE = "tether/tiny-qwen3"
-LOSSES = ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LOSSES = ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
 
 
 def _trainer(path: Path, fuse: bool) -> InProcessTrainer:
@@ -38,6 +38,7 @@ def _data(tenant: int, step: int) -> list[ops.TrainingDatum]:
                     "weights": rng.random(n).astype(np.float32),
                     "logprobs": np.full(n, -5.0, np.float32),
                     "advantages": rng.standard_normal(n).astype(np.float32),
+                    "sampled_mask": (rng.random(n) > 0.3).astype(np.float32),
                 },
             )
         )
@@ -59,7 +60,10 @@ def _fb(tenant: int, step: int, model: str | None = None) -> ops.ForwardBackward
         data = [
             ops.TrainingDatum(
                 input_tokens=d.input_tokens,
-                loss_fn_inputs={k: d.loss_fn_inputs[k] for k in ("target_tokens", "logprobs", "advantages")},
+                loss_fn_inputs={
+                    k: d.loss_fn_inputs[k]
+                    for k in ("target_tokens", "logprobs", "advantages", "sampled_mask")
+                },
             )
             for d in data
         ]

@@ -32,8 +32,11 @@ class SamplingClient:
         base_model: str | None,
         *,
         first_seq_id: int = 0,
+        record_stability_info: bool = False,
     ) -> None:
         self._session = session
+        self.record_stability_info = record_stability_info
+        """Every sample is recorded for stable_reinforce; its sequences' `sequence_id`s name them."""
         self.sampling_session_id = sampling_session_id
         self._base_model = base_model
         self._seq = itertools.count(first_seq_id)
@@ -42,7 +45,13 @@ class SamplingClient:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickle as connection details, so rollout workers in other processes can sample too."""
         transport = self._session.transport
-        return _restore, (transport.base_url, transport.api_key, self.sampling_session_id, self._base_model)
+        return _restore, (
+            transport.base_url,
+            transport.api_key,
+            self.sampling_session_id,
+            self._base_model,
+            self.record_stability_info,
+        )
 
     def _next_seq_id(self) -> int:
         with self._seq_lock:
@@ -74,7 +83,7 @@ class SamplingClient:
             seq_id=self._next_seq_id(),
             prompt_logprobs=include_prompt_logprobs or topk_prompt_logprobs > 0,
             topk_prompt_logprobs=topk_prompt_logprobs,
-            record_stability_info=False,
+            record_stability_info=self.record_stability_info,
         )
         return self._session.run(self._session.transport.call(routes.SAMPLE, body), "sample")
 
@@ -112,7 +121,13 @@ class SamplingClient:
         return load_tokenizer(base_model, session=self._session, base_model=base_model)
 
 
-def _restore(base_url: str, api_key: str, sampling_session_id: str, base_model: str | None) -> SamplingClient:
+def _restore(
+    base_url: str,
+    api_key: str,
+    sampling_session_id: str,
+    base_model: str | None,
+    record_stability_info: bool = False,
+) -> SamplingClient:
     """An unpickled SamplingClient: its own connection, and seq ids in a fresh random block.
 
     The server deduplicates samples by (sampling session, seq_id), so a copy must never reuse the
@@ -120,7 +135,13 @@ def _restore(base_url: str, api_key: str, sampling_session_id: str, base_model: 
     """
     session = ClientSession(Transport(base_url, api_key))
     first = random.randint(1, 1_000_000_000) * 1_000_000_000
-    return SamplingClient(session, sampling_session_id, base_model, first_seq_id=first)
+    return SamplingClient(
+        session,
+        sampling_session_id,
+        base_model,
+        first_seq_id=first,
+        record_stability_info=record_stability_info,
+    )
 
 
 async def _get_sampler(session: ClientSession, sampler_id: str) -> GetSamplerResponse:
@@ -128,7 +149,11 @@ async def _get_sampler(session: ClientSession, sampler_id: str) -> GetSamplerRes
 
 
 async def create_sampling_client(
-    session: ClientSession, *, model_path: str | None, base_model: str | None
+    session: ClientSession,
+    *,
+    model_path: str | None,
+    base_model: str | None,
+    record_stability_info: bool = False,
 ) -> SamplingClient:
     """Open a sampling session on a sampler checkpoint (`tinker://...`) or a base model."""
     if (model_path is None) == (base_model is None):
@@ -145,4 +170,4 @@ async def create_sampling_client(
     sampler_id = (await session.transport.call(routes.CREATE_SAMPLING_SESSION, body)).sampling_session_id
     if base_model is None:
         base_model = (await _get_sampler(session, sampler_id)).base_model
-    return SamplingClient(session, sampler_id, base_model)
+    return SamplingClient(session, sampler_id, base_model, record_stability_info=record_stability_info)

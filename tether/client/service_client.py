@@ -169,10 +169,20 @@ class ServiceClient:
     # ---- sampling and the rest
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None, retry_config: Any = None
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: Any = None,
+        record_stability_info: bool = False,
     ) -> ClientFuture[SamplingClient]:
-        """Sample from a sampler checkpoint (`tinker://.../sampler_weights/...`) or a base model."""
-        coro = create_sampling_client(self._session, model_path=model_path, base_model=base_model)
+        """Sample from a sampler checkpoint (`tinker://.../sampler_weights/...`) or a base model
+        (`record_stability_info`: its samples can be trained on with stable_reinforce)."""
+        coro = create_sampling_client(
+            self._session,
+            model_path=model_path,
+            base_model=base_model,
+            record_stability_info=record_stability_info,
+        )
         return ClientFuture(self._session.spawn(coro), "create_sampling_client")
 
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:

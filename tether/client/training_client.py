@@ -296,8 +296,10 @@ class TrainingClient:
         name: str | None = None,
         retry_config: Any = None,
         kind: Literal["snapshot", "inflight"] = "snapshot",
+        record_stability_info: bool = False,
     ) -> APIFuture[SamplingClient]:
-        """Snapshot the current weights into a new sampling session and return its client."""
+        """Snapshot the current weights into a new sampling session and return its client
+        (`record_stability_info`: its samples can be trained on with stable_reinforce)."""
         body = make_wire(
             SaveWeightsForSamplerRequest,
             model_id=self.model_id,
@@ -315,14 +317,23 @@ class TrainingClient:
             )
             if not answer.sampling_session_id:
                 raise ServerError("save_weights_for_sampler returned no sampling_session_id")
-            return SamplingClient(self._session, answer.sampling_session_id, self._base_model_name())
+            return SamplingClient(
+                self._session,
+                answer.sampling_session_id,
+                self._base_model_name(),
+                record_stability_info=record_stability_info,
+            )
 
         return self._run([turn], run(), "save_weights_and_get_sampling_client", ClientFuture)
 
-    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> APIFuture[SamplingClient]:
+    def create_sampling_client(
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
+    ) -> APIFuture[SamplingClient]:
         from tether.client.sampling_client import create_sampling_client
 
-        coro = create_sampling_client(self._session, model_path=model_path, base_model=None)
+        coro = create_sampling_client(
+            self._session, model_path=model_path, base_model=None, record_stability_info=record_stability_info
+        )
         return self._session.run(coro, "create_sampling_client", ClientFuture)
 
     # ---- metrics

@@ -18,6 +18,8 @@ from tether.types.data import (
     Datum,
     ForwardBackwardOutput,
     ModelInput,
+    ProvenanceSpan,
+    SampledProvenanceSpan,
     SampledSequence,
     SampleResponse,
     TensorData,
@@ -27,6 +29,7 @@ from tether.types.proto import (
     ForwardBackwardOutputBody,
     SampleResponseBody,
     WireDatum,
+    WireProvenanceSpan,
     WireTextChunk,
     topk_to_rows,
 )
@@ -83,7 +86,23 @@ def to_wire_datum(datum: Datum) -> WireDatum:
             WireTextChunk(tokens=np.asarray(c.tokens, dtype=np.int64)) for c in datum.model_input.chunks
         ],
         loss_fn_inputs={key: tensor.to_numpy() for key, tensor in datum.loss_fn_inputs.items()},
+        model_input_spans=_wire_spans(datum.model_input_spans),
+        loss_fn_input_spans=_wire_spans(datum.loss_fn_input_spans),
     )
+
+
+def _wire_spans(spans: Sequence[ProvenanceSpan] | None) -> list[WireProvenanceSpan] | None:
+    if spans is None:
+        return None
+    return [
+        WireProvenanceSpan(
+            kind="sampled" if isinstance(span, SampledProvenanceSpan) else "prompt",
+            sequence_id=span.sequence_id,
+            offset=span.offset,
+            length=span.length,
+        )
+        for span in spans
+    ]
 
 
 def forward_output_from_wire(body: ForwardBackwardOutputBody) -> ForwardBackwardOutput:

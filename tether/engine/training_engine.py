@@ -570,8 +570,10 @@ def _loss(
     part: _Prepared, indices: list[int], logprobs: MicroBatchLogprobs, outputs: list[dict[str, torch.Tensor]]
 ) -> torch.Tensor:
     """The summed loss of `part`'s datums `indices` (laid out in `logprobs`); fills their `outputs`."""
-    input_keys = [k for k in part.definition.required_inputs if k != "target_tokens"]
-    if logprobs.uniform:  # one elementwise loss over the whole group
+    spec = part.definition.spec
+    input_keys = [k for k in spec.required_inputs if k != "target_tokens"]
+    optional = [k for k in spec.optional_inputs if any(k in part.data[i].loss_fn_inputs for i in indices)]
+    if logprobs.uniform and not spec.per_sequence and not optional:  # one elementwise loss over the group
         device = logprobs.flat.device
         inputs = {
             k: torch.cat([part.data[i].loss_fn_inputs[k] for i in indices]).to(device) for k in input_keys
@@ -584,9 +586,10 @@ def _loss(
         for position, index in enumerate(indices):
             outputs[index] = {key: values[position] for key, values in per_datum.items()}
         return total
-    losses = []  # datums of different target widths: one loss each
+    losses = []  # datums of different target widths, or a per-sequence loss: one loss each
     for index, lp in zip(indices, logprobs.per_datum(), strict=True):
-        inputs = {k: part.data[index].loss_fn_inputs[k].to(lp.device) for k in input_keys}
+        given = part.data[index].loss_fn_inputs
+        inputs = {k: given[k].to(lp.device) for k in [*input_keys, *optional] if k in given}
         loss, extra = part.definition.compute(lp, inputs, part.config)
         losses.append(loss)
         outputs[index] = {"logprobs": lp.detach(), **{k: v.detach() for k, v in extra.items()}}

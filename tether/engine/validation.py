@@ -17,7 +17,7 @@ import torch
 from tether.engine.training_types import EngineDatum
 from tether.types.errors import UserInputError
 
-FLOAT_INPUTS = ("weights", "logprobs", "advantages")
+FLOAT_INPUTS = ("weights", "logprobs", "advantages", "sequence_ratio_mask", "sampled_mask")
 """Per-token float loss inputs the built-in losses read; each must have the shape of target_tokens."""
 
 

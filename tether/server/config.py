@@ -39,6 +39,13 @@ class ServerConfig(EngineSettings, JobSettings):
         ge=1,
         description="Samples (num_samples summed) pending per base model before asample answers 429 (back-pressure).",
     )
+    stability_record_max_tokens: int = Field(
+        1 << 24,
+        ge=0,
+        description="Tokens (prompts plus sampled tokens) of the sequences kept for stable_reinforce "
+        "(sampled with record_stability_info=true); beyond it the least recently used are dropped, and "
+        "training on a dropped sequence is refused naming it. Records also expire a day after last use.",
+    )
     max_samplers_per_model: int = Field(
         4,
         ge=1,

@@ -30,6 +30,7 @@ from tether.server.reconcile import reconcile_storage
 from tether.server.responses import FiniteJSONResponse
 from tether.server.run_metrics import RunMetrics
 from tether.server.sessions import reaper_loop
+from tether.server.stability import StabilityRecords
 from tether.server.state import ServerState
 from tether.server.trainers import TrainerPool
 
@@ -51,6 +52,7 @@ def build_state(config: ServerConfig) -> ServerState:
         futures=FutureStore(),
         trainers=TrainerPool(config),
         run_metrics=RunMetrics(catalogue, max_points_per_series=config.metrics_points_per_series),
+        stability=StabilityRecords(max_tokens=config.stability_record_max_tokens),
     )
 
 

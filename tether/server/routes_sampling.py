@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 
 from tether.server.errors import require
-from tether.server.operations import submit_op
+from tether.server.operations import new_request_id, submit_op
 from tether.server.routes_training import add_live_sampler, trainer_for
 from tether.server.state import ServerState, request_owner, server_state
 from tether.types import ops, wire
@@ -211,8 +211,18 @@ async def asample(
     def release(_: object = None) -> None:
         state.live.release_samples(sampler.base_model, body.num_samples)
 
+    new_id = new_request_id("sample")  # known before the op can finish: its records are kept under it
+
     def finish(result: ops.SampleOutput) -> bytes:
         release()
+        if body.record_stability_info:  # for stable_reinforce: `<request_id>:<i>` names sequence i
+            state.stability.record(
+                new_id,
+                owner=owner,
+                session_id=sampler.session_id,
+                prompt=tokens,
+                sequences=[(s.tokens, s.logprobs) for s in result.sequences],
+            )
         return _response_bytes(result, body, len(tokens))
 
     try:
@@ -226,6 +236,7 @@ async def asample(
             seq_id=body.seq_id,
             finish=finish,
             on_error=release,
+            request_id=new_id,
         )
     except BaseException:
         release()

@@ -25,7 +25,7 @@ from tether.server.state import ServerState, request_owner, server_state
 from tether.trainer.interface import Trainer
 from tether.types import ops, wire
 from tether.types.errors import UserInputError
-from tether.types.losses import resolve_loss_config
+from tether.types.losses import get_loss_spec, resolve_loss_config
 from tether.types.paths import (
     ParsedCheckpointPath,
     format_model_id,
@@ -34,6 +34,7 @@ from tether.types.paths import (
     validate_checkpoint_name,
 )
 from tether.types.proto import WireDatum, decode_forward_backward_request, encode_forward_backward_output
+from tether.types.provenance import SequenceLookup, check_datum_spans, resolve_sampled_inputs
 
 router = APIRouter(prefix="/api/v1")
 
@@ -65,13 +66,40 @@ def decode_bounded(body: bytes, encoding: str | None, state: ServerState) -> Any
     )
 
 
-def training_data(data: list[WireDatum]) -> list[ops.TrainingDatum]:
-    """The op's datums: chunks flattened to tokens; a non-text chunk is a user error naming the datum."""
+def training_data(
+    data: list[WireDatum], loss_fn: str = "cross_entropy", lookup: SequenceLookup | None = None
+) -> list[ops.TrainingDatum]:
+    """The op's datums: chunks flattened to tokens; a non-text chunk is a user error naming the datum.
+
+    Provenance spans, when sent, must tile their fields (any loss). A loss that `needs_provenance`
+    (stable_reinforce) gets its `logprobs` and `sampled_mask` from the sequences `lookup` finds.
+    """
     require(len(data) > 0, "at least one datum is required", field="data")
-    return [
-        ops.TrainingDatum(input_tokens=datum.input_tokens(index), loss_fn_inputs=datum.loss_fn_inputs)
-        for index, datum in enumerate(data)
-    ]
+    needs_provenance = get_loss_spec(loss_fn).needs_provenance
+    out = []
+    for index, datum in enumerate(data):
+        tokens = datum.input_tokens(index)
+        inputs = datum.loss_fn_inputs
+        if needs_provenance:
+            inputs = resolve_sampled_inputs(
+                tokens,
+                inputs,
+                datum.model_input_spans,
+                datum.loss_fn_input_spans,
+                lookup or (lambda _: None),
+                datum_index=index,
+            )
+        else:
+            targets = inputs.get("target_tokens")
+            check_datum_spans(
+                datum.model_input_spans,
+                datum.loss_fn_input_spans,
+                input_length=int(tokens.shape[0]),
+                target_length=int(targets.shape[0]) if targets is not None and targets.ndim == 1 else None,
+                datum_index=index,
+            )
+        out.append(ops.TrainingDatum(input_tokens=tokens, loss_fn_inputs=inputs))
+    return out
 
 
 def encode_forward_output(result: ops.ForwardOutput) -> bytes:
@@ -199,10 +227,12 @@ async def forward_backward(
         resolve_loss_config(decoded.loss_fn, decoded.loss_fn_config)  # unknown loss or bad config: 400 now
         # resolve_loss_config refused every value that is not a finite number.
         config = cast("dict[str, float] | None", decoded.loss_fn_config)
+        model = state.live.model(decoded.model_id, owner)
+        lookup = state.stability.lookup(owner, model.session_id)
         op_type = ops.Forward if decoded.forward_only else ops.ForwardBackward
         return decoded, op_type(
             model_id=decoded.model_id,
-            data=training_data(decoded.data),
+            data=training_data(decoded.data, decoded.loss_fn, lookup),
             loss_fn=decoded.loss_fn,
             loss_fn_config=config,
         )

@@ -26,6 +26,7 @@ CREATE_MODEL_SCOPE = "create_model:"
 def end_session(state: ServerState, session_id: str, *, status: str) -> None:
     """Mark the session ended and free everything it holds in memory."""
     state.catalogue.set_session_status(session_id, status)
+    state.stability.forget_session(session_id)
     for model in state.live.models_of_session(session_id):
         free_model(state, model.model_id)
     for sampler in state.live.samplers_of_session(session_id):

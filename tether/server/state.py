@@ -15,6 +15,7 @@ from tether.server.dedupe import DedupeRegistry
 from tether.server.futures import FutureStore
 from tether.server.live import LiveObjects
 from tether.server.run_metrics import RunMetrics
+from tether.server.stability import StabilityRecords
 from tether.server.trainers import TrainerPool
 
 
@@ -31,6 +32,8 @@ class ServerState:
     live: LiveObjects = field(default_factory=LiveObjects)
     dedupe: DedupeRegistry = field(default_factory=DedupeRegistry)
     """Repeats of `(model_id | sampling_session_id | creation stream, seq_id)`."""
+    stability: StabilityRecords = field(default_factory=StabilityRecords)
+    """Sequences sampled with `record_stability_info=true`, for stable_reinforce."""
     results: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-results")
     )

@@ -58,6 +58,8 @@ __all__ = [
     "ModelInput",
     "TensorData",
     "Datum",
+    "PromptProvenanceSpan",
+    "SampledProvenanceSpan",
     # parameters
     "AdamParams",
     "SamplingParams",
@@ -88,7 +90,15 @@ __all__ = [
 
 TensorDtype = Literal["float32", "int64"]
 LossFnType = Literal[
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom"
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "reinforce",
+    "stable_reinforce",
+    "custom",
 ]
 StopReason = Literal["stop", "length"]
 
@@ -103,6 +113,7 @@ LOSS_FN_INPUT_DTYPES: dict[str, TensorDtype] = {
     "clip_low_threshold": "float32",
     "clip_high_threshold": "float32",
     "sequence_ratio_mask": "float32",
+    "sampled_mask": "float32",
 }
 
 
@@ -287,16 +298,58 @@ class TensorData:
 # Datums
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptProvenanceSpan:
+    """A run of datum positions that are positions `[offset, offset + length)` of the prompt of the
+    sample request that returned `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledProvenanceSpan:
+    """A run of datum positions that are positions `[offset, offset + length)` of the sampled tokens
+    of the sequence `sequence_id`."""
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+
+ProvenanceSpan = PromptProvenanceSpan | SampledProvenanceSpan
+
+
+def _coerce_span(span: Any, field_name: str) -> ProvenanceSpan:
+    """Accept either span type, or the `tinker` package's span of the same class name."""
+    if isinstance(span, PromptProvenanceSpan | SampledProvenanceSpan):
+        return span
+    name = type(span).__name__
+    sequence_id, offset = str(getattr(span, "sequence_id", "")), int(getattr(span, "offset", 0))
+    if name == "PromptProvenanceSpan":
+        return PromptProvenanceSpan(sequence_id=sequence_id, offset=offset, length=int(span.length))
+    if name == "SampledProvenanceSpan":
+        return SampledProvenanceSpan(sequence_id=sequence_id, offset=offset, length=int(span.length))
+    raise UserInputError(
+        f"entries must be PromptProvenanceSpan or SampledProvenanceSpan, got {name}", field=field_name
+    )
+
+
 @dataclass(frozen=True)
 class Datum:
     """One training example: the model input and the per-token inputs of the loss.
 
     Position i of `model_input` predicts `loss_fn_inputs["target_tokens"][i]`. Plain lists, numpy
     arrays, torch tensors and `tinker` TensorData are converted to TensorData on construction.
+    The provenance spans (both or neither; attach them with `with_provenance`) name the sampled
+    sequence behind every input position and target, as `stable_reinforce` requires.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_input", ModelInput.coerce(self.model_input))
@@ -305,14 +358,50 @@ class Datum:
             "loss_fn_inputs",
             {str(k): TensorData.coerce(v, key=str(k)) for k, v in dict(self.loss_fn_inputs).items()},
         )
+        for name in ("model_input_spans", "loss_fn_input_spans"):
+            spans = getattr(self, name)
+            if spans is not None:
+                object.__setattr__(self, name, [_coerce_span(s, name) for s in spans])
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise UserInputError(
+                "provenance comes as a pair: set both span lists or neither", field="model_input_spans"
+            )
+
+    def with_provenance(
+        self, model_input: Sequence[ProvenanceSpan], loss_fn_inputs: Sequence[ProvenanceSpan]
+    ) -> Datum:
+        """A copy carrying provenance: `model_input` runs tile the input tokens, `loss_fn_inputs` runs
+        tile `target_tokens` (UserInputError naming the field when their lengths do not add up)."""
+        targets = self.loss_fn_inputs.get("target_tokens")
+        checks = [("model_input_spans", model_input, self.model_input.length)]
+        if targets is not None and len(targets.shape) == 1:
+            checks.append(("loss_fn_input_spans", loss_fn_inputs, targets.shape[0]))
+        for name, spans, expected in checks:
+            total = sum(int(span.length) for span in spans)
+            if total != expected:
+                raise UserInputError(
+                    f"spans cover {total} positions but the field has {expected}; the runs must tile it exactly",
+                    field=name,
+                )
+        return Datum(
+            model_input=self.model_input,
+            loss_fn_inputs=self.loss_fn_inputs,
+            model_input_spans=list(model_input),
+            loss_fn_input_spans=list(loss_fn_inputs),
+        )
 
     @classmethod
     def coerce(cls, value: Any) -> Datum:
-        """Accept a Datum or the `tinker` package's Datum."""
+        """Accept a Datum or the `tinker` package's Datum (its provenance spans included)."""
         if isinstance(value, Datum):
             return value
         if hasattr(value, "model_input") and hasattr(value, "loss_fn_inputs"):
-            return cls(model_input=value.model_input, loss_fn_inputs=dict(value.loss_fn_inputs))
+            return cls(
+                model_input=value.model_input,
+                loss_fn_inputs=dict(value.loss_fn_inputs),
+                model_input_spans=getattr(value, "model_input_spans", None),
+                loss_fn_input_spans=getattr(value, "loss_fn_input_spans", None),
+            )
         raise UserInputError(f"expected a Datum, got {type(value).__name__}", field="data")
 
 

@@ -22,10 +22,21 @@ class LossSpec:
     """Keys of `loss_fn_inputs` that must be present (besides the model input)."""
     config_defaults: Mapping[str, float | None]
     """Accepted `loss_fn_config` keys and their defaults; None means the key is required."""
+    optional_inputs: tuple[str, ...] = ()
+    """Keys of `loss_fn_inputs` the loss reads when present."""
+    per_sequence: bool = False
+    """The loss couples a datum's tokens (a sequence-level ratio), so it is computed datum by datum."""
+    needs_provenance: bool = False
+    """Every datum must carry provenance spans naming sequences sampled with
+    `record_stability_info=true`; the server fills `logprobs` and `sampled_mask` from its records."""
 
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 _CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+GSPO_CLIP_DEFAULTS = {"clip_low_threshold": 1.0 - 3e-4, "clip_high_threshold": 1.0 + 4e-4}
+"""GSPO clips a sequence-level (length-normalised) ratio, so its band is far narrower than PPO's:
+the GSPO paper's (Zheng et al., 2025) eps_low = 3e-4, eps_high = 4e-4."""
+STABLE_REINFORCE_DEFAULTS = {"kl_coeff": 0.0, "ratio_cap": 2.0}
 
 LOSS_SPECS: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(("target_tokens", "weights"), {}),
@@ -33,6 +44,15 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "ppo": LossSpec(_RL_INPUTS, _CLIP_DEFAULTS),
     "cispo": LossSpec(_RL_INPUTS, _CLIP_DEFAULTS),
     "dro": LossSpec(_RL_INPUTS, {"beta": None}),
+    "gspo": LossSpec(
+        _RL_INPUTS, GSPO_CLIP_DEFAULTS, optional_inputs=("sequence_ratio_mask",), per_sequence=True
+    ),
+    "reinforce": LossSpec(("target_tokens", "advantages"), {}),
+    "stable_reinforce": LossSpec(
+        ("target_tokens", "logprobs", "advantages", "sampled_mask"),
+        STABLE_REINFORCE_DEFAULTS,
+        needs_provenance=True,
+    ),
 }
 """The built-in losses by the name clients send as `loss_fn`."""
 
@@ -65,4 +85,8 @@ def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, object] | Non
         resolved[key] = float(value)
     if "clip_low_threshold" in resolved and resolved["clip_low_threshold"] > resolved["clip_high_threshold"]:
         raise UserInputError("must not exceed clip_high_threshold", field="loss_fn_config.clip_low_threshold")
+    if resolved.get("kl_coeff", 0.0) < 0:
+        raise UserInputError("must be >= 0", field="loss_fn_config.kl_coeff")
+    if "ratio_cap" in resolved and resolved["ratio_cap"] <= 0:
+        raise UserInputError("must be > 0", field="loss_fn_config.ratio_cap")
     return resolved
