@@ -9,12 +9,16 @@ allowance is spent; requests are admitted strictly in arrival order, so a large 
 starved by a stream of small ones. Past `max_waiting_requests` waiting requests, `add` raises
 `OverloadedError`, which the service turns into HTTP 429.
 
+`prefill_batches` then splits the prompts admitted together into batches prefilled in one forward
+pass each, bounding the padding a batch of different lengths costs.
+
 Plain Python: no model, no tensors, no threads (the engine holds the lock); tested with fake work.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -139,3 +143,26 @@ class Scheduler(Generic[T]):
         items = [w.item for w in self._waiting]
         self._waiting.clear()
         return items
+
+
+def prefill_batches(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Group prompts (by index into `lengths`) into batches prefilled together, longest first.
+
+    A batch left-pads its prompts to its longest, so it costs rows x longest token positions; it
+    takes the next (shorter) prompt while that stays within `(1 + max_padding)` x its real prompt
+    tokens. `max_padding=0` batches only equal lengths; `inf` puts everything in one batch.
+    """
+    if max_padding < 0:
+        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if current and (len(current) + 1) * lengths[current[0]] > (1 + max_padding) * (real + lengths[index]):
+            batches.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += lengths[index]
+    if current:
+        batches.append(current)
+    return batches
