@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
+from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost, prefill_batches
 from tether.types.errors import ConfigurationError, OverloadedError, UserInputError
 
 
@@ -119,3 +119,18 @@ def test_continuous_batching_short_work_leaves_before_long_work():
                 finished.append((name, step))
     assert [name for name, _ in finished] == ["short", "later", "long"]
     assert dict(finished)["later"] < dict(finished)["long"]
+
+
+def test_prefill_batches_keep_padding_within_the_allowance():
+    lengths = [60, 2, 1, 58, 30, 29]
+    assert prefill_batches(lengths, 0.5) == [[0, 3, 4, 5], [1, 2]]  # 4 x 60 = 240 <= 1.5 x 177
+    assert prefill_batches(lengths, 0.0) == [[0], [3], [4], [5], [1], [2]]
+    assert prefill_batches([5, 5, 5], 0.0) == [[0, 1, 2]]
+    assert prefill_batches(lengths, float("inf")) == [[0, 3, 4, 5, 1, 2]]
+    assert prefill_batches([], 0.5) == []
+    for max_padding in (0.0, 0.25, 1.0):
+        for batch in prefill_batches(lengths, max_padding):
+            padded = len(batch) * max(lengths[i] for i in batch)
+            assert padded <= (1 + max_padding) * sum(lengths[i] for i in batch)
+    with pytest.raises(ValueError):
+        prefill_batches(lengths, -0.1)

@@ -379,7 +379,9 @@ class SamplingEngine:
             if len(prompts) == 1:
                 logger.exception("prefill failed")
                 return [exc]
-        logger.warning("batched prefill of %d prompts failed; prefilling them one by one", len(prompts))
+            logger.warning(
+                "batched prefill of %d prompts failed; prefilling them alone", len(prompts), exc_info=True
+            )
         return [out for prompt in prompts for out in SamplingEngine._prefill_batch(model, [prompt])]
 
     def _forget_dropped_weights(self) -> None:

@@ -152,7 +152,12 @@ class BatchKVCache:
         counted = [(other, counts) for other, counts in counted if sum(counts)]
         if not counted:
             return
-        new_length = max(self.length, *(other.length for other, _ in counted))
+        # Columns each joining cache brings: its joining rows' longest, not padding only left-out rows need.
+        used = {
+            id(other): max(n for n, k in zip(other.row_lengths, counts, strict=True) if k)
+            for other, counts in counted
+        }
+        new_length = max(self.length, *used.values())
         rows = self.num_rows + sum(sum(counts) for _, counts in counted)
         capacity = max(new_length + GROWTH_MIN_COLUMNS, self.capacity)
         template = counted[0][0]
@@ -166,11 +171,12 @@ class BatchKVCache:
                     self._copy_right_aligned(target[: self.num_rows], mine[layer], self.length, new_length)
                     row = self.num_rows
                 for other, counts in counted:
-                    source = getattr(other, attr)[layer][:, :, : other.length]
+                    width = used[id(other)]
+                    source = getattr(other, attr)[layer][:, :, other.length - width : other.length]
                     if counts != [1] * other.num_rows:
                         source = source.index_select(0, _repeat_index(counts, source.device))
                     count = source.shape[0]
-                    self._copy_right_aligned(target[row : row + count], source, other.length, new_length)
+                    self._copy_right_aligned(target[row : row + count], source, width, new_length)
                     row += count
                 merged.append(target)
         self.keys, self.values = keys, values

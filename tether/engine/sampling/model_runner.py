@@ -168,7 +168,7 @@ def prefill_batch(model: nn.Module, prompts: Sequence[PrefillPrompt]) -> list[Pr
     cache = BatchKVCache()
     cache.start_rows(len(prompts), padding)
     want_all = any(p.wants_all_logits for p in prompts)
-    with adapter_routing(_routing([p.adapter_id for p in prompts], longest, device)):
+    with adapter_routing(_routing([p.adapter_id for p in prompts], device)):
         logits = _run(model, cache, input_ids, 0 if want_all else 1)
     outputs = []
     for row, (prompt, pad) in enumerate(zip(prompts, padding, strict=True)):
@@ -198,13 +198,12 @@ def _add_prompt_logprobs(
         output.topk_prompt_logprobs = [None, *rows]
 
 
-def _routing(
-    adapter_ids: Sequence[str | None], seq_len: int, device: torch.device
-) -> AdapterRouting | str | None:
-    """One adapter for the whole batch when all rows share it, else per-row routing."""
+def _routing(adapter_ids: Sequence[str | None], device: torch.device) -> AdapterRouting | str | None:
+    """One adapter for the whole batch when all rows share it, else routing by batch row (the
+    output layer sees fewer positions than the others when only the last logits are kept)."""
     if all(a == adapter_ids[0] for a in adapter_ids):
         return adapter_ids[0]
-    return AdapterRouting.for_rows(adapter_ids, seq_len=seq_len, device=device)
+    return AdapterRouting.by_batch_row(adapter_ids, device=device)
 
 
 @torch.inference_mode()
