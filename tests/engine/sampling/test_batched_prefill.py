@@ -140,10 +140,8 @@ def test_a_padded_batch_prefill_equals_each_prompt_alone_and_decodes_on(base):
 def test_padding_columns_are_finite_and_rows_join_with_their_own_repeat_counts(base):
     batch = prefill_batch(base.model, [PrefillPrompt(PROMPTS[0]), PrefillPrompt(PROMPTS[3])])
     cache = batch[0].cache
-    assert all(
-        torch.isfinite(k).all() and torch.isfinite(v).all()
-        for k, v in zip(cache.keys, cache.values, strict=True)
-    )
+    used = [t[:, :, : cache.length] for t in (*cache.keys, *cache.values)]  # spare capacity is unset
+    assert all(bool(torch.isfinite(t).all()) for t in used)
     group = BatchKVCache()
     group.append_rows([(cache, [0, 3])])  # the long prompt's samples all finished at their first token
     assert group.row_lengths == [len(PROMPTS[3])] * 3 and group.length == len(PROMPTS[3])
