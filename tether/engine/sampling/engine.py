@@ -6,12 +6,13 @@
     sequence one token, one batch per model) -> update (sample, append, finish, publish)
 
 Requests admitted together are prefilled together: one forward pass per model over their prompts
-left-padded to a common length (`prefill_batches` keeps the padding bounded), identical prompts
-once. Sequences join the running batch after their prefill and leave as soon as they finish, so a
-short request never waits for a long one. All samples of a request share its prompt's prefill (its
-KV row is copied once per sample). Requests
-for different LoRA adapters decode in the same batch; full fine-tuned weights batch with each other
-on their own model. A failing forward pass fails only the requests it carried.
+left-padded to a common length (`prefill_batches` keeps the padding bounded; LoRA adapters routed
+per row), identical prompts once. Sequences join the running batch after their prefill and leave as
+soon as they finish, so a short request never waits for a long one. All samples of a request share
+its prompt's prefill (its KV row is copied once per sample). Requests for different LoRA adapters
+decode in the same batch; full fine-tuned weights batch with each other on their own model. A
+failing forward pass fails only the requests it carried (a failed batched prefill is retried prompt
+by prompt).
 
 Logprobs are untempered (see `SampledSequence`). This module knows nothing about HTTP or the
 Tinker wire format.
@@ -35,7 +36,13 @@ from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.engine.sampling.model_runner import PrefillOutput, PrefillPrompt, decode, prefill_batch
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
 from tether.engine.sampling.prompt_cache import PromptCache
-from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost, prefill_batches
+from tether.engine.sampling.scheduler import (
+    DEFAULT_MAX_PREFILL_PADDING,
+    Scheduler,
+    SchedulerConfig,
+    WorkCost,
+    prefill_batches,
+)
 from tether.engine.sampling.stopping import StopCondition
 from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
 from tether.types.errors import ConfigurationError, ServerError, TetherError
@@ -144,7 +151,7 @@ class SamplingEngine:
         max_prefill_tokens_per_step: int = 4096,
         max_waiting_requests: int = 1024,
         prompt_cache_tokens: int | None = 16384,
-        max_prefill_padding: float = 0.5,
+        max_prefill_padding: float = DEFAULT_MAX_PREFILL_PADDING,
     ) -> None:
         """`prompt_cache_tokens`: prompt tokens of recent prefills kept for reuse by identical
         prompts, also those arriving together (None = no reuse across requests); their KV memory
@@ -366,8 +373,12 @@ class SamplingEngine:
                         outputs[id(state)] = out
                         if n > 0 and not isinstance(out, Exception):
                             state.prompt_cache_hit_tokens = len(state.request.prompt_tokens)
-                    if cache is not None and not isinstance(out, Exception):
-                        cache.put(key, out.detached(), lengths[i])
+                    if (
+                        cache is not None
+                        and not isinstance(out, Exception)
+                        and lengths[i] <= cache.max_tokens
+                    ):
+                        cache.put(key, out.detached(), lengths[i])  # its own row: the batch's buffers can go
         return [outputs[id(state)] for state in states]
 
     @staticmethod
