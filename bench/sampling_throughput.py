@@ -39,7 +39,7 @@ from tether.engine.default_model import DEFAULT_MODEL_NAME
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
 from tether.engine.sampling import SampleRequest, SampleResult, SamplingEngine
 from tether.engine.sampling.model_runner import PrefillPrompt, prefill, prefill_batch
-from tether.engine.sampling.scheduler import DEFAULT_MAX_PREFILL_PADDING, prefill_batches
+from tether.engine.sampling.scheduler import DEFAULT_PREFILL_FORWARD_COST_TOKENS, prefill_batches
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,13 @@ def group_requests(
 
 
 def run_requests(
-    base: LoadedBaseModel, requests: list[SampleRequest], together: bool, max_padding: float
+    base: LoadedBaseModel, requests: list[SampleRequest], together: bool, forward_cost: float
 ) -> tuple[float, list[SampleResult]]:
     """All requests queued at once (admitted, prefilled and decoded together) or one after another."""
     engine = SamplingEngine(
         base,
         max_batch_size=max(64, sum(r.num_samples for r in requests)),
-        max_prefill_padding=max_padding,
+        prefill_forward_cost_tokens=forward_cost,
     )
     try:
         engine.submit(SampleRequest([1, 2, 3], max_tokens=4, temperature=0.0)).result()  # warm-up
@@ -186,7 +186,7 @@ def time_prefill(
 def compare_batching(
     base: LoadedBaseModel,
     requests: list[SampleRequest],
-    max_padding: float,
+    forward_cost: float,
     prefill_only: bool,
     repeats: int,
 ) -> None:
@@ -199,7 +199,7 @@ def compare_batching(
         f"{max(map(len, prompts))} each) x group {requests[0].num_samples}, 32 tokens per sample;"
         f" best of {repeats}"
     )
-    plan = prefill_batches([len(p) for p in prompts], max_padding)
+    plan = prefill_batches([len(p) for p in prompts], forward_cost)
     batched_prefill_s, alone_prefill_s = time_prefill(base, prompts, plan, repeats)
     sizes = [len(b) for b in plan]
     print(f"prefill only, batched ({len(plan)} forwards {sizes}): {batched_prefill_s:7.3f} s")
@@ -207,17 +207,17 @@ def compare_batching(
     print(f"ratio prefill one-per-prompt / batched: {alone_prefill_s / batched_prefill_s:.2f}x")
     if prefill_only:
         return
-    # Distinct lengths and no padding allowed: every prompt its own prefill forward.
+    # Distinct lengths and a free forward pass (cost 0): every prompt its own prefill forward.
     variants = {
-        "together": (True, max_padding),
+        "together": (True, forward_cost),
         "together-unbatched-prefill": (True, 0.0),
         "one-at-a-time": (False, 0.0),
     }
     best: dict[str, float] = {}
     outputs: dict[str, list[SampleResult]] = {}
     for _ in range(repeats):  # interleaved, so load changes on a shared machine hit every variant
-        for name, (together, padding) in variants.items():
-            seconds, outputs[name] = run_requests(base, requests, together, padding)
+        for name, (together, cost) in variants.items():
+            seconds, outputs[name] = run_requests(base, requests, together, cost)
             best[name] = min(best.get(name, seconds), seconds)
     num_tokens = sum(len(s.tokens) for r in outputs["together"] for s in r.sequences)
     for name, seconds in best.items():
@@ -246,10 +246,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="one-at-a-time: prompts sent together")
     parser.add_argument("--group", type=int, default=4, help="one-at-a-time: samples per prompt")
     parser.add_argument(
-        "--max-prefill-padding",
+        "--prefill-forward-cost-tokens",
         type=float,
-        default=DEFAULT_MAX_PREFILL_PADDING,
-        help="one-at-a-time: the engine's padding allowance for batched prefill",
+        default=DEFAULT_PREFILL_FORWARD_COST_TOKENS,
+        help="one-at-a-time: the engine's cost of a prefill forward pass, in tokens (batching vs padding)",
     )
     parser.add_argument("--prefill-only", action="store_true", help="one-at-a-time: time the prefill only")
     parser.add_argument(
@@ -275,7 +275,7 @@ def main() -> None:
         compare_batching(
             base,
             group_requests(args.prompts, args.group, (low, high), base.vocab_size, args.seed),
-            args.max_prefill_padding,
+            args.prefill_forward_cost_tokens,
             args.prefill_only,
             args.repeats,
         )

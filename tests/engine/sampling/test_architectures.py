@@ -79,7 +79,7 @@ def test_greedy_equals_generate(architecture, attention, tmp_path):
     base = load_base_model(str(tmp_path))
     base.model.set_attn_implementation(attention)  # eager attention adds the mask to its scores
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]]
-    engine = SamplingEngine(base, max_prefill_padding=float("inf"))  # mixed lengths in one prefill
+    engine = SamplingEngine(base, prefill_forward_cost_tokens=float("inf"))  # mixed lengths in one prefill
     try:
         with engine._cond:  # white-box: queue all before the loop admits any, so they prefill in one batch
             futures = [

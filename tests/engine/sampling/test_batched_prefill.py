@@ -153,7 +153,7 @@ def test_padding_columns_are_finite_and_rows_join_with_their_own_repeat_counts(b
 @pytest.fixture()
 def engines(base):
     """A batching engine (any padding in one batch) and a reference run one request at a time."""
-    batched = SamplingEngine(base, max_prefill_padding=float("inf"))
+    batched = SamplingEngine(base, prefill_forward_cost_tokens=float("inf"))
     alone = SamplingEngine(base, prompt_cache_tokens=None)
     for engine in (batched, alone):
         engine.register_lora("lora-1", LoraSpec(rank=4, alpha=8), random_lora(base, 4, seed=1))
@@ -236,7 +236,7 @@ def test_a_group_sent_as_separate_requests_shares_one_prefill(engines, prefill_c
 
 
 def test_padding_is_bounded_by_splitting_very_different_lengths(base, prefill_calls):
-    engine = SamplingEngine(base, max_prefill_padding=0.25)
+    engine = SamplingEngine(base, prefill_forward_cost_tokens=10.0)
     try:
         long, short = list(range(1, 61)), [7, 8, 9, 10, 11]
         requests = [

@@ -6,7 +6,7 @@
     sequence one token, one batch per model) -> update (sample, append, finish, publish)
 
 Requests admitted together are prefilled together: one forward pass per model over their prompts
-left-padded to a common length (`prefill_batches` keeps the padding bounded; LoRA adapters routed
+left-padded to a common length (`prefill_batches` pads only where it pays; LoRA adapters routed
 per row), identical prompts once. Sequences join the running batch after their prefill and leave as
 soon as they finish, so a short request never waits for a long one. All samples of a request share
 its prompt's prefill (its KV row is copied once per sample). Requests for different LoRA adapters
@@ -37,7 +37,7 @@ from tether.engine.sampling.model_runner import PrefillOutput, PrefillPrompt, de
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
 from tether.engine.sampling.prompt_cache import PromptCache
 from tether.engine.sampling.scheduler import (
-    DEFAULT_MAX_PREFILL_PADDING,
+    DEFAULT_PREFILL_FORWARD_COST_TOKENS,
     Scheduler,
     SchedulerConfig,
     WorkCost,
@@ -151,13 +151,14 @@ class SamplingEngine:
         max_prefill_tokens_per_step: int = 4096,
         max_waiting_requests: int = 1024,
         prompt_cache_tokens: int | None = 16384,
-        max_prefill_padding: float = DEFAULT_MAX_PREFILL_PADDING,
+        prefill_forward_cost_tokens: float = DEFAULT_PREFILL_FORWARD_COST_TOKENS,
     ) -> None:
         """`prompt_cache_tokens`: prompt tokens of recent prefills kept for reuse by identical
         prompts, also those arriving together (None = no reuse across requests); their KV memory
-        comes on top of `kv_cache_budget_tokens`. `max_prefill_padding`: prompts admitted together
-        are prefilled in one forward pass per batch whose left padding stays within this fraction
-        of its prompt tokens (0 = only equal lengths together); see `prefill_batches`. The other
+        comes on top of `kv_cache_budget_tokens`. `prefill_forward_cost_tokens`: prompts admitted
+        together are prefilled in batched forward passes, left-padded only as far as the padding
+        costs less than the passes it saves, a pass costing this many prompt tokens (0 = only equal
+        lengths together); see `prefill_batches`. The other
         limits are documented on `SchedulerConfig`."""
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
@@ -173,9 +174,9 @@ class SamplingEngine:
         self._prompt_cache: PromptCache[PrefillOutput] | None = (
             None if prompt_cache_tokens is None else PromptCache(prompt_cache_tokens)
         )
-        if not max_prefill_padding >= 0:
-            raise ConfigurationError("must be >= 0", field="max_prefill_padding")
-        self._max_prefill_padding = max_prefill_padding
+        if not prefill_forward_cost_tokens >= 0:
+            raise ConfigurationError("must be >= 0", field="prefill_forward_cost_tokens")
+        self._prefill_forward_cost_tokens = prefill_forward_cost_tokens
         self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None
         self._cond = threading.Condition()
@@ -365,7 +366,7 @@ class SamplingEngine:
         for prompts in batches.values():
             model = to_compute[prompts[0][0]][0].weights.model
             lengths = [len(prompt.tokens) for _, prompt in prompts]
-            for batch in prefill_batches(lengths, self._max_prefill_padding):
+            for batch in prefill_batches(lengths, self._prefill_forward_cost_tokens):
                 results = self._prefill_batch(model, [prompts[i][1] for i in batch])
                 for i, out in zip(batch, results, strict=True):
                     key = prompts[i][0]

@@ -10,13 +10,14 @@ starved by a stream of small ones. Past `max_waiting_requests` waiting requests,
 `OverloadedError`, which the service turns into HTTP 429.
 
 `prefill_batches` then splits the prompts admitted together into batches prefilled in one forward
-pass each, bounding the padding a batch of different lengths costs.
+pass each, padding prompts of different lengths only as far as it pays.
 
 Plain Python: no model, no tensors, no threads (the engine holds the lock); tested with fake work.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,30 +146,38 @@ class Scheduler(Generic[T]):
         return items
 
 
-DEFAULT_MAX_PREFILL_PADDING = 0.25
-"""Padding a batched prefill may add, as a fraction of its prompt tokens. Measured on a CPU with the
-tiny default model (bench/sampling_throughput.py --baseline one-at-a-time): 0.25 beat both 0 and 0.5
-for prompts of 32-384 tokens; padded positions cost as much as real ones there (more in attention)."""
+DEFAULT_PREFILL_FORWARD_COST_TOKENS = 64.0
+"""What one more prefill forward pass costs, in prompt tokens. About 64 on a CPU with the tiny default
+model (one forward pass of n tokens took ~20 ms + 0.3 ms x n; `bench/sampling_throughput.py
+--baseline one-at-a-time`). GPUs pay far more per pass relative to a token: larger values suit them."""
 
 
-def prefill_batches(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
-    """Group prompts (by index into `lengths`) into batches prefilled together, longest first.
+def prefill_batches(lengths: Sequence[int], forward_cost_tokens: float) -> list[list[int]]:
+    """Group prompts (by index into `lengths`) into batches prefilled together, at least cost.
 
-    A batch left-pads its prompts to its longest, so it costs rows x longest token positions; it
-    takes the next (shorter) prompt while that stays within `(1 + max_padding)` x its real prompt
-    tokens. `max_padding=0` batches only equal lengths; `inf` puts everything in one batch.
+    A batch left-pads its prompts to its longest, so it costs `forward_cost_tokens + rows x longest`
+    (a padded position costs as much as a real one): prompts are padded only as far as the padding
+    costs less than the forward passes it saves. Equal lengths always share a batch; 0 batches
+    nothing else, `inf` everything. Batches come longest first, each longest first. O(n^2) in the
+    number of prompts (bounded by the batch size).
     """
-    if max_padding < 0:
-        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
+    if not forward_cost_tokens >= 0:
+        raise ValueError(f"forward_cost_tokens must be >= 0, got {forward_cost_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    longest = [lengths[i] for i in order]
+    # best[end]: least cost of batching order[:end]; start[end]: where its last batch starts.
+    best = [0.0] + [math.inf] * len(order)
+    start = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end):  # batch order[first:end]; its longest prompt is order[first]
+            if math.isinf(forward_cost_tokens) and first > 0:
+                break
+            cost = best[first] + forward_cost_tokens + (end - first) * longest[first]
+            if cost < best[end]:
+                best[end], start[end] = cost, first
     batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if current and (len(current) + 1) * lengths[current[0]] > (1 + max_padding) * (real + lengths[index]):
-            batches.append(current)
-            current, real = [], 0
-        current.append(index)
-        real += lengths[index]
-    if current:
-        batches.append(current)
-    return batches
+    end = len(order)
+    while end:
+        batches.append(order[start[end] : end])
+        end = start[end]
+    return batches[::-1]
