@@ -215,8 +215,10 @@ def compare_batching(
     }
     best: dict[str, float] = {}
     outputs: dict[str, list[SampleResult]] = {}
-    for _ in range(repeats):  # interleaved, so load changes on a shared machine hit every variant
-        for name, (together, cost) in variants.items():
+    names = list(variants)
+    for repeat in range(repeats):  # interleaved and rotated: load changes on a shared machine hit all
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            together, cost = variants[name]
             seconds, outputs[name] = run_requests(base, requests, together, cost)
             best[name] = min(best.get(name, seconds), seconds)
     num_tokens = sum(len(s.tokens) for r in outputs["together"] for s in r.sequences)
