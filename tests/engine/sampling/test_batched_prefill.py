@@ -154,17 +154,22 @@ def test_padding_columns_are_finite_and_rows_join_with_their_own_repeat_counts(b
 def engines(base):
     """A batching engine (any padding in one batch) and a reference run one request at a time."""
     batched = SamplingEngine(base, prefill_forward_cost_tokens=float("inf"))
+    generator = torch.Generator().manual_seed(3)
+    full_weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.model.state_dict().items()
+    }
     alone = SamplingEngine(base, prompt_cache_tokens=None)
     for engine in (batched, alone):
         engine.register_lora("lora-1", LoraSpec(rank=4, alpha=8), random_lora(base, 4, seed=1))
         engine.register_lora("lora-2", LoraSpec(rank=2, alpha=4), random_lora(base, 2, seed=2))
+        engine.register_full("full-1", full_weights)
     yield batched, alone
     batched.close()
     alone.close()
 
 
 def mixed_requests(alone: SamplingEngine) -> list[SampleRequest]:
-    """Mixed prompt lengths, base and two adapters, 1-4 samples, sampling settings, stops, lengths.
+    """Mixed prompt lengths, base, two adapters and full weights, 1-4 samples, sampling settings, stops, lengths.
 
     The greedy requests get a stop token and a stop string taken from their own free-running output
     (run on `alone`), so both kinds of stop certainly fire."""
@@ -200,6 +205,8 @@ def mixed_requests(alone: SamplingEngine) -> list[SampleRequest]:
         SampleRequest(
             PROMPTS[2], num_samples=2, max_tokens=8, temperature=1.0, seed=5, include_prompt_logprobs=True
         ),
+        SampleRequest(PROMPTS[3], num_samples=2, max_tokens=10, temperature=1.0, seed=6, weights_id="full-1"),
+        SampleRequest(PROMPTS[0], max_tokens=10, temperature=0.0, weights_id="full-1"),
     ]
 
 
@@ -208,8 +215,8 @@ def test_requests_arriving_together_are_prefilled_in_one_pass_and_answer_as_alon
     requests = mixed_requests(alone)
     prefill_calls.batch_sizes.clear()
     together = [f.result(timeout=120) for f in submit_together(batched, requests)]
-    # One forward for the prompts without prompt logprobs, one for those with (all logits).
-    assert sorted(prefill_calls.batch_sizes) == [2, 5]
+    # Per model one forward for the prompts without prompt logprobs, one for those with (all logits).
+    assert sorted(prefill_calls.batch_sizes) == [2, 2, 5]
     prefill_calls.batch_sizes.clear()
     reference = one_at_a_time(alone, requests)
     assert prefill_calls.batch_sizes == [1] * len(requests)
