@@ -16,7 +16,14 @@ submissions and batches them continuously.
 Both sides use the same number of torch threads (`--threads`, default 1: on a shared, busy CPU
 extra OpenMP threads mostly wait for each other and distort both numbers).
 
+`--baseline one-at-a-time` measures batching inside the engine instead: `--prompts` prompts
+(mixed lengths) with `--group` seeded samples each, submitted together (prefilled in batched
+forward passes, each group sharing its prompt's prefill, decoded together) vs submitted one after
+the other on the same engine. It also times the prefill alone: `prefill_batch` of all prompts vs
+one `prefill` per prompt. Same tokens on both sides are checked and printed.
+
     python bench/sampling_throughput.py [--model tether/tiny-qwen3] [--baseline sequential|padded|both]
+    python bench/sampling_throughput.py --baseline one-at-a-time [--prompts 8 --group 4]
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import torch
 
 from tether.engine.default_model import DEFAULT_MODEL_NAME
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
-from tether.engine.sampling import SampleRequest, SamplingEngine
+from tether.engine.sampling import SampleRequest, SampleResult, SamplingEngine
+from tether.engine.sampling.model_runner import PrefillPrompt, prefill, prefill_batch
+from tether.engine.sampling.scheduler import DEFAULT_PREFILL_FORWARD_COST_TOKENS, prefill_batches
 
 
 @dataclass(frozen=True)
@@ -113,12 +122,142 @@ def run_generate_padded(base: LoadedBaseModel, requests: list[BenchRequest]) -> 
     ]
 
 
+def group_requests(
+    num_prompts: int, group: int, lengths: tuple[int, int], vocab_size: int, seed: int
+) -> list[SampleRequest]:
+    """Prompts of distinct lengths in `lengths` (inclusive), `group` seeded samples of 32 tokens
+    each (no stops: equal work)."""
+    rng = random.Random(seed)
+    prompt_lengths = rng.sample(range(lengths[0], lengths[1] + 1), num_prompts)
+    return [
+        SampleRequest(
+            [rng.randrange(min(vocab_size, 256)) for _ in range(prompt_lengths[i])],
+            num_samples=group,
+            max_tokens=32,
+            temperature=1.0,
+            seed=1000 + i,
+            stop=[],
+        )
+        for i in range(num_prompts)
+    ]
+
+
+def run_requests(
+    base: LoadedBaseModel, requests: list[SampleRequest], together: bool, forward_cost: float
+) -> tuple[float, list[SampleResult]]:
+    """All requests queued at once (admitted, prefilled and decoded together) or one after another."""
+    engine = SamplingEngine(
+        base,
+        max_batch_size=max(64, sum(r.num_samples for r in requests)),
+        prefill_forward_cost_tokens=forward_cost,
+    )
+    try:
+        engine.submit(SampleRequest([1, 2, 3], max_tokens=4, temperature=0.0)).result()  # warm-up
+        start = time.perf_counter()
+        if together:
+            with engine._cond:  # queue all before the engine's loop admits any (as a busy engine would)
+                futures = [engine.submit(r) for r in requests]
+            results = [f.result() for f in futures]
+        else:
+            results = [engine.submit(r).result() for r in requests]
+        return time.perf_counter() - start, results
+    finally:
+        engine.close()
+
+
+def time_prefill(
+    base: LoadedBaseModel, prompts: list[list[int]], plan: list[list[int]], repeats: int = 3
+) -> tuple[float, float]:
+    """Best-of-`repeats` seconds: the prompts prefilled in the batches of `plan` (as the engine
+    would), and one prefill per prompt (interleaved)."""
+    batched, alone = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in plan:
+            prefill_batch(base.model, [PrefillPrompt(prompts[i]) for i in batch])
+        batched.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for p in prompts:
+            prefill(base.model, None, p)
+        alone.append(time.perf_counter() - start)
+    return min(batched), min(alone)
+
+
+def compare_batching(
+    base: LoadedBaseModel,
+    requests: list[SampleRequest],
+    forward_cost: float,
+    prefill_only: bool,
+    repeats: int,
+) -> None:
+    """Print best-of-`repeats` times and ratios: batched prefill vs one forward per prompt, then
+    the engine with requests together (batched prefill; one prefill forward per prompt, as before
+    batched prefill) vs one request at a time."""
+    prompts = [list(r.prompt_tokens) for r in requests]
+    print(
+        f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, {min(map(len, prompts))}-"
+        f"{max(map(len, prompts))} each) x group {requests[0].num_samples}, 32 tokens per sample;"
+        f" best of {repeats}"
+    )
+    plan = prefill_batches([len(p) for p in prompts], forward_cost)
+    batched_prefill_s, alone_prefill_s = time_prefill(base, prompts, plan, repeats)
+    sizes = [len(b) for b in plan]
+    print(f"prefill only, batched ({len(plan)} forwards {sizes}): {batched_prefill_s:7.3f} s")
+    print(f"prefill only, one forward per prompt:      {alone_prefill_s:7.3f} s")
+    print(f"ratio prefill one-per-prompt / batched: {alone_prefill_s / batched_prefill_s:.2f}x")
+    if prefill_only:
+        return
+    # Distinct lengths and a free forward pass (cost 0): every prompt its own prefill forward.
+    variants = {
+        "together": (True, forward_cost),
+        "together-unbatched-prefill": (True, 0.0),
+        "one-at-a-time": (False, 0.0),
+    }
+    best: dict[str, float] = {}
+    outputs: dict[str, list[SampleResult]] = {}
+    names = list(variants)
+    for repeat in range(repeats):  # interleaved and rotated: load changes on a shared machine hit all
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            together, cost = variants[name]
+            seconds, outputs[name] = run_requests(base, requests, together, cost)
+            best[name] = min(best.get(name, seconds), seconds)
+    num_tokens = sum(len(s.tokens) for r in outputs["together"] for s in r.sequences)
+    for name, seconds in best.items():
+        same = sum(
+            [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+            for a, b in zip(outputs[name], outputs["one-at-a-time"], strict=True)
+        )
+        print(
+            f"engine, {name:28s} {seconds:7.2f} s  {num_tokens / seconds:8.1f} tok/s  (same tokens {same}/{len(requests)})"
+        )
+    print(f"ratio together / one-at-a-time:              {best['one-at-a-time'] / best['together']:.2f}x")
+    print(
+        "ratio together / together-unbatched-prefill: "
+        f"{best['together-unbatched-prefill'] / best['together']:.2f}x  (the gain of batched prefill alone)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline", choices=["sequential", "padded", "both"], default="both")
+    parser.add_argument(
+        "--baseline", choices=["sequential", "padded", "both", "one-at-a-time"], default="both"
+    )
+    parser.add_argument("--prompts", type=int, default=8, help="one-at-a-time: prompts sent together")
+    parser.add_argument("--group", type=int, default=4, help="one-at-a-time: samples per prompt")
+    parser.add_argument(
+        "--prefill-forward-cost-tokens",
+        type=float,
+        default=DEFAULT_PREFILL_FORWARD_COST_TOKENS,
+        help="one-at-a-time: the engine's cost of a prefill forward pass, in tokens (batching vs padding)",
+    )
+    parser.add_argument("--prefill-only", action="store_true", help="one-at-a-time: time the prefill only")
+    parser.add_argument(
+        "--prompt-lengths", default="32,384", help="one-at-a-time: min,max prompt tokens (distinct lengths)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="one-at-a-time: best of this many runs")
     parser.add_argument(
         "--threads",
         type=int,
@@ -132,6 +271,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = load_base_model(args.model, device=args.device, dtype=args.dtype)
+    if args.baseline == "one-at-a-time":
+        print(f"model {args.model}; torch threads {torch.get_num_threads()}")
+        low, high = (int(n) for n in args.prompt_lengths.split(","))
+        compare_batching(
+            base,
+            group_requests(args.prompts, args.group, (low, high), base.vocab_size, args.seed),
+            args.prefill_forward_cost_tokens,
+            args.prefill_only,
+            args.repeats,
+        )
+        return
     requests = make_requests(args.num_requests, base.vocab_size, args.seed)
     num_tokens = sum(r.max_tokens for r in requests)
     print(

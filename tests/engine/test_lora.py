@@ -60,6 +60,12 @@ def test_routing_applies_each_adapter_to_its_rows_only():
     torch.testing.assert_close(mixed[1], base[1])
     torch.testing.assert_close(mixed[2], only_b[2])
     assert not torch.allclose(only_a, base)
+    # By batch row: the same, and it holds for a layer fed fewer positions (kept logits only).
+    with adapter_routing(AdapterRouting.by_batch_row(["a", None, "b"])):
+        by_row = model(x)
+        last_only = model.lm_head(model.mlp.up_proj(model.self_attn.q_proj(x))[:, -1:])
+    torch.testing.assert_close(by_row, mixed)
+    torch.testing.assert_close(last_only, mixed[:, -1:])
 
 
 def test_new_adapter_is_identity_and_flags_select_layers():

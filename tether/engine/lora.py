@@ -92,10 +92,14 @@ class AdapterRouting:
     `groups`: adapter id -> positions in the input flattened to (-1, features), as a 1-D LongTensor
     or, for a contiguous range, a `slice` (no gather or scatter then: the output is put together
     with one concatenation). Groups never overlap; positions in no group get the base model only.
+    Or `rows`: adapter id -> 1-D LongTensor of batch rows (dim 0) of a (rows, ..., features) input,
+    whatever its other dimensions (a model that keeps only its last positions' logits feeds its
+    output layer fewer positions than its other layers).
     """
 
     single: str | None = None
     groups: tuple[tuple[str, torch.Tensor | slice], ...] = ()
+    rows: tuple[tuple[str, torch.Tensor], ...] = ()
 
     @staticmethod
     def for_row_spans(spans: Sequence[tuple[str, int, int]], seq_len: int) -> AdapterRouting:
@@ -119,6 +123,19 @@ class AdapterRouting:
             starts = torch.tensor(rows, device=device, dtype=torch.long) * seq_len
             groups.append((adapter_id, (starts[:, None] + offsets[None, :]).reshape(-1)))
         return AdapterRouting(groups=tuple(groups))
+
+    @staticmethod
+    def by_batch_row(adapter_ids: Sequence[str | None], device: torch.device | str = "cpu") -> AdapterRouting:
+        """One adapter per batch row (dim 0) of the input of every layer, whatever its sequence length."""
+        rows_by_adapter: dict[str, list[int]] = {}
+        for row, adapter_id in enumerate(adapter_ids):
+            if adapter_id is not None:
+                rows_by_adapter.setdefault(adapter_id, []).append(row)
+        return AdapterRouting(
+            rows=tuple(
+                (a, torch.tensor(r, device=device, dtype=torch.long)) for a, r in rows_by_adapter.items()
+            )
+        )
 
     @staticmethod
     def for_tokens(
@@ -192,6 +209,8 @@ class MultiLoraLinear(nn.Module):
             return out
         if routing.groups:
             return self._forward_groups(x, out, routing.groups)
+        if routing.rows:
+            return self._forward_rows(x, out, routing.rows)
         weights = self.adapters.get(routing.single) if routing.single is not None else None
         if weights is None:
             return out
@@ -242,6 +261,15 @@ class MultiLoraLinear(nn.Module):
         if not positions:
             return out
         return flat_out.index_add(0, torch.cat(positions), torch.cat(deltas)).reshape(out.shape)
+
+    def _forward_rows(
+        self, x: torch.Tensor, out: torch.Tensor, rows: tuple[tuple[str, torch.Tensor], ...]
+    ) -> torch.Tensor:
+        active = [(self.adapters[a], r) for a, r in rows if a in self.adapters and r.numel()]
+        if not active:
+            return out
+        deltas = [_lora_delta(x.index_select(0, r), weights) for weights, r in active]
+        return out.index_add(0, torch.cat([r for _, r in active]), torch.cat(deltas))
 
 
 def _lora_delta(x: torch.Tensor, weights: LoraWeights) -> torch.Tensor:

@@ -14,6 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from tether.engine.default_model import build_tokenizer
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
 from tether.engine.sampling import SamplingEngine
+from tether.engine.sampling import engine as engine_module
 
 EOS = 256
 
@@ -56,3 +57,25 @@ def engine(base):
     engine = SamplingEngine(base, kv_cache_budget_tokens=8192, max_batch_size=32)
     yield engine
     engine.close()
+
+
+class PrefillCalls(list):
+    """Prompts the engine prefilled (token tuples), and the size of each batched forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+
+@pytest.fixture()
+def prefill_calls(monkeypatch) -> PrefillCalls:
+    calls = PrefillCalls()
+    real = engine_module.prefill_batch
+
+    def counting(model, prompts):
+        calls.extend(tuple(p.tokens) for p in prompts)
+        calls.batch_sizes.append(len(prompts))
+        return real(model, prompts)
+
+    monkeypatch.setattr(engine_module, "prefill_batch", counting)
+    return calls

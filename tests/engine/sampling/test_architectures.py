@@ -79,9 +79,12 @@ def test_greedy_equals_generate(architecture, attention, tmp_path):
     base = load_base_model(str(tmp_path))
     base.model.set_attn_implementation(attention)  # eager attention adds the mask to its scores
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40]]
-    engine = SamplingEngine(base)
+    engine = SamplingEngine(base, prefill_forward_cost_tokens=float("inf"))  # mixed lengths in one prefill
     try:
-        futures = [engine.submit(SampleRequest(p, max_tokens=15, temperature=0.0, stop=[])) for p in prompts]
+        with engine._cond:  # white-box: queue all before the loop admits any, so they prefill in one batch
+            futures = [
+                engine.submit(SampleRequest(p, max_tokens=15, temperature=0.0, stop=[])) for p in prompts
+            ]
         results = [f.result(timeout=60).sequences[0].tokens for f in futures]
     finally:
         engine.close()

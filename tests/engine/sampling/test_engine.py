@@ -11,7 +11,6 @@ from transformers import AutoTokenizer
 
 from tether.engine.lora import LoraSpec, lora_layers
 from tether.engine.sampling import SampleRequest, SamplingEngine
-from tether.engine.sampling import engine as engine_module
 from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.types.errors import ConflictError, NotFoundError, OverloadedError, ServerError, UserInputError
 
@@ -53,17 +52,9 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine):
     assert [s.tokens for s in other_seed.sequences] != [s.tokens for s in alone.sequences]
 
 
-def test_samples_share_one_prefill(engine, monkeypatch):
-    calls = []
-    real = engine_module.prefill
-
-    def counting(*args, **kwargs):
-        calls.append(args[2])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "prefill", counting)
+def test_samples_share_one_prefill(engine, prefill_calls):
     result = engine.submit(SampleRequest(PROMPTS[2], num_samples=4, max_tokens=6, seed=1)).result(timeout=60)
-    assert len(result.sequences) == 4 and len(calls) == 1
+    assert len(result.sequences) == 4 and prefill_calls == [tuple(PROMPTS[2])]
 
 
 def test_stop_token_and_stop_string_end_the_sequence_inclusively(engine, base):

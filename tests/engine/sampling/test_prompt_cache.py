@@ -7,7 +7,6 @@ import torch
 
 from tether.engine.lora import LoraSpec, lora_layers
 from tether.engine.sampling import SampleRequest, SamplingEngine
-from tether.engine.sampling import engine as engine_module
 from tether.engine.sampling.prompt_cache import PromptCache
 
 PROMPT = list(b"An RL group shares this prompt")
@@ -27,19 +26,6 @@ def test_lru_is_bounded_by_tokens_and_evicts_least_recently_used():
     assert cache.get("a") is None and cache.num_tokens == 4
     cache.clear()
     assert len(cache) == 0 and cache.num_tokens == 0
-
-
-@pytest.fixture()
-def prefill_calls(monkeypatch):
-    calls: list[tuple[int, ...]] = []
-    real = engine_module.prefill
-
-    def counting(*args, **kwargs):
-        calls.append(tuple(args[2]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "prefill", counting)
-    return calls
 
 
 def lora(base, seed: int) -> dict[str, torch.Tensor]:

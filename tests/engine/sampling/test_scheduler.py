@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
+from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost, prefill_batches
 from tether.types.errors import ConfigurationError, OverloadedError, UserInputError
 
 
@@ -119,3 +119,38 @@ def test_continuous_batching_short_work_leaves_before_long_work():
                 finished.append((name, step))
     assert [name for name, _ in finished] == ["short", "later", "long"]
     assert dict(finished)["later"] < dict(finished)["long"]
+
+
+def set_partitions(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [[first], *partition]
+        for i in range(len(partition)):
+            yield [*partition[:i], [first, *partition[i]], *partition[i + 1 :]]
+
+
+def batching_cost(batches: list[list[int]], lengths: list[int], forward_cost: float) -> float:
+    return sum(forward_cost + len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("forward_cost", [0.0, 3.0, 10.0, 64.0, 1000.0])
+def test_prefill_batches_are_the_cheapest_of_all_partitions(forward_cost):
+    lengths = [60, 2, 1, 58, 30, 29, 30]
+    plan = prefill_batches(lengths, forward_cost)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    cheapest = min(batching_cost(p, lengths, forward_cost) for p in set_partitions(list(range(len(lengths)))))
+    assert batching_cost(plan, lengths, forward_cost) == cheapest
+
+
+def test_prefill_batches_edge_cases():
+    lengths = [60, 2, 1, 58, 30, 29]
+    assert prefill_batches(lengths, 0.0) == [[0], [3], [4], [5], [1], [2]]  # no padding at all
+    assert prefill_batches([5, 5, 5], 0.0) == [[0, 1, 2]]  # equal lengths always together
+    assert prefill_batches(lengths, 10.0) == [[0, 3], [4, 5], [1, 2]]
+    assert prefill_batches(lengths, float("inf")) == [[0, 3, 4, 5, 1, 2]]
+    assert prefill_batches([], 10.0) == []
+    with pytest.raises(ValueError):
+        prefill_batches(lengths, -1.0)

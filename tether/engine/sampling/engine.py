@@ -5,10 +5,14 @@
     schedule (admit waiting requests that fit) -> execute (prefill them; decode every running
     sequence one token, one batch per model) -> update (sample, append, finish, publish)
 
-Sequences join the running batch after their prefill and leave as soon as they finish, so a short
-request never waits for a long one. All samples of a request share its prompt's prefill. Requests
-for different LoRA adapters decode in the same batch; full fine-tuned weights batch with each other
-on their own model. A failing forward pass fails only the requests it carried.
+Requests admitted together are prefilled together: one forward pass per model over their prompts
+left-padded to a common length (`prefill_batches` pads only where it pays; LoRA adapters routed
+per row), identical prompts once. Sequences join the running batch after their prefill and leave as
+soon as they finish, so a short request never waits for a long one. All samples of a request share
+its prompt's prefill (its KV row is copied once per sample). Requests for different LoRA adapters
+decode in the same batch; full fine-tuned weights batch with each other on their own model. A
+failing forward pass fails only the requests it carried (a failed batched prefill is retried prompt
+by prompt).
 
 Logprobs are untempered (see `SampledSequence`). This module knows nothing about HTTP or the
 Tinker wire format.
@@ -29,10 +33,16 @@ from torch import nn
 
 from tether.engine.lora import LoraSpec
 from tether.engine.sampling.kv_cache import BatchKVCache
-from tether.engine.sampling.model_runner import PrefillOutput, decode, prefill
+from tether.engine.sampling.model_runner import PrefillOutput, PrefillPrompt, decode, prefill_batch
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
 from tether.engine.sampling.prompt_cache import PromptCache
-from tether.engine.sampling.scheduler import Scheduler, SchedulerConfig, WorkCost
+from tether.engine.sampling.scheduler import (
+    DEFAULT_PREFILL_FORWARD_COST_TOKENS,
+    Scheduler,
+    SchedulerConfig,
+    WorkCost,
+    prefill_batches,
+)
 from tether.engine.sampling.stopping import StopCondition
 from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
 from tether.types.errors import ConfigurationError, ServerError, TetherError
@@ -65,7 +75,7 @@ class BaseModelLike(Protocol):
 
 
 def _holds_retired_weights(key: Hashable) -> bool:
-    """Whether a prompt-cache key (built by `SamplingEngine._prefill`) holds unregistered, unused weights."""
+    """Whether a prompt-cache key (built by `_prefill_key`) holds unregistered, unused weights."""
     weights = cast("tuple[RegisteredWeights, ...]", key)[0]
     return weights.retired and weights.users == 0
 
@@ -101,6 +111,26 @@ class _Sequence:
 
 
 @dataclass(eq=False)
+class _Started:
+    """A request's samples still running after their first token, and their prompt's cache row."""
+
+    cache: BatchKVCache
+    row: int
+    sequences: list[_Sequence]
+
+
+def _prefill_key(state: _RequestState) -> Hashable:
+    """What makes two prefills the same: weights registration, prompt, prompt-logprob options."""
+    request = state.request
+    return (
+        state.weights,
+        request.prompt_tokens,
+        request.include_prompt_logprobs,
+        request.topk_prompt_logprobs,
+    )
+
+
+@dataclass(eq=False)
 class _Group:
     """Running sequences that share one model, decoded together with one KV cache."""
 
@@ -121,10 +151,15 @@ class SamplingEngine:
         max_prefill_tokens_per_step: int = 4096,
         max_waiting_requests: int = 1024,
         prompt_cache_tokens: int | None = 16384,
+        prefill_forward_cost_tokens: float = DEFAULT_PREFILL_FORWARD_COST_TOKENS,
     ) -> None:
         """`prompt_cache_tokens`: prompt tokens of recent prefills kept for reuse by identical
-        prompts (None = no reuse); their KV memory comes on top of `kv_cache_budget_tokens`. The
-        other limits are documented on `SchedulerConfig`."""
+        prompts, also those arriving together (None = no reuse across requests); their KV memory
+        comes on top of `kv_cache_budget_tokens`. `prefill_forward_cost_tokens`: prompts admitted
+        together are prefilled in batched forward passes, left-padded only as far as the padding
+        costs less than the passes it saves, a pass costing this many prompt tokens (0 = only equal
+        lengths together); see `prefill_batches`. The other
+        limits are documented on `SchedulerConfig`."""
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
         self._scheduler: Scheduler[_RequestState] = Scheduler(
@@ -139,6 +174,9 @@ class SamplingEngine:
         self._prompt_cache: PromptCache[PrefillOutput] | None = (
             None if prompt_cache_tokens is None else PromptCache(prompt_cache_tokens)
         )
+        if not prefill_forward_cost_tokens >= 0:
+            raise ConfigurationError("must be >= 0", field="prefill_forward_cost_tokens")
+        self._prefill_forward_cost_tokens = prefill_forward_cost_tokens
         self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None
         self._cond = threading.Condition()
@@ -219,8 +257,7 @@ class SamplingEngine:
         while (admitted := self._schedule()) is not None:
             try:
                 self._forget_dropped_weights()
-                started = [self._start(state) for state in admitted]
-                self._join([s for s in started if s is not None])
+                self._join(self._start(admitted))
                 for group in list(self._groups.values()):
                     self._decode_group(group)
             except Exception as exc:  # a bug must not hang every future: fail what is in flight, go on
@@ -237,71 +274,127 @@ class SamplingEngine:
                 self._cond.wait()
             return None if self._closed else self._scheduler.schedule()
 
-    def _join(self, started: list[tuple[BatchKVCache, list[_Sequence]]]) -> None:
-        """Add freshly prefilled sequences to their model's running group, one cache merge per group."""
-        by_model: dict[int, list[tuple[BatchKVCache, list[_Sequence]]]] = {}
-        for cache, live in started:
-            by_model.setdefault(id(live[0].owner.weights.model), []).append((cache, live))
-        for key, parts in by_model.items():
-            group = self._groups.setdefault(key, _Group(parts[0][1][0].owner.weights.model))
-            group.cache.append_rows([(cache, len(live)) for cache, live in parts])
-            for _, live in parts:
-                group.sequences.extend(live)
+    def _join(self, started: list[_Started]) -> None:
+        """Add freshly prefilled sequences to their model's running group, one cache merge per group.
 
-    def _start(self, state: _RequestState) -> tuple[BatchKVCache, list[_Sequence]] | None:
-        """Prefill one admitted request and sample each sample's first token.
+        Each prefill cache joins once, row r repeated once per running sample whose prompt is row r."""
+        by_model: dict[int, tuple[nn.Module, dict[int, tuple[BatchKVCache, list[list[_Sequence]]]]]] = {}
+        for item in started:
+            model = item.sequences[0].owner.weights.model
+            caches = by_model.setdefault(id(model), (model, {}))[1]
+            _, rows = caches.setdefault(
+                id(item.cache), (item.cache, [[] for _ in range(item.cache.num_rows)])
+            )
+            rows[item.row].extend(item.sequences)
+        for key, (model, caches) in by_model.items():
+            group = self._groups.setdefault(key, _Group(model))
+            group.cache.append_rows([(cache, [len(r) for r in rows]) for cache, rows in caches.values()])
+            for _, rows in caches.values():
+                for row in rows:
+                    group.sequences.extend(row)
 
-        Returns the prompt's one-row cache and the samples still running, or None if none is.
+    def _start(self, admitted: list[_RequestState]) -> list[_Started]:
+        """Prefill the admitted requests (batched) and sample each sample's first token.
+
+        Returns, per request with samples still running, those samples and their prompt's cache row.
+        A request whose prefill or first token fails is failed alone.
         """
-        request = state.request
-        if not state.future.set_running_or_notify_cancel():  # cancelled while it waited
-            self._abandon(state, None)
-            return None
-        try:
-            out = self._prefill(state)
-            # Copies: a cached prefill's lists are shared with every request that reuses it.
-            if out.prompt_logprobs is not None:
-                state.prompt_logprobs = list(out.prompt_logprobs)
-            if out.topk_prompt_logprobs is not None:
-                state.topk_prompt_logprobs = [
-                    None if r is None else list(r) for r in out.topk_prompt_logprobs
-                ]
-            row = RowSampling(request.temperature, request.top_k, request.top_p)
-            fallback = secrets.randbits(63)
-            sequences = [
-                _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
-                for i in range(request.num_samples)
-            ]
-            live = self._advance(sequences, out.last_logits[None, :].expand(len(sequences), -1))
-        except Exception as exc:  # fails this request only
-            logger.exception("prefill failed")
-            self._abandon(state, exc)
-            return None
-        return (out.cache, live) if live else None
+        running = []
+        for state in admitted:
+            if state.future.set_running_or_notify_cancel():
+                running.append(state)
+            else:  # cancelled while it waited
+                self._abandon(state, None)
+        started = []
+        for state, out in zip(running, self._prefill(running), strict=True):
+            if isinstance(out, Exception):
+                self._abandon(state, out)
+                continue
+            try:
+                live = self._first_tokens(state, out)
+            except Exception as exc:  # fails this request only
+                logger.exception("first token failed")
+                self._abandon(state, exc)
+                continue
+            if live:
+                started.append(_Started(out.cache, out.row, live))
+        return started
 
-    def _prefill(self, state: _RequestState) -> PrefillOutput:
-        """The prompt's prefill: reused from the prompt cache when the same prompt ran recently."""
+    def _first_tokens(self, state: _RequestState, out: PrefillOutput) -> list[_Sequence]:
+        """Take `state`'s prompt logprobs from its prefill, sample its samples' first tokens; the
+        samples still running."""
         request = state.request
-        key = (
-            state.weights,
-            request.prompt_tokens,
-            request.include_prompt_logprobs,
-            request.topk_prompt_logprobs,
-        )
+        # Copies: a cached prefill's lists are shared with every request that reuses it.
+        if out.prompt_logprobs is not None:
+            state.prompt_logprobs = list(out.prompt_logprobs)
+        if out.topk_prompt_logprobs is not None:
+            state.topk_prompt_logprobs = [None if r is None else list(r) for r in out.topk_prompt_logprobs]
+        row = RowSampling(request.temperature, request.top_k, request.top_p)
+        fallback = secrets.randbits(63)
+        sequences = [
+            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
+            for i in range(request.num_samples)
+        ]
+        return self._advance(sequences, out.last_logits[None, :].expand(len(sequences), -1))
+
+    def _prefill(self, states: list[_RequestState]) -> list[PrefillOutput | Exception]:
+        """Each request's prefill, in order: reused from the prompt cache when the same prompt ran
+        recently or runs in this step, otherwise computed in batches (one forward pass per model,
+        prompt-logprob need and batch of similar lengths)."""
+        outputs: dict[int, PrefillOutput | Exception] = {}
+        to_compute: dict[Hashable, list[_RequestState]] = {}
         cache = self._prompt_cache
-        if cache is not None and (cached := cache.get(key)) is not None:
-            state.prompt_cache_hit_tokens = len(request.prompt_tokens)
-            return cached
-        out = prefill(
-            state.weights.model,
-            state.weights.adapter_id,
-            request.prompt_tokens,
-            include_prompt_logprobs=request.include_prompt_logprobs,
-            topk_prompt_logprobs=request.topk_prompt_logprobs,
-        )
-        if cache is not None:
-            cache.put(key, out, len(request.prompt_tokens))
-        return out
+        for state in states:
+            key = _prefill_key(state)
+            if cache is not None and (cached := cache.get(key)) is not None:
+                state.prompt_cache_hit_tokens = len(state.request.prompt_tokens)
+                outputs[id(state)] = cached
+            elif cache is not None and key in to_compute:
+                to_compute[key].append(state)  # an identical prompt in this step: share its prefill
+            else:
+                to_compute[key if cache is not None else (key, id(state))] = [state]
+        batches: dict[tuple[int, bool], list[tuple[Hashable, PrefillPrompt]]] = {}
+        for key, sharing in to_compute.items():
+            request, weights = sharing[0].request, sharing[0].weights
+            prompt = PrefillPrompt(
+                request.prompt_tokens,
+                weights.adapter_id,
+                request.include_prompt_logprobs,
+                request.topk_prompt_logprobs,
+            )
+            batches.setdefault((id(weights.model), prompt.wants_all_logits), []).append((key, prompt))
+        for prompts in batches.values():
+            model = to_compute[prompts[0][0]][0].weights.model
+            lengths = [len(prompt.tokens) for _, prompt in prompts]
+            for batch in prefill_batches(lengths, self._prefill_forward_cost_tokens):
+                results = self._prefill_batch(model, [prompts[i][1] for i in batch])
+                for i, out in zip(batch, results, strict=True):
+                    key = prompts[i][0]
+                    for n, state in enumerate(to_compute[key]):
+                        outputs[id(state)] = out
+                        if n > 0 and not isinstance(out, Exception):
+                            state.prompt_cache_hit_tokens = len(state.request.prompt_tokens)
+                    if (
+                        cache is not None
+                        and not isinstance(out, Exception)
+                        and lengths[i] <= cache.max_tokens
+                    ):
+                        cache.put(key, out.detached(), lengths[i])  # its own row: the batch's buffers can go
+        return [outputs[id(state)] for state in states]
+
+    @staticmethod
+    def _prefill_batch(model: nn.Module, prompts: list[PrefillPrompt]) -> list[PrefillOutput | Exception]:
+        """`prefill_batch`, or if the batch fails, each prompt alone, so a failure fails only its own."""
+        try:
+            return list(prefill_batch(model, prompts))
+        except Exception as exc:
+            if len(prompts) == 1:
+                logger.exception("prefill failed")
+                return [exc]
+            logger.warning(
+                "batched prefill of %d prompts failed; prefilling them alone", len(prompts), exc_info=True
+            )
+        return [out for prompt in prompts for out in SamplingEngine._prefill_batch(model, [prompt])]
 
     def _forget_dropped_weights(self) -> None:
         """Drop cached prefills of weights that were unregistered and are no longer in use."""

@@ -1,6 +1,8 @@
-"""Forward passes of the sampling engine: prefill one prompt, decode one token for many sequences.
+"""Forward passes of the sampling engine: prefill a batch of prompts, decode one token for many sequences.
 
-Both drive a Hugging Face causal LM with a `BatchKVCache`, an explicit 4-D boolean attention mask
+A batched prefill left-pads prompts of different lengths to the longest (padding attends only to
+itself, real tokens never see it, positions count from each prompt's first real token), so each
+row's keys, values and logits are those of its prompt run alone. Both drive a Hugging Face causal LM with a `BatchKVCache`, an explicit 4-D boolean attention mask
 and explicit position ids, so rows of different lengths (left-padded) decode together exactly as
 each would alone. Adapters are routed per row with `AdapterRouting.for_rows` inside this thread's
 `adapter_routing`, so a trainer thread may run the same base module at the same time.
@@ -25,16 +27,43 @@ from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.engine.sampling.next_token import untempered_logprobs
 from tether.types.errors import ServerError
 
+PAD_TOKEN_ID = 0
+"""Fed at padding positions of a batched prefill; any valid id does (nothing real attends to it)."""
+
+
+@dataclass(frozen=True)
+class PrefillPrompt:
+    """One prompt of a batched prefill."""
+
+    tokens: Sequence[int]
+    adapter_id: str | None = None
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+    @property
+    def wants_all_logits(self) -> bool:
+        return self.include_prompt_logprobs or self.topk_prompt_logprobs > 0
+
 
 @dataclass
 class PrefillOutput:
-    """The prompt's cache (one row) and what was computed from its logits."""
+    """The prompt's row `row` of `cache` (shared by the prompts prefilled with it) and what was
+    computed from its logits."""
 
     cache: BatchKVCache
     last_logits: torch.Tensor
     """(vocab,) float32 logits after the last prompt token: the first generated token's distribution."""
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    row: int = 0
+
+    def detached(self) -> PrefillOutput:
+        """The same prefill on a one-row cache of its own (frees the batch's buffers for reuse)."""
+        if self.cache.num_rows == 1:
+            return self
+        return PrefillOutput(
+            self.cache.copy_row(self.row), self.last_logits, self.prompt_logprobs, self.topk_prompt_logprobs
+        )
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -104,7 +133,6 @@ def _mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     )
 
 
-@torch.inference_mode()
 def prefill(
     model: nn.Module,
     adapter_id: str | None,
@@ -113,28 +141,69 @@ def prefill(
     include_prompt_logprobs: bool = False,
     topk_prompt_logprobs: int = 0,
 ) -> PrefillOutput:
-    """Run the prompt through `model` (with adapter `adapter_id`) into a fresh one-row cache."""
+    """Run one prompt through `model` (with adapter `adapter_id`) into a fresh one-row cache."""
+    prompt = PrefillPrompt(prompt_tokens, adapter_id, include_prompt_logprobs, topk_prompt_logprobs)
+    return prefill_batch(model, [prompt])[0]
+
+
+@torch.inference_mode()
+def prefill_batch(model: nn.Module, prompts: Sequence[PrefillPrompt]) -> list[PrefillOutput]:
+    """Run `prompts` (any lengths >= 1, any adapters of `model`) through `model` in one forward pass.
+
+    Returns one output per prompt, in order, all on one fresh cache with prompt i in row i
+    (left-padded to the longest prompt). Logits of every position are computed for all rows if any
+    prompt wants prompt logprobs, so callers batch those apart. Raises what the forward raises.
+    """
+    if not prompts:
+        return []
     device = model_device(model)
+    lengths = [len(p.tokens) for p in prompts]
+    longest = max(lengths)
+    padding = [longest - n for n in lengths]
+    input_ids = torch.tensor(
+        [[PAD_TOKEN_ID] * pad + list(p.tokens) for p, pad in zip(prompts, padding, strict=True)],
+        dtype=torch.long,
+        device=device,
+    )
     cache = BatchKVCache()
-    cache.start_rows(1)
-    input_ids = torch.tensor([list(prompt_tokens)], dtype=torch.long, device=device)
-    want_all = include_prompt_logprobs or topk_prompt_logprobs > 0
-    with adapter_routing(adapter_id):
-        logits = _run(model, cache, input_ids, 0 if want_all else 1)[0].float()
-    output = PrefillOutput(cache=cache, last_logits=logits[-1])
-    if want_all and len(prompt_tokens) > 1:
-        logprobs = untempered_logprobs(logits[:-1])
-        if include_prompt_logprobs:
-            picked = logprobs.gather(1, input_ids[0, 1:, None]).squeeze(1)
-            output.prompt_logprobs = [None, *picked.tolist()]
-        if topk_prompt_logprobs > 0:
-            values, ids = logprobs.topk(topk_prompt_logprobs, dim=-1)
-            rows = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-            output.topk_prompt_logprobs = [None, *rows]
-    elif want_all:
-        output.prompt_logprobs = [None] if include_prompt_logprobs else None
-        output.topk_prompt_logprobs = [None] if topk_prompt_logprobs > 0 else None
-    return output
+    cache.start_rows(len(prompts), padding)
+    want_all = any(p.wants_all_logits for p in prompts)
+    with adapter_routing(_routing([p.adapter_id for p in prompts], device)):
+        logits = _run(model, cache, input_ids, 0 if want_all else 1)
+    outputs = []
+    for row, (prompt, pad) in enumerate(zip(prompts, padding, strict=True)):
+        row_logits = logits[row, pad:].float() if want_all else logits[row].float()
+        output = PrefillOutput(cache=cache, last_logits=row_logits[-1].clone(), row=row)
+        if prompt.wants_all_logits:
+            _add_prompt_logprobs(output, prompt, row_logits, input_ids[row, pad:])
+        outputs.append(output)
+    return outputs
+
+
+def _add_prompt_logprobs(
+    output: PrefillOutput, prompt: PrefillPrompt, logits: torch.Tensor, input_ids: torch.Tensor
+) -> None:
+    """Fill the prompt logprobs `prompt` asks for from its (prompt length, vocab) float32 logits."""
+    if len(prompt.tokens) == 1:
+        output.prompt_logprobs = [None] if prompt.include_prompt_logprobs else None
+        output.topk_prompt_logprobs = [None] if prompt.topk_prompt_logprobs > 0 else None
+        return
+    logprobs = untempered_logprobs(logits[:-1])
+    if prompt.include_prompt_logprobs:
+        picked = logprobs.gather(1, input_ids[1:, None]).squeeze(1)
+        output.prompt_logprobs = [None, *picked.tolist()]
+    if prompt.topk_prompt_logprobs > 0:
+        values, ids = logprobs.topk(prompt.topk_prompt_logprobs, dim=-1)
+        rows = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        output.topk_prompt_logprobs = [None, *rows]
+
+
+def _routing(adapter_ids: Sequence[str | None], device: torch.device) -> AdapterRouting | str | None:
+    """One adapter for the whole batch when all rows share it, else routing by batch row (the
+    output layer sees fewer positions than the others when only the last logits are kept)."""
+    if all(a == adapter_ids[0] for a in adapter_ids):
+        return adapter_ids[0]
+    return AdapterRouting.by_batch_row(adapter_ids, device=device)
 
 
 @torch.inference_mode()

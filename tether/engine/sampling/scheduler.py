@@ -9,12 +9,17 @@ allowance is spent; requests are admitted strictly in arrival order, so a large 
 starved by a stream of small ones. Past `max_waiting_requests` waiting requests, `add` raises
 `OverloadedError`, which the service turns into HTTP 429.
 
+`prefill_batches` then splits the prompts admitted together into batches prefilled in one forward
+pass each, padding prompts of different lengths only as far as it pays.
+
 Plain Python: no model, no tensors, no threads (the engine holds the lock); tested with fake work.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -139,3 +144,40 @@ class Scheduler(Generic[T]):
         items = [w.item for w in self._waiting]
         self._waiting.clear()
         return items
+
+
+DEFAULT_PREFILL_FORWARD_COST_TOKENS = 64.0
+"""What one more prefill forward pass costs, in prompt tokens. About 64 on a CPU with the tiny default
+model (one forward pass of n tokens took ~20 ms + 0.3 ms x n; `bench/sampling_throughput.py
+--baseline one-at-a-time`). GPUs pay far more per pass relative to a token: larger values suit them."""
+
+
+def prefill_batches(lengths: Sequence[int], forward_cost_tokens: float) -> list[list[int]]:
+    """Group prompts (by index into `lengths`) into batches prefilled together, at least cost.
+
+    A batch left-pads its prompts to its longest, so it costs `forward_cost_tokens + rows x longest`
+    (a padded position costs as much as a real one): prompts are padded only as far as the padding
+    costs less than the forward passes it saves. Equal lengths always share a batch; 0 batches
+    nothing else, `inf` everything. Batches come longest first, each longest first. O(n^2) in the
+    number of prompts (bounded by the batch size).
+    """
+    if not forward_cost_tokens >= 0:
+        raise ValueError(f"forward_cost_tokens must be >= 0, got {forward_cost_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    longest = [lengths[i] for i in order]
+    # best[end]: least cost of batching order[:end]; start[end]: where its last batch starts.
+    best = [0.0] + [math.inf] * len(order)
+    start = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for first in range(end):  # batch order[first:end]; its longest prompt is order[first]
+            if math.isinf(forward_cost_tokens) and first > 0:
+                break
+            cost = best[first] + forward_cost_tokens + (end - first) * longest[first]
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    batches: list[list[int]] = []
+    end = len(order)
+    while end:
+        batches.append(order[start[end] : end])
+        end = start[end]
+    return batches[::-1]
