@@ -307,6 +307,31 @@ def test_retried_sample_is_answered_by_the_first_execution(http):
     assert bad.status_code == 400 and "prompt" in bad.json()["detail"]
 
 
+def test_a_retry_racing_the_first_request_releases_its_sample_reservation(
+    tmp_path, default_model_dir, monkeypatch
+):
+    config = ServerConfig(port=0, data_dir=tmp_path, max_pending_samples=4, long_poll_s=5)
+    server = ServerThread(config)
+    with server as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        state = server.app.state.tether
+        session, sampler = base_sampler(client)
+        body = {
+            "sampling_session_id": sampler,
+            "seq_id": 1,
+            "num_samples": 2,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [104, 105]}]},
+            "sampling_params": {"max_tokens": 2, "temperature": 1.0},
+        }
+        first = client.post("/api/v1/asample", json=body, headers=ALICE).json()
+        # The retry passes the route's early lookup (as if it arrived before the first claimed its
+        # seq_id) and loses the claim inside submit: it must not keep its reservation.
+        monkeypatch.setattr(state.dedupe, "lookup", lambda stream, seq_id: None)
+        again = client.post("/api/v1/asample", json=body, headers=ALICE).json()
+        assert again == first
+        result(client, first["request_id"])
+        assert state.live.reserve_samples(BASE, 4, 4), "every slot is free again"
+
+
 def test_finished_session_gets_410_and_frees_models(http):
     model = create_model(http)
     session = model.split(":")[0]

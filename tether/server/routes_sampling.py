@@ -241,6 +241,8 @@ async def asample(
     except BaseException:
         release()
         raise
+    if request_id != new_id:  # a concurrent retry claimed this seq_id first: nothing was queued
+        release()
     return {
         "request_id": request_id,
         "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
