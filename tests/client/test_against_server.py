@@ -102,15 +102,19 @@ def test_server_errors_arrive_typed(service: ServiceClient) -> None:
     tc = service.create_lora_training_client(MODEL, rank=2).result()
     with pytest.raises(UserInputError) as info:
         tc.forward([sft_datum("abc")], "no_such_loss").result()
-    assert info.value.category == "user"
+    assert info.value.category == "user" and info.value.field == "loss_fn"
     with pytest.raises(NotFoundError):
         service.create_training_client_from_state(f"tinker://{tc.model_id}/weights/missing").result()
     bad_token = Datum(
         model_input=ModelInput.from_ints([1, 99999]),
         loss_fn_inputs={"target_tokens": [1, 2], "weights": [1, 1]},
     )
-    with pytest.raises(UserInputError):
-        tc.forward_backward([bad_token], "cross_entropy").result()
+    with pytest.raises(UserInputError) as info:
+        tc.forward_backward([sft_datum("fine"), bad_token], "cross_entropy").result()
+    assert info.value.datum_index == 1 and info.value.field, "the server's field and datum arrive typed"
+    with pytest.raises(UserInputError) as info:
+        service.create_lora_training_client(MODEL, rank=-3).result()
+    assert info.value.field is not None and "rank" in info.value.field
     tc.forward_backward([sft_datum("still usable")], "cross_entropy").result()
 
 

@@ -58,9 +58,16 @@ _ERROR_BY_STATUS: dict[int, type[TetherError]] = {
 }
 
 
-def make_error(cls: type[TetherError], message: str, category: str | None = None) -> TetherError:
-    """A typed error carrying the server's message and failure category."""
-    exc = cls(message)
+def make_error(
+    cls: type[TetherError], message: str, category: str | None = None, body: dict[str, Any] | None = None
+) -> TetherError:
+    """A typed error carrying the server's message and failure category; a `UserInputError` also
+    carries the `field` and `datum_index` the server's JSON `body` names."""
+    exc = cls(message)  # the server's message already names the field and datum
+    if isinstance(exc, UserInputError) and body is not None:
+        field, datum = body.get("field"), body.get("datum_index")
+        exc.field = field if isinstance(field, str) else None
+        exc.datum_index = datum if isinstance(datum, int) and not isinstance(datum, bool) else None
     if category is not None:
         exc.category = category
     return exc
@@ -70,9 +77,11 @@ def error_from_response(response: httpx.Response) -> TetherError:
     """The typed error for a non-2xx answer, with the server's `detail` as its message."""
     message = response.text or response.reason_phrase
     category = None
+    body: dict[str, Any] | None = None
     try:
-        body = response.json()
-        if isinstance(body, dict):
+        decoded = response.json()
+        if isinstance(decoded, dict):
+            body = decoded
             message = str(body.get("detail") or body.get("error") or message)
             category = body.get("category")
     except ValueError:
@@ -80,14 +89,14 @@ def error_from_response(response: httpx.Response) -> TetherError:
     cls = _ERROR_BY_STATUS.get(
         response.status_code, ServerError if response.status_code >= 500 else TetherError
     )
-    return make_error(cls, f"HTTP {response.status_code}: {message}", category)
+    return make_error(cls, f"HTTP {response.status_code}: {message}", category, body)
 
 
 def error_from_failed_future(body: dict[str, Any]) -> TetherError:
     """A failed future `{"error", "category"}`: the caller's fault is a UserInputError."""
     category = str(body.get("category", "unknown"))
     cls = UserInputError if category == "user" else ServerError
-    return make_error(cls, str(body.get("error")), category)
+    return make_error(cls, str(body.get("error")), category, body)
 
 
 def _backoff_s(attempt: int) -> float:

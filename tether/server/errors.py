@@ -2,7 +2,7 @@
 
 A `TetherError` raised while handling a request becomes its class's HTTP status with a JSON body
 `{"detail", "error", "category"}`; one raised while executing a queued operation becomes the failed
-future `{"error", "category"}`. Request validation failures are the caller's fault (422 with the
+future `{"error", "category"}`; both add `field` and `datum_index` when the error names them. Request validation failures are the caller's fault (422 with the
 offending fields), and anything unexpected is logged and reported as a server error, never with an
 empty body (the Tinker SDK reads an empty 400 as a dropped connection).
 """
@@ -21,10 +21,11 @@ from tether.types.errors import TetherError, UserInputError
 log = logging.getLogger("tether.server")
 
 
-def error_body(exc: BaseException) -> dict[str, str]:
-    """The failed-future JSON for an exception raised by an operation."""
+def error_body(exc: BaseException) -> dict[str, object]:
+    """The failed-future JSON for an exception raised by an operation (with `field` and `datum_index`
+    when the error names them, so a client can rebuild the same error)."""
     if isinstance(exc, TetherError):
-        return {"error": exc.message, "category": exc.category}
+        return {"error": exc.message, "category": exc.category, **_where(exc)}
     if isinstance(exc, ValidationError):
         return {"error": _validation_message(exc.errors()), "category": "user"}
     log.exception("operation failed", exc_info=exc)
@@ -39,6 +40,13 @@ def _validation_message(errors: list) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _where(exc: TetherError) -> dict[str, object]:
+    """The field and datum an error names, as JSON keys (absent when it names none)."""
+    return {
+        attr: getattr(exc, attr) for attr in ("field", "datum_index") if getattr(exc, attr, None) is not None
+    }
+
+
 def error_response(exc: TetherError) -> JSONResponse:
     """The JSON answer for a tether error (for code answering outside a route, like middleware)."""
     return _json_error(exc.http_status, exc.message, exc.category, exc)
@@ -48,9 +56,7 @@ def _json_error(status: int, message: str, category: str, exc: TetherError | Non
     content: dict[str, object] = {"detail": message, "error": message, "category": category}
     if exc is not None:
         content["error_type"] = type(exc).__name__
-        for attr in ("field", "datum_index"):
-            if getattr(exc, attr, None) is not None:
-                content[attr] = getattr(exc, attr)
+        content.update(_where(exc))
     return JSONResponse(
         status_code=status,
         content=content,
