@@ -156,7 +156,9 @@ def test_response_tokens_counts_positions_with_a_nonzero_weight(training_engine)
     out = engine.forward("m", ones, "cross_entropy")
     nll = -torch.cat([o["logprobs"][2:] for o in out.outputs])
     assert out.metrics["response_tokens:sum"] == 6.0
-    assert out.metrics["loss:sum"] / out.metrics["response_tokens:sum"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert out.metrics["loss:sum"] / out.metrics["response_tokens:sum"] == pytest.approx(
+        float(nll.mean()), rel=1e-5
+    )
     # (N, K) targets: a position counts once if any of its K weights is non-zero
     soft = make_data([5], vocab=engine.base.vocab_size, seed=6, soft_k=3)
     soft[0].loss_fn_inputs["weights"][:2] = 0.0
