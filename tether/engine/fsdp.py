@@ -474,16 +474,10 @@ class DistributedTrainingEngine(TrainingEngine):
         )
         self._run_dummies(trained, checked, mine, backward=backward)
         outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
-        sums = (
-            torch.tensor(  # loss and (cross_entropy) response tokens of every rank's share, in one collective
-                [
-                    local.metrics.get(key, 0.0) if local else 0.0
-                    for key in ("loss:sum", "response_tokens:sum")
-                ],
-                dtype=torch.float64,
-                device=self._device,
-            )
-        )
+        # the loss and (cross_entropy) response tokens of every rank's share, summed in one collective
+        keys = ("loss:sum", "response_tokens:sum")
+        local_sums = [local.metrics.get(key, 0.0) if local else 0.0 for key in keys]
+        sums = torch.tensor(local_sums, dtype=torch.float64, device=self._device)
         dist.all_reduce(sums)
         loss_sum, response_tokens = sums.tolist()
         metrics = {"loss:sum": loss_sum}
