@@ -449,19 +449,12 @@ class TrainingEngine:
     def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
-            return _TrainingModel(
-                model_id,
-                lora,
-                self.base.model,
-                model_id,
-                params,
-                ModelOptimizer(params, on_nonfinite=self.on_nonfinite),
-            )
+            optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
+            return _TrainingModel(model_id, lora, self.base.model, model_id, params, optimizer)
         module = _full_copy(self.base.model)
         params = {name: p for name, p in module.named_parameters()}
-        return _TrainingModel(
-            model_id, None, module, None, params, ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
-        )
+        optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
+        return _TrainingModel(model_id, None, module, None, params, optimizer)
 
     def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
         if lora is None:
