@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "TensorData": "tether.types.data",
     "Datum": "tether.types.data",
     "AdamParams": "tether.types.data",
+    "GradAccNormalization": "tether.types.data",
     "SamplingParams": "tether.types.data",
     "LoraConfig": "tether.types.data",
     "ForwardBackwardOutput": "tether.types.data",

@@ -118,6 +118,12 @@ def test_parallel_chunks_equal_one_unchunked_request(tmp_path, default_model_dir
         service.close("success")
 
     assert out.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
+    # the SDK sums `name:sum` metrics over its chunks: response_tokens:sum survives chunking
+    assert (
+        out.metrics["response_tokens:sum"]
+        == whole.metrics["response_tokens:sum"]
+        == sum(len(t) - 1 for t in TEXTS)
+    )
     assert after_chunked.metrics["loss:sum"] == pytest.approx(after_whole.metrics["loss:sum"], rel=1e-5)
     for chunk_out, whole_out in zip(after_chunked.loss_fn_outputs, after_whole.loss_fn_outputs, strict=True):
         np.testing.assert_allclose(chunk_out["logprobs"].to_numpy(), whole_out["logprobs"], atol=1e-5)

@@ -1,14 +1,18 @@
 """The official tinker SDK against `tether serve --trainer-process --nproc-per-node 2`: a 2-rank FSDP2 trainer.
 
 A subset of `test_tinker_sdk_training` (training, every loss, custom loss, save/resume with optimizer,
-full fine-tuning with sampling, sampler and external checkpoints) re-run against the distributed
-trainer: rank 0 serves the op socket and every rank executes each training op.
+full fine-tuning with sampling, sampler and external checkpoints) and the normalised optimizer step
+of `test_grad_accumulation` re-run against the distributed trainer: rank 0 serves the op socket and every rank executes each training op.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from .test_grad_accumulation import (  # noqa: F401 - fixtures and tests re-collected here
+    extra_body_sdk,
+    test_official_sdk_extra_field_normalises_by_loss_tokens,
+)
 from .test_tinker_sdk_training import (  # noqa: F401 - fixtures and tests re-collected here
     lora_client,
     test_forward_backward_custom_equals_cross_entropy,

@@ -101,6 +101,19 @@ def run_cases(engine) -> dict[str, torch.Tensor]:
             engine.forward_backward(mode, make_batch("cross_entropy", [3 + step, 8, 2]), "cross_entropy")
             metrics = engine.optim_step(mode, ADAM)
             out[f"{mode}.step{step}.grad_norm"] = torch.tensor(metrics["grad_norm:mean"], dtype=torch.float64)
+        # gradient-accumulation normalisation: each rank counts its share, the step divides by the sums
+        for step, normalization in enumerate(("num_loss_tokens", "num_sequences")):
+            batch = make_batch("cross_entropy", [7, 2, 5])
+            batch[0].loss_fn_inputs["weights"][:3] = 0.0
+            first = engine.forward_backward(mode, batch, "cross_entropy")
+            out[f"{mode}.norm{step}.response_tokens"] = torch.tensor(
+                first.metrics["response_tokens:sum"], dtype=torch.float64
+            )
+            engine.forward_backward(mode, make_batch("importance_sampling", [4, 9]), "importance_sampling")
+            out[f"{mode}.norm{step}.counts"] = torch.tensor(engine.accumulated_counts(mode))
+            metrics = engine.optim_step(mode, ADAM, normalization=normalization)
+            for key in ("grad_norm:mean", "grad_accumulation_divisor:mean"):
+                out[f"{mode}.norm{step}.{key}"] = torch.tensor(metrics[key], dtype=torch.float64)
         # a diverged loss: the step is refused on every rank alike and nothing changes
         diverged = make_batch("cross_entropy", [4, 6])
         for datum in diverged:

@@ -38,6 +38,7 @@ EVERY_OP = [
         model_id="m", data=[_datum(), _datum(7)], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.5}
     ),
     ops.OptimStep(model_id="m", adam_params=AdamParams(learning_rate=3e-4, grad_clip_norm=1.0)),
+    ops.OptimStep(model_id="m", adam_params=AdamParams(), grad_accumulation_normalization="num_sequences"),
     ops.ForwardKeepGraph(model_id="m", data=[_datum()], graph_id="g", ttl_s=12.5),
     ops.BackwardFromLogprobGrads(model_id="m", graph_id="g", logprob_grads=[np.ones((3, 2), np.float32)]),
     ops.SaveState(model_id="m", owner="o", path="tinker://r/weights/a", overwrite=True),
@@ -144,6 +145,53 @@ GOLDEN_HEX = (
     "6172645f66726f6d5f6c6f6770726f625f6772616473a86d6f64656c5f6964a16da867726170685f6964a167ad6c6f6770726f"
     "625f677261647391c71101000792a33c663491020000803f000000c0"
 )
+
+
+def test_golden_bytes_of_an_optim_step():
+    """The optimizer step's fields, `grad_accumulation_normalization` last (added for issue 13)."""
+    frame = encode_op(
+        ops.OpEnvelope(
+            op_id=1,
+            stream="m",
+            seq_id=3,
+            op=ops.OptimStep(
+                model_id="m",
+                adam_params=AdamParams(learning_rate=0.5),
+                grad_accumulation_normalization="num_loss_tokens",
+            ),
+        )
+    )
+    assert frame.hex() == OPTIM_STEP_GOLDEN_HEX
+
+
+OPTIM_STEP_GOLDEN_HEX = (
+    "000000ed000000000000000184a56f705f696401a673747265616da16da67365715f696403a26f7084a474797065aa6f7074696d"
+    "5f73746570a86d6f64656c5f6964a16dab6164616d5f706172616d7386ad6c6561726e696e675f72617465cb3fe0000000000000"
+    "a56265746131cb3feccccccccccccda56265746132cb3fee666666666666a3657073cb3d719799812dea11ac7765696768745f64"
+    "65636179cb0000000000000000ae677261645f636c69705f6e6f726dcb0000000000000000bf677261645f616363756d756c6174"
+    "696f6e5f6e6f726d616c697a6174696f6eaf6e756d5f6c6f73735f746f6b656e73"
+)
+
+
+def test_an_optim_step_from_a_sender_without_normalisation_means_none():
+    body = msgpack.packb(
+        {"op_id": 5, "op": {"type": "optim_step", "model_id": "m", "adam_params": {"learning_rate": 0.1}}}
+    )
+    op = decode_op(5, body).op
+    assert isinstance(op, ops.OptimStep) and op.grad_accumulation_normalization == "none"
+    bad = msgpack.packb(
+        {
+            "op_id": 5,
+            "op": {
+                "type": "optim_step",
+                "model_id": "m",
+                "adam_params": {},
+                "grad_accumulation_normalization": "x",
+            },
+        }
+    )
+    with pytest.raises(OpDecodeError):
+        decode_op(5, bad)
 
 
 def test_a_failure_becomes_the_same_error_again():

@@ -27,6 +27,7 @@ from tether.types.data import (
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
+    GradAccNormalization,
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
@@ -162,7 +163,12 @@ class TrainingClient:
     def forward_backward(
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, Any] | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
-        """Compute the loss and accumulate its gradients (applied by the next `optim_step`)."""
+        """Compute the loss and accumulate its gradients (applied by the next `optim_step`).
+
+        For cross_entropy the metrics also hold `response_tokens` (= the server's
+        `response_tokens:sum`, the target positions with a non-zero weight), so the mean NLL is
+        `loss:sum / response_tokens`, as in the Fireworks SDK.
+        """
         return self._forward_call(data, loss_fn, loss_fn_config, forward_only=False)
 
     def _forward_call(
@@ -186,6 +192,8 @@ class TrainingClient:
         (turn,) = self._take_turns(1)
         body = self._forward_request(datums, loss_fn, loss_fn_config, forward_only, turn.seq_id)
         call = self._session.transport.call(routes.FORWARD_BACKWARD, body, turn=turn)
+        if loss_fn == "cross_entropy":
+            call = _with_response_tokens(call)
         return self._run([turn], call, "forward" if forward_only else "forward_backward")
 
     def forward_backward_custom(
@@ -225,11 +233,26 @@ class TrainingClient:
         return self._run([forward_turn, backward_turn], coro, "forward_backward_custom")
 
     def optim_step(
-        self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
+        self,
+        optim_params: AdamParams | None = None,
+        *,
+        adam_params: AdamParams | None = None,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
     ) -> APIFuture[OptimStepResponse]:
-        """Apply the accumulated gradients with AdamW and zero them."""
+        """Apply the accumulated gradients with AdamW and zero them.
+
+        `grad_accumulation_normalization` (Fireworks' keyword; `GradAccNormalization`, its value or
+        name, or None) divides the gradients accumulated since the last step by their loss tokens
+        ("num_loss_tokens") or sequences ("num_sequences") before clipping and the update; None or
+        "none" leaves them as they are. An unknown value raises UserInputError here (nothing sent).
+        """
         params = AdamParams.coerce(adam_params if adam_params is not None else (optim_params or AdamParams()))
-        body = OptimStepRequest(model_id=self.model_id, adam_params=params)
+        mode = GradAccNormalization.coerce(grad_accumulation_normalization)
+        body = OptimStepRequest(
+            model_id=self.model_id,
+            adam_params=params,
+            grad_accumulation_normalization=None if mode is GradAccNormalization.NONE else mode,
+        )
         return self._in_order(routes.OPTIM_STEP, body, "optim_step")
 
     # ---- checkpoints
@@ -429,3 +452,11 @@ def _metrics_step(step: Any) -> int | None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise UserInputError(f"must be a non-negative integer, got {step!r}", field="step")
     return int(step)
+
+
+async def _with_response_tokens(call: Awaitable[ForwardBackwardOutput]) -> ForwardBackwardOutput:
+    """A cross_entropy answer with `response_tokens` beside the server's `response_tokens:sum`."""
+    output = await call
+    if "response_tokens:sum" in output.metrics:
+        output.metrics.setdefault("response_tokens", output.metrics["response_tokens:sum"])
+    return output

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from tether.engine.grad_accumulation import GradAccMode, check_mode
 from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, remove_adapter
 from tether.engine.losses import get_loss, resolve_loss_config
 from tether.engine.micro_batching import plan_micro_batches, target_logprobs
@@ -134,10 +135,21 @@ class DistributedOptimizer(ModelOptimizer):
 
     Sharded (DTensor) tensors already hold their shard of the summed gradient (FSDP reduce-scatter);
     replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded.
+    Each rank counts the loss tokens and sequences of its own share of the datums; the counts a
+    step normalises by are their sums over the ranks (`accumulated_counts`, a collective).
     """
 
-    def step(self, params: AdamWParams) -> dict[str, float]:
+    def accumulated_counts(self) -> tuple[int, int]:
+        """(loss tokens, sequences) summed over the ranks: a collective."""
+        counts = torch.tensor([self.loss_tokens, self.sequences], dtype=torch.int64, device=comm_device())
+        dist.all_reduce(counts)
+        loss_tokens, sequences = counts.tolist()
+        return int(loss_tokens), int(sequences)
+
+    def step(self, params: AdamWParams, *, normalization: GradAccMode = "none") -> dict[str, float]:
         params.validate()
+        check_mode(normalization)  # the same on every rank: all raise before any collective
+        divisor = self.divisor(normalization)
         tensors = list(self.named_params.values())
         unsummed = {
             id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None
@@ -150,12 +162,12 @@ class DistributedOptimizer(ModelOptimizer):
             part = local.double().pow(2).sum().to(squares.device)
             squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
         dist.all_reduce(squares)
-        grad_norm = squares.sqrt()
+        grad_norm = squares.sqrt() / divisor
         # refuse (or skip) a step that would make weights or moments non-finite, as one process does
         # (`ModelOptimizer.step`): the global norm is the same on every rank; the update check runs
         # on each rank's shards and the ranks agree on it before anything changes
         if not bool(torch.isfinite(grad_norm)):
-            self._optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             return self._nonfinite(
                 params,
                 float(grad_norm),
@@ -170,7 +182,7 @@ class DistributedOptimizer(ModelOptimizer):
             else 1.0
         )
         finite = torch.tensor(
-            [1 if self._local_update_is_finite(params, coef_value) else 0], device=comm_device()
+            [1 if self._local_update_is_finite(params, coef_value / divisor) else 0], device=comm_device()
         )
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not int(finite.item()):
@@ -188,8 +200,12 @@ class DistributedOptimizer(ModelOptimizer):
                 "retry with a smaller learning rate",
                 field="adam_params.learning_rate",
             )
-        if params.grad_clip_norm > 0 and with_grad:
-            coef = torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
+        if (params.grad_clip_norm > 0 or divisor != 1.0) and with_grad:
+            coef = (
+                torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
+                if params.grad_clip_norm > 0
+                else torch.ones((), dtype=grad_norm.dtype, device=grad_norm.device)
+            ) / divisor
             for t in with_grad:
                 _local(cast(torch.Tensor, t.grad)).mul_(
                     coef.to(
@@ -203,9 +219,9 @@ class DistributedOptimizer(ModelOptimizer):
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
         self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.num_steps += 1
-        return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": float(params.learning_rate)}
+        return self._metrics(params, float(grad_norm), normalization, divisor)
 
     def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
         """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""
@@ -299,10 +315,13 @@ class DistributedTrainingEngine(TrainingEngine):
         *,
         max_tokens_per_micro_batch: int = 8192,
         mixed_precision: str | None = None,
+        on_nonfinite: Literal["refuse", "skip"] = "refuse",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedTrainingEngine needs torch.distributed initialised (torchrun)")
-        super().__init__(base, max_tokens_per_micro_batch=max_tokens_per_micro_batch)
+        super().__init__(
+            base, max_tokens_per_micro_batch=max_tokens_per_micro_batch, on_nonfinite=on_nonfinite
+        )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -349,10 +368,12 @@ class DistributedTrainingEngine(TrainingEngine):
             params = add_adapter(module, model_id, lora, dtype=torch.float32)
             for tensor in params.values():  # identical already (seeded); made certain
                 dist.broadcast(tensor.data, 0)
-            return _TrainingModel(model_id, lora, module, model_id, params, DistributedOptimizer(params))
+            optimizer = DistributedOptimizer(params, on_nonfinite=self.on_nonfinite)
+            return _TrainingModel(model_id, lora, module, model_id, params, optimizer)
         module = self._shard(_full_copy(self.base.model))
         params = {name: p for name, p in module.named_parameters()}
-        return _TrainingModel(model_id, None, module, None, params, DistributedOptimizer(params))
+        optimizer = DistributedOptimizer(params, on_nonfinite=self.on_nonfinite)
+        return _TrainingModel(model_id, None, module, None, params, optimizer)
 
     def _drop(self, model_id: str) -> None:
         trained = self._models.pop(model_id)
@@ -453,11 +474,16 @@ class DistributedTrainingEngine(TrainingEngine):
         )
         self._run_dummies(trained, checked, mine, backward=backward)
         outputs = self._gather_outputs(checked, indices, local.outputs if local else [])
-        loss = torch.tensor(
-            [local.metrics["loss:sum"] if local else 0.0], dtype=torch.float64, device=self._device
-        )
-        dist.all_reduce(loss)
-        return ForwardResult(outputs=outputs, metrics={"loss:sum": float(loss.item())})
+        # the loss and (cross_entropy) response tokens of every rank's share, summed in one collective
+        keys = ("loss:sum", "response_tokens:sum")
+        local_sums = [local.metrics.get(key, 0.0) if local else 0.0 for key in keys]
+        sums = torch.tensor(local_sums, dtype=torch.float64, device=self._device)
+        dist.all_reduce(sums)
+        loss_sum, response_tokens = sums.tolist()
+        metrics = {"loss:sum": loss_sum}
+        if loss_fn == "cross_entropy":
+            metrics["response_tokens:sum"] = response_tokens
+        return ForwardResult(outputs=outputs, metrics=metrics)
 
     def _gather_outputs(
         self, data: list[EngineDatum], indices: list[int], local: list[dict[str, torch.Tensor]]

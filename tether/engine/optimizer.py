@@ -13,6 +13,13 @@ update from the current moments in chunks, so it costs one extra pass over the t
 bounded amount of scratch memory. With `on_nonfinite="skip"` such a step is skipped instead and
 reported in the metrics (`skipped_nonfinite:sum` = 1). Bounds on the hyperparameters themselves
 (finite, non-negative, betas in [0, 1), `MAX_LEARNING_RATE`) are `AdamWParams.validate`'s.
+
+Gradient-accumulation normalisation (Fireworks' `grad_accumulation_normalization`): the optimizer
+also counts what the gradients were accumulated over since the last step (`accumulate`: loss
+tokens and sequences, as `tether.engine.grad_accumulation` defines them) and `step` may divide the
+accumulated gradients by either count before clipping and the update ("none" leaves them as they
+are). The counts live and die with the gradients: cleared whenever the gradients are (a step, a
+skipped step, discarded non-finite gradients), kept when a step is refused with the gradients kept.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from tether.engine.grad_accumulation import GradAccMode, check_mode
 from tether.engine.training_types import AdamWParams
 from tether.types.errors import UserInputError
 
@@ -53,19 +61,48 @@ class ModelOptimizer:
             foreach=True,  # one kernel per op over all tensors; on CPU torch would loop per tensor
         )
         self.num_steps = 0
+        self.loss_tokens = 0
+        """Loss tokens the current gradients were accumulated over (this process's share)."""
+        self.sequences = 0
+        """Sequences (datums) the current gradients were accumulated over (this process's share)."""
 
-    def step(self, params: AdamWParams) -> dict[str, float]:
-        """Clip, apply one AdamW step with `params`, clear the gradients; return the step's metrics.
+    def accumulate(self, *, loss_tokens: int, sequences: int) -> None:
+        """Count a backward's loss tokens and sequences into the current gradients' totals."""
+        self.loss_tokens += int(loss_tokens)
+        self.sequences += int(sequences)
 
-        Raises NonFiniteStepError (weights and moments unchanged) if the gradients or the update
-        are not finite, unless `on_nonfinite="skip"`, which skips the step and reports it.
+    def accumulated_counts(self) -> tuple[int, int]:
+        """(loss tokens, sequences) the current gradients hold; a distributed optimizer sums its ranks'."""
+        return self.loss_tokens, self.sequences
+
+    def divisor(self, normalization: GradAccMode) -> float:
+        """What `step(normalization=...)` divides the gradients by: 1 for "none", else the count
+        (at least 1: with nothing counted the gradients are left as they are)."""
+        if normalization == "none":
+            return 1.0
+        loss_tokens, sequences = self.accumulated_counts()
+        return float(max(1, loss_tokens if normalization == "num_loss_tokens" else sequences))
+
+    def step(self, params: AdamWParams, *, normalization: GradAccMode = "none") -> dict[str, float]:
+        """Normalise, clip, apply one AdamW step with `params`, clear the gradients; return the metrics.
+
+        `normalization` ("none", "num_loss_tokens", "num_sequences") divides the accumulated
+        gradients by `divisor(normalization)` first; `grad_norm:mean` is the norm after that
+        division, before clipping, and `grad_accumulation_divisor:mean` reports the divisor
+        (unless "none"). Raises UserInputError for an unknown mode, and NonFiniteStepError
+        (weights and moments unchanged) if the gradients or the update are not finite, unless
+        `on_nonfinite="skip"`, which skips the step and reports it.
         """
         params.validate()
+        check_mode(normalization)
+        divisor = self.divisor(normalization)
         tensors = list(self.named_params.values())
         grads = [t.grad for t in tensors if t.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if divisor != 1.0:
+            grad_norm = grad_norm / divisor
         if not bool(torch.isfinite(grad_norm)):
-            self._optimizer.zero_grad(set_to_none=True)  # no step can ever use them
+            self.zero_grad()  # no step can ever use them
             return self._nonfinite(
                 params,
                 float(grad_norm),
@@ -76,7 +113,7 @@ class ModelOptimizer:
         coef = 1.0
         if params.grad_clip_norm > 0 and grads:
             coef = min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
-        if not self._update_is_finite(params, coef):
+        if not self._update_is_finite(params, coef / divisor):
             return self._nonfinite(
                 params,
                 float(grad_norm),
@@ -85,6 +122,8 @@ class ModelOptimizer:
                 "gradients are unchanged: retry with a smaller learning rate",
                 field="adam_params.learning_rate",
             )
+        if divisor != 1.0 and grads:
+            torch._foreach_div_(grads, divisor)
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(tensors, params.grad_clip_norm, grad_norm)
         for group in self._optimizer.param_groups:
@@ -93,14 +132,23 @@ class ModelOptimizer:
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
         self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self.num_steps += 1
-        return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": float(params.learning_rate)}
+        return self._metrics(params, float(grad_norm), normalization, divisor)
+
+    @staticmethod
+    def _metrics(
+        params: AdamWParams, grad_norm: float, normalization: GradAccMode, divisor: float
+    ) -> dict[str, float]:
+        metrics = {"grad_norm:mean": grad_norm, "learning_rate:mean": float(params.learning_rate)}
+        if normalization != "none":
+            metrics["grad_accumulation_divisor:mean"] = divisor
+        return metrics
 
     def _nonfinite(self, params: AdamWParams, grad_norm: float, why: str, *, field: str) -> dict[str, float]:
         if self.on_nonfinite == "refuse":
             raise NonFiniteStepError(f"optimizer step refused: {why}", field=field)
-        self._optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return {
             "grad_norm:mean": grad_norm,
             "learning_rate:mean": float(params.learning_rate),
@@ -143,7 +191,10 @@ class ModelOptimizer:
         return True
 
     def zero_grad(self) -> None:
+        """Drop the accumulated gradients and their counts."""
         self._optimizer.zero_grad(set_to_none=True)
+        self.loss_tokens = 0
+        self.sequences = 0
 
     def export_moments(self) -> dict[str, torch.Tensor]:
         """Detached copies of every moment, by `<moment>.<tensor name>`."""

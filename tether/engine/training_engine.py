@@ -7,7 +7,10 @@ request first and only then touches state, so a failed call leaves weights, grad
 optimizer moments exactly as they were.
 
 Forward passes run in micro-batches within a token budget; each micro-batch's backward runs right
-away, so memory does not grow with the number of datums beyond the outputs themselves.
+away, so memory does not grow with the number of datums beyond the outputs themselves. Each backward
+also counts its loss tokens and sequences into the model's optimizer, for `optim_step`'s
+gradient-accumulation normalisation (`tether.engine.grad_accumulation`); cross_entropy reports its
+loss tokens as `response_tokens:sum` (mean NLL = `loss:sum / response_tokens:sum`).
 
 This module knows nothing about HTTP, wire formats or storage; callers are serialised per engine
 by a lock (the worker orders operations; the lock only keeps concurrent callers safe).
@@ -21,11 +24,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from tether.engine.grad_accumulation import GradAccMode, count_loss_tokens, count_nonzero_positions
 from tether.engine.lora import (
     AdapterRouting,
     LoraSpec,
@@ -79,6 +83,7 @@ class _Prepared:
     """One request checked and ready to run: its model, loss, resolved config and normalised datums."""
 
     trained: _TrainingModel
+    loss_fn: str
     definition: LossDefinition
     config: dict
     data: list[EngineDatum]
@@ -100,9 +105,22 @@ class _KeptGraph:
 class TrainingEngine:
     """Hosts training models on one base model and runs forward, backward and optimizer steps."""
 
-    def __init__(self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192) -> None:
+    def __init__(
+        self,
+        base: LoadedBaseModel,
+        *,
+        max_tokens_per_micro_batch: int = 8192,
+        on_nonfinite: Literal["refuse", "skip"] = "refuse",
+    ) -> None:
+        """`on_nonfinite`: what every model's optimizer does with a step that would make weights or
+        moments non-finite ("refuse": a user error, "skip": skipped and reported; `ModelOptimizer`)."""
         if max_tokens_per_micro_batch < 1:
             raise ConfigurationError("must be at least 1", field="max_tokens_per_micro_batch")
+        if on_nonfinite not in ("refuse", "skip"):
+            raise ConfigurationError(
+                f"must be 'refuse' or 'skip', got {on_nonfinite!r}", field="on_nonfinite"
+            )
+        self.on_nonfinite = on_nonfinite
         self.base = base
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self._device = next(base.model.parameters()).device
@@ -216,14 +234,27 @@ class TrainingEngine:
         trained = self._models.get(model_id)
         return None if trained is None else trained.lora is not None
 
-    def optim_step(self, model_id: str, params: AdamWParams) -> dict[str, float]:
-        """Apply AdamW to the accumulated gradients, then clear them. Metrics: grad norm before clipping, lr."""
+    def optim_step(
+        self, model_id: str, params: AdamWParams, *, normalization: GradAccMode = "none"
+    ) -> dict[str, float]:
+        """Apply AdamW to the accumulated gradients, then clear them (and their counts).
+
+        `normalization` ("none", "num_loss_tokens", "num_sequences") first divides the gradients by
+        what they were accumulated over since the last step (`ModelOptimizer.step`). Metrics: grad
+        norm (normalised, before clipping), lr, and the divisor unless "none". A refused step
+        (UserInputError, NonFiniteStepError) changes nothing it did not say it discarded.
+        """
         with self._lock:
             trained = self._get(model_id)
             if not isinstance(params, AdamWParams):
                 raise UserInputError("expected AdamWParams", field="adam_params")
             params.validate()
-            return trained.optimizer.step(params)
+            return trained.optimizer.step(params, normalization=normalization)
+
+    def accumulated_counts(self, model_id: str) -> tuple[int, int]:
+        """(loss tokens, sequences) the model's gradients were accumulated over since its last step."""
+        with self._lock:
+            return self._get(model_id).optimizer.accumulated_counts()
 
     def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
         """Detached copies of the gradients accumulated since the last step (for inspection and tests)."""
@@ -302,6 +333,10 @@ class TrainingEngine:
                 loss_sum = loss_sum + (flat_grads * logprobs.flat.detach()).sum()
                 torch.autograd.backward(logprobs.flat, flat_grads)
             kept.micro_batches.clear()
+            trained.optimizer.accumulate(  # the grads were checked on the host: no device sync
+                loss_tokens=sum(int(count_nonzero_positions(g)) for g in checked_grads),
+                sequences=len(checked_grads),
+            )
             return {"loss:sum": float(loss_sum)}  # the request's one sync
 
     def release_graph(self, handle: GraphHandle) -> None:
@@ -414,10 +449,12 @@ class TrainingEngine:
     def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
-            return _TrainingModel(model_id, lora, self.base.model, model_id, params, ModelOptimizer(params))
+            optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
+            return _TrainingModel(model_id, lora, self.base.model, model_id, params, optimizer)
         module = _full_copy(self.base.model)
         params = {name: p for name, p in module.named_parameters()}
-        return _TrainingModel(model_id, None, module, None, params, ModelOptimizer(params))
+        optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
+        return _TrainingModel(model_id, None, module, None, params, optimizer)
 
     def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
         if lora is None:
@@ -455,7 +492,7 @@ class TrainingEngine:
         definition = get_loss(request.loss_fn)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         checked = self._validate(request.data, definition.required_inputs)
-        return _Prepared(trained, definition, config, checked, request.backward)
+        return _Prepared(trained, request.loss_fn, definition, config, checked, request.backward)
 
     def _run_one(self, request: LossRequest) -> ForwardResult:
         with self._lock:
@@ -492,13 +529,25 @@ class TrainingEngine:
                         if len(backward_totals) == 1
                         else torch.stack(backward_totals).sum()
                     ).backward()
-        # one device-to-host transfer (and sync) for the whole request: outputs and loss sums together
+        # one device-to-host transfer (and sync) for the whole request: outputs, loss sums and loss
+        # token counts (from the inputs, usually already on the host) together
+        counts = [
+            count_loss_tokens([d.loss_fn_inputs for d in part.data], part.definition.required_inputs)
+            for part in parts
+        ]
         flat = [value for part_outputs in outputs for datum in part_outputs for value in datum.values()]
-        host = iter(_to_host(flat + [t if t is not None else torch.zeros(()) for t in totals]))
+        host = iter(_to_host(flat + [t if t is not None else torch.zeros(()) for t in totals] + counts))
         results = []
         for part_outputs in outputs:
             results.append([{key: next(host) for key in datum} for datum in part_outputs])
-        return [ForwardResult(outputs=o, metrics={"loss:sum": float(next(host))}) for o in results]
+        answers = [ForwardResult(outputs=o, metrics={"loss:sum": float(next(host))}) for o in results]
+        for part, answer in zip(parts, answers, strict=True):
+            loss_tokens = int(next(host))
+            if part.loss_fn == "cross_entropy":
+                answer.metrics["response_tokens:sum"] = float(loss_tokens)
+            if part.backward:
+                part.trained.optimizer.accumulate(loss_tokens=loss_tokens, sequences=len(part.data))
+        return answers
 
     def _routing(
         self, parts: list[_Prepared], groups: list[tuple[int, list[int]]], rows: list[EngineDatum]

@@ -282,7 +282,13 @@ async def optim_step(
     request_id = submit_op(
         state,
         trainer,
-        ops.OptimStep(model_id=model.model_id, adam_params=body.adam_params),
+        ops.OptimStep(
+            model_id=model.model_id,
+            adam_params=body.adam_params,
+            grad_accumulation_normalization=(
+                body.grad_accumulation_normalization or wire.GradAccNormalization.NONE
+            ).value,
+        ),
         owner=owner,
         kind="optim",
         stream=model.model_id,

@@ -77,6 +77,12 @@ class EngineSettings(BaseModel):
         description='Multi-rank trainers: "bfloat16" computes in bf16 with fp32 weights, gradient '
         'reduction and optimizer state (FSDP2 MixedPrecisionPolicy); "none" computes in the weights\' dtype.',
     )
+    on_nonfinite: Literal["refuse", "skip"] = Field(
+        "refuse",
+        description="An optimizer step whose gradients or update would make weights or optimizer moments NaN or "
+        'infinite: "refuse" fails the optim_step with a user error (weights and moments unchanged); "skip" '
+        "skips it, answers its metrics with skipped_nonfinite:sum = 1 and lets training go on.",
+    )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )

@@ -99,6 +99,7 @@ class DistributedExecutor(OpExecutor):
                     base,
                     max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
                     mixed_precision=self.settings.mixed_precision,
+                    on_nonfinite=self.settings.on_nonfinite,
                 )
             return self._training  # type: ignore[return-value]
 

@@ -126,7 +126,9 @@ class OpExecutor:
         with self._lock:
             if self._training is None:
                 self._training = TrainingEngine(
-                    base, max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch
+                    base,
+                    max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
+                    on_nonfinite=self.settings.on_nonfinite,
                 )
             return self._training
 
@@ -260,7 +262,11 @@ class OpExecutor:
         )
 
     def optim_step(self, op: ops.OptimStep) -> ops.MetricsOutput:
-        metrics = self.training.optim_step(op.model_id, AdamWParams.from_adam_params(op.adam_params))
+        metrics = self.training.optim_step(
+            op.model_id,
+            AdamWParams.from_adam_params(op.adam_params),
+            normalization=op.grad_accumulation_normalization,
+        )
         return ops.MetricsOutput(metrics={k: float(v) for k, v in metrics.items()})
 
     def forward_keep_graph(self, op: ops.ForwardKeepGraph) -> ops.ForwardOutput:

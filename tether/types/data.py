@@ -39,6 +39,7 @@ from tether.types.wire_session import GetServerCapabilitiesResponse, SupportedMo
 from tether.types.wire_training import (
     AdamParams,
     GetInfoResponse,
+    GradAccNormalization,
     LoadWeightsResponse,
     LoraConfig,
     ModelData,
@@ -62,6 +63,7 @@ __all__ = [
     "SampledProvenanceSpan",
     # parameters
     "AdamParams",
+    "GradAccNormalization",
     "SamplingParams",
     "LoraConfig",
     # results

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 
 from tether.types import errors
 from tether.types.errors import ServerError, TetherError, UserInputError
-from tether.types.wire import AdamParams, LoraConfig, SamplingParams
+from tether.types.wire import AdamParams, GradAccMode, LoraConfig, SamplingParams
 
 _ARRAY_KINDS = "biuf"
 
@@ -97,6 +97,8 @@ class OptimStep(_Message):
     type: Literal["optim_step"] = "optim_step"
     model_id: str
     adam_params: AdamParams
+    grad_accumulation_normalization: GradAccMode = "none"
+    """Divide the accumulated gradients by the loss tokens or sequences first (`GradAccNormalization`)."""
 
 
 class ForwardKeepGraph(_Message):

@@ -3,10 +3,12 @@ one-pass custom-loss extension (docs/ARCHITECTURE.md). Re-exported by `tether.ty
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
+from tether.types.errors import UserInputError
 from tether.types.wire_base import (
     Int64,
     NonNegativeInt,
@@ -111,10 +113,51 @@ class AdamParams(ParamsModel):
         return self
 
 
+GradAccMode = Literal["none", "num_loss_tokens", "num_sequences"]
+"""How `optim_step` normalises the gradients accumulated since the last step (the op's field)."""
+
+
+class GradAccNormalization(StrEnum):
+    """`optim_step`'s `grad_accumulation_normalization` (Fireworks' enum of the same name and values).
+
+    Each `forward_backward` adds the gradients of its raw token-sum loss; at `optim_step` the sum
+    over all of them since the last step is divided, before clipping and the update, by:
+    - NUM_LOSS_TOKENS: the loss tokens accumulated, i.e. the target positions with a non-zero loss
+      weight (`weights` where the loss takes them, e.g. cross_entropy; else `advantages`; every
+      position for a loss with neither; for the one-pass custom loss, a non-zero d loss / d logprob).
+      A position with K targets counts once. The per-token mean of a raw-sum loss.
+    - NUM_SEQUENCES: the datums of those calls. The per-sequence mean.
+    - NONE (or absent): nothing, for losses that are already means (the Tinker SDK's behaviour).
+    A count of 0 divides by 1.
+    """
+
+    NONE = "none"
+    NUM_LOSS_TOKENS = "num_loss_tokens"
+    NUM_SEQUENCES = "num_sequences"
+
+    @classmethod
+    def coerce(cls, value: Any) -> GradAccNormalization:
+        """This enum from itself, another enum with the same values (Fireworks'), a name or a value
+        (any case), or None (NONE). Raises UserInputError naming `grad_accumulation_normalization`."""
+        if value is None:
+            return cls.NONE
+        raw = getattr(value, "value", value)
+        if isinstance(raw, str):
+            try:
+                return cls(raw.lower())
+            except ValueError:
+                pass
+        raise UserInputError(
+            f"unknown normalization {raw!r}; expected one of {[m.value for m in cls]} or null",
+            field="grad_accumulation_normalization",
+        )
+
+
 class OptimStepRequest(WireModel):
     """On the wire the SDK names the params `adam_params` (AdamW) or `optimizer_params` (others).
 
-    With neither present, AdamW defaults apply.
+    With neither present, AdamW defaults apply. `grad_accumulation_normalization` is a Fireworks
+    extension (their SDK sends it in `extra_body`; the Tinker SDK never does): absent = NONE.
     """
 
     model_id: str
@@ -123,7 +166,14 @@ class OptimStepRequest(WireModel):
         default=None, validation_alias=AliasChoices("adam_params", "optim_params")
     )
     optimizer_params: dict[str, Any] | None = None
+    grad_accumulation_normalization: GradAccNormalization | None = None
     type: Literal["optim_step"] = "optim_step"
+
+    @field_validator("grad_accumulation_normalization", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        """Names and values in any case ("NUM_LOSS_TOKENS", "num_loss_tokens"); others fail as usual."""
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _default_adam(self) -> OptimStepRequest:
