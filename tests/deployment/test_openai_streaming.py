@@ -183,3 +183,13 @@ def test_first_chunk_arrives_while_generation_is_still_running(deployment, live_
         backend.hold_at = None
         backend.release.set()
     assert len(texts) > 1 and "".join(texts) == whole.text
+
+
+def test_a_long_answer_streams_exactly_while_decoding_only_its_tail(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    answer = "Grüße aus Zürich — 東京 too! " * 12
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    stream = ChoiceStream(_Text(tokenizer, []), ["STOP"])
+    released = "".join(stream.add(StreamToken(t, 0.0, None))[0] for t in ids)
+    released += stream.finish(tokenizer.decode(ids), len(ids))[0]
+    assert released == answer and stream.anchor > len(ids) // 2

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.deployment")
 
 _HELD = "\ufffd"
+_ANCHOR_EVERY = 32
+_ANCHOR_TAIL = 4
 
 
 def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
@@ -67,6 +69,20 @@ class ChoiceStream:
     emitted: str = ""
     reported: int = 0
     """Tokens whose logprobs went out with a chunk."""
+    anchor: int = 0
+    anchor_text: str = ""
+    """decode(ids[:anchor]), and decode(ids) == anchor_text + decode(ids[anchor:]) (checked when
+    the anchor moves), so each token decodes only the tail, not the whole answer again."""
+
+    def _decode(self, ids: list[int]) -> str:
+        decode = self.text.tokenizer.decode
+        decoded = self.anchor_text + decode(ids[self.anchor :])
+        split = len(ids) - _ANCHOR_TAIL
+        if split - self.anchor >= _ANCHOR_EVERY:
+            head = self.anchor_text + decode(ids[self.anchor : split])
+            if head + decode(ids[split:]) == decoded:  # a clean split (not inside a character)
+                self.anchor, self.anchor_text = split, head
+        return decoded
 
     def add(self, token: StreamToken) -> tuple[str, list[StreamToken]]:
         """Record a token; returns the text now final (maybe "") and the tokens it covers."""
@@ -74,8 +90,9 @@ class ChoiceStream:
         ids = [t.token for t in self.tokens]
         if ids[-1] in self.text.eos:  # dropped if it ends the answer
             ids = ids[:-1]
-        decoded = self.text.tokenizer.decode(ids)
-        cuts = [c for c in (decoded.find(s) for s in self.stops or []) if c >= 0]
+        decoded = self._decode(ids)
+        start = max(0, len(self.emitted) - max((len(s) for s in self.stops or []), default=0))
+        cuts = [c for c in (decoded.find(s, start) for s in self.stops or []) if c >= 0]
         safe = min(cuts) if cuts else len(decoded) - _stop_prefix_at_end(decoded, self.stops or [])
         while safe > len(self.emitted) and decoded[safe - 1] == _HELD:
             safe -= 1
