@@ -157,8 +157,12 @@ async def submit_streaming(
     for number, request in enumerate(requests):
         future, identity = await asyncio.to_thread(served.submit, request, callback(number))
         futures.append(future)
+
+    def done(request: int) -> Callable[[Future[SampleResult]], None]:
+        return lambda future: put(DoneEvent(request, future))
+
     for number, future in enumerate(futures):
-        future.add_done_callback(lambda f, n=number: put(DoneEvent(n, f)))
+        future.add_done_callback(done(number))
 
     async def events() -> AsyncIterator[Event]:
         remaining = len(futures)
