@@ -14,7 +14,8 @@ import torch
 
 from tether.engine.lora import LoraSpec
 from tether.engine.model_loading import LoadedBaseModel
-from tether.engine.sampling import SampleRequest, SampleResult, SamplingEngine, TokenCallback
+from tether.engine.sampling import SampleRequest, SampleResult, SamplingEngine
+from tether.engine.sampling.engine import TokenCallback
 from tether.storage.formats import LoraLayout
 
 
@@ -31,7 +32,7 @@ class ServingBackend(Protocol):
         self, request: SampleRequest, version: str | None, on_token: TokenCallback | None = None
     ) -> Future[SampleResult]:
         """Sample from `version` (UserInputError for a bad request); `on_token` sees each token as
-        it is generated (`tether.engine.sampling.TokenCallback`)."""
+        it is generated (`tether.engine.sampling.engine.TokenCallback`)."""
 
     def close(self) -> None: ...
 

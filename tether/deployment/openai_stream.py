@@ -1,6 +1,6 @@
 """Token streaming for the OpenAI-compatible routes: server-sent events as tokens are generated.
 
-A streamed request is submitted with an `on_token` callback (`tether.engine.sampling.TokenCallback`)
+A streamed request is submitted with an `on_token` callback (`tether.engine.sampling.engine.TokenCallback`)
 that moves each token from the engine's thread onto the event loop; every token that makes new
 text final becomes one `data:` chunk, and the request's end sends the rest and each choice's
 `finish_reason`.

@@ -37,7 +37,8 @@ from typing import Any, Literal
 import torch
 
 from tether.deployment.backend import ServingBackend
-from tether.engine.sampling import SampleRequest, SampleResult, TokenCallback
+from tether.engine.sampling import SampleRequest, SampleResult
+from tether.engine.sampling.engine import TokenCallback
 from tether.storage.delta import DeltaBaseMismatchError, fingerprint
 from tether.storage.formats import LoraLayout
 from tether.storage.sampler_chain import ChainLink, read_sampler_checkpoint_dir
@@ -132,7 +133,7 @@ class ServedWeights:
         """Queue a request on the current weights (waiting while a SYNC switch is pending).
 
         Returns the future and the identity of the weights that will serve it. `on_token` sees each
-        token as it is generated (on the engine's thread; see `tether.engine.sampling.TokenCallback`).
+        token as it is generated (on the engine's thread; see `tether.engine.sampling.engine.TokenCallback`).
         """
         with self._cond:
             while self._paused:
