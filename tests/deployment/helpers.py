@@ -68,8 +68,8 @@ class GatedBackend:
     def unload(self, version: str) -> None:
         self.inner.unload(version)
 
-    def submit(self, request, version) -> Future:
-        inner = self.inner.submit(request, version)
+    def submit(self, request, version, on_token=None) -> Future:
+        inner = self.inner.submit(request, version, on_token)
         outer: Future = Future()
 
         def relay() -> None:

@@ -224,8 +224,13 @@ class DeploymentManager:
         timeout_seconds: float = 400,
         poll_interval: float = 0.2,
     ) -> bool:
-        """True once the deployment serves `expected_identity`; raises ServerError if that load failed."""
+        """True once the deployment serves `expected_identity`; raises ServerError if that load failed.
+
+        Polls every 20 ms at first, backing off to `poll_interval` (s), so a fast hot-load is seen
+        almost as soon as it is done.
+        """
         deadline = time.monotonic() + timeout_seconds
+        interval = min(0.02, poll_interval)
         while time.monotonic() < deadline:
             replicas = self.hotload_check_status(deployment_id, base_model).get("replicas") or []
             if replicas:
@@ -240,7 +245,8 @@ class DeploymentManager:
                 ):
                     self.last_hotload_error_message = loading.get("error")
                     raise ServerError(f"hot-load of {expected_identity} failed: {loading.get('error')}")
-            time.sleep(poll_interval)
+            time.sleep(interval)
+            interval = min(interval * 2, poll_interval)
         return False
 
     def hotload_and_wait(

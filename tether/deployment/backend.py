@@ -15,6 +15,7 @@ import torch
 from tether.engine.lora import LoraSpec
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.sampling import SampleRequest, SampleResult, SamplingEngine
+from tether.engine.sampling.engine import TokenCallback
 from tether.storage.formats import LoraLayout
 
 
@@ -27,8 +28,11 @@ class ServingBackend(Protocol):
     def unload(self, version: str) -> None:
         """Stop new requests on `version`; it is freed when its running requests finish."""
 
-    def submit(self, request: SampleRequest, version: str | None) -> Future[SampleResult]:
-        """Sample from `version` (UserInputError for a bad request)."""
+    def submit(
+        self, request: SampleRequest, version: str | None, on_token: TokenCallback | None = None
+    ) -> Future[SampleResult]:
+        """Sample from `version` (UserInputError for a bad request); `on_token` sees each token as
+        it is generated (`tether.engine.sampling.engine.TokenCallback`)."""
 
     def close(self) -> None: ...
 
@@ -49,9 +53,11 @@ class EngineBackend:
     def unload(self, version: str) -> None:
         self.engine.unregister(version)
 
-    def submit(self, request: SampleRequest, version: str | None) -> Future[SampleResult]:
+    def submit(
+        self, request: SampleRequest, version: str | None, on_token: TokenCallback | None = None
+    ) -> Future[SampleResult]:
         request.weights_id = version
-        return self.engine.submit(request)
+        return self.engine.submit(request, on_token=on_token)
 
     def close(self) -> None:
         self.engine.close()

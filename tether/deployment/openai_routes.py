@@ -3,10 +3,12 @@
 Prompts may be text or token ids; chat messages go through the tokenizer's chat template with a
 generation prompt. `logprobs` follow OpenAI's shapes (completions: `tokens`, `token_logprobs`,
 `top_logprobs`, `text_offset`; chat: `content[]` with `top_logprobs`), computed untempered like
-every tether logprob. `stream: true` answers server-sent events, one chunk per token, ending with
-`data: [DONE]`; the engine finishes a request before its chunks are sent (tokens are not pushed
-as they are generated). Each choice also carries `raw_output.completion_token_ids` (as Fireworks
-does) and the answer names the `weights_identity` that served it.
+every tether logprob. `stream: true` answers server-sent events as the tokens are generated (one
+chunk per token that makes text final, see `tether.deployment.openai_stream`), each choice's
+`finish_reason`, and `data: [DONE]`; the chunks' text concatenates to the non-streamed text.
+(A streamed completion with both `echo` and `logprobs` needs the prompt's logprobs first, so it is
+sent once the request has finished.) Each choice also carries `raw_output.completion_token_ids`
+(as Fireworks does) and the answer names the `weights_identity` that served it.
 
 A model name the deployment does not serve is a 404; out-of-range sampling parameters are 400s.
 """
@@ -16,13 +18,22 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tether.deployment.openai_stream import (
+    SSE_DONE,
+    ChoiceStream,
+    StreamToken,
+    TokenEvent,
+    error_chunk,
+    sse,
+    submit_streaming,
+)
 from tether.deployment.served import ServedWeights
 from tether.engine.sampling import SampledSequence, SampleRequest
 from tether.types.errors import NotFoundError, UserInputError
@@ -114,6 +125,12 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def _event_stream(body: AsyncIterator[str], identity: str) -> StreamingResponse:
+    from tether.deployment.app import IDENTITY_HEADER
+
+    return StreamingResponse(body, media_type="text/event-stream", headers={IDENTITY_HEADER: identity})
+
+
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
     from tether.deployment.app import IDENTITY_HEADER, run_request
 
@@ -157,6 +174,123 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     def top_dict(pairs: list[tuple[int, float]] | None) -> dict[str, float] | None:
         return None if pairs is None else {text.piece(t): lp for t, lp in pairs}
 
+    def chat_entry(token: int, logprob: float, pairs: list[tuple[int, float]] | None) -> dict[str, Any]:
+        return {
+            "token": text.piece(token),
+            "logprob": logprob,
+            "bytes": list(text.piece(token).encode()),
+            "top_logprobs": [
+                {"token": text.piece(a), "logprob": b, "bytes": list(text.piece(a).encode())}
+                for a, b in (pairs or [])
+            ],
+        }
+
+    async def stream_completions(
+        body: CompletionBody, prepared: list[tuple[Any, list[int], SampleRequest]], stops: Any, top: int
+    ) -> StreamingResponse:
+        identity, events = await submit_streaming(served, [request for _, _, request in prepared])
+        head = {
+            "id": f"cmpl-{secrets.token_hex(8)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+        }
+        n = body.n
+        streams = [ChoiceStream(text, stops) for _ in range(len(prepared) * n)]
+        offsets = [0] * len(streams)
+
+        def chunk(index: int, piece: str, covered: list[StreamToken], finish: str | None = None) -> str:
+            logprobs = None
+            if body.logprobs is not None and covered:
+                pieces = [text.piece(t.token) for t in covered]
+                starts = [offsets[index] + sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+                offsets[index] += sum(len(p) for p in pieces)
+                logprobs = {
+                    "tokens": pieces,
+                    "token_logprobs": [t.logprob for t in covered],
+                    "top_logprobs": [top_dict(t.topk) for t in covered] if top else None,
+                    "text_offset": starts,
+                }
+            choice = {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": finish}
+            return sse(head | {"choices": [choice]})
+
+        async def lines() -> AsyncIterator[str]:
+            usage = {"prompt_tokens": sum(len(tokens) for _, tokens, _ in prepared), "completion_tokens": 0}
+            if body.echo:
+                for number, (prompt, _, _) in enumerate(prepared):
+                    if isinstance(prompt, str):
+                        for i in range(n):
+                            yield chunk(number * n + i, prompt, [])
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    index = event.request * n + event.sample
+                    piece, covered = streams[index].add(event.token)
+                    if piece:
+                        yield chunk(index, piece, covered)
+                    continue
+                try:
+                    result = event.future.result()
+                except Exception as exc:  # failed after streaming began: say so, end the stream
+                    yield sse(error_chunk(exc))
+                    break
+                for i, seq in enumerate(result.sequences):
+                    index = event.request * n + i
+                    kept, completion = text.completion(seq, stops)
+                    usage["completion_tokens"] += len(seq.tokens)
+                    piece, covered = streams[index].finish(completion, len(kept))
+                    if piece or covered:
+                        yield chunk(index, piece, covered)
+                    yield chunk(index, "", [], seq.stop_reason)
+            else:
+                total = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield sse(head | {"choices": [], "usage": {**usage, "total_tokens": total}})
+            yield SSE_DONE
+
+        return _event_stream(lines(), identity)
+
+    async def stream_chat(body: ChatBody, request: SampleRequest, stops: Any, top: int) -> StreamingResponse:
+        identity, events = await submit_streaming(served, [request])
+        head = {
+            "id": f"chatcmpl-{secrets.token_hex(8)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.model,
+        }
+        streams = [ChoiceStream(text, stops) for _ in range(body.n)]
+
+        def chunk(index: int, delta: dict[str, Any], covered: list[StreamToken], finish: str | None) -> str:
+            logprobs = None
+            if body.logprobs and covered:
+                logprobs = {
+                    "content": [chat_entry(t.token, t.logprob, t.topk if top else None) for t in covered]
+                }
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse(head | {"choices": [choice]})
+
+        async def lines() -> AsyncIterator[str]:
+            for index in range(body.n):
+                yield chunk(index, {"role": "assistant", "content": ""}, [], None)
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    piece, covered = streams[event.sample].add(event.token)
+                    if piece:
+                        yield chunk(event.sample, {"content": piece}, covered, None)
+                    continue
+                try:
+                    result = event.future.result()
+                except Exception as exc:  # failed after streaming began: say so, end the stream
+                    yield sse(error_chunk(exc))
+                    break
+                for index, seq in enumerate(result.sequences):
+                    kept, content = text.completion(seq, stops)
+                    piece, covered = streams[index].finish(content, len(kept))
+                    if piece or covered:
+                        yield chunk(index, {"content": piece}, covered, None)
+                    yield chunk(index, {}, [], seq.stop_reason)
+            yield SSE_DONE
+
+        return _event_stream(lines(), identity)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {
@@ -176,8 +310,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             else list(body.prompt)
         )
         stops = _stops(body.stop)
-        choices: list[dict[str, Any]] = []
-        usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
+        prepared: list[tuple[Any, list[int], SampleRequest]] = []
         for prompt in prompts:
             tokens = (
                 tokenizer.encode(prompt, add_special_tokens=False)
@@ -196,6 +329,12 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 top=top,
                 echo=body.echo,
             )
+            prepared.append((prompt, tokens, request))
+        if body.stream and not (body.echo and body.logprobs is not None):
+            return await stream_completions(body, prepared, stops, top)
+        choices: list[dict[str, Any]] = []
+        usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
+        for prompt, tokens, request in prepared:
             result, identity = await run_request(served, request)
             usage["prompt_tokens"] += len(tokens)
             for seq in result.sequences:
@@ -269,6 +408,8 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             top=top,
             echo=False,
         )
+        if body.stream:
+            return await stream_chat(body, request, stops, top)
         result, identity = await run_request(served, request)
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
@@ -314,9 +455,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 "total_tokens": len(tokens) + completion_tokens,
             },
         }
-        if not body.stream:
-            return answer
-        return _sse(_chat_chunks(answer, text))
+        return answer
 
 
 def _completion_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str, Any]]:
@@ -349,37 +488,3 @@ def _completion_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str
             ]
         }
     yield head | {"choices": [], "usage": answer["usage"]}
-
-
-def _chat_chunks(answer: dict[str, Any], text: _Text) -> Iterator[dict[str, Any]]:
-    head = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-    for choice in answer["choices"]:
-        index = choice["index"]
-        yield head | {
-            "choices": [
-                {
-                    "index": index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        }
-        entries = choice["logprobs"]["content"] if choice["logprobs"] else None
-        pieces = [e["token"] for e in entries] if entries else [choice["message"]["content"]]
-        for i, piece in enumerate(pieces):
-            yield head | {
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": {"content": piece},
-                        "logprobs": {"content": [entries[i]]} if entries else None,
-                        "finish_reason": None,
-                    }
-                ]
-            }
-        yield head | {
-            "choices": [
-                {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
-            ]
-        }

@@ -38,6 +38,7 @@ import torch
 
 from tether.deployment.backend import ServingBackend
 from tether.engine.sampling import SampleRequest, SampleResult
+from tether.engine.sampling.engine import TokenCallback
 from tether.storage.delta import DeltaBaseMismatchError, fingerprint
 from tether.storage.formats import LoraLayout
 from tether.storage.sampler_chain import ChainLink, read_sampler_checkpoint_dir
@@ -126,16 +127,19 @@ class ServedWeights:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def submit(self, request: SampleRequest) -> tuple[Future[SampleResult], str]:
+    def submit(
+        self, request: SampleRequest, on_token: TokenCallback | None = None
+    ) -> tuple[Future[SampleResult], str]:
         """Queue a request on the current weights (waiting while a SYNC switch is pending).
 
-        Returns the future and the identity of the weights that will serve it.
+        Returns the future and the identity of the weights that will serve it. `on_token` sees each
+        token as it is generated (on the engine's thread; see `tether.engine.sampling.engine.TokenCallback`).
         """
         with self._cond:
             while self._paused:
                 self._cond.wait()
             current = self._current
-            future = self.backend.submit(request, current.version)
+            future = self.backend.submit(request, current.version, on_token)
             self._inflight += 1
         future.add_done_callback(self._finished)
         return future, current.identity

@@ -48,7 +48,10 @@ __all__ = [
 
 WEIGHTS_DELTA_KIND = "weights_delta"
 DELTA_FILE = "delta.safetensors"
-DELTA_ENCODING = "sub_sorted_byteplanes_zstd/1"
+DELTA_ENCODING = "sub_sorted_byteplanes_zstd/2"
+"""Written now. /2 adds `same_as` (a tensor whose bit difference equals an earlier one's, e.g. tied
+embeddings saved under two names, is stored once); /1 (no `same_as`) still reads."""
+_READABLE_ENCODINGS = ("sub_sorted_byteplanes_zstd/1", DELTA_ENCODING)
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ZSTD_LEVEL = 3
 
@@ -191,12 +194,29 @@ def _unzigzag(a: np.ndarray, u: np.ndarray, width: int) -> np.ndarray:
     return a + d
 
 
+def _repeated(xor: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: earlier name} for bit differences equal (dtype, shape, bits) to an earlier one's."""
+    first: dict[tuple[Any, ...], list[str]] = {}
+    same_as: dict[str, str] = {}
+    for name in sorted(xor):
+        tensor = xor[name]
+        flat = tensor.reshape(-1)
+        key = (tensor.dtype, tuple(tensor.shape), tuple(flat[:8].tolist()), tuple(flat[-8:].tolist()))
+        candidates = first.setdefault(key, [])
+        source = next((c for c in candidates if torch.equal(xor[c], tensor)), None)
+        if source is None:
+            candidates.append(name)
+        else:
+            same_as[name] = source
+    return same_as
+
+
 def write_delta(
     directory: Path, delta: WeightsDelta, base: dict[str, torch.Tensor], *, check_base: bool = True
 ) -> dict[str, Any]:
     """Write the delta's file into `directory`; returns the manifest `layout` to record.
 
-    Encoding `sub_sorted_byteplanes_zstd/1`, per dtype of the tensors kept in shape: the target's
+    Encoding `sub_sorted_byteplanes_zstd/2`, per dtype of the tensors kept in shape: the target's
     raw bits minus the base's (modulo 2^bits, zigzag-mapped so small moves either way are small
     numbers) — exactly the XOR's information, but an optimizer step becomes a small integer
     instead of a pattern of flipped bits. Float elements are ordered by the base's sign and
@@ -204,16 +224,20 @@ def write_delta(
     recomputed from the base when reading, never stored). The result is split into byte planes
     (all lowest bytes, then the next, ...) and each plane is zstd-compressed on its own: high
     planes are nearly all zero and vanish. Whole tensors go into one zstd-compressed safetensors
-    blob. `base` must be the delta's base (checked by fingerprint unless `check_base` is False).
+    blob. A tensor whose bit difference equals an earlier one's (tied weights saved under two
+    names) is not stored again: `same_as` names its source. `base` must be the delta's base
+    (checked by fingerprint unless `check_base` is False).
     """
     if check_base and fingerprint(base) != delta.base_fingerprint:
         raise DeltaBaseMismatchError("these weights are not the base this delta was computed from")
     compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     blobs: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
+    same_as = _repeated(delta.xor)
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name in sorted(delta.xor):
-        by_dtype.setdefault(_cpu(base[name]).dtype, []).append(name)
+        if name not in same_as:
+            by_dtype.setdefault(_cpu(base[name]).dtype, []).append(name)
     uncompressed = 0
     for index, (dtype, names) in enumerate(sorted(by_dtype.items(), key=lambda item: str(item[0]))):
         width = base[names[0]].element_size()
@@ -242,6 +266,7 @@ def write_delta(
     return {
         "encoding": DELTA_ENCODING,
         "groups": groups,
+        "same_as": same_as,
         "whole_bytes": len(whole),
         "removed": delta.removed,
         "base_fingerprint": delta.base_fingerprint,
@@ -258,7 +283,7 @@ def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.
     """
     verify_files(directory, manifest, [DELTA_FILE])
     layout = manifest.get("layout", {})
-    if layout.get("encoding") != DELTA_ENCODING:
+    if layout.get("encoding") not in _READABLE_ENCODINGS:
         raise CorruptCheckpointError(f"delta at {directory} has unknown encoding {layout.get('encoding')!r}")
     if fingerprint(base) != layout.get("base_fingerprint"):
         raise DeltaBaseMismatchError("these weights are not the base this delta was computed from")
@@ -292,6 +317,10 @@ def read_delta(directory: Path, manifest: dict[str, Any], base: dict[str, torch.
                     .reshape(shape)
                 )
                 offset += count
+        for name, source in layout.get("same_as", {}).items():
+            if tuple(base[name].shape) != tuple(xor[source].shape):
+                raise ValueError(f"{name!r} is recorded as the same as {source!r}, whose shape differs")
+            xor[name] = xor[source]
         whole = {}
         if "whole" in blobs:
             whole = load_safetensors(

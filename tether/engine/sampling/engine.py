@@ -14,8 +14,9 @@ decode in the same batch; full fine-tuned weights batch with each other on their
 failing forward pass fails only the requests it carried (a failed batched prefill is retried prompt
 by prompt).
 
-Logprobs are untempered (see `SampledSequence`). This module knows nothing about HTTP or the
-Tinker wire format.
+Logprobs are untempered (see `SampledSequence`). A caller that streams passes `on_token` to
+`submit`: it is called on the engine's thread with each token as soon as it is sampled. This module
+knows nothing about HTTP or the Tinker wire format.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ from tether.types.sample_request import (
 
 logger = logging.getLogger(__name__)
 
+TokenCallback = Callable[[int, int, float, "list[tuple[int, float]] | None"], None]
+"""`on_token(sample_index, token, logprob, topk)`: one generated token, in order per sample; `topk` is
+the (token, logprob) pairs when the request asked for `topk_sample_logprobs`, else None."""
+
 
 class BaseModelLike(Protocol):
     """What the engine needs of `tether.engine.model_loading.LoadedBaseModel` (read-only)."""
@@ -86,6 +91,7 @@ class _RequestState:
     future: Future[SampleResult]
     weights: RegisteredWeights
     stop: StopCondition
+    on_token: TokenCallback | None = None
     sequences: list[SampledSequence | None] = field(init=False)
     """Finished samples by index."""
     unfinished: int = field(init=False)
@@ -197,17 +203,21 @@ class SamplingEngine:
         """Stop accepting requests for `weights_id`; its running requests still finish."""
         self._weights.unregister(weights_id)
 
-    def submit(self, request: SampleRequest) -> Future[SampleResult]:
+    def submit(
+        self, request: SampleRequest, *, on_token: TokenCallback | None = None
+    ) -> Future[SampleResult]:
         """Queue `request`. Raises `UserInputError` (bad request), `NotFoundError` (unknown weights_id)
         or `OverloadedError` (queue full) at once; other failures arrive as the future's exception.
 
-        The future completes on the engine's thread, so its done-callbacks should be quick."""
+        `on_token` (optional) sees every generated token as it is sampled, before the future
+        completes (see `TokenCallback`). The future and `on_token` run on the engine's thread, so
+        they should be quick; an exception from `on_token` is logged and stops its calls only."""
         validated = validate_request(request, self._limits)
         cost = WorkCost(validated.reserved_tokens, validated.num_samples, len(validated.prompt_tokens))
         self._scheduler.check_fits(cost)
         stop = StopCondition(validated.stop, self._text_decoder() if validated.stop.strings else None)
         weights = self._weights.acquire(validated.weights_id)
-        state = _RequestState(validated, Future(), weights, stop)
+        state = _RequestState(validated, Future(), weights, stop, on_token)
         try:
             with self._cond:
                 if self._closed:
@@ -449,6 +459,8 @@ class SamplingEngine:
             ):
                 pairs = zip(top_ids[row, :wanted].tolist(), top_values[row, :wanted].tolist(), strict=True)
                 sequence.topk_logprobs.append(list(pairs))
+            if sequence.owner.on_token is not None:
+                self._notify(sequence)
             if sequence.owner.stop.is_met(sequence.tokens):
                 self._finish(sequence, "stop")
             elif len(sequence.tokens) >= sequence.owner.request.max_tokens:
@@ -456,6 +468,18 @@ class SamplingEngine:
             else:
                 live.append(sequence)
         return live
+
+    @staticmethod
+    def _notify(sequence: _Sequence) -> None:
+        """Hand the token just sampled to the request's `on_token`; a failing callback is dropped."""
+        state = sequence.owner
+        assert state.on_token is not None
+        topk = sequence.topk_logprobs[-1] if state.request.topk_sample_logprobs else None
+        try:
+            state.on_token(sequence.index, sequence.tokens[-1], sequence.logprobs[-1], topk)
+        except Exception:
+            logger.exception("on_token callback failed; no more tokens are streamed to it")
+            state.on_token = None
 
     # --- completion -------------------------------------------------------------------------------
     # Invariant: a request holds `unfinished` batch rows and reservations, and its weights while

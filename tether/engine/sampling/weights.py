@@ -3,7 +3,8 @@
 A LoRA adapter is installed on the shared base model's LoRA wrappers under a private adapter id
 (`sampling/<n>`), so it can never collide with a trainer's adapter on the same base module, and the
 same `weights_id` can be registered again (a newer snapshot) while requests on the old one finish.
-Full fine-tuned weights get their own model built from the base config. `unregister` only hides
+Full fine-tuned weights get their own model built from the base config (on the meta device, so
+nothing is allocated or randomly initialised before their tensors are put in). `unregister` only hides
 the name; the adapter or model is dropped once the last request using it has finished.
 
 This module knows nothing about batching or sampling.
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tether.engine.lora import LoraSpec, LoraWeights, MultiLoraLinear, lora_layers, remove_adapter
-from tether.types.errors import ConflictError, NotFoundError, UserInputError
+from tether.types.errors import ConflictError, NotFoundError, ServerError, UserInputError
 
 _LORA_SUFFIXES = (".lora_A", ".lora_B")
 _ADAPTER_NUMBERS = itertools.count()
@@ -169,7 +170,8 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
     """A new model of the base's class and config with `state_dict` loaded; names may carry LoRA's `.base.`."""
     dtype = next(base_model.parameters()).dtype
     device = next(base_model.parameters()).device
-    model = AutoModelForCausalLM.from_config(base_model.config, dtype=dtype)
+    with torch.device("meta"):  # no memory, no random init: every weight comes from `state_dict`
+        model = AutoModelForCausalLM.from_config(base_model.config, dtype=dtype)
     expected = model.state_dict()
     cleaned: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -181,7 +183,7 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
                 f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[plain].shape)}",
                 field="state_dict",
             )
-        cleaned[plain] = tensor.detach().to(dtype)
+        cleaned[plain] = tensor.detach().to(device=device, dtype=dtype, copy=True)  # the model's own
     tied = {"lm_head.weight"} if getattr(base_model.config, "tie_word_embeddings", False) else set()
     missing = set(expected) - set(cleaned) - tied
     if missing:
@@ -201,11 +203,27 @@ def _full_model(base_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> n
     )
     if untie:  # a merged LoRA on lm_head: the output projection is no longer the input embedding
         assert head is not None  # `untie` requires it
-        model.get_output_embeddings().weight = nn.Parameter(head.clone(), requires_grad=False)
-    model.load_state_dict(cleaned, strict=False)
+        model.get_output_embeddings().weight = nn.Parameter(head, requires_grad=False)
+    model.load_state_dict(cleaned, strict=False, assign=True)
     if tied and not untie:
         model.tie_weights()
-    model.to(device)
+    base_buffers = dict(base_model.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:  # not saved in a state dict (e.g. rotary frequencies): the base's own
+            if name not in base_buffers:
+                raise ServerError(f"buffer {name!r} of the sampling model has no value in the base model")
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            persistent = leaf not in module._non_persistent_buffers_set
+            module.register_buffer(leaf, base_buffers[name].clone(), persistent=persistent)
+    base_modules = dict(base_model.named_modules())
+    for name, module in model.named_modules():  # plain tensor attributes (rotary's original_inv_freq)
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(module, attr, getattr(base_modules[name], attr).clone())
+    leftover = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise UserInputError(f"missing parameters: {leftover[:5]}", field="state_dict")
     model.eval()
     model.requires_grad_(False)
     return model
