@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
@@ -36,12 +36,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, remove_adapter
+from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, lora_layers, remove_adapter
 from tether.engine.losses import get_loss, resolve_loss_config
 from tether.engine.micro_batching import plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
-from tether.engine.training_engine import TrainingEngine, _check_logprob_grads, _full_copy, _TrainingModel
+from tether.engine.training_engine import (
+    TrainingEngine,
+    _check_logprob_grads,
+    _full_copy,
+    _plain_name,
+    _TrainingModel,
+)
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
@@ -315,13 +321,18 @@ class DistributedTrainingEngine(TrainingEngine):
         )
         if mixed_precision not in (None, "none", "bfloat16"):
             raise ConfigurationError(f"unknown mixed precision {mixed_precision!r}", field="mixed_precision")
+        self._skeleton = any(p.is_meta for p in base.model.parameters())
+        """The base model is a meta-device skeleton: copies are sharded, then each rank reads its shards."""
         self._lora_model: nn.Module | None = None
         self._shares: dict[str, _Share] = {}
         """Kept graphs by id: this rank's datum indices, every datum's shape, its dummy passes."""
 
     # ---- sharding ------------------------------------------------------------------------------
 
-    def _shard(self, module: nn.Module) -> nn.Module:
+    def _shard(self, module: nn.Module, *, fill: bool = True) -> nn.Module:
+        """`module` (a copy of the base model) sharded; from a meta-device skeleton, its shards are
+        allocated on this rank's device and, with `fill`, read from the base model's safetensors."""
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
         layers = decoder_layers(module)
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=self._policy)
@@ -330,7 +341,37 @@ class DistributedTrainingEngine(TrainingEngine):
             # token sums: reduce-scatter sums and never averages (plain SUM, which gloo supports too)
             fsdp_module.set_gradient_divide_factor(1.0)
             fsdp_module.set_force_sum_reduction_for_comms(True)
+        if self._skeleton:
+            module.to_empty(device=self._device)  # this rank's shards only
+            with torch.no_grad():
+                for name, buffer in module.named_buffers():  # computed, not stored: as the skeleton has them
+                    buffer.copy_(buffers[name])
+            if fill:
+                self._read_base_shards(module)
         return module
+
+    def _read_base_shards(self, module: nn.Module) -> None:
+        """Each rank reads from the base model's safetensors only the slices its shards hold
+        (`torch.distributed.checkpoint` with its Hugging Face reader: a collective)."""
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+        reader = HuggingFaceStorageReader(str(self.base.path))
+        stored = reader.read_metadata().state_dict_metadata
+        wrapped = [f"{name}.base." for name, _ in lora_layers(module)]
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):  # tied weights: one read
+            names.setdefault(id(param), []).append(_plain_name(name, wrapped))
+            tensors[id(param)] = param
+        state = {}
+        for key, aliases in names.items():
+            found = next((name for name in aliases if name in stored), None)
+            if found is None:
+                raise UserInputError(
+                    f"{self.base.path} holds no weights for {aliases[0]!r}", field="base_model"
+                )
+            state[found] = tensors[key].detach()
+        load(state, storage_reader=reader)
 
     def _lora_base(self) -> nn.Module:
         """The frozen sharded copy of the base model (with its LoRA wrappers) all adapters share."""
@@ -343,14 +384,15 @@ class DistributedTrainingEngine(TrainingEngine):
             self._lora_model = self._shard(clone)
         return self._lora_model
 
-    def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
+    def _build_model(self, model_id: str, lora: LoraSpec | None, *, fill: bool = True) -> _TrainingModel:
+        """A new training model; without `fill`, a full copy's shards are left unread (a load fills them)."""
         if lora is not None:
             module = self._lora_base()
             params = add_adapter(module, model_id, lora, dtype=torch.float32)
             for tensor in params.values():  # identical already (seeded); made certain
                 dist.broadcast(tensor.data, 0)
             return _TrainingModel(model_id, lora, module, model_id, params, DistributedOptimizer(params))
-        module = self._shard(_full_copy(self.base.model))
+        module = self._shard(_full_copy(self.base.model), fill=fill)
         params = {name: p for name, p in module.named_parameters()}
         return _TrainingModel(model_id, None, module, None, params, DistributedOptimizer(params))
 
@@ -620,6 +662,63 @@ class DistributedTrainingEngine(TrainingEngine):
 
     def _load_weight(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(_like(value, tensor))  # a full tensor, sharded like the parameter
+
+    def import_sharded_state(
+        self,
+        model_id: str,
+        metadata: Mapping[str, Any],
+        shapes: Mapping[str, tuple[int, ...]],
+        load: Callable[[dict[str, torch.Tensor]], None],
+        *,
+        include_optimizer: bool,
+    ) -> None:
+        """Create (or replace) `model_id` from a stored state of which each rank reads only its shards.
+
+        `shapes` names every stored tensor as `sharded_state` does (`weights/<name>`,
+        `optimizer/<moment>.<name>`) with its full shape; `metadata` is `export_state`'s.
+        `load(flat)` must fill the given tensors in place under those keys, sharded ones (DTensors)
+        with this rank's shards only: `torch.distributed.checkpoint.load` does, reading only the
+        slices each rank needs, however many ranks wrote the state. Names and shapes are checked
+        like `import_state` before anything changes (UserInputError). A collective.
+        """
+        with self._lock:
+            state = TrainingState(
+                weights={
+                    k.removeprefix("weights/"): torch.empty(s, device="meta")
+                    for k, s in shapes.items()
+                    if k.startswith("weights/")
+                },
+                optimizer={
+                    k.removeprefix("optimizer/"): torch.empty(s, device="meta")
+                    for k, s in shapes.items()
+                    if k.startswith("optimizer/")
+                }
+                if include_optimizer
+                else None,
+                metadata=dict(metadata),
+            )
+            self._check_state(state, include_optimizer=include_optimizer)
+            if model_id in self._models:
+                self._drop(model_id)
+            trained = self._build_model(model_id, state.lora_spec, fill=False)
+            flat = {f"weights/{name}": t.detach() for name, t in trained.params.items()}
+            moments: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+            for key in state.optimizer or {}:
+                if not key.startswith("step."):
+                    continue
+                name = key.removeprefix("step.")
+                tensor = trained.params[name].detach()
+                moments[trained.params[name]] = {
+                    "exp_avg": torch.zeros_like(tensor),
+                    "exp_avg_sq": torch.zeros_like(tensor),
+                    "step": torch.zeros(shapes[f"optimizer/{key}"], dtype=torch.float32),
+                }
+                flat.update({f"optimizer/{k}.{name}": v for k, v in moments[trained.params[name]].items()})
+            load(flat)
+            trained.optimizer._optimizer.state.clear()
+            trained.optimizer._optimizer.state.update(moments)
+            trained.optimizer.num_steps = int(metadata.get("optimizer_steps", 0)) if include_optimizer else 0
+            self._models[model_id] = trained
 
     def sampler_weights(self, model_id: str) -> SamplerWeights:
         """Full weights on every rank (a collective for full fine-tuning)."""

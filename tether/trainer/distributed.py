@@ -39,9 +39,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
+from tether.engine.model_loading import LoadedBaseModel, load_base_model
+from tether.engine.sampling import SamplingEngine
 from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
-from tether.storage.formats import DCP_DIR
+from tether.storage.formats import DCP_DIR, training_state_reader
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.executor import OpExecutor
 from tether.trainer.local import InProcessTrainer
@@ -89,6 +91,70 @@ class DistributedExecutor(OpExecutor):
     def __init__(self, base_model: str, settings: EngineSettings) -> None:
         super().__init__(base_model, settings)
         self.rank = dist.get_rank()
+        self._full_base: LoadedBaseModel | None = None
+
+    @property
+    def base(self) -> LoadedBaseModel:
+        """The base model's skeleton (meta-device parameters): the sharded engine reads its shards itself."""
+        with self._lock:
+            if self._base is None:
+                self._base = load_base_model(
+                    self.base_model,
+                    aliases=self.settings.model_aliases,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                    weights=False,
+                )
+            return self._base
+
+    @property
+    def sampling(self) -> SamplingEngine:
+        """Rank 0's sampling engine, on a full copy of the base model loaded when first needed.
+
+        Sampling runs on rank 0 alone, so it needs the whole model there: one unsharded copy of
+        the base in the weights' dtype on rank 0's device (e.g. 16 GB for an 8B model in bf16),
+        held only once something samples (never on the other ranks).
+        """
+        with self._lock:
+            if self._sampling is None:
+                if self._full_base is None:
+                    self._full_base = load_base_model(
+                        self.base_model,
+                        aliases=self.settings.model_aliases,
+                        device=self.settings.device,
+                        dtype=self.settings.dtype,
+                    )
+                self._sampling = SamplingEngine(
+                    self._full_base, kv_cache_budget_tokens=self.settings.kv_cache_budget_tokens
+                )
+            return self._sampling
+
+    def load_state(self, op: ops.LoadState) -> ops.Done:
+        """Every rank reads only the slices of the stored tensors its shards hold (DCP or safetensors)."""
+        path = parse_checkpoint_path(op.path)
+        if not op.create_model:
+            self.training.model_info(op.model_id)  # NotFoundError before reading files
+        wanted = ("weights/", "optimizer/") if op.include_optimizer else ("weights/",)
+
+        def read(directory: Path, manifest: dict[str, Any]) -> None:
+            reader, stored = training_state_reader(directory, manifest)
+            shapes = {key: info.shape for key, info in stored.items() if key.startswith(wanted)}
+
+            def load(flat: dict[str, torch.Tensor]) -> None:
+                dcp.load({stored[key].key: tensor for key, tensor in flat.items()}, storage_reader=reader)
+
+            self.training.import_sharded_state(
+                op.model_id,
+                manifest.get("metadata", {}),
+                shapes,
+                load,
+                include_optimizer=op.include_optimizer,
+            )
+
+        self.checkpoints.stores.store(op.owner).read_training_state_files(
+            path, read, include_optimizer=op.include_optimizer
+        )
+        return ops.Done()
 
     @property
     def training(self) -> DistributedTrainingEngine:
