@@ -121,10 +121,11 @@ def load_base_model(
         raise ConfigurationError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", field="dtype")
     path = resolve_model_path(name, aliases)
     try:
-        if weights:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-        else:
-            model = _skeleton(path, DTYPES[dtype], device)
+        model: PreTrainedModel = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+            if weights
+            else _skeleton(path, DTYPES[dtype], device)
+        )
     except (OSError, ValueError, KeyError) as exc:  # no weights, not a causal LM, unknown architecture
         raise UserInputError(f"cannot load {name!r} as a causal LM: {exc}", field="base_model") from exc
     if weights:
