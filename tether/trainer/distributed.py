@@ -16,10 +16,17 @@ All ranks then execute it with a `DistributedTrainingEngine` (FSDP2) and exchang
   logs why and exits (torchrun then stops the job and the server reports the trainer's exit).
 
 A rank that dies (SIGKILL, OOM-kill) is seen by torchrun's elastic agent, which stops the other
-ranks; a rank stuck in a training collective gives up after `collective_timeout_s`. Sampling and
-sampler registration run on rank 0 alone with the unsharded base model. Files are written by
-rank 0 (gathered weights); `data_dir` must be storage every node can read (loads read it on every
-rank).
+ranks; a rank stuck in a training collective gives up after `collective_timeout_s`.
+
+Memory: every rank starts from a meta-device skeleton of the base model and holds only its shards
+of the training copies (read from the base's safetensors, and on `load_state` from the checkpoint,
+each rank reading only its slices). Sampling and sampler registration run on rank 0 alone, on a
+full copy of the base model that rank 0 loads the first time something samples: one unsharded
+base in the weights' dtype on rank 0 (16 GB for an 8B model in bf16), never on the other ranks.
+Gathering it on demand from the shards instead would make every sample a collective of all ranks.
+Sampler weights of full fine-tuning are gathered tensor by tensor and kept by rank 0 only. Files
+are written by rank 0 (gathered weights) or by every rank (DCP shards); `data_dir` must be storage
+every node can read.
 """
 
 from __future__ import annotations
@@ -215,13 +222,13 @@ class DistributedExecutor(OpExecutor):
         parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
         if self.rank == 0:
             return super().save_weights_for_sampler_ext(op)
-        self.training.sampler_weights(op.model_id)  # the gather rank 0 is doing
+        self.training.sampler_weights(op.model_id, keep=False)  # the gather rank 0 is doing
         return ops.Done()
 
     def save_sampler_weights(self, op: ops.SaveSamplerWeights) -> ops.CheckpointWritten | ops.Done:
         if self.rank == 0:
             return super().save_sampler_weights(op)
-        self.training.sampler_weights(op.model_id)  # the gather rank 0 is doing
+        self.training.sampler_weights(op.model_id, keep=False)  # the gather rank 0 is doing
         return ops.Done()
 
 
