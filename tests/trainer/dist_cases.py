@@ -247,6 +247,18 @@ def run_sharded_loads(engine, model_dir: str, checkpoint_dir: str) -> dict[str, 
     out["lora_base_dtensors"] = torch.tensor(
         all(isinstance(p, DTensor) for n, p in engine._lora_model.named_parameters() if ".adapters." not in n)
     )
+    # a checkpoint whose names are not the model's: rank 0 loads it whole and broadcasts the shards
+    from tether.engine.training_engine import _full_copy
+
+    copy = engine._shard(_full_copy(engine.base.model), fill=False)
+    engine._broadcast_base_from_rank0(copy)
+    read = engine._shard(_full_copy(engine.base.model))
+    out["broadcast_equals_read"] = torch.tensor(
+        all(
+            isinstance(a, DTensor) and torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(copy.parameters(), read.parameters(), strict=True)
+        )
+    )
     out["rank"] = torch.tensor(dist.get_rank())
     return out
 

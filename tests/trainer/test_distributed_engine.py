@@ -139,6 +139,7 @@ def test_each_rank_materialises_only_its_shards(model_dir, tmp_path):
         r = {k: v.item() for k, v in load_file(f"{out}.rank{rank}").items()}
         assert r["base_on_meta"] and r["all_dtensors"] and r["lora_base_dtensors"]
         assert r["exact"] and r["same_loss"]  # the sharded load restores weights and moments bit for bit
+        assert r["broadcast_equals_read"]  # the fallback for renamed checkpoints loads the same shards
         full, shard = r["largest_param_bytes"], r["largest_local_bytes"]
         assert shard == full // 2
         assert r["full_load_bytes"] >= full  # the measure sees whole tensors when a rank reads them

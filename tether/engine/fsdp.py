@@ -167,12 +167,27 @@ class DistributedTrainingEngine(TrainingEngine):
         state = {}
         for key, aliases in names.items():
             found = next((name for name in aliases if name in stored), None)
-            if found is None:
-                raise UserInputError(
-                    f"{self.base.path} holds no weights for {aliases[0]!r}", field="base_model"
-                )
+            if found is None:  # the same on every rank: the files are the same
+                self._broadcast_base_from_rank0(module)
+                return
             state[found] = tensors[key].detach()
         load(state, storage_reader=reader)
+
+    def _broadcast_base_from_rank0(self, module: nn.Module) -> None:
+        """For checkpoints whose stored names are not the model's (those transformers converts while
+        loading): rank 0 loads the model on its CPU with `from_pretrained`, and every rank receives
+        its shards, each tensor broadcast in turn (`set_model_state_dict(..., broadcast_from_rank0)`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        wrapped = [f"{name}.base." for name, _ in lora_layers(module)]
+        full: dict[str, torch.Tensor] = {}
+        if self.rank == 0:
+            dtype = next(self.base.model.parameters()).dtype
+            loaded = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype).state_dict()
+            full = {name: loaded[_plain_name(name, wrapped)] for name in module.state_dict()}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, full, options=options)
 
     def _lora_base(self) -> nn.Module:
         """The frozen sharded copy of the base model (with its LoRA wrappers) all adapters share."""
