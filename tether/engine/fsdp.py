@@ -181,7 +181,7 @@ class DistributedTrainingEngine(TrainingEngine):
         from transformers import AutoModelForCausalLM
 
         wrapped = [f"{name}.base." for name, _ in lora_layers(module)]
-        full: dict[str, torch.Tensor] = {}
+        full: dict[str, Any] = {}
         if self.rank == 0:
             dtype = next(self.base.model.parameters()).dtype
             loaded = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype).state_dict()
