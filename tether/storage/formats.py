@@ -182,16 +182,19 @@ def read_training_state(
     return StoredTrainingState(weights=weights, optimizer=optimizer, metadata=manifest.get("metadata", {}))
 
 
-def verify_training_state(directory: Path, manifest: dict[str, Any], *, include_optimizer: bool) -> None:
-    """Check the files a read of the training state needs (sizes, sha256); UserInputError when
-    `include_optimizer` asks for moments it was saved without."""
+def verify_training_state(
+    directory: Path, manifest: dict[str, Any], *, include_optimizer: bool, hashes: bool = True
+) -> None:
+    """Check the files a read of the training state needs (sizes and, with `hashes`, sha256:
+    CorruptCheckpointError); UserInputError when `include_optimizer` asks for moments it was saved without."""
     layout = manifest.get("layout", {})
     if include_optimizer and not layout.get("has_optimizer"):
         raise UserInputError("this checkpoint was saved without optimizer state", field="optimizer")
     if layout.get("dcp"):
-        verify_files(directory, manifest, sorted(manifest.get("files", {})))
+        names = sorted(manifest.get("files", {}))
     else:
-        verify_files(directory, manifest, [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if include_optimizer else []))
+        names = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if include_optimizer else [])
+    verify_files(directory, manifest, names, hashes=hashes)
 
 
 def training_state_reader(directory: Path, manifest: dict[str, Any]) -> tuple[Any, dict[str, TensorInfo]]:

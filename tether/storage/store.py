@@ -145,19 +145,22 @@ class CheckpointStore(ABC):
         read: Callable[[Path, dict[str, Any]], T],
         *,
         include_optimizer: bool = False,
+        hashes: bool = True,
     ) -> T:
         """`read(directory, manifest)` over a training state's verified files in a local directory.
 
         For a reader that loads only part of each tensor (a multi-rank trainer reading its shards,
         see `formats.training_state_reader`). NotFoundError if absent; UserInputError if
-        `include_optimizer` asks for moments it was saved without.
+        `include_optimizer` asks for moments it was saved without; CorruptCheckpointError if a
+        file's size (or, with `hashes`, its sha256) is not the manifest's. Without `hashes` the
+        caller checks them itself (`formats.verify_training_state`), e.g. on one rank of many.
         """
         path = parse_ref(ref)
         with (
             naming_damage(path),
             self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest),
         ):
-            verify_training_state(directory, manifest, include_optimizer=include_optimizer)
+            verify_training_state(directory, manifest, include_optimizer=include_optimizer, hashes=hashes)
             return read(directory, manifest)
 
     def save_hf_weights(

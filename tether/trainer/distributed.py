@@ -50,7 +50,8 @@ from tether.engine.model_loading import LoadedBaseModel, load_base_model
 from tether.engine.sampling import SamplingEngine
 from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
-from tether.storage.formats import DCP_DIR, training_state_reader
+from tether.storage.formats import DCP_DIR, training_state_reader, verify_training_state
+from tether.storage.manifest import CorruptCheckpointError
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.executor import OpExecutor
 from tether.trainer.local import InProcessTrainer
@@ -144,6 +145,17 @@ class DistributedExecutor(OpExecutor):
         wanted = ("weights/", "optimizer/") if op.include_optimizer else ("weights/",)
 
         def read(directory: Path, manifest: dict[str, Any]) -> None:
+            # the files' sizes were checked on every rank; their sha256 (reading every byte) on rank 0
+            # alone, which tells the others the outcome, so each rank then reads only its slices
+            problem = ""
+            if self.rank == 0:
+                try:
+                    verify_training_state(directory, manifest, include_optimizer=op.include_optimizer)
+                except CorruptCheckpointError as exc:
+                    problem = str(exc)
+            problem = broadcast_bytes(problem.encode() if self.rank == 0 else None).decode()
+            if problem:
+                raise CorruptCheckpointError(problem)
             reader, stored = training_state_reader(directory, manifest)
             shapes = {key: info.shape for key, info in stored.items() if key.startswith(wanted)}
 
@@ -159,7 +171,7 @@ class DistributedExecutor(OpExecutor):
             )
 
         self.checkpoints.stores.store(op.owner).read_training_state_files(
-            path, read, include_optimizer=op.include_optimizer
+            path, read, include_optimizer=op.include_optimizer, hashes=False
         )
         return ops.Done()
 
