@@ -531,9 +531,8 @@ class DistributedTrainingEngine(TrainingEngine):
                 }
                 flat.update({f"optimizer/{k}.{name}": v for k, v in moments[trained.params[name]].items()})
             load(flat)
-            trained.optimizer._optimizer.state.clear()
-            trained.optimizer._optimizer.state.update(moments)
-            trained.optimizer.num_steps = int(metadata.get("optimizer_steps", 0)) if include_optimizer else 0
+            steps = int(metadata.get("optimizer_steps", 0)) if include_optimizer else 0
+            cast(DistributedOptimizer, trained.optimizer).adopt_moments(moments, steps)
             self._models[model_id] = trained
 
     def sampler_weights(self, model_id: str, *, keep: bool = True) -> SamplerWeights:

@@ -237,3 +237,10 @@ class DistributedOptimizer(ModelOptimizer):
                 for key in MOMENT_KEYS
             }
         self.num_steps = num_steps
+
+    def adopt_moments(self, moments: Mapping[torch.Tensor, dict[str, torch.Tensor]], num_steps: int) -> None:
+        """Use `moments` as the whole optimizer state: per parameter (the tensor itself, as
+        `named_params` holds it) its `exp_avg` and `exp_avg_sq` laid out like it and its `step`."""
+        self._optimizer.state.clear()
+        self._optimizer.state.update(moments)
+        self.num_steps = num_steps
