@@ -100,6 +100,7 @@ class DistributedExecutor(OpExecutor):
         super().__init__(base_model, settings)
         self.rank = dist.get_rank()
         self._full_base: LoadedBaseModel | None = None
+        self._full_base_lock = threading.Lock()
 
     @property
     def base(self) -> LoadedBaseModel:
@@ -123,15 +124,16 @@ class DistributedExecutor(OpExecutor):
         the base in the weights' dtype on rank 0's device (e.g. 16 GB for an 8B model in bf16),
         held only once something samples (never on the other ranks).
         """
+        with self._full_base_lock:  # not the executor's lock: training ops go on while it loads
+            if self._full_base is None:
+                self._full_base = load_base_model(
+                    self.base_model,
+                    aliases=self.settings.model_aliases,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                )
         with self._lock:
             if self._sampling is None:
-                if self._full_base is None:
-                    self._full_base = load_base_model(
-                        self.base_model,
-                        aliases=self.settings.model_aliases,
-                        device=self.settings.device,
-                        dtype=self.settings.dtype,
-                    )
                 self._sampling = SamplingEngine(
                     self._full_base, kv_cache_budget_tokens=self.settings.kv_cache_budget_tokens
                 )
