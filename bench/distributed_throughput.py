@@ -5,7 +5,7 @@ for the same launch path): a warm-up step, then `--steps` steps of `forward_back
 entropy over the whole global batch) + `optim_step`, timed on rank 0 after a barrier. Printed side
 by side with the ratio (N ranks / 1). On CPU the ranks share the machine's cores, so the ratio
 says what the collectives cost more than what a second device would give; on GPUs use one rank
-per GPU (`--device cuda`, NCCL).
+per GPU (`--device cuda`, NCCL; `--nproc 1` on a single GPU measures FSDP2's own overhead).
 
     PYTHONPATH=. python bench/distributed_throughput.py [--model tether/tiny-qwen3] [--nproc 2]
         [--batch 8] [--seq-len 128] [--steps 5] [--lora-rank 0] [--device cpu] [--dtype float32]
@@ -58,14 +58,15 @@ def worker(args: argparse.Namespace) -> None:
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     torch.set_num_threads(max(1, args.threads // dist.get_world_size()))  # the same cores for 1 and N ranks
-    base = load_base_model(args.model, device=device, dtype=args.dtype)
-    if args.engine == "fsdp":
+    if args.engine == "fsdp":  # as the trainer starts: a skeleton, each rank reading its shards
         from tether.engine.fsdp import DistributedTrainingEngine
 
+        base = load_base_model(args.model, device=device, dtype=args.dtype, weights=False)
         engine = DistributedTrainingEngine(base, mixed_precision=args.mixed_precision)
     else:
         from tether.engine.training_engine import TrainingEngine
 
+        base = load_base_model(args.model, device=device, dtype=args.dtype)
         engine = TrainingEngine(base)
     engine.create_model("bench", lora=LoraSpec(rank=args.lora_rank) if args.lora_rank else None)
     generator = torch.Generator().manual_seed(0)

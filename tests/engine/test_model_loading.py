@@ -91,3 +91,26 @@ def test_directory_that_is_not_a_loadable_causal_lm(tmp_path):
         with pytest.raises(UserInputError) as error:
             load_base_model(str(tmp_path / directory))
         assert error.value.field == "base_model"
+
+
+@pytest.mark.parametrize("name", ["default", "llama"])
+def test_a_skeleton_has_meta_parameters_and_the_loaded_models_buffers_and_facts(
+    name, default_model_dir, tiny_llama_dir
+):
+    """`weights=False` reads only the config: parameters on the meta device (no memory), the rotary
+    buffers computed as from_pretrained has them, the same shapes, dtypes, vocabulary and eos ids."""
+    source = DEFAULT_MODEL_NAME if name == "default" else str(tiny_llama_dir)
+    full = load_base_model(source, dtype="bfloat16")
+    skeleton = load_base_model(source, dtype="bfloat16", weights=False)
+    assert all(p.is_meta for p in skeleton.model.parameters())
+    assert {n: (p.shape, p.dtype) for n, p in skeleton.model.named_parameters()} == {
+        n: (p.shape, p.dtype) for n, p in full.model.named_parameters()
+    }
+    buffers = dict(full.model.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in skeleton.model.named_buffers())
+    assert len(lora_layers(skeleton.model)) == len(lora_layers(full.model))
+    assert (skeleton.vocab_size, skeleton.max_context_length, skeleton.eos_token_ids) == (
+        full.vocab_size,
+        full.max_context_length,
+        full.eos_token_ids,
+    )

@@ -8,6 +8,7 @@ engine and a multi-rank one. Run as a script under torchrun it writes rank 0's t
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -152,6 +153,131 @@ def run_mixed(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+class LargestTensor:
+    """The largest floating-point tensor (bytes) any aten op allocates while active: the most of one
+    weight a rank materialises. A DTensor counts as its local shard; views (of a memory-mapped
+    safetensors file, say) and byte buffers (pickled plans) do not count."""
+
+    def __init__(self) -> None:
+        from torch.distributed.tensor import DTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        def _local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        def _storage(t):
+            t = _local(t)
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                return None
+            return t.untyped_storage().data_ptr()
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {_storage(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))}
+                for t in torch.utils._pytree.tree_leaves(out):
+                    t = _local(t)
+                    if (
+                        isinstance(t, torch.Tensor)
+                        and t.is_floating_point()
+                        and t.device.type != "meta"
+                        and _storage(t) not in inputs  # made here, not a view (of a mapped file, say)
+                    ):
+                        recorder.bytes = max(recorder.bytes, t.numel() * t.element_size())
+                return out
+
+        self.bytes = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> LargestTensor:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def run_sharded_loads(engine, model_dir: str, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """On a skeleton base: what each rank materialises creating models and loading a DCP state, and
+    that the sharded load is exact; plus the full-tensor load path as a control the measure catches."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.tensor import DTensor
+
+    from tether.engine.training_state import TrainingState
+    from tether.storage.formats import read_dcp_state
+
+    out: dict[str, torch.Tensor] = {}
+    out["base_on_meta"] = torch.tensor(all(p.is_meta for p in engine.base.model.parameters()))
+    with LargestTensor() as created:
+        engine.create_model("full", lora=None)
+    out["create_full_bytes"] = torch.tensor(created.bytes)
+    module = engine._models["full"].module
+    out["all_dtensors"] = torch.tensor(all(isinstance(p, DTensor) for p in module.parameters()))
+    out["largest_param_bytes"] = torch.tensor(max(p.numel() * p.element_size() for p in module.parameters()))
+    out["largest_local_bytes"] = torch.tensor(
+        max(p.to_local().numel() * p.element_size() for p in module.parameters())
+    )
+    engine.forward_backward("full", make_batch("cross_entropy"), "cross_entropy")
+    engine.optim_step("full", ADAM)
+    flat, metadata = engine.sharded_state("full")
+    dcp.save(flat, checkpoint_id=checkpoint_dir)
+    reader = FileSystemReader(checkpoint_dir)
+    shapes = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items()}
+    with LargestTensor() as loaded:
+        engine.import_sharded_state(
+            "again", metadata, shapes, lambda t: dcp.load(t, storage_reader=reader), include_optimizer=True
+        )
+    out["sharded_load_bytes"] = torch.tensor(loaded.bytes)
+    again, _ = engine.sharded_state("again")
+    out["exact"] = torch.tensor(
+        sorted(again) == sorted(flat)
+        and all(
+            torch.equal(
+                again[k].full_tensor() if isinstance(again[k], DTensor) else again[k],
+                flat[k].full_tensor() if isinstance(flat[k], DTensor) else flat[k],
+            )
+            for k in flat
+        )
+    )
+    forward = [
+        engine.forward(m, make_batch("cross_entropy"), "cross_entropy").metrics["loss:sum"]
+        for m in ("full", "again")
+    ]
+    out["same_loss"] = torch.tensor(forward[0] == forward[1])
+    with LargestTensor() as control:  # the full-tensor path: every rank reads whole tensors
+        stored = read_dcp_state(Path(checkpoint_dir), {"metadata": metadata}, include_optimizer=True)
+        engine.import_state(
+            "control",
+            TrainingState(stored.weights, stored.optimizer, stored.metadata),
+            include_optimizer=True,
+        )
+    out["full_load_bytes"] = torch.tensor(control.bytes)
+    with LargestTensor() as lora:
+        engine.create_model("lora", lora=LoraSpec(rank=4, seed=7))
+    out["create_lora_bytes"] = torch.tensor(lora.bytes)
+    out["lora_base_dtensors"] = torch.tensor(
+        all(isinstance(p, DTensor) for n, p in engine._lora_model.named_parameters() if ".adapters." not in n)
+    )
+    # a checkpoint whose names are not the model's: rank 0 loads it whole and broadcasts the shards
+    from tether.engine.training_engine import _full_copy
+
+    copy = engine._shard(_full_copy(engine.base.model), fill=False)
+    engine._broadcast_base_from_rank0(copy)
+    read = engine._shard(_full_copy(engine.base.model))
+    out["broadcast_equals_read"] = torch.tensor(
+        all(
+            isinstance(a, DTensor) and torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(copy.parameters(), read.parameters(), strict=True)
+        )
+    )
+    out["rank"] = torch.tensor(dist.get_rank())
+    return out
+
+
 def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -162,10 +288,15 @@ def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     engine = DistributedTrainingEngine(
-        load_base_model(model_dir, device="cpu", dtype="float32"),
+        load_base_model(model_dir, device="cpu", dtype="float32", weights=False),
         max_tokens_per_micro_batch=BUDGET,
-        mixed_precision=mixed_precision,
+        mixed_precision=None if mixed_precision == "sharded" else mixed_precision,
     )
+    if mixed_precision == "sharded":
+        results = run_sharded_loads(engine, model_dir, out_file + ".dcp")
+        save_file(results, f"{out_file}.rank{dist.get_rank()}")
+        dist.destroy_process_group()
+        return
     results = run_cases(engine) if mixed_precision == "none" else run_mixed(engine)
     if dist.get_rank() == 0:
         save_file(results, out_file)

@@ -281,3 +281,31 @@ def test_a_kept_graph_expires_on_every_rank_by_rank_zeros_clock(two_ranks):
     assert two_ranks.submit(done, stream=model, seq_id=4).result(120).metrics["loss:sum"] != 0
     step = ops.OptimStep(model_id=model, adam_params=AdamParams(learning_rate=1e-3))
     assert two_ranks.submit(step, stream=model, seq_id=5).result(120).metrics["grad_norm:mean"] > 0
+
+
+def test_a_damaged_dcp_checkpoint_fails_the_load_on_every_rank_and_the_trainer_goes_on(two_ranks):
+    """Rank 0 alone reads every byte to check the sha256s (each rank then reads only its slices);
+    it tells the others, so all fail the op alike and stay in lock-step."""
+    from tether.types.errors import DamagedDataError
+
+    model = "damaged"
+    two_ranks.submit(ops.CreateModel(model_id=model, lora_config=LoraConfig(rank=2)), stream=model).result(
+        120
+    )
+    save = ops.SaveState(model_id=model, owner="o", path=f"tinker://{model}/weights/a")
+    directory = Path(two_ranks.submit(save, stream=model, seq_id=1).result(120).directory)
+    shard = directory / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    load = ops.LoadState(
+        model_id=model,
+        owner="o",
+        path=f"tinker://{model}/weights/a",
+        include_optimizer=True,
+        create_model=False,
+    )
+    with pytest.raises(DamagedDataError, match="sha256"):
+        two_ranks.submit(load, stream=model, seq_id=2).result(120)
+    forward = ops.Forward(model_id=model, data=[_datum(3)], loss_fn="cross_entropy")
+    assert two_ranks.submit(forward, stream=model, seq_id=3).result(120).metrics["loss:sum"] > 0

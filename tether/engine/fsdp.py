@@ -16,17 +16,21 @@ default process group in lock-step (same arguments, same order); answers are com
 - Outputs are gathered with an all-reduce of zero-filled buffers (each value is written by exactly
   one rank, so the sum is exact); nothing is pickled.
 
-The unsharded base model (`base.model`) stays as loaded: it is the source of new copies and the
-sampling engine's model. This module knows nothing about ops, sockets or storage.
+Start-up and loads are sharded: given a meta-device skeleton of the base model
+(`load_base_model(..., weights=False)`), every copy is sharded first and each rank then allocates
+and reads only its shards, of the base weights from their safetensors and of a saved state from
+its DCP or safetensors files (`torch.distributed.checkpoint`, which reads just the slices a rank's
+shards cover, so states move between any numbers of ranks). No rank ever holds a whole copy.
+Given a materialised base model instead, copies are made from it and then sharded.
+This module knows nothing about ops, sockets or storage.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 import torch
@@ -34,247 +38,34 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from tether.engine.grad_accumulation import GradAccMode, check_mode
-from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, remove_adapter
+from tether.engine.fsdp_collectives import (
+    DistributedOptimizer,
+    _full,
+    _like,
+    all_gather_bytes,
+    broadcast_bytes,
+    comm_device,
+    split_by_tokens,
+)
+from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, lora_layers, remove_adapter
 from tether.engine.losses import get_loss, resolve_loss_config
 from tether.engine.micro_batching import plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
-from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
-from tether.engine.training_engine import TrainingEngine, _check_logprob_grads, _full_copy, _TrainingModel
+from tether.engine.optimizer import ModelOptimizer
+from tether.engine.training_engine import (
+    TrainingEngine,
+    _check_logprob_grads,
+    _full_copy,
+    _plain_name,
+    _TrainingModel,
+)
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
-from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
+from tether.engine.training_types import EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.types.errors import ConfigurationError, ConflictError, NotFoundError, UserInputError
 
 __all__ = ["DistributedTrainingEngine", "broadcast_bytes", "all_gather_bytes", "split_by_tokens"]
-
-
-# ---- collectives on bytes (no pickle) ---------------------------------------------------------
-
-
-def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where `group`'s (default: the world's) collective buffers live: the CUDA device under NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def broadcast_bytes(data: bytes | None, src: int = 0, *, group: dist.ProcessGroup | None = None) -> bytes:
-    """`data` (given on global rank `src`, ignored elsewhere) on every rank: its length, then its bytes as uint8."""
-    device = comm_device(group)
-    length = torch.tensor(
-        [len(data or b"") if dist.get_rank() == src else 0], dtype=torch.int64, device=device
-    )
-    dist.broadcast(length, src, group=group)
-    if dist.get_rank() == src:
-        buffer = (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-            if data
-            else torch.empty(0, dtype=torch.uint8, device=device)
-        )
-    else:
-        buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    if buffer.numel():
-        dist.broadcast(buffer, src, group=group)
-    return bytes(buffer.cpu().numpy().tobytes())
-
-
-def all_gather_bytes(data: bytes, *, group: dist.ProcessGroup | None = None) -> list[bytes]:
-    """Every rank's `data`, in rank order, on every rank of `group`."""
-    device = comm_device(group)
-    world = dist.get_world_size(group)
-    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)
-    longest = max(int(t.item()) for t in lengths)
-    if longest == 0:
-        return [b""] * world
-    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
-    if data:
-        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    return [bytes(g[: int(n.item())].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
-
-
-def split_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
-    """Datum indices per rank: longest first, each to the rank with the fewest tokens so far (ties: lowest rank).
-
-    Deterministic, so every rank computes the same split; rank 0 always gets at least one datum.
-    """
-    loads = [0] * world_size
-    groups: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        groups[rank].append(index)
-        loads[rank] += lengths[index]
-    return [sorted(g) for g in groups]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _like(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`source` (a full tensor) laid out like `target` (sharded like it if `target` is a DTensor)."""
-    source = source.to(device=target.device, dtype=target.dtype)
-    if isinstance(target, DTensor):
-        return distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
-    return source
-
-
-# ---- the optimizer ------------------------------------------------------------------------------
-
-
-class DistributedOptimizer(ModelOptimizer):
-    """`ModelOptimizer` whose gradients are summed across ranks and whose grad norm is the global one.
-
-    Sharded (DTensor) tensors already hold their shard of the summed gradient (FSDP reduce-scatter);
-    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded.
-    Each rank counts the loss tokens and sequences of its own share of the datums; the counts a
-    step normalises by are their sums over the ranks (`accumulated_counts`, a collective).
-    """
-
-    def accumulated_counts(self) -> tuple[int, int]:
-        """(loss tokens, sequences) summed over the ranks: a collective."""
-        counts = torch.tensor([self.loss_tokens, self.sequences], dtype=torch.int64, device=comm_device())
-        dist.all_reduce(counts)
-        loss_tokens, sequences = counts.tolist()
-        return int(loss_tokens), int(sequences)
-
-    def step(self, params: AdamWParams, *, normalization: GradAccMode = "none") -> dict[str, float]:
-        params.validate()
-        check_mode(normalization)  # the same on every rank: all raise before any collective
-        divisor = self.divisor(normalization)
-        tensors = list(self.named_params.values())
-        unsummed = {
-            id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None
-        }
-        self._sum_replicated_grads(tensors)
-        with_grad = [t for t in tensors if t.grad is not None]
-        squares = torch.zeros((), dtype=torch.float64, device=comm_device())
-        for t in with_grad:
-            local = _local(cast(torch.Tensor, t.grad)).detach()
-            part = local.double().pow(2).sum().to(squares.device)
-            squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
-        dist.all_reduce(squares)
-        grad_norm = squares.sqrt() / divisor
-        # refuse (or skip) a step that would make weights or moments non-finite, as one process does
-        # (`ModelOptimizer.step`): the global norm is the same on every rank; the update check runs
-        # on each rank's shards and the ranks agree on it before anything changes
-        if not bool(torch.isfinite(grad_norm)):
-            self.zero_grad()
-            return self._nonfinite(
-                params,
-                float(grad_norm),
-                f"the accumulated gradients are not finite (norm "
-                f"{float(grad_norm)}): the loss diverged; they were discarded, and the weights "
-                "and optimizer moments are unchanged",
-                field="gradients",
-            )
-        coef_value = (
-            min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
-            if params.grad_clip_norm > 0 and with_grad
-            else 1.0
-        )
-        finite = torch.tensor(
-            [1 if self._local_update_is_finite(params, coef_value / divisor) else 0], device=comm_device()
-        )
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not int(finite.item()):
-            for t in tensors:  # the gradients stay as they were for a retry: this rank's own, not the sum
-                if id(t) in unsummed:
-                    t.grad = unsummed[id(t)]
-                elif not isinstance(t, DTensor):
-                    t.grad = None
-            return self._nonfinite(
-                params,
-                float(grad_norm),
-                f"this step's update would make weights or moments "
-                f"non-finite (learning rate {params.learning_rate}, gradient norm "
-                f"{float(grad_norm):.3g}); the weights, moments and gradients are unchanged: "
-                "retry with a smaller learning rate",
-                field="adam_params.learning_rate",
-            )
-        if (params.grad_clip_norm > 0 or divisor != 1.0) and with_grad:
-            coef = (
-                torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
-                if params.grad_clip_norm > 0
-                else torch.ones((), dtype=grad_norm.dtype, device=grad_norm.device)
-            ) / divisor
-            for t in with_grad:
-                _local(cast(torch.Tensor, t.grad)).mul_(
-                    coef.to(
-                        device=_local(cast(torch.Tensor, t.grad)).device,
-                        dtype=_local(cast(torch.Tensor, t.grad)).dtype,
-                    )
-                )
-        for group in self._optimizer.param_groups:
-            group["lr"] = params.learning_rate
-            group["betas"] = (params.beta1, params.beta2)
-            group["eps"] = params.eps
-            group["weight_decay"] = params.weight_decay
-        self._optimizer.step()
-        self.zero_grad()
-        self.num_steps += 1
-        return self._metrics(params, float(grad_norm), normalization, divisor)
-
-    def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
-        """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""
-        view = object.__new__(ModelOptimizer)
-        view.named_params, states = {}, {}
-        for name, tensor in self.named_params.items():
-            local = _local(tensor).detach()
-            if tensor.grad is not None:
-                local.grad = _local(tensor.grad).detach()
-            view.named_params[name] = local
-            state = self._optimizer.state.get(tensor)
-            if state:
-                states[local] = {
-                    key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()
-                }
-        view._optimizer = SimpleNamespace(state=states)  # type: ignore[assignment]  # a view with only .state
-        return ModelOptimizer._update_is_finite(view, params, coef)
-
-    def _sum_replicated_grads(self, tensors: list[torch.Tensor]) -> None:
-        replicated = [t for t in tensors if not isinstance(t, DTensor)]
-        if not replicated:
-            return
-        device = comm_device()
-        has = torch.tensor([t.grad is not None for t in replicated], dtype=torch.int32, device=device)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        for t, flag in zip(replicated, has.tolist(), strict=True):
-            if not flag:
-                continue
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            grad = t.grad.to(device)
-            dist.all_reduce(grad)
-            if grad is not t.grad:
-                t.grad.copy_(grad)
-
-    def export_moments(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) copies of every moment, on every rank: a collective."""
-        return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
-
-    def import_moments(self, moments: Mapping[str, torch.Tensor], num_steps: int) -> None:
-        """Replace all moments with full tensors (as `export_moments` returns them), sharded like the weights."""
-        check_moments(moments, {name: tuple(t.shape) for name, t in self.named_params.items()})
-        self._optimizer.state.clear()
-        for name, tensor in self.named_params.items():
-            if f"step.{name}" not in moments:
-                continue
-            self._optimizer.state[tensor] = {
-                key: moments[f"{key}.{name}"].detach().clone()
-                if key == "step"
-                else _like(moments[f"{key}.{name}"], tensor)
-                for key in MOMENT_KEYS
-            }
-        self.num_steps = num_steps
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -334,13 +125,18 @@ class DistributedTrainingEngine(TrainingEngine):
         )
         if mixed_precision not in (None, "none", "bfloat16"):
             raise ConfigurationError(f"unknown mixed precision {mixed_precision!r}", field="mixed_precision")
+        self._skeleton = any(p.is_meta for p in base.model.parameters())
+        """The base model is a meta-device skeleton: copies are sharded, then each rank reads its shards."""
         self._lora_model: nn.Module | None = None
         self._shares: dict[str, _Share] = {}
         """Kept graphs by id: this rank's datum indices, every datum's shape, its dummy passes."""
 
     # ---- sharding ------------------------------------------------------------------------------
 
-    def _shard(self, module: nn.Module) -> nn.Module:
+    def _shard(self, module: nn.Module, *, fill: bool = True) -> nn.Module:
+        """`module` (a copy of the base model) sharded; from a meta-device skeleton, its shards are
+        allocated on this rank's device and, with `fill`, read from the base model's safetensors."""
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
         layers = decoder_layers(module)
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=self._policy)
@@ -349,7 +145,52 @@ class DistributedTrainingEngine(TrainingEngine):
             # token sums: reduce-scatter sums and never averages (plain SUM, which gloo supports too)
             fsdp_module.set_gradient_divide_factor(1.0)
             fsdp_module.set_force_sum_reduction_for_comms(True)
+        if self._skeleton:
+            module.to_empty(device=self._device)  # this rank's shards only
+            with torch.no_grad():
+                for name, buffer in module.named_buffers():  # computed, not stored: as the skeleton has them
+                    buffer.copy_(buffers[name])
+            if fill:
+                self._read_base_shards(module)
         return module
+
+    def _read_base_shards(self, module: nn.Module) -> None:
+        """Each rank reads from the base model's safetensors only the slices its shards hold
+        (`torch.distributed.checkpoint` with its Hugging Face reader: a collective)."""
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+        reader = HuggingFaceStorageReader(str(self.base.path))
+        stored = reader.read_metadata().state_dict_metadata
+        wrapped = [f"{name}.base." for name, _ in lora_layers(module)]
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):  # tied weights: one read
+            names.setdefault(id(param), []).append(_plain_name(name, wrapped))
+            tensors[id(param)] = param
+        state = {}
+        for key, aliases in names.items():
+            found = next((name for name in aliases if name in stored), None)
+            if found is None:  # the same on every rank: the files are the same
+                self._broadcast_base_from_rank0(module)
+                return
+            state[found] = tensors[key].detach()
+        load(state, storage_reader=reader)
+
+    def _broadcast_base_from_rank0(self, module: nn.Module) -> None:
+        """For checkpoints whose stored names are not the model's (those transformers converts while
+        loading): rank 0 loads the model on its CPU with `from_pretrained`, and every rank receives
+        its shards, each tensor broadcast in turn (`set_model_state_dict(..., broadcast_from_rank0)`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        wrapped = [f"{name}.base." for name, _ in lora_layers(module)]
+        full: dict[str, Any] = {}
+        if self.rank == 0:
+            dtype = next(self.base.model.parameters()).dtype
+            loaded = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype).state_dict()
+            full = {name: loaded[_plain_name(name, wrapped)] for name in module.state_dict()}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, full, options=options)
 
     def _lora_base(self) -> nn.Module:
         """The frozen sharded copy of the base model (with its LoRA wrappers) all adapters share."""
@@ -362,7 +203,8 @@ class DistributedTrainingEngine(TrainingEngine):
             self._lora_model = self._shard(clone)
         return self._lora_model
 
-    def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
+    def _build_model(self, model_id: str, lora: LoraSpec | None, *, fill: bool = True) -> _TrainingModel:
+        """A new training model; without `fill`, a full copy's shards are left unread (a load fills them)."""
         if lora is not None:
             module = self._lora_base()
             params = add_adapter(module, model_id, lora, dtype=torch.float32)
@@ -370,7 +212,7 @@ class DistributedTrainingEngine(TrainingEngine):
                 dist.broadcast(tensor.data, 0)
             optimizer = DistributedOptimizer(params, on_nonfinite=self.on_nonfinite)
             return _TrainingModel(model_id, lora, module, model_id, params, optimizer)
-        module = self._shard(_full_copy(self.base.model))
+        module = self._shard(_full_copy(self.base.model), fill=fill)
         params = {name: p for name, p in module.named_parameters()}
         optimizer = DistributedOptimizer(params, on_nonfinite=self.on_nonfinite)
         return _TrainingModel(model_id, None, module, None, params, optimizer)
@@ -647,8 +489,69 @@ class DistributedTrainingEngine(TrainingEngine):
     def _load_weight(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(_like(value, tensor))  # a full tensor, sharded like the parameter
 
-    def sampler_weights(self, model_id: str) -> SamplerWeights:
-        """Full weights on every rank (a collective for full fine-tuning)."""
+    def import_sharded_state(
+        self,
+        model_id: str,
+        metadata: Mapping[str, Any],
+        shapes: Mapping[str, tuple[int, ...]],
+        load: Callable[[dict[str, torch.Tensor]], None],
+        *,
+        include_optimizer: bool,
+    ) -> None:
+        """Create (or replace) `model_id` from a stored state of which each rank reads only its shards.
+
+        `shapes` names every stored tensor as `sharded_state` does (`weights/<name>`,
+        `optimizer/<moment>.<name>`) with its full shape; `metadata` is `export_state`'s.
+        `load(flat)` must fill the given tensors in place under those keys, sharded ones (DTensors)
+        with this rank's shards only: `torch.distributed.checkpoint.load` does, reading only the
+        slices each rank needs, however many ranks wrote the state. Names and shapes are checked
+        like `import_state` before anything changes (UserInputError). A collective.
+        """
+        with self._lock:
+            state = TrainingState(
+                weights={
+                    k.removeprefix("weights/"): torch.empty(s, device="meta")
+                    for k, s in shapes.items()
+                    if k.startswith("weights/")
+                },
+                optimizer={
+                    k.removeprefix("optimizer/"): torch.empty(s, device="meta")
+                    for k, s in shapes.items()
+                    if k.startswith("optimizer/")
+                }
+                if include_optimizer
+                else None,
+                metadata=dict(metadata),
+            )
+            self._check_state(state, include_optimizer=include_optimizer)
+            if model_id in self._models:
+                self._drop(model_id)
+            trained = self._build_model(model_id, state.lora_spec, fill=False)
+            flat = {f"weights/{name}": t.detach() for name, t in trained.params.items()}
+            moments: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+            for key in state.optimizer or {}:
+                if not key.startswith("step."):
+                    continue
+                name = key.removeprefix("step.")
+                tensor = trained.params[name].detach()
+                moments[trained.params[name]] = {
+                    "exp_avg": torch.zeros_like(tensor),
+                    "exp_avg_sq": torch.zeros_like(tensor),
+                    "step": torch.zeros(shapes[f"optimizer/{key}"], dtype=torch.float32),
+                }
+                flat.update({f"optimizer/{k}.{name}": v for k, v in moments[trained.params[name]].items()})
+            load(flat)
+            steps = int(metadata.get("optimizer_steps", 0)) if include_optimizer else 0
+            cast(DistributedOptimizer, trained.optimizer).adopt_moments(moments, steps)
+            self._models[model_id] = trained
+
+    def sampler_weights(self, model_id: str, *, keep: bool = True) -> SamplerWeights:
+        """Full weights, on the CPU (a collective for full fine-tuning: every rank must call it).
+
+        Each sharded tensor is gathered in turn; a rank called with `keep=False` (one that writes
+        nothing) drops each as soon as it is gathered and gets no tensors back, so only the
+        ranks that keep them ever hold the whole model.
+        """
         with self._lock:
             trained = self._get(model_id)
             if trained.lora is not None:
@@ -657,6 +560,7 @@ class DistributedTrainingEngine(TrainingEngine):
             tensors = {}
             for name, t in trained.module.state_dict().items():
                 if id(t) not in gathered:  # tied weights stay one tensor
-                    gathered[id(t)] = _full(t).detach().clone().cpu()
+                    full = _full(t).detach()
+                    gathered[id(t)] = full.to("cpu", copy=True) if keep else full.new_empty(0)
                 tensors[name] = gathered[id(t)]
-            return SamplerWeights(base_model=self.base.name, lora_spec=None, tensors=tensors)
+            return SamplerWeights(base_model=self.base.name, lora_spec=None, tensors=tensors if keep else {})

@@ -103,8 +103,14 @@ def load_base_model(
     dtype: str = "float32",
     device: str = "cpu",
     max_context_length: int | None = None,
+    weights: bool = True,
 ) -> LoadedBaseModel:
     """Resolve `name`, load it with `transformers`, freeze it and attach LoRA wrappers.
+
+    With `weights=False` nothing is read but the config: the parameters are on the meta device
+    (shapes and dtypes only, no memory) and the non-persistent buffers (rotary frequencies) are
+    computed on `device`; a sharded engine fills its shards of copies of it itself
+    (`tether.engine.fsdp`).
 
     `max_context_length` lets an operator cap the context below the model's
     `max_position_embeddings` (e.g. to bound memory); it can never raise it. `device` and `dtype`
@@ -115,10 +121,15 @@ def load_base_model(
         raise ConfigurationError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", field="dtype")
     path = resolve_model_path(name, aliases)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model: PreTrainedModel = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+            if weights
+            else _skeleton(path, DTYPES[dtype], device)
+        )
     except (OSError, ValueError, KeyError) as exc:  # no weights, not a causal LM, unknown architecture
         raise UserInputError(f"cannot load {name!r} as a causal LM: {exc}", field="base_model") from exc
-    model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps(nn.Module.to), which mistypes the bound call
+    if weights:
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps(nn.Module.to), which mistypes the bound call
     model.eval()
     model.requires_grad_(False)
     attach_lora_layers(model)
@@ -141,6 +152,21 @@ def load_base_model(
         max_context_length=min(limits),
         eos_token_ids=_eos_token_ids(model),
     )
+
+
+def _skeleton(path: Path, dtype: torch.dtype, device: str) -> PreTrainedModel:
+    """The model of `path`'s config with meta parameters and real non-persistent buffers on `device`."""
+    from transformers import AutoConfig, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    for module in model.modules():
+        if next(module.buffers(recurse=False), None) is not None:
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)  # transformers' own init computes the rotary frequencies
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def _eos_token_ids(model: PreTrainedModel) -> list[int]:

@@ -382,24 +382,7 @@ class TrainingEngine:
         """
         with self._lock:
             spec = state.lora_spec
-            if include_optimizer and state.optimizer is None:
-                raise UserInputError("the state was saved without optimizer moments", field="state.optimizer")
-            expected = self._expected_shapes(spec)
-            if set(state.weights) != set(expected):
-                missing = sorted(set(expected) - set(state.weights))[:3]
-                extra = sorted(set(state.weights) - set(expected))[:3]
-                raise UserInputError(
-                    f"weights do not fit this base model (missing {missing}, unexpected {extra})",
-                    field="state.weights",
-                )
-            for name, shape in expected.items():
-                if tuple(state.weights[name].shape) != shape:
-                    raise UserInputError(
-                        f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}",
-                        field="state.weights",
-                    )
-            if include_optimizer and state.optimizer is not None:  # None was refused above
-                check_moments(state.optimizer, expected)
+            self._check_state(state, include_optimizer=include_optimizer)
             if model_id in self._models:
                 self._drop(model_id)
             trained = self._build_model(model_id, spec)
@@ -428,6 +411,28 @@ class TrainingEngine:
             return SamplerWeights(base_model=self.base.name, lora_spec=trained.lora, tensors=tensors)
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def _check_state(self, state: TrainingState, *, include_optimizer: bool) -> None:
+        """Raise `UserInputError` unless `state`'s names and shapes (weights, and moments when asked)
+        fit this base model (only `.shape` of its tensors is read: meta tensors will do)."""
+        if include_optimizer and state.optimizer is None:
+            raise UserInputError("the state was saved without optimizer moments", field="state.optimizer")
+        expected = self._expected_shapes(state.lora_spec)
+        if set(state.weights) != set(expected):
+            missing = sorted(set(expected) - set(state.weights))[:3]
+            extra = sorted(set(state.weights) - set(expected))[:3]
+            raise UserInputError(
+                f"weights do not fit this base model (missing {missing}, unexpected {extra})",
+                field="state.weights",
+            )
+        for name, shape in expected.items():
+            if tuple(state.weights[name].shape) != shape:
+                raise UserInputError(
+                    f"{name!r} has shape {tuple(state.weights[name].shape)}, expected {shape}",
+                    field="state.weights",
+                )
+        if include_optimizer and state.optimizer is not None:  # None was refused above
+            check_moments(state.optimizer, expected)
 
     def _load_weight(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         """Copy a saved full tensor into a parameter (hook: `tether.engine.fsdp` shards it)."""

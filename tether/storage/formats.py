@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tether.storage.manifest import verify_files
@@ -43,6 +44,8 @@ __all__ = [
     "write_training_state",
     "read_training_state",
     "read_dcp_state",
+    "verify_training_state",
+    "training_state_reader",
     "DCP_DIR",
     "write_hf_weights",
     "read_hf_weights",
@@ -169,18 +172,75 @@ def read_training_state(
 ) -> StoredTrainingState:
     """Verify and read a training state; with `include_optimizer` the optimizer file must exist."""
     layout = manifest.get("layout", {})
-    if include_optimizer and not layout.get("has_optimizer"):
-        raise UserInputError("this checkpoint was saved without optimizer state", field="optimizer")
+    verify_training_state(directory, manifest, include_optimizer=include_optimizer)
     if layout.get("dcp"):
-        verify_files(directory, manifest, sorted(manifest.get("files", {})))
         return read_dcp_state(directory / layout["dcp"], manifest, include_optimizer=include_optimizer)
-    files = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if include_optimizer else [])
-    verify_files(directory, manifest, files)
     weights = _load(directory / WEIGHTS_FILE, layout.get("weight_aliases", {}))
     optimizer = (
         _load(directory / OPTIMIZER_FILE, layout.get("optimizer_aliases", {})) if include_optimizer else None
     )
     return StoredTrainingState(weights=weights, optimizer=optimizer, metadata=manifest.get("metadata", {}))
+
+
+def verify_training_state(
+    directory: Path, manifest: dict[str, Any], *, include_optimizer: bool, hashes: bool = True
+) -> None:
+    """Check the files a read of the training state needs (sizes and, with `hashes`, sha256:
+    CorruptCheckpointError); UserInputError when `include_optimizer` asks for moments it was saved without."""
+    layout = manifest.get("layout", {})
+    if include_optimizer and not layout.get("has_optimizer"):
+        raise UserInputError("this checkpoint was saved without optimizer state", field="optimizer")
+    if layout.get("dcp"):
+        names = sorted(manifest.get("files", {}))
+    else:
+        names = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if include_optimizer else [])
+    verify_files(directory, manifest, names, hashes=hashes)
+
+
+def training_state_reader(directory: Path, manifest: dict[str, Any]) -> tuple[Any, dict[str, TensorInfo]]:
+    """A `torch.distributed.checkpoint` storage reader over a (verified) training state, and what it holds.
+
+    The second value maps each `weights/<name>` and `optimizer/<moment>.<name>` to its stored key,
+    shape and dtype. Loading a state dict of sharded tensors (DTensors) under those stored keys with
+    `torch.distributed.checkpoint.load(..., storage_reader=reader)` reads on each rank only the
+    slices its shards cover, whether the state was written by many ranks (DCP) or by one process
+    (safetensors, read with DCP's Hugging Face reader, tied aliases resolved).
+    """
+    from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    layout = manifest.get("layout", {})
+    if layout.get("dcp"):
+        reader: Any = FileSystemReader(str(directory / layout["dcp"]))
+        stored = {key: key for key in reader.read_metadata().state_dict_metadata}
+    else:
+        reader = HuggingFaceStorageReader(str(directory))
+        stored = {}
+        for prefix, file, aliases in (
+            ("weights/", WEIGHTS_FILE, layout.get("weight_aliases", {})),
+            ("optimizer/", OPTIMIZER_FILE, layout.get("optimizer_aliases", {})),
+        ):
+            if not (directory / file).exists():
+                continue
+            with safe_open(str(directory / file), framework="pt") as f:
+                stored.update({prefix + key: key for key in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
+            stored.update({prefix + alias: original for alias, original in aliases.items()})
+    items = reader.read_metadata().state_dict_metadata
+    out = {}
+    for key, original in stored.items():
+        item = items.get(original)
+        if isinstance(item, TensorStorageMetadata):
+            out[key] = TensorInfo(original, tuple(item.size), item.properties.dtype)
+    return reader, out
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor of a training state: its key in the files, its shape and dtype."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def read_dcp_state(

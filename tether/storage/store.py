@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote
 
 from tether.storage.atomic import (
@@ -35,12 +35,15 @@ from tether.storage.formats import (
     StoredTrainingState,
     read_hf_weights,
     read_training_state,
+    verify_training_state,
     write_hf_weights,
     write_training_state,
 )
 from tether.storage.manifest import MANIFEST_NAME, CorruptCheckpointError, read_manifest, write_manifest
 from tether.types.errors import NotFoundError, UserInputError
 from tether.types.paths import SEGMENT_BY_KIND, ParsedCheckpointPath, parse_checkpoint_path
+
+T = TypeVar("T")
 
 __all__ = [
     "CheckpointInfo",
@@ -135,6 +138,30 @@ class CheckpointStore(ABC):
             self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest),
         ):
             return read_training_state(directory, manifest, include_optimizer=include_optimizer)
+
+    def read_training_state_files(
+        self,
+        ref: CheckpointRef,
+        read: Callable[[Path, dict[str, Any]], T],
+        *,
+        include_optimizer: bool = False,
+        hashes: bool = True,
+    ) -> T:
+        """`read(directory, manifest)` over a training state's verified files in a local directory.
+
+        For a reader that loads only part of each tensor (a multi-rank trainer reading its shards,
+        see `formats.training_state_reader`). NotFoundError if absent; UserInputError if
+        `include_optimizer` asks for moments it was saved without; CorruptCheckpointError if a
+        file's size (or, with `hashes`, its sha256) is not the manifest's. Without `hashes` the
+        caller checks them itself (`formats.verify_training_state`), e.g. on one rank of many.
+        """
+        path = parse_ref(ref)
+        with (
+            naming_damage(path),
+            self._checkout(path, TRAINING_STATE_KIND, "training state") as (directory, manifest),
+        ):
+            verify_training_state(directory, manifest, include_optimizer=include_optimizer, hashes=hashes)
+            return read(directory, manifest)
 
     def save_hf_weights(
         self,

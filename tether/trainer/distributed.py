@@ -16,10 +16,17 @@ All ranks then execute it with a `DistributedTrainingEngine` (FSDP2) and exchang
   logs why and exits (torchrun then stops the job and the server reports the trainer's exit).
 
 A rank that dies (SIGKILL, OOM-kill) is seen by torchrun's elastic agent, which stops the other
-ranks; a rank stuck in a training collective gives up after `collective_timeout_s`. Sampling and
-sampler registration run on rank 0 alone with the unsharded base model. Files are written by
-rank 0 (gathered weights); `data_dir` must be storage every node can read (loads read it on every
-rank).
+ranks; a rank stuck in a training collective gives up after `collective_timeout_s`.
+
+Memory: every rank starts from a meta-device skeleton of the base model and holds only its shards
+of the training copies (read from the base's safetensors, and on `load_state` from the checkpoint,
+each rank reading only its slices). Sampling and sampler registration run on rank 0 alone, on a
+full copy of the base model that rank 0 loads the first time something samples: one unsharded
+base in the weights' dtype on rank 0 (16 GB for an 8B model in bf16), never on the other ranks.
+Gathering it on demand from the shards instead would make every sample a collective of all ranks.
+Sampler weights of full fine-tuning are gathered tensor by tensor and kept by rank 0 only. Files
+are written by rank 0 (gathered weights) or by every rank (DCP shards); `data_dir` must be storage
+every node can read.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
+from tether.engine.model_loading import LoadedBaseModel, load_base_model
+from tether.engine.sampling import SamplingEngine
 from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
-from tether.storage.formats import DCP_DIR
+from tether.storage.formats import DCP_DIR, training_state_reader, verify_training_state
+from tether.storage.manifest import CorruptCheckpointError
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.executor import OpExecutor
 from tether.trainer.local import InProcessTrainer
@@ -89,6 +99,83 @@ class DistributedExecutor(OpExecutor):
     def __init__(self, base_model: str, settings: EngineSettings) -> None:
         super().__init__(base_model, settings)
         self.rank = dist.get_rank()
+        self._full_base: LoadedBaseModel | None = None
+        self._full_base_lock = threading.Lock()
+
+    @property
+    def base(self) -> LoadedBaseModel:
+        """The base model's skeleton (meta-device parameters): the sharded engine reads its shards itself."""
+        with self._lock:
+            if self._base is None:
+                self._base = load_base_model(
+                    self.base_model,
+                    aliases=self.settings.model_aliases,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                    weights=False,
+                )
+            return self._base
+
+    @property
+    def sampling(self) -> SamplingEngine:
+        """Rank 0's sampling engine, on a full copy of the base model loaded when first needed.
+
+        Sampling runs on rank 0 alone, so it needs the whole model there: one unsharded copy of
+        the base in the weights' dtype on rank 0's device (e.g. 16 GB for an 8B model in bf16),
+        held only once something samples (never on the other ranks).
+        """
+        with self._full_base_lock:  # not the executor's lock: training ops go on while it loads
+            if self._full_base is None:
+                self._full_base = load_base_model(
+                    self.base_model,
+                    aliases=self.settings.model_aliases,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                )
+        with self._lock:
+            if self._sampling is None:
+                self._sampling = SamplingEngine(
+                    self._full_base, kv_cache_budget_tokens=self.settings.kv_cache_budget_tokens
+                )
+            return self._sampling
+
+    def load_state(self, op: ops.LoadState) -> ops.Done:
+        """Every rank reads only the slices of the stored tensors its shards hold (DCP or safetensors)."""
+        path = parse_checkpoint_path(op.path)
+        if not op.create_model:
+            self.training.model_info(op.model_id)  # NotFoundError before reading files
+        wanted = ("weights/", "optimizer/") if op.include_optimizer else ("weights/",)
+
+        def read(directory: Path, manifest: dict[str, Any]) -> None:
+            # the files' sizes were checked on every rank; their sha256 (reading every byte) on rank 0
+            # alone, which tells the others the outcome, so each rank then reads only its slices
+            problem = ""
+            if self.rank == 0:
+                try:
+                    verify_training_state(directory, manifest, include_optimizer=op.include_optimizer)
+                except CorruptCheckpointError as exc:
+                    problem = str(exc)
+            problem = broadcast_bytes(problem.encode() if self.rank == 0 else None).decode()
+            if problem:
+                raise CorruptCheckpointError(problem)
+            reader, stored = training_state_reader(directory, manifest)
+            shapes = {key: info.shape for key, info in stored.items() if key.startswith(wanted)}
+
+            def load(flat: dict[str, torch.Tensor]) -> None:
+                dcp.load({stored[key].key: tensor for key, tensor in flat.items()}, storage_reader=reader)
+
+            self.training.import_sharded_state(
+                op.model_id,
+                manifest.get("metadata", {}),
+                shapes,
+                load,
+                include_optimizer=op.include_optimizer,
+            )
+
+        self.checkpoints.stores.store(op.owner).read_training_state_files(
+            path, read, include_optimizer=op.include_optimizer, hashes=False
+        )
+        return ops.Done()
 
     @property
     def training(self) -> DistributedTrainingEngine:
@@ -150,13 +237,13 @@ class DistributedExecutor(OpExecutor):
         parse_checkpoint_path(op.path)  # a bad path fails on every rank, before the gather
         if self.rank == 0:
             return super().save_weights_for_sampler_ext(op)
-        self.training.sampler_weights(op.model_id)  # the gather rank 0 is doing
+        self.training.sampler_weights(op.model_id, keep=False)  # the gather rank 0 is doing
         return ops.Done()
 
     def save_sampler_weights(self, op: ops.SaveSamplerWeights) -> ops.CheckpointWritten | ops.Done:
         if self.rank == 0:
             return super().save_sampler_weights(op)
-        self.training.sampler_weights(op.model_id)  # the gather rank 0 is doing
+        self.training.sampler_weights(op.model_id, keep=False)  # the gather rank 0 is doing
         return ops.Done()
 
 

@@ -1,0 +1,262 @@
+"""Collectives and the optimizer of the sharded training engine (`tether.engine.fsdp`).
+
+Bytes are broadcast and all-gathered as a length and uint8 tensors (never pickle), on the CUDA
+device under NCCL and on the CPU under gloo. `DistributedOptimizer` is the `ModelOptimizer` whose
+gradients are summed across ranks and whose gradient norm is the global one. This module knows
+nothing about models, ops or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import cast
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tether.engine.grad_accumulation import GradAccMode, check_mode
+from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
+from tether.engine.training_types import AdamWParams
+
+__all__ = [
+    "DistributedOptimizer",
+    "all_gather_bytes",
+    "broadcast_bytes",
+    "comm_device",
+    "split_by_tokens",
+]
+
+# ---- collectives on bytes (no pickle) ---------------------------------------------------------
+
+
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where `group`'s (default: the world's) collective buffers live: the CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0, *, group: dist.ProcessGroup | None = None) -> bytes:
+    """`data` (given on global rank `src`, ignored elsewhere) on every rank: its length, then its bytes as uint8."""
+    device = comm_device(group)
+    length = torch.tensor(
+        [len(data or b"") if dist.get_rank() == src else 0], dtype=torch.int64, device=device
+    )
+    dist.broadcast(length, src, group=group)
+    if dist.get_rank() == src:
+        buffer = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+            if data
+            else torch.empty(0, dtype=torch.uint8, device=device)
+        )
+    else:
+        buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    if buffer.numel():
+        dist.broadcast(buffer, src, group=group)
+    return bytes(buffer.cpu().numpy().tobytes())
+
+
+def all_gather_bytes(data: bytes, *, group: dist.ProcessGroup | None = None) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank of `group`."""
+    device = comm_device(group)
+    world = dist.get_world_size(group)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64, device=device), group=group)
+    longest = max(int(t.item()) for t in lengths)
+    if longest == 0:
+        return [b""] * world
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    return [bytes(g[: int(n.item())].cpu().numpy().tobytes()) for g, n in zip(gathered, lengths, strict=True)]
+
+
+def split_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Datum indices per rank: longest first, each to the rank with the fewest tokens so far (ties: lowest rank).
+
+    Deterministic, so every rank computes the same split; rank 0 always gets at least one datum.
+    """
+    loads = [0] * world_size
+    groups: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        groups[rank].append(index)
+        loads[rank] += lengths[index]
+    return [sorted(g) for g in groups]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`source` (a full tensor) laid out like `target` (sharded like it if `target` is a DTensor)."""
+    source = source.to(device=target.device, dtype=target.dtype)
+    if isinstance(target, DTensor):
+        return distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
+    return source
+
+
+# ---- the optimizer ------------------------------------------------------------------------------
+
+
+class DistributedOptimizer(ModelOptimizer):
+    """`ModelOptimizer` whose gradients are summed across ranks and whose grad norm is the global one.
+
+    Sharded (DTensor) tensors already hold their shard of the summed gradient (FSDP reduce-scatter);
+    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded.
+    Each rank counts the loss tokens and sequences of its own share of the datums; the counts a
+    step normalises by are their sums over the ranks (`accumulated_counts`, a collective).
+    """
+
+    def accumulated_counts(self) -> tuple[int, int]:
+        """(loss tokens, sequences) summed over the ranks: a collective."""
+        counts = torch.tensor([self.loss_tokens, self.sequences], dtype=torch.int64, device=comm_device())
+        dist.all_reduce(counts)
+        loss_tokens, sequences = counts.tolist()
+        return int(loss_tokens), int(sequences)
+
+    def step(self, params: AdamWParams, *, normalization: GradAccMode = "none") -> dict[str, float]:
+        params.validate()
+        check_mode(normalization)  # the same on every rank: all raise before any collective
+        divisor = self.divisor(normalization)
+        tensors = list(self.named_params.values())
+        unsummed = {
+            id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None
+        }
+        self._sum_replicated_grads(tensors)
+        with_grad = [t for t in tensors if t.grad is not None]
+        squares = torch.zeros((), dtype=torch.float64, device=comm_device())
+        for t in with_grad:
+            local = _local(cast(torch.Tensor, t.grad)).detach()
+            part = local.double().pow(2).sum().to(squares.device)
+            squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
+        dist.all_reduce(squares)
+        grad_norm = squares.sqrt() / divisor
+        # refuse (or skip) a step that would make weights or moments non-finite, as one process does
+        # (`ModelOptimizer.step`): the global norm is the same on every rank; the update check runs
+        # on each rank's shards and the ranks agree on it before anything changes
+        if not bool(torch.isfinite(grad_norm)):
+            self.zero_grad()
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"the accumulated gradients are not finite (norm "
+                f"{float(grad_norm)}): the loss diverged; they were discarded, and the weights "
+                "and optimizer moments are unchanged",
+                field="gradients",
+            )
+        coef_value = (
+            min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
+            if params.grad_clip_norm > 0 and with_grad
+            else 1.0
+        )
+        finite = torch.tensor(
+            [1 if self._local_update_is_finite(params, coef_value / divisor) else 0], device=comm_device()
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not int(finite.item()):
+            for t in tensors:  # the gradients stay as they were for a retry: this rank's own, not the sum
+                if id(t) in unsummed:
+                    t.grad = unsummed[id(t)]
+                elif not isinstance(t, DTensor):
+                    t.grad = None
+            return self._nonfinite(
+                params,
+                float(grad_norm),
+                f"this step's update would make weights or moments "
+                f"non-finite (learning rate {params.learning_rate}, gradient norm "
+                f"{float(grad_norm):.3g}); the weights, moments and gradients are unchanged: "
+                "retry with a smaller learning rate",
+                field="adam_params.learning_rate",
+            )
+        if (params.grad_clip_norm > 0 or divisor != 1.0) and with_grad:
+            coef = (
+                torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
+                if params.grad_clip_norm > 0
+                else torch.ones((), dtype=grad_norm.dtype, device=grad_norm.device)
+            ) / divisor
+            for t in with_grad:
+                _local(cast(torch.Tensor, t.grad)).mul_(
+                    coef.to(
+                        device=_local(cast(torch.Tensor, t.grad)).device,
+                        dtype=_local(cast(torch.Tensor, t.grad)).dtype,
+                    )
+                )
+        for group in self._optimizer.param_groups:
+            group["lr"] = params.learning_rate
+            group["betas"] = (params.beta1, params.beta2)
+            group["eps"] = params.eps
+            group["weight_decay"] = params.weight_decay
+        self._optimizer.step()
+        self.zero_grad()
+        self.num_steps += 1
+        return self._metrics(params, float(grad_norm), normalization, divisor)
+
+    def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
+        """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""
+        view = object.__new__(ModelOptimizer)
+        view.named_params, states = {}, {}
+        for name, tensor in self.named_params.items():
+            local = _local(tensor).detach()
+            if tensor.grad is not None:
+                local.grad = _local(tensor.grad).detach()
+            view.named_params[name] = local
+            state = self._optimizer.state.get(tensor)
+            if state:
+                states[local] = {
+                    key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()
+                }
+        view._optimizer = SimpleNamespace(state=states)  # type: ignore[assignment]  # a view with only .state
+        return ModelOptimizer._update_is_finite(view, params, coef)
+
+    def _sum_replicated_grads(self, tensors: list[torch.Tensor]) -> None:
+        replicated = [t for t in tensors if not isinstance(t, DTensor)]
+        if not replicated:
+            return
+        device = comm_device()
+        has = torch.tensor([t.grad is not None for t in replicated], dtype=torch.int32, device=device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        for t, flag in zip(replicated, has.tolist(), strict=True):
+            if not flag:
+                continue
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            grad = t.grad.to(device)
+            dist.all_reduce(grad)
+            if grad is not t.grad:
+                t.grad.copy_(grad)
+
+    def export_moments(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) copies of every moment, on every rank: a collective."""
+        return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
+
+    def import_moments(self, moments: Mapping[str, torch.Tensor], num_steps: int) -> None:
+        """Replace all moments with full tensors (as `export_moments` returns them), sharded like the weights."""
+        check_moments(moments, {name: tuple(t.shape) for name, t in self.named_params.items()})
+        self._optimizer.state.clear()
+        for name, tensor in self.named_params.items():
+            if f"step.{name}" not in moments:
+                continue
+            self._optimizer.state[tensor] = {
+                key: moments[f"{key}.{name}"].detach().clone()
+                if key == "step"
+                else _like(moments[f"{key}.{name}"], tensor)
+                for key in MOMENT_KEYS
+            }
+        self.num_steps = num_steps
+
+    def adopt_moments(self, moments: Mapping[torch.Tensor, dict[str, torch.Tensor]], num_steps: int) -> None:
+        """Use `moments` as the whole optimizer state: per parameter (the tensor itself, as
+        `named_params` holds it) its `exp_avg` and `exp_avg_sq` laid out like it and its `step`."""
+        self._optimizer.state.clear()
+        self._optimizer.state.update(moments)
+        self.num_steps = num_steps
