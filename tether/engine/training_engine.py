@@ -11,6 +11,10 @@ away, so memory does not grow with the number of datums beyond the outputs thems
 
 This module knows nothing about HTTP, wire formats or storage; callers are serialised per engine
 by a lock (the worker orders operations; the lock only keeps concurrent callers safe).
+
+A frozen engine (`frozen=True`, a forward-only reference trainer) runs forward passes only: a model
+created in it is the base model itself (a LoRA spec is recorded, its adapter is disabled), one
+that loads saved weights holds them without gradients, and none has an optimizer.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from tether.types.errors import ConfigurationError, ConflictError, NotFoundError
 
 __all__ = [
     "AdamWParams",
+    "FrozenModelError",
     "EngineDatum",
     "ForwardResult",
     "GraphHandle",
@@ -59,6 +64,10 @@ __all__ = [
     "TrainingEngine",
     "TrainingState",
 ]
+
+
+class FrozenModelError(UserInputError):
+    """A training call (backward, step, save) on a frozen model of a forward-only trainer (400)."""
 
 
 @dataclass
@@ -71,7 +80,8 @@ class _TrainingModel:
     routing: str | None
     """Adapter id to route to (LoRA), or None to run `module` as is (full fine-tuning copy)."""
     params: dict[str, torch.Tensor]
-    optimizer: ModelOptimizer
+    optimizer: ModelOptimizer | None
+    """None in a frozen engine: nothing to step."""
 
 
 @dataclass
@@ -100,10 +110,15 @@ class _KeptGraph:
 class TrainingEngine:
     """Hosts training models on one base model and runs forward, backward and optimizer steps."""
 
-    def __init__(self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192) -> None:
+    def __init__(
+        self, base: LoadedBaseModel, *, max_tokens_per_micro_batch: int = 8192, frozen: bool = False
+    ) -> None:
+        """`frozen`: forward passes only (see the module docstring); the other training calls raise
+        `FrozenModelError`."""
         if max_tokens_per_micro_batch < 1:
             raise ConfigurationError("must be at least 1", field="max_tokens_per_micro_batch")
         self.base = base
+        self.frozen = frozen
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self._device = next(base.model.parameters()).device
         self._models: dict[str, _TrainingModel] = {}
@@ -146,7 +161,8 @@ class TrainingEngine:
                 "lora_rank": spec.rank if spec is not None else 0,
                 "lora": lora_spec_metadata(spec),
                 "num_trainable_params": sum(t.numel() for t in trained.params.values()),
-                "optimizer_steps": trained.optimizer.num_steps,
+                "optimizer_steps": trained.optimizer.num_steps if trained.optimizer is not None else 0,
+                "frozen": trained.optimizer is None,
                 "vocab_size": self.base.vocab_size,
                 "max_context_length": self.base.max_context_length,
             }
@@ -223,7 +239,7 @@ class TrainingEngine:
             if not isinstance(params, AdamWParams):
                 raise UserInputError("expected AdamWParams", field="adam_params")
             params.validate()
-            return trained.optimizer.step(params)
+            return self._optimizer(trained, "optim_step").step(params)
 
     def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
         """Detached copies of the gradients accumulated since the last step (for inspection and tests)."""
@@ -253,7 +269,8 @@ class TrainingEngine:
             if graph_id is not None and graph_id in self._graphs:
                 raise ConflictError(f"graph {graph_id!r} is already kept")
             checked = self._validate(data, ("target_tokens",))
-            kept = _KeptGraph(model_id=model_id, optimizer_steps=trained.optimizer.num_steps)
+            steps = self._optimizer(trained, "forward_keep_graph").num_steps
+            kept = _KeptGraph(model_id=model_id, optimizer_steps=steps)
             outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
             loss_sum = torch.zeros((), device=self._device)
             for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=True):
@@ -290,7 +307,7 @@ class TrainingEngine:
             if kept is None or kept.model_id != handle.model_id:
                 raise NotFoundError(f"graph {handle.graph_id!r} does not exist (expired, released or used)")
             trained = self._get(kept.model_id)
-            if trained.optimizer.num_steps != kept.optimizer_steps:
+            if self._optimizer(trained, "backward").num_steps != kept.optimizer_steps:
                 raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
             checked_grads = _check_logprob_grads(grads, kept.logprob_shapes)
             loss_sum = torch.zeros((), device=self._device)
@@ -329,14 +346,15 @@ class TrainingEngine:
         """Detached copies of the weights (and optimizer moments) plus metadata to rebuild the model."""
         with self._lock:
             trained = self._get(model_id)
+            optimizer = self._optimizer(trained, "save_state")
             weights = {name: t.detach().clone() for name, t in trained.params.items()}
-            moments = trained.optimizer.export_moments() if include_optimizer else None
+            moments = optimizer.export_moments() if include_optimizer else None
             metadata = {
                 "format": STATE_FORMAT,
                 "base_model": self.base.name,
                 "is_lora": trained.lora is not None,
                 "lora": lora_spec_metadata(trained.lora),
-                "optimizer_steps": trained.optimizer.num_steps,
+                "optimizer_steps": optimizer.num_steps,
             }
             return TrainingState(weights=weights, optimizer=moments, metadata=metadata)
 
@@ -347,6 +365,11 @@ class TrainingEngine:
         """
         with self._lock:
             spec = state.lora_spec
+            if include_optimizer and self.frozen:
+                raise FrozenModelError(
+                    "a forward-only trainer holds no optimizer state: load the weights only",
+                    field="include_optimizer",
+                )
             if include_optimizer and state.optimizer is None:
                 raise UserInputError("the state was saved without optimizer moments", field="state.optimizer")
             expected = self._expected_shapes(spec)
@@ -367,11 +390,11 @@ class TrainingEngine:
                 check_moments(state.optimizer, expected)
             if model_id in self._models:
                 self._drop(model_id)
-            trained = self._build_model(model_id, spec)
+            trained = self._build_model(model_id, spec, loading=True)
             with torch.no_grad():
                 for name, tensor in trained.params.items():
                     self._load_weight(tensor, state.weights[name])
-            if include_optimizer and state.optimizer is not None:
+            if include_optimizer and state.optimizer is not None and trained.optimizer is not None:
                 trained.optimizer.import_moments(
                     state.optimizer, int(state.metadata.get("optimizer_steps", 0))
                 )
@@ -381,6 +404,7 @@ class TrainingEngine:
         """A frozen, detached copy for sampling: LoRA tensors and spec, or the full state dict."""
         with self._lock:
             trained = self._get(model_id)
+            self._optimizer(trained, "save_weights_for_sampler")
             if trained.lora is not None:
                 tensors = {name: t.detach().clone() for name, t in trained.params.items()}
             else:
@@ -406,18 +430,43 @@ class TrainingEngine:
 
     def _drop(self, model_id: str) -> None:
         trained = self._models.pop(model_id)
-        if trained.lora is not None:
+        if trained.lora is not None and trained.routing is not None:
             remove_adapter(self.base.model, model_id)
         for graph_id in [g for g, kept in self._graphs.items() if kept.model_id == model_id]:
             del self._graphs[graph_id]
 
-    def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
+    def _optimizer(self, trained: _TrainingModel, call: str) -> ModelOptimizer:
+        """The model's optimizer; `FrozenModelError` naming `call` for a frozen model."""
+        if trained.optimizer is None:
+            raise FrozenModelError(
+                f"{call} is refused: model {trained.model_id!r} is frozen (a forward-only reference "
+                "trainer: no gradients, no optimizer state, nothing to save)",
+                field="op",
+            )
+        return trained.optimizer
+
+    def _build_model(self, model_id: str, lora: LoraSpec | None, *, loading: bool = False) -> _TrainingModel:
+        if self.frozen:
+            return self._build_frozen(model_id, lora, loading=loading)
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
             return _TrainingModel(model_id, lora, self.base.model, model_id, params, ModelOptimizer(params))
         module = _full_copy(self.base.model)
         params = {name: p for name, p in module.named_parameters()}
         return _TrainingModel(model_id, None, module, None, params, ModelOptimizer(params))
+
+    def _build_frozen(self, model_id: str, lora: LoraSpec | None, *, loading: bool) -> _TrainingModel:
+        """A frozen model: the base itself (adapter disabled, nothing copied), or with `loading` a
+        gradient-free adapter or weight copy for saved weights to be loaded into."""
+        if not loading:
+            return _TrainingModel(model_id, lora, self.base.model, None, {}, None)
+        if lora is not None:
+            params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
+            for tensor in params.values():
+                tensor.requires_grad_(False)
+            return _TrainingModel(model_id, lora, self.base.model, model_id, params, None)
+        module = _full_copy(self.base.model).requires_grad_(False)
+        return _TrainingModel(model_id, None, module, None, dict(module.named_parameters()), None)
 
     def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
         if lora is None:
@@ -452,6 +501,8 @@ class TrainingEngine:
     def _prepare(self, request: LossRequest) -> _Prepared:
         """Everything checked before anything runs: the model, the loss and its config, the data."""
         trained = self._get(request.model_id)
+        if request.backward:
+            self._optimizer(trained, "forward_backward")
         definition = get_loss(request.loss_fn)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         checked = self._validate(request.data, definition.required_inputs)

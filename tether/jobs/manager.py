@@ -139,7 +139,7 @@ class JobManager:
     def create(self, owner: str, config: TrainerJobConfig) -> TrainerJobRow:
         """Create and launch a job; a retry with the same id and config returns the same job.
 
-        Raises UserInputError (unknown base model, impossible resources, forward_only), JobConflictError
+        Raises UserInputError (unknown base model, impossible resources), JobConflictError
         (the id belongs to a deleted job, or to a job asked for with another config).
         """
         allowed = self.allowed_models(owner)
@@ -147,8 +147,12 @@ class JobManager:
             raise UserInputError(
                 f"unknown base model {config.base_model!r} (allowed: {allowed})", field="base_model"
             )
-        if config.forward_only:
-            raise UserInputError("forward-only reference jobs are not supported yet", field="forward_only")
+        if config.forward_only and config.nproc_per_node * config.node_count > 1:
+            raise UserInputError(
+                "a forward-only reference job runs on one rank (it holds no gradients or optimizer "
+                "state to shard); ask for nproc_per_node=1 and node_count=1",
+                field="forward_only",
+            )
         self.launcher.check(config)
         job_id = config.requested_job_id or f"trainer-{uuid.uuid4().hex[:8]}"
         config = config.model_copy(update={"requested_job_id": job_id})
@@ -250,6 +254,7 @@ class JobManager:
                 "ready_file": None,
                 "data_dir": directory / "data",
                 "trainer_process": False,
+                "forward_only": config.forward_only,
                 "job_models": [],
                 "model_aliases": self._model_aliases(owner),
             }

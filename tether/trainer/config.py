@@ -77,6 +77,12 @@ class EngineSettings(BaseModel):
         description='Multi-rank trainers: "bfloat16" computes in bf16 with fp32 weights, gradient '
         'reduction and optimizer state (FSDP2 MixedPrecisionPolicy); "none" computes in the weights\' dtype.',
     )
+    forward_only: bool = Field(
+        False,
+        description="A frozen reference trainer: forward passes (logprobs) and sampling only; training models "
+        "are the base model (a LoRA adapter disabled) or loaded weights, with no gradients and no optimizer "
+        "state, and forward_backward, optim_step and saves are refused (400).",
+    )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )

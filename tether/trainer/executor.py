@@ -126,7 +126,9 @@ class OpExecutor:
         with self._lock:
             if self._training is None:
                 self._training = TrainingEngine(
-                    base, max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch
+                    base,
+                    max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
+                    frozen=self.settings.forward_only,
                 )
             return self._training
 
@@ -198,7 +200,7 @@ class OpExecutor:
         """The fusion key of `op`: "lora_forward" for a `Forward`/`ForwardBackward` of an existing LoRA
         model, else None (runs alone; full fine-tuning models are never fused). Quick, never blocks."""
         training = self._training
-        if training is None or not isinstance(op, (ops.Forward, ops.ForwardBackward)):
+        if training is None or training.frozen or not isinstance(op, (ops.Forward, ops.ForwardBackward)):
             return None
         return "lora_forward" if training.is_lora(op.model_id) else None
 

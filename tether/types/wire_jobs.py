@@ -142,7 +142,9 @@ class TrainerJobConfig(WireModel):
         None, max_length=63, description="Human-readable name (< 64 characters)."
     )
     forward_only: bool = Field(
-        False, description="A frozen reference trainer without an optimizer (not yet served)."
+        False,
+        description="A frozen reference trainer (DPO/KL references): forward and logprobs (and sampling) "
+        "only, no gradients or optimizer state; forward_backward, optim_step and saves are refused (400).",
     )
     inactivity_timeout: float | None = Field(
         None,
