@@ -3,7 +3,6 @@ idempotent rows, launcher failures, a dead multi-rank job, and relaunch after a 
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -129,19 +128,28 @@ def test_a_restarted_control_plane_relaunches_live_jobs(tmp_path):
     assert manager.get("alice", "j1").job_state is JobState.DELETED
 
 
-def test_a_multi_rank_job_without_the_distributed_trainer_fails_with_its_error(tmp_path):
-    """torchrun starts two ranks; the runner refuses them; with no restarts left the job is FAILED
-    with the process's own error text, and nothing is left running."""
-    manager = JobManager(Catalogue(tmp_path / "tether.db"), control_plane_config(tmp_path))
-    manager.create(
-        "alice", TrainerJobConfig(base_model=BASE, requested_job_id="mr", nproc_per_node=2, max_restarts=0)
+def test_the_nodes_of_a_job_end_together(tmp_path):
+    """A job of two nodes (two process groups): when one ends, the handle kills the other and reports
+    the failing exit code, so the control plane relaunches the whole job."""
+    import subprocess
+
+    from tether.jobs.launchers import _LocalHandle
+
+    nodes = [
+        subprocess.Popen(["sleep", "120"], start_new_session=True),
+        subprocess.Popen(["sh", "-c", "exit 3"], start_new_session=True),
+    ]
+    handle = _LocalHandle(nodes)
+    nodes[1].wait(timeout=30)
+    assert handle.poll() == 3 and handle.pids == [n.pid for n in nodes]
+    assert nodes[0].wait(timeout=30) == -9
+    spec = LaunchSpec("j", tmp_path / "s", tmp_path / "l", {}, nproc_per_node=2, node_count=2)
+    argv = job_command(spec, python="py", rendezvous="127.0.0.1:29400")
+    assert (
+        argv[argv.index("--nnodes") + 1] == "2"
+        and argv[argv.index("--rdzv-endpoint") + 1] == "127.0.0.1:29400"
     )
-    handle = manager.handle("alice", "mr")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and manager.get("alice", "mr").job_state is not JobState.FAILED:
-        manager.tick()
-        time.sleep(0.2)
-    row = manager.get("alice", "mr")
-    assert row.job_state is JobState.FAILED and "distributed trainer" in row.reason, row.reason
-    assert handle.poll() is not None
-    manager.close()
+    with pytest.raises(ValueError, match="rendezvous"):
+        job_command(spec, python="py")
+    with pytest.raises(UserInputError, match="node_count"):
+        LocalLauncher(max_ranks=2).check(TrainerJobConfig(base_model=BASE, nproc_per_node=2, node_count=2))

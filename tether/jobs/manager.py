@@ -325,6 +325,7 @@ class JobManager:
         code = handle.poll()
         if code is not None:
             self._handles.pop(_key(owner, job_id), None)
+            handle.kill()  # whatever is left of its process group (ranks of a lost node) goes too
             what = f"the job's process exited with code {code}"
             if row.restart_count < config.max_restarts:
                 log.warning(

@@ -12,8 +12,11 @@ The job's data directory (its own catalogue `tether.db` and `checkpoints/`) is t
 plane can list them after the job is gone. The process exits when the process that started it
 goes away (it is re-parented), so a dead launcher leaves nothing running.
 
-Multi-rank jobs (torchrun, `RANK` > 0) need the distributed trainer; until it exists the runner
-refuses them with a clear error, which the launcher records as the job's failure.
+Multi-rank jobs run under torchrun (one invocation per node, tether/jobs/launchers.py): every rank
+joins the process group (tether/trainer/distributed.py); rank 0 serves HTTP with a
+`DistributedTrainer` that broadcasts each training op to the other ranks, which follow until rank 0
+stops. Only rank 0 writes the ready file. A rank that dies takes its node's torchrun down, and the
+launcher's handle the job's other nodes, so the control plane relaunches the whole group.
 """
 
 from __future__ import annotations
@@ -70,18 +73,66 @@ def run(spec: JobProcessSpec) -> None:
 
 
 def _run(spec: JobProcessSpec) -> None:
-    from tether.server.main import _bound_url, _uvicorn_server
-
-    if int(os.environ.get("RANK", "0")) > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("tether job: multi-rank jobs need the distributed trainer, which this build lacks")
     key = os.environ.pop(API_KEY_ENV, None)
     if not key:
         raise SystemExit(f"tether job: {API_KEY_ENV} is not set")
     config = spec.server.model_copy(update={"api_keys": [key], "ready_file": None})
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
     )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trainer = _join_ranks(config) if distributed else None
+    if distributed and trainer is None:
+        return  # a rank > 0: it followed rank 0 until the stop
+    try:
+        _serve(spec, config, trainer)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _join_ranks(config: ServerConfig) -> Any:
+    """Join torchrun's process group: rank 0 gets the `DistributedTrainer` its server adopts; the
+    other ranks load the base model, run rank 0's ops until it stops, and get None."""
+    import torch
+    import torch.distributed as dist
+
+    from tether.trainer.distributed import (
+        ControlChannel,
+        DistributedExecutor,
+        DistributedTrainer,
+        follow,
+        init_distributed,
+    )
+
+    if len(config.models) != 1:
+        raise SystemExit("tether job: a multi-rank job serves exactly one base model")
+    settings = init_distributed(config.engine_settings())
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    channel = ControlChannel()
+    if dist.get_rank() == 0:
+        return DistributedTrainer(config.models[0], settings, channel)
+    executor = DistributedExecutor(config.models[0], settings)
+    try:
+        executor.base  # noqa: B018 - load now, beside rank 0, not on the first training op
+        follow(executor, channel)
+    finally:
+        executor.close()
+        dist.destroy_process_group()
+    return None
+
+
+def _serve(spec: JobProcessSpec, config: ServerConfig, trainer: Any) -> None:
+    from tether.server.main import _bound_url, _uvicorn_server
+
     server = _uvicorn_server(config)
+    if trainer is not None:
+        cast(Any, server.config.app).state.tether.trainers.adopt(config.models[0], trainer)
     parent = os.getppid()
 
     async def main() -> None:
