@@ -390,7 +390,10 @@ class TrainingEngine:
                 check_moments(state.optimizer, expected)
             if model_id in self._models:
                 self._drop(model_id)
-            trained = self._build_model(model_id, spec, loading=True)
+            if self.frozen:
+                trained = self._build_frozen(model_id, spec, loading=True)
+            else:
+                trained = self._build_model(model_id, spec)
             with torch.no_grad():
                 for name, tensor in trained.params.items():
                     self._load_weight(tensor, state.weights[name])
@@ -445,9 +448,9 @@ class TrainingEngine:
             )
         return trained.optimizer
 
-    def _build_model(self, model_id: str, lora: LoraSpec | None, *, loading: bool = False) -> _TrainingModel:
+    def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
         if self.frozen:
-            return self._build_frozen(model_id, lora, loading=loading)
+            return self._build_frozen(model_id, lora, loading=False)
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
             return _TrainingModel(model_id, lora, self.base.model, model_id, params, ModelOptimizer(params))
