@@ -110,6 +110,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class JobHandle(ABC):
     """A started job's process (group)."""
 
+    cheap_poll = False
+    """Whether `poll` is a local system call (the control plane's watcher then polls it often)."""
+
     @abstractmethod
     def poll(self) -> int | None:
         """None while it runs; its exit code once it has ended (negative: killed by that signal;
@@ -162,6 +165,8 @@ class Launcher(ABC):
 
 class _LocalHandle(JobHandle):
     """The processes of a job's nodes (one each), every one leading its own process group."""
+
+    cheap_poll = True
 
     def __init__(self, processes: list[subprocess.Popen]) -> None:
         self._processes = processes

@@ -10,6 +10,11 @@ run every `job_poll_interval_s` by the server, moves jobs along:
     FAILED | CANCELLED | COMPLETED --resume--> PENDING
     any --delete--> DELETING --> DELETED (tombstone; purged with its files after job_retention_s)
 
+The server runs `tick()` when `wait_wake` returns: at the latest every `job_poll_interval_s`, and at
+once when a watcher thread sees a pending job's ready file appear or a local job's process end
+(it looks every `WATCH_INTERVAL_S`), so readiness and deaths are acted on without waiting out a
+poll interval. `wait_for_change` lets a client's wait hold its request until the job's state moves.
+
 Activity is every request the control plane forwards to the job (operations and session heartbeats
 alike). A launcher failure puts the job in FAILED with the launcher's error text and leaves nothing
 running. After a control-plane restart, jobs recorded as live have no handle and are relaunched.
@@ -30,6 +35,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -39,7 +45,7 @@ import httpx
 
 from tether.jobs.launchers import Launcher, LaunchError, LaunchSpec, make_launcher
 from tether.jobs.promote import PromotedModels, export_hf_model
-from tether.jobs.runner import API_KEY_ENV, JobProcessSpec, error_file
+from tether.jobs.runner import API_KEY_ENV, LAUNCHED_AT_ENV, JobProcessSpec, error_file
 from tether.jobs.store import JobStore, TrainerJobRow
 from tether.server.auth import owner_of_key
 from tether.server.catalogue import Catalogue, utcnow
@@ -62,6 +68,10 @@ log = logging.getLogger("tether.jobs")
 
 HEALTHZ_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 2000
+WATCH_INTERVAL_S = 0.02
+"""How often the watcher thread looks for ready files and ended local processes (a stat and a waitpid)."""
+MAX_CHANGE_WAIT_S = 30.0
+"""Longest `wait_for_change` hold (well inside clients' request timeouts)."""
 
 
 class JobConflictError(ConflictError):
@@ -98,6 +108,12 @@ class JobManager:
         self._lock = threading.RLock()
         self._http = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
         self.promoted = PromotedModels(Path(config.data_dir).expanduser())
+        self._wake = threading.Event()
+        self._changed = threading.Condition()
+        self._watching: set[tuple[str, str]] = set()
+        """Jobs launched and not yet seen ready: the watcher looks for their ready files."""
+        self._watcher: threading.Thread | None = None
+        self._closed = False
 
     @property
     def launcher(self) -> Launcher:
@@ -269,7 +285,11 @@ class JobManager:
             job_id=job_id,
             spec_file=spec_file,
             log_path=directory / "job.log",
-            env={API_KEY_ENV: self._api_key(owner, job_id), "PYTHONPATH": pythonpath},
+            env={
+                API_KEY_ENV: self._api_key(owner, job_id),
+                LAUNCHED_AT_ENV: repr(time.time()),
+                "PYTHONPATH": pythonpath,
+            },
             nproc_per_node=config.nproc_per_node,
             node_count=config.node_count,
             options=dict(config.launcher_options),
@@ -283,8 +303,53 @@ class JobManager:
         self.store.update(
             owner, job_id, state=JobState.PENDING, reason=reason, url=None, launched_at=utcnow()
         )
+        self._watching.add(_key(owner, job_id))
+        self._start_watcher()
+
+    # ---- waking the monitor
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None and not self._closed:
+            self._watcher = threading.Thread(target=self._watch_loop, name="tether-jobs-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Wake the monitor when a pending job's ready file appears or a local job's process ends."""
+        while not self._closed:
+            for key in list(self._watching):
+                if (self.job_dir(*key) / "ready.json").exists() or error_file(
+                    self.job_dir(*key) / "ready.json"
+                ).exists():
+                    self._watching.discard(key)
+                    self._wake.set()
+            for handle in list(self._handles.values()):
+                if getattr(handle, "cheap_poll", False) and handle.poll() is not None:
+                    self._wake.set()
+            time.sleep(WATCH_INTERVAL_S)
+
+    def wait_wake(self, timeout_s: float) -> None:
+        """Block until something needs a `tick` (see the module docstring) or `timeout_s` passes."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, owner: str, job_id: str, state: JobState, timeout_s: float) -> TrainerJobRow:
+        """The job once its state is not `state`, or as it is after `timeout_s` (at most
+        MAX_CHANGE_WAIT_S); NotFoundError if the owner has no such job."""
+        deadline = time.monotonic() + min(max(timeout_s, 0.0), MAX_CHANGE_WAIT_S)
+        while True:
+            row = self.store.get(owner, job_id)
+            remaining = deadline - time.monotonic()
+            if row.job_state is not state or remaining <= 0 or self._closed:
+                return row
+            with self._changed:
+                self._changed.wait(min(remaining, 1.0))
 
     def _stop(self, owner: str, job_id: str) -> None:
+        self._watching.discard(_key(owner, job_id))
         handle = self._handles.pop(_key(owner, job_id), None)
         if handle is not None:
             handle.stop()
@@ -315,6 +380,7 @@ class JobManager:
                     log.exception("watching trainer job %s failed", row.job_id)
             for row in self.store.expired_tombstones(self.config.job_retention_s):
                 self._purge(row)
+        self._notify()
 
     def _watch(self, row: TrainerJobRow) -> None:
         owner, job_id, config = row.owner, row.job_id, row.job_config
@@ -551,6 +617,9 @@ class JobManager:
     def close(self) -> None:
         """Stop every job process this control plane started (their rows stay live: a restarted
         control plane relaunches them), and release the launcher."""
+        self._closed = True
+        self._wake.set()
+        self._notify()
         with self._lock:
             for key in list(self._handles):
                 self._stop(*key)
