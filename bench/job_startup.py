@@ -16,7 +16,7 @@ prints where the time went, from the job's ready-file timeline (tether/jobs/runn
     app     building the app (catalogue, migrations)
     listen  uvicorn start-up and lifespan
     load    the trainer's model load (the reported model_load_s: its torch/engine imports and the
-            model); since the runner loads on a thread from its start, it overlaps server..listen
+            model, as the server's warm-up does them once it listens)
     after   the later of listening and loaded -> ready file written
     notice  ready file written -> the client has a ready endpoint (control plane + client waits)
     step    create the training client (or restore the save) + the first step

@@ -106,7 +106,7 @@ class JobManager:
         self._activity: dict[tuple[str, str], datetime] = {}
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self._lock = threading.RLock()
-        self._http = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
+        self._http_client: httpx.Client | None = None
         self.promoted = PromotedModels(Path(config.data_dir).expanduser())
         self._wake = threading.Event()
         self._changed = threading.Condition()
@@ -463,6 +463,15 @@ class JobManager:
                     reason=f"stopped for inactivity: no operations or heartbeats for {timeout:.0f} s",
                 )
 
+    def _http(self) -> httpx.Client:
+        """The healthz client, made on first use: building one loads the TLS trust store (about half
+        a second on a busy machine), which a server that never launches a job (every job's own
+        process among them) should not pay at start-up."""
+        with self._lock:
+            if self._http_client is None:
+                self._http_client = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
+            return self._http_client
+
     def _ready(self, owner: str, job_id: str) -> tuple[str, float] | None:
         """(url, model load seconds) once the job wrote its ready file and its healthz answers 200."""
         try:
@@ -470,7 +479,7 @@ class JobManager:
         except (OSError, ValueError):
             return None
         try:
-            healthy = self._http.get(f"{ready['url']}/api/v1/healthz").status_code == 200
+            healthy = self._http().get(f"{ready['url']}/api/v1/healthz").status_code == 200
         except httpx.HTTPError:
             healthy = False
         return (ready["url"], float(ready["model_load_s"])) if healthy else None
@@ -626,6 +635,7 @@ class JobManager:
             for catalogue in self._catalogues.values():
                 catalogue.close()
             self._catalogues.clear()
-            self._http.close()
+            if self._http_client is not None:
+                self._http_client.close()
             if self._launcher is not None:
                 self._launcher.close()

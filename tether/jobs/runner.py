@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -135,47 +134,17 @@ def _join_ranks(config: ServerConfig) -> Any:
     return None
 
 
-class _EarlyLoad:
-    """The trainer loading its base model on a thread from the process's start, beside the import of
-    the server stack and the building of the app (which do not need torch): the job is ready after
-    the longer of the two instead of their sum. `load_s` is the trainer's own load, as a server's
-    warm-up does it (the trainer's start with its torch/engine imports, then the model)."""
-
-    def __init__(self, config: ServerConfig, timeline: dict[str, float]) -> None:
-        from tether.server.trainers import TrainerPool  # torch-free
-
-        self.pool = TrainerPool(config)
-        self.load_s = 0.0
-        self._timeline = timeline
-        self.thread = threading.Thread(target=self._load, name="tether-job-load", daemon=True)
-        self.thread.start()
-
-    def _load(self) -> None:
-        started = time.monotonic()
-        self._timeline["load_start"] = time.time()
-        self.pool.warm_up()
-        self.load_s = time.monotonic() - started
-        self._timeline["loaded"] = time.time()
-
-
 def _serve(spec: JobProcessSpec, config: ServerConfig, trainer: Any) -> None:
     timeline = {"start": STARTED_AT}
     launched = os.environ.pop(LAUNCHED_AT_ENV, None)
     if launched:
         timeline["launch"] = float(launched)
-    early = (
-        None
-        if trainer is not None or os.environ.get("TETHER_AB_EARLY") == "0"
-        else _EarlyLoad(config, timeline)
-    )
     from tether.server.main import _bound_url, _uvicorn_server
 
     timeline["imports"] = time.time()
     server = _uvicorn_server(config)
     timeline["app"] = time.time()
-    if early is not None:  # the pool already loading the model serves the app (its own is still empty)
-        cast(Any, server.config.app).state.tether.trainers = early.pool
-    else:
+    if trainer is not None:
         cast(Any, server.config.app).state.tether.trainers.adopt(config.models[0], trainer)
     parent = os.getppid()
 
@@ -190,15 +159,10 @@ def _serve(spec: JobProcessSpec, config: ServerConfig, trainer: Any) -> None:
         timeline["listening"] = time.time()
         state = cast(Any, server.config.app).state.tether
         started = time.monotonic()
-        if early is not None:
-            await asyncio.to_thread(early.thread.join)
         for name in config.models:  # load before saying ready: a ready job trains at once
-            await asyncio.to_thread(state.trainers.base_info, name)  # a failed early load: again, or raise
-        if early is not None and not early.pool.warm_errors:
-            load_s = early.load_s
-        else:
-            load_s = time.monotonic() - started
-            timeline["loaded"] = time.time()
+            await asyncio.to_thread(state.trainers.base_info, name)
+        load_s = time.monotonic() - started
+        timeline["loaded"] = time.time()
         print(
             f"tether job {spec.job_id}: serving {config.models} on {url} (model load {load_s:.2f} s)",
             flush=True,

@@ -180,7 +180,7 @@ async def forward(job_id: str, path: str, request: Request, owner: str = Depends
     manager.touch(owner, job_id)
     headers = {name: request.headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request.headers}
     headers["X-API-Key"] = key
-    client: httpx.AsyncClient = request.app.state.tether_jobs_http
+    client = _proxy_client(request.app)
     try:
         answer = await client.request(
             request.method,
@@ -203,6 +203,15 @@ async def forward(job_id: str, path: str, request: Request, owner: str = Depends
     return Response(answer.content, status_code=answer.status_code, headers=out_headers)
 
 
+def _proxy_client(app: FastAPI) -> httpx.AsyncClient:
+    """The forwarding client, made on the first forwarded request (on the event loop, so once):
+    building one loads the TLS trust store, which a server that never forwards (every job's own
+    process among them) should not pay at start-up."""
+    if app.state.tether_jobs_http is None:
+        app.state.tether_jobs_http = httpx.AsyncClient(timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0))
+    return app.state.tether_jobs_http
+
+
 def install(app: FastAPI) -> None:
     """Add the job routes to `app` and run the job monitor (and stop the jobs) with the app's lifespan."""
     state = app.state.tether
@@ -222,15 +231,14 @@ def install(app: FastAPI) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         async with inner(app_):
-            app.state.tether_jobs_http = httpx.AsyncClient(
-                timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0)
-            )
+            app.state.tether_jobs_http = None
             task = asyncio.create_task(monitor())
             try:
                 yield
             finally:
                 task.cancel()
-                await app.state.tether_jobs_http.aclose()
+                if app.state.tether_jobs_http is not None:
+                    await app.state.tether_jobs_http.aclose()
                 await asyncio.to_thread(manager.close)  # stop the job processes before the catalogue closes
 
     app.router.lifespan_context = lifespan
