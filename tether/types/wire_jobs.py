@@ -130,7 +130,11 @@ class TrainerJobConfig(WireModel):
         None, ge=1, le=MAX_INT64, description="Longest sequence (tokens) the job accepts."
     )
     node_count: int = Field(
-        1, ge=1, le=MAX_NODES, description="Machines the job spans (the local launcher runs on one)."
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Machines (torchrun nodes) the job spans; the local launcher runs them all on its own "
+        "machine, meeting on loopback.",
     )
     nproc_per_node: int = Field(
         1,
