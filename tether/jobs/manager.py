@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import shutil
+import ssl
 import threading
 import time
 import uuid
@@ -106,7 +107,9 @@ class JobManager:
         self._activity: dict[tuple[str, str], datetime] = {}
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self._lock = threading.RLock()
+        self._tls_lock = threading.Lock()
         self._http_client: httpx.Client | None = None
+        self._tls: ssl.SSLContext | None = None
         self.promoted = PromotedModels(Path(config.data_dir).expanduser())
         self._wake = threading.Event()
         self._changed = threading.Condition()
@@ -463,13 +466,26 @@ class JobManager:
                     reason=f"stopped for inactivity: no operations or heartbeats for {timeout:.0f} s",
                 )
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS settings of the control plane's HTTP clients, built once: loading the trust store
+        takes about half a second on a busy machine, so a server that never launches a job (every
+        job's own process among them) never builds it, and a control plane builds it beside its
+        start-up (`prewarm`), not on its first job's critical path."""
+        with self._tls_lock:
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
+            return self._tls
+
+    def prewarm(self) -> None:
+        """Build what the first job will need (the TLS context, the healthz client) ahead of it."""
+        self._http()
+
     def _http(self) -> httpx.Client:
-        """The healthz client, made on first use: building one loads the TLS trust store (about half
-        a second on a busy machine), which a server that never launches a job (every job's own
-        process among them) should not pay at start-up."""
+        """The healthz client, made on first use (see `tls_context`)."""
+        tls = self.tls_context()
         with self._lock:
             if self._http_client is None:
-                self._http_client = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
+                self._http_client = httpx.Client(timeout=HEALTHZ_TIMEOUT_S, verify=tls)
             return self._http_client
 
     def _ready(self, owner: str, job_id: str) -> tuple[str, float] | None:

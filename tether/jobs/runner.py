@@ -143,6 +143,7 @@ def _serve(spec: JobProcessSpec, config: ServerConfig, trainer: Any) -> None:
 
     timeline["imports"] = time.time()
     server = _uvicorn_server(config)
+    cast(Any, server.config.app).state.tether_job_process = True  # it launches no jobs of its own
     timeline["app"] = time.time()
     if trainer is not None:
         cast(Any, server.config.app).state.tether.trainers.adopt(config.models[0], trainer)

@@ -208,7 +208,9 @@ def _proxy_client(app: FastAPI) -> httpx.AsyncClient:
     building one loads the TLS trust store, which a server that never forwards (every job's own
     process among them) should not pay at start-up."""
     if app.state.tether_jobs_http is None:
-        app.state.tether_jobs_http = httpx.AsyncClient(timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0))
+        app.state.tether_jobs_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0), verify=app.state.tether_jobs.tls_context()
+        )
     return app.state.tether_jobs_http
 
 
@@ -233,6 +235,8 @@ def install(app: FastAPI) -> None:
         async with inner(app_):
             app.state.tether_jobs_http = None
             task = asyncio.create_task(monitor())
+            if not getattr(app.state, "tether_job_process", False):  # a control plane: ready the
+                asyncio.get_running_loop().run_in_executor(None, manager.prewarm)  # first job's path
             try:
                 yield
             finally:
