@@ -153,3 +153,57 @@ def test_the_nodes_of_a_job_end_together(tmp_path):
         job_command(spec, python="py")
     with pytest.raises(UserInputError, match="node_count"):
         LocalLauncher(max_ranks=2).check(TrainerJobConfig(base_model=BASE, nproc_per_node=2, node_count=2))
+
+
+def test_readiness_and_deaths_wake_the_monitor_and_held_gets(tmp_path):
+    """With a 60 s poll interval nothing would move for a minute: the watcher wakes the monitor when
+    the ready file appears (and when a local process ends), and a held GET answers once it moves."""
+    import http.server
+    import json
+    import threading
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/api/v1/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    launcher = _Launcher()
+    manager = JobManager(
+        Catalogue(tmp_path / "tether.db"),
+        control_plane_config(tmp_path, job_poll_interval_s=60),
+        launcher=launcher,
+    )
+    try:
+        manager.create("alice", TrainerJobConfig(base_model=BASE, requested_job_id="j1"))
+        held: list = []
+        getter = threading.Thread(
+            target=lambda: held.append(manager.wait_for_change("alice", "j1", JobState.PENDING, 30))
+        )
+        getter.start()
+        woke = threading.Event()
+        threading.Thread(target=lambda: (manager.wait_wake(60), woke.set()), daemon=True).start()
+        ready = manager.job_dir("alice", "j1") / "ready.json"
+        ready.write_text(
+            json.dumps({"url": f"http://127.0.0.1:{httpd.server_address[1]}", "model_load_s": 1.0})
+        )
+        assert woke.wait(20)  # long before the poll interval
+        manager.tick()
+        getter.join(20)
+        assert held and held[0].job_state is JobState.RUNNING
+
+        handle = manager.handle("alice", "j1")
+        handle.cheap_poll = True  # a local process: the watcher polls it
+        woke.clear()
+        threading.Thread(target=lambda: (manager.wait_wake(60), woke.set()), daemon=True).start()
+        handle.signal(9)  # it ends
+        assert woke.wait(20)
+        manager.tick()
+        assert manager.get("alice", "j1").restart_count == 1 and len(launcher.launched) == 2
+    finally:
+        manager.close()
+        httpd.shutdown()
