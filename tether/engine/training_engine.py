@@ -70,6 +70,16 @@ class FrozenModelError(UserInputError):
     """A training call (backward, step, save) on a frozen model of a forward-only trainer (400)."""
 
 
+class _NoOptimizer(ModelOptimizer):
+    """A frozen model's optimizer: holds no tensors and no state; `TrainingEngine._optimizer` refuses
+    every use before one could reach it."""
+
+    def __init__(self) -> None:  # noqa: D107 - torch's AdamW refuses an empty parameter list
+        self.on_nonfinite = "refuse"
+        self.named_params = {}
+        self.num_steps = 0
+
+
 @dataclass
 class _TrainingModel:
     """One training model: the module it runs, its trainable tensors and their optimizer."""
@@ -80,8 +90,9 @@ class _TrainingModel:
     routing: str | None
     """Adapter id to route to (LoRA), or None to run `module` as is (full fine-tuning copy)."""
     params: dict[str, torch.Tensor]
-    optimizer: ModelOptimizer | None
-    """None in a frozen engine: nothing to step."""
+    optimizer: ModelOptimizer
+    frozen: bool = False
+    """A frozen engine's model: no gradients, and `optimizer` is a `_NoOptimizer` that is never used."""
 
 
 @dataclass
@@ -161,8 +172,8 @@ class TrainingEngine:
                 "lora_rank": spec.rank if spec is not None else 0,
                 "lora": lora_spec_metadata(spec),
                 "num_trainable_params": sum(t.numel() for t in trained.params.values()),
-                "optimizer_steps": trained.optimizer.num_steps if trained.optimizer is not None else 0,
-                "frozen": trained.optimizer is None,
+                "optimizer_steps": trained.optimizer.num_steps,
+                "frozen": trained.frozen,
                 "vocab_size": self.base.vocab_size,
                 "max_context_length": self.base.max_context_length,
             }
@@ -397,7 +408,7 @@ class TrainingEngine:
             with torch.no_grad():
                 for name, tensor in trained.params.items():
                     self._load_weight(tensor, state.weights[name])
-            if include_optimizer and state.optimizer is not None and trained.optimizer is not None:
+            if include_optimizer and state.optimizer is not None and not trained.frozen:
                 trained.optimizer.import_moments(
                     state.optimizer, int(state.metadata.get("optimizer_steps", 0))
                 )
@@ -440,7 +451,7 @@ class TrainingEngine:
 
     def _optimizer(self, trained: _TrainingModel, call: str) -> ModelOptimizer:
         """The model's optimizer; `FrozenModelError` naming `call` for a frozen model."""
-        if trained.optimizer is None:
+        if trained.frozen:
             raise FrozenModelError(
                 f"{call} is refused: model {trained.model_id!r} is frozen (a forward-only reference "
                 "trainer: no gradients, no optimizer state, nothing to save)",
@@ -462,14 +473,17 @@ class TrainingEngine:
         """A frozen model: the base itself (adapter disabled, nothing copied), or with `loading` a
         gradient-free adapter or weight copy for saved weights to be loaded into."""
         if not loading:
-            return _TrainingModel(model_id, lora, self.base.model, None, {}, None)
+            return _TrainingModel(model_id, lora, self.base.model, None, {}, _NoOptimizer(), frozen=True)
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
             for tensor in params.values():
                 tensor.requires_grad_(False)
-            return _TrainingModel(model_id, lora, self.base.model, model_id, params, None)
+            return _TrainingModel(
+                model_id, lora, self.base.model, model_id, params, _NoOptimizer(), frozen=True
+            )
         module = _full_copy(self.base.model).requires_grad_(False)
-        return _TrainingModel(model_id, None, module, None, dict(module.named_parameters()), None)
+        params = dict(module.named_parameters())
+        return _TrainingModel(model_id, None, module, None, params, _NoOptimizer(), frozen=True)
 
     def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
         if lora is None:
