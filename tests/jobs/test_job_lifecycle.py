@@ -128,9 +128,9 @@ def test_bad_job_requests_name_the_field(control_plane):
     alice = TrainerJobManager(url, ALICE)
     cases = [
         (dict(base_model="no/such-model"), "base_model"),
-        (dict(base_model=BASE, node_count=2), "node_count"),
+        (dict(base_model=BASE, node_count=1000), "node_count"),
         (dict(base_model=BASE, nproc_per_node=1000), "nproc_per_node"),
-        (dict(base_model=BASE, forward_only=True), "forward_only"),
+        (dict(base_model=BASE, forward_only=True, nproc_per_node=2), "forward_only"),
     ]
     for fields, field in cases:
         with pytest.raises(UserInputError, match=field):

@@ -3,7 +3,6 @@ idempotent rows, launcher failures, a dead multi-rank job, and relaunch after a 
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -129,19 +128,82 @@ def test_a_restarted_control_plane_relaunches_live_jobs(tmp_path):
     assert manager.get("alice", "j1").job_state is JobState.DELETED
 
 
-def test_a_multi_rank_job_without_the_distributed_trainer_fails_with_its_error(tmp_path):
-    """torchrun starts two ranks; the runner refuses them; with no restarts left the job is FAILED
-    with the process's own error text, and nothing is left running."""
-    manager = JobManager(Catalogue(tmp_path / "tether.db"), control_plane_config(tmp_path))
-    manager.create(
-        "alice", TrainerJobConfig(base_model=BASE, requested_job_id="mr", nproc_per_node=2, max_restarts=0)
+def test_the_nodes_of_a_job_end_together(tmp_path):
+    """A job of two nodes (two process groups): when one ends, the handle kills the other and reports
+    the failing exit code, so the control plane relaunches the whole job."""
+    import subprocess
+
+    from tether.jobs.launchers import _LocalHandle
+
+    nodes = [
+        subprocess.Popen(["sleep", "120"], start_new_session=True),
+        subprocess.Popen(["sh", "-c", "exit 3"], start_new_session=True),
+    ]
+    handle = _LocalHandle(nodes)
+    nodes[1].wait(timeout=30)
+    assert handle.poll() == 3 and handle.pids == [n.pid for n in nodes]
+    assert nodes[0].wait(timeout=30) == -9
+    spec = LaunchSpec("j", tmp_path / "s", tmp_path / "l", {}, nproc_per_node=2, node_count=2)
+    argv = job_command(spec, python="py", rendezvous="127.0.0.1:29400")
+    assert (
+        argv[argv.index("--nnodes") + 1] == "2"
+        and argv[argv.index("--rdzv-endpoint") + 1] == "127.0.0.1:29400"
     )
-    handle = manager.handle("alice", "mr")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and manager.get("alice", "mr").job_state is not JobState.FAILED:
+    with pytest.raises(ValueError, match="rendezvous"):
+        job_command(spec, python="py")
+    with pytest.raises(UserInputError, match="node_count"):
+        LocalLauncher(max_ranks=2).check(TrainerJobConfig(base_model=BASE, nproc_per_node=2, node_count=2))
+
+
+def test_readiness_and_deaths_wake_the_monitor_and_held_gets(tmp_path):
+    """With a 60 s poll interval nothing would move for a minute: the watcher wakes the monitor when
+    the ready file appears (and when a local process ends), and a held GET answers once it moves."""
+    import http.server
+    import json
+    import threading
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/api/v1/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    launcher = _Launcher()
+    manager = JobManager(
+        Catalogue(tmp_path / "tether.db"),
+        control_plane_config(tmp_path, job_poll_interval_s=60),
+        launcher=launcher,
+    )
+    try:
+        manager.create("alice", TrainerJobConfig(base_model=BASE, requested_job_id="j1"))
+        held: list = []
+        getter = threading.Thread(
+            target=lambda: held.append(manager.wait_for_change("alice", "j1", JobState.PENDING, 30))
+        )
+        getter.start()
+        woke = threading.Event()
+        threading.Thread(target=lambda: (manager.wait_wake(60), woke.set()), daemon=True).start()
+        ready = manager.job_dir("alice", "j1") / "ready.json"
+        ready.write_text(
+            json.dumps({"url": f"http://127.0.0.1:{httpd.server_address[1]}", "model_load_s": 1.0})
+        )
+        assert woke.wait(20)  # long before the poll interval
         manager.tick()
-        time.sleep(0.2)
-    row = manager.get("alice", "mr")
-    assert row.job_state is JobState.FAILED and "distributed trainer" in row.reason, row.reason
-    assert handle.poll() is not None
-    manager.close()
+        getter.join(20)
+        assert held and held[0].job_state is JobState.RUNNING
+
+        handle = manager.handle("alice", "j1")
+        handle.cheap_poll = True  # a local process: the watcher polls it
+        woke.clear()
+        threading.Thread(target=lambda: (manager.wait_wake(60), woke.set()), daemon=True).start()
+        handle.signal(9)  # it ends
+        assert woke.wait(20)
+        manager.tick()
+        assert manager.get("alice", "j1").restart_count == 1 and len(launcher.launched) == 2
+    finally:
+        manager.close()
+        httpd.shutdown()

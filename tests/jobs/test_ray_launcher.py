@@ -11,6 +11,7 @@ import pytest
 from tether.client.jobs import TrainerJobConfig, TrainerJobManager
 from tether.server.auth import owner_of_key
 from tether.server.main import ServerThread
+from tether.types.errors import UserInputError
 from tether.types.wire_jobs import JobState
 
 from .conftest import ALICE, BASE, control_plane_config
@@ -60,3 +61,40 @@ def test_ray_launcher_places_relaunches_and_stops_a_job(ray_control_plane):
 
     with pytest.raises(Exception, match="launcher_options"):
         manager.create(TrainerJobConfig(base_model=BASE, launcher_options={"gpus": "1"}))
+
+
+@pytest.mark.slow
+def test_ray_places_one_process_group_per_node_and_trains_like_one_rank(ray_control_plane):
+    """A node_count=2 job: two Ray actors (one per node, a placement group) each run torchrun; they
+    meet by c10d rendezvous and train to the weights of a 1-rank job placed by the same launcher."""
+    from .test_multi_rank_jobs import _assert_same, _train
+
+    url, app = ray_control_plane
+    seen = {}
+
+    def look(step):
+        seen["handle"] = app.state.tether_jobs.handle(owner_of_key(ALICE), "ray-2n")
+
+    one = _train(url, app, "ray-1n", launcher_options={"num_cpus": "1"})
+    two = _train(url, app, "ray-2n", kill=look, node_count=2, launcher_options={"num_cpus": "1"})
+    handle = seen["handle"]
+    assert len(handle.pids) == 2 and len(handle.node_ids) == 2  # one actor (process group) per node
+    assert handle.poll() is not None  # deleted: the whole group is gone
+    _assert_same(two, one)
+
+
+def test_ray_refuses_what_the_cluster_cannot_hold(ray_control_plane):
+    url, app = ray_control_plane
+    manager = TrainerJobManager(url, ALICE)
+    assert app.state.tether_jobs.launcher.name == "ray"  # connected to (here: started) its cluster
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(UserInputError, match="launcher_options.num_cpus"):
+        manager.create(
+            TrainerJobConfig(base_model=BASE, node_count=2, launcher_options={"num_cpus": str(cpus)})
+        )
+    with pytest.raises(UserInputError, match="node_count"):
+        manager.create(TrainerJobConfig(base_model=BASE, node_count=int(cpus) + 1))
+    with pytest.raises(UserInputError, match="launcher_options.node_ip"):
+        manager.create(
+            TrainerJobConfig(base_model=BASE, node_count=2, launcher_options={"node_ip": "127.0.0.1"})
+        )

@@ -244,8 +244,8 @@ class TrainerJobManager(JobCheckpointClient):
         started = time.monotonic()
         placed_at: float | None = None
         stopped_since: float | None = None
+        job = self.get(job_id)
         while True:
-            job = self.get(job_id)
             now = time.monotonic()
             state = job.state
             if state is not JobState.PENDING and placed_at is None:
@@ -275,7 +275,19 @@ class TrainerJobManager(JobCheckpointClient):
                 raise ServerError(
                     f"trainer job {job_id} not ready within {timeout_s:.0f} s (state {state.short})"
                 )
-            time.sleep(poll_interval_s)
+            job = self._next(job_id, state, poll_interval_s)
+
+    def _next(self, job_id: str, state: JobState, poll_interval_s: float) -> TrainerJob:
+        """The job after at most `poll_interval_s`: at once when its state moves (the control plane
+        holds the request until then; one that ignores the hold answers at once, and the rest of the
+        interval is slept here)."""
+        until = time.monotonic() + poll_interval_s
+        params = {"wait_while_state": state.value, "wait_s": f"{poll_interval_s:.3f}"}
+        job = self._call(routes.GET_TRAINER_JOB.at(job_id=job_id), params=params)
+        if job.state is state and time.monotonic() < until:
+            time.sleep(max(0.0, until - time.monotonic()))
+            job = self.get(job_id)
+        return job
 
     def wait_for_existing(
         self,

@@ -97,7 +97,7 @@ class ReconnectingTrainingClient:
         caller errors (UserInputError, AuthenticationError) at once."""
         if save_every < 1:
             raise UserInputError(f"must be >= 1, got {save_every}", field="save_every")
-        step = self.connect()
+        step = self._connect(max_reconnects, None)
         while step < num_steps:
             try:
                 assert self.client is not None
@@ -108,8 +108,18 @@ class ReconnectingTrainingClient:
             except (UserInputError, AuthenticationError):
                 raise
             except (TetherError, OSError) as exc:
+                step = self._connect(max_reconnects, (step, exc))
+        assert self.client is not None
+        return self.client
+
+    def _connect(self, max_reconnects: int, lost: tuple[int, BaseException] | None) -> int:
+        """`connect`, again after each failure (a job whose process group is still going down can
+        look ready, then fail the restore) until it succeeds or `max_reconnects` are used up."""
+        while True:
+            if lost is not None:
+                step, exc = lost
                 if self.reconnects >= max_reconnects:
-                    raise
+                    raise exc
                 self.reconnects += 1
                 log.warning(
                     "trainer job %s lost at step %d (%s); reconnecting (%d/%d)",
@@ -119,9 +129,12 @@ class ReconnectingTrainingClient:
                     self.reconnects,
                     max_reconnects,
                 )
-                step = self.connect()
-        assert self.client is not None
-        return self.client
+            try:
+                return self.connect()
+            except (UserInputError, AuthenticationError):
+                raise
+            except (TetherError, OSError) as exc:
+                lost = (-1 if lost is None else lost[0], exc)
 
     def close(self) -> None:
         if self.service is not None:

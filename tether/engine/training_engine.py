@@ -14,6 +14,10 @@ loss tokens as `response_tokens:sum` (mean NLL = `loss:sum / response_tokens:sum
 
 This module knows nothing about HTTP, wire formats or storage; callers are serialised per engine
 by a lock (the worker orders operations; the lock only keeps concurrent callers safe).
+
+A frozen engine (`frozen=True`, a forward-only reference trainer) runs forward passes only: a model
+created in it is the base model itself (a LoRA spec is recorded, its adapter is disabled), one
+that loads saved weights holds them without gradients, and none has an optimizer.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from tether.types.errors import ConfigurationError, ConflictError, NotFoundError
 
 __all__ = [
     "AdamWParams",
+    "FrozenModelError",
     "EngineDatum",
     "ForwardResult",
     "GraphHandle",
@@ -63,6 +68,20 @@ __all__ = [
     "TrainingEngine",
     "TrainingState",
 ]
+
+
+class FrozenModelError(UserInputError):
+    """A training call (backward, step, save) on a frozen model of a forward-only trainer (400)."""
+
+
+class _NoOptimizer(ModelOptimizer):
+    """A frozen model's optimizer: holds no tensors and no state; `TrainingEngine._optimizer` refuses
+    every use before one could reach it."""
+
+    def __init__(self) -> None:  # noqa: D107 - torch's AdamW refuses an empty parameter list
+        self.on_nonfinite = "refuse"
+        self.named_params = {}
+        self.num_steps = 0
 
 
 @dataclass
@@ -76,6 +95,8 @@ class _TrainingModel:
     """Adapter id to route to (LoRA), or None to run `module` as is (full fine-tuning copy)."""
     params: dict[str, torch.Tensor]
     optimizer: ModelOptimizer
+    frozen: bool = False
+    """A frozen engine's model: no gradients, and `optimizer` is a `_NoOptimizer` that is never used."""
 
 
 @dataclass
@@ -111,9 +132,12 @@ class TrainingEngine:
         *,
         max_tokens_per_micro_batch: int = 8192,
         on_nonfinite: Literal["refuse", "skip"] = "refuse",
+        frozen: bool = False,
     ) -> None:
         """`on_nonfinite`: what every model's optimizer does with a step that would make weights or
-        moments non-finite ("refuse": a user error, "skip": skipped and reported; `ModelOptimizer`)."""
+        moments non-finite ("refuse": a user error, "skip": skipped and reported; `ModelOptimizer`).
+        `frozen`: forward passes only (see the module docstring); the other training calls raise
+        `FrozenModelError`."""
         if max_tokens_per_micro_batch < 1:
             raise ConfigurationError("must be at least 1", field="max_tokens_per_micro_batch")
         if on_nonfinite not in ("refuse", "skip"):
@@ -122,6 +146,7 @@ class TrainingEngine:
             )
         self.on_nonfinite = on_nonfinite
         self.base = base
+        self.frozen = frozen
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self._device = next(base.model.parameters()).device
         self._models: dict[str, _TrainingModel] = {}
@@ -165,6 +190,7 @@ class TrainingEngine:
                 "lora": lora_spec_metadata(spec),
                 "num_trainable_params": sum(t.numel() for t in trained.params.values()),
                 "optimizer_steps": trained.optimizer.num_steps,
+                "frozen": trained.frozen,
                 "vocab_size": self.base.vocab_size,
                 "max_context_length": self.base.max_context_length,
             }
@@ -249,12 +275,12 @@ class TrainingEngine:
             if not isinstance(params, AdamWParams):
                 raise UserInputError("expected AdamWParams", field="adam_params")
             params.validate()
-            return trained.optimizer.step(params, normalization=normalization)
+            return self._optimizer(trained, "optim_step").step(params, normalization=normalization)
 
     def accumulated_counts(self, model_id: str) -> tuple[int, int]:
         """(loss tokens, sequences) the model's gradients were accumulated over since its last step."""
         with self._lock:
-            return self._get(model_id).optimizer.accumulated_counts()
+            return self._optimizer(self._get(model_id), "accumulated_counts").accumulated_counts()
 
     def accumulated_gradients(self, model_id: str) -> dict[str, torch.Tensor]:
         """Detached copies of the gradients accumulated since the last step (for inspection and tests)."""
@@ -284,7 +310,8 @@ class TrainingEngine:
             if graph_id is not None and graph_id in self._graphs:
                 raise ConflictError(f"graph {graph_id!r} is already kept")
             checked = self._validate(data, ("target_tokens",))
-            kept = _KeptGraph(model_id=model_id, optimizer_steps=trained.optimizer.num_steps)
+            steps = self._optimizer(trained, "forward_keep_graph").num_steps
+            kept = _KeptGraph(model_id=model_id, optimizer_steps=steps)
             outputs: list[dict[str, torch.Tensor]] = [{} for _ in checked]
             loss_sum = torch.zeros((), device=self._device)
             for indices, logprobs in self._micro_batch_logprobs(trained, checked, grad=True):
@@ -321,7 +348,7 @@ class TrainingEngine:
             if kept is None or kept.model_id != handle.model_id:
                 raise NotFoundError(f"graph {handle.graph_id!r} does not exist (expired, released or used)")
             trained = self._get(kept.model_id)
-            if trained.optimizer.num_steps != kept.optimizer_steps:
+            if self._optimizer(trained, "backward").num_steps != kept.optimizer_steps:
                 raise UserInputError("the model took an optimizer step since this forward", field="graph_id")
             checked_grads = _check_logprob_grads(grads, kept.logprob_shapes)
             loss_sum = torch.zeros((), device=self._device)
@@ -364,14 +391,15 @@ class TrainingEngine:
         """Detached copies of the weights (and optimizer moments) plus metadata to rebuild the model."""
         with self._lock:
             trained = self._get(model_id)
+            optimizer = self._optimizer(trained, "save_state")
             weights = {name: t.detach().clone() for name, t in trained.params.items()}
-            moments = trained.optimizer.export_moments() if include_optimizer else None
+            moments = optimizer.export_moments() if include_optimizer else None
             metadata = {
                 "format": STATE_FORMAT,
                 "base_model": self.base.name,
                 "is_lora": trained.lora is not None,
                 "lora": lora_spec_metadata(trained.lora),
-                "optimizer_steps": trained.optimizer.num_steps,
+                "optimizer_steps": optimizer.num_steps,
             }
             return TrainingState(weights=weights, optimizer=moments, metadata=metadata)
 
@@ -382,14 +410,22 @@ class TrainingEngine:
         """
         with self._lock:
             spec = state.lora_spec
+            if include_optimizer and self.frozen:
+                raise FrozenModelError(
+                    "a forward-only trainer holds no optimizer state: load the weights only",
+                    field="include_optimizer",
+                )
             self._check_state(state, include_optimizer=include_optimizer)
             if model_id in self._models:
                 self._drop(model_id)
-            trained = self._build_model(model_id, spec)
+            if self.frozen:
+                trained = self._build_frozen(model_id, spec, loading=True)
+            else:
+                trained = self._build_model(model_id, spec)
             with torch.no_grad():
                 for name, tensor in trained.params.items():
                     self._load_weight(tensor, state.weights[name])
-            if include_optimizer and state.optimizer is not None:
+            if include_optimizer and state.optimizer is not None and not trained.frozen:
                 trained.optimizer.import_moments(
                     state.optimizer, int(state.metadata.get("optimizer_steps", 0))
                 )
@@ -399,6 +435,7 @@ class TrainingEngine:
         """A frozen, detached copy for sampling: LoRA tensors and spec, or the full state dict."""
         with self._lock:
             trained = self._get(model_id)
+            self._optimizer(trained, "save_weights_for_sampler")
             if trained.lora is not None:
                 tensors = {name: t.detach().clone() for name, t in trained.params.items()}
             else:
@@ -446,12 +483,24 @@ class TrainingEngine:
 
     def _drop(self, model_id: str) -> None:
         trained = self._models.pop(model_id)
-        if trained.lora is not None:
+        if trained.lora is not None and trained.routing is not None:
             remove_adapter(self.base.model, model_id)
         for graph_id in [g for g, kept in self._graphs.items() if kept.model_id == model_id]:
             del self._graphs[graph_id]
 
+    def _optimizer(self, trained: _TrainingModel, call: str) -> ModelOptimizer:
+        """The model's optimizer; `FrozenModelError` naming `call` for a frozen model."""
+        if trained.frozen:
+            raise FrozenModelError(
+                f"{call} is refused: model {trained.model_id!r} is frozen (a forward-only reference "
+                "trainer: no gradients, no optimizer state, nothing to save)",
+                field="op",
+            )
+        return trained.optimizer
+
     def _build_model(self, model_id: str, lora: LoraSpec | None) -> _TrainingModel:
+        if self.frozen:
+            return self._build_frozen(model_id, lora, loading=False)
         if lora is not None:
             params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
             optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
@@ -460,6 +509,22 @@ class TrainingEngine:
         params = {name: p for name, p in module.named_parameters()}
         optimizer = ModelOptimizer(params, on_nonfinite=self.on_nonfinite)
         return _TrainingModel(model_id, None, module, None, params, optimizer)
+
+    def _build_frozen(self, model_id: str, lora: LoraSpec | None, *, loading: bool) -> _TrainingModel:
+        """A frozen model: the base itself (adapter disabled, nothing copied), or with `loading` a
+        gradient-free adapter or weight copy for saved weights to be loaded into."""
+        if not loading:
+            return _TrainingModel(model_id, lora, self.base.model, None, {}, _NoOptimizer(), frozen=True)
+        if lora is not None:
+            params = add_adapter(self.base.model, model_id, lora, dtype=torch.float32)
+            for tensor in params.values():
+                tensor.requires_grad_(False)
+            return _TrainingModel(
+                model_id, lora, self.base.model, model_id, params, _NoOptimizer(), frozen=True
+            )
+        module = _full_copy(self.base.model).requires_grad_(False)
+        params = dict(module.named_parameters())
+        return _TrainingModel(model_id, None, module, None, params, _NoOptimizer(), frozen=True)
 
     def _expected_shapes(self, lora: LoraSpec | None) -> dict[str, tuple[int, ...]]:
         if lora is None:
@@ -494,6 +559,8 @@ class TrainingEngine:
     def _prepare(self, request: LossRequest) -> _Prepared:
         """Everything checked before anything runs: the model, the loss and its config, the data."""
         trained = self._get(request.model_id)
+        if request.backward:
+            self._optimizer(trained, "forward_backward")
         definition = get_loss(request.loss_fn)
         config = resolve_loss_config(request.loss_fn, request.loss_fn_config)
         checked = self._validate(request.data, definition.required_inputs)

@@ -29,7 +29,8 @@ class JobSettings(BaseModel):
     job_max_ranks: int | None = Field(
         None,
         ge=1,
-        description="Most ranks one job may ask for on a machine (unset: this machine's CPU count).",
+        description="Most ranks one job may ask for on a machine; with the local launcher, ranks x nodes "
+        "(every node runs here) (unset: this machine's CPU count).",
     )
     job_poll_interval_s: float = Field(
         1.0,

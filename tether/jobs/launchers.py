@@ -3,10 +3,15 @@
 One interface, chosen by the server's `job_launcher` setting:
 - `local` (`LocalLauncher`): a subprocess of the control plane in its own process group; a job that
   asks for more than one rank runs under torchrun (`python -m torch.distributed.run --standalone
-  --nproc-per-node N -m tether.jobs.runner SPEC`), one machine only.
-- `ray` (`RayLauncher`, tether/jobs/ray_launcher.py): the same command started by a Ray actor
-  placed on the cluster (`launcher_options` num_cpus / num_gpus / node_ip), so jobs spread over
-  the machines of an existing Ray cluster.
+  --nproc-per-node N -m tether.jobs.runner SPEC`); a job of `node_count` M > 1 runs M torchrun
+  invocations ("nodes") on this machine that meet by c10d rendezvous on 127.0.0.1.
+- `ray` (`RayLauncher`, tether/jobs/ray_launcher.py): the same command(s) started by Ray actors,
+  one per node of the job, placed on the cluster (`launcher_options` num_cpus / num_gpus / node_ip),
+  so jobs spread over the machines of an existing Ray cluster.
+
+A job's processes live and die together: when any node's torchrun (or a lone runner) exits, the
+handle stops the others, so the control plane relaunches the whole group (torchrun itself stops a
+node's ranks when one of them dies).
 
 A launcher only starts and signals processes; the job's state lives in the catalogue
 (tether/jobs/manager.py), and the job process reports readiness through its ready file
@@ -49,27 +54,64 @@ class LaunchSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
-def job_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
-    """The argv of a job: the runner, under torchrun when it asks for more than one rank."""
-    if spec.nproc_per_node > 1 or spec.node_count > 1:
+def job_command(
+    spec: LaunchSpec, python: str = sys.executable, *, rendezvous: str | None = None
+) -> list[str]:
+    """The argv of (one node of) a job: the runner, under torchrun when it asks for more than one rank.
+
+    A job of more than one node needs `rendezvous` ("host:port" where node 0's c10d store listens);
+    every node runs the same command."""
+    runner = ["-m", RUNNER_MODULE, str(spec.spec_file)]
+    if spec.node_count > 1:
+        if rendezvous is None:
+            raise ValueError("a job of more than one node needs a rendezvous address")
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(spec.node_count),
+            "--nproc-per-node",
+            str(spec.nproc_per_node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rendezvous,
+            "--rdzv-id",
+            f"tether-{spec.job_id}",
+            "--max-restarts",
+            "0",
+            *runner,
+        ]
+    if spec.nproc_per_node > 1:
         return [
             python,
             "-m",
             "torch.distributed.run",
             "--standalone",
-            "--nnodes",
-            str(spec.node_count),
             "--nproc-per-node",
             str(spec.nproc_per_node),
-            "-m",
-            RUNNER_MODULE,
-            str(spec.spec_file),
+            "--max-restarts",
+            "0",
+            *runner,
         ]
-    return [python, "-m", RUNNER_MODULE, str(spec.spec_file)]
+    return [python, *runner]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a job's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 class JobHandle(ABC):
     """A started job's process (group)."""
+
+    cheap_poll = False
+    """Whether `poll` is a local system call (the control plane's watcher then polls it often)."""
 
     @abstractmethod
     def poll(self) -> int | None:
@@ -110,14 +152,8 @@ class JobHandle(ABC):
 class Launcher(ABC):
     name: str
 
-    def check(self, config: TrainerJobConfig) -> None:
+    def check(self, config: TrainerJobConfig) -> None:  # noqa: B027 - most launchers accept anything
         """Raise UserInputError naming the field of a request this launcher can never place."""
-        if config.node_count > 1:
-            raise UserInputError(
-                f"this control plane's {self.name} launcher places a job on one machine; "
-                f"node_count {config.node_count} needs the distributed trainer",
-                field="node_count",
-            )
 
     @abstractmethod
     def launch(self, spec: LaunchSpec) -> JobHandle:
@@ -128,21 +164,37 @@ class Launcher(ABC):
 
 
 class _LocalHandle(JobHandle):
-    def __init__(self, process: subprocess.Popen) -> None:
-        self._process = process
+    """The processes of a job's nodes (one each), every one leading its own process group."""
+
+    cheap_poll = True
+
+    def __init__(self, processes: list[subprocess.Popen]) -> None:
+        self._processes = processes
 
     def poll(self) -> int | None:
-        return self._process.poll()
+        codes = [p.poll() for p in self._processes]
+        ended = [c for c in codes if c is not None]
+        if not ended:
+            return None
+        if len(ended) < len(codes):  # one node is gone: the rest cannot go on without it
+            self.signal(signal.SIGKILL)
+        return next((c for c in ended if c != 0), ended[0])
 
     def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self._process.pid, signum)  # the whole group: torchrun and its ranks
-        except (ProcessLookupError, PermissionError):
-            pass
+        for process in self._processes:
+            try:
+                os.killpg(process.pid, signum)  # the whole group: torchrun and its ranks
+            except (ProcessLookupError, PermissionError):
+                pass
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self._processes[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The leading process of each node."""
+        return [p.pid for p in self._processes]
 
 
 class LocalLauncher(Launcher):
@@ -160,23 +212,37 @@ class LocalLauncher(Launcher):
                 f"asks for {config.nproc_per_node} ranks; this machine offers at most {self.max_ranks}",
                 field="nproc_per_node",
             )
+        total = config.nproc_per_node * config.node_count
+        if total > self.max_ranks:  # every "node" of a local job is this machine
+            raise UserInputError(
+                f"{config.node_count} nodes x {config.nproc_per_node} ranks = {total} ranks; the local "
+                f"launcher runs every node on this machine, which offers at most {self.max_ranks}",
+                field="node_count",
+            )
 
     def launch(self, spec: LaunchSpec) -> JobHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env}
+        rendezvous = f"127.0.0.1:{free_port()}" if spec.node_count > 1 else None
+        command = job_command(spec, rendezvous=rendezvous)
+        processes: list[subprocess.Popen] = []
         try:
             with open(spec.log_path, "ab") as log:
-                process = subprocess.Popen(
-                    job_command(spec),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+                for _ in range(spec.node_count):
+                    processes.append(
+                        subprocess.Popen(
+                            command,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            start_new_session=True,
+                        )
+                    )
         except OSError as exc:
-            raise LaunchError(f"cannot start {job_command(spec)[0]}: {exc}") from exc
-        return _LocalHandle(process)
+            _LocalHandle(processes).signal(signal.SIGKILL)
+            raise LaunchError(f"cannot start {command[0]}: {exc}") from exc
+        return _LocalHandle(processes)
 
 
 def make_launcher(kind: str, *, ray_address: str | None = None, max_ranks: int | None = None) -> Launcher:

@@ -10,6 +10,11 @@ run every `job_poll_interval_s` by the server, moves jobs along:
     FAILED | CANCELLED | COMPLETED --resume--> PENDING
     any --delete--> DELETING --> DELETED (tombstone; purged with its files after job_retention_s)
 
+The server runs `tick()` when `wait_wake` returns: at the latest every `job_poll_interval_s`, and at
+once when a watcher thread sees a pending job's ready file appear or a local job's process end
+(it looks every `WATCH_INTERVAL_S`), so readiness and deaths are acted on without waiting out a
+poll interval. `wait_for_change` lets a client's wait hold its request until the job's state moves.
+
 Activity is every request the control plane forwards to the job (operations and session heartbeats
 alike). A launcher failure puts the job in FAILED with the launcher's error text and leaves nothing
 running. After a control-plane restart, jobs recorded as live have no handle and are relaunched.
@@ -17,8 +22,9 @@ running. After a control-plane restart, jobs recorded as live have no handle and
 Where a job's files live: `<data_dir>/jobs/<owner>/<job_id>/` holds the job's API key (0600), its
 spec, its log, its ready file and its own data directory `data/` (the job's catalogue `tether.db`
 and `checkpoints/`). The control plane lists and deletes a job's checkpoints by opening that
-catalogue, so they stay available while the job is stopped and after it is deleted, until the
-retention period ends. Blocking (catalogue, processes, healthz): call off the event loop.
+catalogue (tether/jobs/checkpoints.py), so they stay available while the job is stopped and after
+it is deleted, until the retention period ends. Blocking (catalogue, processes, healthz): call
+off the event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import logging
 import os
 import secrets
 import shutil
+import ssl
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,52 +45,39 @@ from typing import Any
 
 import httpx
 
+from tether.jobs.checkpoints import JobCheckpoints
+from tether.jobs.errors import JobConflictError, JobNotRunningError
 from tether.jobs.launchers import Launcher, LaunchError, LaunchSpec, make_launcher
-from tether.jobs.promote import PromotedModels, export_hf_model
-from tether.jobs.runner import API_KEY_ENV, JobProcessSpec, error_file
+from tether.jobs.promote import PromotedModels
+from tether.jobs.runner import API_KEY_ENV, LAUNCHED_AT_ENV, JobProcessSpec, error_file
 from tether.jobs.store import JobStore, TrainerJobRow
-from tether.server.auth import owner_of_key
 from tether.server.catalogue import Catalogue, utcnow
 from tether.server.config import ServerConfig
-from tether.types.errors import ConflictError, NotFoundError, ServerError, UserInputError
-from tether.types.paths import parse_checkpoint_path
+from tether.types.errors import UserInputError
 from tether.types.wire_jobs import (
     DEFAULT_INACTIVITY_TIMEOUT_S,
     LIVE_STATES,
     RESUMABLE_STATES,
     TOMBSTONE_STATES,
-    ExportedModel,
-    JobCheckpoint,
     JobState,
     TrainerJobConfig,
-    validate_job_id,
 )
 
 log = logging.getLogger("tether.jobs")
 
 HEALTHZ_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 2000
-
-
-class JobConflictError(ConflictError):
-    """409 naming the field that conflicts (a reused or tombstoned id, a deleted job)."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(f"field {field!r}: {message}")
-        self.field = field
-
-
-class JobNotRunningError(ServerError):
-    """The job exists but does not serve right now (503: retry, or reconnect and wait)."""
-
-    http_status = 503
+WATCH_INTERVAL_S = 0.02
+"""How often the watcher thread looks for ready files and ended local processes (a stat and a waitpid)."""
+MAX_CHANGE_WAIT_S = 30.0
+"""Longest `wait_for_change` hold (well inside clients' request timeouts)."""
 
 
 def _key(owner: str, job_id: str) -> tuple[str, str]:
     return owner, job_id
 
 
-class JobManager:
+class JobManager(JobCheckpoints):
     """Creates and watches the trainer jobs of one control plane (thread-safe)."""
 
     def __init__(
@@ -96,8 +91,16 @@ class JobManager:
         self._activity: dict[tuple[str, str], datetime] = {}
         self._catalogues: dict[tuple[str, str], Catalogue] = {}
         self._lock = threading.RLock()
-        self._http = httpx.Client(timeout=HEALTHZ_TIMEOUT_S)
+        self._tls_lock = threading.Lock()
+        self._http_client: httpx.Client | None = None
+        self._tls: ssl.SSLContext | None = None
         self.promoted = PromotedModels(Path(config.data_dir).expanduser())
+        self._wake = threading.Event()
+        self._changed = threading.Condition()
+        self._watching: set[tuple[str, str]] = set()
+        """Jobs launched and not yet seen ready: the watcher looks for their ready files."""
+        self._watcher: threading.Thread | None = None
+        self._closed = False
 
     @property
     def launcher(self) -> Launcher:
@@ -139,7 +142,7 @@ class JobManager:
     def create(self, owner: str, config: TrainerJobConfig) -> TrainerJobRow:
         """Create and launch a job; a retry with the same id and config returns the same job.
 
-        Raises UserInputError (unknown base model, impossible resources, forward_only), JobConflictError
+        Raises UserInputError (unknown base model, impossible resources), JobConflictError
         (the id belongs to a deleted job, or to a job asked for with another config).
         """
         allowed = self.allowed_models(owner)
@@ -147,8 +150,12 @@ class JobManager:
             raise UserInputError(
                 f"unknown base model {config.base_model!r} (allowed: {allowed})", field="base_model"
             )
-        if config.forward_only:
-            raise UserInputError("forward-only reference jobs are not supported yet", field="forward_only")
+        if config.forward_only and config.nproc_per_node * config.node_count > 1:
+            raise UserInputError(
+                "a forward-only reference job runs on one rank (it holds no gradients or optimizer "
+                "state to shard); ask for nproc_per_node=1 and node_count=1",
+                field="forward_only",
+            )
         self.launcher.check(config)
         job_id = config.requested_job_id or f"trainer-{uuid.uuid4().hex[:8]}"
         config = config.model_copy(update={"requested_job_id": job_id})
@@ -250,6 +257,7 @@ class JobManager:
                 "ready_file": None,
                 "data_dir": directory / "data",
                 "trainer_process": False,
+                "forward_only": config.forward_only,
                 "job_models": [],
                 "model_aliases": self._model_aliases(owner),
             }
@@ -264,7 +272,11 @@ class JobManager:
             job_id=job_id,
             spec_file=spec_file,
             log_path=directory / "job.log",
-            env={API_KEY_ENV: self._api_key(owner, job_id), "PYTHONPATH": pythonpath},
+            env={
+                API_KEY_ENV: self._api_key(owner, job_id),
+                LAUNCHED_AT_ENV: repr(time.time()),
+                "PYTHONPATH": pythonpath,
+            },
             nproc_per_node=config.nproc_per_node,
             node_count=config.node_count,
             options=dict(config.launcher_options),
@@ -278,8 +290,53 @@ class JobManager:
         self.store.update(
             owner, job_id, state=JobState.PENDING, reason=reason, url=None, launched_at=utcnow()
         )
+        self._watching.add(_key(owner, job_id))
+        self._start_watcher()
+
+    # ---- waking the monitor
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None and not self._closed:
+            self._watcher = threading.Thread(target=self._watch_loop, name="tether-jobs-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Wake the monitor when a pending job's ready file appears or a local job's process ends."""
+        while not self._closed:
+            for key in list(self._watching):
+                if (self.job_dir(*key) / "ready.json").exists() or error_file(
+                    self.job_dir(*key) / "ready.json"
+                ).exists():
+                    self._watching.discard(key)
+                    self._wake.set()
+            for handle in list(self._handles.values()):
+                if getattr(handle, "cheap_poll", False) and handle.poll() is not None:
+                    self._wake.set()
+            time.sleep(WATCH_INTERVAL_S)
+
+    def wait_wake(self, timeout_s: float) -> None:
+        """Block until something needs a `tick` (see the module docstring) or `timeout_s` passes."""
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, owner: str, job_id: str, state: JobState, timeout_s: float) -> TrainerJobRow:
+        """The job once its state is not `state`, or as it is after `timeout_s` (at most
+        MAX_CHANGE_WAIT_S); NotFoundError if the owner has no such job."""
+        deadline = time.monotonic() + min(max(timeout_s, 0.0), MAX_CHANGE_WAIT_S)
+        while True:
+            row = self.store.get(owner, job_id)
+            remaining = deadline - time.monotonic()
+            if row.job_state is not state or remaining <= 0 or self._closed:
+                return row
+            with self._changed:
+                self._changed.wait(min(remaining, 1.0))
 
     def _stop(self, owner: str, job_id: str) -> None:
+        self._watching.discard(_key(owner, job_id))
         handle = self._handles.pop(_key(owner, job_id), None)
         if handle is not None:
             handle.stop()
@@ -310,6 +367,7 @@ class JobManager:
                     log.exception("watching trainer job %s failed", row.job_id)
             for row in self.store.expired_tombstones(self.config.job_retention_s):
                 self._purge(row)
+        self._notify()
 
     def _watch(self, row: TrainerJobRow) -> None:
         owner, job_id, config = row.owner, row.job_id, row.job_config
@@ -320,6 +378,7 @@ class JobManager:
         code = handle.poll()
         if code is not None:
             self._handles.pop(_key(owner, job_id), None)
+            handle.kill()  # whatever is left of its process group (ranks of a lost node) goes too
             what = f"the job's process exited with code {code}"
             if row.restart_count < config.max_restarts:
                 log.warning(
@@ -391,6 +450,28 @@ class JobManager:
                     reason=f"stopped for inactivity: no operations or heartbeats for {timeout:.0f} s",
                 )
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS settings of the control plane's HTTP clients, built once: loading the trust store
+        takes about half a second on a busy machine, so a server that never launches a job (every
+        job's own process among them) never builds it, and a control plane builds it beside its
+        start-up (`prewarm`), not on its first job's critical path."""
+        with self._tls_lock:
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
+            return self._tls
+
+    def prewarm(self) -> None:
+        """Build what the first job will need (the TLS context, the healthz client) ahead of it."""
+        self._http()
+
+    def _http(self) -> httpx.Client:
+        """The healthz client, made on first use (see `tls_context`)."""
+        tls = self.tls_context()
+        with self._lock:
+            if self._http_client is None:
+                self._http_client = httpx.Client(timeout=HEALTHZ_TIMEOUT_S, verify=tls)
+            return self._http_client
+
     def _ready(self, owner: str, job_id: str) -> tuple[str, float] | None:
         """(url, model load seconds) once the job wrote its ready file and its healthz answers 200."""
         try:
@@ -398,7 +479,7 @@ class JobManager:
         except (OSError, ValueError):
             return None
         try:
-            healthy = self._http.get(f"{ready['url']}/api/v1/healthz").status_code == 200
+            healthy = self._http().get(f"{ready['url']}/api/v1/healthz").status_code == 200
         except httpx.HTTPError:
             healthy = False
         return (ready["url"], float(ready["model_load_s"])) if healthy else None
@@ -411,146 +492,21 @@ class JobManager:
         shutil.rmtree(self.job_dir(row.owner, row.job_id), ignore_errors=True)
         self.store.purge(row.owner, row.job_id)
 
-    # ---- checkpoints without a live trainer
-
-    def _job_catalogue(self, owner: str, job_id: str) -> tuple[Catalogue, str] | None:
-        """The job's own catalogue and the owner its rows carry, or None if the job never wrote one."""
-        path = self.job_dir(owner, job_id) / "data" / "tether.db"
-        if not path.exists():
-            return None
-        with self._lock:
-            catalogue = self._catalogues.get(_key(owner, job_id))
-            if catalogue is None:
-                catalogue = self._catalogues[_key(owner, job_id)] = Catalogue(path)
-        return catalogue, owner_of_key(self._api_key(owner, job_id))
-
-    def list_checkpoints(self, owner: str, job_id: str) -> builtins.list[JobCheckpoint]:
-        """Every checkpoint the job wrote (all its runs), oldest first; also for stopped and deleted jobs."""
-        self.store.get(owner, job_id)
-        opened = self._job_catalogue(owner, job_id)
-        if opened is None:
-            return []
-        catalogue, inner_owner = opened
-        rows, _ = catalogue.list_checkpoints(inner_owner, limit=100_000)
-        return [
-            JobCheckpoint(
-                name=f"trainerJobs/{job_id}/checkpoints/{r.run_id}/{r.checkpoint_id}",
-                tinker_path=r.tinker_path,
-                checkpoint_type=r.checkpoint_type,
-                create_time=r.created_at,
-                size_bytes=r.size_bytes,
-                promotable=r.checkpoint_type == "sampler",
-                resumable=r.checkpoint_type == "training",
-            )
-            for r in reversed(rows)
-        ]
-
-    def delete_checkpoint(self, owner: str, job_id: str, tinker_path: str) -> None:
-        """Delete one of the job's checkpoints (files, then its row); NotFoundError if it has none such."""
-        from tether.server.checkpoints import CheckpointFiles
-
-        self.store.get(owner, job_id)
-        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
-        opened = self._job_catalogue(owner, job_id)
-        if opened is None:
-            raise NotFoundError(f"unknown checkpoint {tinker_path}")
-        catalogue, inner_owner = opened
-        catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
-        CheckpointFiles(self.job_dir(owner, job_id) / "data").delete(inner_owner, parsed)
-        catalogue.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
-
-    def _sampler_weights(self, owner: str, job_id: str, tinker_path: str):
-        """The job's sampler checkpoint `tinker_path`, loaded and verified (UserInputError if it is a
-        training checkpoint: those are not promotable)."""
-        from tether.server.checkpoints import CheckpointFiles
-
-        self.store.get(owner, job_id)
-        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
-        opened = self._job_catalogue(owner, job_id)
-        if opened is None:
-            raise NotFoundError(f"unknown checkpoint {tinker_path}")
-        catalogue, inner_owner = opened
-        row = catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
-        if row.checkpoint_type != "sampler":
-            raise UserInputError(
-                f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
-                "(save_weights_for_sampler) are promotable",
-                field="tinker_path",
-            )
-        return (
-            CheckpointFiles(self.job_dir(owner, job_id) / "data").store(inner_owner).load_hf_weights(parsed)
-        )
-
-    def _export(
-        self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None
-    ) -> ExportedModel:
-        from tether.engine.model_loading import resolve_model_path
-
-        weights = self._sampler_weights(owner, job_id, tinker_path)
-        base_dir = resolve_model_path(weights.base_model, self._model_aliases(owner))
-        provenance = {
-            "name": name,
-            "base_model": weights.base_model,
-            "source": tinker_path,
-            "job_id": job_id,
-            "merged_lora": weights.is_lora,
-        }
-        export_hf_model(weights, base_dir, target, provenance=provenance)
-        return ExportedModel(
-            name=name,
-            path=str(target),
-            base_model=weights.base_model,
-            source=tinker_path,
-            merged_lora=weights.is_lora,
-        )
-
-    def promote_checkpoint(
-        self, owner: str, job_id: str, tinker_path: str, output_model_id: str
-    ) -> ExportedModel:
-        """Make a sampler checkpoint the owner's model `output_model_id` (a LoRA one merged): from then
-        on a valid `base_model` for the owner's jobs. Works for stopped and deleted jobs too.
-
-        Raises UserInputError (bad id, not a sampler checkpoint), NotFoundError, JobConflictError (the
-        name is taken)."""
-        try:
-            validate_job_id(output_model_id)
-        except ValueError as exc:
-            raise UserInputError(str(exc).replace("job id", "model id"), field="output_model_id") from None
-        if output_model_id in self.allowed_models(owner):
-            raise JobConflictError(
-                f"a model named {output_model_id!r} exists already", field="output_model_id"
-            )
-        return self._export(
-            owner, job_id, tinker_path, self.promoted.directory(owner, output_model_id), output_model_id
-        )
-
-    def export_merged(self, owner: str, job_id: str, tinker_path: str) -> ExportedModel:
-        """Write a sampler checkpoint as a full Hugging Face model (LoRA merged) under
-        `<data_dir>/exports/<owner>/<job_id>/<run>-<name>/` on the control plane's machine."""
-        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
-        target = self.root.parent / "exports" / owner / job_id / f"{parsed.training_run_id}-{parsed.name}"
-        if (target / "config.json").exists():
-            info = json.loads((target / "tether_promoted.json").read_text())
-            return ExportedModel(
-                name=None,
-                path=str(target),
-                base_model=info["base_model"],
-                source=tinker_path,
-                merged_lora=info["merged_lora"],
-            )
-        return self._export(owner, job_id, tinker_path, target, None)
-
     # ---- lifetime
 
     def close(self) -> None:
         """Stop every job process this control plane started (their rows stay live: a restarted
         control plane relaunches them), and release the launcher."""
+        self._closed = True
+        self._wake.set()
+        self._notify()
         with self._lock:
             for key in list(self._handles):
                 self._stop(*key)
             for catalogue in self._catalogues.values():
                 catalogue.close()
             self._catalogues.clear()
-            self._http.close()
+            if self._http_client is not None:
+                self._http_client.close()
             if self._launcher is not None:
                 self._launcher.close()

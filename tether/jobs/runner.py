@@ -2,8 +2,10 @@
 
 `python -m tether.jobs.runner SPEC.json` (what every launcher starts) runs the full Tinker protocol
 for the spec's base model, like `tether serve --models <base>`, on a free port. It loads the base
-model into its trainer first, then writes `{"url", "model_load_s", "pid"}` atomically to the spec's
-ready file: a job whose ready file exists can train at once. Its API key comes in the environment
+model into its trainer first, then writes `{"url", "model_load_s", "pid", "timeline"}` atomically
+to the spec's ready file: a job whose ready file exists can train at once. `timeline` holds the
+wall-clock times of its start-up phases (launch, start, imports, app, listening, loaded, ready) for
+`bench/job_startup.py`. Its API key comes in the environment
 (`TETHER_JOB_API_KEY`, never on the command line or in the spec): the control plane holds it and
 swaps it in when it forwards a user's request, so only the control plane can reach the job.
 
@@ -12,8 +14,11 @@ The job's data directory (its own catalogue `tether.db` and `checkpoints/`) is t
 plane can list them after the job is gone. The process exits when the process that started it
 goes away (it is re-parented), so a dead launcher leaves nothing running.
 
-Multi-rank jobs (torchrun, `RANK` > 0) need the distributed trainer; until it exists the runner
-refuses them with a clear error, which the launcher records as the job's failure.
+Multi-rank jobs run under torchrun (one invocation per node, tether/jobs/launchers.py): every rank
+joins the process group (tether/trainer/distributed.py); rank 0 serves HTTP with a
+`DistributedTrainer` that broadcasts each training op to the other ranks, which follow until rank 0
+stops. Only rank 0 writes the ready file. A rank that dies takes its node's torchrun down, and the
+launcher's handle the job's other nodes, so the control plane relaunches the whole group.
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ from pydantic import BaseModel, Field
 
 from tether.server.config import ServerConfig
 
+STARTED_AT = time.time()
+"""When this process had its own light imports done (the timeline's `start`, wall clock)."""
+
 log = logging.getLogger("tether.jobs")
 
 API_KEY_ENV = "TETHER_JOB_API_KEY"
+LAUNCHED_AT_ENV = "TETHER_JOB_LAUNCHED_AT"
+"""Wall-clock time the launcher started the job (the first entry of the ready file's timeline)."""
 
 
 class JobProcessSpec(BaseModel):
@@ -70,18 +80,73 @@ def run(spec: JobProcessSpec) -> None:
 
 
 def _run(spec: JobProcessSpec) -> None:
-    from tether.server.main import _bound_url, _uvicorn_server
-
-    if int(os.environ.get("RANK", "0")) > 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("tether job: multi-rank jobs need the distributed trainer, which this build lacks")
     key = os.environ.pop(API_KEY_ENV, None)
     if not key:
         raise SystemExit(f"tether job: {API_KEY_ENV} is not set")
     config = spec.server.model_copy(update={"api_keys": [key], "ready_file": None})
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
     )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trainer = _join_ranks(config) if distributed else None
+    if distributed and trainer is None:
+        return  # a rank > 0: it followed rank 0 until the stop
+    try:
+        _serve(spec, config, trainer)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _join_ranks(config: ServerConfig) -> Any:
+    """Join torchrun's process group: rank 0 gets the `DistributedTrainer` its server adopts; the
+    other ranks load the base model, run rank 0's ops until it stops, and get None."""
+    import torch
+    import torch.distributed as dist
+
+    from tether.trainer.distributed import (
+        ControlChannel,
+        DistributedExecutor,
+        DistributedTrainer,
+        follow,
+        init_distributed,
+    )
+
+    if len(config.models) != 1:
+        raise SystemExit("tether job: a multi-rank job serves exactly one base model")
+    settings = init_distributed(config.engine_settings())
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    channel = ControlChannel()
+    if dist.get_rank() == 0:
+        return DistributedTrainer(config.models[0], settings, channel)
+    executor = DistributedExecutor(config.models[0], settings)
+    try:
+        executor.base  # noqa: B018 - load now, beside rank 0, not on the first training op
+        follow(executor, channel)
+    finally:
+        executor.close()
+        dist.destroy_process_group()
+    return None
+
+
+def _serve(spec: JobProcessSpec, config: ServerConfig, trainer: Any) -> None:
+    timeline = {"start": STARTED_AT}
+    launched = os.environ.pop(LAUNCHED_AT_ENV, None)
+    if launched:
+        timeline["launch"] = float(launched)
+    from tether.server.main import _bound_url, _uvicorn_server
+
+    timeline["imports"] = time.time()
     server = _uvicorn_server(config)
+    cast(Any, server.config.app).state.tether_job_process = True  # it launches no jobs of its own
+    timeline["app"] = time.time()
+    if trainer is not None:
+        cast(Any, server.config.app).state.tether.trainers.adopt(config.models[0], trainer)
     parent = os.getppid()
 
     async def main() -> None:
@@ -92,16 +157,20 @@ def _run(spec: JobProcessSpec) -> None:
             await task
             return
         url = _bound_url(server, config.host)
+        timeline["listening"] = time.time()
         state = cast(Any, server.config.app).state.tether
         started = time.monotonic()
         for name in config.models:  # load before saying ready: a ready job trains at once
             await asyncio.to_thread(state.trainers.base_info, name)
         load_s = time.monotonic() - started
+        timeline["loaded"] = time.time()
         print(
             f"tether job {spec.job_id}: serving {config.models} on {url} (model load {load_s:.2f} s)",
             flush=True,
         )
-        _write_atomic(spec.ready_file, json.dumps({"url": url, "model_load_s": load_s, "pid": os.getpid()}))
+        timeline["ready"] = time.time()
+        ready = {"url": url, "model_load_s": load_s, "pid": os.getpid(), "timeline": timeline}
+        _write_atomic(spec.ready_file, json.dumps(ready))
         while not task.done():
             if os.getppid() != parent:
                 log.warning("tether job %s: its launcher is gone; stopping", spec.job_id)

@@ -2,7 +2,7 @@
 
     POST   /training/v1/trainerJobs                    create (TrainerJobConfig; idempotent per requested id)
     GET    /training/v1/trainerJobs[?show_deleted=true] list the caller's jobs
-    GET    /training/v1/trainerJobs/{job_id}           get (tombstones too)
+    GET    /training/v1/trainerJobs/{job_id}           get (tombstones too; ?wait_while_state=&wait_s= holds it)
     DELETE /training/v1/trainerJobs/{job_id}           delete (tombstone; a second delete is a no-op)
     POST   /training/v1/trainerJobs/{job_id}:resume    relaunch a FAILED / CANCELLED / COMPLETED job
     POST   /training/v1/trainerJobs/{job_id}:cancel    stop a live job (CANCELLED)
@@ -32,12 +32,14 @@ from tether.jobs.manager import JobManager
 from tether.jobs.store import TrainerJobRow
 from tether.server.catalogue import as_utc
 from tether.server.state import request_owner
+from tether.types.errors import UserInputError
 from tether.types.wire_jobs import (
     DEFAULT_INACTIVITY_TIMEOUT_S,
     DeleteJobCheckpointRequest,
     ExportedModel,
     ExportMergedRequest,
     JobCheckpointsResponse,
+    JobState,
     PromoteCheckpointRequest,
     TrainerJob,
     TrainerJobConfig,
@@ -103,8 +105,24 @@ async def list_jobs(
 
 
 @router.get(JOB)
-async def get_job(job_id: str, request: Request, owner: str = Depends(request_owner)) -> TrainerJob:
-    return _answer(request, await asyncio.to_thread(jobs(request).get, owner, job_id))
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait_while_state: str | None = None,
+    wait_s: float = 0.0,
+    owner: str = Depends(request_owner),
+) -> TrainerJob:
+    """With `?wait_while_state=JOB_STATE_PENDING&wait_s=N` (a tether extension), the answer is held
+    until the job leaves that state or N seconds (at most 30) pass: a client waiting for a job sees
+    it ready at once instead of on its next poll."""
+    if wait_while_state is None or wait_s <= 0:
+        return _answer(request, await asyncio.to_thread(jobs(request).get, owner, job_id))
+    try:
+        state = JobState.parse(wait_while_state)
+    except KeyError:
+        raise UserInputError(f"unknown job state {wait_while_state!r}", field="wait_while_state") from None
+    row = await asyncio.to_thread(jobs(request).wait_for_change, owner, job_id, state, wait_s)
+    return _answer(request, row)
 
 
 @router.delete(JOB)
@@ -162,7 +180,7 @@ async def forward(job_id: str, path: str, request: Request, owner: str = Depends
     manager.touch(owner, job_id)
     headers = {name: request.headers[name] for name in _FORWARDED_REQUEST_HEADERS if name in request.headers}
     headers["X-API-Key"] = key
-    client: httpx.AsyncClient = request.app.state.tether_jobs_http
+    client = _proxy_client(request.app)
     try:
         answer = await client.request(
             request.method,
@@ -185,6 +203,17 @@ async def forward(job_id: str, path: str, request: Request, owner: str = Depends
     return Response(answer.content, status_code=answer.status_code, headers=out_headers)
 
 
+def _proxy_client(app: FastAPI) -> httpx.AsyncClient:
+    """The forwarding client, made on the first forwarded request (on the event loop, so once):
+    building one loads the TLS trust store, which a server that never forwards (every job's own
+    process among them) should not pay at start-up."""
+    if app.state.tether_jobs_http is None:
+        app.state.tether_jobs_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0), verify=app.state.tether_jobs.tls_context()
+        )
+    return app.state.tether_jobs_http
+
+
 def install(app: FastAPI) -> None:
     """Add the job routes to `app` and run the job monitor (and stop the jobs) with the app's lifespan."""
     state = app.state.tether
@@ -194,8 +223,8 @@ def install(app: FastAPI) -> None:
     inner = app.router.lifespan_context
 
     async def monitor() -> None:
-        while True:
-            await asyncio.sleep(state.config.job_poll_interval_s)
+        while True:  # every poll interval, or at once when the watcher sees a job become ready or end
+            await asyncio.to_thread(manager.wait_wake, state.config.job_poll_interval_s)
             try:
                 await asyncio.to_thread(manager.tick)
             except Exception:  # noqa: BLE001 - the monitor outlives one bad pass
@@ -204,15 +233,16 @@ def install(app: FastAPI) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         async with inner(app_):
-            app.state.tether_jobs_http = httpx.AsyncClient(
-                timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0)
-            )
+            app.state.tether_jobs_http = None
             task = asyncio.create_task(monitor())
+            if not getattr(app.state, "tether_job_process", False):  # a control plane: ready the
+                asyncio.get_running_loop().run_in_executor(None, manager.prewarm)  # first job's path
             try:
                 yield
             finally:
                 task.cancel()
-                await app.state.tether_jobs_http.aclose()
+                if app.state.tether_jobs_http is not None:
+                    await app.state.tether_jobs_http.aclose()
                 await asyncio.to_thread(manager.close)  # stop the job processes before the catalogue closes
 
     app.router.lifespan_context = lifespan

@@ -85,6 +85,13 @@ class TrainerPool:
 
         return InProcessTrainer(name, settings)
 
+    def adopt(self, name: str, trainer: Trainer) -> None:
+        """Serve `name` with a trainer made elsewhere in this process (rank 0 of a multi-rank trainer
+        job, tether/jobs/runner.py); call before the server starts."""
+        self.check_served(name)
+        with self._lock:
+            self._trainers[name] = trainer
+
     def cached_base_info(self, name: str) -> ops.BaseModelInfo | None:
         with self._lock:
             return self._info.get(name)

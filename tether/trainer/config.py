@@ -83,6 +83,12 @@ class EngineSettings(BaseModel):
         'infinite: "refuse" fails the optim_step with a user error (weights and moments unchanged); "skip" '
         "skips it, answers its metrics with skipped_nonfinite:sum = 1 and lets training go on.",
     )
+    forward_only: bool = Field(
+        False,
+        description="A frozen reference trainer: forward passes (logprobs) and sampling only; training models "
+        "are the base model (a LoRA adapter disabled) or loaded weights, with no gradients and no optimizer "
+        "state, and forward_backward, optim_step and saves are refused (400).",
+    )
     kv_cache_budget_tokens: int = Field(
         65536, ge=1, description="Tokens of KV cache the sampling engine may hold per base model."
     )

@@ -129,6 +129,7 @@ class OpExecutor:
                     base,
                     max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
                     on_nonfinite=self.settings.on_nonfinite,
+                    frozen=self.settings.forward_only,
                 )
             return self._training
 
@@ -200,7 +201,7 @@ class OpExecutor:
         """The fusion key of `op`: "lora_forward" for a `Forward`/`ForwardBackward` of an existing LoRA
         model, else None (runs alone; full fine-tuning models are never fused). Quick, never blocks."""
         training = self._training
-        if training is None or not isinstance(op, (ops.Forward, ops.ForwardBackward)):
+        if training is None or training.frozen or not isinstance(op, (ops.Forward, ops.ForwardBackward)):
             return None
         return "lora_forward" if training.is_lora(op.model_id) else None
 

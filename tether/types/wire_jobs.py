@@ -130,7 +130,11 @@ class TrainerJobConfig(WireModel):
         None, ge=1, le=MAX_INT64, description="Longest sequence (tokens) the job accepts."
     )
     node_count: int = Field(
-        1, ge=1, le=MAX_NODES, description="Machines the job spans (the local launcher runs on one)."
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Machines (torchrun nodes) the job spans; the local launcher runs them all on its own "
+        "machine, meeting on loopback.",
     )
     nproc_per_node: int = Field(
         1,
@@ -142,7 +146,9 @@ class TrainerJobConfig(WireModel):
         None, max_length=63, description="Human-readable name (< 64 characters)."
     )
     forward_only: bool = Field(
-        False, description="A frozen reference trainer without an optimizer (not yet served)."
+        False,
+        description="A frozen reference trainer (DPO/KL references): forward and logprobs (and sampling) "
+        "only, no gradients or optimizer state; forward_backward, optim_step and saves are refused (400).",
     )
     inactivity_timeout: float | None = Field(
         None,
