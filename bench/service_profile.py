@@ -149,18 +149,18 @@ def main() -> None:
         f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; batch {args.batch} x "
         f"{args.seq_len} tokens; {args.steps} steps each, alternating; load average {load}"
     )
-    print(f"{'ms per step (median, min)':40}{'median':>9}{'min':>9}")
+    print(f"{'ms per step (median, min)':46}{'median':>9}{'min':>9}")
     for label, times in engine_times.items():
-        print(f"{'engine ' + label:40}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
+        print(f"{'engine ' + label:46}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
     for label, times in segments.items():
-        print(f"{'service ' + label:40}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
+        print(f"{'service ' + label:46}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
     cpu: collections.Counter[str] = collections.Counter()
     for key, seconds in after.items():
         cpu[key[1]] += seconds - before.get(key, 0.0)
     print("CPU ms per (engine step + service step), by thread:")
     for thread, seconds in cpu.most_common():
         if seconds > 0:
-            print(f"  {thread:38}{seconds / args.steps * 1000:9.2f}")
+            print(f"  {thread:44}{seconds / args.steps * 1000:9.2f}")
 
 
 if __name__ == "__main__":
