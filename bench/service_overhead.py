@@ -7,6 +7,10 @@ service, out-of-process service, ...) so machine noise hits all alike. Prints th
 each and the ratios (targets: service / engine <= 1.10; out-of-process / in-process <= 1.10).
 
     python bench/service_overhead.py [--steps 6] [--hidden 512] [--layers 6] [--batch 8] [--seq-len 256]
+
+The overhead-dominated configuration (a ~25 ms step, where the HTTP path shows most):
+`--hidden 128 --layers 2 --batch 4 --seq-len 64 --steps 20`. `bench/service_profile.py` cuts a step
+into its critical-path segments and each thread's CPU.
 """
 
 from __future__ import annotations

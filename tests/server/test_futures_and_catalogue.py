@@ -115,3 +115,68 @@ def test_cancelled_operation_reads_as_a_failed_future():
     outcome = asyncio.run(scenario())
     assert outcome.failed and "cancelled" in outcome.payload["error"]
     assert asyncio.run(store.wait("r1", "alice", 1)).failed
+
+
+def _run_catalogue(tmp_path) -> Catalogue:
+    catalogue = Catalogue(tmp_path / "tether.db")
+    catalogue.create_session("s1", "alice", tags=[], user_metadata={}, display_name=None, project_id=None)
+    catalogue.add_training_run(
+        "s1:train:0",
+        "s1",
+        "alice",
+        base_model="m",
+        is_lora=True,
+        lora_rank=4,
+        lora_config={"rank": 4},
+        user_metadata={},
+    )
+    return catalogue
+
+
+def test_touching_a_run_writes_once_per_interval_and_reads_see_the_newest_time(tmp_path):
+    from sqlalchemy import event
+
+    catalogue = _run_catalogue(tmp_path)
+    updates: list[str] = []
+    event.listen(
+        catalogue._engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: updates.append(statement) if statement.startswith("UPDATE") else None,
+    )
+    created = catalogue.get_training_run("s1:train:0", "alice").last_request_time
+    for _ in range(50):  # a training step each: one write, not fifty
+        catalogue.touch_training_run("s1:train:0")
+    assert len(updates) == 1
+    touched = catalogue.get_training_run(
+        "s1:train:0", "alice"
+    ).last_request_time  # the read writes the newest
+    assert len(updates) == 2 and touched > created
+    catalogue.touch_training_run("s1:train:0")
+    catalogue.close()  # what waits in memory is written on close
+    assert len(updates) == 3
+    reopened = Catalogue(tmp_path / "tether.db")
+    assert reopened.get_training_run("s1:train:0", "alice").last_request_time > touched
+    reopened.close()
+
+
+def test_after_runs_once_the_payload_is_published_and_its_failure_leaves_the_payload(tmp_path):
+    from types import SimpleNamespace
+
+    from tether.server.operations import chain
+
+    seen: list[tuple[object, bool]] = []
+    results = concurrent.futures.ThreadPoolExecutor(1)
+    state = SimpleNamespace(results=results)
+    source: concurrent.futures.Future = concurrent.futures.Future()
+    holder: list[concurrent.futures.Future] = []
+
+    def after(result: object) -> None:
+        seen.append((result, holder[0].done()))
+        raise RuntimeError("bookkeeping broke")
+
+    payload = chain(state, source, lambda r: {"value": r}, after=after)  # type: ignore[arg-type]
+    holder.append(payload)
+    source.set_result(7)
+    assert payload.result(timeout=10) == {"value": 7}
+    results.shutdown(wait=True)
+    assert seen == [(7, True)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,8 @@ LEGACY_REVISION = "0001_initial"
 """The schema of databases written before alembic (they have tables but no `alembic_version`)."""
 BUSY_TIMEOUT_MS = 10_000
 """How long a write waits for another connection's write transaction before failing."""
+TOUCH_INTERVAL_S = 1.0
+"""How often at most a training run's `last_request_time` is written (`Catalogue.touch_training_run`)."""
 
 
 def utcnow() -> datetime:
@@ -206,8 +209,14 @@ class Catalogue:
         _migrate(self._writer)
         self._write_lock = threading.Lock()
         """Orders this object's writers among themselves (SQLite would too, by busy-waiting)."""
+        self._touch_lock = threading.Lock()
+        self._touches: dict[str, datetime] = {}
+        """Runs' newest `last_request_time`s not written yet (see `touch_training_run`)."""
+        self._touch_written: dict[str, float] = {}
+        """When (`time.monotonic()`) each run's `last_request_time` was last written."""
 
     def close(self) -> None:
+        self.flush_touches()
         self._engine.dispose()
 
     @contextmanager
@@ -349,13 +358,43 @@ class Catalogue:
         return row
 
     def get_training_run(self, run_id: str, owner: str) -> TrainingRunRow:
+        self.flush_touches()
         return self._get_owned(TrainingRunRow, run_id, owner, "training run")
 
     def touch_training_run(self, run_id: str) -> None:
-        self._update(TrainingRunRow, run_id, last_request_time=utcnow())
+        """Set the run's `last_request_time` to now.
+
+        Written at most once per `TOUCH_INTERVAL_S` per run (a training step must not cost a
+        database commit); a newer time waits in memory until then, or until a read of training runs
+        (`get_training_run`, `list_training_runs`) or `close` writes it first, so readers always see
+        the newest time. A crash loses at most the last `TOUCH_INTERVAL_S`."""
+        now = time.monotonic()
+        with self._touch_lock:
+            self._touches[run_id] = utcnow()
+            if now - self._touch_written.get(run_id, float("-inf")) < TOUCH_INTERVAL_S:
+                return
+        self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the training runs' `last_request_time`s waiting in memory (one transaction)."""
+        with self._touch_lock:
+            if not self._touches:
+                return
+            touches, self._touches = self._touches, {}
+            now = time.monotonic()
+            for run_id in touches:
+                self._touch_written[run_id] = now
+        with self.writing() as s:
+            for run_id, when in touches.items():
+                s.execute(
+                    update(TrainingRunRow)
+                    .where(TrainingRunRow.run_id == run_id)
+                    .values(last_request_time=when)
+                )
 
     def list_training_runs(self, owner: str, limit: int, offset: int) -> tuple[list[TrainingRunRow], int]:
         """One page of the owner's runs, newest first, and how many they have in all."""
+        self.flush_touches()
         query = select(TrainingRunRow).where(TrainingRunRow.owner == owner)
         return self._page(
             query, (TrainingRunRow.created_at.desc(), TrainingRunRow.run_id.desc()), limit, offset

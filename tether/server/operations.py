@@ -11,6 +11,7 @@ trainer's thread, never on the event loop.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from tether.server.state import ServerState
 from tether.trainer.interface import Trainer
 from tether.types.ops import Op
+
+log = logging.getLogger("tether.server")
 
 
 def new_request_id(prefix: str) -> str:
@@ -45,10 +48,13 @@ def chain(
     source: concurrent.futures.Future,
     finish: Callable[[Any], Any] | None,
     on_error: Callable[[BaseException], None] | None = None,
+    after: Callable[[Any], None] | None = None,
 ) -> concurrent.futures.Future:
     """A future of `finish(source's result)`, computed on the server's result thread.
 
-    If the op fails, `on_error(exception)` runs there first (to undo what the route recorded)."""
+    If the op fails, `on_error(exception)` runs there first (to undo what the route recorded).
+    `after(source's result)` runs there once the payload is published: bookkeeping the client need
+    not wait for (its failure is logged, the payload stands)."""
     payload = _Payload(source)
 
     def complete(done: concurrent.futures.Future) -> None:
@@ -67,6 +73,12 @@ def chain(
             payload.set_result(finish(done.result()) if finish is not None else done.result())
         except BaseException as err:  # noqa: BLE001 - reported through the future
             payload.set_exception(err)
+            return
+        if after is not None:
+            try:
+                after(done.result())
+            except Exception:  # noqa: BLE001 - the client has its answer; bookkeeping failures are logged
+                log.exception("bookkeeping after an operation failed")
 
     def on_done(done: concurrent.futures.Future) -> None:
         try:
@@ -90,12 +102,14 @@ def submit_op(
     dedupe_stream: str | None = None,
     finish: Callable[[Any], Any] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
+    after: Callable[[Any], None] | None = None,
     request_id: str | None = None,
 ) -> str:
     """Queue `op` on `trainer` (in `stream`'s order) and return the request id that answers it.
 
     With a `seq_id`, a repeat of `(dedupe_stream or stream, seq_id)` returns the first request's id
-    and queues nothing. `on_error` runs if the op fails (also when the trainer refuses it outright).
+    and queues nothing. `on_error` runs if the op fails (also when the trainer refuses it outright);
+    `after` once its payload is published (see `chain`).
     """
     request_id = request_id or new_request_id(kind)
     key = dedupe_stream or stream
@@ -109,5 +123,5 @@ def submit_op(
         if seq_id is not None and key is not None:
             state.dedupe.release(key, seq_id)
         raise
-    state.futures.add(request_id, owner, chain(state, source, finish, on_error))
+    state.futures.add(request_id, owner, chain(state, source, finish, on_error, after))
     return request_id

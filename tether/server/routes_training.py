@@ -276,7 +276,6 @@ async def optim_step(
 
     def finish(result: ops.MetricsOutput) -> dict[str, Any]:
         state.run_metrics.observe_optim_step(model.model_id, result.metrics)
-        state.catalogue.touch_training_run(model.model_id)
         return {"metrics": result.metrics, "type": "optim_step"}
 
     request_id = submit_op(
@@ -294,6 +293,7 @@ async def optim_step(
         stream=model.model_id,
         seq_id=body.seq_id,
         finish=finish,
+        after=lambda _: state.catalogue.touch_training_run(model.model_id),
     )
     return _future(request_id, model.model_id)
 

@@ -46,11 +46,19 @@ class ServerState:
         self.catalogue.close()
 
 
-def server_state(request: Request) -> ServerState:
-    """FastAPI dependency: the state of the app serving this request."""
+def state_of(request: Request) -> ServerState:
+    """The state of the app serving `request`."""
     return request.app.state.tether
 
 
-def request_owner(request: Request) -> str:
-    """FastAPI dependency: the owner named by the request's API key (401 otherwise)."""
-    return server_state(request).auth(request)
+async def server_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state of the app serving this request.
+
+    `async` because it never blocks: FastAPI runs a plain `def` dependency on its thread pool, a
+    thread hop per dependency per request (`bench/service_overhead.py` measured it)."""
+    return state_of(request)
+
+
+async def request_owner(request: Request) -> str:
+    """FastAPI dependency: the owner named by the request's API key (401 otherwise); never blocks."""
+    return state_of(request).auth(request)

@@ -1,0 +1,22 @@
+"""What keeps a training step's HTTP path cheap (bench/service_overhead.py measures the effect)."""
+
+from __future__ import annotations
+
+import inspect
+
+from tether.server import state
+from tether.server.config import ServerConfig
+from tether.server.main import _uvicorn_server
+
+
+def test_per_request_dependencies_never_hop_to_the_thread_pool():
+    # FastAPI runs a plain `def` dependency on its thread pool: two thread hops per request.
+    assert inspect.iscoroutinefunction(state.server_state)
+    assert inspect.iscoroutinefunction(state.request_owner)
+
+
+def test_the_server_parses_http_with_httptools_on_uvloop(tmp_path):
+    server = _uvicorn_server(ServerConfig(port=0, data_dir=tmp_path, models=["tether/tiny-qwen3"]))
+    server.config.load()
+    assert server.config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert server.config.get_loop_factory().__module__.startswith("uvloop")
