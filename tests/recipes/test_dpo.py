@@ -251,5 +251,6 @@ def test_dpo_drives_the_official_tinker_sdk(tmp_path, local_service, monkeypatch
     )  # fmt: skip
     result = dpo.train_dpo(config, service, pairs[:4], pairs[4:])
     assert [r["step"] for r in result.metrics] == [0, 1]
-    assert result.metrics[0]["test/accuracy"] == 0.0 and result.metrics[1]["accuracy"] == 1.0
+    # at step 0 policy == reference: the margin is float noise (so accuracy is a coin toss there)
+    assert abs(result.metrics[0]["test/margin"]) < 1e-3 and result.metrics[1]["accuracy"] == 1.0
     assert result.reference_path.startswith("tinker://") and result.final_state_path is not None
