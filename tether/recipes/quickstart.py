@@ -8,8 +8,8 @@ problems are whole multisets of digits never seen in training. It writes metrics
 quickstart.png (loss, reward, accuracy) to `log_dir`. The accuracies are measured, never assumed.
 
 Why these settings: from random weights the model learns this task in a sudden transition; at a
-peak SFT rate of 1e-2 it came before step 400 for seed 2, near step 550 for seed 0 and not within 800 for seed 1
-(the step depends on the seed; see the README). SFT stops at step 600 of an 800-step cosine
+peak SFT rate of 1e-2 it came early for seed 2 (96% at step 600), between steps 450 and 600 for
+seed 0, and not within 800 steps for seed 1 (the step depends on the seed; see the README). SFT stops at step 600 of an 800-step cosine
 schedule, so that a model past the transition is partly right rather than converged, and GRPO
 then raises greedy accuracy through the reward alone (seed 0: 54% -> 74%). GRPO's rate is small
 for full fine-tuning (Adam moves every weight by about the rate each step); from a converged
