@@ -104,6 +104,10 @@ def test_quickstart_writes_metrics_and_plot(tmp_path, local_service):
     assert all(0.0 <= a <= 1.0 for a in accuracies.values())
     rows = _read(tmp_path / "qs" / "metrics.jsonl")
     assert {r["phase"] for r in rows} == {"eval", "sft", "grpo"}
+    evals = [(r["stage"], r["accuracy"]) for r in rows if r["phase"] == "eval"]
+    assert evals == list(accuracies.items())  # the printed numbers are the measured ones
+    assert [r["step"] for r in rows if r["phase"] == "sft"] == [0, 1, 2]
+    assert [r["step"] for r in rows if r["phase"] == "grpo"] == [0, 1]
     assert (tmp_path / "qs" / "quickstart.png").stat().st_size > 10_000
 
 

@@ -59,6 +59,8 @@ def test_addition_task_is_deterministic_and_keeps_heldout_multisets_out_of_train
     train = [task.train_problem(i) for i in range(2000)]
     train_keys = {tuple(sorted(map(int, p.messages[0]["content"].split("+")))) for p in train}
     assert not heldout_keys & train_keys, "no reordering of a held-out problem is trained on"
+    sft = task.sft_conversation(7)  # SFT examples are training problems with their answers
+    assert sft[:-1] == train[7].messages and sft[-1] == {"role": "assistant", "content": train[7].answer}
     again = AdditionTask(num_operands=3, num_digits=1, seed=3, num_heldout=50)
     assert [p.messages for p in train[:20]] == [again.train_problem(i).messages for i in range(20)]
     operands = list(map(int, train[0].messages[0]["content"].split("+")))
