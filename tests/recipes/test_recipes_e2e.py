@@ -111,6 +111,39 @@ def test_quickstart_writes_metrics_and_plot(tmp_path, local_service):
     assert (tmp_path / "qs" / "quickstart.png").stat().st_size > 10_000
 
 
+def test_quickstart_sft_stops_early_on_training_problems_never_on_heldout(
+    tmp_path, local_service, monkeypatch
+):
+    checked: list[list[str]] = []
+    heldout = {
+        p.answer + repr(p.messages)
+        for p in quickstart.AdditionTask(seed=0, num_heldout=10).heldout_problems()
+    }
+
+    def fake_accuracy(training_client, renderer, problems, max_tokens):
+        checked.append([p.answer + repr(p.messages) for p in problems])
+        return 0.9 if len(checked) > 2 else 0.0  # the first check is "before SFT", the second falls short
+
+    monkeypatch.setattr(quickstart, "_accuracy_on", fake_accuracy)
+    config = quickstart.Config(
+        log_dir=tmp_path / "qs", heldout_problems=10, sft_steps=20, sft_schedule_steps=20, sft_batch_size=2,
+        sft_warmup_steps=1, sft_stop_accuracy=0.6, sft_check_every=2, sft_check_problems=8, grpo_steps=1,
+        grpo_batch_size=2, group_size=2, grpo_eval_every=None, progress=False,
+    )  # fmt: skip
+    quickstart.run_quickstart(config, local_service)
+    rows = _read(tmp_path / "qs" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["phase"] == "sft"] == [0, 1, 2, 3], "stopped at the second check"
+    assert [(r["step"], r["train_accuracy"]) for r in rows if r["phase"] == "sft_check"] == [
+        (1, 0.0),
+        (3, 0.9),
+    ]
+    checks = [problems for problems in checked if len(problems) == 8]
+    assert len(checks) == 2 and not heldout & set(checks[0]), "early stop looks at training problems only"
+    assert _read(tmp_path / "qs" / "sft" / "checkpoints.jsonl")[-1]["next_step"] == 4, (
+        "the stopped state is saved"
+    )
+
+
 def test_recipes_drive_the_official_tinker_sdk(tmp_path, local_service, monkeypatch):
     """The same loops run with `tinker.ServiceClient` against tether's server (sdk="tinker")."""
     tinker = pytest.importorskip("tinker")

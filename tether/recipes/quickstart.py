@@ -63,6 +63,16 @@ class Config(BaseModel):
         " reaches 0, so the model is still learning when RL takes over.",
     )
     sft_batch_size: int = Field(16, ge=1, description="Conversations per SFT step.")
+    sft_stop_accuracy: float | None = Field(
+        0.65,
+        gt=0,
+        le=1,
+        description="SFT ends early once greedy accuracy on sft_check_problems training problems reaches this"
+        " (checked every sft_check_every steps), leaving RL a partly right model whatever step the model's"
+        " sudden transition comes at; the held-out problems are never used for it. Unset: run sft_steps.",
+    )
+    sft_check_every: int = Field(25, ge=1, description="SFT steps between the early-stop checks.")
+    sft_check_problems: int = Field(64, ge=1, description="Training problems in each early-stop check.")
     sft_learning_rate: float = Field(
         1e-2, gt=0, description="Peak SFT learning rate (cosine decay after warmup)."
     )
@@ -86,9 +96,14 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _accuracy(training_client: Any, renderer: Any, task: AdditionTask, max_tokens: int) -> float:
+def _accuracy_on(training_client: Any, renderer: Any, problems: list[Any], max_tokens: int) -> float:
+    """Greedy exact-answer accuracy of the model's current weights on `problems`."""
     sampler = training_client.save_weights_and_get_sampling_client().result()
-    return heldout_accuracy(sampler, renderer, task.heldout_problems(), max_tokens)
+    return heldout_accuracy(sampler, renderer, problems, max_tokens)
+
+
+def _accuracy(training_client: Any, renderer: Any, task: AdditionTask, max_tokens: int) -> float:
+    return _accuracy_on(training_client, renderer, task.heldout_problems(), max_tokens)
 
 
 def run_quickstart(config: Config, service: Any) -> dict[str, float]:
@@ -135,13 +150,30 @@ def run_quickstart(config: Config, service: Any) -> dict[str, float]:
         progress=config.progress,
     )
     schedule_steps = max(config.sft_steps, config.sft_schedule_steps)
-    conversations = [task.sft_conversation(i) for i in range(schedule_steps * config.sft_batch_size)]
+    num_conversations = schedule_steps * config.sft_batch_size
+    conversations = [task.sft_conversation(i) for i in range(num_conversations)]
+    # training-distribution problems (never held-out ones) past those SFT's batches are drawn from
+    check_problems = [task.train_problem(num_conversations + i) for i in range(config.sft_check_problems)]
+
+    def trained_enough(step: int, metrics: dict[str, Any]) -> bool:
+        if config.sft_stop_accuracy is None or (step + 1) % config.sft_check_every:
+            return False
+        accuracy = _accuracy_on(training_client, renderer, check_problems, max_tokens)
+        record({"phase": "sft_check", "step": step, "train_accuracy": accuracy})
+        if accuracy >= config.sft_stop_accuracy:
+            _say(
+                f"SFT stops after step {step + 1}: {accuracy:.0%} of {len(check_problems)} training problems right"
+            )
+            return True
+        return False
+
     sft.train_sft(
         sft_config,
         service,
         conversations,
         training_client=training_client,
         on_step_end=lambda step, m: record({"phase": "sft", "step": step, **m}),
+        stop_after=trained_enough,
     )
     measure("after SFT")
     grpo_config = grpo.Config(

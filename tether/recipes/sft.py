@@ -154,9 +154,12 @@ def train_sft(
     *,
     training_client: Any = None,
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
+    stop_after: Callable[[int, dict[str, Any]], bool] | None = None,
 ) -> SFTResult:
     """Run (or resume) SFT with an existing service client. `training_client` continues a model in
-    hand instead of creating one; `on_step_end(step, metrics)` may add metrics before they are logged."""
+    hand instead of creating one; `on_step_end(step, metrics)` may add metrics before they are logged;
+    `stop_after(step, metrics)` returning True ends the run after that step (its state is saved, as at
+    the planned end), e.g. an early stop on a validation measurement."""
     run_log = RunLog(config.log_dir, wandb_project=config.wandb_project, wandb_name=config.wandb_name)
     run_log.write_config(config)
     plan = BatchPlan(len(train_conversations), config.batch_size, config.num_epochs, config.seed)
@@ -185,6 +188,7 @@ def train_sft(
     eval_datums = _datums(renderer, eval_conversations, config, "none")
 
     final_state_path = checkpoint.state_path if checkpoint is not None else None
+    steps_run = 0
     bar = progress_bar(total=total_steps, initial=start_step, desc="SFT", enabled=config.progress)
     for step in range(start_step, total_steps):
         metrics: dict[str, Any] = {"epoch": plan.epoch_of(step)}
@@ -207,13 +211,17 @@ def train_sft(
         # Log before saving: a crash in between leaves a row that resume truncates, never a gap.
         run_log.log_metrics(step, metrics, training_client=training_client)
         next_step = step + 1
-        if next_step == total_steps or (config.save_every and next_step % config.save_every == 0):
+        steps_run += 1
+        stop = stop_after is not None and stop_after(step, metrics)
+        if stop or next_step == total_steps or (config.save_every and next_step % config.save_every == 0):
             final_state_path = _save(training_client, run_log, next_step, plan)
         bar.update(1)
         bar.set_postfix(nll=f"{metrics['train_mean_nll']:.3f}")
+        if stop:
+            break
     bar.close()
     run_log.close()
-    return SFTResult(training_client, renderer, total_steps - start_step, final_state_path, run_log.metrics())
+    return SFTResult(training_client, renderer, steps_run, final_state_path, run_log.metrics())
 
 
 def _save(training_client: Any, run_log: RunLog, next_step: int, plan: BatchPlan) -> str:
