@@ -191,15 +191,7 @@ class DistributedOptimizer(ModelOptimizer):
                         dtype=_local(cast(torch.Tensor, t.grad)).dtype,
                     )
                 )
-        for group in self._optimizer.param_groups:
-            group["lr"] = params.learning_rate
-            group["betas"] = (params.beta1, params.beta2)
-            group["eps"] = params.eps
-            group["weight_decay"] = params.weight_decay
-        self._optimizer.step()
-        self.zero_grad()
-        self.num_steps += 1
-        return self._metrics(params, float(grad_norm), normalization, divisor)
+        return self._apply_update(params, float(grad_norm), normalization, divisor)
 
     def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
         """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""

@@ -126,6 +126,13 @@ class ModelOptimizer:
             torch._foreach_div_(grads, divisor)
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(tensors, params.grad_clip_norm, grad_norm)
+        return self._apply_update(params, float(grad_norm), normalization, divisor)
+
+    def _apply_update(
+        self, params: AdamWParams, grad_norm: float, normalization: GradAccMode, divisor: float
+    ) -> dict[str, float]:
+        """AdamW with `params` on the (already normalised and clipped) gradients, then clear them and
+        their counts; the step's metrics."""
         for group in self._optimizer.param_groups:
             group["lr"] = params.learning_rate
             group["betas"] = (params.beta1, params.beta2)
@@ -134,7 +141,7 @@ class ModelOptimizer:
         self._optimizer.step()
         self.zero_grad()
         self.num_steps += 1
-        return self._metrics(params, float(grad_norm), normalization, divisor)
+        return self._metrics(params, grad_norm, normalization, divisor)
 
     @staticmethod
     def _metrics(
