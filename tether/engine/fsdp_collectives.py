@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tether.engine.grad_accumulation import GradAccMode, check_mode
-from tether.engine.optimizer import MOMENT_KEYS, ModelOptimizer, check_moments
+from tether.engine.optimizer import ModelOptimizer
 from tether.engine.training_types import AdamWParams
 
 __all__ = [
@@ -231,20 +231,9 @@ class DistributedOptimizer(ModelOptimizer):
         """Full (gathered) copies of every moment, on every rank: a collective."""
         return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
 
-    def import_moments(self, moments: Mapping[str, torch.Tensor], num_steps: int) -> None:
-        """Replace all moments with full tensors (as `export_moments` returns them), sharded like the weights."""
-        check_moments(moments, {name: tuple(t.shape) for name, t in self.named_params.items()})
-        self._optimizer.state.clear()
-        for name, tensor in self.named_params.items():
-            if f"step.{name}" not in moments:
-                continue
-            self._optimizer.state[tensor] = {
-                key: moments[f"{key}.{name}"].detach().clone()
-                if key == "step"
-                else _like(moments[f"{key}.{name}"], tensor)
-                for key in MOMENT_KEYS
-            }
-        self.num_steps = num_steps
+    def _moment_for(self, key: str, value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """Full saved moments are sharded like the weights (`import_moments` takes full tensors)."""
+        return value.detach().clone() if key == "step" else _like(value, tensor)
 
     def adopt_moments(self, moments: Mapping[torch.Tensor, dict[str, torch.Tensor]], num_steps: int) -> None:
         """Use `moments` as the whole optimizer state: per parameter (the tensor itself, as

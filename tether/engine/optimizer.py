@@ -222,9 +222,13 @@ class ModelOptimizer:
             if f"step.{name}" not in moments:
                 continue
             self._optimizer.state[tensor] = {
-                key: moments[f"{key}.{name}"].detach().clone().to(tensor.device) for key in MOMENT_KEYS
+                key: self._moment_for(key, moments[f"{key}.{name}"], tensor) for key in MOMENT_KEYS
             }
         self.num_steps = num_steps
+
+    def _moment_for(self, key: str, value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """The optimizer-state tensor for saved moment `key` of parameter `tensor` (a copy on its device)."""
+        return value.detach().clone().to(tensor.device)
 
 
 def check_moments(moments: Mapping[str, torch.Tensor], param_shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -39,7 +39,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -179,16 +179,15 @@ class DistributedExecutor(OpExecutor):
 
     @property
     def training(self) -> DistributedTrainingEngine:
-        base = self.base
-        with self._lock:
-            if self._training is None:
-                self._training = DistributedTrainingEngine(
-                    base,
-                    max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
-                    mixed_precision=self.settings.mixed_precision,
-                    on_nonfinite=self.settings.on_nonfinite,
-                )
-            return self._training  # type: ignore[return-value]
+        return cast(DistributedTrainingEngine, super().training)
+
+    def _new_training_engine(self, base: LoadedBaseModel) -> DistributedTrainingEngine:
+        return DistributedTrainingEngine(
+            base,
+            max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
+            mixed_precision=self.settings.mixed_precision,
+            on_nonfinite=self.settings.on_nonfinite,
+        )
 
     def housekeeping(self) -> None:
         """Nothing on a rank's own clock: rank 0 decides which kept graphs expired (`DistributedTrainer`)."""

@@ -125,13 +125,17 @@ class OpExecutor:
         base = self.base
         with self._lock:
             if self._training is None:
-                self._training = TrainingEngine(
-                    base,
-                    max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
-                    on_nonfinite=self.settings.on_nonfinite,
-                    frozen=self.settings.forward_only,
-                )
+                self._training = self._new_training_engine(base)
             return self._training
+
+    def _new_training_engine(self, base: LoadedBaseModel) -> TrainingEngine:
+        """The training engine over `base`, built once on first use (hook: the distributed executor's is FSDP)."""
+        return TrainingEngine(
+            base,
+            max_tokens_per_micro_batch=self.settings.max_tokens_per_micro_batch,
+            on_nonfinite=self.settings.on_nonfinite,
+            frozen=self.settings.forward_only,
+        )
 
     @property
     def sampling(self) -> SamplingEngine:
