@@ -29,7 +29,7 @@ from tether.deployment.openai_stream import (
     SSE_DONE,
     ChoiceStream,
     StreamToken,
-    TokenEvent,
+    choice_pieces,
     error_chunk,
     sse,
     submit_streaming,
@@ -221,26 +221,12 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                     if isinstance(prompt, str):
                         for i in range(n):
                             yield chunk(number * n + i, prompt, [])
-            async for event in events:
-                if isinstance(event, TokenEvent):
-                    index = event.request * n + event.sample
-                    piece, covered = streams[index].add(event.token)
-                    if piece:
-                        yield chunk(index, piece, covered)
-                    continue
-                try:
-                    result = event.future.result()
-                except Exception as exc:  # failed after streaming began: say so, end the stream
-                    yield sse(error_chunk(exc))
+            async for piece in choice_pieces(events, streams, n, text, stops):
+                if isinstance(piece, Exception):  # failed after streaming began: say so, end the stream
+                    yield sse(error_chunk(piece))
                     break
-                for i, seq in enumerate(result.sequences):
-                    index = event.request * n + i
-                    kept, completion = text.completion(seq, stops)
-                    usage["completion_tokens"] += len(seq.tokens)
-                    piece, covered = streams[index].finish(completion, len(kept))
-                    if piece or covered:
-                        yield chunk(index, piece, covered)
-                    yield chunk(index, "", [], seq.stop_reason)
+                usage["completion_tokens"] += piece.completion_tokens
+                yield chunk(piece.index, piece.text, piece.covered, piece.finish)
             else:
                 total = usage["prompt_tokens"] + usage["completion_tokens"]
                 yield sse(head | {"choices": [], "usage": {**usage, "total_tokens": total}})
@@ -270,23 +256,12 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         async def lines() -> AsyncIterator[str]:
             for index in range(body.n):
                 yield chunk(index, {"role": "assistant", "content": ""}, [], None)
-            async for event in events:
-                if isinstance(event, TokenEvent):
-                    piece, covered = streams[event.sample].add(event.token)
-                    if piece:
-                        yield chunk(event.sample, {"content": piece}, covered, None)
-                    continue
-                try:
-                    result = event.future.result()
-                except Exception as exc:  # failed after streaming began: say so, end the stream
-                    yield sse(error_chunk(exc))
+            async for piece in choice_pieces(events, streams, body.n, text, stops):
+                if isinstance(piece, Exception):  # failed after streaming began: say so, end the stream
+                    yield sse(error_chunk(piece))
                     break
-                for index, seq in enumerate(result.sequences):
-                    kept, content = text.completion(seq, stops)
-                    piece, covered = streams[index].finish(content, len(kept))
-                    if piece or covered:
-                        yield chunk(index, {"content": piece}, covered, None)
-                    yield chunk(index, {}, [], seq.stop_reason)
+                delta = {"content": piece.text} if piece.finish is None else {}
+                yield chunk(piece.index, delta, piece.covered, piece.finish)
             yield SSE_DONE
 
         return _event_stream(lines(), identity)

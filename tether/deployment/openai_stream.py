@@ -129,6 +129,45 @@ class TokenEvent:
 Event = TokenEvent | DoneEvent
 
 
+@dataclass
+class ChoicePiece:
+    """Text of choice `index` now final, the tokens it covers, and (last) the choice's finish reason."""
+
+    index: int
+    text: str
+    covered: list[StreamToken]
+    finish: str | None = None
+    completion_tokens: int = 0
+    """On the finishing piece: the tokens the choice generated (for the usage chunk)."""
+
+
+async def choice_pieces(
+    events: AsyncIterator[Event], streams: list[ChoiceStream], n: int, text: _Text, stops: list[str] | None
+) -> AsyncIterator[ChoicePiece | Exception]:
+    """Each choice's text as it becomes final, then its rest and finish reason when its request ends;
+    choice `request * n + sample` is `streams[...]`. A request that failed ends the pieces with its
+    error (streaming had begun, so the route reports it in the stream)."""
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            index = event.request * n + event.sample
+            piece, covered = streams[index].add(event.token)
+            if piece:
+                yield ChoicePiece(index, piece, covered)
+            continue
+        try:
+            result = event.future.result()
+        except Exception as exc:  # noqa: BLE001 - handed to the route, which ends the stream with it
+            yield exc
+            return
+        for i, seq in enumerate(result.sequences):
+            index = event.request * n + i
+            kept, final_text = text.completion(seq, stops)
+            piece, covered = streams[index].finish(final_text, len(kept))
+            if piece or covered:
+                yield ChoicePiece(index, piece, covered)
+            yield ChoicePiece(index, "", [], seq.stop_reason, len(seq.tokens))
+
+
 async def submit_streaming(
     served: ServedWeights, requests: list[SampleRequest]
 ) -> tuple[str, AsyncIterator[Event]]:
