@@ -79,17 +79,23 @@ class JobCheckpoints:
             for r in reversed(rows)
         ]
 
-    def delete_checkpoint(self, owner: str, job_id: str, tinker_path: str) -> None:
-        """Delete one of the job's checkpoints (files, then its row); NotFoundError if it has none such."""
-        from tether.server.checkpoints import CheckpointFiles
-
+    def _checkpoint(self, owner: str, job_id: str, tinker_path: str):
+        """The job's catalogue, the parsed path, the row and the owner its rows carry, for one of the
+        job's checkpoints; NotFoundError if the job (or the checkpoint) is unknown."""
         self.store.get(owner, job_id)
         parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
         opened = self._job_catalogue(owner, job_id)
         if opened is None:
             raise NotFoundError(f"unknown checkpoint {tinker_path}")
         catalogue, inner_owner = opened
-        catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
+        row = catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
+        return catalogue, parsed, row, inner_owner
+
+    def delete_checkpoint(self, owner: str, job_id: str, tinker_path: str) -> None:
+        """Delete one of the job's checkpoints (files, then its row); NotFoundError if it has none such."""
+        from tether.server.checkpoints import CheckpointFiles
+
+        catalogue, parsed, _, inner_owner = self._checkpoint(owner, job_id, tinker_path)
         CheckpointFiles(self.job_dir(owner, job_id) / "data").delete(inner_owner, parsed)
         catalogue.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
 
@@ -98,13 +104,7 @@ class JobCheckpoints:
         training checkpoint: those are not promotable)."""
         from tether.server.checkpoints import CheckpointFiles
 
-        self.store.get(owner, job_id)
-        parsed = parse_checkpoint_path(tinker_path, field="tinker_path")
-        opened = self._job_catalogue(owner, job_id)
-        if opened is None:
-            raise NotFoundError(f"unknown checkpoint {tinker_path}")
-        catalogue, inner_owner = opened
-        row = catalogue.get_checkpoint(parsed.training_run_id, parsed.checkpoint_id, inner_owner)
+        _, parsed, row, inner_owner = self._checkpoint(owner, job_id, tinker_path)
         if row.checkpoint_type != "sampler":
             raise UserInputError(
                 f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
