@@ -15,8 +15,16 @@ failing forward pass fails only the requests it carried (a failed batched prefil
 by prompt).
 
 Logprobs are untempered (see `SampledSequence`). A caller that streams passes `on_token` to
-`submit`: it is called on the engine's thread with each token as soon as it is sampled. This module
-knows nothing about HTTP or the Tinker wire format.
+`submit`: it is called on the engine's thread with each token as soon as it is sampled.
+
+Cancelling: `cancel(future)` (or `future.cancel()`, which is the same thing, and which
+`asyncio.wrap_future` calls when its awaiting task is cancelled) stops a request whether it waits or
+runs. Its future ends cancelled at once; at its next step the engine drops it from the waiting queue
+or from the running batch (its KV-cache rows and reservation go back to the pool, its weights are
+released) and counts it in `stats().cancelled`. Its batch-mates continue exactly as when a
+neighbour finishes. Futures therefore stay pending (never "running") until they complete.
+
+This module knows nothing about HTTP or the Tinker wire format.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -99,6 +107,8 @@ class _RequestState:
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_cache_hit_tokens: int = 0
+    settled: bool = False
+    """Its outcome (result, failure or cancellation) was counted; nothing more happens to it."""
 
     def __post_init__(self) -> None:
         self.sequences = [None] * self.request.num_samples
@@ -145,6 +155,24 @@ class _Group:
     sequences: list[_Sequence] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds now, and how its requests ended so far (see `SamplingEngine.stats`)."""
+
+    waiting_requests: int
+    """Requests queued for admission."""
+    running_sequences: int
+    """Samples admitted and not finished: each holds a batch row and KV-cache rows."""
+    reserved_tokens: int
+    """KV-cache tokens reserved by the running samples (out of `kv_cache_budget_tokens`)."""
+    completed: int
+    """Requests that ended with a result."""
+    failed: int
+    """Requests that ended with an error."""
+    cancelled: int
+    """Requests cancelled by their caller and dropped by the engine (their resources released)."""
+
+
 class SamplingEngine:
     """Serves `SampleRequest`s for the base model and registered weights from a background thread."""
 
@@ -186,6 +214,11 @@ class SamplingEngine:
         self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None
         self._cond = threading.Condition()
+        self._outcomes = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._cancels = 0
+        """Futures cancelled by their callers so far (the loop looks for them when this moves)."""
+        self._cancels_seen_waiting = 0
+        self._cancels_seen_running = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="tether-sampling-engine", daemon=True)
         self._thread.start()
@@ -211,7 +244,8 @@ class SamplingEngine:
 
         `on_token` (optional) sees every generated token as it is sampled, before the future
         completes (see `TokenCallback`). The future and `on_token` run on the engine's thread, so
-        they should be quick; an exception from `on_token` is logged and stops its calls only."""
+        they should be quick; an exception from `on_token` is logged and stops its calls only.
+        The future is the request's handle: `cancel(future)` stops it."""
         validated = validate_request(request, self._limits)
         cost = WorkCost(validated.reserved_tokens, validated.num_samples, len(validated.prompt_tokens))
         self._scheduler.check_fits(cost)
@@ -227,7 +261,46 @@ class SamplingEngine:
         except BaseException:
             self._weights.release(weights)
             raise
+        state.future.add_done_callback(self._noticed_cancel)
         return state.future
+
+    def cancel(self, future: Future[SampleResult]) -> bool:
+        """Stop the request `future` came from (`submit`), queued or running.
+
+        Returns True if it was not finished: its future is now cancelled (`result()` raises
+        `concurrent.futures.CancelledError`, its done-callbacks ran), `on_token` is not called
+        after the engine's current step, and at that step its KV-cache rows, reservation and weights
+        are released and `stats().cancelled` counts it. False if it had already finished (no-op).
+        Thread-safe; `future.cancel()` does the same."""
+        return future.cancel()
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the queue, the KV-cache reservation and the outcomes so far."""
+        with self._cond:
+            return self._stats()
+
+    def wait_for_stats(self, predicate: Callable[[EngineStats], bool], timeout: float) -> EngineStats:
+        """Block until `predicate(stats())` holds (re-checked whenever a request is admitted, released
+        or settled); returns those stats. Raises `TimeoutError` after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self._stats()), timeout):
+                raise TimeoutError(
+                    f"engine stats did not reach the condition in {timeout} s: {self._stats()}"
+                )
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
+        scheduler = self._scheduler
+        return EngineStats(
+            scheduler.queue_depth, scheduler.running_sequences, scheduler.reserved_tokens, **self._outcomes
+        )
+
+    def _noticed_cancel(self, future: Future[SampleResult]) -> None:
+        """Done-callback of every request's future: a cancellation wakes the loop to drop it."""
+        if future.cancelled():
+            with self._cond:
+                self._cancels += 1
+                self._cond.notify_all()
 
     @property
     def queue_depth(self) -> int:
@@ -251,8 +324,7 @@ class SamplingEngine:
         with self._cond:
             waiting = self._scheduler.drain()
         for state in waiting:  # never admitted: nothing reserved
-            self._weights.release(state.weights)
-            self._set_exception(state, ServerError("the sampling engine closed before this request ran"))
+            self._forget_waiting(state, ServerError("the sampling engine closed before this request ran"))
         for group in list(self._groups.values()):
             for state in {id(s.owner): s.owner for s in group.sequences}.values():
                 self._abandon(state, ServerError("the sampling engine closed during this request"))
@@ -268,6 +340,7 @@ class SamplingEngine:
             try:
                 self._forget_dropped_weights()
                 self._join(self._start(admitted))
+                self._drop_cancelled()
                 for group in list(self._groups.values()):
                     self._decode_group(group)
             except Exception as exc:  # a bug must not hang every future: fail what is in flight, go on
@@ -278,11 +351,22 @@ class SamplingEngine:
                     self._abandon(state, exc)
 
     def _schedule(self) -> list[_RequestState] | None:
-        """Wait for work; admit what fits. None once the engine is closed."""
+        """Wait for work; drop cancelled waiting requests; admit what fits. None once closed."""
         with self._cond:
             while not self._closed and not self._scheduler.has_waiting and not self._groups:
                 self._cond.wait()
-            return None if self._closed else self._scheduler.schedule()
+            if self._closed:
+                return None
+            cancelled: list[_RequestState] = []
+            if self._cancels != self._cancels_seen_waiting:
+                self._cancels_seen_waiting = self._cancels
+                cancelled = self._scheduler.remove_where(lambda state: state.future.cancelled())
+            admitted = self._scheduler.schedule()
+            if admitted:
+                self._cond.notify_all()  # stats waiters
+        for state in cancelled:
+            self._forget_waiting(state, None)
+        return admitted
 
     def _join(self, started: list[_Started]) -> None:
         """Add freshly prefilled sequences to their model's running group, one cache merge per group.
@@ -311,10 +395,10 @@ class SamplingEngine:
         """
         running = []
         for state in admitted:
-            if state.future.set_running_or_notify_cancel():
-                running.append(state)
-            else:  # cancelled while it waited
+            if state.future.cancelled():  # cancelled since it was admitted
                 self._abandon(state, None)
+            else:
+                running.append(state)
         started = []
         for state, out in zip(running, self._prefill(running), strict=True):
             if isinstance(out, Exception):
@@ -412,6 +496,25 @@ class SamplingEngine:
             self._seen_drops = self._weights.drops
             self._prompt_cache.evict_where(_holds_retired_weights)
 
+    def _drop_cancelled(self) -> None:
+        """Take the samples of requests cancelled since the last look out of the running batch."""
+        with self._cond:
+            if self._cancels == self._cancels_seen_running:
+                return
+            self._cancels_seen_running = self._cancels
+        for key, group in list(self._groups.items()):
+            cancelled = {id(s.owner): s.owner for s in group.sequences if s.owner.future.cancelled()}
+            if not cancelled:
+                continue
+            keep = [r for r, s in enumerate(group.sequences) if id(s.owner) not in cancelled]
+            if keep:
+                group.cache.select_rows(keep)
+                group.sequences = [group.sequences[r] for r in keep]
+            else:
+                del self._groups[key]  # its KV buffers go with it
+            for state in cancelled.values():
+                self._abandon(state, None)
+
     def _decode_group(self, group: _Group) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""
         # A sequence feeds at most max_tokens - generated more tokens (its pending one included).
@@ -496,38 +599,60 @@ class SamplingEngine:
         self._release_slots(state, 1)
         if state.unfinished == 0:
             self._weights.release(state.weights)
-            if not state.future.done():
-                state.future.set_result(
-                    SampleResult(
-                        sequences=[s for s in state.sequences if s is not None],
-                        prompt_logprobs=state.prompt_logprobs,
-                        topk_prompt_logprobs=state.topk_prompt_logprobs,
-                        prompt_cache_hit_tokens=state.prompt_cache_hit_tokens,
-                    )
-                )
+            self._settle(
+                state,
+                SampleResult(
+                    sequences=[s for s in state.sequences if s is not None],
+                    prompt_logprobs=state.prompt_logprobs,
+                    topk_prompt_logprobs=state.topk_prompt_logprobs,
+                    prompt_cache_hit_tokens=state.prompt_cache_hit_tokens,
+                ),
+            )
 
     def _release_slots(self, state: _RequestState, num_sequences: int) -> None:
         """Give back the batch rows and KV-cache reservation of `num_sequences` of `state`'s samples."""
         with self._cond:
             self._scheduler.release(state.request.reserved_tokens_per_sample * num_sequences, num_sequences)
+            self._cond.notify_all()  # stats waiters
 
     def _abandon(self, state: _RequestState, exc: BaseException | None) -> None:
-        """Stop an admitted request: give back what its unfinished samples hold; fail it with `exc`."""
+        """Stop an admitted request: give back what its unfinished samples hold; fail it with `exc`
+        (None: it was cancelled)."""
         if state.unfinished > 0:
             self._release_slots(state, state.unfinished)
             state.unfinished = 0
             self._weights.release(state.weights)
-        if exc is not None:
-            self._set_exception(state, exc)
+        self._settle(state, exc)
 
-    @staticmethod
-    def _set_exception(state: _RequestState, exc: BaseException) -> None:
-        if not isinstance(exc, TetherError):
-            wrapped = ServerError(f"sampling failed: {type(exc).__name__}: {exc}")
-            wrapped.__cause__ = exc
-            exc = wrapped
-        if not state.future.done():
-            state.future.set_exception(exc)
+    def _forget_waiting(self, state: _RequestState, exc: BaseException | None) -> None:
+        """Drop a request that was never admitted (nothing reserved but its weights)."""
+        state.unfinished = 0
+        self._weights.release(state.weights)
+        self._settle(state, exc)
+
+    def _settle(self, state: _RequestState, outcome: SampleResult | BaseException | None) -> None:
+        """Complete `state`'s future with `outcome` (None: it was cancelled) unless its caller
+        cancelled it first, and count how it ended; only the first call for a request counts."""
+        if state.settled:
+            return
+        state.settled = True
+        if isinstance(outcome, BaseException) and not isinstance(outcome, TetherError):
+            wrapped = ServerError(f"sampling failed: {type(outcome).__name__}: {outcome}")
+            wrapped.__cause__ = outcome
+            outcome = wrapped
+        kind = "cancelled"
+        try:  # the caller may cancel at any moment, from any thread
+            if isinstance(outcome, SampleResult):
+                state.future.set_result(outcome)
+                kind = "completed"
+            elif outcome is not None:
+                state.future.set_exception(outcome)
+                kind = "failed"
+        except InvalidStateError:
+            pass
+        with self._cond:
+            self._outcomes[kind] += 1
+            self._cond.notify_all()
 
     def _text_decoder(self) -> Callable[[Sequence[int]], str]:
         """Decode token ids to text for stop strings; the tokenizer is loaded on first need."""
