@@ -21,12 +21,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.deployment.openai_stream import (
     SSE_DONE,
+    CancellingStream,
     ChoiceStream,
     StreamToken,
     choice_pieces,
@@ -125,10 +126,13 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def _event_stream(body: AsyncIterator[str], identity: str) -> StreamingResponse:
+def _event_stream(body: AsyncIterator[str], identity: str, futures: list[Any]) -> StreamingResponse:
+    """The SSE response; when it ends (a client that goes away ends it), unfinished requests are cancelled."""
     from tether.deployment.app import IDENTITY_HEADER
 
-    return StreamingResponse(body, media_type="text/event-stream", headers={IDENTITY_HEADER: identity})
+    return CancellingStream(
+        body, futures, media_type="text/event-stream", headers={IDENTITY_HEADER: identity}
+    )
 
 
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
@@ -188,7 +192,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     async def stream_completions(
         body: CompletionBody, prepared: list[tuple[Any, list[int], SampleRequest]], stops: Any, top: int
     ) -> StreamingResponse:
-        identity, events = await submit_streaming(served, [request for _, _, request in prepared])
+        identity, events, futures = await submit_streaming(served, [request for _, _, request in prepared])
         head = {
             "id": f"cmpl-{secrets.token_hex(8)}",
             "object": "text_completion",
@@ -232,10 +236,10 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 yield sse(head | {"choices": [], "usage": {**usage, "total_tokens": total}})
             yield SSE_DONE
 
-        return _event_stream(lines(), identity)
+        return _event_stream(lines(), identity, futures)
 
     async def stream_chat(body: ChatBody, request: SampleRequest, stops: Any, top: int) -> StreamingResponse:
-        identity, events = await submit_streaming(served, [request])
+        identity, events, futures = await submit_streaming(served, [request])
         head = {
             "id": f"chatcmpl-{secrets.token_hex(8)}",
             "object": "chat.completion.chunk",
@@ -264,7 +268,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 yield chunk(piece.index, delta, piece.covered, piece.finish)
             yield SSE_DONE
 
-        return _event_stream(lines(), identity)
+        return _event_stream(lines(), identity, futures)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -276,7 +280,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, response: Response) -> Any:
+    async def completions(body: CompletionBody, response: Response, client: Request) -> Any:
         check_model(body.model)
         top = _check_top(body.logprobs, "logprobs")
         prompts: list[Any] = (
@@ -310,7 +314,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         choices: list[dict[str, Any]] = []
         usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
         for prompt, tokens, request in prepared:
-            result, identity = await run_request(served, request)
+            result, identity = await run_request(served, request, client)
             usage["prompt_tokens"] += len(tokens)
             for seq in result.sequences:
                 kept, completion = text.completion(seq, stops)
@@ -361,7 +365,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         return _sse(_completion_chunks(answer, text))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, response: Response) -> Any:
+    async def chat(body: ChatBody, response: Response, client: Request) -> Any:
         check_model(body.model)
         top = _check_top(body.top_logprobs, "top_logprobs") if body.logprobs else 0
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -385,7 +389,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         )
         if body.stream:
             return await stream_chat(body, request, stops, top)
-        result, identity = await run_request(served, request)
+        result, identity = await run_request(served, request, client)
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for seq in result.sequences:
