@@ -1,6 +1,7 @@
 """A client that goes away stops its work: streamed and whole OpenAI answers, and `/v1/sample`, whose
 connection closes mid-generation are cancelled in the engine (KV reservation back to the pool), the
-deployment keeps serving, and its status counts them as cancelled, not failed.
+deployment keeps serving, and its status counts them as cancelled, not failed. The same holds
+through `tether serve`'s proxy to the deployment (the path DeploymentSampler takes).
 
 The app runs behind a real uvicorn server (httptools, as `python -m tether.deployment` runs it).
 Synchronisation: the request under test stops generating inside one of its token callbacks until
@@ -11,18 +12,22 @@ connection once generation is held there, then waits on the engine's stats. No s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from transformers import AutoTokenizer
 
 from tether.deployment.app import create_app
 from tether.deployment.backend import EngineBackend
 from tether.deployment.served import ServedWeights
 from tether.engine.model_loading import load_base_model
+from tether.server import routes_deployments
+from tether.server.state import request_owner
 
 MODEL = "my-deployment"
 WAIT_S = 60
@@ -77,12 +82,9 @@ class HoldUntilCancelled:
         self.inner.close()
 
 
-@pytest.fixture(scope="module")
-def deployment(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    backend = HoldUntilCancelled(EngineBackend(load_base_model(str(model_dir))))
-    served = ServedWeights(backend, base_model=str(model_dir), state_dir=None)
-    app = create_app(served, model_names=[MODEL], tokenizer=tokenizer)
+@contextlib.contextmanager
+def live(app):
+    """`app` behind a real uvicorn server (httptools, as deployments run); yields its base URL."""
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http="httptools")
     )
@@ -96,10 +98,43 @@ def deployment(model_dir):
         started.wait(0.01)
     assert started.is_set(), "the test server did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", backend
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployment(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    backend = HoldUntilCancelled(EngineBackend(load_base_model(str(model_dir))))
+    served = ServedWeights(backend, base_model=str(model_dir), state_dir=None)
+    with live(create_app(served, model_names=[MODEL], tokenizer=tokenizer)) as url:
+        yield url, backend
     backend.close()
+
+
+class OneDeployment:
+    """The control plane's registry, reduced to the URL of the one deployment under test."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def url(self, deployment_id: str, owner: str) -> str:
+        return self._url
+
+
+@pytest.fixture(scope="module")
+def proxied(deployment):
+    """`tether serve`'s deployment proxy (its router alone) in front of the deployment."""
+    url, backend = deployment
+    app = FastAPI()
+    routes_deployments.install(app)
+    app.dependency_overrides[routes_deployments.registry] = lambda: OneDeployment(url)
+    app.dependency_overrides[request_owner] = lambda: "owner"
+    with live(app) as proxy_url:
+        yield f"{proxy_url}/api/v1/tether/deployments/d1", backend
 
 
 def settled_after_cancel(backend: HoldUntilCancelled, before):
@@ -118,9 +153,16 @@ def still_serves(base_url: str) -> None:
     assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 4
 
 
+@pytest.fixture(params=["direct", "through the proxy"])
+def target(request):
+    """The deployment's own URL, or the control plane's proxy path to it."""
+    fixture = "deployment" if request.param == "direct" else "proxied"
+    return request.getfixturevalue(fixture)
+
+
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_a_stream_whose_client_closes_is_cancelled_and_frees_its_kv_cache(deployment, route):
-    base_url, backend = deployment
+def test_a_stream_whose_client_closes_is_cancelled_and_frees_its_kv_cache(target, route):
+    base_url, backend = target
     before = backend.engine.stats()
     client = openai.OpenAI(api_key="unused", base_url=f"{base_url}/v1", max_retries=0, timeout=WAIT_S)
     backend.arm(at=3)
@@ -150,15 +192,15 @@ def test_a_stream_whose_client_closes_is_cancelled_and_frees_its_kv_cache(deploy
         ("/v1/sample", {"prompt_tokens": [1, 2, 3], "max_tokens": 80, "stop": [], "num_samples": 2}),
     ],
 )
-def test_a_whole_answer_whose_client_goes_away_is_cancelled(deployment, path, body):
+def test_a_whole_answer_whose_client_goes_away_is_cancelled(target, path, body):
     """As when an `openai.AsyncOpenAI` call (or DeploymentSampler's) is cancelled or times out."""
-    base_url, backend = deployment
+    base_url, backend = target
     before = backend.engine.stats()
 
     async def client_gives_up() -> None:
-        async with httpx.AsyncClient(base_url=base_url, timeout=WAIT_S) as http:
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
             backend.arm(at=3)
-            call = asyncio.create_task(http.post(path, json=body))
+            call = asyncio.create_task(http.post(f"{base_url}{path}", json=body))
             assert await asyncio.to_thread(backend.held.wait, WAIT_S)
             call.cancel()  # httpx closes the connection
             with pytest.raises(asyncio.CancelledError):

@@ -9,6 +9,11 @@
     GET    /api/v1/tether/deployments/{id}/hot_load        Fireworks-shaped replica status
     *      /api/v1/tether/deployments/{id}/v1/...          proxied to the deployment (completions, chat, sample, models)
 
+A client that goes away mid-request closes the proxy's connection to the deployment, which
+cancels the sampling there (`tether.deployment.app`): a streamed answer's relay is cancelled by
+Starlette on `http.disconnect` and closes its upstream response; an answer sent whole races the
+deployment's reply against `receive()` (uvicorn never cancels a handler whose client left).
+
 A hot-load names a sampler checkpoint by its `tinker://` path (the `path` returned by
 save_weights_for_sampler); the checkpoint must be the caller's. Another key's deployment answers
 404. The registry is built on first use, so a server that never sees a deployment starts no
@@ -17,6 +22,7 @@ process and imports nothing of `tether.deployment`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
@@ -178,6 +184,12 @@ async def hot_load_status(
     return status if status is not None else {"replicas": []}
 
 
+async def _disconnect(request: Request) -> None:
+    """Return once the client of `request` is gone (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.api_route("/{deployment_id}/v1/{rest:path}", methods=["GET", "POST"])
 async def proxy(
     deployment_id: str,
@@ -211,7 +223,19 @@ async def proxy(
         return StreamingResponse(
             relay(), status_code=upstream.status_code, media_type=upstream.headers.get("content-type")
         )
-    answer = await _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
+    call = asyncio.ensure_future(
+        _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
+    )
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not call.done():
+            call.cancel()  # httpx closes the connection: the deployment cancels the sampling
+    if call.cancelled():
+        return Response(status_code=499)  # nobody receives it: the client left first
+    answer = call.result()
     keep = {
         k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")
     }
