@@ -31,6 +31,7 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from tether.server.deployments import DeploymentRegistry, deployment_info
 from tether.server.state import ServerState, request_owner, server_state
@@ -212,16 +213,22 @@ async def proxy(
             client.build_request("POST", target, content=body, headers=headers), stream=True
         )
 
+        async def close_upstream() -> None:  # closing the connection cancels the deployment's sampling
+            await upstream.aclose()
+            await client.aclose()
+
         async def relay():
             try:
                 async for chunk in upstream.aiter_raw():
                     yield chunk
             finally:
-                await upstream.aclose()
-                await client.aclose()
+                await close_upstream()
 
         return StreamingResponse(
-            relay(), status_code=upstream.status_code, media_type=upstream.headers.get("content-type")
+            relay(),
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
+            background=BackgroundTask(close_upstream),  # also when the client left before the relay began
         )
     call = asyncio.ensure_future(
         _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
