@@ -73,6 +73,24 @@ def test_a_queued_request_cancelled_never_runs_and_frees_its_queue_slot(base):
         engine.close()
 
 
+def test_a_cancelled_running_request_gives_its_place_to_a_waiting_one(base):
+    engine = SamplingEngine(base, kv_cache_budget_tokens=100)
+    try:
+        hold = Hold(at=2)
+        running = engine.submit(sampled(LONG, max_tokens=70), on_token=hold)  # reserves 95 of 100
+        hold.wait()
+        waiting = engine.submit(sampled(SHORT, max_tokens=20))  # needs 31: waits for the KV budget
+        assert engine.stats().waiting_requests == 1
+        assert engine.cancel(running)
+        hold.release.set()
+        assert len(waiting.result(timeout=WAIT_S).sequences[0].tokens) == 20
+        assert hold.count == 2  # it ran in the cancelled request's place, not after its 70 tokens
+        stats = idle(engine, cancelled=1)
+        assert (stats.completed, stats.reserved_tokens) == (1, 0)
+    finally:
+        engine.close()
+
+
 def test_cancelling_mid_generation_frees_its_kv_rows_and_leaves_batch_mates_unchanged(engine):
     mate = sampled(SHORT, num_samples=2, max_tokens=24, seed=11)
     alone = engine.submit(mate).result(timeout=WAIT_S)
