@@ -25,8 +25,9 @@ For bfloat16 every move is a whole number of the element's ulps (at most 2^16 va
 are needed: the estimate is the empirical entropy of the move in ulps given the base element's
 exponent (what tether's ordering exploits), summed over elements — exact for an order-0 coder that
 knows each element's exponent, with no cost for the code table.
-A chain (`tether.storage.sampler_chain`) takes each delta against the previous save, so the last
-column gives tether's full ÷ delta averaged over the one-step deltas of the same run so far.
+A chain (`tether.storage.sampler_chain`) takes each delta against the previous save, so the `chained ×`
+column gives tether's full ÷ delta averaged over the one-step deltas of the same run so far, and
+`chain t/p` plain ÷ tether summed over those one-step deltas (what a chain saved every step ships).
 
     PYTHONPATH=. python bench/delta_size.py [--steps 1 5 20] [--lrs 1e-5 1e-4] [--dtypes float32 bfloat16]
         [--batch 8] [--length 64]
@@ -63,6 +64,11 @@ def delta_bytes(delta, base) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_delta(Path(tmp), delta, base)
         return (Path(tmp) / DELTA_FILE).stat().st_size
+
+
+def plain_bytes(delta, compressor: zstandard.ZstdCompressor) -> int:
+    """Plain XOR+zstd: each tensor's XOR with its base compressed on its own."""
+    return sum(len(compressor.compress(x.numpy().tobytes())) for x in delta.xor.values())
 
 
 def entropy_estimate_bytes(start: dict[str, torch.Tensor], now: dict[str, torch.Tensor], lr: float) -> float:
@@ -141,14 +147,14 @@ def run(dtype: str, args: argparse.Namespace) -> list[float]:
     )
     print(
         f"{'lr':>7} {'steps':>5} {'full MB':>8} {'changed':>8} {'plain ×':>8} {'tether ×':>9} {'tether/plain':>13} "
-        f"{'chained ×':>10} {'entropy ×':>10} {'entropy/plain':>14}"
+        f"{'chained ×':>10} {'chain t/p':>10} {'entropy ×':>10} {'entropy/plain':>14}"
     )
     ratios = []
     for lr in args.lrs:
         model_id = f"bench-{lr}"
         engine.create_model(model_id, lora=None)
         start = unique(engine.sampler_weights(model_id).tensors)
-        previous, chained = start, []
+        previous, chained, chained_plain = start, [], []
         done = 0
         for target_steps in sorted(args.steps):
             while done < target_steps:
@@ -158,12 +164,14 @@ def run(dtype: str, args: argparse.Namespace) -> list[float]:
                 engine.optim_step(model_id, AdamWParams(learning_rate=lr))
                 done += 1
                 current = unique(engine.sampler_weights(model_id).tensors)
-                chained.append(delta_bytes(compute_delta(previous, current), previous))
+                step_delta = compute_delta(previous, current)
+                chained.append(delta_bytes(step_delta, previous))
+                chained_plain.append(plain_bytes(step_delta, compressor))
                 previous = current
             now = unique(engine.sampler_weights(model_id).tensors)
             full = sum(t.numel() * t.element_size() for t in now.values())
             delta = compute_delta(start, now)
-            plain = sum(len(compressor.compress(x.numpy().tobytes())) for x in delta.xor.values())
+            plain = plain_bytes(delta, compressor)
             ours = delta_bytes(delta, start)
             ratios.append(plain / ours)
             estimate = entropy_estimate_bytes(start, now, lr)
@@ -172,6 +180,7 @@ def run(dtype: str, args: argparse.Namespace) -> list[float]:
             print(
                 f"{lr:7.0e} {target_steps:5d} {full / 1e6:8.2f} {changed:8.1%} {full / plain:8.2f} {full / ours:9.2f} "
                 f"{plain / ours:13.2f} {full / (sum(chained) / len(chained)):10.2f} "
+                f"{sum(chained_plain) / sum(chained):10.2f} "
                 f"{full / max(estimate, 1):10.2f} {plain / max(estimate, 1):14.2f}",
                 flush=True,
             )
