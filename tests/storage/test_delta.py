@@ -123,9 +123,9 @@ def test_every_float_dtype_and_kind_of_move_round_trips_bit_exact(tmp_path, dtyp
     for name, tensor in target.items():
         assert rebuilt[name].dtype == dtype
         assert torch.equal(rebuilt[name].view(torch.uint8), tensor.view(torch.uint8)), name
-    if kind == "sparse":  # unchanged elements cost far less than a bit each
+    if kind == "sparse":  # 5% of elements move: 3 bits an element in fp32, < 1 in bf16 and fp16
         stored = (tmp_path / "d" / "delta.safetensors").stat().st_size
-        assert stored < 0.25 * target["w"].numel() * target["w"].element_size()
+        assert stored < 0.12 * target["w"].numel() * target["w"].element_size()
 
 
 def test_a_damaged_file_with_matching_checksums_fails_with_a_clear_error(tmp_path):
