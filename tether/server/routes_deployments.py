@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -167,6 +168,9 @@ async def hot_load(
     directory = state.checkpoints.directory(owner, parsed)
     if not (directory / "manifest.json").is_file():
         raise NotFoundError(f"checkpoint {target} does not exist")
+    previous = (body.incremental_snapshot_metadata or {}).get("previous_snapshot_identity")
+    if previous is not None:
+        await _check_previous_snapshot(reg, deployment_id, owner, target, directory, previous)
     answer = await _child(
         url,
         "POST",
@@ -174,6 +178,37 @@ async def hot_load(
         json={"path": str(directory), "identity": body.identity, "transition": body.transition},
     )
     return JSONResponse(answer.json(), status_code=answer.status_code)
+
+
+async def _check_previous_snapshot(
+    reg: DeploymentRegistry, deployment_id: str, owner: str, target: str, directory: Path, previous: Any
+) -> None:
+    """Fireworks' delta contract: `incremental_snapshot_metadata.previous_snapshot_identity` says the
+    checkpoint is a delta on that snapshot, which the deployment must be serving. UserInputError if
+    the checkpoint is not a delta or applies to another snapshot; ConflictError if the deployment
+    serves something else (its next load must then be a base)."""
+    from tether.storage.sampler_chain import read_chain_link  # torch: not at app construction
+
+    field = "incremental_snapshot_metadata.previous_snapshot_identity"
+    if not isinstance(previous, str):
+        raise UserInputError(f"must be a tinker:// path string, got {previous!r}", field=field)
+    link = await asyncio.to_thread(read_chain_link, directory)
+    if link.checkpoint_type != "delta":
+        raise UserInputError(
+            f"{target} is a {link.checkpoint_type} checkpoint; only a delta has a previous snapshot "
+            "(send a base without incremental_snapshot_metadata)",
+            field=field,
+        )
+    if link.parent_identity != previous:
+        raise UserInputError(f"{target} is a delta on {link.parent_identity}, not on {previous}", field=field)
+    status = await _status(reg, deployment_id, owner)
+    replicas = (status or {}).get("replicas") or [{}]
+    serving = replicas[0].get("current_snapshot_identity")
+    if serving != previous:
+        raise ConflictError(
+            f"deployment {deployment_id} serves {serving or 'nothing yet'}, not {previous}, which the delta "
+            f"{target} applies to: hot-load a base (or that snapshot) first"
+        )
 
 
 @router.get("/{deployment_id}/hot_load")
