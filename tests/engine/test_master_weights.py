@@ -33,7 +33,11 @@ def _batch(engine: TrainingEngine, step: int):
 
 def _reference_adamw(tensors: list[torch.Tensor]) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        tensors, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps, weight_decay=ADAM.weight_decay
+        tensors,
+        lr=ADAM.learning_rate,
+        betas=(ADAM.beta1, ADAM.beta2),
+        eps=ADAM.eps,
+        weight_decay=ADAM.weight_decay,
     )
 
 
@@ -144,7 +148,9 @@ def test_bf16_save_load_continue_equals_uninterrupted_run(bf16_base, tmp_path, f
     _assert_equal(_state_tensors(engine, "resumed"), _state_tensors(engine, "run"))
     # the saved masters are what makes it exact: restarted from the rounded weights, it drifts
     without = TrainingState(
-        state.weights, {k: v for k, v in state.optimizer.items() if not k.startswith("master.")}, state.metadata
+        state.weights,
+        {k: v for k, v in state.optimizer.items() if not k.startswith("master.")},
+        state.metadata,
     )
     engine.import_state("from_weights", without, include_optimizer=True)
     _train(engine, "from_weights", range(3, 6))

@@ -95,8 +95,10 @@ class _Share:
 class DistributedTrainingEngine(TrainingEngine):
     """A `TrainingEngine` sharded over the ranks of the default process group (see the module docstring).
 
-    `mixed_precision` "bfloat16" keeps fp32 weights, gradient reduction and moments while computing
-    in bf16 (FSDP's `MixedPrecisionPolicy`); None computes in the weights' dtype.
+    `mixed_precision` "bfloat16" computes in bf16 with gradient reduction in fp32 (FSDP's
+    `MixedPrecisionPolicy`), keeping the weights in the dtype they were loaded in (fp32 weights and
+    moments from an fp32 base); None computes in the weights' dtype. Either way, sharded bf16/fp16
+    weights are stepped through sharded fp32 masters with fp32 moments (`DistributedOptimizer`).
     Raises `RuntimeError` if the default process group is not initialised.
     """
 

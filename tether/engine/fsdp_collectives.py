@@ -110,7 +110,9 @@ class DistributedOptimizer(ModelOptimizer):
     """`ModelOptimizer` whose gradients are summed across ranks and whose grad norm is the global one.
 
     Sharded (DTensor) tensors already hold their shard of the summed gradient (FSDP reduce-scatter);
-    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded.
+    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded,
+    and so are the fp32 masters of sharded bf16/fp16 weights (`ModelOptimizer`'s module docstring):
+    each rank keeps and steps the masters of its own shards.
     Each rank counts the loss tokens and sequences of its own share of the datums; the counts a
     step normalises by are their sums over the ranks (`accumulated_counts`, a collective).
     """
@@ -133,7 +135,7 @@ class DistributedOptimizer(ModelOptimizer):
         self._sum_replicated_grads(tensors)
         by_name = self._step_grads()  # fp32 copies for lower-precision tensors (their masters' gradients)
         squares = torch.zeros((), dtype=torch.float64, device=comm_device())
-        for name, grad in by_name.items():
+        for grad in by_name.values():
             local = _local(grad).detach()
             part = local.double().pow(2).sum().to(squares.device)
             squares += part / dist.get_world_size() if not isinstance(grad, DTensor) else part
@@ -218,7 +220,8 @@ class DistributedOptimizer(ModelOptimizer):
         return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
 
     def _moment_for(self, key: str, value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """Full saved moments are sharded like the weights (`import_moments` takes full tensors)."""
+        """Full saved moments (and masters) are laid out like the stepped tensor: sharded like it, in
+        its dtype (`import_moments` takes full tensors)."""
         return value.detach().clone() if key == "step" else _like(value, tensor)
 
     @torch.no_grad()
