@@ -314,8 +314,39 @@ def run_bf16(engine, checkpoint_dir: str) -> dict[str, torch.Tensor]:
         dcp.load(tensors, storage_reader=reader)
 
     engine.import_sharded_state("resumed", metadata, shapes, load, include_optimizer=True)
-    without = {k: v for k, v in shapes.items() if not k.startswith("optimizer/master.")}
-    engine.import_sharded_state("older", metadata, without, load, include_optimizer=True)
+    # the older format: no masters, and bf16 moments (AdamW stepped the bf16 weights themselves)
+    older_flat = {
+        k: v.to(torch.bfloat16) if k.startswith("optimizer/exp_avg") else v
+        for k, v in flat.items()
+        if not k.startswith("optimizer/master.")
+    }
+    dcp.save(older_flat, checkpoint_id=checkpoint_dir + ".older")
+    older_reader = FileSystemReader(checkpoint_dir + ".older")
+    older_shapes = {k: tuple(v.size) for k, v in older_reader.read_metadata().state_dict_metadata.items()}
+    engine.import_sharded_state(
+        "older",
+        metadata,
+        older_shapes,
+        lambda tensors: dcp.load(tensors, storage_reader=older_reader),
+        include_optimizer=True,
+    )
+    older = engine.export_state("older", include_optimizer=True).optimizer
+    expected = {k.removeprefix("optimizer/"): v for k, v in older_flat.items() if k.startswith("optimizer/")}
+    weights_now = engine.export_state("full", include_optimizer=False).weights
+    expected.update({f"master.{n}": w.float() for n, w in weights_now.items()})
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    out["older_moments_fp32_masters_from_weights"] = torch.tensor(
+        older is not None
+        and older.keys() == expected.keys()
+        and all(
+            (k.startswith("step.") or older[k].dtype == torch.float32)
+            and torch.equal(older[k], full(expected[k]).to(older[k].dtype))
+            for k in expected
+        )
+    )
     engine.import_state(
         "full_tensors", engine.export_state("full", include_optimizer=True), include_optimizer=True
     )

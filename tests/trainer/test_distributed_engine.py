@@ -128,6 +128,7 @@ def test_bf16_weights_train_through_sharded_fp32_masters_and_resume_exactly(mode
         "resumed_exact",
         "full_tensors_exact",
         "older_loaded_and_drifted",
+        "older_moments_fp32_masters_from_weights",
         "weights_bf16",
         "state_fp32",
         "weights_are_rounded_masters",
