@@ -278,6 +278,106 @@ def run_sharded_loads(engine, model_dir: str, checkpoint_dir: str) -> dict[str, 
     return out
 
 
+BF16_ADAM = AdamWParams(learning_rate=1e-5, grad_clip_norm=1.0, weight_decay=0.01)
+
+
+def run_bf16(engine, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """A bf16 full fine-tune at lr 1e-5 on sharded bf16 weights: its fp32 masters (sharded like the
+    weights), weights that are the masters rounded, and a sharded DCP save -> load -> continue (and
+    the full-tensor load) that equals the uninterrupted run bit for bit; a state without masters
+    (the older format) still loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.tensor import DTensor
+
+    def train(model_id: str, steps: range) -> None:
+        for step in steps:
+            batch = make_batch("cross_entropy", [3 + step % 4, 8, 2])
+            engine.forward_backward(model_id, batch, "cross_entropy")
+            engine.optim_step(model_id, BF16_ADAM)
+
+    out: dict[str, torch.Tensor] = {}
+    engine.create_model("full", lora=None)
+    start = engine.export_state("full", include_optimizer=False).weights
+    train("full", range(4))
+    flat, metadata = engine.sharded_state("full")
+    masters = {k: v for k, v in flat.items() if k.startswith("optimizer/master.")}
+    out["sharded_fp32_masters"] = torch.tensor(
+        len(masters) == len(start)
+        and all(isinstance(v, DTensor) and v.dtype == torch.float32 for v in masters.values())
+    )
+    dcp.save(flat, checkpoint_id=checkpoint_dir)
+    reader = FileSystemReader(checkpoint_dir)
+    shapes = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items()}
+
+    def load(tensors: dict[str, torch.Tensor]) -> None:
+        dcp.load(tensors, storage_reader=reader)
+
+    engine.import_sharded_state("resumed", metadata, shapes, load, include_optimizer=True)
+    # the older format: no masters, and bf16 moments (AdamW stepped the bf16 weights themselves)
+    older_flat = {
+        k: v.to(torch.bfloat16) if k.startswith("optimizer/exp_avg") else v
+        for k, v in flat.items()
+        if not k.startswith("optimizer/master.")
+    }
+    dcp.save(older_flat, checkpoint_id=checkpoint_dir + ".older")
+    older_reader = FileSystemReader(checkpoint_dir + ".older")
+    older_shapes = {k: tuple(v.size) for k, v in older_reader.read_metadata().state_dict_metadata.items()}
+    engine.import_sharded_state(
+        "older",
+        metadata,
+        older_shapes,
+        lambda tensors: dcp.load(tensors, storage_reader=older_reader),
+        include_optimizer=True,
+    )
+    older = engine.export_state("older", include_optimizer=True).optimizer
+    expected = {k.removeprefix("optimizer/"): v for k, v in older_flat.items() if k.startswith("optimizer/")}
+    weights_now = engine.export_state("full", include_optimizer=False).weights
+    expected.update({f"master.{n}": w.float() for n, w in weights_now.items()})
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    out["older_moments_fp32_masters_from_weights"] = torch.tensor(
+        older is not None
+        and older.keys() == expected.keys()
+        and all(
+            (k.startswith("step.") or older[k].dtype == torch.float32)
+            and torch.equal(older[k], full(expected[k]).to(older[k].dtype))
+            for k in expected
+        )
+    )
+    engine.import_state(
+        "full_tensors", engine.export_state("full", include_optimizer=True), include_optimizer=True
+    )
+    states = {}
+    for model_id in ("full", "resumed", "full_tensors", "older"):
+        train(model_id, range(4, 7))
+        state = engine.export_state(model_id, include_optimizer=True)
+        states[model_id] = {**{f"w.{k}": v for k, v in state.weights.items()}, **state.optimizer}
+    final = states["full"]
+
+    def same(other: dict[str, torch.Tensor]) -> bool:
+        return other.keys() == final.keys() and all(torch.equal(other[k], final[k]) for k in final)
+
+    out["resumed_exact"] = torch.tensor(same(states["resumed"]))
+    out["full_tensors_exact"] = torch.tensor(same(states["full_tensors"]))
+    out["older_loaded_and_drifted"] = torch.tensor(
+        states["older"].keys() == final.keys() and not same(states["older"])
+    )
+    names = list(start)
+    out["weights_bf16"] = torch.tensor(all(final[f"w.{n}"].dtype == torch.bfloat16 for n in names))
+    out["state_fp32"] = torch.tensor(
+        all(v.dtype == torch.float32 for k, v in final.items() if not k.startswith(("w.", "step.")))
+    )
+    out["weights_are_rounded_masters"] = torch.tensor(
+        all(torch.equal(final[f"w.{n}"], final[f"master.{n}"].to(torch.bfloat16)) for n in names)
+    )
+    changed = sum(int((final[f"w.{n}"] != start[n]).sum()) for n in names)
+    out["moved"] = torch.tensor(changed / sum(t.numel() for t in start.values()), dtype=torch.float64)
+    return out
+
+
 def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -287,11 +387,18 @@ def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    dtype = "bfloat16" if mixed_precision == "bf16_weights" else "float32"
     engine = DistributedTrainingEngine(
-        load_base_model(model_dir, device="cpu", dtype="float32", weights=False),
+        load_base_model(model_dir, device="cpu", dtype=dtype, weights=False),
         max_tokens_per_micro_batch=BUDGET,
-        mixed_precision=None if mixed_precision == "sharded" else mixed_precision,
+        mixed_precision=None if mixed_precision in ("sharded", "bf16_weights") else mixed_precision,
     )
+    if mixed_precision == "bf16_weights":
+        results = run_bf16(engine, out_file + ".dcp")
+        if dist.get_rank() == 0:
+            save_file(results, out_file)
+        dist.destroy_process_group()
+        return
     if mixed_precision == "sharded":
         results = run_sharded_loads(engine, model_dir, out_file + ".dcp")
         save_file(results, f"{out_file}.rank{dist.get_rank()}")

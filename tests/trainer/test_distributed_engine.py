@@ -114,6 +114,29 @@ def test_bf16_mixed_precision_keeps_fp32_state_and_trains_close_to_fp32(model_di
             assert float(mixed[key]) != float(reference[key])  # and it really computed in bf16
 
 
+def test_bf16_weights_train_through_sharded_fp32_masters_and_resume_exactly(model_dir, tmp_path):
+    """bf16 weights without mixed precision (the GPU default dtype): AdamW steps sharded fp32
+    masters, so lr 1e-5 moves the weights; DCP save -> load -> continue is bit-exact."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16.safetensors"
+    done = torchrun(2, str(HERE / "dist_cases.py"), model_dir, str(out), "bf16_weights")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = load_file(str(out))
+    for flag in (
+        "sharded_fp32_masters",
+        "resumed_exact",
+        "full_tensors_exact",
+        "older_loaded_and_drifted",
+        "older_moments_fp32_masters_from_weights",
+        "weights_bf16",
+        "state_fp32",
+        "weights_are_rounded_masters",
+    ):
+        assert bool(r[flag]), flag
+    assert float(r["moved"]) > 0.3, float(r["moved"])
+
+
 def test_split_by_tokens_balances_and_covers_every_datum():
     from tether.engine.fsdp import split_by_tokens
     from tether.engine.micro_batching import plan_micro_batches

@@ -53,7 +53,7 @@ from tether.engine.lora import LoraSpec, MultiLoraLinear, add_adapter, lora_laye
 from tether.engine.losses import get_loss, resolve_loss_config
 from tether.engine.micro_batching import plan_micro_batches, target_logprobs
 from tether.engine.model_loading import LoadedBaseModel
-from tether.engine.optimizer import ModelOptimizer
+from tether.engine.optimizer import MASTER_KEY, ModelOptimizer
 from tether.engine.training_engine import (
     TrainingEngine,
     _check_logprob_grads,
@@ -95,8 +95,10 @@ class _Share:
 class DistributedTrainingEngine(TrainingEngine):
     """A `TrainingEngine` sharded over the ranks of the default process group (see the module docstring).
 
-    `mixed_precision` "bfloat16" keeps fp32 weights, gradient reduction and moments while computing
-    in bf16 (FSDP's `MixedPrecisionPolicy`); None computes in the weights' dtype.
+    `mixed_precision` "bfloat16" computes in bf16 with gradient reduction in fp32 (FSDP's
+    `MixedPrecisionPolicy`), keeping the weights in the dtype they were loaded in (fp32 weights and
+    moments from an fp32 base); None computes in the weights' dtype. Either way, sharded bf16/fp16
+    weights are stepped through sharded fp32 masters with fp32 moments (`DistributedOptimizer`).
     Raises `RuntimeError` if the default process group is not initialised.
     """
 
@@ -528,21 +530,25 @@ class DistributedTrainingEngine(TrainingEngine):
                 self._drop(model_id)
             trained = self._build_model(model_id, state.lora_spec, fill=False)
             flat = {f"weights/{name}": t.detach() for name, t in trained.params.items()}
-            moments: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+            optimizer = cast(DistributedOptimizer, trained.optimizer)
+            moments: dict[str, dict[str, torch.Tensor]] = {}
             for key in state.optimizer or {}:
                 if not key.startswith("step."):
                     continue
                 name = key.removeprefix("step.")
                 tensor = trained.params[name].detach()
-                moments[trained.params[name]] = {
-                    "exp_avg": torch.zeros_like(tensor),
-                    "exp_avg_sq": torch.zeros_like(tensor),
+                dtype = optimizer.state_dtype(name)  # fp32 moments (and master) for a bf16/fp16 weight
+                moments[name] = {
+                    "exp_avg": torch.zeros_like(tensor, dtype=dtype),
+                    "exp_avg_sq": torch.zeros_like(tensor, dtype=dtype),
                     "step": torch.zeros(shapes[f"optimizer/{key}"], dtype=torch.float32),
                 }
-                flat.update({f"optimizer/{k}.{name}": v for k, v in moments[trained.params[name]].items()})
+                if f"{MASTER_KEY}.{name}" in (state.optimizer or {}) and dtype != tensor.dtype:
+                    moments[name][MASTER_KEY] = torch.zeros_like(tensor, dtype=dtype)
+                flat.update({f"optimizer/{k}.{name}": v for k, v in moments[name].items()})
             load(flat)
             steps = int(metadata.get("optimizer_steps", 0)) if include_optimizer else 0
-            cast(DistributedOptimizer, trained.optimizer).adopt_moments(moments, steps)
+            optimizer.adopt_moments(moments, steps)
             self._models[model_id] = trained
 
     def sampler_weights(self, model_id: str, *, keep: bool = True) -> SamplerWeights:

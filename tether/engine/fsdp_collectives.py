@@ -8,16 +8,14 @@ nothing about models, ops or storage.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
-from typing import cast
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tether.engine.grad_accumulation import GradAccMode, check_mode
-from tether.engine.optimizer import ModelOptimizer
+from tether.engine.optimizer import MASTER_KEY, ModelOptimizer
 from tether.engine.training_types import AdamWParams
 
 __all__ = [
@@ -112,7 +110,9 @@ class DistributedOptimizer(ModelOptimizer):
     """`ModelOptimizer` whose gradients are summed across ranks and whose grad norm is the global one.
 
     Sharded (DTensor) tensors already hold their shard of the summed gradient (FSDP reduce-scatter);
-    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded.
+    replicated tensors (LoRA adapters) are all-reduced here. Moments of sharded tensors are sharded,
+    and so are the fp32 masters of sharded bf16/fp16 weights (`ModelOptimizer`'s module docstring):
+    each rank keeps and steps the masters of its own shards.
     Each rank counts the loss tokens and sequences of its own share of the datums; the counts a
     step normalises by are their sums over the ranks (`accumulated_counts`, a collective).
     """
@@ -133,12 +133,12 @@ class DistributedOptimizer(ModelOptimizer):
             id(t): t.grad.clone() for t in tensors if not isinstance(t, DTensor) and t.grad is not None
         }
         self._sum_replicated_grads(tensors)
-        with_grad = [t for t in tensors if t.grad is not None]
+        by_name = self._step_grads()  # fp32 copies for lower-precision tensors (their masters' gradients)
         squares = torch.zeros((), dtype=torch.float64, device=comm_device())
-        for t in with_grad:
-            local = _local(cast(torch.Tensor, t.grad)).detach()
+        for grad in by_name.values():
+            local = _local(grad).detach()
             part = local.double().pow(2).sum().to(squares.device)
-            squares += part / dist.get_world_size() if not isinstance(t.grad, DTensor) else part
+            squares += part / dist.get_world_size() if not isinstance(grad, DTensor) else part
         dist.all_reduce(squares)
         grad_norm = squares.sqrt() / divisor
         # refuse (or skip) a step that would make weights or moments non-finite, as one process does
@@ -156,11 +156,11 @@ class DistributedOptimizer(ModelOptimizer):
             )
         coef_value = (
             min(1.0, params.grad_clip_norm / (float(grad_norm) + 1e-6))
-            if params.grad_clip_norm > 0 and with_grad
+            if params.grad_clip_norm > 0 and by_name
             else 1.0
         )
         finite = torch.tensor(
-            [1 if self._local_update_is_finite(params, coef_value / divisor) else 0], device=comm_device()
+            [1 if self._update_is_finite(params, coef_value / divisor, by_name) else 0], device=comm_device()
         )
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not int(finite.item()):
@@ -178,37 +178,25 @@ class DistributedOptimizer(ModelOptimizer):
                 "retry with a smaller learning rate",
                 field="adam_params.learning_rate",
             )
-        if (params.grad_clip_norm > 0 or divisor != 1.0) and with_grad:
+        self._attach_grads(by_name)
+        if (params.grad_clip_norm > 0 or divisor != 1.0) and by_name:
             coef = (
                 torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
                 if params.grad_clip_norm > 0
                 else torch.ones((), dtype=grad_norm.dtype, device=grad_norm.device)
             ) / divisor
-            for t in with_grad:
-                _local(cast(torch.Tensor, t.grad)).mul_(
-                    coef.to(
-                        device=_local(cast(torch.Tensor, t.grad)).device,
-                        dtype=_local(cast(torch.Tensor, t.grad)).dtype,
-                    )
-                )
+            for grad in by_name.values():
+                local = _local(grad)
+                local.mul_(coef.to(device=local.device, dtype=local.dtype))
         return self._apply_update(params, float(grad_norm), normalization, divisor)
 
-    def _local_update_is_finite(self, params: AdamWParams, coef: float) -> bool:
-        """`ModelOptimizer._update_is_finite` on this rank's shards (plain tensors: no collective)."""
-        view = object.__new__(ModelOptimizer)
-        view.named_params, states = {}, {}
-        for name, tensor in self.named_params.items():
-            local = _local(tensor).detach()
-            if tensor.grad is not None:
-                local.grad = _local(tensor.grad).detach()
-            view.named_params[name] = local
-            state = self._optimizer.state.get(tensor)
-            if state:
-                states[local] = {
-                    key: _local(value) if torch.is_tensor(value) else value for key, value in state.items()
-                }
-        view._optimizer = SimpleNamespace(state=states)  # type: ignore[assignment]  # a view with only .state
-        return ModelOptimizer._update_is_finite(view, params, coef)
+    def _check_items(
+        self, grads: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], torch.dtype]]:
+        """`ModelOptimizer._check_items` on this rank's shards (plain tensors: no collective)."""
+        for weight, grad, state, dtype in super()._check_items(grads):
+            local_state = {key: _local(value) for key, value in state.items()}
+            yield _local(weight), _local(grad), local_state, dtype
 
     def _sum_replicated_grads(self, tensors: list[torch.Tensor]) -> None:
         replicated = [t for t in tensors if not isinstance(t, DTensor)]
@@ -232,12 +220,26 @@ class DistributedOptimizer(ModelOptimizer):
         return {key: _full(value).detach().clone() for key, value in super().export_moments().items()}
 
     def _moment_for(self, key: str, value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """Full saved moments are sharded like the weights (`import_moments` takes full tensors)."""
+        """Full saved moments (and masters) are laid out like the stepped tensor: sharded like it, in
+        its dtype (`import_moments` takes full tensors)."""
         return value.detach().clone() if key == "step" else _like(value, tensor)
 
-    def adopt_moments(self, moments: Mapping[torch.Tensor, dict[str, torch.Tensor]], num_steps: int) -> None:
-        """Use `moments` as the whole optimizer state: per parameter (the tensor itself, as
-        `named_params` holds it) its `exp_avg` and `exp_avg_sq` laid out like it and its `step`."""
+    @torch.no_grad()
+    def adopt_moments(self, moments: Mapping[str, dict[str, torch.Tensor]], num_steps: int) -> None:
+        """Use `moments` as the whole optimizer state, by tensor name: its `exp_avg` and `exp_avg_sq`
+        laid out like the tensor AdamW steps (fp32 for a lower-precision tensor), its `step`, and for
+        a lower-precision tensor optionally its fp32 `master` (without one, the master starts from
+        the tensor as loaded). Call it after the weights are loaded."""
+        self._drop_masters()
         self._optimizer.state.clear()
-        self._optimizer.state.update(moments)
+        for name, entry in moments.items():
+            state = dict(entry)
+            master = state.pop(MASTER_KEY, None)
+            if name in self._low:
+                self._set_master(name, master)
+            self._optimizer.state[self._stepped(name)] = state
         self.num_steps = num_steps
+
+    def state_dtype(self, name: str) -> torch.dtype:
+        """The dtype of `name`'s stepped weight and moments: fp32 for a lower-precision tensor."""
+        return torch.float32 if name in self._low else self.named_params[name].dtype

@@ -81,6 +81,9 @@ class _NoOptimizer(ModelOptimizer):
     def __init__(self) -> None:  # noqa: D107 - torch's AdamW refuses an empty parameter list
         self.on_nonfinite = "refuse"
         self.named_params = {}
+        self._low = set()
+        self._masters = {}
+        self._slots = {}
         self.num_steps = 0
 
 

@@ -24,7 +24,8 @@ class TrainingState:
     weights: dict[str, torch.Tensor]
     """LoRA: `<module path>.lora_A/.lora_B`; full fine-tuning: the model's named parameters."""
     optimizer: dict[str, torch.Tensor] | None = None
-    """`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`; None when exported without optimizer."""
+    """`exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`, and `master.<name>` (the fp32 master of a
+    bf16/fp16 weight, see `tether.engine.optimizer`); None when exported without optimizer."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """JSON-able: format, base_model, is_lora, lora (spec fields or None), optimizer_steps."""
 
