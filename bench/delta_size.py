@@ -2,8 +2,9 @@
 
 A full fine-tuning of the default tiny model is trained with AdamW on text for 1, 5 and 20 steps at
 learning rates 1e-5 and 1e-4, once per weight dtype: float32 (the CPU default) and bfloat16 (the GPU
-default, "auto" in `tether.engine.model_loading`: weights, optimizer update and sampler weights all
-bf16, as a full fine-tuning on a GPU saves them and vLLM serves them). The model is loaded through
+default, "auto" in `tether.engine.model_loading`: bf16 weights stepped through fp32 master copies
+(`tether.engine.optimizer`), bf16 sampler weights, as a full fine-tuning on a GPU saves them and vLLM
+serves them). The model is loaded through
 `load_base_model(dtype=...)` and trained through the real `TrainingEngine`. After each step count the
 sampler weights are compared with the weights before training:
 

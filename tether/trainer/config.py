@@ -74,8 +74,9 @@ class EngineSettings(BaseModel):
     )
     mixed_precision: Literal["none", "bfloat16"] = Field(
         "none",
-        description='Multi-rank trainers: "bfloat16" computes in bf16 with fp32 weights, gradient '
-        'reduction and optimizer state (FSDP2 MixedPrecisionPolicy); "none" computes in the weights\' dtype.',
+        description='Multi-rank trainers: "bfloat16" computes in bf16 with fp32 gradient reduction (FSDP2 '
+        'MixedPrecisionPolicy); "none" computes in the weights\' dtype. Either way bf16/fp16 weights are '
+        "stepped through sharded fp32 master copies and fp32 optimizer moments.",
     )
     on_nonfinite: Literal["refuse", "skip"] = Field(
         "refuse",
