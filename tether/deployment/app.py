@@ -13,8 +13,8 @@ Routes:
   (`tether.deployment.openai_routes`).
 
 Every answer naming weights carries `weights_identity` (and the `x-tether-weights-identity`
-header). Errors are JSON `{"detail", "error", "category"}` with the error class's status; nothing
-a client sends yields a 500.
+header). Errors are JSON `{"detail", "error": {"message", "type", "param", "code"}, "category"}` (OpenAI's
+error object under `error`) with the error class's status; nothing a client sends yields a 500.
 """
 
 from __future__ import annotations
@@ -55,9 +55,21 @@ class SampleBody(BaseModel):
     topk_prompt_logprobs: int = 0
 
 
+def error_body(message: str, category: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """`detail` (tether's clients read it) and `error` in OpenAI's shape, so the `openai` package
+    shows the cause in its exception's text and `param` names the field."""
+    kind = "invalid_request_error" if category == "user" else f"{category}_error"
+    return {
+        "detail": message,
+        "error": {"message": message, "type": kind, "param": param, "code": status},
+        "category": category,
+    }
+
+
 def error_response(exc: TetherError) -> JSONResponse:
+    param = getattr(exc, "field", None)
     return JSONResponse(
-        {"detail": exc.message, "error": exc.message, "category": exc.category}, status_code=exc.http_status
+        error_body(exc.message, exc.category, exc.http_status, param), status_code=exc.http_status
     )
 
 
@@ -83,7 +95,9 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
             for e in exc.errors()[:5]
         ]
         message = "invalid request: " + "; ".join(parts)
-        return JSONResponse({"detail": message, "error": message, "category": "user"}, status_code=422)
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return JSONResponse(error_body(message, "user", 422, param), status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -19,11 +19,11 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from tether.deployment.openai_stream import (
     SSE_DONE,
@@ -44,7 +44,8 @@ _MAX_TOP_LOGPROBS = 20
 class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    """Text, token ids, or a batch of either (token ids are strict: `true` is not token 1)."""
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -59,7 +60,8 @@ class CompletionBody(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    """OpenAI's roles; a chat template silently drops a message with any other role."""
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -86,6 +88,44 @@ def _check_top(k: int | None, field: str) -> int:
     if not 0 <= k <= _MAX_TOP_LOGPROBS:
         raise UserInputError(f"must be between 0 and {_MAX_TOP_LOGPROBS}, got {k}", field=field)
     return k
+
+
+def _text_only(text: str, field: str) -> str:
+    """`text` if it is valid Unicode (JSON may carry lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserInputError(
+            f"is not valid Unicode text ({exc.reason} at position {exc.start})", field=field
+        ) from exc
+    return text
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: content parts joined into one string.
+
+    OpenAI's `content` may be a list of parts; templates written for string content render such a
+    list as nothing, so text parts are joined with newlines (as vLLM does) and any other part
+    (images, audio) is refused, naming it.
+    """
+    out = []
+    for i, message in enumerate(messages):
+        entry = message.model_dump(exclude_none=True)
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise UserInputError(
+                        f"only text parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r:.80}",
+                        field=f"messages[{i}].content[{j}]",
+                    )
+                texts.append(part["text"])
+            entry["content"] = "\n".join(texts)
+        if isinstance(entry.get("content"), str):
+            _text_only(entry["content"], f"messages[{i}].content")
+        out.append(entry)
+    return out
 
 
 def _stops(stop: str | list[str] | None) -> list[str] | None:
@@ -284,11 +324,13 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
             else list(body.prompt)
         )
+        if not prompts:
+            raise UserInputError("is an empty list; give a prompt", field="prompt")
         stops = _stops(body.stop)
         prepared: list[tuple[Any, list[int], SampleRequest]] = []
         for prompt in prompts:
             tokens = (
-                tokenizer.encode(prompt, add_special_tokens=False)
+                tokenizer.encode(_text_only(prompt, "prompt"), add_special_tokens=False)
                 if isinstance(prompt, str)
                 else list(prompt)
             )
@@ -363,8 +405,9 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, response: Response) -> Any:
         check_model(body.model)
-        top = _check_top(body.top_logprobs, "top_logprobs") if body.logprobs else 0
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        top = _check_top(body.top_logprobs, "top_logprobs")
+        top = top if body.logprobs else 0
+        messages = _chat_messages(body.messages)
         try:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # template errors are the caller's messages' fault
@@ -374,7 +417,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         request = request_for(
             tokens,
             n=body.n,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
+            max_tokens=body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
