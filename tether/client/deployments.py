@@ -224,7 +224,8 @@ class DeploymentManager:
         timeout_seconds: float = 400,
         poll_interval: float = 0.2,
     ) -> bool:
-        """True once the deployment serves `expected_identity`; raises ServerError if that load failed.
+        """True once the deployment serves `expected_identity`; raises ServerError if that load failed
+        or the deployment FAILED (its serving process died: `restart` resumes its last good weights).
 
         Polls every 20 ms at first, backing off to `poll_interval` (s), so a fast hot-load is seen
         almost as soon as it is done.
@@ -232,7 +233,14 @@ class DeploymentManager:
         deadline = time.monotonic() + timeout_seconds
         interval = min(0.02, poll_interval)
         while time.monotonic() < deadline:
-            replicas = self.hotload_check_status(deployment_id, base_model).get("replicas") or []
+            status = self.hotload_check_status(deployment_id, base_model)
+            if status.get("state") == "FAILED":
+                self.last_hotload_error_message = status.get("error")
+                raise ServerError(
+                    f"deployment {deployment_id!r} FAILED while waiting for {expected_identity}: "
+                    f"{status.get('error')}"
+                )
+            replicas = status.get("replicas") or []
             if replicas:
                 replica = replicas[0]
                 loading = replica.get("loading_state") or {}

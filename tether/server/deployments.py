@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -229,10 +230,10 @@ class DeploymentRegistry:
     def _state_dir(self, owner: str, deployment_id: str) -> Path:
         return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", owner) / deployment_id
 
-    def _launch(self, deployment_id: str, owner: str, base_model: str, transition: str) -> None:
-        state_dir = self._state_dir(owner, deployment_id)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+    def _command(
+        self, deployment_id: str, base_model: str, transition: str, port: int, state_dir: Path
+    ) -> Sequence[str]:
+        """The serving process's command line."""
         command = [
             sys.executable,
             "-m",
@@ -252,6 +253,13 @@ class DeploymentRegistry:
             command += ["--model-path", self.model_paths[base_model]]
         if self.torch_threads:
             command += ["--torch-threads", str(self.torch_threads)]
+        return command
+
+    def _launch(self, deployment_id: str, owner: str, base_model: str, transition: str) -> None:
+        state_dir = self._state_dir(owner, deployment_id)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        command = list(self._command(deployment_id, base_model, transition, port, state_dir))
         log_path = state_dir / "deployment.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -305,6 +313,18 @@ class DeploymentRegistry:
         except subprocess.TimeoutExpired:
             process.popen.kill()
             process.popen.wait(timeout=15)
+
+    def did_not_answer(self, deployment_id: str, owner: str, wait_s: float = 10.0) -> DeploymentRow:
+        """After a request to the serving process failed: the row, FAILED with the cause if the
+        process died. Blocks up to `wait_s` for a dying process to exit (its sockets close a moment
+        before it can be reaped), so call it off the event loop."""
+        process = self._processes.get(deployment_id)
+        if process is not None:
+            try:
+                process.popen.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass  # alive but not answering: the row stays as it is
+        return self.get(deployment_id, owner)
 
     def kill_for_test(self, deployment_id: str) -> None:
         """SIGKILL the serving process (to test crash recovery)."""

@@ -9,6 +9,12 @@
     GET    /api/v1/tether/deployments/{id}/hot_load        Fireworks-shaped replica status
     *      /api/v1/tether/deployments/{id}/v1/...          proxied to the deployment (completions, chat, sample, models)
 
+Only those four routes are proxied: anything else under `v1/` (`v1/%2e%2e/hot_load` included, which
+would reach the deployment's unchecked `/hot_load`) is a 404. A serving process that does not
+answer (it died) makes the deployment FAILED with the cause, and the request a 409 naming it; a
+stream cut short by its death ends with an `error` event and `[DONE]`. Stopping a process (delete,
+restart) runs off the event loop, so it never holds up other requests.
+
 A hot-load names a sampler checkpoint by its `tinker://` path (the `path` returned by
 save_weights_for_sampler); the checkpoint must be the caller's. Another key's deployment answers
 404. The registry is built on first use, so a server that never sees a deployment starts no
@@ -17,8 +23,10 @@ process and imports nothing of `tether.deployment`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -34,6 +42,8 @@ from tether.types.paths import parse_checkpoint_path
 router = APIRouter(prefix="/api/v1/tether/deployments")
 _lock = threading.Lock()
 _PROXY_TIMEOUT_S = 600.0
+PROXIED = frozenset({"completions", "chat/completions", "models", "sample"})
+"""The deployment routes a client may reach through the proxy (under the deployment's `/v1/`)."""
 
 
 class CreateDeployment(BaseModel):
@@ -80,20 +90,44 @@ def registry(request: Request, state: ServerState = Depends(server_state)) -> De
     return found
 
 
-async def _child(client_url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+async def _gone(
+    reg: DeploymentRegistry | None, deployment_id: str, owner: str, exc: Exception
+) -> ConflictError | ServerError:
+    """The error for a serving process that did not answer: a 409 naming the state it is in now
+    (FAILED, with the cause, when it died), else a ServerError."""
+    if reg is not None:
+        row = await asyncio.to_thread(reg.did_not_answer, deployment_id, owner)
+        if row.state != "READY":
+            return ConflictError(
+                f"deployment {deployment_id!r} is {row.state}, not READY"
+                + (f": {row.error}" if row.error else "")
+            )
+    return ServerError(f"the deployment's serving process did not answer: {exc}")
+
+
+async def _child(
+    client_url: str,
+    method: str,
+    path: str,
+    *,
+    reg: DeploymentRegistry | None = None,
+    deployment_id: str = "",
+    owner: str = "",
+    **kw: Any,
+) -> httpx.Response:
     async with httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S) as client:
         try:
             return await client.request(method, f"{client_url}{path}", **kw)
         except httpx.HTTPError as exc:
-            raise ServerError(f"the deployment's serving process did not answer: {exc}") from exc
+            raise await _gone(reg, deployment_id, owner, exc) from exc
 
 
 async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> dict[str, Any] | None:
     try:
         url = reg.url(deployment_id, owner)
-    except ConflictError:
+        answer = await _child(url, "GET", "/status", reg=reg, deployment_id=deployment_id, owner=owner)
+    except ConflictError:  # not READY, or it died just now (then the row says FAILED and why)
         return None
-    answer = await _child(url, "GET", "/status")
     return answer.json() if answer.status_code == 200 else None
 
 
@@ -101,7 +135,8 @@ async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> di
 async def create(
     body: CreateDeployment, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    row = reg.create(
+    row = await asyncio.to_thread(
+        reg.create,
         owner,
         body.deployment_id,
         body.base_model,
@@ -130,7 +165,7 @@ async def get(
 async def delete(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    reg.delete(deployment_id, owner)
+    await asyncio.to_thread(reg.delete, deployment_id, owner)  # stopping the process may take seconds
     return {"deployment_id": deployment_id, "state": "DELETED"}
 
 
@@ -138,7 +173,7 @@ async def delete(
 async def restart(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    return deployment_info(reg.restart(deployment_id, owner))
+    return deployment_info(await asyncio.to_thread(reg.restart, deployment_id, owner))
 
 
 @router.post("/{deployment_id}/hot_load")
@@ -164,6 +199,9 @@ async def hot_load(
         url,
         "POST",
         "/hot_load",
+        reg=reg,
+        deployment_id=deployment_id,
+        owner=owner,
         json={"path": str(directory), "identity": body.identity, "transition": body.transition},
     )
     return JSONResponse(answer.json(), status_code=answer.status_code)
@@ -173,9 +211,12 @@ async def hot_load(
 async def hot_load_status(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    reg.get(deployment_id, owner)
+    row = reg.get(deployment_id, owner)
     status = await _status(reg, deployment_id, owner)
-    return status if status is not None else {"replicas": []}
+    if status is None:  # not serving: say why (a hot-load waiter stops on FAILED)
+        row = reg.get(deployment_id, owner)
+        return {"replicas": [], "state": row.state, "error": row.error}
+    return {**status, "state": row.state}
 
 
 @router.api_route("/{deployment_id}/v1/{rest:path}", methods=["GET", "POST"])
@@ -186,6 +227,8 @@ async def proxy(
     owner: str = Depends(request_owner),
     reg: DeploymentRegistry = Depends(registry),
 ) -> Response:
+    if rest not in PROXIED:
+        raise NotFoundError(f"no route v1/{rest} on a deployment; it serves v1/ {sorted(PROXIED)}")
     url = reg.url(deployment_id, owner)
     body = await request.body()
     headers = {"content-type": request.headers.get("content-type", "application/json")}
@@ -196,23 +239,44 @@ async def proxy(
         streaming = False  # the deployment answers the malformed body with its own 4xx
     if streaming:
         client = httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S)
-        upstream = await client.send(
-            client.build_request("POST", target, content=body, headers=headers), stream=True
-        )
-
-        async def relay():
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
-                await upstream.aclose()
-                await client.aclose()
-
+        try:
+            upstream = await client.send(
+                client.build_request("POST", target, content=body, headers=headers), stream=True
+            )
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            raise await _gone(reg, deployment_id, owner, exc) from exc
         return StreamingResponse(
-            relay(), status_code=upstream.status_code, media_type=upstream.headers.get("content-type")
+            relay_stream(upstream, client),
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
         )
-    answer = await _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
+    answer = await _child(
+        url,
+        request.method,
+        f"/v1/{rest}",
+        reg=reg,
+        deployment_id=deployment_id,
+        owner=owner,
+        content=body or None,
+        headers=headers,
+    )
     keep = {
         k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")
     }
     return Response(answer.content, status_code=answer.status_code, headers=keep)
+
+
+async def relay_stream(upstream: httpx.Response, client: httpx.AsyncClient) -> AsyncIterator[bytes]:
+    """The deployment's event stream as it comes; if the serving process dies half way, an `error`
+    event and `[DONE]` end it (an OpenAI client then raises with the cause instead of hanging)."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        message = f"the deployment's serving process stopped answering during the stream: {exc}"
+        error = {"message": message, "type": "server_error", "param": None, "code": 503}
+        yield f"\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        await upstream.aclose()
+        await client.aclose()
