@@ -140,3 +140,25 @@ def test_stopping_a_process_does_not_hold_up_other_requests(thread, deployment, 
         release.set()
         deleting.join(120)
     assert deployment.get("dying") is None
+
+
+def test_restarting_a_deployment_that_is_still_starting_leaves_it_starting(thread, model_dir, monkeypatch):
+    """The watcher of the stopped process must not mark the deployment's new process FAILED."""
+    never_ready = [sys.executable, "-c", "import time; time.sleep(600)"]
+    monkeypatch.setattr(DeploymentRegistry, "_command", lambda self, *args: never_ready)
+    manager = DeploymentManager(thread.base_url, KEY)
+    try:
+        assert (
+            manager.create_or_get(DeploymentConfig("starting", base_model=str(model_dir))).state == "CREATING"
+        )
+        watchers = [t for t in threading.enumerate() if t.name == "deployment-starting"]
+        assert watchers
+        manager._call("POST", "/starting/restart")
+        for watcher in watchers:  # the first process's watcher has seen it exit
+            watcher.join(60)
+            assert not watcher.is_alive()
+        info = manager.get("starting")
+        assert info.state == "CREATING" and info.error is None, info
+    finally:
+        manager.delete("starting")
+        manager.close()

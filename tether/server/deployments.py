@@ -284,17 +284,24 @@ class DeploymentRegistry:
         while time.monotonic() < deadline and process.popen.poll() is None:
             try:
                 if httpx.get(f"http://127.0.0.1:{process.port}/healthz", timeout=2).status_code == 200:
-                    self._update(deployment_id, state="READY", error=None)
+                    if self._processes.get(deployment_id) is process:  # not replaced meanwhile
+                        self._update(deployment_id, state="READY", error=None)
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self._refresh(deployment_id, startup_failed=True)
+        self._refresh(deployment_id, startup_failed=True, process=process)
 
-    def _refresh(self, deployment_id: str, *, startup_failed: bool = False) -> None:
-        process = self._processes.get(deployment_id)
-        if process is None:
+    def _refresh(
+        self, deployment_id: str, *, startup_failed: bool = False, process: _Process | None = None
+    ) -> None:
+        """Mark the deployment FAILED if its process exited (or, with `startup_failed`, never became
+        ready). `process`: the one a watcher watched; a process that was replaced since (restart,
+        delete and create again) says nothing about the deployment's new one."""
+        current = self._processes.get(deployment_id)
+        if current is None or (process is not None and process is not current):
             return
+        process = current
         code = process.popen.poll()
         if code is None and not startup_failed:
             return
