@@ -235,3 +235,26 @@ def _greedy():
     from tether.engine.sampling import SampleRequest
 
     return SampleRequest(prompt_tokens=PROMPT, max_tokens=8, temperature=0, stop=[])
+
+
+def test_any_identity_label_keeps_the_deployment_answering(deployment, chain):
+    """A hot-load's identity goes in every answer's header: one that is not latin-1, or holds a
+    line break, made every sampling answer a 500 until the next hot-load."""
+    from urllib.parse import unquote
+
+    client, _, _ = deployment
+    label = "étape-1 😀\r\nx-injected: yes"
+    state = hotload(client, chain[0], identity=label)
+    assert state["loading_state"]["stage"] == "done" and state["current_snapshot_identity"] == label
+    answer = client.post("/v1/sample", json={"prompt_tokens": PROMPT, "max_tokens": 2})
+    assert answer.status_code == 200 and answer.json()["weights_identity"] == label
+    assert unquote(answer.headers["x-tether-weights-identity"]) == label
+    assert "x-injected" not in answer.headers
+    body = {"model": "my-deployment", "prompt": PROMPT, "max_tokens": 2}
+    for stream in (False, True):
+        answer = client.post("/v1/completions", json={**body, "stream": stream})
+        assert answer.status_code == 200 and unquote(answer.headers["x-tether-weights-identity"]) == label
+    chat = {"model": "my-deployment", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    too_long = client.post("/hot_load", json={"path": str(chain[0]), "identity": "x" * 1025})
+    assert too_long.status_code == 422 and "identity" in too_long.json()["detail"]

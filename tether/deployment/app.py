@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -32,12 +33,25 @@ from tether.engine.sampling import SampleRequest, SampleResult
 from tether.types.errors import TetherError
 
 IDENTITY_HEADER = "x-tether-weights-identity"
+_HEADER_SAFE = "/:@-._~!$&'()*+,;="
+
+
+def identity_header(identity: str) -> str:
+    """`identity` as a header value: percent-encoded unless it is plain printable ASCII.
+
+    An identity is any label a hot-load gave (or a checkpoint's path): non-ASCII characters or a
+    line break in a header would fail every answer naming it (HTTP headers are latin-1, one line).
+    The JSON answers carry the identity as it is.
+    """
+    if identity.isascii() and identity.isprintable():
+        return identity
+    return quote(identity, safe=_HEADER_SAFE + " ")
 
 
 class HotLoadBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     path: str = Field(min_length=1, description="a chain checkpoint directory on this machine")
-    identity: str | None = None
+    identity: str | None = Field(None, min_length=1, max_length=1024)
     transition: Transition | None = None
 
 
@@ -122,7 +136,7 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
     async def sample(body: SampleBody, response: Response) -> dict[str, Any]:
         request = SampleRequest(**body.model_dump())
         result, identity = await run_request(served, request)
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         return {
             "sequences": [
                 {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}

@@ -166,13 +166,15 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
 
 
 def _event_stream(body: AsyncIterator[str], identity: str) -> StreamingResponse:
-    from tether.deployment.app import IDENTITY_HEADER
+    from tether.deployment.app import IDENTITY_HEADER, identity_header
 
-    return StreamingResponse(body, media_type="text/event-stream", headers={IDENTITY_HEADER: identity})
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={IDENTITY_HEADER: identity_header(identity)}
+    )
 
 
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
-    from tether.deployment.app import IDENTITY_HEADER, run_request
+    from tether.deployment.app import IDENTITY_HEADER, identity_header, run_request
 
     base = getattr(served.backend, "base", None)
     eos = list(base.eos_token_ids) if base is not None else []
@@ -388,7 +390,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                         },
                     }
                 )
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         answer = {
             "id": f"cmpl-{secrets.token_hex(8)}",
             "object": "text_completion",
@@ -459,7 +461,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                     "raw_output": {"prompt_token_ids": tokens, "completion_token_ids": list(seq.tokens)},
                 }
             )
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         answer = {
             "id": f"chatcmpl-{secrets.token_hex(8)}",
             "object": "chat.completion",

@@ -59,7 +59,7 @@ class CreateDeployment(BaseModel):
 
 class HotLoad(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    identity: str = Field(min_length=1)
+    identity: str = Field(min_length=1, max_length=1024)
     path: str | None = None
     incremental_snapshot_metadata: dict[str, Any] | None = None
     reset_prompt_cache: bool = True
