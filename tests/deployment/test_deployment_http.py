@@ -258,3 +258,44 @@ def test_any_identity_label_keeps_the_deployment_answering(deployment, chain):
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
     too_long = client.post("/hot_load", json={"path": str(chain[0]), "identity": "x" * 1025})
     assert too_long.status_code == 422 and "identity" in too_long.json()["detail"]
+
+
+class _LoadHeldBackend(EngineBackend):
+    """Holds every `load` until released: a hot-load stays half done (a process killed there)."""
+
+    def __init__(self, base) -> None:
+        super().__init__(base)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def load(self, *args) -> None:
+        self.entered.set()
+        assert self.release.wait(120)
+        super().load(*args)
+
+
+def test_a_process_killed_mid_hotload_restarts_on_its_last_good_weights(base, model_dir, chain, tmp_path):
+    state_dir = tmp_path / "state"
+    first = ServedWeights(_LoadHeldBackend(base), base_model=str(model_dir), state_dir=state_dir)
+    first.hotload(str(chain[0]))
+    first.hotload(str(chain[1]))
+    want = first.submit(_greedy())[0].result(timeout=60).sequences[0].tokens
+    first.backend.entered.clear()
+    first.backend.release.clear()
+    loading = first.start_hotload(str(chain[2]))  # files read and verified, the switch not made
+    try:
+        assert first.backend.entered.wait(120) and first.loading_state().stage == "loading"
+        # the process dies here; its successor starts from what is on disk
+        second = ServedWeights(EngineBackend(base), base_model=str(model_dir), state_dir=state_dir)
+        assert second.restore()
+        assert second.current.identity.endswith("step-1") and second.current.chain == [
+            str(chain[0]),
+            str(chain[1]),
+        ]
+        assert second.submit(_greedy())[0].result(timeout=60).sequences[0].tokens == want
+        assert second.loading_state().stage != "loading"  # it is ready, not stuck half way
+        second.backend.close()
+    finally:
+        first.backend.release.set()
+        loading.join(120)
+        first.backend.close()
