@@ -17,6 +17,7 @@ already running, UserInputError for bad input). This module depends on httpx and
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -340,7 +341,15 @@ class DeploymentSampler:
         seed: int | None = None,
         **extra: Any,
     ) -> list[SampledCompletion]:
-        """`n` independent completions of the prompt (one request each, under the concurrency cap)."""
+        """`n` independent completions of the prompt (one request each, under the concurrency cap).
+
+        UserInputError for `n` < 1 or a prompt that is not token ids (before anything is sent)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserInputError(f"must be an integer >= 1, got {n!r}", field="n")
+        if len(prompt_token_ids) == 0 or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids
+        ):  # a float or bool would be truncated to some other token without a word
+            raise UserInputError("must be a non-empty list of integer token ids", field="prompt_token_ids")
         prompt = [int(t) for t in prompt_token_ids]
         body = {
             "model": self.model,
