@@ -127,3 +127,46 @@ def test_text_content_parts_reach_the_model_as_text(client):
     prompt = as_parts.choices[0].model_extra["raw_output"]["prompt_token_ids"]
     assert prompt == as_text.choices[0].model_extra["raw_output"]["prompt_token_ids"]
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("logit_bias", {"5": 100}),
+        ("presence_penalty", 1.5),
+        ("frequency_penalty", -0.5),
+        ("best_of", 3),
+        ("suffix", " end"),
+    ],
+)
+def test_completion_options_tether_cannot_honour_are_refused_not_ignored(client, option, value):
+    """Ignoring them would answer something else than was asked (logit_bias {5: 100} must give 5s)."""
+    refused(
+        lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2, **{option: value}),
+        field=option,
+    )
+
+
+def test_chat_options_tether_cannot_honour_are_refused_and_neutral_ones_pass(client):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for option, value in (
+        ("tools", [tool]),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"5": 1}),
+    ):
+        refused(
+            lambda option=option, value=value: client.chat.completions.create(
+                model=MODEL, messages=USER, max_tokens=2, **{option: value}
+            ),
+            field=option,
+        )
+    neutral = {
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+    }
+    assert client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=2, user="u", **neutral
+    ).choices
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=2, best_of=2).choices

@@ -42,7 +42,7 @@ _MAX_TOP_LOGPROBS = 20
 
 
 class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to refuse what would change the answer (`_unsupported`)
     model: str
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     """Text, token ids, or a batch of either (token ids are strict: `true` is not token 1)."""
@@ -66,7 +66,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -88,6 +88,43 @@ def _check_top(k: int | None, field: str) -> int:
     if not 0 <= k <= _MAX_TOP_LOGPROBS:
         raise UserInputError(f"must be between 0 and {_MAX_TOP_LOGPROBS}, got {k}", field=field)
     return k
+
+
+_NEUTRAL: dict[str, Any] = {
+    "logit_bias": ({}, None),
+    "presence_penalty": (0, None),
+    "frequency_penalty": (0, None),
+    "repetition_penalty": (1, None),
+    "min_tokens": (0, None),
+    "suffix": ("", None),
+    "tools": ([], None),
+    "functions": ([], None),
+    "tool_choice": ("none", "auto", None),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+"""Sampling options other servers honour that tether does not, with the values that change nothing.
+Any other value is refused: ignoring it would answer something the caller did not ask for."""
+
+
+def _unsupported(body: BaseModel) -> None:
+    extra = body.model_extra or {}
+    for name, neutral in _NEUTRAL.items():
+        if name in extra and extra[name] not in neutral:
+            raise UserInputError(
+                f"is not supported by tether deployments (got {extra[name]!r:.60}); leave it out",
+                field=name,
+            )
+    best_of = extra.get("best_of")
+    if best_of is not None and best_of != getattr(body, "n", 1):
+        raise UserInputError("is not supported (only best_of = n); leave it out", field="best_of")
+    response_format = extra.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise UserInputError(
+            f"only {{'type': 'text'}} is supported, got {response_format!r:.60}", field="response_format"
+        )
 
 
 def _text_only(text: str, field: str) -> str:
@@ -320,6 +357,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, response: Response) -> Any:
         check_model(body.model)
+        _unsupported(body)
         top = _check_top(body.logprobs, "logprobs")
         prompts: list[Any] = (
             [body.prompt]
@@ -407,6 +445,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, response: Response) -> Any:
         check_model(body.model)
+        _unsupported(body)
         top = _check_top(body.top_logprobs, "top_logprobs")
         top = top if body.logprobs else 0
         messages = _chat_messages(body.messages)
