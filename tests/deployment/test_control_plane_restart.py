@@ -62,3 +62,47 @@ def test_a_restarted_control_plane_brings_back_its_deployments_on_their_weights(
         if orphan.poll() is None:
             orphan.kill()
             pytest.fail("the orphaned deployment process was left running")
+
+
+def test_delete_or_restart_first_after_a_control_plane_crash_stops_the_orphan(
+    model_dir, tmp_path, monkeypatch
+):
+    """After a crash of the control plane, a deployment's process is an orphan. A `delete` or
+    `restart` that came first left it running forever (and a restart's new process was then taken
+    for a leftover and stopped by the next `get`)."""
+    import sys
+
+    from tether.server.deployments import DeploymentRegistry
+
+    # a stand-in that never becomes ready; the marker makes it look like a deployment process
+    command = [sys.executable, "-c", "import time; time.sleep(600)", "tether.deployment"]
+    monkeypatch.setattr(DeploymentRegistry, "_command", lambda self, *args: command)
+    config = ServerConfig(port=0, models=[str(model_dir)], data_dir=tmp_path / "serve", torch_threads=1)
+    first = ServerThread(config)
+    first.start()
+    manager = DeploymentManager(first.base_url, KEY)
+    for name in ("gone", "again"):
+        manager.create_or_get(DeploymentConfig(deployment_id=name, base_model=str(model_dir)))
+    orphans = {name: p.popen for name, p in first.app.state.deployments._processes.items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(routes_deployments, "close", lambda app: None)
+        first.stop()
+    manager.close()
+
+    second = ServerThread(config)
+    second.start()
+    manager = DeploymentManager(second.base_url, KEY)
+    try:
+        manager.delete("gone")  # the first thing the new control plane is asked
+        assert orphans["gone"].wait(timeout=60) is not None
+        manager._call("POST", "/again/restart")
+        assert orphans["again"].wait(timeout=60) is not None
+        assert manager.get("again").state == "CREATING"
+        assert [d.deployment_id for d in manager.list()] == ["again"]
+        manager.delete("again")
+    finally:
+        manager.close()
+        second.stop()
+        for process in orphans.values():
+            if process.poll() is None:
+                process.kill()

@@ -201,6 +201,7 @@ class DeploymentRegistry:
 
     def delete(self, deployment_id: str, owner: str) -> None:
         """Stop the process and forget the deployment (its state directory is removed)."""
+        self.ensure_started()  # first, so a process left by a previous server run is stopped too
         self._row(deployment_id, owner)
         self._stop(deployment_id)
         with self.catalogue.writing() as s:
@@ -215,8 +216,10 @@ class DeploymentRegistry:
             self._started = True
         with self.catalogue.reading() as s:
             rows = list(s.scalars(select(DeploymentRow)))
+        ours = {process.popen.pid for process in self._processes.values()}
         for row in rows:
-            _stop_leftover(row.pid)
+            if row.pid not in ours:
+                _stop_leftover(row.pid)
             if row.deployment_id not in self._processes:
                 self._update(row.deployment_id, state="CREATING", error=None)
                 self._launch(row.deployment_id, row.owner, row.base_model, row.transition)
@@ -341,6 +344,7 @@ class DeploymentRegistry:
 
     def restart(self, deployment_id: str, owner: str) -> DeploymentRow:
         """Start the serving process again (after a crash); it resumes its last good weights."""
+        self.ensure_started()  # else a later first `get` would take the new process for a leftover
         row = self._row(deployment_id, owner)
         self._stop(deployment_id)
         self._launch(deployment_id, owner, row.base_model, row.transition)
