@@ -299,3 +299,22 @@ def test_a_process_killed_mid_hotload_restarts_on_its_last_good_weights(base, mo
         first.backend.release.set()
         loading.join(120)
         first.backend.close()
+
+
+def test_a_finished_hotload_never_refuses_the_next_one(deployment, chain, monkeypatch):
+    """The status said "done" (or "error") while the load lock was still held (the history was being
+    written): a client starting its next hot-load at once got a 409 "in progress"."""
+    client, served, _ = deployment
+    seen: list[tuple[str, bool]] = []
+    remember = ServedWeights._remember
+
+    def watching(self, finished):
+        seen.append((self.loading_state().stage, self._load_lock.locked()))
+        remember(self, finished)
+
+    monkeypatch.setattr(ServedWeights, "_remember", watching)
+    for path in (chain[0], chain[2], chain[1]):  # done, error (skips its parent), done
+        state = hotload(client, path)
+        assert state["loading_state"]["stage"] in ("done", "error")
+    assert len(seen) == 3 and all(stage == "loading" for stage, _ in seen), seen
+    assert [h["stage"] for h in client.get("/status").json()["hot_load_history"]] == ["done", "error", "done"]

@@ -170,3 +170,12 @@ def test_chat_options_tether_cannot_honour_are_refused_and_neutral_ones_pass(cli
         model=MODEL, messages=USER, max_tokens=2, user="u", **neutral
     ).choices
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=2, best_of=2).choices
+
+
+def test_token_in_sampling_takes_token_ids_only(http):
+    for prompt in ([True, 5], ["5"], [1.0]):
+        answer = http.post("/v1/sample", json={"prompt_tokens": prompt, "max_tokens": 2})
+        assert answer.status_code == 422 and "prompt_tokens" in answer.json()["detail"], (prompt, answer.text)
+    answer = http.post("/v1/sample", json={"prompt_tokens": [1, 2], "max_tokens": 2, "stop": [True]})
+    assert answer.status_code == 422
+    assert http.post("/v1/sample", json={"prompt_tokens": [1, 2], "max_tokens": 2}).status_code == 200

@@ -26,7 +26,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from tether.deployment.served import ServedWeights, Transition
 from tether.engine.sampling import SampleRequest, SampleResult
@@ -57,14 +57,15 @@ class HotLoadBody(BaseModel):
 
 class SampleBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt_tokens: list[int] = Field(min_length=1)
+    prompt_tokens: list[StrictInt] = Field(min_length=1)
+    """Token ids (strict: `true` or `"5"` is not a token id)."""
     num_samples: int = 1
     max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[int] | list[str] | None = None
+    stop: list[StrictInt] | list[str] | None = None
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
 

@@ -228,22 +228,28 @@ class ServedWeights:
             raise UserInputError(state.error or "hot-load failed", field="path")
 
     def _hotload_thread(self, path: str, identity: str | None, transition: Transition | None) -> None:
+        stage, error = "error", "the hot-load stopped unexpectedly"
+        error_or_none: str | None
         try:
             self._load(path, identity, transition or self.transition)
+            stage = "done"
         except Exception as exc:  # every failure is reported in the status; nothing changes
             if not isinstance(exc, TetherError | DeltaBaseMismatchError | ValueError | OSError):
                 log.exception("hot-load of %s failed", path)
-            message = exc.message if isinstance(exc, TetherError) else f"{type(exc).__name__}: {exc}"
-            with self._cond:
-                self._loading.stage, self._loading.error = "error", message
-                self._loading.finished_at = time.time()
-        else:
-            with self._cond:
-                self._loading.stage, self._loading.finished_at = "done", time.time()
+            error = exc.message if isinstance(exc, TetherError) else f"{type(exc).__name__}: {exc}"
         finally:
-            if self._recording:
-                self._remember(self.loading_state())
-            self._load_lock.release()
+            # history first, then the final stage and a free lock together: whoever sees the load
+            # finished can start the next one (no 409 "in progress" after a "done")
+            finished = self.loading_state()
+            error_or_none = None if stage == "done" else error
+            finished.stage, finished.error, finished.finished_at = stage, error_or_none, time.time()
+            try:
+                if self._recording:
+                    self._remember(finished)
+            finally:
+                with self._cond:
+                    self._loading = finished
+                    self._load_lock.release()
 
     def _load(self, path: str, identity: str | None, transition: Transition) -> None:
         directory = Path(path)
