@@ -225,7 +225,7 @@ class ServedWeights:
         self.start_hotload(path, identity=identity, transition=transition).join()
         state = self.loading_state()
         if state.stage == "error":
-            raise UserInputError(state.error or "hot-load failed", field="path")
+            raise UserInputError(state.error or "hot-load failed")  # the error names its field already
 
     def _hotload_thread(self, path: str, identity: str | None, transition: Transition | None) -> None:
         stage, error = "error", "the hot-load stopped unexpectedly"
