@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -158,7 +158,10 @@ async def get(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
     row = reg.get(deployment_id, owner)
-    return deployment_info(row, await _status(reg, deployment_id, owner))
+    status = await _status(reg, deployment_id, owner)
+    if status is None and row.state == "READY":  # it did not answer: the row says why now
+        row = reg.get(deployment_id, owner)
+    return deployment_info(row, status)
 
 
 @router.delete("/{deployment_id}")
@@ -246,8 +249,12 @@ async def proxy(
         except httpx.HTTPError as exc:
             await client.aclose()
             raise await _gone(reg, deployment_id, owner, exc) from exc
+
+        async def died() -> None:
+            await asyncio.to_thread(reg.did_not_answer, deployment_id, owner)
+
         return StreamingResponse(
-            relay_stream(upstream, client),
+            relay_stream(upstream, client, died),
             status_code=upstream.status_code,
             media_type=upstream.headers.get("content-type"),
         )
@@ -267,13 +274,18 @@ async def proxy(
     return Response(answer.content, status_code=answer.status_code, headers=keep)
 
 
-async def relay_stream(upstream: httpx.Response, client: httpx.AsyncClient) -> AsyncIterator[bytes]:
-    """The deployment's event stream as it comes; if the serving process dies half way, an `error`
-    event and `[DONE]` end it (an OpenAI client then raises with the cause instead of hanging)."""
+async def relay_stream(
+    upstream: httpx.Response, client: httpx.AsyncClient, died: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[bytes]:
+    """The deployment's event stream as it comes; if the serving process dies half way, `died()`
+    records it (the deployment is FAILED before the client hears of it), then an `error` event and
+    `[DONE]` end the stream (an OpenAI client raises with the cause instead of hanging)."""
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
+        if died is not None:
+            await died()
         message = f"the deployment's serving process stopped answering during the stream: {exc}"
         error = {"message": message, "type": "server_error", "param": None, "code": 503}
         yield f"\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
