@@ -134,6 +134,19 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
         kinds.append(manager.get("dep-1").raw["current"]["checkpoint_type"])
     assert kinds == ["base", "delta", "delta", "delta", "delta", "base"]
 
+    # Fireworks' delta metadata is checked (WeightSyncer sent it above with each delta's parent):
+    # a base with it, a delta on another snapshot, a delta whose parent the deployment does not serve
+    step = f"tinker://{RUN}/sampler_weights/step-{{}}"
+    with pytest.raises(UserInputError, match="only a delta has a previous snapshot"):
+        manager.hotload("dep-1", "", path, {"previous_snapshot_identity": step.format(4)})
+    with pytest.raises(UserInputError, match="is a delta on .*step-3, not on .*step-2"):
+        manager.hotload("dep-1", "", step.format(4), {"previous_snapshot_identity": step.format(2)})
+    with pytest.raises(ConflictError, match="serves .*step-5, not .*step-3"):
+        manager.hotload("dep-1", "", step.format(4), {"previous_snapshot_identity": step.format(3)})
+    with pytest.raises(UserInputError, match="previous_snapshot_identity"):
+        manager.hotload("dep-1", "", step.format(4), {"previous_snapshot_identity": 7})
+    assert manager.get("dep-1").current_snapshot_identity == path  # still serving its last good weights
+
     # bad hot-loads: unknown checkpoint, not a path, unknown deployment
     with pytest.raises(NotFoundError):
         manager.hotload("dep-1", "", f"tinker://{RUN}/sampler_weights/nope")

@@ -3,7 +3,8 @@
 Routes:
 
 * `GET /healthz` — 200 once the model is loaded.
-* `GET /status` — base model, transition type and the identity of the weights served.
+* `GET /status` — base model, transition type, the identity of the weights served, and `requests`
+  (waiting, running sequences, reserved KV tokens; completed, failed, cancelled so far).
 * `POST /hot_load` `{"path", "identity"?, "transition"?}` — start loading a chain checkpoint
   directory (202); 409 while another hot-load runs. `GET /hot_load` — Fireworks-shaped replica
   status (`current_snapshot_identity`, `readiness`, `loading_state{stage, target_snapshot_identity,
@@ -15,24 +16,37 @@ Routes:
 Every answer naming weights carries `weights_identity` (and the `x-tether-weights-identity`
 header). Errors are JSON `{"detail", "error": {"message", "type", "param", "code"}, "category"}` (OpenAI's
 error object under `error`) with the error class's status; nothing a client sends yields a 500.
+
+A client that goes away stops its work: the sampling requests of a closed connection are cancelled
+in the engine (`run_request` for answers sent whole, `openai_stream.CancellingStream` for streams).
+uvicorn (httptools and h11 alike; ASGI spec 2.3) never cancels a handler whose client disconnected:
+it marks the request disconnected, drops what the handler sends, and answers `receive()` with
+`http.disconnect`. So a whole answer races the engine against `receive()`, and a stream relies on
+Starlette's `StreamingResponse`, which under spec 2.3 listens for `http.disconnect` while it
+streams and cancels the body when it comes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.types import Receive
 
 from tether.deployment.served import ServedWeights, Transition
 from tether.engine.sampling import SampleRequest, SampleResult
 from tether.types.errors import TetherError
 
 IDENTITY_HEADER = "x-tether-weights-identity"
+CLIENT_GONE_STATUS = 499
+"""Status of the answer nobody receives (the client closed the connection first), as nginx logs it."""
+T = TypeVar("T")
 _HEADER_SAFE = "/:@-._~!$&'()*+,;="
 
 
@@ -88,10 +102,42 @@ def error_response(exc: TetherError) -> JSONResponse:
     )
 
 
-async def run_request(served: ServedWeights, request: SampleRequest) -> tuple[SampleResult, str]:
-    """Submit off the event loop (a SYNC switch may hold admission) and await the result."""
+class ClientGone(Exception):
+    """The HTTP client went away before its answer was ready; its sampling was cancelled."""
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return once the ASGI server reports the client gone (the request body was already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def result_unless_gone(client: Request, future: Future[T]) -> T:
+    """`future`'s result, or, if `client` disconnects first (or this handler is cancelled), cancel
+    `future` (the engine drops the request and frees what it held) and raise `ClientGone`
+    (`CancelledError` when cancelled)."""
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnect(client.receive))
+    try:
+        await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()  # cancels `future` too (asyncio.wrap_future chains cancellation)
+    if result.cancelled():
+        raise ClientGone("the client closed the connection before the answer was ready")
+    return result.result()
+
+
+async def run_request(
+    served: ServedWeights, request: SampleRequest, client: Request | None = None
+) -> tuple[SampleResult, str]:
+    """Submit off the event loop (a SYNC switch may hold admission) and await the result; with
+    `client`, a disconnect cancels the request (`result_unless_gone`)."""
     future, identity = await asyncio.to_thread(served.submit, request)
-    return await asyncio.wrap_future(future), identity
+    if client is None:
+        return await asyncio.wrap_future(future), identity
+    return await result_unless_gone(client, future), identity
 
 
 def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> FastAPI:
@@ -102,6 +148,10 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
     @app.exception_handler(TetherError)
     async def tether_error(_: Request, exc: TetherError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE_STATUS)  # the server drops it: nobody is listening
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,7 +170,11 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
 
     @app.get("/status")
     async def status() -> dict[str, Any]:
-        return served.status()
+        answer = served.status()
+        stats = getattr(served.backend, "stats", None)  # optional on a backend
+        if stats is not None:
+            answer["requests"] = stats()  # cancelled (client gone) is counted apart from failed
+        return answer
 
     async def post_hot_load(body: HotLoadBody) -> JSONResponse:
         served.start_hotload(body.path, identity=body.identity, transition=body.transition)
@@ -134,9 +188,9 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
         app.add_api_route(route, get_hot_load, methods=["GET"])
 
     @app.post("/v1/sample")
-    async def sample(body: SampleBody, response: Response) -> dict[str, Any]:
+    async def sample(body: SampleBody, response: Response, client: Request) -> dict[str, Any]:
         request = SampleRequest(**body.model_dump())
-        result, identity = await run_request(served, request)
+        result, identity = await run_request(served, request, client)
         response.headers[IDENTITY_HEADER] = identity_header(identity)
         return {
             "sequences": [

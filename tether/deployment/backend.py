@@ -8,6 +8,7 @@ behind an optional extra without the deployment's hot-load or HTTP code changing
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import asdict
 from typing import Protocol
 
 import torch
@@ -32,7 +33,9 @@ class ServingBackend(Protocol):
         self, request: SampleRequest, version: str | None, on_token: TokenCallback | None = None
     ) -> Future[SampleResult]:
         """Sample from `version` (UserInputError for a bad request); `on_token` sees each token as
-        it is generated (`tether.engine.sampling.engine.TokenCallback`)."""
+        it is generated (`tether.engine.sampling.engine.TokenCallback`). Cancelling the future
+        (`future.cancel()`, also when an awaiting task is cancelled) stops the request and frees
+        what it holds; a backend whose futures cannot be cancelled returns False there."""
 
     def close(self) -> None: ...
 
@@ -58,6 +61,11 @@ class EngineBackend:
     ) -> Future[SampleResult]:
         request.weights_id = version
         return self.engine.submit(request, on_token=on_token)
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting and running, KV tokens reserved, and how many completed, failed or were
+        cancelled (`tether.engine.sampling.engine.EngineStats`)."""
+        return asdict(self.engine.stats())
 
     def close(self) -> None:
         self.engine.close()

@@ -21,12 +21,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from tether.deployment.openai_stream import (
     SSE_DONE,
+    CancellingStream,
     ChoiceStream,
     StreamToken,
     choice_pieces,
@@ -202,11 +203,12 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def _event_stream(body: AsyncIterator[str], identity: str) -> StreamingResponse:
+def _event_stream(body: AsyncIterator[str], identity: str, futures: list[Any]) -> StreamingResponse:
+    """The SSE response; when it ends (a client that goes away ends it), unfinished requests are cancelled."""
     from tether.deployment.app import IDENTITY_HEADER, identity_header
 
-    return StreamingResponse(
-        body, media_type="text/event-stream", headers={IDENTITY_HEADER: identity_header(identity)}
+    return CancellingStream(
+        body, futures, media_type="text/event-stream", headers={IDENTITY_HEADER: identity_header(identity)}
     )
 
 
@@ -267,7 +269,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     async def stream_completions(
         body: CompletionBody, prepared: list[tuple[Any, list[int], SampleRequest]], stops: Any, top: int
     ) -> StreamingResponse:
-        identity, events = await submit_streaming(served, [request for _, _, request in prepared])
+        identity, events, futures = await submit_streaming(served, [request for _, _, request in prepared])
         head = {
             "id": f"cmpl-{secrets.token_hex(8)}",
             "object": "text_completion",
@@ -311,10 +313,10 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 yield sse(head | {"choices": [], "usage": {**usage, "total_tokens": total}})
             yield SSE_DONE
 
-        return _event_stream(lines(), identity)
+        return _event_stream(lines(), identity, futures)
 
     async def stream_chat(body: ChatBody, request: SampleRequest, stops: Any, top: int) -> StreamingResponse:
-        identity, events = await submit_streaming(served, [request])
+        identity, events, futures = await submit_streaming(served, [request])
         head = {
             "id": f"chatcmpl-{secrets.token_hex(8)}",
             "object": "chat.completion.chunk",
@@ -343,7 +345,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                 yield chunk(piece.index, delta, piece.covered, piece.finish)
             yield SSE_DONE
 
-        return _event_stream(lines(), identity)
+        return _event_stream(lines(), identity, futures)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -355,7 +357,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, response: Response) -> Any:
+    async def completions(body: CompletionBody, response: Response, client: Request) -> Any:
         check_model(body.model)
         _unsupported(body)
         top = _check_top(body.logprobs, "logprobs")
@@ -392,7 +394,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         choices: list[dict[str, Any]] = []
         usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
         for prompt, tokens, request in prepared:
-            result, identity = await run_request(served, request)
+            result, identity = await run_request(served, request, client)
             usage["prompt_tokens"] += len(tokens)
             for seq in result.sequences:
                 kept, completion = text.completion(seq, stops)
@@ -443,7 +445,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         return _sse(_completion_chunks(answer, text))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, response: Response) -> Any:
+    async def chat(body: ChatBody, response: Response, client: Request) -> Any:
         check_model(body.model)
         _unsupported(body)
         top = _check_top(body.top_logprobs, "top_logprobs")
@@ -469,7 +471,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         )
         if body.stream:
             return await stream_chat(body, request, stops, top)
-        result, identity = await run_request(served, request)
+        result, identity = await run_request(served, request, client)
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for seq in result.sequences:

@@ -12,6 +12,10 @@ an end of the text that begins a stop string waits for the next token; a trailin
 character whose UTF-8 bytes span tokens) waits for its other bytes. Each chunk carries the
 logprobs of the tokens whose text it releases (held tokens go with a later chunk).
 
+A stream's requests live as long as its response: `CancellingStream` cancels those not finished
+when the response ends, which under uvicorn happens as soon as the client disconnects (see
+`tether.deployment.app`), so the engine stops generating for nobody and frees their KV cache.
+
 This module knows the chunk shapes and the engine's callback, not the routes' request bodies.
 """
 
@@ -24,6 +28,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from tether.deployment.served import ServedWeights
 from tether.engine.sampling import SampleRequest, SampleResult
@@ -170,11 +177,13 @@ async def choice_pieces(
 
 async def submit_streaming(
     served: ServedWeights, requests: list[SampleRequest]
-) -> tuple[str, AsyncIterator[Event]]:
-    """Submit every request with a per-token callback; returns the weights identity and the events.
+) -> tuple[str, AsyncIterator[Event], list[Future[SampleResult]]]:
+    """Submit every request with a per-token callback; returns the weights identity, the events and
+    the requests' futures (for `CancellingStream`).
 
-    Raises what `ServedWeights.submit` raises (bad request, overload) before anything is streamed.
-    Events come in generation order: each request's tokens, then its `DoneEvent` with the future.
+    Raises what `ServedWeights.submit` raises (bad request, overload) before anything is streamed,
+    having cancelled the requests already submitted. Events come in generation order: each
+    request's tokens, then its `DoneEvent` with the future.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -193,9 +202,14 @@ async def submit_streaming(
 
     identity = ""
     futures: list[Future[SampleResult]] = []
-    for number, request in enumerate(requests):
-        future, identity = await asyncio.to_thread(served.submit, request, callback(number))
-        futures.append(future)
+    try:
+        for number, request in enumerate(requests):
+            future, identity = await asyncio.to_thread(served.submit, request, callback(number))
+            futures.append(future)
+    except BaseException:  # nobody will read the others: stop them
+        for future in futures:
+            future.cancel()
+        raise
 
     def done(request: int) -> Callable[[Future[SampleResult]], None]:
         return lambda future: put(DoneEvent(request, future))
@@ -211,7 +225,26 @@ async def submit_streaming(
                 remaining -= 1
             yield event
 
-    return identity, events()
+    return identity, events(), futures
+
+
+class CancellingStream(StreamingResponse):
+    """A streamed answer that cancels its requests' unfinished futures once it ends, however it
+    ends: sent in full (nothing left to cancel), failed, or cut short because the client went away
+    (Starlette then cancels the body while it waits for the next token, and returns here)."""
+
+    def __init__(
+        self, content: AsyncIterator[str], futures: list[Future[SampleResult]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.futures = futures
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for future in self.futures:
+                future.cancel()  # a no-op for finished ones
 
 
 def error_chunk(exc: BaseException) -> dict[str, Any]:

@@ -52,21 +52,28 @@ def chain(
 ) -> concurrent.futures.Future:
     """A future of `finish(source's result)`, computed on the server's result thread.
 
-    If the op fails, `on_error(exception)` runs there first (to undo what the route recorded).
-    `after(source's result)` runs there once the payload is published: bookkeeping the client need
-    not wait for (its failure is logged, the payload stands)."""
+    If the op fails or is cancelled, `on_error(exception)` runs there first (to undo what the route
+    recorded). `after(source's result)` runs there once the payload is published: bookkeeping the
+    client need not wait for (its failure is logged, the payload stands)."""
     payload = _Payload(source)
 
+    def undo(exc: BaseException) -> None:
+        if on_error is not None:
+            try:
+                on_error(exc)
+            except BaseException:  # noqa: BLE001 - the op's own failure is what the client sees
+                pass
+
     def complete(done: concurrent.futures.Future) -> None:
-        if done.cancelled() or payload.done():
+        if done.cancelled():  # e.g. cancel_future: it did not (or no longer does) run
+            undo(concurrent.futures.CancelledError())
+            payload.cancel()
+            return
+        if payload.done():
             return
         exc = done.exception()
         if exc is not None:
-            if on_error is not None:
-                try:
-                    on_error(exc)
-                except BaseException:  # noqa: BLE001 - the op's own failure is what the client sees
-                    pass
+            undo(exc)
             payload.set_exception(exc)
             return
         try:

@@ -15,6 +15,11 @@ answer (it died) makes the deployment FAILED with the cause, and the request a 4
 stream cut short by its death ends with an `error` event and `[DONE]`. Stopping a process (delete,
 restart) runs off the event loop, so it never holds up other requests.
 
+A client that goes away mid-request closes the proxy's connection to the deployment, which
+cancels the sampling there (`tether.deployment.app`): a streamed answer's relay is cancelled by
+Starlette on `http.disconnect` and closes its upstream response; an answer sent whole races the
+deployment's reply against `receive()` (uvicorn never cancels a handler whose client left).
+
 A hot-load names a sampler checkpoint by its `tinker://` path (the `path` returned by
 save_weights_for_sampler); the checkpoint must be the caller's. Another key's deployment answers
 404. The registry is built on first use, so a server that never sees a deployment starts no
@@ -27,12 +32,14 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from tether.server.deployments import DeploymentRegistry, deployment_info
 from tether.server.state import ServerState, request_owner, server_state
@@ -198,6 +205,9 @@ async def hot_load(
     directory = state.checkpoints.directory(owner, parsed)
     if not (directory / "manifest.json").is_file():
         raise NotFoundError(f"checkpoint {target} does not exist")
+    previous = (body.incremental_snapshot_metadata or {}).get("previous_snapshot_identity")
+    if previous is not None:
+        await _check_previous_snapshot(reg, deployment_id, owner, target, directory, previous)
     answer = await _child(
         url,
         "POST",
@@ -210,6 +220,37 @@ async def hot_load(
     return JSONResponse(answer.json(), status_code=answer.status_code)
 
 
+async def _check_previous_snapshot(
+    reg: DeploymentRegistry, deployment_id: str, owner: str, target: str, directory: Path, previous: Any
+) -> None:
+    """Fireworks' delta contract: `incremental_snapshot_metadata.previous_snapshot_identity` says the
+    checkpoint is a delta on that snapshot, which the deployment must be serving. UserInputError if
+    the checkpoint is not a delta or applies to another snapshot; ConflictError if the deployment
+    serves something else (its next load must then be a base)."""
+    from tether.storage.sampler_chain import read_chain_link  # torch: not at app construction
+
+    field = "incremental_snapshot_metadata.previous_snapshot_identity"
+    if not isinstance(previous, str):
+        raise UserInputError(f"must be a tinker:// path string, got {previous!r}", field=field)
+    link = await asyncio.to_thread(read_chain_link, directory)
+    if link.checkpoint_type != "delta":
+        raise UserInputError(
+            f"{target} is a {link.checkpoint_type} checkpoint; only a delta has a previous snapshot "
+            "(send a base without incremental_snapshot_metadata)",
+            field=field,
+        )
+    if link.parent_identity != previous:
+        raise UserInputError(f"{target} is a delta on {link.parent_identity}, not on {previous}", field=field)
+    status = await _status(reg, deployment_id, owner)
+    replicas = (status or {}).get("replicas") or [{}]
+    serving = replicas[0].get("current_snapshot_identity")
+    if serving != previous:
+        raise ConflictError(
+            f"deployment {deployment_id} serves {serving or 'nothing yet'}, not {previous}, which the delta "
+            f"{target} applies to: hot-load a base (or that snapshot) first"
+        )
+
+
 @router.get("/{deployment_id}/hot_load")
 async def hot_load_status(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
@@ -220,6 +261,12 @@ async def hot_load_status(
         row = reg.get(deployment_id, owner)
         return {"replicas": [], "state": row.state, "error": row.error}
     return {**status, "state": row.state}
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the client of `request` is gone (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.api_route("/{deployment_id}/v1/{rest:path}", methods=["GET", "POST"])
@@ -250,6 +297,10 @@ async def proxy(
             await client.aclose()
             raise await _gone(reg, deployment_id, owner, exc) from exc
 
+        async def close_upstream() -> None:  # closing the connection cancels the deployment's sampling
+            await upstream.aclose()
+            await client.aclose()
+
         async def died() -> None:
             await asyncio.to_thread(reg.did_not_answer, deployment_id, owner)
 
@@ -257,17 +308,30 @@ async def proxy(
             relay_stream(upstream, client, died),
             status_code=upstream.status_code,
             media_type=upstream.headers.get("content-type"),
+            background=BackgroundTask(close_upstream),  # also when the client left before the relay began
         )
-    answer = await _child(
-        url,
-        request.method,
-        f"/v1/{rest}",
-        reg=reg,
-        deployment_id=deployment_id,
-        owner=owner,
-        content=body or None,
-        headers=headers,
+    call = asyncio.ensure_future(
+        _child(
+            url,
+            request.method,
+            f"/v1/{rest}",
+            reg=reg,
+            deployment_id=deployment_id,
+            owner=owner,
+            content=body or None,
+            headers=headers,
+        )
     )
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not call.done():
+            call.cancel()  # httpx closes the connection: the deployment cancels the sampling
+    if call.cancelled():
+        return Response(status_code=499)  # nobody receives it: the client left first
+    answer = call.result()
     keep = {
         k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")
     }

@@ -111,5 +111,6 @@ async def cancel_future(
     state: ServerState = Depends(server_state),
     owner: str = Depends(request_owner),
 ) -> dict[str, bool]:
-    """Cancel an operation that has not started yet (a running one finishes; its result is kept)."""
+    """Cancel an operation that has not started yet, or a running sample of an in-process trainer
+    (the engine stops it); other running ops finish and their result is kept."""
     return {"cancelled": state.futures.cancel(body.request_id, owner)}

@@ -369,7 +369,9 @@ class OpExecutor:
         return ops.Done()
 
     def sample(self, op: ops.Sample) -> concurrent.futures.Future:
-        """A future of the `SampleOutput` (the sampling engine completes it on its own thread)."""
+        """A future of the `SampleOutput` (the sampling engine completes it on its own thread).
+        Cancelling it (e.g. the service's `cancel_future`) cancels the request in the engine,
+        which stops generating and frees its KV cache."""
         with self._lock:
             if op.sampler_id is not None and op.sampler_id not in self._samplers:
                 raise NotFoundError(f"sampler {op.sampler_id!r} has no weights registered here")
@@ -378,16 +380,23 @@ class OpExecutor:
         answer: concurrent.futures.Future = concurrent.futures.Future()
 
         def finish(done: concurrent.futures.Future) -> None:
-            exc = done.exception()
-            if exc is not None:
-                answer.set_exception(exc)
+            if done.cancelled():
+                answer.cancel()
                 return
             try:
-                answer.set_result(sample_output(done.result()))
-            except BaseException as err:  # noqa: BLE001 - reported through the future
-                answer.set_exception(err)
+                exc = done.exception()
+                if exc is not None:
+                    answer.set_exception(exc)
+                    return
+                try:
+                    answer.set_result(sample_output(done.result()))
+                except BaseException as err:  # noqa: BLE001 - reported through the future
+                    answer.set_exception(err)
+            except concurrent.futures.InvalidStateError:  # the answer was cancelled meanwhile
+                pass
 
         engine_future.add_done_callback(finish)
+        answer.add_done_callback(lambda a: a.cancelled() and self.sampling.cancel(engine_future))
         return answer
 
     def describe_base(self, op: ops.DescribeBase) -> ops.BaseModelInfo:

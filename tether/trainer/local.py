@@ -68,22 +68,26 @@ class InProcessTrainer:
 
 
 def _flatten(outer: concurrent.futures.Future) -> concurrent.futures.Future:
-    """A future of the result of the future that `outer` resolves to."""
+    """A future of the result of the future that `outer` resolves to; cancelling it cancels both."""
     answer: concurrent.futures.Future = concurrent.futures.Future()
 
-    def inner_done(inner: concurrent.futures.Future) -> None:
-        exc = inner.exception()
-        if exc is not None:
-            answer.set_exception(exc)
-        else:
-            answer.set_result(inner.result())
+    def settle(source: concurrent.futures.Future, then=None) -> None:
+        try:
+            if source.cancelled():
+                answer.cancel()
+            elif (exc := source.exception()) is not None:
+                answer.set_exception(exc)
+            elif then is not None:
+                then(source.result())
+            else:
+                answer.set_result(source.result())
+        except concurrent.futures.InvalidStateError:  # the answer was cancelled meanwhile
+            pass
 
-    def outer_done(done: concurrent.futures.Future) -> None:
-        exc = done.exception()
-        if exc is not None:
-            answer.set_exception(exc)
-        else:
-            done.result().add_done_callback(inner_done)
+    def inner_arrived(inner: concurrent.futures.Future) -> None:
+        answer.add_done_callback(lambda a: a.cancelled() and inner.cancel())
+        inner.add_done_callback(settle)
 
-    outer.add_done_callback(outer_done)
+    outer.add_done_callback(lambda done: settle(done, inner_arrived))
+    answer.add_done_callback(lambda a: a.cancelled() and outer.cancel())
     return answer

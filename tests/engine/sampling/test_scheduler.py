@@ -94,6 +94,26 @@ def test_drain_empties_the_queue():
     assert not scheduler.has_waiting
 
 
+def test_remove_where_takes_cancelled_requests_out_of_the_queue_unreserved():
+    scheduler = make()
+    scheduler.add("big", cost(80))
+    assert scheduler.schedule() == ["big"]
+    for name in ("x", "y", "z"):
+        scheduler.add(name, cost(30))
+    asked: list[str] = []
+
+    def cancelled(name: str) -> bool:
+        asked.append(name)
+        return name != "y"
+
+    assert scheduler.remove_where(cancelled) == ["x", "z"]
+    assert asked == ["x", "y", "z"]  # one look per request
+    assert scheduler.queue_depth == 1 and scheduler.reserved_tokens == 80
+    scheduler.add("w", cost(10))  # the freed queue slots take new work
+    scheduler.release(80, 1)
+    assert scheduler.schedule() == ["y", "w"]
+
+
 def test_config_is_checked():
     with pytest.raises(ConfigurationError) as err:
         SchedulerConfig(max_batch_size=0)

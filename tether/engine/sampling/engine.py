@@ -15,8 +15,16 @@ failing forward pass fails only the requests it carried (a failed batched prefil
 by prompt).
 
 Logprobs are untempered (see `SampledSequence`). A caller that streams passes `on_token` to
-`submit`: it is called on the engine's thread with each token as soon as it is sampled. This module
-knows nothing about HTTP or the Tinker wire format.
+`submit`: it is called on the engine's thread with each token as soon as it is sampled.
+
+Cancelling: `cancel(future)` (or `future.cancel()`, which is the same thing, and which
+`asyncio.wrap_future` calls when its awaiting task is cancelled) stops a request whether it waits or
+runs. Its future ends cancelled at once; at its next step the engine drops it from the waiting queue
+or from the running batch (its KV-cache rows and reservation go back to the pool, its weights are
+released) and counts it in `stats().cancelled`. Its batch-mates continue exactly as when a
+neighbour finishes. Futures therefore stay pending (never "running") until they complete.
+
+This module knows nothing about HTTP or the Tinker wire format.
 """
 
 from __future__ import annotations
@@ -25,8 +33,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, InvalidStateError
 from typing import Protocol, cast
 
 import torch
@@ -37,6 +44,16 @@ from tether.engine.sampling.kv_cache import BatchKVCache
 from tether.engine.sampling.model_runner import PrefillOutput, PrefillPrompt, decode, prefill_batch
 from tether.engine.sampling.next_token import RowSampling, choose_tokens, make_generator, untempered_logprobs
 from tether.engine.sampling.prompt_cache import PromptCache
+from tether.engine.sampling.requests import (
+    DecodeGroup,
+    EngineStats,
+    RequestState,
+    RunningSequence,
+    Started,
+    TokenCallback,
+    holds_retired_weights,
+    prefill_key,
+)
 from tether.engine.sampling.scheduler import (
     DEFAULT_PREFILL_FORWARD_COST_TOKENS,
     Scheduler,
@@ -45,7 +62,7 @@ from tether.engine.sampling.scheduler import (
     prefill_batches,
 )
 from tether.engine.sampling.stopping import StopCondition
-from tether.engine.sampling.weights import RegisteredWeights, WeightsRegistry
+from tether.engine.sampling.weights import WeightsRegistry
 from tether.types.errors import ConfigurationError, ServerError, TetherError
 from tether.types.sample_request import (
     ModelLimits,
@@ -53,15 +70,10 @@ from tether.types.sample_request import (
     SampleRequest,
     SampleResult,
     StopReason,
-    ValidatedRequest,
     validate_request,
 )
 
 logger = logging.getLogger(__name__)
-
-TokenCallback = Callable[[int, int, float, "list[tuple[int, float]] | None"], None]
-"""`on_token(sample_index, token, logprob, topk)`: one generated token, in order per sample; `topk` is
-the (token, logprob) pairs when the request asked for `topk_sample_logprobs`, else None."""
 
 
 class BaseModelLike(Protocol):
@@ -77,72 +89,6 @@ class BaseModelLike(Protocol):
     def max_context_length(self) -> int: ...
     @property
     def eos_token_ids(self) -> list[int]: ...
-
-
-def _holds_retired_weights(key: Hashable) -> bool:
-    """Whether a prompt-cache key (built by `_prefill_key`) holds unregistered, unused weights."""
-    weights = cast("tuple[RegisteredWeights, ...]", key)[0]
-    return weights.retired and weights.users == 0
-
-
-@dataclass(eq=False)
-class _RequestState:
-    request: ValidatedRequest
-    future: Future[SampleResult]
-    weights: RegisteredWeights
-    stop: StopCondition
-    on_token: TokenCallback | None = None
-    sequences: list[SampledSequence | None] = field(init=False)
-    """Finished samples by index."""
-    unfinished: int = field(init=False)
-    """Samples not finished yet; each holds a batch row and its KV reservation once admitted."""
-    prompt_logprobs: list[float | None] | None = None
-    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
-    prompt_cache_hit_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.sequences = [None] * self.request.num_samples
-        self.unfinished = self.request.num_samples
-
-
-@dataclass(eq=False)
-class _Sequence:
-    owner: _RequestState
-    index: int
-    generator: torch.Generator
-    row: RowSampling
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Started:
-    """A request's samples still running after their first token, and their prompt's cache row."""
-
-    cache: BatchKVCache
-    row: int
-    sequences: list[_Sequence]
-
-
-def _prefill_key(state: _RequestState) -> Hashable:
-    """What makes two prefills the same: weights registration, prompt, prompt-logprob options."""
-    request = state.request
-    return (
-        state.weights,
-        request.prompt_tokens,
-        request.include_prompt_logprobs,
-        request.topk_prompt_logprobs,
-    )
-
-
-@dataclass(eq=False)
-class _Group:
-    """Running sequences that share one model, decoded together with one KV cache."""
-
-    model: nn.Module
-    cache: BatchKVCache = field(default_factory=BatchKVCache)
-    sequences: list[_Sequence] = field(default_factory=list)
 
 
 class SamplingEngine:
@@ -168,13 +114,13 @@ class SamplingEngine:
         limits are documented on `SchedulerConfig`."""
         self._base = base
         self._limits = ModelLimits(base.vocab_size, base.max_context_length, tuple(base.eos_token_ids))
-        self._scheduler: Scheduler[_RequestState] = Scheduler(
+        self._scheduler: Scheduler[RequestState] = Scheduler(
             SchedulerConfig(
                 kv_cache_budget_tokens, max_batch_size, max_prefill_tokens_per_step, max_waiting_requests
             )
         )
         self._weights = WeightsRegistry(base.model)
-        self._groups: dict[int, _Group] = {}
+        self._groups: dict[int, DecodeGroup] = {}
         if prompt_cache_tokens is not None and prompt_cache_tokens < 1:
             raise ConfigurationError("must be >= 1, or None to disable reuse", field="prompt_cache_tokens")
         self._prompt_cache: PromptCache[PrefillOutput] | None = (
@@ -186,6 +132,11 @@ class SamplingEngine:
         self._seen_drops = 0
         self._decode_text: Callable[[Sequence[int]], str] | None = None
         self._cond = threading.Condition()
+        self._outcomes = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._cancels = 0
+        """Futures cancelled by their callers so far (the loop looks for them when this moves)."""
+        self._cancels_seen_waiting = 0
+        self._cancels_seen_running = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="tether-sampling-engine", daemon=True)
         self._thread.start()
@@ -211,13 +162,14 @@ class SamplingEngine:
 
         `on_token` (optional) sees every generated token as it is sampled, before the future
         completes (see `TokenCallback`). The future and `on_token` run on the engine's thread, so
-        they should be quick; an exception from `on_token` is logged and stops its calls only."""
+        they should be quick; an exception from `on_token` is logged and stops its calls only.
+        The future is the request's handle: `cancel(future)` stops it."""
         validated = validate_request(request, self._limits)
         cost = WorkCost(validated.reserved_tokens, validated.num_samples, len(validated.prompt_tokens))
         self._scheduler.check_fits(cost)
         stop = StopCondition(validated.stop, self._text_decoder() if validated.stop.strings else None)
         weights = self._weights.acquire(validated.weights_id)
-        state = _RequestState(validated, Future(), weights, stop, on_token)
+        state = RequestState(validated, Future(), weights, stop, on_token)
         try:
             with self._cond:
                 if self._closed:
@@ -227,7 +179,46 @@ class SamplingEngine:
         except BaseException:
             self._weights.release(weights)
             raise
+        state.future.add_done_callback(self._noticed_cancel)
         return state.future
+
+    def cancel(self, future: Future[SampleResult]) -> bool:
+        """Stop the request `future` came from (`submit`), queued or running.
+
+        Returns True if it was not finished: its future is now cancelled (`result()` raises
+        `concurrent.futures.CancelledError`, its done-callbacks ran), `on_token` is not called
+        after the engine's current step, and at that step its KV-cache rows, reservation and weights
+        are released and `stats().cancelled` counts it. False if it had already finished (no-op).
+        Thread-safe; `future.cancel()` does the same."""
+        return future.cancel()
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the queue, the KV-cache reservation and the outcomes so far."""
+        with self._cond:
+            return self._stats()
+
+    def wait_for_stats(self, predicate: Callable[[EngineStats], bool], timeout: float) -> EngineStats:
+        """Block until `predicate(stats())` holds (re-checked whenever a request is admitted, released
+        or settled); returns those stats. Raises `TimeoutError` after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self._stats()), timeout):
+                raise TimeoutError(
+                    f"engine stats did not reach the condition in {timeout} s: {self._stats()}"
+                )
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
+        scheduler = self._scheduler
+        return EngineStats(
+            scheduler.queue_depth, scheduler.running_sequences, scheduler.reserved_tokens, **self._outcomes
+        )
+
+    def _noticed_cancel(self, future: Future[SampleResult]) -> None:
+        """Done-callback of every request's future: a cancellation wakes the loop to drop it."""
+        if future.cancelled():
+            with self._cond:
+                self._cancels += 1
+                self._cond.notify_all()
 
     @property
     def queue_depth(self) -> int:
@@ -251,8 +242,7 @@ class SamplingEngine:
         with self._cond:
             waiting = self._scheduler.drain()
         for state in waiting:  # never admitted: nothing reserved
-            self._weights.release(state.weights)
-            self._set_exception(state, ServerError("the sampling engine closed before this request ran"))
+            self._forget_waiting(state, ServerError("the sampling engine closed before this request ran"))
         for group in list(self._groups.values()):
             for state in {id(s.owner): s.owner for s in group.sequences}.values():
                 self._abandon(state, ServerError("the sampling engine closed during this request"))
@@ -268,6 +258,7 @@ class SamplingEngine:
             try:
                 self._forget_dropped_weights()
                 self._join(self._start(admitted))
+                self._drop_cancelled()
                 for group in list(self._groups.values()):
                     self._decode_group(group)
             except Exception as exc:  # a bug must not hang every future: fail what is in flight, go on
@@ -277,18 +268,31 @@ class SamplingEngine:
                 for state in {id(s): s for s in [*admitted, *in_flight]}.values():
                     self._abandon(state, exc)
 
-    def _schedule(self) -> list[_RequestState] | None:
-        """Wait for work; admit what fits. None once the engine is closed."""
+    def _schedule(self) -> list[RequestState] | None:
+        """Wait for work; drop cancelled waiting requests; admit what fits. None once closed."""
         with self._cond:
             while not self._closed and not self._scheduler.has_waiting and not self._groups:
                 self._cond.wait()
-            return None if self._closed else self._scheduler.schedule()
+            if self._closed:
+                return None
+            cancelled: list[RequestState] = []
+            if self._cancels != self._cancels_seen_waiting:
+                self._cancels_seen_waiting = self._cancels
+                cancelled = self._scheduler.remove_where(lambda state: state.future.cancelled())
+            admitted = self._scheduler.schedule()
+            if admitted:
+                self._cond.notify_all()  # stats waiters
+        for state in cancelled:
+            self._forget_waiting(state, None)
+        return admitted
 
-    def _join(self, started: list[_Started]) -> None:
+    def _join(self, started: list[Started]) -> None:
         """Add freshly prefilled sequences to their model's running group, one cache merge per group.
 
         Each prefill cache joins once, row r repeated once per running sample whose prompt is row r."""
-        by_model: dict[int, tuple[nn.Module, dict[int, tuple[BatchKVCache, list[list[_Sequence]]]]]] = {}
+        by_model: dict[
+            int, tuple[nn.Module, dict[int, tuple[BatchKVCache, list[list[RunningSequence]]]]]
+        ] = {}
         for item in started:
             model = item.sequences[0].owner.weights.model
             caches = by_model.setdefault(id(model), (model, {}))[1]
@@ -297,13 +301,13 @@ class SamplingEngine:
             )
             rows[item.row].extend(item.sequences)
         for key, (model, caches) in by_model.items():
-            group = self._groups.setdefault(key, _Group(model))
+            group = self._groups.setdefault(key, DecodeGroup(model))
             group.cache.append_rows([(cache, [len(r) for r in rows]) for cache, rows in caches.values()])
             for _, rows in caches.values():
                 for row in rows:
                     group.sequences.extend(row)
 
-    def _start(self, admitted: list[_RequestState]) -> list[_Started]:
+    def _start(self, admitted: list[RequestState]) -> list[Started]:
         """Prefill the admitted requests (batched) and sample each sample's first token.
 
         Returns, per request with samples still running, those samples and their prompt's cache row.
@@ -311,10 +315,10 @@ class SamplingEngine:
         """
         running = []
         for state in admitted:
-            if state.future.set_running_or_notify_cancel():
-                running.append(state)
-            else:  # cancelled while it waited
+            if state.future.cancelled():  # cancelled since it was admitted
                 self._abandon(state, None)
+            else:
+                running.append(state)
         started = []
         for state, out in zip(running, self._prefill(running), strict=True):
             if isinstance(out, Exception):
@@ -327,10 +331,10 @@ class SamplingEngine:
                 self._abandon(state, exc)
                 continue
             if live:
-                started.append(_Started(out.cache, out.row, live))
+                started.append(Started(out.cache, out.row, live))
         return started
 
-    def _first_tokens(self, state: _RequestState, out: PrefillOutput) -> list[_Sequence]:
+    def _first_tokens(self, state: RequestState, out: PrefillOutput) -> list[RunningSequence]:
         """Take `state`'s prompt logprobs from its prefill, sample its samples' first tokens; the
         samples still running."""
         request = state.request
@@ -342,20 +346,20 @@ class SamplingEngine:
         row = RowSampling(request.temperature, request.top_k, request.top_p)
         fallback = secrets.randbits(63)
         sequences = [
-            _Sequence(state, i, make_generator(request.seed, i, fallback + i), row)
+            RunningSequence(state, i, make_generator(request.seed, i, fallback + i), row)
             for i in range(request.num_samples)
         ]
         return self._advance(sequences, out.last_logits[None, :].expand(len(sequences), -1))
 
-    def _prefill(self, states: list[_RequestState]) -> list[PrefillOutput | Exception]:
+    def _prefill(self, states: list[RequestState]) -> list[PrefillOutput | Exception]:
         """Each request's prefill, in order: reused from the prompt cache when the same prompt ran
         recently or runs in this step, otherwise computed in batches (one forward pass per model,
         prompt-logprob need and batch of similar lengths)."""
         outputs: dict[int, PrefillOutput | Exception] = {}
-        to_compute: dict[Hashable, list[_RequestState]] = {}
+        to_compute: dict[Hashable, list[RequestState]] = {}
         cache = self._prompt_cache
         for state in states:
-            key = _prefill_key(state)
+            key = prefill_key(state)
             if cache is not None and (cached := cache.get(key)) is not None:
                 state.prompt_cache_hit_tokens = len(state.request.prompt_tokens)
                 outputs[id(state)] = cached
@@ -410,9 +414,28 @@ class SamplingEngine:
         """Drop cached prefills of weights that were unregistered and are no longer in use."""
         if self._prompt_cache is not None and self._weights.drops != self._seen_drops:
             self._seen_drops = self._weights.drops
-            self._prompt_cache.evict_where(_holds_retired_weights)
+            self._prompt_cache.evict_where(holds_retired_weights)
 
-    def _decode_group(self, group: _Group) -> None:
+    def _drop_cancelled(self) -> None:
+        """Take the samples of requests cancelled since the last look out of the running batch."""
+        with self._cond:
+            if self._cancels == self._cancels_seen_running:
+                return
+            self._cancels_seen_running = self._cancels
+        for key, group in list(self._groups.items()):
+            cancelled = {id(s.owner): s.owner for s in group.sequences if s.owner.future.cancelled()}
+            if not cancelled:
+                continue
+            keep = [r for r, s in enumerate(group.sequences) if id(s.owner) not in cancelled]
+            if keep:
+                group.cache.select_rows(keep)
+                group.sequences = [group.sequences[r] for r in keep]
+            else:
+                del self._groups[key]  # its KV buffers go with it
+            for state in cancelled.values():
+                self._abandon(state, None)
+
+    def _decode_group(self, group: DecodeGroup) -> None:
         """One decode step for every sequence of `group`; finished ones leave the batch."""
         # A sequence feeds at most max_tokens - generated more tokens (its pending one included).
         group.cache.max_columns = group.cache.length + max(
@@ -439,7 +462,7 @@ class SamplingEngine:
         if not group.sequences:
             self._groups.pop(id(group.model), None)
 
-    def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[_Sequence]:
+    def _advance(self, sequences: list[RunningSequence], logits: torch.Tensor) -> list[RunningSequence]:
         """Sample one token per sequence from `logits`; finish those that stop; return the rest."""
         tokens = choose_tokens(logits, [s.row for s in sequences], [s.generator for s in sequences])
         all_logprobs = untempered_logprobs(logits)
@@ -470,7 +493,7 @@ class SamplingEngine:
         return live
 
     @staticmethod
-    def _notify(sequence: _Sequence) -> None:
+    def _notify(sequence: RunningSequence) -> None:
         """Hand the token just sampled to the request's `on_token`; a failing callback is dropped."""
         state = sequence.owner
         assert state.on_token is not None
@@ -484,7 +507,7 @@ class SamplingEngine:
     # --- completion -------------------------------------------------------------------------------
     # Invariant: a request holds `unfinished` batch rows and reservations, and its weights while
     # unfinished > 0; each is given back exactly once, by `_finish` or by `_abandon`.
-    def _finish(self, sequence: _Sequence, stop_reason: StopReason) -> None:
+    def _finish(self, sequence: RunningSequence, stop_reason: StopReason) -> None:
         state = sequence.owner
         state.sequences[sequence.index] = SampledSequence(
             sequence.tokens,
@@ -496,38 +519,60 @@ class SamplingEngine:
         self._release_slots(state, 1)
         if state.unfinished == 0:
             self._weights.release(state.weights)
-            if not state.future.done():
-                state.future.set_result(
-                    SampleResult(
-                        sequences=[s for s in state.sequences if s is not None],
-                        prompt_logprobs=state.prompt_logprobs,
-                        topk_prompt_logprobs=state.topk_prompt_logprobs,
-                        prompt_cache_hit_tokens=state.prompt_cache_hit_tokens,
-                    )
-                )
+            self._settle(
+                state,
+                SampleResult(
+                    sequences=[s for s in state.sequences if s is not None],
+                    prompt_logprobs=state.prompt_logprobs,
+                    topk_prompt_logprobs=state.topk_prompt_logprobs,
+                    prompt_cache_hit_tokens=state.prompt_cache_hit_tokens,
+                ),
+            )
 
-    def _release_slots(self, state: _RequestState, num_sequences: int) -> None:
+    def _release_slots(self, state: RequestState, num_sequences: int) -> None:
         """Give back the batch rows and KV-cache reservation of `num_sequences` of `state`'s samples."""
         with self._cond:
             self._scheduler.release(state.request.reserved_tokens_per_sample * num_sequences, num_sequences)
+            self._cond.notify_all()  # stats waiters
 
-    def _abandon(self, state: _RequestState, exc: BaseException | None) -> None:
-        """Stop an admitted request: give back what its unfinished samples hold; fail it with `exc`."""
+    def _abandon(self, state: RequestState, exc: BaseException | None) -> None:
+        """Stop an admitted request: give back what its unfinished samples hold; fail it with `exc`
+        (None: it was cancelled)."""
         if state.unfinished > 0:
             self._release_slots(state, state.unfinished)
             state.unfinished = 0
             self._weights.release(state.weights)
-        if exc is not None:
-            self._set_exception(state, exc)
+        self._settle(state, exc)
 
-    @staticmethod
-    def _set_exception(state: _RequestState, exc: BaseException) -> None:
-        if not isinstance(exc, TetherError):
-            wrapped = ServerError(f"sampling failed: {type(exc).__name__}: {exc}")
-            wrapped.__cause__ = exc
-            exc = wrapped
-        if not state.future.done():
-            state.future.set_exception(exc)
+    def _forget_waiting(self, state: RequestState, exc: BaseException | None) -> None:
+        """Drop a request that was never admitted (nothing reserved but its weights)."""
+        state.unfinished = 0
+        self._weights.release(state.weights)
+        self._settle(state, exc)
+
+    def _settle(self, state: RequestState, outcome: SampleResult | BaseException | None) -> None:
+        """Complete `state`'s future with `outcome` (None: it was cancelled) unless its caller
+        cancelled it first, and count how it ended; only the first call for a request counts."""
+        if state.settled:
+            return
+        state.settled = True
+        if isinstance(outcome, BaseException) and not isinstance(outcome, TetherError):
+            wrapped = ServerError(f"sampling failed: {type(outcome).__name__}: {outcome}")
+            wrapped.__cause__ = outcome
+            outcome = wrapped
+        kind = "cancelled"
+        try:  # the caller may cancel at any moment, from any thread
+            if isinstance(outcome, SampleResult):
+                state.future.set_result(outcome)
+                kind = "completed"
+            elif outcome is not None:
+                state.future.set_exception(outcome)
+                kind = "failed"
+        except InvalidStateError:
+            pass
+        with self._cond:
+            self._outcomes[kind] += 1
+            self._cond.notify_all()
 
     def _text_decoder(self) -> Callable[[Sequence[int]], str]:
         """Decode token ids to text for stop strings; the tokenizer is loaded on first need."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -131,6 +131,19 @@ class Scheduler(Generic[T]):
             prefill_tokens += cost.prefill_tokens
             admitted.append(head.item)
         return admitted
+
+    def remove_where(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Take the waiting requests for which `predicate` holds out of the queue (cancelled ones);
+        they had reserved nothing. Returns them in arrival order."""
+        kept: deque[_Waiting[T]] = deque()
+        removed = []
+        for waiting in self._waiting:  # one look per item: the predicate may change its mind
+            if predicate(waiting.item):
+                removed.append(waiting.item)
+            else:
+                kept.append(waiting)
+        self._waiting = kept
+        return removed
 
     def release(self, reserved_tokens: int, num_sequences: int) -> None:
         """Give back what finished sequences had reserved."""
