@@ -318,3 +318,35 @@ def test_a_finished_hotload_never_refuses_the_next_one(deployment, chain, monkey
         assert state["loading_state"]["stage"] in ("done", "error")
     assert len(seen) == 3 and all(stage == "loading" for stage, _ in seen), seen
     assert [h["stage"] for h in client.get("/status").json()["hot_load_history"]] == ["done", "error", "done"]
+
+
+def test_a_plain_sampler_checkpoint_hotloads_as_a_base(deployment, model_dir, chain, tmp_path):
+    """What the official tinker SDK's `save_weights_for_sampler` writes (full HF weights, no chain
+    record) is a complete set of weights: it loads as a base instead of failing "not part of a chain"."""
+    from tether.storage import LocalCheckpointStore, StoredHfWeights
+    from tether.storage.sampler_chain import read_sampler_checkpoint_dir
+
+    client, _, _ = deployment
+    chained = read_sampler_checkpoint_dir(chain[1])  # a delta: its full weights are step-1's
+    hotload(client, chain[0])
+    step1 = chained.rebuild(read_sampler_checkpoint_dir(chain[0]).weights.tensors)
+    store = LocalCheckpointStore(tmp_path / "plain")
+    info = store.save_hf_weights(
+        "tinker://plain-run/sampler_weights/s1",
+        StoredHfWeights(base_model=str(model_dir), tensors=step1),
+        base_model_dir=model_dir,
+        tokenizer_dir=model_dir,
+    )
+    plain = store.directory(info.path)
+    state = hotload(client, plain, identity="tinker://plain-run/sampler_weights/s1")
+    assert state["loading_state"]["stage"] == "done", state["loading_state"]["error"]
+    assert state["current_snapshot_identity"] == "tinker://plain-run/sampler_weights/s1"
+    status = client.get("/status").json()["current"]
+    assert status["checkpoint_type"] == "base"
+    served_plain = sample(client, 12)
+    hotload(client, chain[0])
+    hotload(client, chain[1])
+    assert same(sample(client, 12), served_plain)  # the same weights as the chain's step-1
+    # a delta whose parent has these very weights applies on top of the plain base (fingerprints match)
+    hotload(client, plain, identity="plain")
+    assert hotload(client, chain[2])["loading_state"]["stage"] == "done"

@@ -1,7 +1,7 @@
 """Which weights a deployment serves, and hot-loading new ones without a restart.
 
 A hot-load reads a chain checkpoint directory (`tether.storage.sampler_chain`): a base or merged
-base is loaded as is; a delta is applied to the weights the deployment serves, and refused unless
+base (or plain sampler weights without a chain record, `read_checkpoint`) is loaded as is; a delta is applied to the weights the deployment serves, and refused unless
 those are its parent (the chain's previous checkpoint). Every file is checked against its manifest's sha256 and the rebuilt weights against
 the recorded fingerprint before anything changes, so a wrong, truncated or corrupted checkpoint
 fails with its cause in the status while the previous weights keep serving.
@@ -40,8 +40,9 @@ from tether.deployment.backend import ServingBackend
 from tether.engine.sampling import SampleRequest, SampleResult
 from tether.engine.sampling.engine import TokenCallback
 from tether.storage.delta import DeltaBaseMismatchError, fingerprint
-from tether.storage.formats import LoraLayout
-from tether.storage.sampler_chain import ChainLink, read_sampler_checkpoint_dir
+from tether.storage.formats import HF_WEIGHTS_KIND, LoraLayout, read_hf_weights
+from tether.storage.manifest import read_manifest
+from tether.storage.sampler_chain import ChainLink, SamplerCheckpoint, read_sampler_checkpoint_dir
 from tether.types.errors import ConflictError, NotFoundError, TetherError, UserInputError
 
 log = logging.getLogger("tether.deployment")
@@ -93,6 +94,33 @@ class _Held:
     tensors: dict[str, torch.Tensor]
     lora: LoraLayout | None
     chain: list[str]
+
+
+def read_checkpoint(directory: Path) -> SamplerCheckpoint:
+    """A chain checkpoint (base, delta, merged base), or plain sampler weights as a base.
+
+    Plain weights are what `save_weights_for_sampler` (tinker's, tether's) writes: full HF weights
+    or a PEFT adapter with no chain record. They are complete, so they load as a base whose
+    fingerprint is computed here; a delta whose parent holds the very same weights applies on top.
+    """
+    manifest = read_manifest(directory)
+    layout = manifest.get("layout")
+    if manifest.get("kind") == HF_WEIGHTS_KIND and isinstance(layout, dict) and "chain" not in layout:
+        weights = read_hf_weights(directory, manifest)
+        print_ = fingerprint(weights.tensors)
+        where = str(directory)
+        link = ChainLink(
+            checkpoint_type="base",
+            identity=where,
+            base_identity=where,
+            index=0,
+            weights_fingerprint=print_,
+            base_fingerprint=print_,
+            is_lora=weights.lora is not None,
+            base_model=weights.base_model,
+        )
+        return SamplerCheckpoint(link=link, weights=weights)
+    return read_sampler_checkpoint_dir(directory)
 
 
 class ServedWeights:
@@ -255,7 +283,7 @@ class ServedWeights:
         directory = Path(path)
         if not directory.is_dir():
             raise UserInputError(f"no checkpoint directory at {path}", field="path")
-        checkpoint = read_sampler_checkpoint_dir(directory)
+        checkpoint = read_checkpoint(directory)
         link = checkpoint.link
         if link.base_model and link.base_model != self.base_model:
             raise UserInputError(
