@@ -179,3 +179,27 @@ def test_token_in_sampling_takes_token_ids_only(http):
     answer = http.post("/v1/sample", json={"prompt_tokens": [1, 2], "max_tokens": 2, "stop": [True]})
     assert answer.status_code == 422
     assert http.post("/v1/sample", json={"prompt_tokens": [1, 2], "max_tokens": 2}).status_code == 200
+
+
+def test_a_chat_stream_reports_usage_when_asked(client):
+    """`stream_options={"include_usage": True}` (what LangChain and others send) got no usage chunk."""
+    whole = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    got, want = chunks[-1].usage, whole.usage
+    assert (got.prompt_tokens, got.completion_tokens, got.total_tokens) == (
+        want.prompt_tokens,
+        want.completion_tokens,
+        want.total_tokens,
+    )
+    plain = list(client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, stream=True))
+    assert all(c.usage is None for c in plain)

@@ -81,6 +81,8 @@ class ChatBody(BaseModel):
     top_logprobs: int | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    """`{"include_usage": true}`: a last chunk with the usage and no choices, as OpenAI sends."""
 
 
 def _check_top(k: int | None, field: str) -> int:
@@ -335,14 +337,25 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             return sse(head | {"choices": [choice]})
 
         async def lines() -> AsyncIterator[str]:
+            completion_tokens = 0
             for index in range(body.n):
                 yield chunk(index, {"role": "assistant", "content": ""}, [], None)
             async for piece in choice_pieces(events, streams, body.n, text, stops):
                 if isinstance(piece, Exception):  # failed after streaming began: say so, end the stream
                     yield sse(error_chunk(piece))
                     break
+                completion_tokens += piece.completion_tokens
                 delta = {"content": piece.text} if piece.finish is None else {}
                 yield chunk(piece.index, delta, piece.covered, piece.finish)
+            else:
+                if (body.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: usage only
+                    prompt_tokens = len(request.prompt_tokens)
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    }
+                    yield sse(head | {"choices": [], "usage": usage})
             yield SSE_DONE
 
         return _event_stream(lines(), identity, futures)
