@@ -352,14 +352,9 @@ def test_a_plain_sampler_checkpoint_hotloads_as_a_base(deployment, model_dir, ch
     assert hotload(client, chain[2])["loading_state"]["stage"] == "done"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a completions request with several prompts submits them one after another (each awaited), "
-    "so an ASYNC hot-load between them serves them with two weight versions while the answer names "
-    "only the last; needs one admission for all of a request's prompts (ServedWeights + the OpenAI "
-    "routes' run_request / submit_streaming, the cancel helper's code)",
-)
 def test_a_multi_prompt_completion_is_served_by_one_weight_version(deployment, chain):
+    """An ASYNC hot-load landing while the first of a request's prompts runs must not serve the
+    second with the new weights (the answer names one version)."""
     client, served, backend = deployment
     hotload(client, chain[0])
     backend.gate.clear()  # the first prompt's answer is held: it stays in flight

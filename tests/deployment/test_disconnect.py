@@ -227,3 +227,33 @@ def test_status_counts_cancelled_requests_apart_from_failed_ones(deployment):
     assert requests["cancelled"] == before.cancelled + 1
     assert requests["failed"] == before.failed == 0
     assert requests["running_sequences"] == requests["reserved_tokens"] == 0
+
+
+def test_a_whole_answer_of_several_prompts_whose_client_goes_away_cancels_every_prompt(deployment):
+    """All prompts are queued at once (one request each) and one disconnect cancels them all."""
+    base_url, backend = deployment
+    prompts = ["The", "Once upon a time", "ab"]
+    before = backend.engine.stats()
+
+    async def client_gives_up() -> None:
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            backend.arm(at=3)  # the first prompt's request stops in its third token
+            body = {"model": MODEL, "prompt": prompts, "max_tokens": 80, "stop": [], "seed": 4}
+            call = asyncio.create_task(http.post(f"{base_url}/v1/completions", json=body))
+            assert await asyncio.to_thread(backend.held.wait, WAIT_S)
+            call.cancel()  # httpx closes the connection
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(client_gives_up())
+    stats = backend.engine.wait_for_stats(
+        lambda s: (
+            s.cancelled == before.cancelled + len(prompts)
+            and s.running_sequences == 0
+            and s.reserved_tokens == 0
+        ),
+        WAIT_S,
+    )
+    assert stats.failed == before.failed and stats.completed == before.completed
+    assert stats.waiting_requests == 0
+    still_serves(base_url)

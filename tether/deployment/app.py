@@ -29,6 +29,7 @@ streams and cancels the body when it comes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -116,17 +117,36 @@ async def result_unless_gone(client: Request, future: Future[T]) -> T:
     """`future`'s result, or, if `client` disconnects first (or this handler is cancelled), cancel
     `future` (the engine drops the request and frees what it held) and raise `ClientGone`
     (`CancelledError` when cancelled)."""
-    result = asyncio.wrap_future(future)
+    return (await results_unless_gone(client, [future]))[0]
+
+
+async def results_unless_gone(client: Request, futures: Sequence[Future[T]]) -> list[T]:
+    """The results of `futures`, in order, awaited together against one disconnect listener
+    (`receive()` is awaited by one task only). If `client` disconnects first (or this handler is
+    cancelled) every unfinished future is cancelled (the engine drops those requests and frees what
+    they held) and `ClientGone` is raised (`CancelledError` when cancelled); if one fails, the
+    others are cancelled (nobody will read them) and its error is raised."""
+    results = [asyncio.wrap_future(future) for future in futures]
     gone = asyncio.ensure_future(_disconnect(client.receive))
+    pending: set[asyncio.Future[Any]] = set(results)
     try:
-        await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        while pending:
+            done, _ = await asyncio.wait((*pending, gone), return_when=asyncio.FIRST_COMPLETED)
+            if gone in done or any(r.cancelled() or r.exception() is not None for r in done if r is not gone):
+                break
+            pending -= done
     finally:
         gone.cancel()
-        if not result.done():
-            result.cancel()  # cancels `future` too (asyncio.wrap_future chains cancellation)
-    if result.cancelled():
+        for result in results:
+            if not result.done():
+                result.cancel()  # cancels its future too (asyncio.wrap_future chains cancellation)
+    for result in results:  # the first failure, in order
+        error = result.exception() if result.done() and not result.cancelled() else None
+        if error is not None:
+            raise error
+    if any(result.cancelled() for result in results):
         raise ClientGone("the client closed the connection before the answer was ready")
-    return result.result()
+    return [result.result() for result in results]
 
 
 async def run_request(
@@ -134,10 +154,21 @@ async def run_request(
 ) -> tuple[SampleResult, str]:
     """Submit off the event loop (a SYNC switch may hold admission) and await the result; with
     `client`, a disconnect cancels the request (`result_unless_gone`)."""
-    future, identity = await asyncio.to_thread(served.submit, request)
+    results, identity = await run_requests(served, [request], client)
+    return results[0], identity
+
+
+async def run_requests(
+    served: ServedWeights, requests: list[SampleRequest], client: Request | None = None
+) -> tuple[list[SampleResult], str]:
+    """`run_request` for several requests at once: queued together on one weights version
+    (`ServedWeights.submit_many`, so the engine batches them and a hot-load cannot split them),
+    awaited together; with `client`, a disconnect cancels them all (`results_unless_gone`).
+    Returns the results in order and the weights identity."""
+    futures, identity = await asyncio.to_thread(served.submit_many, requests)
     if client is None:
-        return await asyncio.wrap_future(future), identity
-    return await result_unless_gone(client, future), identity
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))), identity
+    return await results_unless_gone(client, futures), identity
 
 
 def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> FastAPI:

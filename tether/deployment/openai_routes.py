@@ -215,7 +215,7 @@ def _event_stream(body: AsyncIterator[str], identity: str, futures: list[Any]) -
 
 
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
-    from tether.deployment.app import IDENTITY_HEADER, identity_header, run_request
+    from tether.deployment.app import IDENTITY_HEADER, identity_header, run_request, run_requests
 
     base = getattr(served.backend, "base", None)
     eos = list(base.eos_token_ids) if base is not None else []
@@ -405,9 +405,9 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         if body.stream and not (body.echo and body.logprobs is not None):
             return await stream_completions(body, prepared, stops, top)
         choices: list[dict[str, Any]] = []
-        usage, identity = {"prompt_tokens": 0, "completion_tokens": 0}, ""
-        for prompt, tokens, request in prepared:
-            result, identity = await run_request(served, request, client)
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        results, identity = await run_requests(served, [request for _, _, request in prepared], client)
+        for (prompt, tokens, _), result in zip(prepared, results, strict=True):
             usage["prompt_tokens"] += len(tokens)
             for seq in result.sequences:
                 kept, completion = text.completion(seq, stops)

@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from tether.deployment.served import ServedWeights
 from tether.engine.sampling import SampleRequest, SampleResult
+from tether.engine.sampling.engine import TokenCallback
 from tether.types.errors import TetherError
 
 if TYPE_CHECKING:
@@ -181,9 +182,10 @@ async def submit_streaming(
     """Submit every request with a per-token callback; returns the weights identity, the events and
     the requests' futures (for `CancellingStream`).
 
-    Raises what `ServedWeights.submit` raises (bad request, overload) before anything is streamed,
-    having cancelled the requests already submitted. Events come in generation order: each
-    request's tokens, then its `DoneEvent` with the future.
+    All requests are queued together on one weights version (`ServedWeights.submit_many`). Raises
+    what it raises (bad request, overload) before anything is streamed, having cancelled the
+    requests already queued. Events come in generation order: each request's tokens, then its
+    `DoneEvent` with the future.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -200,16 +202,8 @@ async def submit_streaming(
 
         return on_token
 
-    identity = ""
-    futures: list[Future[SampleResult]] = []
-    try:
-        for number, request in enumerate(requests):
-            future, identity = await asyncio.to_thread(served.submit, request, callback(number))
-            futures.append(future)
-    except BaseException:  # nobody will read the others: stop them
-        for future in futures:
-            future.cancel()
-        raise
+    callbacks: list[TokenCallback | None] = [callback(number) for number in range(len(requests))]
+    futures, identity = await asyncio.to_thread(served.submit_many, requests, callbacks)
 
     def done(request: int) -> Callable[[Future[SampleResult]], None]:
         return lambda future: put(DoneEvent(request, future))

@@ -163,14 +163,38 @@ class ServedWeights:
         Returns the future and the identity of the weights that will serve it. `on_token` sees each
         token as it is generated (on the engine's thread; see `tether.engine.sampling.engine.TokenCallback`).
         """
+        futures, identity = self.submit_many([request], [on_token])
+        return futures[0], identity
+
+    def submit_many(
+        self, requests: list[SampleRequest], on_tokens: list[TokenCallback | None] | None = None
+    ) -> tuple[list[Future[SampleResult]], str]:
+        """Queue several requests at once, all on the same weights (one identity, even if a hot-load
+        switches meanwhile: admission is held until the last is queued), so the engine batches them.
+
+        `on_tokens[i]` (optional) is request i's `on_token`. Returns the futures, in order, and the
+        identity. Raises what `backend.submit` raises for any request, having cancelled those
+        already queued (nothing is left running)."""
+        callbacks = on_tokens if on_tokens is not None else [None] * len(requests)
+        if len(callbacks) != len(requests):
+            raise ValueError(f"{len(requests)} requests but {len(callbacks)} token callbacks")
+        futures: list[Future[SampleResult]] = []
         with self._cond:
             while self._paused:
                 self._cond.wait()
             current = self._current
-            future = self.backend.submit(request, current.version, on_token)
-            self._inflight += 1
-        future.add_done_callback(self._finished)
-        return future, current.identity
+            try:
+                for request, on_token in zip(requests, callbacks, strict=True):
+                    futures.append(self.backend.submit(request, current.version, on_token))
+                    self._inflight += 1
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # nobody will read them
+                raise
+            finally:
+                for future in futures:
+                    future.add_done_callback(self._finished)
+        return futures, current.identity
 
     def _finished(self, _: Future) -> None:
         with self._cond:
