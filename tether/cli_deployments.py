@@ -19,17 +19,24 @@ def add_parser(sub: Any) -> None:
     parser = sub.add_parser("deployments", help=HELP, description=HELP)
     parser.add_argument("--base-url", default=os.environ.get("TETHER_BASE_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--api-key", default=os.environ.get("TETHER_API_KEY", "tml-local"))
+    # the same options after the action too (`tether deployments list --base-url URL`); SUPPRESS
+    # keeps an action's unset option from overwriting the one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", default=argparse.SUPPRESS, help="the tether server")
+    common.add_argument("--api-key", default=argparse.SUPPRESS)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = actions.add_parser("create", help="create a deployment (or get it if it exists)")
+    create = actions.add_parser(
+        "create", help="create a deployment (or get it if it exists)", parents=[common]
+    )
     create.add_argument("deployment_id")
     create.add_argument("--base-model", required=True)
     create.add_argument("--transition", choices=["SYNC", "ASYNC"], default="ASYNC")
     create.add_argument("--wait", action="store_true", help="wait until it is READY")
-    actions.add_parser("list", help="list deployments")
+    actions.add_parser("list", help="list deployments", parents=[common])
     for name, text in (("get", "show one deployment"), ("delete", "stop and delete a deployment")):
-        actions.add_parser(name, help=text).add_argument("deployment_id")
+        actions.add_parser(name, help=text, parents=[common]).add_argument("deployment_id")
     hotload = actions.add_parser(
-        "hotload", help="load a sampler checkpoint (tinker:// path) onto a deployment"
+        "hotload", help="load a sampler checkpoint (tinker:// path) onto a deployment", parents=[common]
     )
     hotload.add_argument("deployment_id")
     hotload.add_argument("path", help="tinker://<run>/sampler_weights/<name>")
@@ -75,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
             if args.no_wait:
                 result = manager.hotload(args.deployment_id, "", args.path, transition=args.transition)
             else:
-                manager.hotload_and_wait(args.deployment_id, "", args.path, transition=args.transition)
+                if not manager.hotload_and_wait(
+                    args.deployment_id, "", args.path, transition=args.transition
+                ):
+                    print(json.dumps({"error": f"{args.path} was not serving before the timeout"}))
+                    return 1
                 result = _info(manager.get(args.deployment_id))
     finally:
         manager.close()

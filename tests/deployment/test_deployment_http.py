@@ -235,3 +235,139 @@ def _greedy():
     from tether.engine.sampling import SampleRequest
 
     return SampleRequest(prompt_tokens=PROMPT, max_tokens=8, temperature=0, stop=[])
+
+
+def test_any_identity_label_keeps_the_deployment_answering(deployment, chain):
+    """A hot-load's identity goes in every answer's header: one that is not latin-1, or holds a
+    line break, made every sampling answer a 500 until the next hot-load."""
+    from urllib.parse import unquote
+
+    client, _, _ = deployment
+    label = "étape-1 😀\r\nx-injected: yes"
+    state = hotload(client, chain[0], identity=label)
+    assert state["loading_state"]["stage"] == "done" and state["current_snapshot_identity"] == label
+    answer = client.post("/v1/sample", json={"prompt_tokens": PROMPT, "max_tokens": 2})
+    assert answer.status_code == 200 and answer.json()["weights_identity"] == label
+    assert unquote(answer.headers["x-tether-weights-identity"]) == label
+    assert "x-injected" not in answer.headers
+    body = {"model": "my-deployment", "prompt": PROMPT, "max_tokens": 2}
+    for stream in (False, True):
+        answer = client.post("/v1/completions", json={**body, "stream": stream})
+        assert answer.status_code == 200 and unquote(answer.headers["x-tether-weights-identity"]) == label
+    chat = {"model": "my-deployment", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    too_long = client.post("/hot_load", json={"path": str(chain[0]), "identity": "x" * 1025})
+    assert too_long.status_code == 422 and "identity" in too_long.json()["detail"]
+
+
+class _LoadHeldBackend(EngineBackend):
+    """Holds every `load` until released: a hot-load stays half done (a process killed there)."""
+
+    def __init__(self, base) -> None:
+        super().__init__(base)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def load(self, *args) -> None:
+        self.entered.set()
+        assert self.release.wait(120)
+        super().load(*args)
+
+
+def test_a_process_killed_mid_hotload_restarts_on_its_last_good_weights(base, model_dir, chain, tmp_path):
+    state_dir = tmp_path / "state"
+    first = ServedWeights(_LoadHeldBackend(base), base_model=str(model_dir), state_dir=state_dir)
+    first.hotload(str(chain[0]))
+    first.hotload(str(chain[1]))
+    want = first.submit(_greedy())[0].result(timeout=60).sequences[0].tokens
+    first.backend.entered.clear()
+    first.backend.release.clear()
+    loading = first.start_hotload(str(chain[2]))  # files read and verified, the switch not made
+    try:
+        assert first.backend.entered.wait(120) and first.loading_state().stage == "loading"
+        # the process dies here; its successor starts from what is on disk
+        second = ServedWeights(EngineBackend(base), base_model=str(model_dir), state_dir=state_dir)
+        assert second.restore()
+        assert second.current.identity.endswith("step-1") and second.current.chain == [
+            str(chain[0]),
+            str(chain[1]),
+        ]
+        assert second.submit(_greedy())[0].result(timeout=60).sequences[0].tokens == want
+        assert second.loading_state().stage != "loading"  # it is ready, not stuck half way
+        second.backend.close()
+    finally:
+        first.backend.release.set()
+        loading.join(120)
+        first.backend.close()
+
+
+def test_a_finished_hotload_never_refuses_the_next_one(deployment, chain, monkeypatch):
+    """The status said "done" (or "error") while the load lock was still held (the history was being
+    written): a client starting its next hot-load at once got a 409 "in progress"."""
+    client, served, _ = deployment
+    seen: list[tuple[str, bool]] = []
+    remember = ServedWeights._remember
+
+    def watching(self, finished):
+        seen.append((self.loading_state().stage, self._load_lock.locked()))
+        remember(self, finished)
+
+    monkeypatch.setattr(ServedWeights, "_remember", watching)
+    for path in (chain[0], chain[2], chain[1]):  # done, error (skips its parent), done
+        state = hotload(client, path)
+        assert state["loading_state"]["stage"] in ("done", "error")
+    assert len(seen) == 3 and all(stage == "loading" for stage, _ in seen), seen
+    assert [h["stage"] for h in client.get("/status").json()["hot_load_history"]] == ["done", "error", "done"]
+
+
+def test_a_plain_sampler_checkpoint_hotloads_as_a_base(deployment, model_dir, chain, tmp_path):
+    """What the official tinker SDK's `save_weights_for_sampler` writes (full HF weights, no chain
+    record) is a complete set of weights: it loads as a base instead of failing "not part of a chain"."""
+    from tether.storage import LocalCheckpointStore, StoredHfWeights
+    from tether.storage.sampler_chain import read_sampler_checkpoint_dir
+
+    client, _, _ = deployment
+    chained = read_sampler_checkpoint_dir(chain[1])  # a delta: its full weights are step-1's
+    hotload(client, chain[0])
+    step1 = chained.rebuild(read_sampler_checkpoint_dir(chain[0]).weights.tensors)
+    store = LocalCheckpointStore(tmp_path / "plain")
+    info = store.save_hf_weights(
+        "tinker://plain-run/sampler_weights/s1",
+        StoredHfWeights(base_model=str(model_dir), tensors=step1),
+        base_model_dir=model_dir,
+        tokenizer_dir=model_dir,
+    )
+    plain = store.directory(info.path)
+    state = hotload(client, plain, identity="tinker://plain-run/sampler_weights/s1")
+    assert state["loading_state"]["stage"] == "done", state["loading_state"]["error"]
+    assert state["current_snapshot_identity"] == "tinker://plain-run/sampler_weights/s1"
+    status = client.get("/status").json()["current"]
+    assert status["checkpoint_type"] == "base"
+    served_plain = sample(client, 12)
+    hotload(client, chain[0])
+    hotload(client, chain[1])
+    assert same(sample(client, 12), served_plain)  # the same weights as the chain's step-1
+    # a delta whose parent has these very weights applies on top of the plain base (fingerprints match)
+    hotload(client, plain, identity="plain")
+    assert hotload(client, chain[2])["loading_state"]["stage"] == "done"
+
+
+def test_a_multi_prompt_completion_is_served_by_one_weight_version(deployment, chain):
+    """An ASYNC hot-load landing while the first of a request's prompts runs must not serve the
+    second with the new weights (the answer names one version)."""
+    client, served, backend = deployment
+    hotload(client, chain[0])
+    backend.gate.clear()  # the first prompt's answer is held: it stays in flight
+    answers: list = []
+    body = {"model": "my-deployment", "prompt": [PROMPT, PROMPT], "max_tokens": 6, "temperature": 0}
+    request = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=body)))
+    request.start()
+    with served._cond:
+        while served._inflight == 0:
+            served._cond.wait(0.05)  # submit does not notify: look again shortly
+    hotload(client, chain[1])  # ASYNC: completes while the first prompt runs
+    backend.gate.set()
+    request.join()
+    choices = answers[0].json()["choices"]
+    tokens = [c["raw_output"]["completion_token_ids"] for c in choices]
+    assert tokens[0] == tokens[1]  # the same prompt, greedy, on one version: the same answer

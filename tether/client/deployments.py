@@ -17,6 +17,7 @@ already running, UserInputError for bad input). This module depends on httpx and
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -224,7 +225,8 @@ class DeploymentManager:
         timeout_seconds: float = 400,
         poll_interval: float = 0.2,
     ) -> bool:
-        """True once the deployment serves `expected_identity`; raises ServerError if that load failed.
+        """True once the deployment serves `expected_identity`; raises ServerError if that load failed
+        or the deployment FAILED (its serving process died: `restart` resumes its last good weights).
 
         Polls every 20 ms at first, backing off to `poll_interval` (s), so a fast hot-load is seen
         almost as soon as it is done.
@@ -232,7 +234,14 @@ class DeploymentManager:
         deadline = time.monotonic() + timeout_seconds
         interval = min(0.02, poll_interval)
         while time.monotonic() < deadline:
-            replicas = self.hotload_check_status(deployment_id, base_model).get("replicas") or []
+            status = self.hotload_check_status(deployment_id, base_model)
+            if status.get("state") == "FAILED":
+                self.last_hotload_error_message = status.get("error")
+                raise ServerError(
+                    f"deployment {deployment_id!r} FAILED while waiting for {expected_identity}: "
+                    f"{status.get('error')}"
+                )
+            replicas = status.get("replicas") or []
             if replicas:
                 replica = replicas[0]
                 loading = replica.get("loading_state") or {}
@@ -332,7 +341,15 @@ class DeploymentSampler:
         seed: int | None = None,
         **extra: Any,
     ) -> list[SampledCompletion]:
-        """`n` independent completions of the prompt (one request each, under the concurrency cap)."""
+        """`n` independent completions of the prompt (one request each, under the concurrency cap).
+
+        UserInputError for `n` < 1 or a prompt that is not token ids (before anything is sent)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserInputError(f"must be an integer >= 1, got {n!r}", field="n")
+        if len(prompt_token_ids) == 0 or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids
+        ):  # a float or bool would be truncated to some other token without a word
+            raise UserInputError("must be a non-empty list of integer token ids", field="prompt_token_ids")
         prompt = [int(t) for t in prompt_token_ids]
         body = {
             "model": self.model,

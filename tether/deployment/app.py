@@ -14,8 +14,8 @@ Routes:
   (`tether.deployment.openai_routes`).
 
 Every answer naming weights carries `weights_identity` (and the `x-tether-weights-identity`
-header). Errors are JSON `{"detail", "error", "category"}` with the error class's status; nothing
-a client sends yields a 500.
+header). Errors are JSON `{"detail", "error": {"message", "type", "param", "code"}, "category"}` (OpenAI's
+error object under `error`) with the error class's status; nothing a client sends yields a 500.
 
 A client that goes away stops its work: the sampling requests of a closed connection are cancelled
 in the engine (`run_request` for answers sent whole, `openai_stream.CancellingStream` for streams).
@@ -32,11 +32,12 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.types import Receive
 
 from tether.deployment.served import ServedWeights, Transition
@@ -47,32 +48,58 @@ IDENTITY_HEADER = "x-tether-weights-identity"
 CLIENT_GONE_STATUS = 499
 """Status of the answer nobody receives (the client closed the connection first), as nginx logs it."""
 T = TypeVar("T")
+_HEADER_SAFE = "/:@-._~!$&'()*+,;="
+
+
+def identity_header(identity: str) -> str:
+    """`identity` as a header value: percent-encoded unless it is plain printable ASCII.
+
+    An identity is any label a hot-load gave (or a checkpoint's path): non-ASCII characters or a
+    line break in a header would fail every answer naming it (HTTP headers are latin-1, one line).
+    The JSON answers carry the identity as it is.
+    """
+    if identity.isascii() and identity.isprintable():
+        return identity
+    return quote(identity, safe=_HEADER_SAFE + " ")
 
 
 class HotLoadBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     path: str = Field(min_length=1, description="a chain checkpoint directory on this machine")
-    identity: str | None = None
+    identity: str | None = Field(None, min_length=1, max_length=1024)
     transition: Transition | None = None
 
 
 class SampleBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt_tokens: list[int] = Field(min_length=1)
+    prompt_tokens: list[StrictInt] = Field(min_length=1)
+    """Token ids (strict: `true` or `"5"` is not a token id)."""
     num_samples: int = 1
     max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[int] | list[str] | None = None
+    stop: list[StrictInt] | list[str] | None = None
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
 
 
+def error_body(message: str, category: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """`detail` (tether's clients read it) and `error` in OpenAI's shape, so the `openai` package
+    shows the cause in its exception's text and `param` names the field."""
+    kind = "invalid_request_error" if category == "user" else f"{category}_error"
+    return {
+        "detail": message,
+        "error": {"message": message, "type": kind, "param": param, "code": status},
+        "category": category,
+    }
+
+
 def error_response(exc: TetherError) -> JSONResponse:
+    param = getattr(exc, "field", None)
     return JSONResponse(
-        {"detail": exc.message, "error": exc.message, "category": exc.category}, status_code=exc.http_status
+        error_body(exc.message, exc.category, exc.http_status, param), status_code=exc.http_status
     )
 
 
@@ -164,7 +191,9 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
             for e in exc.errors()[:5]
         ]
         message = "invalid request: " + "; ".join(parts)
-        return JSONResponse({"detail": message, "error": message, "category": "user"}, status_code=422)
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return JSONResponse(error_body(message, "user", 422, param), status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -193,7 +222,7 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
     async def sample(body: SampleBody, response: Response, client: Request) -> dict[str, Any]:
         request = SampleRequest(**body.model_dump())
         result, identity = await run_request(served, request, client)
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         return {
             "sequences": [
                 {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}

@@ -19,11 +19,11 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from tether.deployment.openai_stream import (
     SSE_DONE,
@@ -43,9 +43,10 @@ _MAX_TOP_LOGPROBS = 20
 
 
 class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to refuse what would change the answer (`_unsupported`)
     model: str
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    """Text, token ids, or a batch of either (token ids are strict: `true` is not token 1)."""
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -60,12 +61,13 @@ class CompletionBody(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    """OpenAI's roles; a chat template silently drops a message with any other role."""
     content: str | list[dict[str, Any]] | None = None
 
 
 class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -79,6 +81,8 @@ class ChatBody(BaseModel):
     top_logprobs: int | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    """`{"include_usage": true}`: a last chunk with the usage and no choices, as OpenAI sends."""
 
 
 def _check_top(k: int | None, field: str) -> int:
@@ -87,6 +91,81 @@ def _check_top(k: int | None, field: str) -> int:
     if not 0 <= k <= _MAX_TOP_LOGPROBS:
         raise UserInputError(f"must be between 0 and {_MAX_TOP_LOGPROBS}, got {k}", field=field)
     return k
+
+
+_NEUTRAL: dict[str, Any] = {
+    "logit_bias": ({}, None),
+    "presence_penalty": (0, None),
+    "frequency_penalty": (0, None),
+    "repetition_penalty": (1, None),
+    "min_tokens": (0, None),
+    "suffix": ("", None),
+    "tools": ([], None),
+    "functions": ([], None),
+    "tool_choice": ("none", "auto", None),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+"""Sampling options other servers honour that tether does not, with the values that change nothing.
+Any other value is refused: ignoring it would answer something the caller did not ask for."""
+
+
+def _unsupported(body: BaseModel) -> None:
+    extra = body.model_extra or {}
+    for name, neutral in _NEUTRAL.items():
+        if name in extra and extra[name] not in neutral:
+            raise UserInputError(
+                f"is not supported by tether deployments (got {extra[name]!r:.60}); leave it out",
+                field=name,
+            )
+    best_of = extra.get("best_of")
+    if best_of is not None and best_of != getattr(body, "n", 1):
+        raise UserInputError("is not supported (only best_of = n); leave it out", field="best_of")
+    response_format = extra.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise UserInputError(
+            f"only {{'type': 'text'}} is supported, got {response_format!r:.60}", field="response_format"
+        )
+
+
+def _text_only(text: str, field: str) -> str:
+    """`text` if it is valid Unicode (JSON may carry lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserInputError(
+            f"is not valid Unicode text ({exc.reason} at position {exc.start})", field=field
+        ) from exc
+    return text
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: content parts joined into one string.
+
+    OpenAI's `content` may be a list of parts; templates written for string content render such a
+    list as nothing, so text parts are joined with newlines (as vLLM does) and any other part
+    (images, audio) is refused, naming it.
+    """
+    out = []
+    for i, message in enumerate(messages):
+        entry = message.model_dump(exclude_none=True)
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise UserInputError(
+                        f"only text parts ({{'type': 'text', 'text': ...}}) are supported, got {part!r:.80}",
+                        field=f"messages[{i}].content[{j}]",
+                    )
+                texts.append(part["text"])
+            entry["content"] = "\n".join(texts)
+        if isinstance(entry.get("content"), str):
+            _text_only(entry["content"], f"messages[{i}].content")
+        out.append(entry)
+    return out
 
 
 def _stops(stop: str | list[str] | None) -> list[str] | None:
@@ -128,15 +207,15 @@ def _sse(chunks: Iterator[dict[str, Any]]) -> StreamingResponse:
 
 def _event_stream(body: AsyncIterator[str], identity: str, futures: list[Any]) -> StreamingResponse:
     """The SSE response; when it ends (a client that goes away ends it), unfinished requests are cancelled."""
-    from tether.deployment.app import IDENTITY_HEADER
+    from tether.deployment.app import IDENTITY_HEADER, identity_header
 
     return CancellingStream(
-        body, futures, media_type="text/event-stream", headers={IDENTITY_HEADER: identity}
+        body, futures, media_type="text/event-stream", headers={IDENTITY_HEADER: identity_header(identity)}
     )
 
 
 def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> None:
-    from tether.deployment.app import IDENTITY_HEADER, run_request, run_requests
+    from tether.deployment.app import IDENTITY_HEADER, identity_header, run_request, run_requests
 
     base = getattr(served.backend, "base", None)
     eos = list(base.eos_token_ids) if base is not None else []
@@ -258,14 +337,25 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
             return sse(head | {"choices": [choice]})
 
         async def lines() -> AsyncIterator[str]:
+            completion_tokens = 0
             for index in range(body.n):
                 yield chunk(index, {"role": "assistant", "content": ""}, [], None)
             async for piece in choice_pieces(events, streams, body.n, text, stops):
                 if isinstance(piece, Exception):  # failed after streaming began: say so, end the stream
                     yield sse(error_chunk(piece))
                     break
+                completion_tokens += piece.completion_tokens
                 delta = {"content": piece.text} if piece.finish is None else {}
                 yield chunk(piece.index, delta, piece.covered, piece.finish)
+            else:
+                if (body.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: usage only
+                    prompt_tokens = len(request.prompt_tokens)
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    }
+                    yield sse(head | {"choices": [], "usage": usage})
             yield SSE_DONE
 
         return _event_stream(lines(), identity, futures)
@@ -282,17 +372,20 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, response: Response, client: Request) -> Any:
         check_model(body.model)
+        _unsupported(body)
         top = _check_top(body.logprobs, "logprobs")
         prompts: list[Any] = (
             [body.prompt]
             if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
             else list(body.prompt)
         )
+        if not prompts:
+            raise UserInputError("is an empty list; give a prompt", field="prompt")
         stops = _stops(body.stop)
         prepared: list[tuple[Any, list[int], SampleRequest]] = []
         for prompt in prompts:
             tokens = (
-                tokenizer.encode(prompt, add_special_tokens=False)
+                tokenizer.encode(_text_only(prompt, "prompt"), add_special_tokens=False)
                 if isinstance(prompt, str)
                 else list(prompt)
             )
@@ -350,7 +443,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                         },
                     }
                 )
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         answer = {
             "id": f"cmpl-{secrets.token_hex(8)}",
             "object": "text_completion",
@@ -367,8 +460,10 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, response: Response, client: Request) -> Any:
         check_model(body.model)
-        top = _check_top(body.top_logprobs, "top_logprobs") if body.logprobs else 0
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        _unsupported(body)
+        top = _check_top(body.top_logprobs, "top_logprobs")
+        top = top if body.logprobs else 0
+        messages = _chat_messages(body.messages)
         try:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # template errors are the caller's messages' fault
@@ -378,7 +473,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         request = request_for(
             tokens,
             n=body.n,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
+            max_tokens=body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -420,7 +515,7 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
                     "raw_output": {"prompt_token_ids": tokens, "completion_token_ids": list(seq.tokens)},
                 }
             )
-        response.headers[IDENTITY_HEADER] = identity
+        response.headers[IDENTITY_HEADER] = identity_header(identity)
         answer = {
             "id": f"chatcmpl-{secrets.token_hex(8)}",
             "object": "chat.completion",

@@ -1,7 +1,7 @@
 """Which weights a deployment serves, and hot-loading new ones without a restart.
 
 A hot-load reads a chain checkpoint directory (`tether.storage.sampler_chain`): a base or merged
-base is loaded as is; a delta is applied to the weights the deployment serves, and refused unless
+base (or plain sampler weights without a chain record, `read_checkpoint`) is loaded as is; a delta is applied to the weights the deployment serves, and refused unless
 those are its parent (the chain's previous checkpoint). Every file is checked against its manifest's sha256 and the rebuilt weights against
 the recorded fingerprint before anything changes, so a wrong, truncated or corrupted checkpoint
 fails with its cause in the status while the previous weights keep serving.
@@ -40,8 +40,9 @@ from tether.deployment.backend import ServingBackend
 from tether.engine.sampling import SampleRequest, SampleResult
 from tether.engine.sampling.engine import TokenCallback
 from tether.storage.delta import DeltaBaseMismatchError, fingerprint
-from tether.storage.formats import LoraLayout
-from tether.storage.sampler_chain import ChainLink, read_sampler_checkpoint_dir
+from tether.storage.formats import HF_WEIGHTS_KIND, LoraLayout, read_hf_weights
+from tether.storage.manifest import read_manifest
+from tether.storage.sampler_chain import ChainLink, SamplerCheckpoint, read_sampler_checkpoint_dir
 from tether.types.errors import ConflictError, NotFoundError, TetherError, UserInputError
 
 log = logging.getLogger("tether.deployment")
@@ -93,6 +94,33 @@ class _Held:
     tensors: dict[str, torch.Tensor]
     lora: LoraLayout | None
     chain: list[str]
+
+
+def read_checkpoint(directory: Path) -> SamplerCheckpoint:
+    """A chain checkpoint (base, delta, merged base), or plain sampler weights as a base.
+
+    Plain weights are what `save_weights_for_sampler` (tinker's, tether's) writes: full HF weights
+    or a PEFT adapter with no chain record. They are complete, so they load as a base whose
+    fingerprint is computed here; a delta whose parent holds the very same weights applies on top.
+    """
+    manifest = read_manifest(directory)
+    layout = manifest.get("layout")
+    if manifest.get("kind") == HF_WEIGHTS_KIND and isinstance(layout, dict) and "chain" not in layout:
+        weights = read_hf_weights(directory, manifest)
+        print_ = fingerprint(weights.tensors)
+        where = str(directory)
+        link = ChainLink(
+            checkpoint_type="base",
+            identity=where,
+            base_identity=where,
+            index=0,
+            weights_fingerprint=print_,
+            base_fingerprint=print_,
+            is_lora=weights.lora is not None,
+            base_model=weights.base_model,
+        )
+        return SamplerCheckpoint(link=link, weights=weights)
+    return read_sampler_checkpoint_dir(directory)
 
 
 class ServedWeights:
@@ -249,31 +277,37 @@ class ServedWeights:
         self.start_hotload(path, identity=identity, transition=transition).join()
         state = self.loading_state()
         if state.stage == "error":
-            raise UserInputError(state.error or "hot-load failed", field="path")
+            raise UserInputError(state.error or "hot-load failed")  # the error names its field already
 
     def _hotload_thread(self, path: str, identity: str | None, transition: Transition | None) -> None:
+        stage, error = "error", "the hot-load stopped unexpectedly"
+        error_or_none: str | None
         try:
             self._load(path, identity, transition or self.transition)
+            stage = "done"
         except Exception as exc:  # every failure is reported in the status; nothing changes
             if not isinstance(exc, TetherError | DeltaBaseMismatchError | ValueError | OSError):
                 log.exception("hot-load of %s failed", path)
-            message = exc.message if isinstance(exc, TetherError) else f"{type(exc).__name__}: {exc}"
-            with self._cond:
-                self._loading.stage, self._loading.error = "error", message
-                self._loading.finished_at = time.time()
-        else:
-            with self._cond:
-                self._loading.stage, self._loading.finished_at = "done", time.time()
+            error = exc.message if isinstance(exc, TetherError) else f"{type(exc).__name__}: {exc}"
         finally:
-            if self._recording:
-                self._remember(self.loading_state())
-            self._load_lock.release()
+            # history first, then the final stage and a free lock together: whoever sees the load
+            # finished can start the next one (no 409 "in progress" after a "done")
+            finished = self.loading_state()
+            error_or_none = None if stage == "done" else error
+            finished.stage, finished.error, finished.finished_at = stage, error_or_none, time.time()
+            try:
+                if self._recording:
+                    self._remember(finished)
+            finally:
+                with self._cond:
+                    self._loading = finished
+                    self._load_lock.release()
 
     def _load(self, path: str, identity: str | None, transition: Transition) -> None:
         directory = Path(path)
         if not directory.is_dir():
             raise UserInputError(f"no checkpoint directory at {path}", field="path")
-        checkpoint = read_sampler_checkpoint_dir(directory)
+        checkpoint = read_checkpoint(directory)
         link = checkpoint.link
         if link.base_model and link.base_model != self.base_model:
             raise UserInputError(

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -200,6 +201,7 @@ class DeploymentRegistry:
 
     def delete(self, deployment_id: str, owner: str) -> None:
         """Stop the process and forget the deployment (its state directory is removed)."""
+        self.ensure_started()  # first, so a process left by a previous server run is stopped too
         self._row(deployment_id, owner)
         self._stop(deployment_id)
         with self.catalogue.writing() as s:
@@ -214,8 +216,10 @@ class DeploymentRegistry:
             self._started = True
         with self.catalogue.reading() as s:
             rows = list(s.scalars(select(DeploymentRow)))
+        ours = {process.popen.pid for process in self._processes.values()}
         for row in rows:
-            _stop_leftover(row.pid)
+            if row.pid not in ours:
+                _stop_leftover(row.pid)
             if row.deployment_id not in self._processes:
                 self._update(row.deployment_id, state="CREATING", error=None)
                 self._launch(row.deployment_id, row.owner, row.base_model, row.transition)
@@ -229,10 +233,10 @@ class DeploymentRegistry:
     def _state_dir(self, owner: str, deployment_id: str) -> Path:
         return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", owner) / deployment_id
 
-    def _launch(self, deployment_id: str, owner: str, base_model: str, transition: str) -> None:
-        state_dir = self._state_dir(owner, deployment_id)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+    def _command(
+        self, deployment_id: str, base_model: str, transition: str, port: int, state_dir: Path
+    ) -> Sequence[str]:
+        """The serving process's command line."""
         command = [
             sys.executable,
             "-m",
@@ -252,6 +256,13 @@ class DeploymentRegistry:
             command += ["--model-path", self.model_paths[base_model]]
         if self.torch_threads:
             command += ["--torch-threads", str(self.torch_threads)]
+        return command
+
+    def _launch(self, deployment_id: str, owner: str, base_model: str, transition: str) -> None:
+        state_dir = self._state_dir(owner, deployment_id)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        command = list(self._command(deployment_id, base_model, transition, port, state_dir))
         log_path = state_dir / "deployment.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -276,17 +287,24 @@ class DeploymentRegistry:
         while time.monotonic() < deadline and process.popen.poll() is None:
             try:
                 if httpx.get(f"http://127.0.0.1:{process.port}/healthz", timeout=2).status_code == 200:
-                    self._update(deployment_id, state="READY", error=None)
+                    if self._processes.get(deployment_id) is process:  # not replaced meanwhile
+                        self._update(deployment_id, state="READY", error=None)
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self._refresh(deployment_id, startup_failed=True)
+        self._refresh(deployment_id, startup_failed=True, process=process)
 
-    def _refresh(self, deployment_id: str, *, startup_failed: bool = False) -> None:
-        process = self._processes.get(deployment_id)
-        if process is None:
+    def _refresh(
+        self, deployment_id: str, *, startup_failed: bool = False, process: _Process | None = None
+    ) -> None:
+        """Mark the deployment FAILED if its process exited (or, with `startup_failed`, never became
+        ready). `process`: the one a watcher watched; a process that was replaced since (restart,
+        delete and create again) says nothing about the deployment's new one."""
+        current = self._processes.get(deployment_id)
+        if current is None or (process is not None and process is not current):
             return
+        process = current
         code = process.popen.poll()
         if code is None and not startup_failed:
             return
@@ -306,6 +324,18 @@ class DeploymentRegistry:
             process.popen.kill()
             process.popen.wait(timeout=15)
 
+    def did_not_answer(self, deployment_id: str, owner: str, wait_s: float = 10.0) -> DeploymentRow:
+        """After a request to the serving process failed: the row, FAILED with the cause if the
+        process died. Blocks up to `wait_s` for a dying process to exit (its sockets close a moment
+        before it can be reaped), so call it off the event loop."""
+        process = self._processes.get(deployment_id)
+        if process is not None:
+            try:
+                process.popen.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass  # alive but not answering: the row stays as it is
+        return self.get(deployment_id, owner)
+
     def kill_for_test(self, deployment_id: str) -> None:
         """SIGKILL the serving process (to test crash recovery)."""
         process = self._processes[deployment_id]
@@ -314,6 +344,7 @@ class DeploymentRegistry:
 
     def restart(self, deployment_id: str, owner: str) -> DeploymentRow:
         """Start the serving process again (after a crash); it resumes its last good weights."""
+        self.ensure_started()  # else a later first `get` would take the new process for a leftover
         row = self._row(deployment_id, owner)
         self._stop(deployment_id)
         self._launch(deployment_id, owner, row.base_model, row.transition)

@@ -9,6 +9,12 @@
     GET    /api/v1/tether/deployments/{id}/hot_load        Fireworks-shaped replica status
     *      /api/v1/tether/deployments/{id}/v1/...          proxied to the deployment (completions, chat, sample, models)
 
+Only those four routes are proxied: anything else under `v1/` (`v1/%2e%2e/hot_load` included, which
+would reach the deployment's unchecked `/hot_load`) is a 404. A serving process that does not
+answer (it died) makes the deployment FAILED with the cause, and the request a 409 naming it; a
+stream cut short by its death ends with an `error` event and `[DONE]`. Stopping a process (delete,
+restart) runs off the event loop, so it never holds up other requests.
+
 A client that goes away mid-request closes the proxy's connection to the deployment, which
 cancels the sampling there (`tether.deployment.app`): a streamed answer's relay is cancelled by
 Starlette on `http.disconnect` and closes its upstream response; an answer sent whole races the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,8 @@ from tether.types.paths import parse_checkpoint_path
 router = APIRouter(prefix="/api/v1/tether/deployments")
 _lock = threading.Lock()
 _PROXY_TIMEOUT_S = 600.0
+PROXIED = frozenset({"completions", "chat/completions", "models", "sample"})
+"""The deployment routes a client may reach through the proxy (under the deployment's `/v1/`)."""
 
 
 class CreateDeployment(BaseModel):
@@ -57,7 +66,7 @@ class CreateDeployment(BaseModel):
 
 class HotLoad(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    identity: str = Field(min_length=1)
+    identity: str = Field(min_length=1, max_length=1024)
     path: str | None = None
     incremental_snapshot_metadata: dict[str, Any] | None = None
     reset_prompt_cache: bool = True
@@ -88,20 +97,44 @@ def registry(request: Request, state: ServerState = Depends(server_state)) -> De
     return found
 
 
-async def _child(client_url: str, method: str, path: str, **kw: Any) -> httpx.Response:
+async def _gone(
+    reg: DeploymentRegistry | None, deployment_id: str, owner: str, exc: Exception
+) -> ConflictError | ServerError:
+    """The error for a serving process that did not answer: a 409 naming the state it is in now
+    (FAILED, with the cause, when it died), else a ServerError."""
+    if reg is not None:
+        row = await asyncio.to_thread(reg.did_not_answer, deployment_id, owner)
+        if row.state != "READY":
+            return ConflictError(
+                f"deployment {deployment_id!r} is {row.state}, not READY"
+                + (f": {row.error}" if row.error else "")
+            )
+    return ServerError(f"the deployment's serving process did not answer: {exc}")
+
+
+async def _child(
+    client_url: str,
+    method: str,
+    path: str,
+    *,
+    reg: DeploymentRegistry | None = None,
+    deployment_id: str = "",
+    owner: str = "",
+    **kw: Any,
+) -> httpx.Response:
     async with httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S) as client:
         try:
             return await client.request(method, f"{client_url}{path}", **kw)
         except httpx.HTTPError as exc:
-            raise ServerError(f"the deployment's serving process did not answer: {exc}") from exc
+            raise await _gone(reg, deployment_id, owner, exc) from exc
 
 
 async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> dict[str, Any] | None:
     try:
         url = reg.url(deployment_id, owner)
-    except ConflictError:
+        answer = await _child(url, "GET", "/status", reg=reg, deployment_id=deployment_id, owner=owner)
+    except ConflictError:  # not READY, or it died just now (then the row says FAILED and why)
         return None
-    answer = await _child(url, "GET", "/status")
     return answer.json() if answer.status_code == 200 else None
 
 
@@ -109,7 +142,8 @@ async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> di
 async def create(
     body: CreateDeployment, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    row = reg.create(
+    row = await asyncio.to_thread(
+        reg.create,
         owner,
         body.deployment_id,
         body.base_model,
@@ -131,14 +165,17 @@ async def get(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
     row = reg.get(deployment_id, owner)
-    return deployment_info(row, await _status(reg, deployment_id, owner))
+    status = await _status(reg, deployment_id, owner)
+    if status is None and row.state == "READY":  # it did not answer: the row says why now
+        row = reg.get(deployment_id, owner)
+    return deployment_info(row, status)
 
 
 @router.delete("/{deployment_id}")
 async def delete(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    reg.delete(deployment_id, owner)
+    await asyncio.to_thread(reg.delete, deployment_id, owner)  # stopping the process may take seconds
     return {"deployment_id": deployment_id, "state": "DELETED"}
 
 
@@ -146,7 +183,7 @@ async def delete(
 async def restart(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    return deployment_info(reg.restart(deployment_id, owner))
+    return deployment_info(await asyncio.to_thread(reg.restart, deployment_id, owner))
 
 
 @router.post("/{deployment_id}/hot_load")
@@ -175,6 +212,9 @@ async def hot_load(
         url,
         "POST",
         "/hot_load",
+        reg=reg,
+        deployment_id=deployment_id,
+        owner=owner,
         json={"path": str(directory), "identity": body.identity, "transition": body.transition},
     )
     return JSONResponse(answer.json(), status_code=answer.status_code)
@@ -215,9 +255,12 @@ async def _check_previous_snapshot(
 async def hot_load_status(
     deployment_id: str, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    reg.get(deployment_id, owner)
+    row = reg.get(deployment_id, owner)
     status = await _status(reg, deployment_id, owner)
-    return status if status is not None else {"replicas": []}
+    if status is None:  # not serving: say why (a hot-load waiter stops on FAILED)
+        row = reg.get(deployment_id, owner)
+        return {"replicas": [], "state": row.state, "error": row.error}
+    return {**status, "state": row.state}
 
 
 async def _disconnect(request: Request) -> None:
@@ -234,6 +277,8 @@ async def proxy(
     owner: str = Depends(request_owner),
     reg: DeploymentRegistry = Depends(registry),
 ) -> Response:
+    if rest not in PROXIED:
+        raise NotFoundError(f"no route v1/{rest} on a deployment; it serves v1/ {sorted(PROXIED)}")
     url = reg.url(deployment_id, owner)
     body = await request.body()
     headers = {"content-type": request.headers.get("content-type", "application/json")}
@@ -244,29 +289,38 @@ async def proxy(
         streaming = False  # the deployment answers the malformed body with its own 4xx
     if streaming:
         client = httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S)
-        upstream = await client.send(
-            client.build_request("POST", target, content=body, headers=headers), stream=True
-        )
+        try:
+            upstream = await client.send(
+                client.build_request("POST", target, content=body, headers=headers), stream=True
+            )
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            raise await _gone(reg, deployment_id, owner, exc) from exc
 
         async def close_upstream() -> None:  # closing the connection cancels the deployment's sampling
             await upstream.aclose()
             await client.aclose()
 
-        async def relay():
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
-                await close_upstream()
+        async def died() -> None:
+            await asyncio.to_thread(reg.did_not_answer, deployment_id, owner)
 
         return StreamingResponse(
-            relay(),
+            relay_stream(upstream, client, died),
             status_code=upstream.status_code,
             media_type=upstream.headers.get("content-type"),
             background=BackgroundTask(close_upstream),  # also when the client left before the relay began
         )
     call = asyncio.ensure_future(
-        _child(url, request.method, f"/v1/{rest}", content=body or None, headers=headers)
+        _child(
+            url,
+            request.method,
+            f"/v1/{rest}",
+            reg=reg,
+            deployment_id=deployment_id,
+            owner=owner,
+            content=body or None,
+            headers=headers,
+        )
     )
     gone = asyncio.ensure_future(_disconnect(request))
     try:
@@ -282,3 +336,23 @@ async def proxy(
         k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "x-tether-weights-identity")
     }
     return Response(answer.content, status_code=answer.status_code, headers=keep)
+
+
+async def relay_stream(
+    upstream: httpx.Response, client: httpx.AsyncClient, died: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[bytes]:
+    """The deployment's event stream as it comes; if the serving process dies half way, `died()`
+    records it (the deployment is FAILED before the client hears of it), then an `error` event and
+    `[DONE]` end the stream (an OpenAI client raises with the cause instead of hanging)."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        if died is not None:
+            await died()
+        message = f"the deployment's serving process stopped answering during the stream: {exc}"
+        error = {"message": message, "type": "server_error", "param": None, "code": 503}
+        yield f"\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        await upstream.aclose()
+        await client.aclose()

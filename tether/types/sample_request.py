@@ -249,6 +249,13 @@ def normalize_stop(stop: None | str | Sequence[int] | Sequence[str], limits: Mod
         strings = cast("list[str]", entries)  # `all` does not narrow
         if any(entry == "" for entry in strings):
             raise UserInputError("stop strings must not be empty", field="stop")
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate (JSON allows "\ud800"): never generated
+                raise UserInputError(
+                    f"stop string {text!r} is not valid Unicode ({exc.reason})", field="stop"
+                ) from exc
         return StopSpec(token_ids=eos, strings=tuple(dict.fromkeys(strings)))
     raise UserInputError(
         "must be a string, a list of token ids or a list of strings, not a mix", field="stop"
