@@ -12,6 +12,7 @@ import io
 import json
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import torch
@@ -116,6 +117,10 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
         manager._call("POST", "", json={"deployment_id": "dep-2", "base_model": "not/served"})
     ready = manager.wait_for_ready("dep-1", timeout_s=300)
     assert ready.state == "READY" and ready.current_snapshot_identity == "base-model"
+    # the process's own port loads a directory only for the control plane, which holds its admin token
+    port = thread.app.state.deployments._processes["dep-1"].port
+    direct = httpx.post(f"http://127.0.0.1:{port}/hot_load", json={"path": str(model_dir)}, timeout=30)
+    assert direct.status_code == 401, direct.text
     assert manager.warmup("dep-1")
     assert [d.deployment_id for d in manager.list()] == ["dep-1"]
 

@@ -371,3 +371,29 @@ def test_a_multi_prompt_completion_is_served_by_one_weight_version(deployment, c
     choices = answers[0].json()["choices"]
     tokens = [c["raw_output"]["completion_token_ids"] for c in choices]
     assert tokens[0] == tokens[1]  # the same prompt, greedy, on one version: the same answer
+
+
+def test_with_an_admin_token_only_its_holder_may_hot_load(base, model_dir, chain, tmp_path):
+    from transformers import AutoTokenizer
+
+    backend = EngineBackend(base)
+    served = ServedWeights(backend, base_model=str(model_dir), state_dir=tmp_path / "state")
+    app = create_app(
+        served,
+        model_names=[str(model_dir)],
+        tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),
+        admin_token="s3cret",
+    )
+    with TestClient(app) as client:
+        body = {"path": str(chain[0])}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = client.post("/hot_load", json=body, headers=headers)
+            assert refused.status_code == 401, refused.text
+            assert "admin token" in refused.json()["detail"]
+        assert served.current.identity == BASE_IDENTITY  # nothing started
+        assert client.get("/hot_load").status_code == 200  # status stays readable
+        accepted = client.post("/hot_load", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert accepted.status_code == 202, accepted.text
+        assert wait_loaded(client)["loading_state"]["stage"] == "done"
+        assert served.current.identity != BASE_IDENTITY
+    backend.close()

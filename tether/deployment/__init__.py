@@ -22,12 +22,14 @@ def build_deployment(
     model_names: list[str] | None = None,
     restore: bool = True,
     model_path: str | None = None,
+    admin_token: str | None = None,
     **engine_options,
 ):
     """Load `base_model`, restore the last good weights from `state_dir`, and build the app.
 
     Returns `(app, served)`. `model_names`: names OpenAI requests may use (the base model's name
     is always one). `model_path`: where `base_model` lives, if not resolvable from its name.
+    `admin_token`: what `POST /hot_load` requires (`create_app`).
     """
     from transformers import AutoTokenizer
 
@@ -46,4 +48,4 @@ def build_deployment(
         served.restore()
     tokenizer = AutoTokenizer.from_pretrained(str(base.tokenizer_path))
     names = list(dict.fromkeys([base_model, *(model_names or [])]))
-    return create_app(served, model_names=names, tokenizer=tokenizer), served
+    return create_app(served, model_names=names, tokenizer=tokenizer, admin_token=admin_token), served

@@ -35,9 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    import os
+
     import uvicorn
 
     from tether.deployment import build_deployment
+    from tether.types.deployment_contract import ADMIN_TOKEN_ENV
 
     app, served = build_deployment(
         args.base_model,
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         transition=args.transition,
         model_names=args.model_name,
         model_path=args.model_path,
+        admin_token=os.environ.pop(ADMIN_TOKEN_ENV, None) or None,
     )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

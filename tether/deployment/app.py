@@ -6,7 +6,8 @@ Routes:
 * `GET /status` — base model, transition type, the identity of the weights served, and `requests`
   (waiting, running sequences, reserved KV tokens; completed, failed, cancelled so far).
 * `POST /hot_load` `{"path", "identity"?, "transition"?}` — start loading a chain checkpoint
-  directory (202); 409 while another hot-load runs. `GET /hot_load` — Fireworks-shaped replica
+  directory (202); 409 while another hot-load runs; 401 without the admin token when the process
+  has one (`tether serve` gives each deployment it launches a fresh one, `ADMIN_TOKEN_ENV`). `GET /hot_load` — Fireworks-shaped replica
   status (`current_snapshot_identity`, `readiness`, `loading_state{stage, target_snapshot_identity,
   error}`); `/hot_load/v1/models/hot_load` is the same pair under Fireworks' path.
 * `POST /v1/sample` — token ids in, token ids and logprobs out (optionally prompt logprobs).
@@ -29,6 +30,7 @@ streams and cancels the body when it comes.
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -42,7 +44,7 @@ from starlette.types import Receive
 
 from tether.deployment.served import ServedWeights, Transition
 from tether.engine.sampling import SampleRequest, SampleResult
-from tether.types.errors import TetherError
+from tether.types.errors import AuthenticationError, TetherError
 
 IDENTITY_HEADER = "x-tether-weights-identity"
 CLIENT_GONE_STATUS = 499
@@ -171,8 +173,16 @@ async def run_requests(
     return await results_unless_gone(client, futures), identity
 
 
-def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any) -> FastAPI:
-    """The FastAPI app of one deployment; `model_names` are the names OpenAI requests may use."""
+def create_app(
+    served: ServedWeights, *, model_names: list[str], tokenizer: Any, admin_token: str | None = None
+) -> FastAPI:
+    """The FastAPI app of one deployment; `model_names` are the names OpenAI requests may use.
+
+    With `admin_token`, `POST /hot_load` (which loads any directory this process can read) requires
+    `Authorization: Bearer <admin_token>` and answers 401 otherwise; `tether serve` launches each
+    deployment with a fresh random token and is its only holder. Without it (a deployment run by
+    hand) hot-loads are open to whoever reaches the port (loopback by default).
+    """
     app = FastAPI(title="tether deployment")
     app.state.served = served
 
@@ -207,7 +217,14 @@ def create_app(served: ServedWeights, *, model_names: list[str], tokenizer: Any)
             answer["requests"] = stats()  # cancelled (client gone) is counted apart from failed
         return answer
 
-    async def post_hot_load(body: HotLoadBody) -> JSONResponse:
+    async def post_hot_load(body: HotLoadBody, request: Request) -> JSONResponse:
+        if admin_token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), admin_token.encode()):
+                raise AuthenticationError(
+                    "hot-loads of this deployment need its admin token (Authorization: Bearer ...); "
+                    "use the control plane's /api/v1/tether/deployments/{id}/hot_load"
+                )
         served.start_hotload(body.path, identity=body.identity, transition=body.transition)
         return JSONResponse(served.status(), status_code=202)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from sqlalchemy import DateTime, Integer, String, delete, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tether.server.catalogue import Base, Catalogue, utcnow
+from tether.types.deployment_contract import ADMIN_TOKEN_ENV
 from tether.types.errors import ConflictError, NotFoundError, UserInputError
 
 log = logging.getLogger("tether.server")
@@ -66,6 +68,8 @@ class _Process:
     popen: subprocess.Popen
     port: int
     log_path: Path
+    admin_token: str = ""
+    """What the process's `POST /hot_load` requires (fresh per launch; only this server holds it)."""
 
 
 def _stop_leftover(pid: int | None) -> None:
@@ -265,6 +269,8 @@ class DeploymentRegistry:
         command = list(self._command(deployment_id, base_model, transition, port, state_dir))
         log_path = state_dir / "deployment.log"
         env = dict(os.environ)
+        admin_token = secrets.token_urlsafe(32)
+        env[ADMIN_TOKEN_ENV] = admin_token  # the environment: not visible in the process list
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")] if p
         )
@@ -273,7 +279,7 @@ class DeploymentRegistry:
                 command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         with self._lock:
-            self._processes[deployment_id] = _Process(popen, port, log_path)
+            self._processes[deployment_id] = _Process(popen, port, log_path, admin_token)
         self._update(deployment_id, port=port, pid=popen.pid, state="CREATING", error=None)
         threading.Thread(
             target=self._watch, args=(deployment_id,), daemon=True, name=f"deployment-{deployment_id}"
@@ -349,6 +355,11 @@ class DeploymentRegistry:
         self._stop(deployment_id)
         self._launch(deployment_id, owner, row.base_model, row.transition)
         return self._row(deployment_id, owner)
+
+    def admin_headers(self, deployment_id: str) -> dict[str, str]:
+        """The headers that authorise a hot-load on the deployment's own port."""
+        process = self._processes.get(deployment_id)
+        return {"Authorization": f"Bearer {process.admin_token}"} if process is not None else {}
 
     def url(self, deployment_id: str, owner: str) -> str:
         """The serving process's base URL; ConflictError unless it is READY."""

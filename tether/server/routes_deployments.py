@@ -135,7 +135,10 @@ async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> di
         answer = await _child(url, "GET", "/status", reg=reg, deployment_id=deployment_id, owner=owner)
     except ConflictError:  # not READY, or it died just now (then the row says FAILED and why)
         return None
-    return answer.json() if answer.status_code == 200 else None
+    try:
+        return answer.json() if answer.status_code == 200 else None
+    except ValueError:  # not JSON: whatever answers there is not a tether deployment
+        return None
 
 
 @router.post("")
@@ -216,8 +219,16 @@ async def hot_load(
         deployment_id=deployment_id,
         owner=owner,
         json={"path": str(directory), "identity": body.identity, "transition": body.transition},
+        headers=reg.admin_headers(deployment_id),
     )
-    return JSONResponse(answer.json(), status_code=answer.status_code)
+    try:
+        content = answer.json()
+    except ValueError:  # not JSON: not a tether deployment answering
+        raise ServerError(
+            f"deployment {deployment_id} answered its hot-load with HTTP {answer.status_code} and a body "
+            "that is not JSON"
+        ) from None
+    return JSONResponse(content, status_code=answer.status_code)
 
 
 async def _check_previous_snapshot(
