@@ -99,21 +99,32 @@ class JobCheckpoints:
         CheckpointFiles(self.job_dir(owner, job_id) / "data").delete(inner_owner, parsed)
         catalogue.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
 
-    def _sampler_weights(self, owner: str, job_id: str, tinker_path: str):
-        """The job's sampler checkpoint `tinker_path`, loaded and verified (UserInputError if it is a
-        training checkpoint: those are not promotable)."""
+    def _sampler_checkpoint(self, owner: str, job_id: str, tinker_path: str, use: str):
+        """The job's checkpoint files and the parsed path and inner owner of its sampler checkpoint
+        `tinker_path`; NotFoundError if it has none such, UserInputError if it is a training
+        checkpoint (those are not `use`: "promotable", "hot-loadable")."""
         from tether.server.checkpoints import CheckpointFiles
 
         _, parsed, row, inner_owner = self._checkpoint(owner, job_id, tinker_path)
         if row.checkpoint_type != "sampler":
             raise UserInputError(
                 f"{tinker_path} is a {row.checkpoint_type} checkpoint; only sampler checkpoints "
-                "(save_weights_for_sampler) are promotable",
+                f"(save_weights_for_sampler) are {use}",
                 field="tinker_path",
             )
-        return (
-            CheckpointFiles(self.job_dir(owner, job_id) / "data").store(inner_owner).load_hf_weights(parsed)
-        )
+        return CheckpointFiles(self.job_dir(owner, job_id) / "data"), parsed, inner_owner
+
+    def _sampler_weights(self, owner: str, job_id: str, tinker_path: str):
+        """The job's sampler checkpoint `tinker_path`, loaded and verified (UserInputError if it is a
+        training checkpoint: those are not promotable)."""
+        files, parsed, inner_owner = self._sampler_checkpoint(owner, job_id, tinker_path, "promotable")
+        return files.store(inner_owner).load_hf_weights(parsed)
+
+    def sampler_directory(self, owner: str, job_id: str, tinker_path: str) -> Path:
+        """Where the job's sampler checkpoint `tinker_path` lies, for a deployment to hot-load it
+        (also while the job is stopped); NotFoundError / UserInputError as `_sampler_checkpoint`."""
+        files, parsed, inner_owner = self._sampler_checkpoint(owner, job_id, tinker_path, "hot-loadable")
+        return files.directory(inner_owner, parsed)
 
     def _export(
         self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None

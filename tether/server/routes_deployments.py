@@ -143,8 +143,21 @@ async def _status(reg: DeploymentRegistry, deployment_id: str, owner: str) -> di
 
 @router.post("")
 async def create(
-    body: CreateDeployment, owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
+    body: CreateDeployment,
+    request: Request,
+    owner: str = Depends(request_owner),
+    reg: DeploymentRegistry = Depends(registry),
 ) -> dict[str, Any]:
+    if body.hot_load_trainer_job is not None:
+        from tether.server.routes_jobs import jobs
+
+        try:
+            await asyncio.to_thread(jobs(request).get, owner, body.hot_load_trainer_job)
+        except (NotFoundError, UserInputError) as exc:
+            raise UserInputError(
+                f"no trainer job {body.hot_load_trainer_job!r} of this key: {exc}",
+                field="hot_load_trainer_job",
+            ) from exc
     row = await asyncio.to_thread(
         reg.create,
         owner,
@@ -193,6 +206,7 @@ async def restart(
 async def hot_load(
     deployment_id: str,
     body: HotLoad,
+    request: Request,
     owner: str = Depends(request_owner),
     reg: DeploymentRegistry = Depends(registry),
     state: ServerState = Depends(server_state),
@@ -207,7 +221,7 @@ async def hot_load(
         raise UserInputError(f"{target} is not a sampler_weights/ checkpoint", field="path")
     directory = state.checkpoints.directory(owner, parsed)
     if not (directory / "manifest.json").is_file():
-        raise NotFoundError(f"checkpoint {target} does not exist")
+        directory = await _trainer_job_checkpoint(request, reg, deployment_id, owner, target)
     previous = (body.incremental_snapshot_metadata or {}).get("previous_snapshot_identity")
     if previous is not None:
         await _check_previous_snapshot(reg, deployment_id, owner, target, directory, previous)
@@ -229,6 +243,26 @@ async def hot_load(
             "that is not JSON"
         ) from None
     return JSONResponse(content, status_code=answer.status_code)
+
+
+async def _trainer_job_checkpoint(
+    request: Request, reg: DeploymentRegistry, deployment_id: str, owner: str, target: str
+) -> Path:
+    """A checkpoint that is not the control plane's own: the deployment's `hot_load_trainer_job`'s
+    sampler checkpoint `target` (a dedicated trainer job writes into its own data directory).
+    NotFoundError if there is no such job or checkpoint."""
+    job_id = reg.get(deployment_id, owner).config.get("hot_load_trainer_job")
+    if not job_id:
+        raise NotFoundError(
+            f"checkpoint {target} does not exist (a trainer job's checkpoint: create the deployment with "
+            "hot_load_trainer_job=<job id>)"
+        )
+    from tether.server.routes_jobs import jobs
+
+    directory = await asyncio.to_thread(jobs(request).sampler_directory, owner, str(job_id), target)
+    if not (directory / "manifest.json").is_file():
+        raise NotFoundError(f"checkpoint {target} of trainer job {job_id} has no files")
+    return directory
 
 
 async def _check_previous_snapshot(
