@@ -103,9 +103,13 @@ def engine_stepper(model_dir: Path, args: argparse.Namespace) -> Callable[[], fl
     def step() -> float:
         start = time.perf_counter()
         engine.forward_backward("local", data, "cross_entropy")
+        step.parts["forward_backward"] = time.perf_counter() - start  # type: ignore[attr-defined]
         engine.optim_step("local", AdamWParams(learning_rate=LEARNING_RATE))
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        step.parts["optim_step"] = seconds - step.parts["forward_backward"]  # type: ignore[attr-defined]
+        return seconds
 
+    step.parts = {}  # type: ignore[attr-defined]
     return step
 
 
@@ -118,7 +122,7 @@ def engine_child(model_dir: Path, args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        print(json.dumps({"seconds": step()}), flush=True)
+        print(json.dumps({"seconds": step(), **step.parts}), flush=True)  # type: ignore[attr-defined]
 
 
 class EngineProcess:
@@ -133,6 +137,8 @@ class EngineProcess:
             command += ["--torch-threads", str(args.torch_threads)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.torch_threads = self._read()["torch_threads"]
+        self.parts: dict[str, float] = {}
+        """The last step's forward_backward and optim_step seconds."""
 
     def _read(self) -> dict:
         assert self.process.stdout is not None
@@ -145,7 +151,9 @@ class EngineProcess:
         assert self.process.stdin is not None
         self.process.stdin.write("step\n")
         self.process.stdin.flush()
-        return self._read()["seconds"]
+        answer = self._read()
+        self.parts = {k: v for k, v in answer.items() if k != "seconds"}
+        return answer["seconds"]
 
     def close(self) -> None:
         assert self.process.stdin is not None
