@@ -17,6 +17,9 @@ segments (medians over the steps, ms):
   C3  finish done -> long poll answered             future wake-up on the event loop
   C4  long poll answered -> the SDK has the result  HTTP response, SDK decode, user thread wake-up
 
+`--null-trainer`: the worker answers each op with its kind's first result at once, so the step time
+is the service's floor (what it adds to any step), free of the compute's noise.
+
     python bench/service_profile.py [--steps 60] [--trainer-process] [--torch-threads N] [--hidden 128] ...
 """
 
@@ -57,12 +60,17 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--trainer-process", action="store_true")
+    parser.add_argument(
+        "--null-trainer",
+        action="store_true",
+        help="the worker answers each op with the first result of its kind, without compute: the service's floor",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     load_at_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
     import tinker
-    from service_overhead import MODEL_NAME, EngineProcess, build_model, make_batch, sdk_stepper
+    from service_overhead import MODEL_NAME, EngineProcess, build_model, make_batch
 
     from tether.client.local_server import LocalServer
 
@@ -74,7 +82,9 @@ def main() -> None:
     extra = ["--models", MODEL_NAME, "--model-aliases", f"{MODEL_NAME}={model_dir}"]
     extra += ["--trainer-process"] if args.trainer_process else []
     extra += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_PROFILE_MARKS")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_PROFILE_MARKS", "TETHER_PROFILE_NULL_TRAINER")}
+    if args.null_trainer:
+        os.environ["TETHER_PROFILE_NULL_TRAINER"] = "1"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), saved["PYTHONPATH"]]))
     os.environ["TETHER_PROFILE_MARKS"] = str(marks_file)
     try:
@@ -87,10 +97,8 @@ def main() -> None:
                 os.environ[key] = value
     service = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench")
     client = service.create_lora_training_client(base_model=MODEL_NAME, rank=args.rank, seed=0).result()
-    sdk_step = sdk_stepper(client, make_batch(args.batch, args.seq_len))
     from tinker import types
 
-    data = sdk_step.__closure__  # noqa: F841 - (the stepper's data is rebuilt below to time the two results)
     rows = make_batch(args.batch, args.seq_len)
     sdk_data = [
         types.Datum(
@@ -167,7 +175,8 @@ def main() -> None:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(
         f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; batch {args.batch} x "
-        f"{args.seq_len} tokens; {args.steps} steps each, alternating; trainer "
+        f"{args.seq_len} tokens; {args.steps} steps each, alternating; "
+        f"{'NULL TRAINER (no compute); ' if args.null_trainer else ''}trainer "
         f"{'in a trainer process' if args.trainer_process else 'in the server process'}; torch threads "
         f"{engine.torch_threads} (engine), {args.torch_threads or 'default'} (server)"
     )

@@ -3,7 +3,9 @@
 `<mark> <time.perf_counter()>` lines to that file (perf_counter is CLOCK_MONOTONIC on Linux, so the
 bench can compare times across processes): when a route submits an op, when the worker starts and
 ends it, when the server's result thread starts and ends its `finish`, when a long poll is answered.
-Without the variable it does nothing."""
+With `$TETHER_PROFILE_NULL_TRAINER=1` too, the worker answers each forward_backward and optim_step
+with the result of the first one it ran (no compute): the step time is then the service's floor.
+Without the variables it does nothing."""
 
 import os
 
@@ -19,13 +21,21 @@ if _PATH:
     def mark(name: str) -> None:
         _out.write(f"{name} {time.perf_counter():.6f}\n")
 
+    _NULL = os.environ.get("TETHER_PROFILE_NULL_TRAINER") == "1"
+    _canned: dict = {}
+
     def _patch_worker(module) -> None:  # type: ignore[no-untyped-def]
         run_one = module.ModelWorker._run_one
 
         def timed(self, item):  # type: ignore[no-untyped-def]
             kind = type(item.op).__name__
             mark(f"worker-start-{kind}")
-            run_one(self, item)
+            if _NULL and kind in _canned:  # the service's floor: the op's earlier result, no compute
+                item.future.set_result(_canned[kind])
+            else:
+                run_one(self, item)
+                if _NULL and kind in ("ForwardBackward", "OptimStep") and not item.future.exception():
+                    _canned[kind] = item.future.result()
             mark(f"worker-end-{kind}")
 
         module.ModelWorker._run_one = timed
