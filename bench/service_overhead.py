@@ -14,6 +14,11 @@ noise hits all alike. Prints each one's step time (median, quartiles, min, max),
 medians, and the median of the per-round ratios (each service step over the engine step next to it),
 which drifting load disturbs less. Targets: service / engine <= 1.10; trainer-process / in-process <= 1.10.
 
+On a CPU shared with other work, torch's OpenMP threads spin while they wait for each other: a
+preempted one stalls the op while its peers burn the CPU it needs (under load, a 2-thread step can
+take 10x a 1-thread one). `--torch-threads 1` or `--omp-wait-policy passive` (set for the engine and
+the servers alike) take that out of the comparison; the defaults show what a user gets by default.
+
     python bench/service_overhead.py [--steps 6] [--hidden 512] [--layers 6] [--batch 8] [--seq-len 256]
 
 The overhead-dominated configuration (a ~30 ms step, where the HTTP path shows most):
@@ -209,8 +214,16 @@ def main() -> None:
         action="store_true",
         help="the old layout: servers as threads and the engine in this process (one GIL for all)",
     )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active"],
+        default=None,
+        help="OMP_WAIT_POLICY for every process (engine and servers alike; unset: the environment's)",
+    )
     parser.add_argument("--engine-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.omp_wait_policy:  # before anything loads torch (and its OpenMP runtime) here or in a child
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     if args.engine_child is not None:
         engine_child(args.engine_child, args)
         return
@@ -291,7 +304,8 @@ def main() -> None:
     )
     print(
         f"layout: {'one process (servers as threads, engine in it)' if args.same_process else 'SDK here, each server and the engine its own process'}; "
-        f"CPUs {len(os.sched_getaffinity(0))}; torch threads: engine {engine_threads}, servers {threads}"
+        f"CPUs {len(os.sched_getaffinity(0))}; torch threads: engine {engine_threads}, servers {threads}; "
+        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     print(f"load average at start {load_at_start}, at end {load_average()}")
     print(f"{'ms per step':36}{'median':>9}{'q1':>9}{'q3':>9}{'min':>9}{'max':>9}")
