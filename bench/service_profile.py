@@ -82,7 +82,9 @@ def main() -> None:
     extra = ["--models", MODEL_NAME, "--model-aliases", f"{MODEL_NAME}={model_dir}"]
     extra += ["--trainer-process"] if args.trainer_process else []
     extra += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_PROFILE_MARKS", "TETHER_PROFILE_NULL_TRAINER")}
+    saved = {
+        k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_PROFILE_MARKS", "TETHER_PROFILE_NULL_TRAINER")
+    }
     if args.null_trainer:
         os.environ["TETHER_PROFILE_NULL_TRAINER"] = "1"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), saved["PYTHONPATH"]]))
@@ -138,12 +140,16 @@ def main() -> None:
         segments["B'  gap before optim_step starts"].append(
             m["worker-start-OptimStep"] - m["worker-end-ForwardBackward"]
         )
-        segments['B"  optim_step on the worker'].append(m["worker-end-OptimStep"] - m["worker-start-OptimStep"])
+        segments['B"  optim_step on the worker'].append(
+            m["worker-end-OptimStep"] - m["worker-start-OptimStep"]
+        )
         segments["C1  worker done -> finish starts"].append(
             m["finish-start-MetricsOutput"] - m["worker-end-OptimStep"]
         )
         segments["C2  finish"].append(m["finish-end-MetricsOutput"] - m["finish-start-MetricsOutput"])
-        segments["C3  finish done -> poll answered"].append(m["poll-answer-optim"] - m["finish-end-MetricsOutput"])
+        segments["C3  finish done -> poll answered"].append(
+            m["poll-answer-optim"] - m["finish-end-MetricsOutput"]
+        )
         segments["C4  poll answered -> SDK has result"].append(end - m["poll-answer-optim"])
         segments["(fwd_bwd: worker done -> SDK has it)"].append(got_fwd - m["worker-end-ForwardBackward"])
 
