@@ -8,6 +8,8 @@ writes timing marks (perf_counter is CLOCK_MONOTONIC on Linux: comparable across
 segments (medians over the steps, ms):
 
   A   SDK call -> route submits forward_backward   SDK encode, HTTP, route decode and checks
+   A0 SDK call -> the request reaches the app      (the SDK, the socket, uvicorn's parsing)
+   A1 the app -> route submits                     (middleware, route decode and checks)
   A'  submitted -> worker starts it                 queue hand-off (trainer process: op socket)
   B   forward_backward on the worker                compare with the engine's
   B'  gap before optim_step starts                  the optim_step was queued while B ran: ~0
@@ -16,6 +18,8 @@ segments (medians over the steps, ms):
   C2  finish (encode, run metrics)
   C3  finish done -> long poll answered             future wake-up on the event loop
   C4  long poll answered -> the SDK has the result  HTTP response, SDK decode, user thread wake-up
+   C4a poll answered -> response handed to the socket
+   C4b response sent -> the SDK has the result     (the socket, the SDK)
 
 `--null-trainer`: the worker answers each op with its kind's first result at once, so the step time
 is the service's floor (what it adds to any step), free of the compute's noise.
@@ -123,14 +127,20 @@ def main() -> None:
         opt.result()
         end = time.perf_counter()
         time.sleep(0.002)  # the last marks' lines reach the file
-        m: dict[str, float] = {}
+        m: dict[str, float] = {}  # the first time of each mark in this step
+        last: dict[str, float] = {}
         for line in marks_in.read().splitlines():
             name, _, value = line.rpartition(" ")
             m.setdefault(name, float(value))
+            last[name] = float(value)
         if not record:
             return
         segments["step"].append(end - start)
         segments["A   SDK call -> route submits fwd_bwd"].append(m["submit-ForwardBackward"] - start)
+        segments["  A0  SDK call -> request reaches the app"].append(m["http-in-forward_backward"] - start)
+        segments["  A1  app -> route submits"].append(
+            m["submit-ForwardBackward"] - m["http-in-forward_backward"]
+        )
         segments["A'  submitted -> worker starts it"].append(
             m["worker-start-ForwardBackward"] - m["submit-ForwardBackward"]
         )
@@ -151,6 +161,10 @@ def main() -> None:
             m["poll-answer-optim"] - m["finish-end-MetricsOutput"]
         )
         segments["C4  poll answered -> SDK has result"].append(end - m["poll-answer-optim"])
+        segments["  C4a poll answered -> response sent"].append(
+            last["http-out-retrieve_future"] - m["poll-answer-optim"]
+        )
+        segments["  C4b response sent -> SDK has result"].append(end - last["http-out-retrieve_future"])
         segments["(fwd_bwd: worker done -> SDK has it)"].append(got_fwd - m["worker-end-ForwardBackward"])
 
     def engine_step() -> None:

@@ -2,7 +2,8 @@
 (this directory leads their PYTHONPATH). With `$TETHER_PROFILE_MARKS` set, each process appends
 `<mark> <time.perf_counter()>` lines to that file (perf_counter is CLOCK_MONOTONIC on Linux, so the
 bench can compare times across processes): when a route submits an op, when the worker starts and
-ends it, when the server's result thread starts and ends its `finish`, when a long poll is answered.
+ends it, when the server's result thread starts and ends its `finish`, when a long poll is answered,
+when a request enters the server's middleware and when its response's last byte is handed to the socket.
 With `$TETHER_PROFILE_NULL_TRAINER=1` too, the worker answers each forward_backward and optim_step
 with the result of the first one it ran (no compute): the step time is then the service's floor.
 Without the variables it does nothing."""
@@ -73,7 +74,24 @@ if _PATH:
 
         module.FutureStore.wait = timed_wait
 
+    def _patch_guard(module) -> None:  # type: ignore[no-untyped-def]
+        call = module.RequestGuard.__call__
+
+        async def timed_call(self, scope, receive, send):  # type: ignore[no-untyped-def]
+            route = scope.get("path", "").rstrip("/").rpartition("/")[2]
+            mark(f"http-in-{route}")
+
+            async def timed_send(message):  # type: ignore[no-untyped-def]
+                await send(message)
+                if message.get("type") == "http.response.body" and not message.get("more_body"):
+                    mark(f"http-out-{route}")
+
+            await call(self, scope, receive, timed_send)
+
+        module.RequestGuard.__call__ = timed_call
+
     _PATCHES = {
+        "tether.server.guard": _patch_guard,
         "tether.engine.worker": _patch_worker,
         "tether.server.operations": _patch_operations,
         "tether.server.futures": _patch_futures,
