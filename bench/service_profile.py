@@ -1,19 +1,30 @@
-"""Where a service step's time goes: the critical path of one SFT step through the tinker SDK and an
-in-process `tether serve`, cut into segments, and the CPU each thread spent per step.
+"""Where a service step's time goes: the critical path of one SFT step through the official tinker SDK
+and a `tether serve` process, cut into segments, and the CPU each process spent per step.
 
-Steps alternate with the same step on the engine in-process (as in `bench/service_overhead.py`).
-The segments (medians over the steps):
+The layout is `bench/service_overhead.py`'s: the server is its own process (`--trainer-process`: its
+trainer too), the SDK runs here, the engine baseline in a child process; steps alternate with the
+engine's. `bench/profile_hooks/sitecustomize.py`, loaded into the server and trainer processes,
+writes timing marks (perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes). The
+segments (medians over the steps, ms):
 
-  A  submit -> worker starts forward_backward   SDK encode, HTTP round trip, route, queueing
-  B  forward_backward on the worker              compare with the engine's forward_backward
-  B' gap before optim_step starts                the optim_step was queued while B ran: ~0
-  B" optim_step on the worker                    compare with the engine's optim_step
-  C  worker done -> the SDK has both results     result thread, long-poll wake-up, HTTP, SDK
+  A   SDK call -> route submits forward_backward   SDK encode, HTTP, route decode and checks
+   A0 SDK call -> the request reaches the app      (the SDK, the socket, uvicorn's parsing)
+   A1 the app -> route submits                     (middleware, route decode and checks)
+  A'  submitted -> worker starts it                 queue hand-off (trainer process: op socket)
+  B   forward_backward on the worker                compare with the engine's
+  B'  gap before optim_step starts                  the optim_step was queued while B ran: ~0
+  B"  optim_step on the worker                      compare with the engine's
+  C1  worker done -> result thread runs finish      hand-off (trainer process: result socket)
+  C2  finish (encode, run metrics)
+  C3  finish done -> long poll answered             future wake-up on the event loop
+  C4  long poll answered -> the SDK has the result  HTTP response, SDK decode, user thread wake-up
+   C4a poll answered -> response handed to the socket
+   C4b response sent -> the SDK has the result     (the socket, the SDK)
 
-CPU per thread comes from /proc (Linux), in ms per (engine step + service step). It wraps
-`ModelWorker._run_one` to time the ops (the worker runs a lone tenant's ops one at a time).
+`--null-trainer`: the worker answers each op with its kind's first result at once, so the step time
+is the service's floor (what it adds to any step), free of the compute's noise.
 
-    python bench/service_profile.py [--steps 40] [--hidden 128] [--layers 2] [--batch 4] [--seq-len 64]
+    python bench/service_profile.py [--steps 60] [--trainer-process] [--torch-threads N] [--hidden 128] ...
 """
 
 from __future__ import annotations
@@ -22,74 +33,79 @@ import argparse
 import collections
 import os
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+HOOKS = Path(__file__).parent / "profile_hooks"
 
-def cpu_by_thread() -> dict[tuple[int, str], float]:
-    """CPU seconds per thread of this process, named by Python thread name where it has one."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    ticks = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            name = names.get(int(tid)) or Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[(int(tid), name.split(" (")[0].rstrip("_0123456789"))] = (
-            int(fields[11]) + int(fields[12])
-        ) / ticks
-    return out
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of every thread of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--trainer-process", action="store_true")
+    parser.add_argument(
+        "--null-trainer",
+        action="store_true",
+        help="the worker answers each op with the first result of its kind, without compute: the service's floor",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
+    load_at_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
     import tinker
-    import torch
-    from service_overhead import build_model, make_batch
-    from tinker import types
+    from service_overhead import MODEL_NAME, EngineProcess, build_model, make_batch
 
-    from tether.engine import worker
-    from tether.engine.lora import LoraSpec
-    from tether.engine.model_loading import load_base_model
-    from tether.engine.training_engine import TrainingEngine
-    from tether.engine.training_types import AdamWParams, EngineDatum
-    from tether.server.config import ServerConfig
-    from tether.server.main import ServerThread
-
-    marks: dict[str, float] = {}
-    run_one = worker.ModelWorker._run_one
-
-    def timed_run_one(self, item):  # type: ignore[no-untyped-def]
-        kind = type(item.op).__name__
-        marks[f"start {kind}"] = time.perf_counter()
-        run_one(self, item)
-        marks[f"end {kind}"] = time.perf_counter()
-
-    worker.ModelWorker._run_one = timed_run_one  # type: ignore[method-assign]
+    from tether.client.local_server import LocalServer
 
     work = Path(tempfile.mkdtemp(prefix="tether-profile-"))
     model_dir = build_model(work / "model", hidden=args.hidden, layers=args.layers)
-    name = "bench/qwen3"
+    marks_file = work / "marks"
+    marks_file.touch()
+    engine = EngineProcess(model_dir, args)
+    extra = ["--models", MODEL_NAME, "--model-aliases", f"{MODEL_NAME}={model_dir}"]
+    extra += ["--trainer-process"] if args.trainer_process else []
+    extra += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+    saved = {
+        k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_PROFILE_MARKS", "TETHER_PROFILE_NULL_TRAINER")
+    }
+    if args.null_trainer:
+        os.environ["TETHER_PROFILE_NULL_TRAINER"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), saved["PYTHONPATH"]]))
+    os.environ["TETHER_PROFILE_MARKS"] = str(marks_file)
+    try:
+        server = LocalServer(data_dir=work / "data", extra_args=extra)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    service = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench")
+    client = service.create_lora_training_client(base_model=MODEL_NAME, rank=args.rank, seed=0).result()
+    from tinker import types
+
     rows = make_batch(args.batch, args.seq_len)
-    engine = TrainingEngine(load_base_model(name, aliases={name: str(model_dir)}))
-    engine.create_model("local", lora=LoraSpec(rank=args.rank, seed=0))
-    engine_data = [
-        EngineDatum(torch.tensor(x), {"target_tokens": torch.tensor(y), "weights": torch.ones(len(y))})
-        for x, y in rows
-    ]
     sdk_data = [
         types.Datum(
             model_input=types.ModelInput.from_ints(x),
@@ -97,70 +113,110 @@ def main() -> None:
         )
         for x, y in rows
     ]
-    engine_times: dict[str, list[float]] = collections.defaultdict(list)
     segments: dict[str, list[float]] = collections.defaultdict(list)
+    engine_parts: dict[str, list[float]] = collections.defaultdict(list)
+    marks_in = open(marks_file)  # noqa: SIM115 - read as the servers write
+
+    def service_step(record: bool) -> None:
+        marks_in.read()  # skip what came before this step
+        start = time.perf_counter()
+        fwd = client.forward_backward(sdk_data, "cross_entropy")
+        opt = client.optim_step(types.AdamParams(learning_rate=1e-4))
+        fwd.result()
+        got_fwd = time.perf_counter()
+        opt.result()
+        end = time.perf_counter()
+        time.sleep(0.002)  # the last marks' lines reach the file
+        m: dict[str, float] = {}  # the first time of each mark in this step
+        last: dict[str, float] = {}
+        for line in marks_in.read().splitlines():
+            name, _, value = line.rpartition(" ")
+            m.setdefault(name, float(value))
+            last[name] = float(value)
+        if not record:
+            return
+        segments["step"].append(end - start)
+        segments["A   SDK call -> route submits fwd_bwd"].append(m["submit-ForwardBackward"] - start)
+        segments["  A0  SDK call -> request reaches the app"].append(m["http-in-forward_backward"] - start)
+        segments["  A1  app -> route submits"].append(
+            m["submit-ForwardBackward"] - m["http-in-forward_backward"]
+        )
+        segments["A'  submitted -> worker starts it"].append(
+            m["worker-start-ForwardBackward"] - m["submit-ForwardBackward"]
+        )
+        segments["B   forward_backward on the worker"].append(
+            m["worker-end-ForwardBackward"] - m["worker-start-ForwardBackward"]
+        )
+        segments["B'  gap before optim_step starts"].append(
+            m["worker-start-OptimStep"] - m["worker-end-ForwardBackward"]
+        )
+        segments['B"  optim_step on the worker'].append(
+            m["worker-end-OptimStep"] - m["worker-start-OptimStep"]
+        )
+        segments["C1  worker done -> finish starts"].append(
+            m["finish-start-MetricsOutput"] - m["worker-end-OptimStep"]
+        )
+        segments["C2  finish"].append(m["finish-end-MetricsOutput"] - m["finish-start-MetricsOutput"])
+        segments["C3  finish done -> poll answered"].append(
+            m["poll-answer-optim"] - m["finish-end-MetricsOutput"]
+        )
+        segments["C4  poll answered -> SDK has result"].append(end - m["poll-answer-optim"])
+        segments["  C4a poll answered -> response sent"].append(
+            last["http-out-retrieve_future"] - m["poll-answer-optim"]
+        )
+        segments["  C4b response sent -> SDK has result"].append(end - last["http-out-retrieve_future"])
+        segments["(fwd_bwd: worker done -> SDK has it)"].append(got_fwd - m["worker-end-ForwardBackward"])
 
     def engine_step() -> None:
-        start = time.perf_counter()
-        engine.forward_backward("local", engine_data, "cross_entropy")
-        middle = time.perf_counter()
-        engine.optim_step("local", AdamWParams(learning_rate=1e-4))
-        end = time.perf_counter()
-        engine_times["step"].append(end - start)
-        engine_times["forward_backward"].append(middle - start)
-        engine_times["optim_step"].append(end - middle)
+        engine.step()
+        for key, value in engine.parts.items():
+            engine_parts[key].append(value)
+        engine_parts["step"].append(sum(engine.parts.values()))
 
-    config = ServerConfig(port=0, data_dir=work / "data", models=[name], model_aliases={name: str(model_dir)})
-    with ServerThread(config) as url:
-        service = tinker.ServiceClient(base_url=url, api_key="tml-bench")
-        client = service.create_lora_training_client(base_model=name, rank=args.rank, seed=0).result()
-
-        def service_step() -> None:
-            marks.clear()
-            start = time.perf_counter()
-            fwd = client.forward_backward(sdk_data, "cross_entropy")
-            opt = client.optim_step(types.AdamParams(learning_rate=1e-4))
-            fwd.result()
-            opt.result()
-            end = time.perf_counter()
-            segments["step"].append(end - start)
-            segments["A  submit -> forward_backward starts"].append(marks["start ForwardBackward"] - start)
-            segments["B  forward_backward"].append(
-                marks["end ForwardBackward"] - marks["start ForwardBackward"]
-            )
-            segments["B' gap"].append(marks["start OptimStep"] - marks["end ForwardBackward"])
-            segments['B" optim_step'].append(marks["end OptimStep"] - marks["start OptimStep"])
-            segments["C  worker done -> SDK has results"].append(end - marks["end OptimStep"])
-
-        for _ in range(3):  # warm-up
-            service_step()
-            engine_step()
-        segments.clear()
-        engine_times.clear()
-        before = cpu_by_thread()
-        for _ in range(args.steps):
-            engine_step()
-            service_step()
-        after = cpu_by_thread()
-        service.close("success")
+    for _ in range(3):  # warm-up
+        service_step(record=False)
+        engine_step()
+    engine_parts.clear()
+    pids = {"server": server._process.pid, "sdk (this process)": os.getpid(), "engine": engine.process.pid}
+    for child in children(server._process.pid):
+        pids["trainer process"] = child
+    before = {name: process_cpu(pid) for name, pid in pids.items()}
+    engine_cpu = 0.0
+    for _ in range(args.steps):
+        cpu = process_cpu(pids["engine"])
+        engine_step()
+        engine_cpu += process_cpu(pids["engine"]) - cpu
+        service_step(record=True)
+    after = {name: process_cpu(pid) for name, pid in pids.items()}
+    service.close("success")
+    server.stop()
+    engine.close()
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(
         f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; batch {args.batch} x "
-        f"{args.seq_len} tokens; {args.steps} steps each, alternating; load average {load}"
+        f"{args.seq_len} tokens; {args.steps} steps each, alternating; "
+        f"{'NULL TRAINER (no compute); ' if args.null_trainer else ''}trainer "
+        f"{'in a trainer process' if args.trainer_process else 'in the server process'}; torch threads "
+        f"{engine.torch_threads} (engine), {args.torch_threads or 'default'} (server)"
     )
-    print(f"{'ms per step (median, min)':46}{'median':>9}{'min':>9}")
-    for label, times in engine_times.items():
-        print(f"{'engine ' + label:46}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
+    print(f"load average at start {load_at_start}, at end {load}")
+    print(f"{'ms per step':44}{'median':>9}{'q1':>9}{'q3':>9}")
+
+    def row(label: str, times: list[float]) -> None:
+        q1, med, q3 = statistics.quantiles(times, n=4)
+        print(f"{label:44}" + "".join(f"{v * 1000:9.2f}" for v in (med, q1, q3)))
+
+    for label, times in engine_parts.items():
+        row(f"engine {label}", times)
     for label, times in segments.items():
-        print(f"{'service ' + label:46}{statistics.median(times) * 1000:9.2f}{min(times) * 1000:9.2f}")
-    cpu: collections.Counter[str] = collections.Counter()
-    for key, seconds in after.items():
-        cpu[key[1]] += seconds - before.get(key, 0.0)
-    print("CPU ms per (engine step + service step), by thread:")
-    for thread, seconds in cpu.most_common():
-        if seconds > 0:
-            print(f"  {thread:44}{seconds / args.steps * 1000:9.2f}")
+        row(f"service {label}", times)
+    print("CPU ms per step, by process:")
+    print(f"  {'engine (during its steps)':42}{engine_cpu / args.steps * 1000:9.2f}")
+    for name in pids:
+        if name != "engine":
+            print(f"  {name:42}{(after[name] - before[name]) / args.steps * 1000:9.2f}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

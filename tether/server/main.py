@@ -159,7 +159,10 @@ def serve(config: ServerConfig) -> None:
                 _write_ready_file(config.ready_file, url)
         await task
 
-    asyncio.run(main())
+    # uvicorn's own loop (uvloop when installed), as `uvicorn.Server.run` would pick; plain
+    # `asyncio.run` would give the stdlib loop (overhead hook: issue 16).
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(main())
 
 
 class ServerThread:

@@ -44,7 +44,8 @@ class EngineSettings(BaseModel):
         None,
         ge=1,
         description="CPU threads torch may use for one operation (unset: torch's default, one per core). "
-        "On a CPU shared with other work, fewer threads keep them from waiting on each other.",
+        "On a CPU shared with other work, fewer threads keep them from waiting on each other "
+        "(or set OMP_WAIT_POLICY=PASSIVE in the environment, so waiting threads sleep instead of spinning).",
     )
     max_tokens_per_micro_batch: int = Field(
         8192, ge=1, description="Token budget of one forward/backward micro-batch in the training engine."
