@@ -4,6 +4,7 @@ the cyclic garbage collector stays off until the models are loaded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def test_serve_collects_garbage_only_once_its_models_are_loaded(tmp_path, defaul
                   "--ready-file", {str(ready)!r}])
         """
     )
-    process = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 180
         while not seen.exists():
@@ -151,3 +154,25 @@ def test_serve_collects_garbage_only_once_its_models_are_loaded(tmp_path, defaul
         process.wait(30)
     assert collecting_at["start"] is True and collecting_at["warm_up"] is False
     assert collecting_at["ready"] is True and collecting_at["frozen"] > 10_000
+
+
+def test_until_warm_wakes_its_waiters_once_every_model_was_tried(monkeypatch):
+    pool = TrainerPool(ServerConfig(port=0, models=["a"]))
+
+    def cannot_load(name: str) -> None:
+        raise RuntimeError(f"{name} cannot load")
+
+    monkeypatch.setattr(pool, "base_info", cannot_load)
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(pool.until_warm())
+        gone = asyncio.ensure_future(pool.until_warm())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        gone.cancel()  # a waiter that went away does not trouble the warm-up
+        await asyncio.to_thread(pool.warm_up)
+        await asyncio.wait_for(waiter, 30)
+        await asyncio.wait_for(pool.until_warm(), 30)  # already warm: at once
+
+    asyncio.run(scenario())
+    assert pool.readiness()["a"] == "failed: RuntimeError: a cannot load"

@@ -170,12 +170,15 @@ async def _serve(server: uvicorn.Server, config: ServerConfig) -> None:
         url = _bound_url(server, config.host)
         print(f"tether serve: listening on {url}; loading {', '.join(config.models)}", flush=True)
         state: ServerState = server.config.app.state.tether  # type: ignore[union-attr]
-        while not state.trainers.warm.is_set() and not task.done():  # ready = a model can serve
-            await asyncio.sleep(0.05)
-        _start_up_done()
-        print(f"tether serve: ready ({state.trainers.readiness()})", flush=True)
-        if config.ready_file is not None:
-            _write_ready_file(config.ready_file, url)
+        warm = asyncio.ensure_future(state.trainers.until_warm())  # ready = a model can serve
+        await asyncio.wait([warm, task], return_when=asyncio.FIRST_COMPLETED)
+        if warm.done():
+            _start_up_done()
+            print(f"tether serve: ready ({state.trainers.readiness()})", flush=True)
+            if config.ready_file is not None:
+                _write_ready_file(config.ready_file, url)
+        else:
+            warm.cancel()
     _start_up_done()
     await task
 

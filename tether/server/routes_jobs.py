@@ -245,8 +245,7 @@ def install(app: FastAPI) -> None:
     inner = app.router.lifespan_context
 
     async def monitor() -> None:
-        while not state.trainers.warm.is_set():  # start-up loads the served models first
-            await asyncio.sleep(0.05)
+        await state.trainers.until_warm()  # start-up loads the served models first
         manager = await asyncio.to_thread(job_manager, app)
         if not getattr(app.state, "tether_job_process", False):  # a control plane: ready the first job's path
             await asyncio.to_thread(manager.prewarm)
