@@ -133,9 +133,13 @@ class TrainerPool:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
+        def resolve() -> None:
+            if not done.done():  # not cancelled
+                done.set_result(None)
+
         def wake() -> None:
             try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                loop.call_soon_threadsafe(resolve)
             except RuntimeError:  # the loop has closed: nobody is waiting any more
                 pass
 
