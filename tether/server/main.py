@@ -143,8 +143,9 @@ def serve(config: ServerConfig) -> None:
 
     Start-up, until the base models are loaded, runs without the cyclic garbage collector: importing
     torch and transformers and loading a model allocate long-lived objects only, and collecting them
-    over and over took about a fifth of start-up's CPU time (`bench/first_step.py`). Once the models
-    are loaded, what start-up built is frozen (never scanned again) and collection resumes."""
+    over and over took about a fifth of start-up's CPU time (1.1 of 5 CPU seconds to import the server
+    and trainer and load a small Qwen3). Once the models are loaded, what start-up built is frozen
+    (never scanned again) and collection resumes."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -157,6 +158,9 @@ def serve(config: ServerConfig) -> None:
 
 
 def _start_up_done() -> None:
+    """Freeze start-up's objects and resume collection. Start-up's few cyclic leftovers are frozen with
+    them rather than paying a full collection before ready (0.4 s CPU; for a Qwen3 model: 13k small
+    objects, no tensor)."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
