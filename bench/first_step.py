@@ -6,10 +6,12 @@ SDK, creates a LoRA training client and runs one `forward_backward`. Prints per 
 ready, to the training client, and to the first completed forward_backward, all from the moment the
 process was started.
 
-`--compare-with DIR` runs the same client against the `tether serve` of another checkout (e.g. a
-`git worktree` of an older commit) too, runs alternating, and prints both side by side:
+`--compare-with DIR` (repeatable) runs the same client against the `tether serve` of another checkout
+(e.g. a `git worktree` of an older commit) too, runs alternating, and prints them side by side with
+the ratio of each median to this tree's. The machine's load average is printed before and after (a
+shared machine's load moves these figures more than anything):
 
-    python bench/first_step.py [--runs 3] [--hidden 512] [--layers 6] [--compare-with /tmp/before]
+    python bench/first_step.py [--runs 3] [--hidden 512] [--layers 6] [--compare-with /tmp/before ...]
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def first_step(tree: Path, model_dir: Path, *, rank: int, batch: int, seq_len: i
         ]
         client.forward_backward(data, "cross_entropy").result()
         first = time.perf_counter() - start
+        cpu = _cpu_seconds(process.pid)
         service.close("success")
-        return {"ready": ready, "client": created, "forward_backward": first}
+        return {"ready": ready, "client": created, "forward_backward": first, "cpu": cpu}
     finally:
         process.terminate()
         try:
@@ -101,6 +104,16 @@ def first_step(tree: Path, model_dir: Path, *, rank: int, batch: int, seq_len: i
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process `pid` has used: on a shared machine it moves
+    far less with the load than wall time does. NaN where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def main() -> None:
@@ -113,7 +126,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument(
-        "--compare-with", type=Path, default=None, help="another checkout whose `tether serve` to time too"
+        "--compare-with",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout whose `tether serve` to time too (repeatable)",
     )
     args = parser.parse_args()
     os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -123,9 +140,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tether-first-step-model-"))
     model_dir = build_model(work / "model", hidden=args.hidden, layers=args.layers)
     trees = {"this tree": HERE.parent}
-    if args.compare_with is not None:
-        trees[str(args.compare_with)] = args.compare_with.resolve()
+    for other in args.compare_with:
+        trees[str(other)] = other.resolve()
     results: dict[str, list[dict]] = {label: [] for label in trees}
+    load_before = os.getloadavg()
     for _ in range(args.runs):
         for label, tree in trees.items():
             results[label].append(
@@ -142,12 +160,26 @@ def main() -> None:
         f"model: Qwen3 hidden={args.hidden} layers={args.layers}, LoRA rank {args.rank}; first forward_backward "
         f"of {args.batch} x {args.seq_len} tokens; {args.runs} runs each, alternating; seconds from process start"
     )
-    print(f"{'':40}{'ready (healthz)':>17}{'training client':>17}{'first fwd_bwd':>15}")
+    print(f"load average (1, 5, 15 min): before {_load(load_before)}, after {_load(os.getloadavg())}")
+    keys = ("ready", "client", "forward_backward", "cpu")
+    print("ready ... first fwd_bwd: wall seconds from process start; server CPU: its CPU seconds until then")
+    print(f"{'':40}{'ready (healthz)':>17}{'training client':>17}{'first fwd_bwd':>15}{'server CPU':>12}")
+    ours = [statistics.median(r[key] for r in results["this tree"]) for key in keys]
+
+    def row(label: str, values: list[float]) -> str:
+        return f"{label:40}{values[0]:17.2f}{values[1]:17.2f}{values[2]:15.2f}{values[3]:12.2f}"
+
     for label, runs in results.items():
-        medians = [statistics.median(r[key] for r in runs) for key in ("ready", "client", "forward_backward")]
-        print(f"{label + ' (median)':40}{medians[0]:17.2f}{medians[1]:17.2f}{medians[2]:15.2f}")
+        medians = [statistics.median(r[key] for r in runs) for key in keys]
+        print(row(label + " (median)", medians))
         for r in runs:
-            print(f"{'  run':40}{r['ready']:17.2f}{r['client']:17.2f}{r['forward_backward']:15.2f}")
+            print(row("  run", [r[key] for key in keys]))
+        if label != "this tree":
+            print(row("  its median / this tree", [m / o for m, o in zip(medians, ours, strict=True)]))
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in load)
 
 
 if __name__ == "__main__":

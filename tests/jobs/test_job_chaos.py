@@ -15,6 +15,7 @@ import torch
 from tether.client.jobs import TrainerJobConfig, TrainerJobManager
 from tether.client.reconnect import ReconnectingTrainingClient
 from tether.server.auth import owner_of_key
+from tether.server.routes_jobs import job_manager
 from tether.storage.owners import OwnerStores
 from tether.types.data import AdamParams
 
@@ -55,7 +56,7 @@ def _loop(manager, job_id, prefix, kill=None):
 
 def test_training_survives_two_sigkills_with_identical_weights(control_plane):
     url, app = control_plane
-    jobs = app.state.tether_jobs
+    jobs = job_manager(app)
     manager = TrainerJobManager(url, ALICE)
     job_id = "chaos-1"
     manager.create_and_wait(

@@ -11,6 +11,7 @@ from tether.client.jobs import TrainerJobConfig, TrainerJobManager
 from tether.client.service_client import ServiceClient
 from tether.recipes import sft
 from tether.server.auth import owner_of_key
+from tether.server.routes_jobs import job_manager
 from tether.storage.owners import OwnerStores
 from tether.types.errors import AuthenticationError, TetherError, UserInputError
 
@@ -51,7 +52,7 @@ def _sft(manager, job_id, log_dir, on_step_end=None, max_attempts=5):
 
 def test_sft_recipe_survives_two_sigkills(control_plane, tmp_path):
     url, app = control_plane
-    jobs = app.state.tether_jobs
+    jobs = job_manager(app)
     manager = TrainerJobManager(url, ALICE)
     job_id = "sft-chaos"
     manager.create_and_wait(

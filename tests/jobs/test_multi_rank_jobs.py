@@ -15,6 +15,7 @@ import torch
 from tether.client.jobs import TrainerJobConfig, TrainerJobManager
 from tether.client.reconnect import ReconnectingTrainingClient
 from tether.server.auth import owner_of_key
+from tether.server.routes_jobs import job_manager
 from tether.storage.owners import OwnerStores
 from tether.types.data import AdamParams
 from tether.types.errors import UserInputError
@@ -50,7 +51,7 @@ def _train(url, app, job_id: str, kill=None, **resources) -> dict[str, torch.Ten
         loop.run(step_fn, num_steps=NUM_STEPS, save_every=1)
     finally:
         loop.close()
-    jobs, owner = app.state.tether_jobs, owner_of_key(ALICE)
+    jobs, owner = job_manager(app), owner_of_key(ALICE)
     final = [c for c in manager.list_checkpoints(job_id) if c.tinker_path.endswith(f"w-step-{NUM_STEPS:06d}")]
     stores = OwnerStores(jobs.job_dir(owner, job_id) / "data")
     inner_owner = owner_of_key(jobs._api_key(owner, job_id))
@@ -79,7 +80,7 @@ def test_multi_rank_job_trains_like_one_rank(control_plane, one_rank_weights, np
     seen = {}
 
     def look(step):
-        handle = app.state.tether_jobs.handle(owner_of_key(ALICE), job_id)
+        handle = job_manager(app).handle(owner_of_key(ALICE), job_id)
         seen["nodes"] = len(handle.pids)
 
     job_id = f"mr-{nproc_per_node}x{node_count}"
@@ -90,7 +91,7 @@ def test_multi_rank_job_trains_like_one_rank(control_plane, one_rank_weights, np
 
 def test_a_killed_rank_tears_down_and_recovers_the_job(control_plane, one_rank_weights):
     url, app = control_plane
-    jobs, owner = app.state.tether_jobs, owner_of_key(ALICE)
+    jobs, owner = job_manager(app), owner_of_key(ALICE)
     killed = []
 
     def kill(step):

@@ -11,6 +11,7 @@ import pytest
 from tether.client.jobs import TrainerJobConfig, TrainerJobManager
 from tether.server.auth import owner_of_key
 from tether.server.main import ServerThread
+from tether.server.routes_jobs import job_manager
 from tether.types.errors import UserInputError
 from tether.types.wire_jobs import JobState
 
@@ -38,7 +39,7 @@ def test_ray_launcher_places_relaunches_and_stops_a_job(ray_control_plane):
     manager = TrainerJobManager(url, ALICE)
     config = TrainerJobConfig(base_model=BASE, requested_job_id="ray-1", launcher_options={"num_cpus": "1"})
     manager.create_and_wait(config, poll_interval_s=0.2, timeout_s=240)
-    jobs = app.state.tether_jobs
+    jobs = job_manager(app)
     owner = owner_of_key(ALICE)
     handle = jobs.handle(owner, "ray-1")
     assert handle.node_id == ray.get_runtime_context().get_node_id()  # placed by a Ray actor on the head node
@@ -73,7 +74,7 @@ def test_ray_places_one_process_group_per_node_and_trains_like_one_rank(ray_cont
     seen = {}
 
     def look(step):
-        seen["handle"] = app.state.tether_jobs.handle(owner_of_key(ALICE), "ray-2n")
+        seen["handle"] = job_manager(app).handle(owner_of_key(ALICE), "ray-2n")
 
     one = _train(url, app, "ray-1n", launcher_options={"num_cpus": "1"})
     two = _train(url, app, "ray-2n", kill=look, node_count=2, launcher_options={"num_cpus": "1"})
@@ -86,7 +87,7 @@ def test_ray_places_one_process_group_per_node_and_trains_like_one_rank(ray_cont
 def test_ray_refuses_what_the_cluster_cannot_hold(ray_control_plane):
     url, app = ray_control_plane
     manager = TrainerJobManager(url, ALICE)
-    assert app.state.tether_jobs.launcher.name == "ray"  # connected to (here: started) its cluster
+    assert job_manager(app).launcher.name == "ray"  # connected to (here: started) its cluster
     cpus = ray.cluster_resources()["CPU"]
     with pytest.raises(UserInputError, match="launcher_options.num_cpus"):
         manager.create(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
@@ -14,7 +16,7 @@ from sqlalchemy import create_engine
 import tether.jobs.store  # noqa: F401 - every module with a table registers it on Base
 import tether.server.deployments  # noqa: F401  (tables of other modules share the catalogue's metadata)
 import tether.server.run_metrics  # noqa: F401
-from tether.server.catalogue import MIGRATIONS_DIR, Base, Catalogue
+from tether.server.catalogue import MIGRATIONS_DIR, Base, Catalogue, head_revision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "catalogue_v0.db"
 
@@ -103,3 +105,77 @@ def test_catalogues_opening_one_new_file_at_once_migrate_it_once(tmp_path):
         assert sorted(pool.map(open_and_write, range(4))) == [0, 1, 2, 3]
     assert _revision(db) == [(_head(),)]
     assert len(Catalogue(db).list_sessions("alice", 10, 0)) == 4
+
+
+def _database_at(db: Path, revision: str) -> None:
+    """A database migrated only up to `revision` (as an older tether left it)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from tether.server.catalogue import _open_engine
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = _open_engine(db)
+    with engine.execution_options(tether_begin="BEGIN IMMEDIATE").begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+    engine.dispose()
+    assert _revision(db) == [(revision,)]
+
+
+def test_migration_files_are_named_after_their_revisions_in_chain_order():
+    """What `head_revision` relies on to find the head without loading the scripts."""
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    chain = [r for r in script.walk_revisions()][::-1]  # 0001_initial first
+    assert [Path(r.path).stem for r in chain] == [r.revision for r in chain]
+    assert [r.revision for r in chain] == sorted(r.revision for r in chain)
+    assert head_revision() == script.get_current_head() == chain[-1].revision
+
+
+def test_an_old_revision_database_upgrades_to_head_and_keeps_its_rows(tmp_path):
+    db = tmp_path / "tether.db"
+    _database_at(db, "0003_run_metrics")
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO sessions (session_id, owner, created_at, last_heartbeat, status, tags,"
+            " user_metadata) VALUES ('s', 'alice', '2026-01-01', '2026-01-01', 'active', '[]', '{}')"
+        )
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "trainer_jobs" not in tables
+    catalogue = Catalogue(db)
+    assert catalogue.get_session("s", "alice").owner == "alice"
+    catalogue.close()
+    assert _revision(db) == [(_head(),)]
+    with sqlite3.connect(db) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "trainer_jobs" in tables
+
+
+def test_opening_a_database_at_head_runs_no_migration(tmp_path, monkeypatch):
+    from tether.server import catalogue as catalogue_module
+
+    calls = []
+    migrate = catalogue_module._migrate
+    monkeypatch.setattr(catalogue_module, "_migrate", lambda writer: (calls.append(1), migrate(writer)))
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    Catalogue(fresh).close()
+    assert len(calls) == 1
+    Catalogue(fresh).close()  # at head: skipped
+    assert len(calls) == 1
+    _database_at(old, "0004_deployments")
+    Catalogue(old).close()  # behind: upgraded
+    assert len(calls) == 2 and _revision(old) == [(_head(),)]
+    Catalogue(old).close()
+    assert len(calls) == 2
+
+
+def test_opening_a_database_at_head_does_not_import_alembic(tmp_path):
+    db = tmp_path / "tether.db"
+    Catalogue(db).close()
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom tether.server.catalogue import Catalogue\n"
+        f"Catalogue(Path({str(db)!r})).close()\nprint(sorted(m for m in sys.modules if m.startswith('alembic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

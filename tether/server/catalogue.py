@@ -5,7 +5,8 @@ directory; this only indexes them). Every row has an owner; lookups take the own
 owner's rows as missing, so isolation cannot be forgotten at a call site.
 
 The schema is versioned by alembic (`tether/server/migrations/`): opening a catalogue upgrades its
-database to the newest revision, including a database written before migrations existed. SQLite runs
+database to the newest revision, including a database written before migrations existed; a database
+already there is recognised with one plain read (alembic is not even imported). SQLite runs
 in WAL mode; reads are plain (deferred) transactions that never wait for writers, writes are
 `BEGIN IMMEDIATE` transactions serialized by SQLite itself, so several `Catalogue` objects (or
 processes) may share one file. It knows nothing of HTTP, models or checkpoint files.
@@ -170,6 +171,26 @@ def _open_engine(db_path: Path) -> Engine:
     return engine
 
 
+def head_revision() -> str:
+    """The newest migration's revision, without loading the migration scripts: each file in
+    `migrations/versions` is named after its revision and the names sort in chain order
+    (`tests/server/test_catalogue_migrations.py` holds alembic to both)."""
+    return max(path.stem for path in (MIGRATIONS_DIR / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database's `alembic_version` is the newest revision: a read with plain SQL, so
+    opening an up-to-date database (every restart, every job process) never imports alembic."""
+    with engine.connect() as conn:
+        has_table = conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+        ).first()
+        if has_table is None:
+            return False
+        versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    return [tuple(row) for row in versions] == [(head_revision(),)]
+
+
 def _migrate(writer: Engine) -> None:
     """Upgrade the database to the newest revision, in one write transaction (so concurrent openers
     of one file take turns). A database written before migrations existed is stamped first."""
@@ -206,7 +227,8 @@ class Catalogue:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._engine = _open_engine(db_path)
         self._writer = self._engine.execution_options(tether_begin="BEGIN IMMEDIATE")
-        _migrate(self._writer)
+        if not _at_head(self._engine):
+            _migrate(self._writer)
         self._write_lock = threading.Lock()
         """Orders this object's writers among themselves (SQLite would too, by busy-waiting)."""
         self._touch_lock = threading.Lock()

@@ -188,7 +188,9 @@ async def console_jobs(request: Request, owner: str = Depends(request_owner)) ->
     """The caller's trainer jobs (tether/jobs), newest first."""
     import asyncio
 
-    rows = await asyncio.to_thread(request.app.state.tether_jobs.list, owner)
+    from tether.server.routes_jobs import job_manager
+
+    rows = await asyncio.to_thread(job_manager(request.app).list, owner)
     jobs = [
         {
             "job_id": r.job_id,

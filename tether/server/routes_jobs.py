@@ -14,7 +14,9 @@
 
 Another key's job is a 404 everywhere. Forwarding swaps the caller's key for the job's own, counts
 as the job's activity, and answers 503 (retryable) while the job is not running or unreachable.
-`install(app)` adds the routes and runs the job monitor for the app's lifetime.
+`install(app)` adds the routes and runs the job monitor for the app's lifetime. The job manager (and
+`tether.jobs`) is built on first use: by the first job request, or by the monitor once the served base
+models are loaded, so a server's start-up does not wait for what its first request does not need.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tether.jobs.manager import JobManager
-from tether.jobs.store import TrainerJobRow
 from tether.server.catalogue import as_utc
 from tether.server.state import request_owner
 from tether.types.errors import UserInputError
@@ -46,6 +48,10 @@ from tether.types.wire_jobs import (
     TrainerJobsResponse,
 )
 
+if TYPE_CHECKING:
+    from tether.jobs.manager import JobManager
+    from tether.jobs.store import TrainerJobRow
+
 log = logging.getLogger("tether.jobs")
 
 router = APIRouter(prefix="/training/v1/trainerJobs")
@@ -57,8 +63,25 @@ _FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "content-encoding", "acc
 _FORWARDED_RESPONSE_HEADERS = ("content-type", "content-encoding", "x-should-retry")
 
 
+_manager_lock = threading.Lock()
+
+
+def job_manager(app: FastAPI) -> JobManager:
+    """The app's job manager, built on first use (thread-safe)."""
+    manager = app.state.tether_jobs
+    if manager is None:
+        with _manager_lock:
+            manager = app.state.tether_jobs
+            if manager is None:
+                from tether.jobs.manager import JobManager
+
+                state = app.state.tether
+                manager = app.state.tether_jobs = JobManager(state.catalogue, state.config)
+    return manager
+
+
 def jobs(request: Request) -> JobManager:
-    return request.app.state.tether_jobs
+    return job_manager(request.app)
 
 
 def _answer(request: Request, row: TrainerJobRow) -> TrainerJob:
@@ -209,7 +232,7 @@ def _proxy_client(app: FastAPI) -> httpx.AsyncClient:
     process among them) should not pay at start-up."""
     if app.state.tether_jobs_http is None:
         app.state.tether_jobs_http = httpx.AsyncClient(
-            timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0), verify=app.state.tether_jobs.tls_context()
+            timeout=httpx.Timeout(PROXY_TIMEOUT_S, connect=5.0), verify=job_manager(app).tls_context()
         )
     return app.state.tether_jobs_http
 
@@ -217,12 +240,15 @@ def _proxy_client(app: FastAPI) -> httpx.AsyncClient:
 def install(app: FastAPI) -> None:
     """Add the job routes to `app` and run the job monitor (and stop the jobs) with the app's lifespan."""
     state = app.state.tether
-    manager = JobManager(state.catalogue, state.config)
-    app.state.tether_jobs = manager
+    app.state.tether_jobs = None  # see `job_manager`
     app.include_router(router)
     inner = app.router.lifespan_context
 
     async def monitor() -> None:
+        await state.trainers.until_warm()  # start-up loads the served models first
+        manager = await asyncio.to_thread(job_manager, app)
+        if not getattr(app.state, "tether_job_process", False):  # a control plane: ready the first job's path
+            await asyncio.to_thread(manager.prewarm)
         while True:  # every poll interval, or at once when the watcher sees a job become ready or end
             await asyncio.to_thread(manager.wait_wake, state.config.job_poll_interval_s)
             try:
@@ -235,15 +261,14 @@ def install(app: FastAPI) -> None:
         async with inner(app_):
             app.state.tether_jobs_http = None
             task = asyncio.create_task(monitor())
-            if not getattr(app.state, "tether_job_process", False):  # a control plane: ready the
-                asyncio.get_running_loop().run_in_executor(None, manager.prewarm)  # first job's path
             try:
                 yield
             finally:
                 task.cancel()
                 if app.state.tether_jobs_http is not None:
                     await app.state.tether_jobs_http.aclose()
-                await asyncio.to_thread(manager.close)  # stop the job processes before the catalogue closes
+                if app.state.tether_jobs is not None:  # stop the job processes before the catalogue closes
+                    await asyncio.to_thread(app.state.tether_jobs.close)
 
     app.router.lifespan_context = lifespan
 

@@ -7,7 +7,9 @@ seconds), and what it reports about its base model (`DescribeBase`) is cached.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 
 from tether.server.config import ServerConfig
 from tether.trainer.config import TrainerConfig
@@ -28,6 +30,7 @@ class TrainerPool:
         self.warm = threading.Event()
         """Set once `warm_up` has tried every served model."""
         self.warm_errors: dict[str, str] = {}
+        self._on_warm: list[Callable[[], None]] = []
 
     @property
     def served_names(self) -> list[str]:
@@ -117,7 +120,34 @@ class TrainerPool:
             except Exception as exc:  # noqa: BLE001 - reported by readiness, retried on first use
                 with self._lock:
                     self.warm_errors[name] = f"{type(exc).__name__}: {exc}"
-        self.warm.set()
+        with self._lock:
+            self.warm.set()
+            waiting, self._on_warm = self._on_warm, []
+        for wake in waiting:
+            wake()
+
+    async def until_warm(self) -> None:
+        """Return once `warm_up` has tried every served model. The event loop is not woken before
+        (no polling): each wake-up while a model loads makes the loading thread hand over the GIL,
+        which on a busy machine waits for the scheduler."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():  # not cancelled
+                done.set_result(None)
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(resolve)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                pass
+
+        with self._lock:
+            if self.warm.is_set():
+                return
+            self._on_warm.append(wake)
+        await done
 
     def readiness(self) -> dict[str, str]:
         """Per served model: "ready", "loading" or the error that stopped it from loading."""
