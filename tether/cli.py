@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(command.load(command.config), args, env_prefix=command.env_prefix)
         result = command.load(command.run)(config)
     except TetherError as exc:
-        print(f"tether {command.name}: {exc}", file=sys.stderr)
+        print(f"tether {' '.join(filter(None, (command.group, command.name)))}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -17,8 +18,14 @@ HELP = "Manage deployments (serving processes with hot-loaded weights) of a teth
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("deployments", help=HELP, description=HELP)
-    parser.add_argument("--base-url", default=os.environ.get("TETHER_BASE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("TETHER_API_KEY", "tml-local"))
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("TETHER_BASE_URL", "http://127.0.0.1:8000"),
+        help="the tether server ($TETHER_BASE_URL, else http://127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("TETHER_API_KEY", "tml-local"), help="($TETHER_API_KEY)"
+    )
     # the same options after the action too (`tether deployments list --base-url URL`); SUPPRESS
     # keeps an action's unset option from overwriting the one given before it
     common = argparse.ArgumentParser(add_help=False)
@@ -51,6 +58,22 @@ def _info(info: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one action and print its JSON; 1 if the deployment or load is missing, 2 (with the reason
+    on stderr) when the server cannot be reached."""
+    import httpx
+
+    try:
+        return _run(args)
+    except httpx.TransportError as exc:  # "[Errno 111] Connection refused" alone names no server
+        print(
+            f"tether deployments: cannot reach the tether server at {args.base_url} ({exc}); start "
+            "`tether serve` or pass --base-url (or set $TETHER_BASE_URL)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from tether.client.deployments import DeploymentConfig, DeploymentManager
 
     manager = DeploymentManager(args.base_url, args.api_key)
