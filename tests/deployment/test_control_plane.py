@@ -220,6 +220,9 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     code, shown = cli("hotload", "dep-1", first)
     assert code == 0 and shown["current_snapshot_identity"] == first
     assert cli("get", "dep-1")[1]["current_snapshot_identity"] == first
+    assert [(d["deployment_id"], d["current_snapshot_identity"]) for d in cli("list")[1]] == [
+        ("dep-1", first)
+    ]
     assert cli("get", "nobody")[0] == 1
     assert cli("delete", "dep-1") == (0, {"deployment_id": "dep-1", "state": "DELETED"})
     assert manager.get("dep-1") is None and manager.list() == []

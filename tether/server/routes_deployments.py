@@ -160,7 +160,16 @@ async def create(
 async def list_deployments(
     owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    return {"deployments": [deployment_info(row) for row in reg.list(owner)]}
+    rows = reg.list(owner)
+    # each READY one's weights identity, as `get` shows it (without it every list said null)
+    statuses = await asyncio.gather(
+        *(_status(reg, row.deployment_id, owner) if row.state == "READY" else _none() for row in rows)
+    )
+    return {"deployments": [deployment_info(row, status) for row, status in zip(rows, statuses, strict=True)]}
+
+
+async def _none() -> None:
+    return None
 
 
 @router.get("/{deployment_id}")
