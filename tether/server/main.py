@@ -137,11 +137,17 @@ def _write_ready_file(path: Path, url: str) -> None:
     os.replace(tmp, path)
 
 
+def configure_logging(level: str) -> None:
+    """The server's log format at `level`. Below debug, httpx's line per request the server itself
+    sends (a deployment's /status polls, hot-loads and proxied completions) is left out, as
+    uvicorn's access log is: with a deployment they were nearly every line of the log."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
 def serve(config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level)
     server = _uvicorn_server(config)
 
     async def main() -> None:
