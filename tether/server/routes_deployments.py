@@ -200,6 +200,7 @@ async def restart(
 
 @router.post("/{deployment_id}/hot_load")
 async def hot_load(
+    request: Request,
     deployment_id: str,
     body: HotLoad,
     owner: str = Depends(request_owner),
@@ -215,8 +216,14 @@ async def hot_load(
     if parsed.kind != "sampler":
         raise UserInputError(f"{target} is not a sampler_weights/ checkpoint", field="path")
     directory = state.checkpoints.directory(owner, parsed)
-    if not (directory / "manifest.json").is_file():
-        raise NotFoundError(f"checkpoint {target} does not exist")
+    if not (directory / "manifest.json").is_file():  # not this server's own: one of the caller's jobs'?
+        jobs = getattr(request.app.state, "tether_jobs", None)
+        found = None if jobs is None else await asyncio.to_thread(jobs.sampler_checkpoint_dir, owner, target)
+        if found is None or not (found / "manifest.json").is_file():
+            raise NotFoundError(
+                f"checkpoint {target} does not exist (neither this server's nor a trainer job's)"
+            )
+        directory = found
     previous = (body.incremental_snapshot_metadata or {}).get("previous_snapshot_identity")
     if previous is not None:
         await _check_previous_snapshot(reg, deployment_id, owner, target, directory, previous)
