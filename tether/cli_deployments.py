@@ -1,4 +1,4 @@
-"""`tether deployments create|list|get|delete|hotload`: manage a server's deployments from a shell.
+"""`tether deployments create|list|get|delete|restart|hotload`: manage a server's deployments from a shell.
 
 Talks to `tether serve` through `tether.client.deployments.DeploymentManager`; prints JSON.
 The server and key come from --base-url / --api-key or $TETHER_BASE_URL / $TETHER_API_KEY.
@@ -40,8 +40,14 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--transition", choices=["SYNC", "ASYNC"], default="ASYNC")
     create.add_argument("--wait", action="store_true", help="wait until it is READY")
     actions.add_parser("list", help="list deployments", parents=[common])
-    for name, text in (("get", "show one deployment"), ("delete", "stop and delete a deployment")):
-        actions.add_parser(name, help=text, parents=[common]).add_argument("deployment_id")
+    for name, text in (
+        ("get", "show one deployment"),
+        ("delete", "stop and delete a deployment"),
+        ("restart", "start a FAILED deployment again on the last weights it loaded"),
+    ):
+        action = actions.add_parser(name, help=text, parents=[common])
+        action.add_argument("deployment_id")
+    action.add_argument("--wait", action="store_true", help="wait until it is READY")  # restart's
     hotload = actions.add_parser(
         "hotload", help="load a sampler checkpoint (tinker:// path) onto a deployment", parents=[common]
     )
@@ -98,6 +104,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(json.dumps({"error": f"deployment {args.deployment_id!r} does not exist"}))
                 return 1
             result = _info(info)
+        elif args.action == "restart":
+            result = _info(manager.restart(args.deployment_id))
+            if args.wait:
+                result = _info(manager.wait_for_ready(args.deployment_id))
         elif args.action == "delete":
             manager.delete(args.deployment_id)
             result = {"deployment_id": args.deployment_id, "state": "DELETED"}

@@ -155,6 +155,11 @@ class DeploymentManager:
         except NotFoundError:
             pass
 
+    def restart(self, deployment_id: str) -> DeploymentInfo:
+        """Start the deployment's serving process again (after it FAILED), on the last weights it
+        loaded; `create_or_get` would start a new one on the base model. NotFoundError if unknown."""
+        return DeploymentInfo.from_json(self._call("POST", f"/{deployment_id}/restart"))
+
     def wait_for_ready(
         self, deployment_id: str, timeout_s: float = 600, poll_interval_s: float = 0.5
     ) -> DeploymentInfo:
