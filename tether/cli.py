@@ -217,7 +217,7 @@ def _main(argv: Sequence[str], started: Callable[[], None]) -> int:
         started()
         result = run(config)
     except TetherError as exc:
-        print(f"tether {command.name}: {exc}", file=sys.stderr)
+        print(f"tether {' '.join(filter(None, (command.group, command.name)))}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

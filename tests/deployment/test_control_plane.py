@@ -202,7 +202,7 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert manager.get("dep-1").state == "FAILED"
     with pytest.raises(ConflictError):
         manager.hotload("dep-1", "", path)
-    manager._call("POST", "/dep-1/restart")
+    assert manager.restart("dep-1").deployment_id == "dep-1"
     manager.wait_for_ready("dep-1", timeout_s=300)
     after, identity = prompt_logprobs(manager, "dep-1")
     assert identity == path and torch.equal(after, before)
@@ -220,6 +220,11 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     code, shown = cli("hotload", "dep-1", first)
     assert code == 0 and shown["current_snapshot_identity"] == first
     assert cli("get", "dep-1")[1]["current_snapshot_identity"] == first
+    code, shown = cli("restart", "dep-1", "--wait")  # a new process, on the weights it had
+    assert code == 0 and (shown["state"], shown["current_snapshot_identity"]) == ("READY", first)
+    assert [(d["deployment_id"], d["current_snapshot_identity"]) for d in cli("list")[1]] == [
+        ("dep-1", first)
+    ]
     assert cli("get", "nobody")[0] == 1
     assert cli("delete", "dep-1") == (0, {"deployment_id": "dep-1", "state": "DELETED"})
     assert manager.get("dep-1") is None and manager.list() == []

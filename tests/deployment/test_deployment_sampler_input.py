@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from tether.client.deployments import DeploymentSampler
+from tether.client.deployments import DeploymentManager, DeploymentSampler, WeightSyncer
 from tether.types.errors import UserInputError
 
 
@@ -40,3 +40,16 @@ def test_numpy_token_ids_are_token_ids():
     sampler._one = one
     asyncio.run(sampler.sample_with_prompt_tokens(np.array([1, 2]), n=2, max_tokens=2, seed=7))
     assert sent == [([1, 2], 7), ([1, 2], 8)] and all(type(t) is int for t in sent[0][0])
+
+
+def test_weight_syncer_names_a_policy_client_that_cannot_save_deltas():
+    class TinkerLikeClient:  # the official SDK's TrainingClient has save_weights_for_sampler only
+        def save_weights_for_sampler(self, name):
+            raise AssertionError("not called")
+
+    manager = DeploymentManager("http://127.0.0.1:1")  # nothing listens there
+    syncer = WeightSyncer(policy_client=TinkerLikeClient(), deploy_mgr=manager, deployment_id="dep")
+    with pytest.raises(UserInputError) as info:
+        syncer.save_and_hotload("step-0")
+    assert info.value.field == "policy_client" and "TinkerLikeClient" in str(info.value)
+    assert not syncer.base_saved

@@ -1,6 +1,7 @@
-"""A deployment fed by a dedicated trainer job (`DeploymentConfig.hot_load_trainer_job`): the job
-writes sampler checkpoints into its own data directory, and the control plane hot-loads them from
-there, so WeightSyncer works against a job's training client as against `tether serve`'s own."""
+"""Dedicated mode end to end: a trainer job trains full weights and WeightSyncer hot-loads its
+checkpoints onto deployments of the same control plane. The job writes sampler checkpoints into its
+own data directory; the control plane finds them there, in the job `hot_load_trainer_job` names or,
+without one, in any of the caller's jobs (before, it answered that they did not exist)."""
 
 from __future__ import annotations
 
@@ -49,22 +50,35 @@ def test_a_deployment_hot_loads_its_trainer_jobs_checkpoints(control_plane):
         trainer = service.create_lora_training_client(BASE, rank=0, seed=0).result()
         syncer = WeightSyncer(trainer, deployments, "dep-job", base_model=BASE, rebase_fraction=None)
         tokens = batch(99)[0].model_input.to_ints()
-        kinds = []
+        kinds, paths, wants = [], [], []
         for step in range(3):
             if step:
                 trainer.forward_backward(batch(step), "cross_entropy").result()
                 trainer.optim_step(AdamParams(learning_rate=1e-2)).result()
             path = syncer.save_and_hotload(f"step-{step}")
+            paths.append(path)
             kinds.append(deployments.get("dep-job").raw["current"]["checkpoint_type"])
             expected = trainer.forward(batch(99), "cross_entropy").result()
             want = np.asarray(expected.loss_fn_outputs[0]["logprobs"].to_numpy(), np.float64)
+            wants.append(want)
             np.testing.assert_allclose(served_logprobs(deployments, "dep-job", tokens), want[:-1], atol=1e-4)
         assert kinds == ["base", "delta", "delta"]
-        # a deployment not tied to the job cannot reach its checkpoints; another key cannot either
-        with pytest.raises(NotFoundError, match="hot_load_trainer_job"):
-            deployments.hotload("dep-plain", BASE, path)
+        # a deployment naming no job finds the checkpoints among the caller's jobs (the base, then a delta)
+        for path, want in zip(paths[:2], wants[:2], strict=True):
+            assert deployments.hotload_and_wait("dep-plain", BASE, path, timeout_seconds=120)
+            np.testing.assert_allclose(
+                served_logprobs(deployments, "dep-plain", tokens), want[:-1], atol=1e-4
+            )
+        path = paths[-1]
+        # another key reaches neither this key's deployment nor, through its own, this key's job
+        bob = DeploymentManager(url, BOB)
         with pytest.raises(NotFoundError):
-            DeploymentManager(url, BOB).hotload("dep-job", BASE, path)
+            bob.hotload("dep-job", BASE, path)
+        bob.create_or_get(DeploymentConfig(deployment_id="dep-bob", base_model=BASE))
+        bob.wait_for_ready("dep-bob", timeout_s=300)
+        with pytest.raises(NotFoundError, match="does not exist"):
+            bob.hotload("dep-bob", BASE, path)
+        bob.delete("dep-bob")
         assert deployments.get("dep-job").current_snapshot_identity == path
     finally:
         service.close()

@@ -155,6 +155,11 @@ class DeploymentManager:
         except NotFoundError:
             pass
 
+    def restart(self, deployment_id: str) -> DeploymentInfo:
+        """Start the deployment's serving process again (after it FAILED), on the last weights it
+        loaded; `create_or_get` would start a new one on the base model. NotFoundError if unknown."""
+        return DeploymentInfo.from_json(self._call("POST", f"/{deployment_id}/restart"))
+
     def wait_for_ready(
         self, deployment_id: str, timeout_s: float = 600, poll_interval_s: float = 0.5
     ) -> DeploymentInfo:
@@ -464,9 +469,18 @@ class WeightSyncer:
         return "delta"
 
     def save_only(self, name: str, checkpoint_type: str | None = None) -> tuple[str, str]:
-        """Save (no hot-load); returns (tinker path, checkpoint type written)."""
+        """Save (no hot-load); returns (tinker path, checkpoint type written). UserInputError if
+        `policy_client` cannot save base/delta checkpoints (before anything is sent)."""
         kind = self._next_type(checkpoint_type)
-        result = self.policy_client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
+        save = getattr(self.policy_client, "save_weights_for_sampler_ext", None)
+        if save is None:  # e.g. the official tinker SDK's TrainingClient: an AttributeError said no more
+            raise UserInputError(
+                f"{type(self.policy_client).__name__} has no save_weights_for_sampler_ext (base/delta "
+                "saves): use a tether TrainingClient (tether.ServiceClient), or save with "
+                "save_weights_for_sampler and hot-load its path with DeploymentManager.hotload_and_wait",
+                field="policy_client",
+            )
+        result = save(name, checkpoint_type=kind)
         if hasattr(result, "result"):  # tether's TrainingClient answers a future
             result = result.result()
         get = result.get if isinstance(result, dict) else lambda k, d=None: getattr(result, k, d)

@@ -79,6 +79,26 @@ class JobCheckpoints:
             for r in reversed(rows)
         ]
 
+    def sampler_checkpoint_dir(self, owner: str, tinker_path: str) -> Path | None:
+        """The directory of the sampler checkpoint `tinker_path` if one of the owner's jobs wrote it
+        (a deployment hot-loads it from there), else None. UserInputError for a malformed path."""
+        from tether.server.checkpoints import CheckpointFiles
+
+        parsed = parse_checkpoint_path(tinker_path, field="path")
+        if parsed.kind != "sampler":
+            return None
+        for job in self.store.list(owner):
+            opened = self._job_catalogue(owner, job.job_id)
+            if opened is None:
+                continue
+            catalogue, inner_owner = opened
+            row = catalogue.find_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+            if row is not None and row.owner == inner_owner:
+                return CheckpointFiles(self.job_dir(owner, job.job_id) / "data").directory(
+                    inner_owner, parsed
+                )
+        return None
+
     def _checkpoint(self, owner: str, job_id: str, tinker_path: str):
         """The job's catalogue, the parsed path, the row and the owner its rows carry, for one of the
         job's checkpoints; NotFoundError if the job (or the checkpoint) is unknown."""

@@ -138,6 +138,14 @@ def _write_ready_file(path: Path, url: str) -> None:
     os.replace(tmp, path)
 
 
+def configure_logging(level: str) -> None:
+    """The server's log format at `level`. Below debug, httpx's line per request the server itself
+    sends (a deployment's /status polls, hot-loads and proxied completions) is left out, as
+    uvicorn's access log is: with a deployment they were nearly every line of the log."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
 def serve(config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted.
 
@@ -146,9 +154,7 @@ def serve(config: ServerConfig) -> None:
     over and over took about a fifth of start-up's CPU time (1.1 of 5 CPU seconds to import the server
     and trainer and load a small Qwen3). Once the models are loaded, what start-up built is frozen
     (never scanned again) and collection resumes."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level)
     gc.disable()
     try:
         server = _uvicorn_server(config)

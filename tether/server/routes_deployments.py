@@ -173,7 +173,16 @@ async def create(
 async def list_deployments(
     owner: str = Depends(request_owner), reg: DeploymentRegistry = Depends(registry)
 ) -> dict[str, Any]:
-    return {"deployments": [deployment_info(row) for row in reg.list(owner)]}
+    rows = reg.list(owner)
+    # each READY one's weights identity, as `get` shows it (without it every list said null)
+    statuses = await asyncio.gather(
+        *(_status(reg, row.deployment_id, owner) if row.state == "READY" else _none() for row in rows)
+    )
+    return {"deployments": [deployment_info(row, status) for row, status in zip(rows, statuses, strict=True)]}
+
+
+async def _none() -> None:
+    return None
 
 
 @router.get("/{deployment_id}")
@@ -248,20 +257,25 @@ async def hot_load(
 async def _trainer_job_checkpoint(
     request: Request, reg: DeploymentRegistry, deployment_id: str, owner: str, target: str
 ) -> Path:
-    """A checkpoint that is not the control plane's own: the deployment's `hot_load_trainer_job`'s
-    sampler checkpoint `target` (a dedicated trainer job writes into its own data directory).
-    NotFoundError if there is no such job or checkpoint."""
-    job_id = reg.get(deployment_id, owner).config.get("hot_load_trainer_job")
-    if not job_id:
-        raise NotFoundError(
-            f"checkpoint {target} does not exist (a trainer job's checkpoint: create the deployment with "
-            "hot_load_trainer_job=<job id>)"
-        )
+    """A checkpoint that is not the control plane's own: a trainer job's sampler checkpoint `target`
+    (a dedicated trainer job writes into its own data directory), from the deployment's
+    `hot_load_trainer_job` when it names one, else from any of the caller's jobs. NotFoundError if
+    there is no such checkpoint."""
     from tether.server.routes_jobs import jobs
 
-    directory = await asyncio.to_thread(jobs(request).sampler_directory, owner, str(job_id), target)
+    job_id = reg.get(deployment_id, owner).config.get("hot_load_trainer_job")
+    manager = jobs(request)
+    if job_id:
+        directory = await asyncio.to_thread(manager.sampler_directory, owner, str(job_id), target)
+    else:
+        found = await asyncio.to_thread(manager.sampler_checkpoint_dir, owner, target)
+        if found is None:
+            raise NotFoundError(
+                f"checkpoint {target} does not exist (neither this server's nor a trainer job's)"
+            )
+        directory = found
     if not (directory / "manifest.json").is_file():
-        raise NotFoundError(f"checkpoint {target} of trainer job {job_id} has no files")
+        raise NotFoundError(f"checkpoint {target} has no files")
     return directory
 
 
