@@ -18,6 +18,9 @@ On a CPU shared with other work, torch's OpenMP threads spin while they wait for
 preempted one stalls the op while its peers burn the CPU it needs (under load, a 2-thread step can
 take 10x a 1-thread one). `--torch-threads 1` or `--omp-wait-policy passive` (set for the engine and
 the servers alike) take that out of the comparison; the defaults show what a user gets by default.
+`--pin` puts the SDK on a CPU of its own and the engine and servers on another (1 torch thread), as
+when the SDK runs on the user's machine: the official SDK spends ~10 ms of CPU per step, which on a
+2-core box otherwise competes with the very step it waits for.
 
     python bench/service_overhead.py [--steps 6] [--hidden 512] [--layers 6] [--batch 8] [--seq-len 256]
 
@@ -220,8 +223,19 @@ def main() -> None:
         default=None,
         help="OMP_WAIT_POLICY for every process (engine and servers alike; unset: the environment's)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the SDK on its own CPU, as on a user's machine: the engine and the servers (and their trainer "
+        "processes) on the first CPU of this process's affinity, with 1 torch thread unless --torch-threads, "
+        "this process (the SDK) on the others; not with --same-process",
+    )
     parser.add_argument("--engine-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pin and args.same_process:
+        parser.error("--pin needs each server and the engine in a process of their own (not --same-process)")
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least 2 CPUs in this process's affinity")
     if args.omp_wait_policy:  # before anything loads torch (and its OpenMP runtime) here or in a child
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     if args.engine_child is not None:
@@ -260,6 +274,10 @@ def main() -> None:
     else:
         from tether.client.local_server import LocalServer
 
+        cpus = sorted(os.sched_getaffinity(0))
+        if args.pin:  # children inherit this process's affinity at spawn
+            args.torch_threads = args.torch_threads or 1
+            os.sched_setaffinity(0, cpus[:1])
         engine = EngineProcess(model_dir, args)
         engine_step, engine_threads = engine.step, engine.torch_threads
         for trainer_process in (False, True):
@@ -268,6 +286,8 @@ def main() -> None:
             extra += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
             local = LocalServer(data_dir=work / f"data-{trainer_process}", extra_args=extra)
             servers.append((local.base_url, local.stop))
+        if args.pin:
+            os.sched_setaffinity(0, cpus[1:])
 
     try:
         services = [tinker.ServiceClient(base_url=url, api_key="tml-bench") for url, _ in servers]
@@ -304,7 +324,13 @@ def main() -> None:
     )
     print(
         f"layout: {'one process (servers as threads, engine in it)' if args.same_process else 'SDK here, each server and the engine its own process'}; "
-        f"CPUs {len(os.sched_getaffinity(0))}; torch threads: engine {engine_threads}, servers {threads}; "
+        f"CPUs {len(os.sched_getaffinity(0))}"
+        + (
+            f" (pinned: SDK on {sorted(os.sched_getaffinity(0))}, engine and servers on the other)"
+            if args.pin
+            else ""
+        )
+        + f"; torch threads: engine {engine_threads}, servers {threads}; "
         f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     print(f"load average at start {load_at_start}, at end {load_average()}")
