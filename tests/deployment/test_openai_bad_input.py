@@ -84,6 +84,13 @@ def test_empty_or_wrongly_typed_prompts_are_refused(client):
     )
 
 
+def test_more_prompts_than_one_request_may_queue_are_a_400_not_a_retryable_429(client):
+    from tether.deployment.openai_routes import MAX_PROMPTS
+
+    too_many = [[5, 6]] * (MAX_PROMPTS + 1)
+    refused(lambda: client.completions.create(model=MODEL, prompt=too_many, max_tokens=1), field="prompt")
+
+
 def test_max_completion_tokens_zero_is_not_read_as_absent(client):
     """0 is out of range: it used to fall through to max_tokens (None = up to the whole context)."""
     refused(

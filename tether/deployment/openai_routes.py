@@ -40,6 +40,9 @@ from tether.engine.sampling import SampledSequence, SampleRequest
 from tether.types.errors import NotFoundError, UserInputError
 
 _MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 512
+"""Prompts in one `/v1/completions`: they are queued at once, and the engine's waiting queue holds 1,024
+requests by default, so a larger list could only ever be refused as overloaded (429, which clients retry)."""
 
 
 class CompletionBody(BaseModel):
@@ -381,6 +384,11 @@ def add_openai_routes(app: FastAPI, served: ServedWeights, *, model_names: list[
         )
         if not prompts:
             raise UserInputError("is an empty list; give a prompt", field="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise UserInputError(
+                f"has {len(prompts)} prompts; at most {MAX_PROMPTS} per request (send them in several)",
+                field="prompt",
+            )
         stops = _stops(body.stop)
         prepared: list[tuple[Any, list[int], SampleRequest]] = []
         for prompt in prompts:
