@@ -1,5 +1,7 @@
 """Shared mode: `cancel_future` on a running `asample` stops it in the sampling engine (KV cache
-freed), gives back the model's pending-sample reservation, and the future answers "cancelled".
+freed), gives back the model's pending-sample reservation, and the future answers "cancelled";
+with the trainer in this process, and with a `tether trainer` across a socket (`trainer_addresses`:
+here served on a thread of this process, so the test can reach its engine).
 
 Synchronisation: the engine's token callback holds generation until the engine's future is
 cancelled, so the sample is certainly running when the test cancels it; then the test waits on the
@@ -11,9 +13,13 @@ from __future__ import annotations
 import threading
 
 import httpx
+import pytest
 
 from tether.server.config import ServerConfig
 from tether.server.main import ServerThread
+from tether.trainer.config import EngineSettings, TrainerConfig
+from tether.trainer.local import InProcessTrainer
+from tether.trainer.process import serve_trainer
 
 ALICE = {"X-API-Key": "tml-alice"}
 BASE = "tether/tiny-qwen3"
@@ -31,10 +37,31 @@ def retrieve(client: httpx.Client, request_id: str) -> bytes | dict:
             return body
 
 
+def serve_on_a_thread(data_dir) -> tuple[InProcessTrainer, str]:
+    """A `tether trainer` serving on a daemon thread of this process: (its trainer, `host:port`)."""
+    settings = EngineSettings(data_dir=data_dir, device="cpu", dtype="float32", torch_threads=1)
+    trainer = InProcessTrainer(BASE, settings)
+    ready = data_dir / "ready"
+    config = TrainerConfig(base_model=BASE, ready_file=ready, port=0, **settings.model_dump())
+    threading.Thread(target=serve_trainer, args=(config,), kwargs={"trainer": trainer}, daemon=True).start()
+    listening = threading.Event()
+    while not ready.exists():  # written by the serving thread once it listens
+        listening.wait(0.01)
+    return trainer, ready.read_text()
+
+
+@pytest.mark.parametrize("where", ["in_process", "remote"])
 def test_cancel_future_stops_a_running_sample_and_frees_its_reservation(
-    tmp_path, default_model_dir, monkeypatch
+    tmp_path, default_model_dir, monkeypatch, where
 ):
-    config = ServerConfig(port=0, data_dir=tmp_path, max_pending_samples=2, long_poll_s=5)
+    remote = None
+    addresses = {}
+    if where == "remote":
+        (tmp_path / "trainer").mkdir()
+        remote, addresses[BASE] = serve_on_a_thread(tmp_path / "trainer")
+    config = ServerConfig(
+        port=0, data_dir=tmp_path, max_pending_samples=2, long_poll_s=5, trainer_addresses=addresses
+    )
     server = ServerThread(config)
     with server as base_url, httpx.Client(base_url=base_url, timeout=WAIT_S) as client:
         session = client.post(
@@ -60,7 +87,7 @@ def test_cancel_future_stops_a_running_sample_and_frees_its_reservation(
 
         assert isinstance(retrieve(client, sample(2, 0)), bytes)  # builds the engine
         state = server.app.state.tether
-        engine = state.trainers.get(BASE).executor.sampling
+        engine = (remote or state.trainers.get(BASE)).executor.sampling
         held = threading.Event()
         real_submit = engine.submit
 

@@ -173,6 +173,27 @@ OPTIM_STEP_GOLDEN_HEX = (
 )
 
 
+def test_golden_bytes_of_a_sample_cancel():
+    """`CancelSample` (a remote `Sample` op's cancellation) has its own frame id and names its target."""
+    frame = encode_op(ops.OpEnvelope(op_id=12, op=ops.CancelSample(target_op_id=7)))
+    assert frame.hex() == CANCEL_SAMPLE_GOLDEN_HEX
+    back = decode_op(12, frame[HEADER_SIZE:]).op
+    assert back == ops.CancelSample(target_op_id=7)
+
+
+CANCEL_SAMPLE_GOLDEN_HEX = (
+    "00000045000000000000000c84a56f705f69640ca673747265616dc0a67365715f6964c0a26f7082a474797065ad63616e63656c"
+    "5f73616d706c65ac7461726765745f6f705f696407"
+)
+
+
+def test_a_malformed_sample_cancel_is_that_frame_s_decode_error():
+    for op in [{"type": "cancel_sample"}, {"type": "cancel_sample", "target_op_id": 1, "extra": 2}]:
+        with pytest.raises(OpDecodeError) as caught:
+            decode_op(6, msgpack.packb({"op_id": 6, "op": op}))
+        assert caught.value.op_id == 6
+
+
 def test_an_optim_step_from_a_sender_without_normalisation_means_none():
     body = msgpack.packb(
         {"op_id": 5, "op": {"type": "optim_step", "model_id": "m", "adam_params": {"learning_rate": 0.1}}}

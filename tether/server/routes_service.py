@@ -111,6 +111,7 @@ async def cancel_future(
     state: ServerState = Depends(server_state),
     owner: str = Depends(request_owner),
 ) -> dict[str, bool]:
-    """Cancel an operation that has not started yet, or a running sample of an in-process trainer
-    (the engine stops it); other running ops finish and their result is kept."""
+    """Cancel an operation that has not started yet, or a running sample (its trainer's engine stops
+    it and frees its KV cache, in this process or across the socket of a `tether trainer`); other
+    running ops (training) finish and their result is kept."""
     return {"cancelled": state.futures.cancel(body.request_id, owner)}

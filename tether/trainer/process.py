@@ -4,6 +4,8 @@ It listens on `host:port` (loopback by default), writes `host:port` to the ready
 listening, and serves each connection with frames of `tether.types.op_codec`: a reader thread
 decodes ops and submits them in arrival order; a sender thread writes results as they complete.
 A frame whose body is not a valid op fails that one op (`OpFailure`), never the process.
+A `CancelSample` frame cancels a `Sample` op of the same connection that is still in flight (its
+engine request stops and frees its KV cache); the op is answered `OpFailure("Cancelled")`.
 
 `python -m tether.trainer.process CONFIG.json` is how `tether serve --trainer-process` starts it
 (exiting when the server's connection closes); `tether trainer --base-model ...` runs it standalone.
@@ -11,6 +13,7 @@ A frame whose body is not a valid op fails that one op (`OpFailure`), never the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -53,14 +56,32 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
     sender = threading.Thread(target=send_loop, name="tether-trainer-send", daemon=True)
     sender.start()
 
+    samples: dict[int, concurrent.futures.Future] = {}  # Sample ops in flight, by op id
+    samples_lock = threading.Lock()
+
     def answer(op_id: int, future_or_failure: object) -> None:
         if isinstance(future_or_failure, ops.OpFailure):
             outbox.put(ops.ResultEnvelope(op_id=op_id, result=future_or_failure))
             return
         future = future_or_failure
-        exc = future.exception()  # type: ignore[attr-defined]
-        result = ops.OpFailure.from_exception(exc) if exc is not None else future.result()  # type: ignore[attr-defined]
+        assert isinstance(future, concurrent.futures.Future)
+        with samples_lock:
+            samples.pop(op_id, None)
+        if future.cancelled():
+            result: object = ops.OpFailure(
+                error_type="ServerError", message="Cancelled: the op was cancelled"
+            )
+        elif (exc := future.exception()) is not None:
+            result = ops.OpFailure.from_exception(exc)
+        else:
+            result = future.result()
         outbox.put(ops.ResultEnvelope(op_id=op_id, result=result))
+
+    def cancel(target_op_id: int) -> None:
+        with samples_lock:
+            future = samples.get(target_op_id)
+        if future is not None:  # finished (or never a Sample of this connection): nothing to stop
+            future.cancel()
 
     try:
         while True:
@@ -73,6 +94,9 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
                 break
             try:
                 envelope = decode_op(op_id, body)
+                if isinstance(envelope.op, ops.CancelSample):
+                    cancel(envelope.op.target_op_id)
+                    continue
                 future = trainer.submit(envelope.op, stream=envelope.stream, seq_id=envelope.seq_id)
             except OpDecodeError as exc:
                 answer(op_id, ops.OpFailure(error_type="ServerError", message=str(exc)))
@@ -80,6 +104,9 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
             except Exception as exc:  # noqa: BLE001 - a refused op fails alone
                 answer(op_id, ops.OpFailure.from_exception(exc))
                 continue
+            if isinstance(envelope.op, ops.Sample):
+                with samples_lock:
+                    samples[op_id] = future
             future.add_done_callback(functools.partial(answer, op_id))
     except (OSError, ValueError) as exc:
         log.warning("op connection broke: %s", exc)

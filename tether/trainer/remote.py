@@ -3,7 +3,10 @@
 One TCP connection on loopback carries frames of `tether.types.op_codec` both ways. Ops are
 encoded and written by one sender thread in submission order, so the trainer receives each model's
 ops in the order the server queued them (its worker then orders them by `seq_id`). A reader thread
-matches result frames to futures by op id. If the process dies, every pending op fails with a
+matches result frames to futures by op id. A `Sample` op's future stays cancellable while it
+runs: cancelling it sends a `CancelSample` frame, and the trainer process stops that engine request
+(freeing its KV cache); other ops are marked running once submitted, since a training op must never
+stop mid-way. If the process dies, every pending op fails with a
 `ServerError` naming the exit, and later submissions fail at once.
 
 Torch-free: the server imports this at module level.
@@ -128,10 +131,26 @@ class RemoteTrainer:
                 future.set_exception(ServerError(self._dead))
                 return future
             op_id = next(self._ids)
-            future.set_running_or_notify_cancel()  # sent ops run: a cancel can no longer stop them
+            if not isinstance(op, ops.Sample):
+                future.set_running_or_notify_cancel()  # sent ops run: a cancel can no longer stop them
             self._pending[op_id] = future
             self._outbox.put(ops.OpEnvelope(op_id=op_id, stream=stream, seq_id=seq_id, op=op))
+        if isinstance(op, ops.Sample):
+
+            def cancelled(done: concurrent.futures.Future) -> None:
+                if done.cancelled():
+                    self._cancel(op_id)
+
+            future.add_done_callback(cancelled)
         return future
+
+    def _cancel(self, op_id: int) -> None:
+        """The sample `op_id` was cancelled here: forget it and tell the trainer process to stop it."""
+        with self._lock:
+            if self._pending.pop(op_id, None) is None or self._dead is not None:
+                return
+            cancel_id = next(self._ids)
+            self._outbox.put(ops.OpEnvelope(op_id=cancel_id, op=ops.CancelSample(target_op_id=op_id)))
 
     def queued(self) -> int:
         with self._lock:
@@ -201,10 +220,13 @@ class RemoteTrainer:
             future = self._pending.pop(op_id, None)
         if future is None:
             return
-        if isinstance(result, ops.OpFailure):
-            future.set_exception(result.to_exception())
-        else:
-            future.set_result(result)
+        try:
+            if isinstance(result, ops.OpFailure):
+                future.set_exception(result.to_exception())
+            else:
+                future.set_result(result)
+        except concurrent.futures.InvalidStateError:  # a sample cancelled meanwhile
+            pass
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
@@ -212,4 +234,7 @@ class RemoteTrainer:
                 self._dead = reason
             pending, self._pending = self._pending, {}
         for future in pending.values():
-            future.set_exception(ServerError(reason))
+            try:
+                future.set_exception(ServerError(reason))
+            except concurrent.futures.InvalidStateError:  # a sample cancelled meanwhile
+                pass

@@ -228,6 +228,24 @@ Op = Annotated[
 """Any trainer operation."""
 
 
+class CancelSample(_Message):
+    """Across a process boundary only: stop the `Sample` op whose envelope carried `target_op_id`.
+
+    The trainer process cancels that op's sampling-engine request (generation stops, its KV cache is
+    freed; a request still waiting for admission is simply dropped) and answers the op as cancelled;
+    an op that has already finished, or that it never saw, makes this a no-op. A `CancelSample`
+    has no answer of its own. Only `Sample` ops are cancellable: a training op (forward, backward,
+    optimizer step, checkpoint) must never stop mid-way, since it would leave a model's gradients,
+    optimizer state or files half written, so a `CancelSample` naming one is ignored."""
+
+    type: Literal["cancel_sample"] = "cancel_sample"
+    target_op_id: int
+
+
+Message = Annotated[Op | CancelSample, Field(discriminator="type")]
+"""What an `OpEnvelope` carries: an op, or the cancellation of an earlier one."""
+
+
 # -------------------------------------------------------------------------------------- results
 
 
@@ -357,7 +375,7 @@ class OpEnvelope(_Message):
     stream: str | None = None
     """The model the op belongs to (ordered by `seq_id`), or None for unordered ops (sampling)."""
     seq_id: int | None = None
-    op: Op
+    op: Message
 
 
 class ResultEnvelope(_Message):
