@@ -201,6 +201,12 @@ class OpExecutor:
 
     # ---- fusing: several LoRA models' forward(_backward)s in one pass -------------------------
 
+    def pass_stats(self) -> dict[str, int]:
+        """The training engine's pass counts (`tether.engine.pass_counts.PassCounts.snapshot`): how many
+        forward(_backward) passes ran and how many ops they carried; zeros before it is built."""
+        training = self._training
+        return (training.pass_counts if training is not None else PassCounts()).snapshot()
+
     def fusible(self, op: Any) -> str | None:
         """The fusion key of `op`: "lora_forward" for a `Forward`/`ForwardBackward` of an existing LoRA
         model, else None (runs alone; full fine-tuning models are never fused). Quick, never blocks."""
