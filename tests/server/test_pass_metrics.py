@@ -48,7 +48,8 @@ def test_metrics_count_one_fused_pass_for_tenants_queued_together(tmp_path, defa
         with trainer.executor.training._lock:  # the worker waits on the lock while the rest queue up
             trainer.submit(ops.DeleteModel(model_id="gate"), stream="gate")
             futures = [
-                trainer.submit(_fb(f"t{t}"), stream=f"t{t}", seq_id=2 if t == 0 else 1) for t in range(TENANTS)
+                trainer.submit(_fb(f"t{t}"), stream=f"t{t}", seq_id=2 if t == 0 else 1)
+                for t in range(TENANTS)
             ]
         for future in futures:
             future.result(60)

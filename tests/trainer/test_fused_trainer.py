@@ -206,6 +206,7 @@ def test_pass_counts_show_one_fused_pass_carrying_every_tenant(tmp_path):
 def test_pass_counts_of_one_tenant_are_unfused(tmp_path):
     trainer = _trainer(tmp_path, True)
     try:
+        assert trainer.pass_stats()["passes"] == 0  # no engine yet: zeros, without building one
         trainer.submit(ops.CreateModel(model_id="t0", lora_config=LoraConfig(rank=2)), stream="t0").result(60)
         assert trainer.pass_stats()["passes"] == 0
         for seq in (1, 2, 3):

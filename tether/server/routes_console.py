@@ -7,7 +7,8 @@
 - `GET /api/v1/tether/console/...`: what the pages list (runs, one run, sessions and samplers,
   trainer jobs, deployments), each limited to the caller's key; another key's run answers 404.
 - `GET /metrics`: Prometheus text format for operators (scrape with the key as a bearer token):
-  this process's server-wide counters, and the latest server-observed metrics of the caller's runs.
+  this process's server-wide counters (with, per in-process base model, forward(_backward) passes
+  and the ops they carried, fused or not), and the latest server-observed metrics of the caller's runs.
 
 Routes that read the database are plain functions (FastAPI runs them in its thread pool, off the
 event loop). Checkpoint actions (delete, TTL) use the REST routes the SDKs use (`routes_rest`). It refuses to

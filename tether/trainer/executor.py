@@ -22,6 +22,7 @@ import torch
 
 from tether.engine.lora import LoraSpec
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
+from tether.engine.pass_counts import PassCounts
 from tether.engine.sampling import SampleRequest, SamplingEngine
 from tether.engine.training_engine import TrainingEngine
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
