@@ -161,3 +161,72 @@ def test_only_lora_forward_ops_are_fusible(tmp_path):
         )
     finally:
         trainer.close()
+
+
+def _queued_together(trainer: InProcessTrainer, tenants: int) -> tuple[dict[str, int], dict[str, int]]:
+    """One forward_backward per tenant queued while the worker is held, then released: the pass
+    counts before and after."""
+    for t in range(tenants):
+        trainer.submit(
+            ops.CreateModel(model_id=f"t{t}", lora_config=LoraConfig(rank=1 + t, seed=t)), stream=f"t{t}"
+        ).result(60)
+    before = trainer.pass_stats()
+    engine = trainer.executor.training
+    with engine._lock:
+        # The worker is stuck on the lock (in housekeeping, or running this first-arrived op) until
+        # every forward_backward has queued up behind it.
+        trainer.submit(ops.DeleteModel(model_id="gate"), stream="gate")
+        futures = [trainer.submit(_fb(t, 0), stream=f"t{t}", seq_id=1) for t in range(tenants)]
+    for future in futures:
+        future.result(120)
+    return before, trainer.pass_stats()
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in before if k != "max_ops_per_pass"} | {
+        "max_ops_per_pass": after["max_ops_per_pass"]
+    }
+
+
+def test_pass_counts_show_one_fused_pass_carrying_every_tenant(tmp_path):
+    trainer = _trainer(tmp_path, True)
+    try:
+        before, after = _queued_together(trainer, 4)
+    finally:
+        trainer.close()
+    assert _delta(before, after) == {
+        "passes": 1,
+        "ops": 4,
+        "fused_passes": 1,
+        "fused_ops": 4,
+        "max_ops_per_pass": 4,
+    }
+
+
+def test_pass_counts_of_one_tenant_are_unfused(tmp_path):
+    trainer = _trainer(tmp_path, True)
+    try:
+        assert trainer.pass_stats()["passes"] == 0  # no engine yet: zeros, without building one
+        trainer.submit(ops.CreateModel(model_id="t0", lora_config=LoraConfig(rank=2)), stream="t0").result(60)
+        assert trainer.pass_stats()["passes"] == 0
+        for seq in (1, 2, 3):
+            trainer.submit(_fb(0, seq), stream="t0", seq_id=seq).result(60)
+        stats = trainer.pass_stats()
+    finally:
+        trainer.close()
+    assert stats == {"passes": 3, "ops": 3, "fused_passes": 0, "fused_ops": 0, "max_ops_per_pass": 1}
+
+
+def test_pass_counts_without_fusing_show_one_pass_per_op(tmp_path):
+    trainer = _trainer(tmp_path, False)  # fuse_lora_ops off (`tether serve --no-fuse-lora-ops`)
+    try:
+        before, after = _queued_together(trainer, 4)
+    finally:
+        trainer.close()
+    assert _delta(before, after) == {
+        "passes": 4,
+        "ops": 4,
+        "fused_passes": 0,
+        "fused_ops": 0,
+        "max_ops_per_pass": 1,
+    }

@@ -52,6 +52,7 @@ from tether.engine.micro_batching import (
 )
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.optimizer import ModelOptimizer, check_moments
+from tether.engine.pass_counts import PassCounts
 from tether.engine.training_state import STATE_FORMAT, SamplerWeights, TrainingState, lora_spec_metadata
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
 from tether.engine.validation import validate_data
@@ -156,6 +157,8 @@ class TrainingEngine:
         self._graphs: dict[str, _KeptGraph] = {}
         self._graph_ids = itertools.count(1)
         self._lock = threading.RLock()
+        self.pass_counts = PassCounts()
+        """Forward(_backward) passes run and the ops each carried (fused or alone); see `pass_counts`."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -576,6 +579,7 @@ class TrainingEngine:
     def _run_prepared(self, parts: list[_Prepared]) -> list[ForwardResult]:
         """One pass over every part's datums; parts > 1 must all be LoRA adapters of the base model and
         all backward or all forward-only (a forward-only adapter in a graph would get zero gradients)."""
+        self.pass_counts.record(len(parts))
         datums = [(k, i) for k, part in enumerate(parts) for i in range(len(part.data))]
         lengths = [parts[k].data[i].input_tokens.shape[0] for k, i in datums]
         outputs: list[list[dict[str, torch.Tensor]]] = [[{} for _ in part.data] for part in parts]

@@ -7,7 +7,8 @@
 - `GET /api/v1/tether/console/...`: what the pages list (runs, one run, sessions and samplers,
   trainer jobs, deployments), each limited to the caller's key; another key's run answers 404.
 - `GET /metrics`: Prometheus text format for operators (scrape with the key as a bearer token):
-  this process's server-wide counters, and the latest server-observed metrics of the caller's runs.
+  this process's server-wide counters (with, per in-process base model, forward(_backward) passes
+  and the ops they carried, fused or not), and the latest server-observed metrics of the caller's runs.
 
 Routes that read the database are plain functions (FastAPI runs them in its thread pool, off the
 event loop). Checkpoint actions (delete, TTL) use the REST routes the SDKs use (`routes_rest`). It refuses to
@@ -300,6 +301,7 @@ class _Collector:
             "Input tokens of this process's forward_backward calls.",
             value=totals.tokens,
         )
+        yield from _pass_metrics(self.state)
         catalogue = self.state.catalogue
         sessions = catalogue.list_sessions(self.owner, 10**9, 0)
         active = GaugeMetricFamily("tether_sessions", "Sessions of this key, by status.", labels=["status"])
@@ -331,6 +333,40 @@ class _Collector:
                     gauges[name].add_metric([run_id], value)
         yield step
         yield from gauges.values()
+
+
+def _pass_metrics(state: ServerState) -> Any:
+    """Per loaded base model: forward(_backward) passes and the ops they carried, fused (>= 2 ops,
+    several LoRA tenants in one pass) or not. Only in-process trainers report them (a
+    `--trainer-process` trainer has no stats channel yet, so its base model is absent)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    passes = CounterMetricFamily(
+        "tether_training_passes",
+        "Forward(_backward) passes this server's trainers ran; fused=true: one pass carried several "
+        "LoRA models' ops.",
+        labels=["base_model", "fused"],
+    )
+    carried = CounterMetricFamily(
+        "tether_training_pass_ops",
+        "forward/forward_backward ops those passes carried.",
+        labels=["base_model", "fused"],
+    )
+    largest = GaugeMetricFamily(
+        "tether_training_max_ops_per_pass", "Most ops one pass carried.", labels=["base_model"]
+    )
+    for trainer in state.trainers.loaded():
+        stats = getattr(trainer, "pass_stats", None)
+        if stats is None:
+            continue
+        counts = stats()
+        name = trainer.base_model
+        passes.add_metric([name, "true"], counts["fused_passes"])
+        passes.add_metric([name, "false"], counts["passes"] - counts["fused_passes"])
+        carried.add_metric([name, "true"], counts["fused_ops"])
+        carried.add_metric([name, "false"], counts["ops"] - counts["fused_ops"])
+        largest.add_metric([name], counts["max_ops_per_pass"])
+    yield from (passes, carried, largest)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -22,6 +22,7 @@ import torch
 
 from tether.engine.lora import LoraSpec
 from tether.engine.model_loading import LoadedBaseModel, load_base_model
+from tether.engine.pass_counts import PassCounts
 from tether.engine.sampling import SampleRequest, SamplingEngine
 from tether.engine.training_engine import TrainingEngine
 from tether.engine.training_types import AdamWParams, EngineDatum, ForwardResult, GraphHandle, LossRequest
@@ -200,6 +201,12 @@ class OpExecutor:
         raise UserInputError(f"unknown operation {type(op).__name__}", field="op")
 
     # ---- fusing: several LoRA models' forward(_backward)s in one pass -------------------------
+
+    def pass_stats(self) -> dict[str, int]:
+        """The training engine's pass counts (`tether.engine.pass_counts.PassCounts.snapshot`): how many
+        forward(_backward) passes ran and how many ops they carried; zeros before it is built."""
+        training = self._training
+        return (training.pass_counts if training is not None else PassCounts()).snapshot()
 
     def fusible(self, op: Any) -> str | None:
         """The fusion key of `op`: "lora_forward" for a `Forward`/`ForwardBackward` of an existing LoRA

@@ -66,6 +66,10 @@ class InProcessTrainer:
     def queued(self) -> int:
         return self.worker.queued()
 
+    def pass_stats(self) -> dict[str, int]:
+        """Forward(_backward) passes run and the ops they carried (`OpExecutor.pass_stats`): plain ints."""
+        return self.executor.pass_stats()
+
     def close(self) -> None:
         self.worker.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
