@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from tether.client.deployments import DeploymentConfig, DeploymentManager
+    from tether.types.errors import NotFoundError
 
     manager = DeploymentManager(args.base_url, args.api_key)
     try:
@@ -100,9 +101,8 @@ def _run(args: argparse.Namespace) -> int:
             result = [_info(d) for d in manager.list()]
         elif args.action == "get":
             info = manager.get(args.deployment_id)
-            if info is None:
-                print(json.dumps({"error": f"deployment {args.deployment_id!r} does not exist"}))
-                return 1
+            if info is None:  # like every other refusal: a message on stderr and exit code 2
+                raise NotFoundError(f"deployment {args.deployment_id!r} does not exist")
             result = _info(info)
         elif args.action == "restart":
             result = _info(manager.restart(args.deployment_id))

@@ -225,6 +225,6 @@ def test_deployment_lifecycle_with_weight_sync(thread, model_dir):
     assert [(d["deployment_id"], d["current_snapshot_identity"]) for d in cli("list")[1]] == [
         ("dep-1", first)
     ]
-    assert cli("get", "nobody")[0] == 1
+    assert cli("get", "nobody") == (2, None)  # the message goes to stderr, as for any refusal
     assert cli("delete", "dep-1") == (0, {"deployment_id": "dep-1", "state": "DELETED"})
     assert manager.get("dep-1") is None and manager.list() == []
