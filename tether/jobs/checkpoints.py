@@ -79,26 +79,6 @@ class JobCheckpoints:
             for r in reversed(rows)
         ]
 
-    def sampler_checkpoint_dir(self, owner: str, tinker_path: str) -> Path | None:
-        """The directory of the sampler checkpoint `tinker_path` if one of the owner's jobs wrote it
-        (a deployment hot-loads it from there), else None. UserInputError for a malformed path."""
-        from tether.server.checkpoints import CheckpointFiles
-
-        parsed = parse_checkpoint_path(tinker_path, field="path")
-        if parsed.kind != "sampler":
-            return None
-        for job in self.store.list(owner):
-            opened = self._job_catalogue(owner, job.job_id)
-            if opened is None:
-                continue
-            catalogue, inner_owner = opened
-            row = catalogue.find_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
-            if row is not None and row.owner == inner_owner:
-                return CheckpointFiles(self.job_dir(owner, job.job_id) / "data").directory(
-                    inner_owner, parsed
-                )
-        return None
-
     def _checkpoint(self, owner: str, job_id: str, tinker_path: str):
         """The job's catalogue, the parsed path, the row and the owner its rows carry, for one of the
         job's checkpoints; NotFoundError if the job (or the checkpoint) is unknown."""
@@ -140,11 +120,24 @@ class JobCheckpoints:
         files, parsed, inner_owner = self._sampler_checkpoint(owner, job_id, tinker_path, "promotable")
         return files.store(inner_owner).load_hf_weights(parsed)
 
-    def sampler_directory(self, owner: str, job_id: str, tinker_path: str) -> Path:
-        """Where the job's sampler checkpoint `tinker_path` lies, for a deployment to hot-load it
-        (also while the job is stopped); NotFoundError / UserInputError as `_sampler_checkpoint`."""
-        files, parsed, inner_owner = self._sampler_checkpoint(owner, job_id, tinker_path, "hot-loadable")
-        return files.directory(inner_owner, parsed)
+    def sampler_directory(self, owner: str, tinker_path: str, job_id: str | None = None) -> Path:
+        """Where the sampler checkpoint `tinker_path` of job `job_id` (without one: of whichever of the
+        owner's jobs wrote it) lies, for a deployment to hot-load it, also while the job is stopped.
+        NotFoundError if no such job has it; UserInputError if it is a training checkpoint."""
+        job_ids = [job_id] if job_id else [job.job_id for job in self.store.list(owner)]
+        for candidate in job_ids:
+            try:
+                files, parsed, inner_owner = self._sampler_checkpoint(
+                    owner, candidate, tinker_path, "hot-loadable"
+                )
+            except NotFoundError:
+                if job_id:
+                    raise
+                continue
+            return files.directory(inner_owner, parsed)
+        raise NotFoundError(
+            f"checkpoint {tinker_path} does not exist (neither this server's nor a trainer job's)"
+        )
 
     def _export(
         self, owner: str, job_id: str, tinker_path: str, target: Path, name: str | None

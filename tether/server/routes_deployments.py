@@ -264,16 +264,9 @@ async def _trainer_job_checkpoint(
     from tether.server.routes_jobs import jobs
 
     job_id = reg.get(deployment_id, owner).config.get("hot_load_trainer_job")
-    manager = jobs(request)
-    if job_id:
-        directory = await asyncio.to_thread(manager.sampler_directory, owner, str(job_id), target)
-    else:
-        found = await asyncio.to_thread(manager.sampler_checkpoint_dir, owner, target)
-        if found is None:
-            raise NotFoundError(
-                f"checkpoint {target} does not exist (neither this server's nor a trainer job's)"
-            )
-        directory = found
+    directory = await asyncio.to_thread(
+        jobs(request).sampler_directory, owner, target, str(job_id) if job_id else None
+    )
     if not (directory / "manifest.json").is_file():
         raise NotFoundError(f"checkpoint {target} has no files")
     return directory
