@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
-from tether.engine.model_loading import LoadedBaseModel, load_base_model
+from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.sampling import SamplingEngine
 from tether.engine.training_types import GraphHandle
 from tether.engine.worker import ModelWorker
@@ -107,13 +107,7 @@ class DistributedExecutor(OpExecutor):
         """The base model's skeleton (meta-device parameters): the sharded engine reads its shards itself."""
         with self._lock:
             if self._base is None:
-                self._base = load_base_model(
-                    self.base_model,
-                    aliases=self.settings.model_aliases,
-                    device=self.settings.device,
-                    dtype=self.settings.dtype,
-                    weights=False,
-                )
+                self._base = self._load_base(weights=False)
             return self._base
 
     @property
@@ -126,12 +120,7 @@ class DistributedExecutor(OpExecutor):
         """
         with self._full_base_lock:  # not the executor's lock: training ops go on while it loads
             if self._full_base is None:
-                self._full_base = load_base_model(
-                    self.base_model,
-                    aliases=self.settings.model_aliases,
-                    device=self.settings.device,
-                    dtype=self.settings.dtype,
-                )
+                self._full_base = self._load_base()
         with self._lock:
             if self._sampling is None:
                 self._sampling = SamplingEngine(

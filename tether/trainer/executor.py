@@ -113,13 +113,19 @@ class OpExecutor:
             if self._base is None:
                 if self.settings.torch_threads is not None:
                     torch.set_num_threads(self.settings.torch_threads)
-                self._base = load_base_model(
-                    self.base_model,
-                    aliases=self.settings.model_aliases,
-                    device=self.settings.device,
-                    dtype=self.settings.dtype,
-                )
+                self._base = self._load_base()
             return self._base
+
+    def _load_base(self, *, weights: bool = True) -> LoadedBaseModel:
+        """Load this executor's base model with its settings (aliases, device, dtype); `weights=False`
+        gives a meta-device skeleton (`load_base_model`)."""
+        return load_base_model(
+            self.base_model,
+            aliases=self.settings.model_aliases,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            weights=weights,
+        )
 
     @property
     def training(self) -> TrainingEngine:
