@@ -115,13 +115,6 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-async def result_unless_gone(client: Request, future: Future[T]) -> T:
-    """`future`'s result, or, if `client` disconnects first (or this handler is cancelled), cancel
-    `future` (the engine drops the request and frees what it held) and raise `ClientGone`
-    (`CancelledError` when cancelled)."""
-    return (await results_unless_gone(client, [future]))[0]
-
-
 async def results_unless_gone(client: Request, futures: Sequence[Future[T]]) -> list[T]:
     """The results of `futures`, in order, awaited together against one disconnect listener
     (`receive()` is awaited by one task only). If `client` disconnects first (or this handler is
@@ -152,24 +145,22 @@ async def results_unless_gone(client: Request, futures: Sequence[Future[T]]) -> 
 
 
 async def run_request(
-    served: ServedWeights, request: SampleRequest, client: Request | None = None
+    served: ServedWeights, request: SampleRequest, client: Request
 ) -> tuple[SampleResult, str]:
-    """Submit off the event loop (a SYNC switch may hold admission) and await the result; with
-    `client`, a disconnect cancels the request (`result_unless_gone`)."""
+    """Submit off the event loop (a SYNC switch may hold admission) and await the result; a
+    disconnect of `client` cancels the request (`results_unless_gone`)."""
     results, identity = await run_requests(served, [request], client)
     return results[0], identity
 
 
 async def run_requests(
-    served: ServedWeights, requests: list[SampleRequest], client: Request | None = None
+    served: ServedWeights, requests: list[SampleRequest], client: Request
 ) -> tuple[list[SampleResult], str]:
     """`run_request` for several requests at once: queued together on one weights version
     (`ServedWeights.submit_many`, so the engine batches them and a hot-load cannot split them),
-    awaited together; with `client`, a disconnect cancels them all (`results_unless_gone`).
+    awaited together; a disconnect of `client` cancels them all (`results_unless_gone`).
     Returns the results in order and the weights identity."""
     futures, identity = await asyncio.to_thread(served.submit_many, requests)
-    if client is None:
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))), identity
     return await results_unless_gone(client, futures), identity
 
 
