@@ -47,6 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from tether.engine.fsdp_collectives import leave_process_group
     from tether.engine.lora import LoraSpec
     from tether.engine.model_loading import load_base_model
     from tether.engine.training_types import AdamWParams, EngineDatum
@@ -103,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
             "RESULT " + json.dumps({"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / args.steps}),
             flush=True,
         )
-    dist.destroy_process_group()
+    leave_process_group(together=True)
 
 
 def launch(args: argparse.Namespace, engine: str, nproc: int) -> dict:

@@ -188,9 +188,9 @@ def main() -> None:
             f"{'met' if mfu >= TARGET_MFU else 'not met'}"
         )
         if args.engine == "fsdp":
-            import torch.distributed as dist
+            from tether.engine.fsdp_collectives import leave_process_group
 
-            dist.destroy_process_group()
+            leave_process_group(together=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from tether.engine.fsdp import DistributedTrainingEngine
+    from tether.engine.fsdp_collectives import leave_process_group
     from tether.engine.model_loading import load_base_model
 
     dist.init_process_group("gloo")
@@ -49,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     print("RESULT " + json.dumps({"rank": dist.get_rank(), "peak_mib": peak_mib}), flush=True)
-    dist.destroy_process_group()
+    leave_process_group(together=True)
 
 
 def launch(args: argparse.Namespace, mode: str, model_dir: Path) -> list[float]:

@@ -383,6 +383,7 @@ def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
     from safetensors.torch import save_file
 
     from tether.engine.fsdp import DistributedTrainingEngine
+    from tether.engine.fsdp_collectives import leave_process_group
     from tether.engine.model_loading import load_base_model
 
     dist.init_process_group("gloo")
@@ -397,18 +398,21 @@ def main(model_dir: str, out_file: str, mixed_precision: str = "none") -> None:
         results = run_bf16(engine, out_file + ".dcp")
         if dist.get_rank() == 0:
             save_file(results, out_file)
-        dist.destroy_process_group()
+        leave_process_group(together=True)
         return
     if mixed_precision == "sharded":
         results = run_sharded_loads(engine, model_dir, out_file + ".dcp")
         save_file(results, f"{out_file}.rank{dist.get_rank()}")
-        dist.destroy_process_group()
+        leave_process_group(together=True)
         return
     results = run_cases(engine) if mixed_precision == "none" else run_mixed(engine)
     if dist.get_rank() == 0:
         save_file(results, out_file)
-    dist.destroy_process_group()
+    leave_process_group(together=True)
 
 
 if __name__ == "__main__":
+    from tether.engine.fsdp_collectives import exit_process
+
     main(*sys.argv[1:])
+    exit_process(0)

@@ -137,6 +137,24 @@ def test_bf16_weights_train_through_sharded_fp32_masters_and_resume_exactly(mode
     assert float(r["moved"]) > 0.3, float(r["moved"])
 
 
+def test_leave_process_group_waits_for_every_rank(tmp_path):
+    """A rank that ends first waits for its peers before it destroys the group: under gloo, leaving
+    while a peer is still busy sometimes aborts the process at exit (SIGABRT), which torchrun
+    reports as the whole run failing."""
+    done = torchrun(2, str(HERE / "leave_cases.py"), "waits", str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == "waited"
+    # exit_process ends without the interpreter's shutdown, yet flushes what was printed
+    assert "rank 0 left" in done.stdout and "rank 1 left" in done.stdout
+
+
+def test_leave_process_group_does_not_hang_on_a_dead_peer(tmp_path):
+    done = torchrun(2, str(HERE / "leave_cases.py"), "peer_gone", str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text().startswith("left after")
+    assert "leaving anyway" in done.stderr
+
+
 def test_split_by_tokens_balances_and_covers_every_datum():
     from tether.engine.fsdp import split_by_tokens
     from tether.engine.micro_batching import plan_micro_batches

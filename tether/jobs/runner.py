@@ -90,16 +90,20 @@ def _run(spec: JobProcessSpec) -> None:
         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
     )
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from tether.engine.fsdp_collectives import exit_process, leave_process_group
     trainer = _join_ranks(config) if distributed else None
     if distributed and trainer is None:
-        return  # a rank > 0: it followed rank 0 until the stop
+        exit_process(0)  # a rank > 0: it followed rank 0 until the stop and left the group
+    ended_cleanly = False
     try:
         _serve(spec, config, trainer)
+        ended_cleanly = True
     finally:
         if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            leave_process_group(together=ended_cleanly)
+    if distributed:
+        exit_process(0)
 
 
 def _join_ranks(config: ServerConfig) -> Any:
@@ -108,6 +112,7 @@ def _join_ranks(config: ServerConfig) -> Any:
     import torch
     import torch.distributed as dist
 
+    from tether.engine.fsdp_collectives import leave_process_group
     from tether.trainer.distributed import (
         ControlChannel,
         DistributedExecutor,
@@ -125,12 +130,14 @@ def _join_ranks(config: ServerConfig) -> Any:
     if dist.get_rank() == 0:
         return DistributedTrainer(config.models[0], settings, channel)
     executor = DistributedExecutor(config.models[0], settings)
+    ended_cleanly = False
     try:
         executor.base  # noqa: B018 - load now, beside rank 0, not on the first training op
         follow(executor, channel)
+        ended_cleanly = True
     finally:
         executor.close()
-        dist.destroy_process_group()
+        leave_process_group(together=ended_cleanly)
     return None
 
 

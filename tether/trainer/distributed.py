@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tether.engine.fsdp import DistributedTrainingEngine, all_gather_bytes, broadcast_bytes
+from tether.engine.fsdp_collectives import exit_process, leave_process_group
 from tether.engine.model_loading import LoadedBaseModel
 from tether.engine.sampling import SamplingEngine
 from tether.engine.training_types import GraphHandle
@@ -355,7 +356,8 @@ def init_distributed(settings: EngineSettings) -> EngineSettings:
 
 
 def serve_distributed(config: TrainerConfig, *, exit_on_disconnect: bool = False) -> None:
-    """This rank's part of a multi-rank trainer; returns when rank 0's server stops."""
+    """This rank's part of a multi-rank trainer. When rank 0's server stops, every rank leaves the
+    process group together and its process exits 0 (`exit_process`); an error propagates."""
     from tether.trainer.process import serve_trainer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -366,14 +368,17 @@ def serve_distributed(config: TrainerConfig, *, exit_on_disconnect: bool = False
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     channel = ControlChannel()
+    ended_cleanly = False
     try:
         if dist.get_rank() == 0:
             trainer = DistributedTrainer(config.base_model, settings, channel)
             serve_trainer(config, exit_on_disconnect=exit_on_disconnect, trainer=trainer)
         else:
             follow(DistributedExecutor(config.base_model, settings), channel)
+        ended_cleanly = True
     finally:
-        dist.destroy_process_group()
+        leave_process_group(together=ended_cleanly)
+    exit_process(0)
 
 
 def torchrun_command(config_file: Path, nproc_per_node: int, *, exit_on_disconnect: bool) -> list[str]:
