@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from tether.engine.fsdp_collectives import leave_process_group
+    from tether.engine.fsdp_collectives import exit_process, leave_process_group
     from tether.engine.lora import LoraSpec
     from tether.engine.model_loading import load_base_model
     from tether.engine.training_types import AdamWParams, EngineDatum
@@ -105,6 +105,7 @@ def worker(args: argparse.Namespace) -> None:
             flush=True,
         )
     leave_process_group(together=True)
+    exit_process(0)  # not through the interpreter's shutdown: see exit_process
 
 
 def launch(args: argparse.Namespace, engine: str, nproc: int) -> dict:

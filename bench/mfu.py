@@ -188,9 +188,10 @@ def main() -> None:
             f"{'met' if mfu >= TARGET_MFU else 'not met'}"
         )
         if args.engine == "fsdp":
-            from tether.engine.fsdp_collectives import leave_process_group
+            from tether.engine.fsdp_collectives import exit_process, leave_process_group
 
             leave_process_group(together=True)
+            exit_process(0)  # not through the interpreter's shutdown: see exit_process
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from tether.engine.fsdp import DistributedTrainingEngine
-    from tether.engine.fsdp_collectives import leave_process_group
+    from tether.engine.fsdp_collectives import exit_process, leave_process_group
     from tether.engine.model_loading import load_base_model
 
     dist.init_process_group("gloo")
@@ -51,6 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     print("RESULT " + json.dumps({"rank": dist.get_rank(), "peak_mib": peak_mib}), flush=True)
     leave_process_group(together=True)
+    exit_process(0)  # not through the interpreter's shutdown: see exit_process
 
 
 def launch(args: argparse.Namespace, mode: str, model_dir: Path) -> list[float]:
