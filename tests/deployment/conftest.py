@@ -1,4 +1,4 @@
-"""A small Qwen3 on disk, a trainer on it, and a deployment process's core (in-process) on it."""
+"""A small Qwen3 on disk, and `tether serve` (the control plane, in a thread of this process) on it."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def model_dir(tmp_path_factory, default_model_dir):
         if source.is_file():
             shutil.copyfile(source, path / name)
     return path
+
+
+@pytest.fixture(scope="module")
+def thread(model_dir, tmp_path_factory):
+    """`tether serve` on `model_dir` in a thread, one per test module; stopped after the module."""
+    from tether.server.config import ServerConfig
+    from tether.server.main import ServerThread
+
+    config = ServerConfig(
+        port=0, models=[str(model_dir)], data_dir=tmp_path_factory.mktemp("serve"), torch_threads=1
+    )
+    server = ServerThread(config)
+    server.start()
+    yield server
+    server.stop()

@@ -22,7 +22,6 @@ from tether.client.deployments import DeploymentConfig, DeploymentManager, Weigh
 from tether.engine.model_loading import load_base_model
 from tether.engine.training_engine import TrainingEngine
 from tether.engine.training_types import AdamWParams, EngineDatum
-from tether.server.config import ServerConfig
 from tether.server.main import ServerThread
 from tether.storage import StoredHfWeights
 from tether.storage.sampler_chain import save_sampler_checkpoint_ext
@@ -78,17 +77,6 @@ class FakePolicy:
             {"target_tokens": torch.tensor(PROMPT[1:]), "weights": torch.ones(len(PROMPT) - 1)},
         )
         return self.trainer.forward("m", [datum], "cross_entropy").outputs[0]["logprobs"]
-
-
-@pytest.fixture(scope="module")
-def thread(model_dir, tmp_path_factory):
-    config = ServerConfig(
-        port=0, models=[str(model_dir)], data_dir=tmp_path_factory.mktemp("serve"), torch_threads=1
-    )
-    server = ServerThread(config)
-    server.start()
-    yield server
-    server.stop()
 
 
 def prompt_logprobs(manager: DeploymentManager, deployment_id: str) -> tuple[torch.Tensor, str]:

@@ -19,26 +19,13 @@ import openai
 import pytest
 
 from tether.client.deployments import DeploymentConfig, DeploymentManager
-from tether.server.config import ServerConfig
 from tether.server.deployments import DeploymentRegistry
-from tether.server.main import ServerThread
 from tether.types.errors import ConflictError, ServerError
 from tether.types.paths import parse_checkpoint_path
 
 KEY = "tml-test"
 DYING = Path(__file__).with_name("dying_deployment.py")
 CHECKPOINT = "tinker://sess-1:train:0/sampler_weights/step-0"
-
-
-@pytest.fixture(scope="module")
-def thread(model_dir, tmp_path_factory):
-    config = ServerConfig(
-        port=0, models=[str(model_dir)], data_dir=tmp_path_factory.mktemp("serve"), torch_threads=1
-    )
-    server = ServerThread(config)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

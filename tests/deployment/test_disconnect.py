@@ -147,6 +147,22 @@ def settled_after_cancel(backend: HoldUntilCancelled, before):
     return stats
 
 
+def post_then_disconnect(backend: HoldUntilCancelled, url: str, body: dict) -> None:
+    """POST `body` for a whole answer, wait until a request is held in its third token, then close
+    the connection (httpx does when the call is cancelled)."""
+
+    async def client_gives_up() -> None:
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            backend.arm(at=3)
+            call = asyncio.create_task(http.post(url, json=body))
+            assert await asyncio.to_thread(backend.held.wait, WAIT_S)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(client_gives_up())
+
+
 def still_serves(base_url: str) -> None:
     client = openai.OpenAI(api_key="unused", base_url=f"{base_url}/v1", max_retries=0, timeout=WAIT_S)
     answer = client.completions.create(model=MODEL, prompt="ab", max_tokens=4, stop=[], seed=1)
@@ -197,16 +213,7 @@ def test_a_whole_answer_whose_client_goes_away_is_cancelled(target, path, body):
     base_url, backend = target
     before = backend.engine.stats()
 
-    async def client_gives_up() -> None:
-        async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            backend.arm(at=3)
-            call = asyncio.create_task(http.post(f"{base_url}{path}", json=body))
-            assert await asyncio.to_thread(backend.held.wait, WAIT_S)
-            call.cancel()  # httpx closes the connection
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-    asyncio.run(client_gives_up())
+    post_then_disconnect(backend, f"{base_url}{path}", body)
     settled_after_cancel(backend, before)
     still_serves(base_url)
 
@@ -235,17 +242,10 @@ def test_a_whole_answer_of_several_prompts_whose_client_goes_away_cancels_every_
     prompts = ["The", "Once upon a time", "ab"]
     before = backend.engine.stats()
 
-    async def client_gives_up() -> None:
-        async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            backend.arm(at=3)  # the first prompt's request stops in its third token
-            body = {"model": MODEL, "prompt": prompts, "max_tokens": 80, "stop": [], "seed": 4}
-            call = asyncio.create_task(http.post(f"{base_url}/v1/completions", json=body))
-            assert await asyncio.to_thread(backend.held.wait, WAIT_S)
-            call.cancel()  # httpx closes the connection
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-    asyncio.run(client_gives_up())
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 80, "stop": [], "seed": 4}
+    post_then_disconnect(
+        backend, f"{base_url}/v1/completions", body
+    )  # the first prompt stops in its 3rd token
     stats = backend.engine.wait_for_stats(
         lambda s: (
             s.cancelled == before.cancelled + len(prompts)

@@ -17,12 +17,13 @@ import msgpack
 import pytest
 
 from tests.trainer.test_sample_cancel import WAIT_S, hold_generation, sample
+from tests.trainer.test_trainer_modes import read_answer
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.local import InProcessTrainer
 from tether.trainer.process import serve_trainer
-from tether.trainer.remote import RemoteTrainer, recv_exact
+from tether.trainer.remote import RemoteTrainer
 from tether.types import ops
-from tether.types.op_codec import HEADER_SIZE, decode_result, encode_op, read_header
+from tether.types.op_codec import encode_op
 from tether.types.wire import AdamParams
 
 BASE = "tether/tiny-qwen3"
@@ -98,15 +99,6 @@ def _send(conn: socket.socket, envelope: ops.OpEnvelope) -> None:
     conn.sendall(encode_op(envelope))
 
 
-def _answer(conn: socket.socket) -> tuple[int, ops.OpResult]:
-    header = recv_exact(conn, HEADER_SIZE)
-    assert header is not None
-    length, op_id = read_header(header)
-    body = recv_exact(conn, length)
-    assert body is not None
-    return op_id, decode_result(op_id, body).result
-
-
 def test_the_process_answers_a_cancelled_sample_and_ignores_stale_or_bad_cancels(served, monkeypatch):
     """On the wire: the cancelled op is answered as cancelled (the result callback tolerates a
     cancelled future); a cancel of a finished or unknown op is a no-op with no answer; a malformed
@@ -119,21 +111,21 @@ def test_the_process_answers_a_cancelled_sample_and_ignores_stale_or_bad_cancels
         _send(conn, ops.OpEnvelope(op_id=1, op=sample(100)))
         assert held.wait(WAIT_S)
         _send(conn, ops.OpEnvelope(op_id=2, op=ops.CancelSample(target_op_id=1)))
-        answered, result = _answer(conn)
+        answered, result = read_answer(conn)
         assert answered == 1 and isinstance(result, ops.OpFailure) and "ancelled" in result.message
         engine_settled(trainer, before.cancelled + 1)
         monkeypatch.undo()
 
         _send(conn, ops.OpEnvelope(op_id=3, op=sample(2)))
-        answered, result = _answer(conn)
+        answered, result = read_answer(conn)
         assert answered == 3 and isinstance(result, ops.SampleOutput)
         _send(conn, ops.OpEnvelope(op_id=4, op=ops.CancelSample(target_op_id=3)))  # finished: no-op
         _send(conn, ops.OpEnvelope(op_id=5, op=ops.CancelSample(target_op_id=999)))  # unknown: no-op
         body = msgpack.packb({"op_id": 6, "op": {"type": "cancel_sample", "target_op_id": "one"}})
         conn.sendall((len(body) + 8).to_bytes(4, "big") + (6).to_bytes(8, "big") + body)
-        answered, result = _answer(conn)  # the first answer after op 3 is the malformed frame's
+        answered, result = read_answer(conn)  # the first answer after op 3 is the malformed frame's
         assert answered == 6 and isinstance(result, ops.OpFailure) and "malformed" in result.message
         _send(conn, ops.OpEnvelope(op_id=7, op=ops.DescribeBase()))
-        answered, result = _answer(conn)
+        answered, result = read_answer(conn)
         assert answered == 7 and isinstance(result, ops.BaseModelInfo)
     assert engine.stats().cancelled == before.cancelled + 1

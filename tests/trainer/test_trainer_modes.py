@@ -15,10 +15,10 @@ import pytest
 from tether.trainer.config import EngineSettings, TrainerConfig
 from tether.trainer.local import InProcessTrainer
 from tether.trainer.process import serve_trainer
-from tether.trainer.remote import RemoteTrainer, recv_exact
+from tether.trainer.remote import RemoteTrainer, recv_frame
 from tether.types import ops
 from tether.types.errors import NotFoundError, ServerError, UserInputError
-from tether.types.op_codec import HEADER_SIZE, decode_result, encode_op, read_header
+from tether.types.op_codec import decode_result, encode_op
 from tether.types.wire import AdamParams, LoraConfig, SamplingParams
 
 BASE = "tether/tiny-qwen3"
@@ -168,12 +168,11 @@ def trainer_socket(tmp_path, default_model_dir):
         yield conn
 
 
-def _answer(conn: socket.socket) -> tuple[int, ops.OpResult]:
-    header = recv_exact(conn, HEADER_SIZE)
-    assert header is not None
-    length, op_id = read_header(header)
-    body = recv_exact(conn, length)
-    assert body is not None
+def read_answer(conn: socket.socket) -> tuple[int, ops.OpResult]:
+    """The next answer a trainer process sends on `conn`: its op id and result."""
+    frame = recv_frame(conn)
+    assert frame is not None
+    op_id, body = frame
     return op_id, decode_result(op_id, body).result
 
 
@@ -185,10 +184,10 @@ def test_a_malformed_op_fails_alone_and_the_process_keeps_serving(trainer_socket
         (79, msgpack.packb({"op_id": 79, "op": {"type": "sample", "sampler_id": None}})),
     ]:
         conn.sendall(len(body + b"12345678").to_bytes(4, "big") + op_id.to_bytes(8, "big") + body)
-        answered, result = _answer(conn)
+        answered, result = read_answer(conn)
         assert answered == op_id and isinstance(result, ops.OpFailure) and "malformed" in result.message
     conn.sendall(encode_op(ops.OpEnvelope(op_id=80, op=ops.DescribeBase())))
-    answered, result = _answer(conn)
+    answered, result = read_answer(conn)
     assert answered == 80 and isinstance(result, ops.BaseModelInfo) and result.vocab_size > 0
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tether.trainer.config import TrainerConfig
 from tether.trainer.local import InProcessTrainer
-from tether.trainer.remote import recv_exact
+from tether.trainer.remote import recv_frame
 from tether.types import ops
-from tether.types.op_codec import HEADER_SIZE, OpDecodeError, decode_op, encode_result, read_header
+from tether.types.op_codec import OpDecodeError, decode_op, encode_result
 
 log = logging.getLogger("tether.trainer")
 
@@ -84,14 +84,8 @@ def serve_connection(conn: socket.socket, trainer: InProcessTrainer) -> None:
             future.cancel()
 
     try:
-        while True:
-            header = recv_exact(conn, HEADER_SIZE)
-            if header is None:
-                break
-            length, op_id = read_header(header)
-            body = recv_exact(conn, length)
-            if body is None:
-                break
+        while (frame := recv_frame(conn)) is not None:
+            op_id, body = frame
             try:
                 envelope = decode_op(op_id, body)
                 if isinstance(envelope.op, ops.CancelSample):

@@ -48,6 +48,16 @@ def recv_exact(sock: socket.socket, size: int) -> bytes | None:
     return bytes(chunks)
 
 
+def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """One op-codec frame (header, then body): its op id and body, or None at end of stream."""
+    header = recv_exact(sock, HEADER_SIZE)
+    if header is None:
+        return None
+    length, op_id = read_header(header)
+    body = recv_exact(sock, length)
+    return None if body is None else (op_id, body)
+
+
 class RemoteTrainer:
     """A connection to one `tether trainer` process (one base model)."""
 
@@ -194,14 +204,8 @@ class RemoteTrainer:
 
     def _read_loop(self) -> None:
         try:
-            while True:
-                header = recv_exact(self._sock, HEADER_SIZE)
-                if header is None:
-                    break
-                length, op_id = read_header(header)
-                body = recv_exact(self._sock, length)
-                if body is None:
-                    break
+            while (frame := recv_frame(self._sock)) is not None:
+                op_id, body = frame
                 try:
                     result = decode_result(op_id, body).result
                 except OpDecodeError as exc:
