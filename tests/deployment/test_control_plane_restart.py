@@ -16,6 +16,18 @@ from tether.types.data import AdamParams, Datum, ModelInput
 from .test_control_plane import KEY, prompt_logprobs
 
 
+def crash(server: ServerThread, monkeypatch) -> None:
+    """The control plane dies and leaves its deployments' processes running. A real crash takes its
+    threads with it; here the server's registry forgets its processes, so that its watcher threads,
+    still alive in this test process, write nothing more to the catalogue the next server shares
+    (a watcher seeing an orphan stopped could otherwise mark its deployment FAILED after the next
+    server had started it again)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(routes_deployments, "close", lambda app: None)
+        server.app.state.deployments._processes.clear()
+        server.stop()
+
+
 def test_a_restarted_control_plane_brings_back_its_deployments_on_their_weights(
     model_dir, tmp_path, monkeypatch
 ):
@@ -40,9 +52,7 @@ def test_a_restarted_control_plane_brings_back_its_deployments_on_their_weights(
     before, identity = prompt_logprobs(manager, "dep-r")
     assert identity == path
     orphan = first.app.state.deployments._processes["dep-r"].popen
-    with monkeypatch.context() as patch:  # the control plane dies: its deployments are left running
-        patch.setattr(routes_deployments, "close", lambda app: None)
-        first.stop()
+    crash(first, monkeypatch)
     manager.close()
     assert orphan.poll() is None
 
@@ -84,9 +94,7 @@ def test_delete_or_restart_first_after_a_control_plane_crash_stops_the_orphan(
     for name in ("gone", "again"):
         manager.create_or_get(DeploymentConfig(deployment_id=name, base_model=str(model_dir)))
     orphans = {name: p.popen for name, p in first.app.state.deployments._processes.items()}
-    with monkeypatch.context() as patch:
-        patch.setattr(routes_deployments, "close", lambda app: None)
-        first.stop()
+    crash(first, monkeypatch)
     manager.close()
 
     second = ServerThread(config)
