@@ -86,6 +86,29 @@ def test_database_is_in_wal_mode(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def test_opening_a_new_file_another_connection_is_writing_waits_to_switch_it_to_wal(tmp_path):
+    """SQLite refuses the switch to WAL at once, without its busy handler, while another connection
+    holds the write lock of a rollback-journal file (as a second opener of a new file may): the
+    catalogue retries it instead of failing (this raced in CI with 4 openers of one new file)."""
+    import threading
+
+    db = tmp_path / "tether.db"
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    commit = threading.Timer(0.3, writer.execute, ["COMMIT"])
+    commit.start()
+    try:
+        Catalogue(db).close()
+    finally:
+        commit.join()
+        writer.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT x FROM other").fetchall() == [(1,)]
+
+
 def test_catalogues_opening_one_new_file_at_once_migrate_it_once(tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor

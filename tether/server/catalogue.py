@@ -15,6 +15,7 @@ processes) may share one file. It knows nothing of HTTP, models or checkpoint fi
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from tether.types.errors import NotFoundError
 
@@ -162,13 +164,35 @@ def _open_engine(db_path: Path) -> Engine:
     def _connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None
         dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        dbapi_conn.execute("PRAGMA journal_mode=WAL")  # readers never block on the writer, nor it on them
+        _use_wal(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql(conn.get_execution_options().get("tether_begin", "BEGIN"))
 
     return engine
+
+
+def _is_locked(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+
+
+@retry(
+    retry=retry_if_exception(_is_locked),
+    wait=wait_random_exponential(multiplier=0.005, max=0.2),
+    stop=stop_after_delay(BUSY_TIMEOUT_MS / 1000),
+    reraise=True,
+)
+def _use_wal(dbapi_conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (readers never block on the writer, nor it on them), unless it is.
+
+    The mode is stored in the file, so only a new database is switched. Switching takes an exclusive
+    lock without SQLite's busy handler, so connections opening one new file at once get
+    `SQLITE_BUSY` at once: they retry (with jitter) for up to `BUSY_TIMEOUT_MS`, then raise
+    `sqlite3.OperationalError`.
+    """
+    if dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
 
 
 def head_revision() -> str:
